@@ -1,0 +1,176 @@
+"""The one ViT of the project: timm's VisionTransformer with DINOv2's token API.
+
+Students, DINOv2/SynCLR/CLIP teachers and every downstream task use this class, so that mask
+tokens, registers and positional-embedding interpolation behave exactly as in the official DINOv2
+code while the blocks, attention (fused SDPA) and init come from timm.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import SwiGLUPacked
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+
+class ViT(VisionTransformer):
+    """DINOv2-layout ViT: `forward_features(x, masks)` returns DINOv2's output dict.
+
+    State-dict keys equal the official DINOv2 layout (cls_token, pos_embed [1, 1+N, D],
+    mask_token [1, D], register_tokens, blocks.i.*, norm) except for SwiGLU MLPs, whose
+    w12/w3 are stored as timm's fc1/fc2 (see models.checkpoints for the mapping).
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 14,
+        embed_dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        init_values: float | None = 1.0,
+        num_register_tokens: int = 0,
+        interpolate_offset: float = 0.1,
+        interpolate_antialias: bool = False,
+        swiglu: bool = False,
+        pre_norm: bool = False,
+        act_layer: str | type[nn.Module] | None = None,
+        drop_path_rate: float = 0.0,
+        norm_eps: float = 1e-6,
+    ) -> None:
+        mlp_kwargs = {}
+        if swiglu:
+            mlp_kwargs = dict(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
+        super().__init__(
+            img_size=img_size,
+            patch_size=patch_size,
+            num_classes=0,
+            global_pool="token",
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=True,
+            init_values=init_values,
+            pre_norm=pre_norm,
+            dynamic_img_size=True,
+            drop_path_rate=drop_path_rate,
+            norm_layer=partial(nn.LayerNorm, eps=norm_eps),
+            act_layer=mlp_kwargs.pop("act_layer", act_layer),
+            **mlp_kwargs,
+        )
+        self.patch_size = patch_size
+        self.interpolate_offset = interpolate_offset
+        self.interpolate_antialias = interpolate_antialias
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        self.num_register_tokens = num_register_tokens
+        self.register_tokens = None
+        if num_register_tokens:
+            # DINOv2 keeps registers outside the positional embedding: [cls, regs, patches].
+            self.register_tokens = nn.Parameter(torch.empty(1, num_register_tokens, embed_dim))
+            nn.init.normal_(self.register_tokens, std=1e-6)
+            self.num_prefix_tokens = 1 + num_register_tokens
+
+    # --- tokens ---------------------------------------------------------------------------
+    def interpolate_pos_encoding(self, h: int, w: int) -> torch.Tensor:
+        """DINOv2's formula: bicubic with a 0.1 offset (plain) or antialiased to size (reg)."""
+        num_pos = self.pos_embed.shape[1] - 1
+        if h * w == num_pos and h == w:
+            return self.pos_embed
+        pos_embed = self.pos_embed.float()
+        dim = pos_embed.shape[-1]
+        m = int(math.sqrt(num_pos))
+        if m * m != num_pos:
+            raise ValueError(f"pos_embed holds {num_pos} patch positions, not a square grid")
+        kwargs: dict = {}
+        if self.interpolate_offset:
+            kwargs["scale_factor"] = ((h + self.interpolate_offset) / m, (w + self.interpolate_offset) / m)
+        else:
+            kwargs["size"] = (h, w)
+        patch_pos = F.interpolate(
+            pos_embed[:, 1:].reshape(1, m, m, dim).permute(0, 3, 1, 2),
+            mode="bicubic",
+            antialias=self.interpolate_antialias,
+            **kwargs,
+        )
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim)
+        return torch.cat((pos_embed[:, :1], patch_pos), dim=1).to(self.pos_embed.dtype)
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch grid (B, H, W, D) -> [cls, registers, patches] with positions added."""
+        b, h, w, d = x.shape
+        x = torch.cat((self.cls_token.expand(b, -1, -1), x.reshape(b, h * w, d)), dim=1)
+        x = x + self.interpolate_pos_encoding(h, w).to(x.dtype)
+        if self.register_tokens is not None:
+            x = torch.cat((x[:, :1], self.register_tokens.expand(b, -1, -1), x[:, 1:]), dim=1)
+        return self.pos_drop(x)
+
+    def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"input size {h}x{w} is not a multiple of the patch size {self.patch_size}")
+        x = self.patch_embed(x)  # (B, H, W, D)
+        if masks is not None:
+            masks = masks.reshape(x.shape[:3]).unsqueeze(-1)
+            x = torch.where(masks, self.mask_token.to(x.dtype), x)
+        x = self._pos_embed(x)
+        return self.norm_pre(x)
+
+    # --- DINOv2 API -------------------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict:  # type: ignore[override]
+        x = self.prepare_tokens(x, masks)
+        if self.grad_checkpointing and self.training:
+            from timm.models._manipulate import checkpoint_seq
+
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        x_norm = self.norm(x)
+        r = self.num_register_tokens
+        return {
+            "x_norm_clstoken": x_norm[:, 0],
+            "x_norm_regtokens": x_norm[:, 1 : r + 1],
+            "x_norm_patchtokens": x_norm[:, r + 1 :],
+            "x_prenorm": x,
+            "masks": masks,
+        }
+
+    def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_features(x, masks)["x_norm_clstoken"]
+
+    def get_intermediate_layers(  # type: ignore[override]
+        self,
+        x: torch.Tensor,
+        n: int | Sequence[int] = 1,
+        reshape: bool = False,
+        return_class_token: bool = False,
+        norm: bool = True,
+    ) -> tuple:
+        """DINOv2 semantics: last `n` blocks (int) or the listed block indices, prefix removed."""
+        total = len(self.blocks)
+        take = set(range(total - n, total) if isinstance(n, int) else n)
+        if not take or min(take) < 0 or max(take) >= total:
+            raise ValueError(f"block indices {sorted(take)} out of range for {total} blocks")
+        height, width = x.shape[-2:]
+        x = self.prepare_tokens(x)
+        outputs = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i in take:
+                outputs.append(x)
+        if norm:
+            outputs = [self.norm(o) for o in outputs]
+        class_tokens = [o[:, 0] for o in outputs]
+        outputs = [o[:, self.num_prefix_tokens :] for o in outputs]
+        if reshape:
+            b = outputs[0].shape[0]
+            gh, gw = height // self.patch_size, width // self.patch_size
+            outputs = [o.reshape(b, gh, gw, -1).permute(0, 3, 1, 2).contiguous() for o in outputs]
+        if return_class_token:
+            return tuple(zip(outputs, class_tokens))
+        return tuple(outputs)

@@ -1,0 +1,131 @@
+"""Pretraining data: ImageNet train folder (or a proxy subset / one image) with the DeiT augmentation."""
+from __future__ import annotations
+
+import logging
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from torch.utils.data import Dataset
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+log = logging.getLogger(__name__)
+
+IMAGENET_TRAIN_SIZE = 1_281_167  # a single-image "epoch" has as many crops as an ImageNet epoch
+SUBSET_SEED = 0  # proxy subsets are the same whatever --seed is, so ablations compare like with like
+
+
+def train_transform(input_size: int, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
+    """PROTOCOLS A: RRC bicubic, flip, RandAugment m9 mstd0.5 inc1, normalise, RandomErasing 0.25."""
+    return create_transform(
+        input_size,
+        is_training=True,
+        auto_augment="rand-m9-mstd0.5-inc1",
+        color_jitter=0.3,
+        interpolation="bicubic",
+        re_prob=0.25,
+        re_mode="pixel",
+        re_count=1,
+        mean=mean,
+        std=std,
+    )
+
+
+class SkipCorruptImageFolder(ImageFolder):
+    """ImageFolder that reports an unreadable image by path and serves the next one instead."""
+
+    max_skips = 50
+
+    def __init__(self, root: str, transform=None) -> None:
+        super().__init__(root, transform=transform)
+        self.reported: set[str] = set()
+
+    def __getitem__(self, index: int):
+        for attempt in range(self.max_skips):
+            path, target = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                img = self.loader(path)
+            except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError...
+                if path not in self.reported:
+                    self.reported.add(path)
+                    log.warning("skipping corrupt image %s (%s)", path, e)
+                continue
+            return (self.transform(img) if self.transform else img), target
+        raise RuntimeError(f"{self.max_skips} consecutive unreadable images from {self.samples[index][0]}")
+
+
+class SingleImageDataset(Dataset):
+    """The paper's single-image ablation: every sample is a fresh augmentation of one photograph."""
+
+    def __init__(self, path: str | Path, transform, length: int = IMAGENET_TRAIN_SIZE) -> None:
+        try:
+            with Image.open(path) as im:
+                self.image = im.convert("RGB")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read --single-image {path}: {e}") from None
+        self.transform, self.length = transform, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        return self.transform(self.image), 0
+
+
+def subset_samples(
+    samples: list[tuple[str, int]], classes_fraction: float, images_fraction: float
+) -> list[tuple[str, int]]:
+    """Keep a seeded random fraction of the classes, then of each kept class's images."""
+    rng = random.Random(SUBSET_SEED)
+    by_class: dict[int, list[tuple[str, int]]] = {}
+    for s in samples:
+        by_class.setdefault(s[1], []).append(s)
+    classes = sorted(by_class)
+    keep = sorted(rng.sample(classes, max(1, math.ceil(classes_fraction * len(classes)))))
+    out = []
+    for c in keep:
+        items = by_class[c]
+        n = max(1, math.ceil(images_fraction * len(items)))
+        out += sorted(rng.sample(items, n))
+    return out
+
+
+def build_dataset(
+    data_path: str | None,
+    input_size: int,
+    single_image: str | None = None,
+    subset_classes: float = 1.0,
+    subset_images_per_class: float = 1.0,
+) -> Dataset:
+    transform = train_transform(input_size)
+    if single_image:
+        return SingleImageDataset(single_image, transform)
+    if not data_path:
+        raise ValueError("--data-path is required (an ImageNet root holding train/), or give --single-image")
+    for name, frac in (("--subset-classes", subset_classes), ("--subset-images-per-class", subset_images_per_class)):
+        if not 0 < frac <= 1:
+            raise ValueError(f"{name} must be a fraction in (0, 1], got {frac}")
+    train = Path(data_path) / "train"
+    if not train.is_dir():
+        raise FileNotFoundError(f"no train/ folder in --data-path {data_path} (expected {train}/<class>/<image>)")
+    try:
+        ds = SkipCorruptImageFolder(str(train), transform=transform)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise FileNotFoundError(
+            f"no images in {train}: expected {train}/<class>/<image> with extensions {', '.join(IMG_EXTENSIONS)} ({e})"
+        ) from None
+    if subset_classes < 1 or subset_images_per_class < 1:
+        ds.samples = ds.imgs = subset_samples(ds.samples, subset_classes, subset_images_per_class)
+        ds.targets = [t for _, t in ds.samples]
+    return ds
+
+
+def seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)

@@ -1,0 +1,87 @@
+"""The Proteus objective: one meta-architecture for every teacher (PROTOCOLS A, "Losses")."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
+
+from models import ViT
+
+
+def head(dim_in: int, dim_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.LayerNorm(dim_in, eps=1e-5), nn.Linear(dim_in, dim_out))
+
+
+@torch.no_grad()
+def teacher_targets(
+    teacher: ViT, images: torch.Tensor, data_mean=IMAGENET_DEFAULT_MEAN, data_std=IMAGENET_DEFAULT_STD
+) -> dict[str, torch.Tensor]:
+    """The teacher's final-norm CLS and patch tokens on the clean crop, in its own normalisation.
+
+    Crops arrive normalised with the data's mean/std; CLIP expects its own, so re-normalise.
+    """
+    if tuple(teacher.input_mean) != tuple(data_mean) or tuple(teacher.input_std) != tuple(data_std):
+        shape = (1, 3, 1, 1)
+        t = lambda v: torch.tensor(v, device=images.device, dtype=images.dtype).view(shape)  # noqa: E731
+        images = (images * t(data_std) + t(data_mean) - t(teacher.input_mean)) / t(teacher.input_std)
+    out = teacher.forward_features(images)
+    return {"cls": out["x_norm_clstoken"], "patches": out["x_norm_patchtokens"]}
+
+
+class Distiller(nn.Module):
+    """Student + the three LayerNorm/Linear heads; forward returns the weighted loss and its parts.
+
+    Only heads of active losses exist, so DDP never waits for an unused parameter. The masked and
+    clean views go through the student in one batched pass: [masked samples ; all samples clean].
+    """
+
+    def __init__(
+        self,
+        student: ViT,
+        teacher_dim: int,
+        lambda_token: float = 1.0,
+        lambda_patch: float = 1.0,
+        lambda_fea: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.student = student
+        self.lambda_token, self.lambda_patch, self.lambda_fea = lambda_token, lambda_patch, lambda_fea
+        d = student.embed_dim
+        self.token_head = head(d, teacher_dim) if (lambda_token or lambda_fea) else None
+        self.patch_head = head(d, teacher_dim) if lambda_patch else None
+        self.fea_head = head(d, teacher_dim) if lambda_fea else None
+        if not lambda_patch:  # no masked view: the mask token never gets a gradient
+            student.mask_token.requires_grad_(False)
+
+    def heads_state_dict(self) -> dict:
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("student.")}
+
+    def forward(
+        self, images: torch.Tensor, masks: torch.Tensor | None, targets: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`masks` (M, N) bool covers the first M samples of the batch (M may be 0 or None)."""
+        n_masked = masks.shape[0] if masks is not None and self.lambda_patch else 0
+        if n_masked:
+            x = torch.cat((images[:n_masked], images))
+            view_masks = torch.cat((masks, masks.new_zeros(images.shape[0], masks.shape[1])))
+            out = self.student.forward_features(x, masks=view_masks)
+        else:
+            out = self.student.forward_features(images)
+        cls = out["x_norm_clstoken"][n_masked:]
+        patches = out["x_norm_patchtokens"]
+        t_cls, t_patches = targets["cls"].float(), targets["patches"].float()
+
+        zero = images.new_zeros((), dtype=torch.float32)
+        parts = {"token": zero, "patch": zero, "fea": zero}
+        token_pred = self.token_head(cls).float() if self.token_head is not None else None
+        if self.lambda_token:
+            parts["token"] = F.mse_loss(token_pred, t_cls)
+        if self.lambda_fea:
+            pred = torch.cat((token_pred.unsqueeze(1), self.fea_head(patches[n_masked:]).float()), dim=1)
+            parts["fea"] = F.mse_loss(pred, torch.cat((t_cls.unsqueeze(1), t_patches), dim=1))
+        if n_masked:
+            pred = self.patch_head(patches[:n_masked][masks]).float()
+            parts["patch"] = F.mse_loss(pred, t_patches[:n_masked][masks])
+        loss = self.lambda_token * parts["token"] + self.lambda_patch * parts["patch"] + self.lambda_fea * parts["fea"]
+        return loss, parts

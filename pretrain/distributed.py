@@ -1,0 +1,56 @@
+"""torch.distributed set-up for torchrun (NCCL on GPU, gloo on CPU) and single-process runs."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed(device: str) -> tuple[torch.device, int, int]:
+    """Returns (device, rank, world_size); joins the process group when launched by torchrun."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if device.startswith("cuda"):
+            torch.cuda.set_device(local_rank)
+            dev = torch.device("cuda", local_rank)
+        else:
+            dev = torch.device(device)
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        return dev, rank, world
+    return torch.device(device), 0, 1
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if is_distributed():
+        dist.destroy_process_group()

@@ -1,0 +1,284 @@
+"""Proteus distillation pretraining (DeiT-style script).
+
+    python -m pretrain.main --data-path /imagenet --teacher dinov2_vitl14 --student vit_base
+    torchrun --nproc_per_node=4 -m pretrain.main --data-path /imagenet ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from timm.utils import ModelEmaV3
+from timm.data.distributed_sampler import RepeatAugSampler
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+
+from models import STUDENT_ARCHS, TEACHERS, atomic_save, create_student, create_teacher, safe_load, to_dinov2
+
+from . import distributed as dist_utils
+from .data import build_dataset, seed_worker
+from .distiller import Distiller
+from .engine import NonFiniteLoss, train_one_epoch
+from .schedule import warmup_cosine
+
+log = logging.getLogger("pretrain")
+CHECKPOINT = "checkpoint.pth"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("Proteus distillation pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--data-path", help="ImageNet root holding train/ in ImageFolder layout")
+    a("--teacher", default="dinov2_vitl14", help=f"one of: {', '.join(TEACHERS)}")
+    a("--teacher-checkpoint", help="the teacher's official weight file; downloaded from the official URL if omitted")
+    a("--random-teacher", action="store_true", help="random teacher weights: smoke tests and demos only")
+    a("--student", default="vit_base", help=f"one of: {', '.join(STUDENT_ARCHS)}")
+    a("--input-size", type=int, default=224)
+    a("--batch-size", type=int, default=128, help="per process; lr scales with the global batch")
+    a("--epochs", type=int, default=300)
+    a("--warmup-epochs", type=float, default=5)
+    a("--epoch-length", type=int, help="iterations per epoch (default: one pass of the sampler)")
+    a("--lr", type=float, default=5e-4, help="for a global batch of 512; scaled linearly")
+    a("--warmup-lr", type=float, default=1e-6, help="lr at the start of the linear warmup")
+    a("--min-lr", type=float, default=1e-5, help="lr at the end of the cosine")
+    a("--weight-decay", type=float, default=0.05)
+    a("--drop-path", type=float, default=0.0, help="stochastic depth of the student")
+    a("--mask-probability", type=float, default=0.5, help="fraction of each batch (the first samples) masked")
+    a("--mask-ratio", default="0.5", help="fraction of patches masked: a value, or a range 'lo,hi'")
+    a("--lambda-token", type=float, help="default 1")
+    a("--lambda-patch", type=float, help="default 1 (0 for CLIP teachers)")
+    a("--lambda-fea", type=float, help="default 1 (0 for CLIP teachers)")
+    a("--ema-decay", type=float, default=0.99996)
+    a("--clip-grad", type=float, help="max gradient norm (default: no clipping)")
+    a("--precision", choices=("bf16", "fp16", "fp32"), default="bf16", help="autocast dtype; fp16 adds GradScaler")
+    a("--output-dir", default="output/pretrain")
+    a("--resume", help="checkpoint to resume from (default: <output-dir>/checkpoint.pth when present)")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--num-workers", type=int, default=10)
+    a("--seed", type=int, default=0)
+    a("--print-freq", type=int, default=50, help="iterations between progress lines")
+    a("--subset-images-per-class", type=float, default=1.0, help="proxy data: fraction of each class's images")
+    a("--subset-classes", type=float, default=1.0, help="proxy data: fraction of the classes")
+    a("--single-image", help="proxy data: distil on augmentations of this one image")
+    return p
+
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill family defaults and check everything that can be checked before training starts."""
+    if args.student not in STUDENT_ARCHS:
+        raise ValueError(f"unknown student '{args.student}'; choose from {', '.join(STUDENT_ARCHS)}")
+    if args.teacher not in TEACHERS:
+        raise ValueError(f"unknown teacher '{args.teacher}'; choose from {', '.join(TEACHERS)}")
+    spec = TEACHERS[args.teacher]
+    clip = spec.family == "clip"
+    for name, default in (("lambda_token", 1.0), ("lambda_patch", 0.0 if clip else 1.0), ("lambda_fea", 0.0 if clip else 1.0)):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if not (args.lambda_token or args.lambda_patch or args.lambda_fea):
+        raise ValueError("all loss weights are 0: nothing to train")
+    patch = 14
+    if args.input_size % patch or args.input_size % spec.patch_size:
+        raise ValueError(
+            f"--input-size {args.input_size} is not a multiple of the patch size "
+            f"(student {patch}, teacher {spec.patch_size})"
+        )
+    if (args.lambda_patch or args.lambda_fea) and spec.patch_size != patch:
+        raise ValueError(
+            f"teacher {args.teacher} has patch {spec.patch_size} but the student has {patch}: patch and feature "
+            "losses need the same token grid (use --lambda-patch 0 --lambda-fea 0 for a token-only run)"
+        )
+    try:
+        ratio = [float(v) for v in str(args.mask_ratio).split(",")]
+    except ValueError:
+        raise ValueError(f"--mask-ratio must be a number or 'lo,hi', got {args.mask_ratio!r}") from None
+    if len(ratio) == 1:
+        ratio *= 2
+    num_patches = (args.input_size // patch) ** 2
+    if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1] < 1 or int(num_patches * ratio[0]) < 1:
+        raise ValueError(f"--mask-ratio {args.mask_ratio} must mask at least one of {num_patches} patches and not all")
+    args.mask_ratio = tuple(ratio)
+    if args.lambda_patch and int(args.mask_probability * args.batch_size) < 1:
+        raise ValueError(
+            f"--mask-probability {args.mask_probability} masks no sample of a batch of {args.batch_size}; "
+            "the patch loss needs masked samples (or set --lambda-patch 0)"
+        )
+    if args.batch_size < 1 or args.epochs < 1:
+        raise ValueError("--batch-size and --epochs must be positive")
+    return args
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms and LayerScale gammas (ndim <= 1), as the reference."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args = resolve_args(args)
+        device, rank, world = dist_utils.init_distributed(args.device)
+        if not dist_utils.is_main():
+            logging.getLogger().setLevel(logging.WARNING)
+        setup = build(args, device, world)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        dist_utils.cleanup()
+        return 2
+    try:
+        train(args, device, world, **setup)
+    except NonFiniteLoss as e:
+        ckpt = Path(args.output_dir) / CHECKPOINT
+        kept = f"the last good checkpoint {ckpt} is untouched" if ckpt.exists() else "no checkpoint was written"
+        print(f"error: {e}; stopping, {kept}", file=sys.stderr)
+        return 3
+    finally:
+        dist_utils.cleanup()
+    return 0
+
+
+def build(args: argparse.Namespace, device: torch.device, world: int) -> dict:
+    """Everything a run needs, resumed if a checkpoint exists; bad input raises ValueError here."""
+    seed = args.seed + dist_utils.rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+    dataset = build_dataset(
+        args.data_path, args.input_size, args.single_image, args.subset_classes, args.subset_images_per_class
+    )
+    if args.random_teacher:
+        log.warning("RANDOM TEACHER: %s has random weights; this run distils noise (demo/smoke test only)", args.teacher)
+    teacher = create_teacher(args.teacher, args.teacher_checkpoint, pretrained=not args.random_teacher).to(device)
+    student = create_student(args.student, img_size=args.input_size, drop_path_rate=args.drop_path)
+    distiller = Distiller(student, teacher.embed_dim, args.lambda_token, args.lambda_patch, args.lambda_fea).to(device)
+
+    # Repeated augmentation under DDP (3 repeats, DeiT's floor(N/256)*256 samples); one plain
+    # seeded shuffle per epoch in a single process.
+    sampler = RepeatAugSampler(
+        dataset, num_replicas=world, rank=dist_utils.rank(), shuffle=True,
+        num_repeats=3 if world > 1 else 1, selected_round=256 if world > 1 else 0,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        sampler=sampler,
+        num_workers=args.num_workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        persistent_workers=args.num_workers > 0,
+        worker_init_fn=seed_worker,
+        prefetch_factor=4 if args.num_workers > 0 else None,
+    )
+    iters = args.epoch_length or len(sampler) // args.batch_size
+    if iters < 1:
+        raise ValueError(
+            f"{len(sampler)} images per process cannot fill one batch of {args.batch_size}; "
+            "lower --batch-size or set --epoch-length"
+        )
+
+    global_batch = args.batch_size * world
+    lr = args.lr * global_batch / 512
+    schedule = warmup_cosine(lr, args.min_lr, args.epochs * iters, int(args.warmup_epochs * iters), args.warmup_lr)
+    optimizer = torch.optim.AdamW(
+        param_groups(distiller, args.weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda"
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    ema = ModelEmaV3(student, decay=args.ema_decay)
+    start_epoch = resume(args, distiller, optimizer, scaler, ema)
+    return dict(
+        distiller=distiller, teacher=teacher, loader=loader, sampler=sampler, iters_per_epoch=iters,
+        schedule=schedule, optimizer=optimizer, scaler=scaler, ema=ema, start_epoch=start_epoch,
+    )
+
+
+def resume(args, distiller: Distiller, optimizer, scaler, ema) -> int:
+    """Load --resume, else <output-dir>/checkpoint.pth if present; returns the first epoch to run."""
+    path = args.resume or (Path(args.output_dir) / CHECKPOINT)
+    if not args.resume and not Path(path).exists():
+        return 0
+    ckpt = safe_load(path)
+    for key in ("student", "teacher"):
+        if ckpt["args"][key] != getattr(args, key):
+            raise ValueError(f"{path} was trained with --{key} {ckpt['args'][key]}, not {getattr(args, key)}")
+    distiller.student.load_state_dict(ckpt["student"])
+    distiller.load_state_dict(ckpt["heads"], strict=False)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    ema.module.load_state_dict(ckpt["ema"])
+    if dist_utils.is_main():
+        print(f"resumed from {path} after epoch {ckpt['epoch']}", flush=True)
+    return ckpt["epoch"] + 1
+
+
+def train(
+    args, device, world, distiller, teacher, loader, sampler, iters_per_epoch, schedule, optimizer, scaler, ema,
+    start_epoch,
+) -> None:
+    out = Path(args.output_dir)
+    main_rank = dist_utils.is_main()
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
+    student = distiller.student
+    model = distiller
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            distiller, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    writer = SummaryWriter(str(out / "tensorboard")) if main_rank else None
+    if main_rank:
+        n_params = sum(p.numel() for p in student.parameters()) / 1e6
+        print(
+            f"distilling {args.teacher} -> {args.student} ({n_params:.1f}M params) on {device}, world {world}, "
+            f"global batch {args.batch_size * world}, peak lr {max(schedule):.3e}, {iters_per_epoch} it/epoch, "
+            f"epochs {start_epoch}..{args.epochs - 1}",
+            flush=True,
+        )
+    for epoch in range(start_epoch, args.epochs):
+        stats = train_one_epoch(
+            model, teacher, loader, sampler, optimizer, scaler, ema, schedule, epoch, iters_per_epoch, args, device, writer
+        )
+        if main_rank:
+            atomic_save(
+                {
+                    "student": student.state_dict(),
+                    "heads": distiller.heads_state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": {"iteration": (epoch + 1) * iters_per_epoch, "iters_per_epoch": iters_per_epoch},
+                    "scaler": scaler.state_dict(),
+                    "ema": ema.module.state_dict(),
+                    "epoch": epoch,
+                    "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+                },
+                out / CHECKPOINT,
+            )
+            with open(out / "log.txt", "a") as f:
+                f.write(json.dumps({"epoch": epoch, **stats}) + "\n")
+            for k, v in stats.items():
+                writer.add_scalar(f"epoch/{k}", v, epoch)
+            writer.flush()
+        dist_utils.barrier()
+    if main_rank:
+        atomic_save(to_dinov2(student), out / "backbone.pth")
+        atomic_save(to_dinov2(ema.module), out / "backbone_ema.pth")
+        writer.close()
+        print(
+            f"done: {out / 'backbone.pth'} (DINOv2 layout), {out / 'backbone_ema.pth'}; "
+            f"tensorboard logs in {out / 'tensorboard'}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
