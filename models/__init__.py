@@ -1,4 +1,5 @@
 """Every network and weight format of the project."""
+
 from .architectures import STUDENT_ARCHS, create_student, vit_from_state_dict
 from .checkpoints import atomic_save, load_backbone, safe_load, to_dinov2
 from .teachers import TEACHERS, create_teacher

@@ -1,4 +1,5 @@
 """Student architectures and inferring a ViT's shape from its weights."""
+
 from __future__ import annotations
 
 import re
@@ -19,9 +20,7 @@ HEAD_DIM = 64
 SWIGLU_HIDDEN = {1536: 4096}
 
 
-def create_student(
-    name: str, img_size: int = 224, patch_size: int = 14, drop_path_rate: float = 0.0
-) -> ViT:
+def create_student(name: str, img_size: int = 224, patch_size: int = 14, drop_path_rate: float = 0.0) -> ViT:
     """A randomly initialised student in the DINOv2 layout (LayerScale 1.0, no registers)."""
     if name not in STUDENT_ARCHS:
         raise ValueError(f"unknown student '{name}'; choose from {', '.join(STUDENT_ARCHS)}")

@@ -3,6 +3,7 @@
 Every file a user hands us is read with `torch.load(weights_only=True)`; the only extra global
 allowed is `argparse.Namespace`, which the reference release pickles into its checkpoints.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,6 +53,9 @@ def atomic_save(obj: object, path: str | os.PathLike) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; others on the cluster must read checkpoints
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -85,6 +89,7 @@ def load_strict(model: nn.Module, state_dict: StateDict, source: str, optional: 
 
 
 def _few(items: list[str], n: int = 8) -> str:
+    items = sorted(items, key=lambda k: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", k)])
     more = f" (+{len(items) - n} more)" if len(items) > n else ""
     return ", ".join(items[:n]) + more
 

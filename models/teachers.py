@@ -1,4 +1,5 @@
 """Frozen teachers (DINOv2, OpenAI CLIP, SynCLR) loaded strictly from their official files."""
+
 from __future__ import annotations
 
 import os
@@ -57,7 +58,9 @@ def _dinov2(arch: str, dim: int, depth: int, heads: int, reg: bool) -> TeacherSp
     return TeacherSpec("dinov2", dim, depth, heads, 14, 518, url, 4 if reg else 0, swiglu=dim == 1536)
 
 
-_CLIP = dict(mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, vit_kwargs=dict(pre_norm=True, act_layer="quick_gelu", norm_eps=1e-5))
+_CLIP = dict(
+    mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, vit_kwargs=dict(pre_norm=True, act_layer="quick_gelu", norm_eps=1e-5)
+)
 TEACHERS: dict[str, TeacherSpec] = {
     **{
         f"dinov2_vit{s}14{'_reg' if reg else ''}": _dinov2(f"dinov2_vit{s}14", d, n, h, reg)
@@ -65,21 +68,41 @@ TEACHERS: dict[str, TeacherSpec] = {
         for reg in (False, True)
     },
     "clip_vitb16": TeacherSpec(
-        "clip", 768, 12, 12, 16, 224,
+        "clip",
+        768,
+        12,
+        12,
+        16,
+        224,
         _CLIP_URL.format(sha="5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f", file="ViT-B-16.pt"),
         **_CLIP,
     ),
     "clip_vitl14": TeacherSpec(
-        "clip", 1024, 24, 16, 14, 224,
+        "clip",
+        1024,
+        24,
+        16,
+        14,
+        224,
         _CLIP_URL.format(sha="b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836", file="ViT-L-14.pt"),
         **_CLIP,
     ),
     "synclr_vitb16": TeacherSpec(
-        "synclr", 768, 12, 12, 16, 224,
+        "synclr",
+        768,
+        12,
+        12,
+        16,
+        224,
         _SYNCLR_URL.format(key="ogktmm26yojhlgsbwqqti/synclr_vit_b_16.pth?rlkey=2bn6j4upcrqy93d5b9fgrrj02"),
     ),
     "synclr_vitl14": TeacherSpec(
-        "synclr", 1024, 24, 16, 14, 224,
+        "synclr",
+        1024,
+        24,
+        16,
+        14,
+        224,
         _SYNCLR_URL.format(key="al5a8d045ir0zsqo4ogpg/synclr_vit_l_14.pth?rlkey=ksyktxamcs17zqr6wha6ekdp4"),
     ),
 }

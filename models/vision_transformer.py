@@ -4,11 +4,12 @@ Students, DINOv2/SynCLR/CLIP teachers and every downstream task use this class, 
 tokens, registers and positional-embedding interpolation behave exactly as in the official DINOv2
 code while the blocks, attention (fused SDPA) and init come from timm.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import partial
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

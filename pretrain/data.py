@@ -1,4 +1,5 @@
 """Pretraining data: ImageNet train folder (or a proxy subset / one image) with the DeiT augmentation."""
+
 from __future__ import annotations
 
 import logging

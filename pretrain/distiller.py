@@ -1,4 +1,5 @@
 """The Proteus objective: one meta-architecture for every teacher (PROTOCOLS A, "Losses")."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """torch.distributed set-up for torchrun (NCCL on GPU, gloo on CPU) and single-process runs."""
+
 from __future__ import annotations
 
 import os

@@ -1,9 +1,10 @@
 """One training epoch: teacher targets, batched student views, loss, step, EMA, logging."""
+
 from __future__ import annotations
 
 import datetime
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

@@ -1,8 +1,9 @@
 """Proteus distillation pretraining (DeiT-style script).
 
-    python -m pretrain.main --data-path /imagenet --teacher dinov2_vitl14 --student vit_base
-    torchrun --nproc_per_node=4 -m pretrain.main --data-path /imagenet ...
+python -m pretrain.main --data-path /imagenet --teacher dinov2_vitl14 --student vit_base
+torchrun --nproc_per_node=4 -m pretrain.main --data-path /imagenet ...
 """
+
 from __future__ import annotations
 
 import argparse
@@ -10,13 +11,12 @@ import json
 import logging
 import random
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from timm.utils import ModelEmaV3
 from timm.data.distributed_sampler import RepeatAugSampler
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
@@ -33,7 +33,9 @@ CHECKPOINT = "checkpoint.pth"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Proteus distillation pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        "Proteus distillation pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     a = p.add_argument
     a("--data-path", help="ImageNet root holding train/ in ImageFolder layout")
     a("--teacher", default="dinov2_vitl14", help=f"one of: {', '.join(TEACHERS)}")
@@ -78,21 +80,25 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"unknown teacher '{args.teacher}'; choose from {', '.join(TEACHERS)}")
     spec = TEACHERS[args.teacher]
     clip = spec.family == "clip"
-    for name, default in (("lambda_token", 1.0), ("lambda_patch", 0.0 if clip else 1.0), ("lambda_fea", 0.0 if clip else 1.0)):
+    for name, default in (
+        ("lambda_token", 1.0),
+        ("lambda_patch", 0.0 if clip else 1.0),
+        ("lambda_fea", 0.0 if clip else 1.0),
+    ):
         if getattr(args, name) is None:
             setattr(args, name, default)
     if not (args.lambda_token or args.lambda_patch or args.lambda_fea):
         raise ValueError("all loss weights are 0: nothing to train")
     patch = 14
-    if args.input_size % patch or args.input_size % spec.patch_size:
-        raise ValueError(
-            f"--input-size {args.input_size} is not a multiple of the patch size "
-            f"(student {patch}, teacher {spec.patch_size})"
-        )
     if (args.lambda_patch or args.lambda_fea) and spec.patch_size != patch:
         raise ValueError(
             f"teacher {args.teacher} has patch {spec.patch_size} but the student has {patch}: patch and feature "
             "losses need the same token grid (use --lambda-patch 0 --lambda-fea 0 for a token-only run)"
+        )
+    if args.input_size % patch or args.input_size % spec.patch_size:
+        raise ValueError(
+            f"--input-size {args.input_size} is not a multiple of the patch size "
+            f"(student {patch}, teacher {spec.patch_size})"
         )
     try:
         ratio = [float(v) for v in str(args.mask_ratio).split(",")]
@@ -159,7 +165,9 @@ def build(args: argparse.Namespace, device: torch.device, world: int) -> dict:
         args.data_path, args.input_size, args.single_image, args.subset_classes, args.subset_images_per_class
     )
     if args.random_teacher:
-        log.warning("RANDOM TEACHER: %s has random weights; this run distils noise (demo/smoke test only)", args.teacher)
+        log.warning(
+            "RANDOM TEACHER: %s has random weights; this run distils noise (demo/smoke test only)", args.teacher
+        )
     teacher = create_teacher(args.teacher, args.teacher_checkpoint, pretrained=not args.random_teacher).to(device)
     student = create_student(args.student, img_size=args.input_size, drop_path_rate=args.drop_path)
     distiller = Distiller(student, teacher.embed_dim, args.lambda_token, args.lambda_patch, args.lambda_fea).to(device)
@@ -167,8 +175,12 @@ def build(args: argparse.Namespace, device: torch.device, world: int) -> dict:
     # Repeated augmentation under DDP (3 repeats, DeiT's floor(N/256)*256 samples); one plain
     # seeded shuffle per epoch in a single process.
     sampler = RepeatAugSampler(
-        dataset, num_replicas=world, rank=dist_utils.rank(), shuffle=True,
-        num_repeats=3 if world > 1 else 1, selected_round=256 if world > 1 else 0,
+        dataset,
+        num_replicas=world,
+        rank=dist_utils.rank(),
+        shuffle=True,
+        num_repeats=3 if world > 1 else 1,
+        selected_round=256 if world > 1 else 0,
     )
     loader = DataLoader(
         dataset,
@@ -198,8 +210,16 @@ def build(args: argparse.Namespace, device: torch.device, world: int) -> dict:
     ema = ModelEmaV3(student, decay=args.ema_decay)
     start_epoch = resume(args, distiller, optimizer, scaler, ema)
     return dict(
-        distiller=distiller, teacher=teacher, loader=loader, sampler=sampler, iters_per_epoch=iters,
-        schedule=schedule, optimizer=optimizer, scaler=scaler, ema=ema, start_epoch=start_epoch,
+        distiller=distiller,
+        teacher=teacher,
+        loader=loader,
+        sampler=sampler,
+        iters_per_epoch=iters,
+        schedule=schedule,
+        optimizer=optimizer,
+        scaler=scaler,
+        ema=ema,
+        start_epoch=start_epoch,
     )
 
 
@@ -223,7 +243,18 @@ def resume(args, distiller: Distiller, optimizer, scaler, ema) -> int:
 
 
 def train(
-    args, device, world, distiller, teacher, loader, sampler, iters_per_epoch, schedule, optimizer, scaler, ema,
+    args,
+    device,
+    world,
+    distiller,
+    teacher,
+    loader,
+    sampler,
+    iters_per_epoch,
+    schedule,
+    optimizer,
+    scaler,
+    ema,
     start_epoch,
 ) -> None:
     out = Path(args.output_dir)
@@ -247,7 +278,19 @@ def train(
         )
     for epoch in range(start_epoch, args.epochs):
         stats = train_one_epoch(
-            model, teacher, loader, sampler, optimizer, scaler, ema, schedule, epoch, iters_per_epoch, args, device, writer
+            model,
+            teacher,
+            loader,
+            sampler,
+            optimizer,
+            scaler,
+            ema,
+            schedule,
+            epoch,
+            iters_per_epoch,
+            args,
+            device,
+            writer,
         )
         if main_rank:
             atomic_save(

@@ -1,4 +1,5 @@
 """Which patches the student's masked view hides (PROTOCOLS A, "Masking")."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Per-iteration learning-rate schedule (the reference stepped per epoch; PROTOCOLS A defects)."""
+
 from __future__ import annotations
 
 import math

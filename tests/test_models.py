@@ -1,0 +1,975 @@
+"""Tests for models/: student contracts, DINOv2 numerics against timm, official teacher formats,
+checkpoint loading and atomic saves (PROTOCOLS A "Student", "Teachers...", "Reference checkpoint", F).
+
+Every reference here is independent of models/: official key layouts, DINOv2's interpolation
+formula, OpenAI CLIP's visual forward and the key mappings are written out in this file, and the
+numerics are compared with timm's own VisionTransformer loaded through timm's checkpoint_filter_fn.
+All networks are tiny (dim <= 128, depth <= 4) so that the file runs in seconds on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.layers import SwiGLUPacked, resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from torch import nn
+
+import models
+from models import ViT
+from models.teachers import TEACHERS
+
+# torch.jit is deprecated in torch 2.14 but OpenAI's CLIP files are TorchScript archives.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+
+PATCH = 14
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny ops are dominated by OpenMP synchronisation on a busy 2-core machine: run them serially."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every parameter a non-trivial value (no zero biases, no unit norms, no zero mask token)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if p.ndim >= 2 and p.shape[0] > 1 and p[0].numel() > 1 and not name.endswith(("token", "pos_embed")):
+                p.copy_(r * p[0].numel() ** -0.5)  # a weight matrix / conv kernel
+            elif re.search(r"(norm\w*|ln_\w+)\.weight$|gamma$", name):
+                p.copy_(1 + 0.2 * r)
+            else:
+                p.copy_(0.5 * r)
+    return module
+
+
+# --- the official DINOv2 layout, written out ------------------------------------------------------
+def official_dinov2_sd(
+    dim: int = 128,
+    depth: int = 2,
+    grid: int = 4,
+    reg: bool = False,
+    swiglu: bool = False,
+    patch: int = PATCH,
+    chunks: int = 0,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """A random state dict with exactly the keys/shapes of facebookresearch/dinov2's release files."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, std=1.0):
+        return torch.randn(*shape, generator=g) * std
+
+    sd = {"cls_token": r(1, 1, dim), "pos_embed": r(1, 1 + grid * grid, dim, std=0.5)}
+    if reg:
+        sd["register_tokens"] = r(1, 4, dim)
+    sd["mask_token"] = r(1, dim)
+    sd["patch_embed.proj.weight"] = r(dim, 3, patch, patch, std=(3 * patch * patch) ** -0.5)
+    sd["patch_embed.proj.bias"] = r(dim, std=0.1)
+    for i in range(depth):
+        b = f"blocks.{i}."
+        sd[b + "norm1.weight"], sd[b + "norm1.bias"] = 1 + r(dim, std=0.2), r(dim, std=0.1)
+        sd[b + "attn.qkv.weight"], sd[b + "attn.qkv.bias"] = r(3 * dim, dim, std=dim**-0.5), r(3 * dim, std=0.1)
+        sd[b + "attn.proj.weight"], sd[b + "attn.proj.bias"] = r(dim, dim, std=dim**-0.5), r(dim, std=0.1)
+        sd[b + "ls1.gamma"] = 1 + r(dim, std=0.3)
+        sd[b + "norm2.weight"], sd[b + "norm2.bias"] = 1 + r(dim, std=0.2), r(dim, std=0.1)
+        if swiglu:  # SwiGLUFFNFused of ViT-g: w12 packs [x1; x2], hidden = silu(x1) * x2, then w3
+            sd[b + "mlp.w12.weight"], sd[b + "mlp.w12.bias"] = r(8192, dim, std=dim**-0.5), r(8192, std=0.1)
+            sd[b + "mlp.w3.weight"], sd[b + "mlp.w3.bias"] = r(dim, 4096, std=4096**-0.5), r(dim, std=0.1)
+        else:
+            sd[b + "mlp.fc1.weight"], sd[b + "mlp.fc1.bias"] = r(4 * dim, dim, std=dim**-0.5), r(4 * dim, std=0.1)
+            sd[b + "mlp.fc2.weight"], sd[b + "mlp.fc2.bias"] = r(dim, 4 * dim, std=(4 * dim) ** -0.5), r(dim, std=0.1)
+        sd[b + "ls2.gamma"] = 1 + r(dim, std=0.3)
+    sd["norm.weight"], sd["norm.bias"] = 1 + r(dim, std=0.2), r(dim, std=0.1)
+    if chunks:  # DINOv2 block_chunks > 0: chunk j holds the global block indices of its slice
+        per = depth // chunks
+        sd = {
+            re.sub(r"^blocks\.(\d+)\.", lambda m: f"blocks.{int(m.group(1)) // per}.{m.group(1)}.", k): v
+            for k, v in sd.items()
+        }
+    return sd
+
+
+def dinov2_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The only renames between the official layout and ours: unchunk blocks, SwiGLU w12/w3 -> fc1/fc2."""
+    out = {}
+    for k, v in sd.items():
+        k = re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k)
+        out[k.replace("mlp.w12.", "mlp.fc1.").replace("mlp.w3.", "mlp.fc2.")] = v
+    return out
+
+
+def timm_dinov2(sd, dim, depth, heads, grid, reg=False, swiglu=False) -> VisionTransformer:
+    """timm's own DINOv2 model (as `vit_*_patch14[_reg4]_dinov2`), loaded via timm's converter."""
+    kw = dict(reg_tokens=4, no_embed_class=True) if reg else {}
+    if swiglu:
+        kw.update(mlp_ratio=(8192 + 0.5) / dim, mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
+    tm = VisionTransformer(
+        img_size=grid * PATCH,
+        patch_size=PATCH,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        init_values=1.0,
+        num_classes=0,
+        dynamic_img_size=True,
+        **kw,
+    )
+    tm.load_state_dict(checkpoint_filter_fn({k: v.clone() for k, v in sd.items()}, tm), strict=True)
+    return tm.eval()
+
+
+def timm_outputs(tm: VisionTransformer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        out = tm.forward_features(x)
+    return out[:, 0], out[:, tm.num_prefix_tokens :]
+
+
+def dinov2_interpolate(pos_embed: torch.Tensor, h0: int, w0: int, reg: bool) -> torch.Tensor:
+    """DINOv2's DinoVisionTransformer.interpolate_pos_encoding, written directly (grid sizes h0 x w0)."""
+    n = pos_embed.shape[1] - 1
+    if n == h0 * w0 and h0 == w0:
+        return pos_embed
+    m = int(math.sqrt(n))
+    assert m * m == n
+    dim = pos_embed.shape[-1]
+    patch_pos = pos_embed[:, 1:].float().reshape(1, m, m, dim).permute(0, 3, 1, 2)
+    if reg:  # interpolate_offset 0.0, interpolate_antialias True
+        patch_pos = F.interpolate(patch_pos, size=(h0, w0), mode="bicubic", antialias=True)
+    else:  # interpolate_offset 0.1, interpolate_antialias False
+        sf = ((h0 + 0.1) / m, (w0 + 0.1) / m)
+        patch_pos = F.interpolate(patch_pos, scale_factor=sf, mode="bicubic", antialias=False)
+    assert patch_pos.shape[-2:] == (h0, w0)
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim)
+    return torch.cat((pos_embed[:, :1], patch_pos), dim=1).to(pos_embed.dtype)
+
+
+def tiny_vit(dim=64, depth=2, heads=1, grid=4, patch=PATCH, reg=0, seed=0) -> ViT:
+    m = ViT(
+        img_size=grid * patch,
+        patch_size=patch,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        num_register_tokens=reg,
+        interpolate_offset=0.0 if reg else 0.1,
+        interpolate_antialias=bool(reg),
+    )
+    return randomize_(m, seed).eval()
+
+
+# ================================================================================================
+# 1. Student contracts
+# ================================================================================================
+# PROTOCOLS A "Student": arch -> (dim, depth, heads)
+PROTOCOL_STUDENTS = {
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
+}
+
+
+@pytest.mark.parametrize("name", list(PROTOCOL_STUDENTS))
+def test_student_architecture_matches_protocol(name):
+    dim, depth, heads = PROTOCOL_STUDENTS[name]
+    with torch.device("meta"):  # shapes only: no memory, no init cost for ViT-L
+        m = models.create_student(name)
+    assert m.embed_dim == dim and len(m.blocks) == depth
+    assert m.patch_embed.proj.kernel_size == (14, 14) and m.patch_embed.proj.stride == (14, 14)
+    assert tuple(m.pos_embed.shape) == (1, 257, dim)
+    assert tuple(m.cls_token.shape) == (1, 1, dim) and tuple(m.mask_token.shape) == (1, dim)
+    assert m.register_tokens is None and m.num_register_tokens == 0 and m.num_prefix_tokens == 1
+    assert (m.interpolate_offset, m.interpolate_antialias) == (0.1, False)
+    for blk in m.blocks:
+        assert blk.attn.num_heads == heads and blk.attn.head_dim == 64
+        assert blk.attn.qkv.bias is not None and blk.attn.proj.bias is not None
+        assert tuple(blk.mlp.fc1.weight.shape) == (4 * dim, dim) and tuple(blk.mlp.fc2.weight.shape) == (dim, 4 * dim)
+        assert isinstance(blk.mlp.act, nn.GELU) and blk.mlp.act.approximate == "none"
+        assert blk.norm1.eps == blk.norm2.eps == 1e-6
+        assert tuple(blk.ls1.gamma.shape) == (dim,)
+    assert isinstance(m.norm, nn.LayerNorm) and m.norm.eps == 1e-6
+    assert isinstance(m.norm_pre, nn.Identity)
+    assert models.STUDENT_ARCHS[name] == (dim, depth, heads)
+
+
+def test_unknown_student_name():
+    with pytest.raises(ValueError, match="vit_tiny.*vit_large"):
+        models.create_student("vit_huge")
+
+
+@pytest.fixture(scope="module")
+def vit_tiny_student():
+    torch.manual_seed(0)
+    return models.create_student("vit_tiny").eval()
+
+
+def test_student_init(vit_tiny_student):
+    m = vit_tiny_student
+    sd = m.state_dict()
+    assert torch.count_nonzero(m.mask_token) == 0
+    assert 0.7e-6 < m.cls_token.std().item() < 1.3e-6
+    assert 0.018 < m.pos_embed.std().item() < 0.022
+    gammas = [v for k, v in sd.items() if k.endswith(("ls1.gamma", "ls2.gamma"))]
+    assert len(gammas) == 24 and all(torch.equal(g, torch.ones_like(g)) for g in gammas)
+    linears = [mod for mod in m.modules() if isinstance(mod, nn.Linear)]
+    assert len(linears) == 12 * 4
+    for lin in linears:
+        assert torch.count_nonzero(lin.bias) == 0
+        assert 0.018 < lin.weight.std().item() < 0.022
+    assert not any("register" in k or "reg_token" in k for k in sd)
+
+
+def test_student_forward_224_contract(vit_tiny_student):
+    m = vit_tiny_student
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        out = m.forward_features(x)
+    assert out["x_norm_clstoken"].shape == (2, 192)
+    assert out["x_norm_patchtokens"].shape == (2, 256, 192)
+    assert out["x_norm_regtokens"].shape == (2, 0, 192)
+    assert out["x_prenorm"].shape == (2, 257, 192)
+    assert out["masks"] is None
+    normed = m.norm(out["x_prenorm"])
+    assert torch.equal(out["x_norm_clstoken"], normed[:, 0])
+    assert torch.equal(out["x_norm_patchtokens"], normed[:, 1:])
+
+
+@pytest.mark.parametrize("reg", [0, 4])
+def test_forward_features_any_multiple_of_patch(reg):
+    m = tiny_vit(reg=reg)
+    x = torch.randn(2, 3, 112, 140)
+    with torch.no_grad():
+        out = m.forward_features(x)
+        normed = m.norm(out["x_prenorm"])
+        assert torch.equal(m(x), out["x_norm_clstoken"])  # forward() is the normed CLS token
+    assert out["x_norm_clstoken"].shape == (2, 64)
+    assert out["x_norm_regtokens"].shape == (2, reg, 64)
+    assert out["x_norm_patchtokens"].shape == (2, 8 * 10, 64)
+    assert torch.equal(out["x_norm_regtokens"], normed[:, 1 : 1 + reg])
+    assert torch.equal(out["x_norm_patchtokens"], normed[:, 1 + reg :])
+
+
+@pytest.mark.parametrize("hw", [(225, 225), (224, 225), (225, 224), (13, 14)])
+def test_input_not_multiple_of_patch_raises(hw):
+    m = tiny_vit()
+    x = torch.randn(1, 3, *hw)
+    with pytest.raises(ValueError, match=rf"{hw[0]}x{hw[1]}.*multiple of the patch size 14"):
+        m.forward_features(x)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        m.get_intermediate_layers(x)
+
+
+@pytest.mark.parametrize("reg", [0, 4])
+def test_mask_token_replaces_patch_embedding_before_pos_embed(reg):
+    m = tiny_vit(reg=reg)
+    b, gh, gw = 3, 4, 5
+    x = torch.randn(b, 3, gh * PATCH, gw * PATCH)
+    masks = torch.rand(b, gh * gw) < 0.5
+    masks[2] = False  # one sample without any masked patch
+    with torch.no_grad():
+        tokens = m.prepare_tokens(x, masks)
+        # reference: conv patchify, swap masked patches for the mask token, then add positions
+        patches = F.conv2d(x, m.patch_embed.proj.weight, m.patch_embed.proj.bias, stride=PATCH)
+        patches = patches.flatten(2).transpose(1, 2)
+        patches = torch.where(masks[..., None], m.mask_token[None], patches)
+        pos = dinov2_interpolate(m.pos_embed, gh, gw, reg=bool(reg))
+        cls = (m.cls_token + pos[:, :1]).expand(b, -1, -1)
+        parts = [cls] + ([m.register_tokens.expand(b, -1, -1)] if reg else []) + [patches + pos[:, 1:]]
+        expected = torch.cat(parts, dim=1)
+    torch.testing.assert_close(tokens, expected, rtol=1e-5, atol=1e-6)
+    # at masked positions the token is exactly mask_token + pos_embed, whatever the image
+    pos_patch = pos[0, 1:].expand(b, -1, -1)
+    torch.testing.assert_close(tokens[:, 1 + reg :][masks], (m.mask_token + pos_patch[masks]), rtol=0, atol=1e-6)
+
+    with torch.no_grad():
+        masked = m.forward_features(x, masks)
+        clean = m.forward_features(x)
+        manual = m.norm(m.blocks(expected))
+    assert masked["masks"] is masks
+    torch.testing.assert_close(masked["x_norm_patchtokens"], manual[:, 1 + reg :], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(masked["x_norm_clstoken"][2], clean["x_norm_clstoken"][2])  # unmasked sample
+    assert rel_err(masked["x_norm_clstoken"][:2], clean["x_norm_clstoken"][:2]) > 1e-3
+
+
+@pytest.mark.parametrize("reg", [0, 4])
+def test_get_intermediate_layers_dinov2_semantics(reg):
+    m = tiny_vit(depth=3, reg=reg)
+    gh, gw = 3, 5  # non-square so that a transposed reshape would be caught
+    x = torch.randn(2, 3, gh * PATCH, gw * PATCH)
+    with torch.no_grad():
+        t = m.prepare_tokens(x)
+        per_block = []
+        for blk in m.blocks:
+            t = blk(t)
+            per_block.append(t)
+        p = 1 + reg
+
+        def patches(i, norm=True):
+            o = m.norm(per_block[i]) if norm else per_block[i]
+            return o[:, p:]
+
+        def cls(i, norm=True):
+            return (m.norm(per_block[i]) if norm else per_block[i])[:, 0]
+
+        def close(a, b):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+        out = m.get_intermediate_layers(x)  # n=1: the last block, normed
+        assert isinstance(out, tuple) and len(out) == 1
+        close(out[0], patches(2))
+        close(out[0], m.forward_features(x)["x_norm_patchtokens"])
+
+        out = m.get_intermediate_layers(x, n=2)  # int n: the last n blocks
+        assert len(out) == 2
+        close(out[0], patches(1))
+        close(out[1], patches(2))
+
+        out = m.get_intermediate_layers(x, n=[0, 2])  # list: these block indices
+        assert len(out) == 2
+        close(out[0], patches(0))
+        close(out[1], patches(2))
+
+        out = m.get_intermediate_layers(x, n=[1], norm=False)
+        close(out[0], patches(1, norm=False))
+
+        out = m.get_intermediate_layers(x, n=2, reshape=True)
+        for o, i in zip(out, (1, 2)):
+            assert o.shape == (2, 64, gh, gw)
+            close(o, patches(i).reshape(2, gh, gw, 64).permute(0, 3, 1, 2))
+            close(o[1, :, 2, 4], patches(i)[1, 2 * gw + 4])
+
+        out = m.get_intermediate_layers(x, n=[0, 1], return_class_token=True, norm=False)
+        assert len(out) == 2 and all(len(pair) == 2 for pair in out)
+        for (pt, ct), i in zip(out, (0, 1)):
+            close(pt, patches(i, norm=False))
+            close(ct, cls(i, norm=False))
+
+        out = m.get_intermediate_layers(x, n=1, reshape=True, return_class_token=True)
+        ((pt, ct),) = out
+        assert pt.shape == (2, 64, gh, gw) and ct.shape == (2, 64)
+        close(ct, cls(2))
+        close(ct, m.forward_features(x)["x_norm_clstoken"])
+
+    with pytest.raises(ValueError):
+        m.get_intermediate_layers(x, n=[3])
+
+
+# ================================================================================================
+# 2. Positional-embedding interpolation == DINOv2's formula
+# ================================================================================================
+def _interp_model(kind: str) -> ViT:
+    if kind == "student":  # create_student's own configuration, without paying for its init
+        with torch.device("meta"):
+            m = models.create_student("vit_tiny")
+        m = m.to_empty(device="cpu")
+    else:  # the teacher specs as configured for the official DINOv2 files (518 px, 37x37 grid)
+        name = "dinov2_vits14_reg" if kind == "reg" else "dinov2_vits14"
+        m = dataclasses.replace(TEACHERS[name], embed_dim=48, depth=1, num_heads=1).build()
+    with torch.no_grad():
+        m.pos_embed.normal_()
+    return m.eval()
+
+
+@pytest.mark.parametrize("kind", ["plain", "reg", "student"])
+@pytest.mark.parametrize("grid", [(16, 16), (16, 20), (20, 16), (8, 10), (40, 40), (8, 32)])
+def test_pos_embed_interpolation_is_dinov2_formula(kind, grid):
+    m = _interp_model(kind)
+    reg = kind == "reg"
+    assert m.pos_embed.shape[1] == (1 + 37 * 37 if kind != "student" else 1 + 16 * 16)
+    with torch.no_grad():
+        got = m.interpolate_pos_encoding(*grid)
+    ref = dinov2_interpolate(m.pos_embed.detach(), *grid, reg=reg)
+    assert got.shape == (1, 1 + grid[0] * grid[1], m.embed_dim)
+    assert torch.equal(got, ref)  # exact, atol 0
+    assert torch.equal(got[:, 0], m.pos_embed[:, 0])  # the class position is kept as is
+
+
+@pytest.mark.parametrize("kind", ["plain", "reg", "student"])
+def test_pos_embed_unchanged_at_native_grid(kind):
+    m = _interp_model(kind)
+    g = int(math.sqrt(m.pos_embed.shape[1] - 1))
+    assert m.interpolate_pos_encoding(g, g) is m.pos_embed
+
+
+def test_pos_embed_interpolation_is_used_by_forward():
+    m = _interp_model("plain")
+    x = torch.randn(1, 3, 16 * PATCH, 20 * PATCH)
+    with torch.no_grad():
+        tokens = m.prepare_tokens(x)
+        patches = m.patch_embed(x).reshape(1, -1, m.embed_dim)
+    ref = dinov2_interpolate(m.pos_embed.detach(), 16, 20, reg=False)
+    torch.testing.assert_close(tokens[:, 1:] - patches, ref[:, 1:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(tokens[:, 0], (m.cls_token + ref[:, :1])[:, 0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("grid", [(16, 16), (16, 20)])
+def test_pos_embed_vs_timm_resample(grid):
+    """PROTOCOLS F: timm's resample equals DINOv2's formula for _reg models, not for plain ones."""
+    plain, reg = _interp_model("plain"), _interp_model("reg")
+    with torch.no_grad():
+        timm_plain = resample_abs_pos_embed(plain.pos_embed, list(grid), num_prefix_tokens=1)
+        timm_reg = resample_abs_pos_embed(reg.pos_embed, list(grid), num_prefix_tokens=1)
+        ours_plain = plain.interpolate_pos_encoding(*grid)
+        ours_reg = reg.interpolate_pos_encoding(*grid)
+    assert rel_err(ours_plain, timm_plain) > 0.01
+    torch.testing.assert_close(ours_reg, timm_reg, rtol=1e-6, atol=1e-6)
+
+
+# ================================================================================================
+# 3. Numerics against timm's independent DINOv2 implementation
+# ================================================================================================
+DIM, DEPTH, HEADS, GRID = 128, 2, 2, 4
+
+
+@pytest.fixture(params=[False, True], ids=["plain", "reg4"])
+def dinov2_file(request, tmp_path):
+    reg = request.param
+    sd = official_dinov2_sd(DIM, DEPTH, GRID, reg=reg)
+    path = tmp_path / f"dinov2_tiny{'_reg4' if reg else ''}_pretrain.pth"
+    torch.save(sd, path)
+    return reg, sd, path
+
+
+def test_load_backbone_matches_timm_dinov2_native(dinov2_file):
+    reg, sd, path = dinov2_file
+    ours = models.load_backbone(path).eval()
+    assert ours.embed_dim == DIM and len(ours.blocks) == DEPTH and ours.blocks[0].attn.num_heads == HEADS
+    assert ours.num_register_tokens == (4 if reg else 0)
+    assert (ours.interpolate_offset, ours.interpolate_antialias) == ((0.0, True) if reg else (0.1, False))
+    assert torch.equal(ours.mask_token, sd["mask_token"])
+    tm = timm_dinov2(sd, DIM, DEPTH, HEADS, GRID, reg=reg)
+    x = torch.randn(2, 3, GRID * PATCH, GRID * PATCH)
+    with torch.no_grad():
+        out = ours.forward_features(x)
+    t_cls, t_patch = timm_outputs(tm, x)
+    assert out["x_norm_patchtokens"].shape == t_patch.shape == (2, GRID * GRID, DIM)
+    assert rel_err(out["x_norm_clstoken"], t_cls) < 1e-4
+    assert rel_err(out["x_norm_patchtokens"], t_patch) < 1e-4
+    if reg:
+        assert rel_err(out["x_norm_regtokens"], tm.forward_features(x)[:, 1:5].detach()) < 1e-4
+
+
+def test_load_backbone_matches_timm_dinov2_other_size(dinov2_file):
+    reg, sd, path = dinov2_file
+    ours = models.load_backbone(path).eval()
+    tm = timm_dinov2(sd, DIM, DEPTH, HEADS, GRID, reg=reg)
+    x = torch.randn(2, 3, 4 * PATCH, 6 * PATCH)
+    with torch.no_grad():
+        out = ours.forward_features(x)
+    t_cls, t_patch = timm_outputs(tm, x)
+    err = max(rel_err(out["x_norm_clstoken"], t_cls), rel_err(out["x_norm_patchtokens"], t_patch))
+    if reg:  # timm's antialiased resample to size == DINOv2's reg formula
+        assert err < 1e-4
+    else:  # DINOv2's plain formula (offset 0.1, no antialias) is not timm's
+        assert err > 1e-3
+
+
+def test_to_dinov2_export_is_official_layout_and_loads_into_timm(dinov2_file):
+    reg, sd, path = dinov2_file
+    ours = models.load_backbone(path).eval()
+    exported = models.to_dinov2(ours)
+    assert set(exported) == set(sd)  # the official key set, mask_token included
+    for k, v in sd.items():
+        assert torch.equal(exported[k], v), k
+    tm = VisionTransformer(
+        img_size=GRID * PATCH,
+        patch_size=PATCH,
+        embed_dim=DIM,
+        depth=DEPTH,
+        num_heads=HEADS,
+        init_values=1.0,
+        num_classes=0,
+        dynamic_img_size=True,
+        **(dict(reg_tokens=4, no_embed_class=True) if reg else {}),
+    ).eval()
+    tm.load_state_dict(checkpoint_filter_fn(dict(exported), tm), strict=True)
+    x = torch.randn(2, 3, GRID * PATCH, GRID * PATCH)
+    with torch.no_grad():
+        out = ours.forward_features(x)
+    t_cls, t_patch = timm_outputs(tm, x)
+    assert rel_err(out["x_norm_clstoken"], t_cls) < 1e-4
+    assert rel_err(out["x_norm_patchtokens"], t_patch) < 1e-4
+
+
+def test_to_dinov2_student_keys_are_official():
+    m = tiny_vit(dim=64, depth=3, grid=16)
+    assert set(models.to_dinov2(m)) == set(official_dinov2_sd(64, 3, 16))
+    exported = models.to_dinov2(m)
+    assert all(not v.requires_grad for v in exported.values())
+    with torch.no_grad():
+        m.cls_token.add_(1.0)
+    assert not torch.equal(exported["cls_token"], m.cls_token)  # a copy, not a view of live weights
+
+
+# ================================================================================================
+# 4. Every teacher family from its official file format
+# ================================================================================================
+@pytest.fixture
+def tiny_teacher(monkeypatch):
+    """Replace a full-size TEACHERS spec by a tiny one of the same family/format."""
+
+    def patch(name, dim=64, depth=2, heads=1, grid=4):
+        spec = dataclasses.replace(
+            TEACHERS[name], embed_dim=dim, depth=depth, num_heads=heads, img_size=grid * TEACHERS[name].patch_size
+        )
+        monkeypatch.setitem(TEACHERS, name, spec)
+        return spec
+
+    return patch
+
+
+def assert_frozen_eval(teacher: ViT, family: str):
+    assert not teacher.training and all(not mod.training for mod in teacher.modules())
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert teacher.family == family
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CLIP_MEAN, CLIP_STD = (0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758)
+
+
+@pytest.mark.parametrize(
+    "name,dim,heads,reg,swiglu",
+    [
+        ("dinov2_vits14", 64, 1, False, False),
+        ("dinov2_vitb14_reg", 128, 2, True, False),
+        ("dinov2_vitg14", 48, 1, False, True),
+    ],
+)
+def test_dinov2_teacher_official_file(tiny_teacher, tmp_path, name, dim, heads, reg, swiglu):
+    depth = 1 if swiglu else 2
+    tiny_teacher(name, dim=dim, depth=depth, heads=heads)
+    sd = official_dinov2_sd(dim, depth, 4, reg=reg, swiglu=swiglu)
+    path = tmp_path / "official.pth"
+    torch.save(sd, path)
+    teacher = models.create_teacher(name, checkpoint=path)
+    assert_frozen_eval(teacher, "dinov2")
+    assert teacher.input_mean == pytest.approx(IMAGENET_MEAN) and teacher.input_std == pytest.approx(IMAGENET_STD)
+    ours = teacher.state_dict()
+    expected = dinov2_to_ours(sd)
+    assert set(ours) == set(expected)
+    for k, v in expected.items():
+        assert torch.equal(ours[k], v), k
+    exported = models.to_dinov2(teacher)  # and back to the official layout (w12/w3 for ViT-g)
+    assert set(exported) == set(sd) and all(torch.equal(exported[k], v) for k, v in sd.items())
+
+    x = torch.randn(2, 3, 4 * PATCH, 4 * PATCH)
+    with torch.no_grad():
+        out = teacher.forward_features(x)
+    t_cls, t_patch = timm_outputs(timm_dinov2(sd, dim, depth, heads, 4, reg=reg, swiglu=swiglu), x)
+    assert rel_err(out["x_norm_clstoken"], t_cls) < 1e-4
+    assert rel_err(out["x_norm_patchtokens"], t_patch) < 1e-4
+    if swiglu:  # DINOv2's SwiGLUFFN by hand: x1, x2 = w12(x).chunk(2); w3(silu(x1) * x2)
+        z = torch.randn(3, 5, dim)
+        x1, x2 = F.linear(z, sd["blocks.0.mlp.w12.weight"], sd["blocks.0.mlp.w12.bias"]).chunk(2, dim=-1)
+        ref = F.linear(F.silu(x1) * x2, sd["blocks.0.mlp.w3.weight"], sd["blocks.0.mlp.w3.bias"])
+        with torch.no_grad():
+            torch.testing.assert_close(teacher.blocks[0].mlp(z), ref, rtol=1e-5, atol=1e-5)
+
+
+# --- OpenAI CLIP: the visual tower as in openai/CLIP model.py (QuickGELU, LND attention) ---------
+class QuickGELU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, heads)
+        self.ln_1 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(
+            OrderedDict([("c_fc", nn.Linear(d, 4 * d)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(4 * d, d))])
+        )
+        self.ln_2 = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.ln_1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int):
+        super().__init__()
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(layers)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.resblocks(x)
+
+
+class VisualTransformer(nn.Module):
+    def __init__(self, res: int, patch: int, width: int, layers: int, heads: int, out_dim: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, patch, patch, bias=False)
+        self.class_embedding = nn.Parameter(torch.randn(width))
+        self.positional_embedding = nn.Parameter(torch.randn((res // patch) ** 2 + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(torch.randn(width, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """ln_post(CLS): what we distil (the vector before `@ proj`)."""
+        x = self.conv1(x).flatten(2).permute(0, 2, 1)
+        x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + self.positional_embedding
+        x = self.ln_pre(x).permute(1, 0, 2)  # LND
+        x = self.transformer(x).permute(1, 0, 2)
+        return self.ln_post(x[:, 0])
+
+
+class CLIPStandIn(nn.Module):
+    """Same state-dict layout as OpenAI's CLIP: visual.* plus a text tower to be ignored."""
+
+    def __init__(self, res: int, patch: int, width: int, layers: int, heads: int):
+        super().__init__()
+        self.visual = VisualTransformer(res, patch, width, layers, heads, out_dim=32)
+        self.transformer = Transformer(32, 1, 1)
+        self.token_embedding = nn.Embedding(50, 32)
+        self.positional_embedding = nn.Parameter(torch.randn(8, 32))
+        self.ln_final = nn.LayerNorm(32)
+        self.text_projection = nn.Parameter(torch.randn(32, 32))
+        self.logit_scale = nn.Parameter(torch.ones([]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.visual(x)
+
+
+def clip_to_ours(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """OpenAI visual.* names -> our (timm) names, written out by hand; proj and the text tower dropped."""
+    renames = [
+        ("conv1.", "patch_embed.proj."),
+        ("ln_pre.", "norm_pre."),
+        ("ln_post.", "norm."),
+        ("ln_1.", "norm1."),
+        ("ln_2.", "norm2."),
+        ("attn.in_proj_weight", "attn.qkv.weight"),
+        ("attn.in_proj_bias", "attn.qkv.bias"),
+        ("attn.out_proj.", "attn.proj."),
+        ("mlp.c_fc.", "mlp.fc1."),
+        ("mlp.c_proj.", "mlp.fc2."),
+    ]
+    out = {}
+    for k, v in raw.items():
+        if not k.startswith("visual.") or k == "visual.proj":
+            continue
+        k = re.sub(r"transformer\.resblocks\.(\d+)\.", r"blocks.\1.", k[len("visual.") :])
+        if k == "class_embedding":
+            out["cls_token"] = v.reshape(1, 1, -1)
+        elif k == "positional_embedding":
+            out["pos_embed"] = v.unsqueeze(0)
+        else:
+            for a, b in renames:
+                k = k.replace(a, b)
+            out[k] = v
+    return out
+
+
+@pytest.mark.parametrize(
+    "name,archive", [("clip_vitb16", False), ("clip_vitl14", True)], ids=["state_dict", "torchscript"]
+)
+def test_clip_teacher_official_file(tiny_teacher, tmp_path, name, archive):
+    spec = tiny_teacher(name, dim=128, depth=2, heads=2)
+    patch, grid = spec.patch_size, 4
+    ref = randomize_(CLIPStandIn(grid * patch, patch, 128, 2, 2), seed=1).eval()
+    raw = {k: v.detach().clone() for k, v in ref.state_dict().items()}
+    assert {"transformer.resblocks.0.attn.in_proj_weight", "token_embedding.weight", "text_projection"} <= set(raw)
+    path = tmp_path / f"{name}.pt"
+    if archive:
+        torch.jit.save(torch.jit.script(ref), str(path))
+    else:
+        torch.save(raw, path)
+    teacher = models.create_teacher(name, checkpoint=path)
+    assert_frozen_eval(teacher, "clip")
+    assert teacher.input_mean == pytest.approx(CLIP_MEAN, abs=1e-4)
+    assert teacher.input_std == pytest.approx(CLIP_STD, abs=1e-4)
+
+    ours, expected = teacher.state_dict(), clip_to_ours(raw)
+    assert set(ours) == set(expected) | {"mask_token"}
+    for k, v in expected.items():
+        assert torch.equal(ours[k], v), k
+    # architecture: conv without bias, ln_pre, LayerNorm eps 1e-5 everywhere, QuickGELU, no LayerScale
+    assert teacher.patch_embed.proj.bias is None
+    norms = [mod for mod in teacher.modules() if isinstance(mod, nn.LayerNorm)]
+    assert len(norms) == 2 + 2 * 2 and all(n.eps == 1e-5 for n in norms)
+    assert isinstance(teacher.norm_pre, nn.LayerNorm)
+    z = torch.linspace(-4, 4, 101)
+    torch.testing.assert_close(teacher.blocks[0].mlp.act(z), z * torch.sigmoid(1.702 * z))
+    assert isinstance(teacher.blocks[0].ls1, nn.Identity)
+
+    x = torch.randn(2, 3, grid * patch, grid * patch)
+    with torch.no_grad():
+        out = teacher.forward_features(x)
+        target = ref(x)  # OpenAI's forward: ln_post(CLS) before the projection
+    assert out["x_norm_clstoken"].shape == (2, 128)
+    assert rel_err(out["x_norm_clstoken"], target) < 1e-4
+    torch.testing.assert_close(teacher.norm.weight, raw["visual.ln_post.weight"], rtol=0, atol=0)
+
+
+# --- SynCLR: timm ViT names under (module.)visual., checkpoint['model'] or ['state_dict'] -------
+@pytest.mark.parametrize(
+    "name,wrapper,prefix", [("synclr_vitb16", "model", "module.visual."), ("synclr_vitl14", "state_dict", "visual.")]
+)
+def test_synclr_teacher_official_file(tiny_teacher, tmp_path, name, wrapper, prefix):
+    spec = tiny_teacher(name, dim=128, depth=2, heads=2)
+    patch, grid = spec.patch_size, 4
+    ref = VisionTransformer(
+        img_size=grid * patch, patch_size=patch, embed_dim=128, depth=2, num_heads=2, num_classes=0, init_values=None
+    )
+    ref = randomize_(ref, seed=2).eval()
+    inner = {prefix + k: v.detach().clone() for k, v in ref.state_dict().items()}
+    inner[prefix + "head.weight"] = torch.randn(10, 128)  # classification/projection head: dropped
+    inner[prefix + "head.bias"] = torch.randn(10)
+    inner[prefix.replace("visual.", "") + "image_projector.weight"] = torch.randn(16, 128)  # outside visual
+    torch.save({wrapper: inner, "epoch": 7, "optimizer": {}}, tmp_path / "synclr.pth")
+
+    teacher = models.create_teacher(name, checkpoint=tmp_path / "synclr.pth")
+    assert_frozen_eval(teacher, "synclr")
+    assert teacher.input_mean == pytest.approx(IMAGENET_MEAN)
+    ours = teacher.state_dict()
+    assert set(ours) == set(ref.state_dict()) | {"mask_token"}
+    for k, v in ref.state_dict().items():
+        assert torch.equal(ours[k], v), k
+    assert isinstance(teacher.blocks[0].ls1, nn.Identity)  # no LayerScale
+
+    x = torch.randn(2, 3, grid * patch, grid * patch)
+    with torch.no_grad():
+        out = teacher.forward_features(x)
+    t_cls, t_patch = timm_outputs(ref, x)
+    assert rel_err(out["x_norm_clstoken"], t_cls) < 1e-4
+    assert rel_err(out["x_norm_patchtokens"], t_patch) < 1e-4
+
+
+# ================================================================================================
+# 5. Strict teacher loading
+# ================================================================================================
+@pytest.fixture
+def small_dinov2(tiny_teacher, tmp_path):
+    tiny_teacher("dinov2_vits14", dim=64, depth=2, heads=1)
+
+    def write(sd, fname="file.pth"):
+        torch.save(sd, tmp_path / fname)
+        return tmp_path / fname
+
+    return official_dinov2_sd(64, 2, 4), write
+
+
+@pytest.mark.parametrize("key", ["blocks.1.ls2.gamma", "mask_token", "norm.bias"])
+def test_teacher_missing_key_is_named(small_dinov2, key):
+    sd, write = small_dinov2
+    del sd[key]
+    with pytest.raises(ValueError, match=rf"missing keys: .*{re.escape(key)}"):
+        models.create_teacher("dinov2_vits14", checkpoint=write(sd))
+
+
+def test_teacher_unexpected_key_is_named(small_dinov2):
+    sd, write = small_dinov2
+    sd["blocks.0.attn.q_norm.weight"] = torch.ones(64)
+    with pytest.raises(ValueError, match=r"unexpected keys: .*blocks\.0\.attn\.q_norm\.weight"):
+        models.create_teacher("dinov2_vits14", checkpoint=write(sd))
+
+
+def test_teacher_shape_mismatch_is_named(small_dinov2):
+    _, write = small_dinov2
+    sd = official_dinov2_sd(64, 2, grid=5)  # a file for another image size: only pos_embed differs
+    with pytest.raises(ValueError, match=r"shape mismatch.*pos_embed \(1, 26, 64\) vs \(1, 17, 64\)") as e:
+        models.create_teacher("dinov2_vits14", checkpoint=write(sd))
+    assert "cls_token" not in str(e.value)
+    sd = official_dinov2_sd(96, 2, grid=4)  # another model size
+    with pytest.raises(ValueError, match=r"shape mismatch.*blocks\.0\.attn\.qkv\.weight \(288, 96\) vs \(192, 64\)"):
+        models.create_teacher("dinov2_vits14", checkpoint=write(sd))
+
+
+def test_teacher_wrong_family_file(small_dinov2, tiny_teacher, tmp_path):
+    sd, write = small_dinov2
+    clip_raw = CLIPStandIn(4 * 14, 14, 64, 2, 1).state_dict()
+    with pytest.raises(ValueError, match="dinov2_vits14"):
+        models.create_teacher("dinov2_vits14", checkpoint=write(clip_raw, "clip.pt"))
+    tiny_teacher("clip_vitl14", dim=64, depth=2, heads=1)
+    with pytest.raises(ValueError, match="not an OpenAI CLIP checkpoint"):
+        models.create_teacher("clip_vitl14", checkpoint=write(sd, "dinov2.pth"))
+    tiny_teacher("synclr_vitl14", dim=64, depth=2, heads=1)
+    with pytest.raises(ValueError, match=r"unexpected keys: .*ls1\.gamma"):
+        models.create_teacher("synclr_vitl14", checkpoint=write({"model": sd}, "dinov2_in_model.pth"))
+
+
+def test_teacher_unknown_name_and_missing_file(tiny_teacher, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown teacher 'dinov3_vits16'.*dinov2_vits14.*clip_vitl14.*synclr"):
+        models.create_teacher("dinov3_vits16", checkpoint=tmp_path / "x.pth")
+    tiny_teacher("dinov2_vits14")
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        models.create_teacher("dinov2_vits14", checkpoint=tmp_path / "nope.pth")
+
+
+# ================================================================================================
+# 6. load_backbone on every checkpoint format we accept
+# ================================================================================================
+def _assert_same_weights(model: ViT, expected: dict[str, torch.Tensor]):
+    sd = model.state_dict()
+    assert set(sd) == set(expected)
+    for k, v in expected.items():
+        assert torch.equal(sd[k], v), k
+
+
+@pytest.mark.parametrize("patch,dim,depth", [(14, 128, 2), (16, 192, 1)])
+def test_load_backbone_exported_flat(tmp_path, patch, dim, depth):
+    m = tiny_vit(dim=dim, depth=depth, heads=dim // 64, grid=4, patch=patch)
+    models.atomic_save(models.to_dinov2(m), tmp_path / "backbone.pth")
+    loaded = models.load_backbone(tmp_path / "backbone.pth").eval()
+    assert loaded.embed_dim == dim and len(loaded.blocks) == depth
+    assert loaded.blocks[0].attn.num_heads == dim // 64
+    assert loaded.patch_embed.proj.kernel_size == (patch, patch) and loaded.patch_size == patch
+    assert loaded.num_register_tokens == 0 and loaded.register_tokens is None
+    assert (loaded.interpolate_offset, loaded.interpolate_antialias) == (0.1, False)
+    _assert_same_weights(loaded, m.state_dict())
+    x = torch.randn(1, 3, 4 * patch, 5 * patch)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.forward_features(x)["x_norm_patchtokens"],
+            m.forward_features(x)["x_norm_patchtokens"],
+            rtol=0,
+            atol=0,
+        )
+
+
+def reference_checkpoint(student: dict[str, torch.Tensor]) -> dict:
+    """The reference release's checkpoint.pth (PROTOCOLS A, "Reference checkpoint")."""
+    teacher = official_dinov2_sd(192, 1, 4, seed=5)
+    model = {"student.backbone." + k: v for k, v in student.items()}
+    model.update({"teacher.backbone." + k: v for k, v in teacher.items()})
+    for head in ("token_head", "patch_head", "fea_head"):
+        model.update(
+            {
+                f"{head}.0.weight": torch.ones(128),
+                f"{head}.0.bias": torch.zeros(128),
+                f"{head}.1.weight": torch.randn(192, 128),
+                f"{head}.1.bias": torch.randn(192),
+            }
+        )
+    return {
+        "model": model,
+        "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0, 1]}]},
+        "lr_scheduler": {"last_epoch": 3},
+        "epoch": 3,
+        "scaler": {"scale": 65536.0},
+        "model_ema": {k: v + 1.0 for k, v in student.items()},
+        "args": argparse.Namespace(
+            model="models_proteus_dinov2",
+            target_model="vit_base",
+            lr=5e-4,
+            epochs=300,
+            mask_probability=0.5,
+            output_dir="/ckpt",
+            resume="",
+        ),
+    }
+
+
+@pytest.mark.parametrize("chunks", [0, 2], ids=["flat_blocks", "chunked_blocks"])
+def test_load_backbone_reference_release_checkpoint(tmp_path, chunks):
+    student = official_dinov2_sd(128, 4, 4, chunks=chunks, seed=3)
+    if chunks:
+        assert "blocks.1.3.ls2.gamma" in student and "blocks.0.1.norm1.weight" in student
+    torch.save(reference_checkpoint(student), tmp_path / "checkpoint.pth")
+    loaded = models.load_backbone(tmp_path / "checkpoint.pth")
+    assert loaded.embed_dim == 128 and len(loaded.blocks) == 4 and loaded.blocks[0].attn.num_heads == 2
+    assert loaded.num_register_tokens == 0 and loaded.patch_size == 14
+    _assert_same_weights(loaded, dinov2_to_ours(student))  # student weights, not EMA nor teacher
+
+
+def test_load_backbone_refuses_pickled_objects(tmp_path):
+    _EXECUTED.clear()
+    student = official_dinov2_sd(64, 1, 4)
+    torch.save(
+        {"model": {"student.backbone." + k: v for k, v in student.items()}, "args": _Payload()}, tmp_path / "evil.pth"
+    )
+    with pytest.raises(ValueError, match="evil.pth"):
+        models.load_backbone(tmp_path / "evil.pth")
+    assert not _EXECUTED  # nothing was unpickled
+
+
+def test_load_backbone_bad_files(tmp_path):
+    (tmp_path / "garbage.pth").write_bytes(b"\x00not a checkpoint\xff" * 50)
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        models.load_backbone(tmp_path / "garbage.pth")
+    torch.save(official_dinov2_sd(64, 1, 4), tmp_path / "ok.pth")
+    data = (tmp_path / "ok.pth").read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated.pth"):
+        models.load_backbone(tmp_path / "truncated.pth")
+    torch.save({"model": {"head.weight": torch.zeros(3, 3)}}, tmp_path / "nobackbone.pth")
+    with pytest.raises(ValueError, match="no ViT backbone"):
+        models.load_backbone(tmp_path / "nobackbone.pth")
+    torch.save([torch.zeros(3)], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="list"):
+        models.load_backbone(tmp_path / "list.pth")
+    with pytest.raises(FileNotFoundError):
+        models.load_backbone(tmp_path / "missing.pth")
+
+
+_EXECUTED: list[str] = []
+
+
+def _mark_executed():
+    _EXECUTED.append("unpickled")
+    return "pwned"
+
+
+class _Payload:
+    def __reduce__(self):
+        return (_mark_executed, ())
+
+
+# ================================================================================================
+# 7. atomic_save
+# ================================================================================================
+def test_atomic_save_writes_file(tmp_path):
+    obj = {"w": torch.arange(6.0).reshape(2, 3), "epoch": 4}
+    path = tmp_path / "sub" / "dir" / "ckpt.pth"
+    models.atomic_save(obj, path)
+    back = torch.load(path, weights_only=True)
+    assert back["epoch"] == 4 and torch.equal(back["w"], obj["w"])
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ckpt.pth"]
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_atomic_save_crash_keeps_previous_file(tmp_path, monkeypatch, exc):
+    path = tmp_path / "ckpt.pth"
+    models.atomic_save({"epoch": 1, "w": torch.ones(4)}, path)
+    before = path.read_bytes()
+
+    def crashing_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        f.flush()
+        raise exc("disk full")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(exc, match="disk full"):
+        models.atomic_save({"epoch": 2, "w": torch.zeros(4)}, path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]  # no temp file left behind

@@ -1,0 +1,301 @@
+"""Pretraining: masking, losses, schedule, optimizer groups, data, and main() end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+import models
+from models import ViT
+from pretrain import main as pretrain_main
+from pretrain.data import SingleImageDataset, build_dataset, subset_samples, train_transform
+from pretrain.distiller import Distiller, teacher_targets
+from pretrain.masking import make_masks
+from pretrain.schedule import warmup_cosine
+
+TINY_RUN = [
+    "--teacher",
+    "dinov2_vits14",
+    "--random-teacher",
+    "--student",
+    "vit_tiny",
+    "--input-size",
+    "28",
+    "--batch-size",
+    "4",
+    "--num-workers",
+    "0",
+    "--device",
+    "cpu",
+    "--print-freq",
+    "1",
+    "--precision",
+    "fp32",
+]
+
+
+def make_image_folder(root, classes=2, per_class=6, size=(40, 48), seed=0):
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        d = root / "train" / f"class{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(d / f"{i}.jpg")
+    return root
+
+
+@pytest.fixture
+def data(tmp_path):
+    return make_image_folder(tmp_path / "data")
+
+
+def tiny_vit(**kw) -> ViT:
+    torch.manual_seed(0)
+    return ViT(img_size=28, patch_size=14, embed_dim=32, depth=2, num_heads=2, **kw)
+
+
+# --- masking -------------------------------------------------------------------------------------
+def test_masks_first_samples_exact_count():
+    m = make_masks(10, 256, 0.5, (0.5, 0.5))
+    assert m.shape == (10, 256) and m.dtype == torch.bool
+    assert m[:5].sum(1).tolist() == [128] * 5  # exactly int(256 * 0.5)
+    assert not m[5:].any()  # the rest of the batch is clean, no shuffling
+
+
+def test_masks_ratio_range_is_stratified():
+    m = make_masks(8, 100, 0.5, (0.2, 0.8))
+    assert m.sum(1).tolist() == [20, 40, 60, 80, 0, 0, 0, 0]
+    m = make_masks(7, 256, 0.5, (0.3, 0.3))  # int(0.5 * 7) = 3 masked samples
+    assert m.sum(1).tolist() == [76, 76, 76, 0, 0, 0, 0]
+
+
+def test_mask_positions_are_uniform():
+    g = torch.Generator().manual_seed(0)
+    freq = torch.stack([make_masks(2, 64, 0.5, (0.25, 0.25), g)[0] for _ in range(4000)]).float().mean(0)
+    assert torch.allclose(freq, torch.full((64,), 0.25), atol=0.03)
+
+
+# --- losses --------------------------------------------------------------------------------------
+def plain_losses(distiller, images, masks, t_cls, t_patches):
+    """The reference's step written plainly: two separate student passes, losses by hand."""
+    s = distiller.student
+    m = masks.shape[0]
+    full = torch.cat((masks, torch.zeros(images.shape[0] - m, masks.shape[1], dtype=torch.bool)))
+    masked_out = s.forward_features(images, masks=full)
+    clean = s.forward_features(images)
+    tok = distiller.token_head(clean["x_norm_clstoken"])
+    token = ((tok - t_cls) ** 2).mean()
+    pred = torch.cat((tok[:, None], distiller.fea_head(clean["x_norm_patchtokens"])), 1)
+    fea = ((pred - torch.cat((t_cls[:, None], t_patches), 1)) ** 2).mean()
+    rows = []
+    for i in range(m):
+        idx = masks[i].nonzero().flatten()
+        rows.append((distiller.patch_head(masked_out["x_norm_patchtokens"][i, idx]) - t_patches[i, idx]) ** 2)
+    patch = torch.cat(rows).mean()
+    return token, patch, fea
+
+
+def test_losses_match_hand_computation_and_two_pass_reference():
+    student = tiny_vit()
+    d = Distiller(student, teacher_dim=24, lambda_token=1.0, lambda_patch=0.5, lambda_fea=2.0).eval()
+    images = torch.randn(6, 3, 28, 28)
+    masks = make_masks(6, 4, 0.5, (0.5, 0.5))[:3]
+    t = {"cls": torch.randn(6, 24), "patches": torch.randn(6, 4, 24)}
+    loss, parts = d(images, masks, t)
+    token, patch, fea = plain_losses(d, images, masks, t["cls"], t["patches"])
+    torch.testing.assert_close(parts["token"], token, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parts["patch"], patch, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parts["fea"], fea, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, token + 0.5 * patch + 2.0 * fea, rtol=1e-5, atol=1e-6)
+    # gradients equal those of the plain two-pass computation
+    loss.backward()
+    g1 = [p.grad.clone() for p in d.parameters() if p.grad is not None]
+    d.zero_grad()
+    (token + 0.5 * patch + 2.0 * fea).backward()
+    g2 = [p.grad.clone() for p in d.parameters() if p.grad is not None]
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_token_only_distiller_has_no_unused_parameters():
+    d = Distiller(tiny_vit(), teacher_dim=8, lambda_token=1.0, lambda_patch=0.0, lambda_fea=0.0)
+    assert d.patch_head is None and d.fea_head is None
+    loss, parts = d(torch.randn(2, 3, 28, 28), None, {"cls": torch.randn(2, 8), "patches": torch.randn(2, 4, 8)})
+    loss.backward()
+    unused = [n for n, p in d.named_parameters() if p.requires_grad and p.grad is None]
+    assert unused == []
+    assert float(parts["patch"]) == 0.0 and float(parts["fea"]) == 0.0
+
+
+def test_teacher_targets_use_the_teachers_own_normalisation():
+    teacher = tiny_vit(init_values=None).eval()
+    teacher.input_mean, teacher.input_std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    raw = torch.rand(2, 3, 28, 28)
+    norm = lambda x, m, s: (x - torch.tensor(m).view(1, 3, 1, 1)) / torch.tensor(s).view(1, 3, 1, 1)  # noqa: E731
+    got = teacher_targets(teacher, norm(raw, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    want = teacher.forward_features(norm(raw, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD))
+    torch.testing.assert_close(got["cls"], want["x_norm_clstoken"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got["patches"], want["x_norm_patchtokens"], rtol=1e-4, atol=1e-5)
+
+
+# --- schedule and optimizer ----------------------------------------------------------------------
+def test_schedule_per_iteration_warmup_then_cosine():
+    s = warmup_cosine(1e-3, 1e-5, total_iters=100, warmup_iters=10, warmup_start=1e-6)
+    assert len(s) == 100 and s[0] == 1e-6
+    assert all(b > a for a, b in zip(s[:10], s[1:11]))  # rises every iteration, not per epoch
+    assert s[10] == pytest.approx(1e-3)
+    assert s[55] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 45 / 90)))
+    assert s[-1] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 89 / 90)))
+    assert 1e-5 < s[-1] < 1.1e-5
+
+
+def test_no_weight_decay_on_biases_norms_and_layerscale():
+    d = Distiller(tiny_vit(), teacher_dim=8)
+    decay, no_decay = pretrain_main.param_groups(d, 0.05)
+    names = {id(p): n for n, p in d.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert "student.blocks.0.ls1.gamma" in no_decay_names and "student.norm.weight" in no_decay_names
+    assert "student.blocks.0.attn.qkv.bias" in no_decay_names
+    assert all(p.ndim > 1 for p in decay["params"]) and no_decay["weight_decay"] == 0.0
+    assert "student.pos_embed" in {names[id(p)] for p in decay["params"]}
+
+
+# --- data ----------------------------------------------------------------------------------------
+def test_subsets_are_fractions_and_seeded():
+    samples = [(f"c{c}/{i}.jpg", c) for c in range(10) for i in range(20)]
+    sub = subset_samples(samples, 0.3, 0.25)
+    assert len({c for _, c in sub}) == 3 and len(sub) == 15
+    assert sub == subset_samples(samples, 0.3, 0.25)
+
+
+def test_corrupt_image_is_reported_and_skipped(data, caplog):
+    bad = data / "train" / "class0" / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    ds = build_dataset(str(data), 28)
+    idx = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("broken.jpg")][0]
+    with caplog.at_level("WARNING"):
+        img, _ = ds[idx]
+    assert img.shape == (3, 28, 28)
+    assert str(bad) in caplog.text
+
+
+def test_single_image_dataset(tmp_path):
+    path = tmp_path / "one.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+    ds = SingleImageDataset(path, train_transform(28), length=10)
+    assert len(ds) == 10
+    a, b = ds[0][0], ds[0][0]
+    assert a.shape == (3, 28, 28) and not torch.equal(a, b)  # a fresh augmentation each time
+
+
+# --- main: bad input -----------------------------------------------------------------------------
+def run_main(argv, capsys):
+    rc = pretrain_main.main(argv)
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--teacher", "dinov2_vitz14"], "unknown teacher 'dinov2_vitz14'"),
+        (["--student", "vit_huge"], "unknown student 'vit_huge'"),
+        (["--input-size", "30"], "not a multiple of the patch size"),
+        (["--teacher", "synclr_vitb16"], "patch and feature losses need the same token grid"),
+        (["--mask-ratio", "abc"], "--mask-ratio"),
+    ],
+)
+def test_bad_arguments_fail_before_training(data, tmp_path, capsys, extra, message):
+    rc, err = run_main(["--data-path", str(data), "--output-dir", str(tmp_path / "o"), *TINY_RUN, *extra], capsys)
+    assert rc == 2 and message in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o" / "checkpoint.pth").exists()
+
+
+def test_missing_and_empty_data_dir(tmp_path, capsys):
+    rc, err = run_main(["--data-path", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "o"), *TINY_RUN], capsys)
+    assert rc == 2 and "no train/ folder" in err
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    rc, err = run_main(["--data-path", str(tmp_path / "empty"), "--output-dir", str(tmp_path / "o"), *TINY_RUN], capsys)
+    assert rc == 2 and "no images in" in err
+
+
+def test_teacher_file_of_another_model(data, tmp_path, capsys):
+    wrong = tmp_path / "wrong.pth"
+    torch.save(models.to_dinov2(tiny_vit()), wrong)
+    argv = [
+        "--data-path",
+        str(data),
+        "--output-dir",
+        str(tmp_path / "o"),
+        *TINY_RUN,
+        "--teacher-checkpoint",
+        str(wrong),
+    ]
+    argv.remove("--random-teacher")
+    rc, err = run_main(argv, capsys)
+    assert rc == 2 and "do not match" in err and "missing keys: blocks.2.attn.proj.bias" in err
+
+
+# --- main: a run ---------------------------------------------------------------------------------
+def test_run_writes_checkpoints_logs_and_dinov2_exports(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = pretrain_main.main(["--data-path", str(data), "--output-dir", str(out), "--epochs", "2", *TINY_RUN])
+    assert rc == 0
+    logs = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [e["epoch"] for e in logs] == [0, 1]
+    for key in ("train_loss", "train_loss_token", "train_loss_patch", "train_loss_fea", "lr", "images_per_sec"):
+        assert all(math.isfinite(e[key]) for e in logs), key
+    assert logs[0]["train_loss"] == pytest.approx(
+        logs[0]["train_loss_token"] + logs[0]["train_loss_patch"] + logs[0]["train_loss_fea"], rel=1e-5
+    )
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    ckpt = models.safe_load(out / "checkpoint.pth")
+    assert ckpt["epoch"] == 1 and not any(k.startswith("teacher") for k in ckpt)
+    assert {"student", "heads", "optimizer", "scheduler", "scaler", "ema", "args"} <= set(ckpt)
+    assert not any("teacher" in k for k in ckpt["heads"])
+    exported = torch.load(out / "backbone.pth", weights_only=True)
+    assert "mask_token" in exported and "blocks.11.ls2.gamma" in exported
+    student = models.load_backbone(out / "backbone.pth")
+    assert student.embed_dim == 192 and len(student.blocks) == 12
+    torch.testing.assert_close(student.state_dict()["norm.weight"], ckpt["student"]["norm.weight"])
+    assert (out / "backbone_ema.pth").exists()
+
+
+def test_rerun_resumes_after_last_epoch(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["--data-path", str(data), "--output-dir", str(out), *TINY_RUN]
+    assert pretrain_main.main([*base, "--epochs", "1"]) == 0
+    first = models.safe_load(out / "checkpoint.pth")
+    assert pretrain_main.main([*base, "--epochs", "2"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    logs = [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()]
+    assert logs == [0, 1]
+    second = models.safe_load(out / "checkpoint.pth")
+    assert second["epoch"] == 1
+    assert not torch.equal(first["student"]["norm.weight"], second["student"]["norm.weight"])
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(data, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    base = ["--data-path", str(data), "--output-dir", str(out), *TINY_RUN]
+    assert pretrain_main.main([*base, "--epochs", "1"]) == 0
+    before = (out / "checkpoint.pth").read_bytes()
+    exported = (out / "backbone.pth").read_bytes()
+    real_forward = Distiller.forward
+
+    def nan_forward(self, *a, **k):
+        loss, parts = real_forward(self, *a, **k)
+        return loss * float("nan"), parts
+
+    monkeypatch.setattr(Distiller, "forward", nan_forward)
+    rc = pretrain_main.main([*base, "--epochs", "3"])
+    err = capsys.readouterr().err
+    assert rc == 3 and "non-finite loss at epoch 1" in err and "untouched" in err
+    assert (out / "checkpoint.pth").read_bytes() == before
+    assert (out / "backbone.pth").read_bytes() == exported  # no export of a broken student
