@@ -40,38 +40,15 @@ def main() -> int:
         return 2
     write_photos(OUT / "data" / "train")
     out = OUT / f"{teacher}_to_vit_tiny"
+    # fmt: off
     argv = [
-        "--data-path",
-        str(OUT / "data"),
-        "--teacher",
-        teacher,
-        "--student",
-        "vit_tiny",
-        "--input-size",
-        "224",
-        "--batch-size",
-        "8",
-        "--epochs",
-        "4",
-        "--warmup-epochs",
-        "1",
-        "--epoch-length",
-        "8",
-        "--lr",
-        "2e-2",
-        "--min-lr",
-        "1e-4",
-        "--num-workers",
-        "0",
-        "--device",
-        "cpu",
-        "--precision",
-        "fp32",  # bf16 autocast is slower than fp32 on most CPUs
-        "--print-freq",
-        "4",
-        "--output-dir",
-        str(out),
+        "--data-path", str(OUT / "data"), "--teacher", teacher, "--student", "vit_tiny",
+        "--input-size", "224", "--batch-size", "4", "--epochs", "5", "--warmup-epochs", "1",
+        "--epoch-length", "20", "--lr", "2e-2", "--min-lr", "1e-4", "--num-workers", "0", "--device", "cpu",
+        "--precision", "fp32",  # bf16 autocast is slower than fp32 on most CPUs
+        "--print-freq", "10", "--output-dir", str(out),
     ]
+    # fmt: on
     if TEACHERS[teacher].patch_size != 14:
         argv += ["--lambda-patch", "0", "--lambda-fea", "0"]  # token-only: the grids differ
     if checkpoint:

@@ -19,6 +19,7 @@ class NonFiniteLoss(RuntimeError):
 
 def cycle_batches(loader, sampler, epoch: int, num_epochs: int, n: int) -> Iterator:
     """`n` batches for this epoch; re-shuffles and goes round again if the loader is shorter."""
+    assert len(loader) > 0, "the loader yields no batch"
     k = 0
     while True:
         sampler.set_epoch(epoch + k * num_epochs)

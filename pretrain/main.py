@@ -193,12 +193,11 @@ def build(args: argparse.Namespace, device: torch.device, world: int) -> dict:
         worker_init_fn=seed_worker,
         prefetch_factor=4 if args.num_workers > 0 else None,
     )
-    iters = args.epoch_length or len(sampler) // args.batch_size
-    if iters < 1:
+    if len(sampler) < args.batch_size:
         raise ValueError(
-            f"{len(sampler)} images per process cannot fill one batch of {args.batch_size}; "
-            "lower --batch-size or set --epoch-length"
+            f"{len(sampler)} images per process cannot fill one batch of {args.batch_size}; lower --batch-size"
         )
+    iters = args.epoch_length or len(sampler) // args.batch_size
 
     global_batch = args.batch_size * world
     lr = args.lr * global_batch / 512

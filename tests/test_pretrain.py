@@ -299,3 +299,11 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(data, tmp_path, capsys,
     assert rc == 3 and "non-finite loss at epoch 1" in err and "untouched" in err
     assert (out / "checkpoint.pth").read_bytes() == before
     assert (out / "backbone.pth").read_bytes() == exported  # no export of a broken student
+
+
+def test_randaugment_zero_bit_posterize_works():
+    """rand-m9-mstd0.5-inc1 can draw 0-bit posterize; the installed Pillow must give black, not raise."""
+    from timm.data.auto_augment import posterize
+
+    img = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
+    assert np.asarray(posterize(img, 0)).max() == 0

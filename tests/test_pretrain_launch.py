@@ -1,0 +1,69 @@
+"""Pretraining as users launch it: torchrun with 2 processes (gloo), and kill-then-rerun resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import models
+from tests.test_pretrain import TINY_RUN, make_image_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def epochs_logged(out: Path) -> list[int]:
+    log = out / "log.txt"
+    return [json.loads(line)["epoch"] for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_torchrun_two_processes_gloo(tmp_path):
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=8)
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "pretrain.main", "--data-path", str(data), "--output-dir", str(out), "--epochs", "2", *TINY_RUN,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world 2, global batch 8" in proc.stdout
+    # 16 images, 3 repeats over 2 ranks -> ceil(16/2) = 8 samples per rank -> 2 iterations of 4
+    assert "[2/2]" in proc.stdout
+    assert epochs_logged(out) == [0, 1]
+    student = models.load_backbone(out / "backbone.pth")
+    assert student.embed_dim == 192
+
+
+def test_kill_then_rerun_continues_where_it_stopped(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "pretrain.main", "--data-path", str(data), "--output-dir", str(out),
+        "--epochs", "4", "--epoch-length", "25", *TINY_RUN,
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while not epochs_logged(out) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = epochs_logged(out)
+    assert done_before and done_before[-1] < 3, "the run finished before it could be killed"
+    saved = models.safe_load(out / "checkpoint.pth")
+    assert saved["epoch"] == done_before[-1]
+
+    rerun = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoint.pth'} after epoch {saved['epoch']}" in rerun.stdout
+    assert f"epoch {saved['epoch']} [" not in rerun.stdout  # finished epochs are not trained again
+    assert epochs_logged(out) == [0, 1, 2, 3]
+    final = models.safe_load(out / "checkpoint.pth")
+    assert final["epoch"] == 3 and final["scheduler"]["iteration"] == 100
+    assert not torch.equal(final["student"]["norm.weight"], saved["student"]["norm.weight"])
