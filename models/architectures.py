@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import torch
+from timm.models import register_model
 
 from .vision_transformer import ViT
 
@@ -68,3 +69,22 @@ def vit_from_state_dict(state_dict: dict[str, torch.Tensor], **kwargs) -> ViT:
         pre_norm="norm_pre.weight" in state_dict,
         **kwargs,
     )
+
+
+def _register_with_timm(name: str) -> None:
+    """`timm.create_model("proteus_vit_small", drop_path_rate=0.1)` builds our student."""
+
+    def build(pretrained: bool = False, **kwargs) -> ViT:
+        if pretrained:
+            raise ValueError("Proteus students have no hub weights: use models.load_backbone(path)")
+        kwargs.pop("pretrained_cfg", None)
+        kwargs.pop("pretrained_cfg_overlay", None)
+        kwargs.pop("cache_dir", None)
+        return create_student(name, **kwargs)
+
+    build.__name__ = build.__qualname__ = f"proteus_{name}"
+    register_model(build)
+
+
+for _name in STUDENT_ARCHS:
+    _register_with_timm(_name)

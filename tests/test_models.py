@@ -973,3 +973,13 @@ def test_atomic_save_crash_keeps_previous_file(tmp_path, monkeypatch, exc):
     assert path.read_bytes() == before
     assert torch.load(path, weights_only=True)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]  # no temp file left behind
+
+
+def test_students_are_registered_with_timm():
+    import timm
+
+    m = timm.create_model("proteus_vit_tiny", drop_path_rate=0.1, img_size=112)
+    assert isinstance(m, models.ViT) and m.embed_dim == 192 and m.pos_embed.shape == (1, 65, 192)
+    assert m.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="load_backbone"):
+        timm.create_model("proteus_vit_tiny", pretrained=True)
