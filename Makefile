@@ -5,14 +5,18 @@ PY := $(VENV)/bin/python
 # torch/torchvision pinned here (local wheels on our dev machines); requirements.txt holds the
 # ranges cluster users may satisfy with their own CUDA build.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+DINOV2_REF := dinov2==0.0.1.dev2
 
 .PHONY: setup test demo lint clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_PINS) -r requirements.txt
+	# Test-only numerical reference: FAIR's DINOv2 model code (PyPI snapshot, Apr 2023). --no-deps:
+	# its pins (torch 2.0, xformers, cuML) concern training code our tests never import.
+	$(PY) -m pip install -q --no-deps $(DINOV2_REF)
 	touch $@
 
 test: setup
