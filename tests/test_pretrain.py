@@ -307,3 +307,17 @@ def test_randaugment_zero_bit_posterize_works():
 
     img = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
     assert np.asarray(posterize(img, 0)).max() == 0
+
+
+def test_clip_teachers_default_to_token_only_and_others_to_all_three():
+    parse = pretrain_main.get_args_parser().parse_args
+    clip = pretrain_main.resolve_args(parse(["--teacher", "clip_vitl14"]))
+    assert (clip.lambda_token, clip.lambda_patch, clip.lambda_fea) == (1.0, 0.0, 0.0)
+    dino = pretrain_main.resolve_args(parse(["--teacher", "dinov2_vitb14"]))
+    assert (dino.lambda_token, dino.lambda_patch, dino.lambda_fea) == (1.0, 1.0, 1.0)
+    assert dino.mask_ratio == (0.5, 0.5) and dino.batch_size == 128 and dino.lr == 5e-4
+    ranged = pretrain_main.resolve_args(parse(["--mask-ratio", "0.1,0.5"]))
+    assert ranged.mask_ratio == (0.1, 0.5)
+    # token-only B/16 teachers are allowed: only the patch/feature losses need equal grids
+    b16 = pretrain_main.resolve_args(parse(["--teacher", "synclr_vitb16", "--lambda-patch", "0", "--lambda-fea", "0"]))
+    assert b16.lambda_token == 1.0
