@@ -1,5 +1,6 @@
 """Frozen-backbone feature extraction shared by every classification eval: transforms, a
 distributed extraction loop with progress and ETA, and an on-disk cache."""
+
 from __future__ import annotations
 
 import datetime
@@ -12,7 +13,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from models import atomic_save, safe_load
+from models import ViT, atomic_save, load_backbone, safe_load
 from pretrain import distributed as dist_utils
 
 
@@ -28,6 +29,17 @@ def eval_transform(
             transforms.Normalize(mean, std),
         ]
     )
+
+
+def frozen_backbone(path: str | None, device: torch.device, input_size: int) -> ViT:
+    """models.load_backbone in eval mode without gradients: every eval reads weights the same way."""
+    if not path:
+        raise ValueError("--backbone is required (a pretrain checkpoint.pth/backbone.pth or DINOv2 weights)")
+    model = load_backbone(path).to(device).eval()
+    if input_size % model.patch_size:
+        raise ValueError(f"--input-size {input_size} is not a multiple of the patch size {model.patch_size}")
+    model.requires_grad_(False)
+    return model
 
 
 class Indexed(Dataset):
@@ -110,3 +122,28 @@ def cached(path: str | Path | None, compute: Callable[[], dict[str, torch.Tensor
     if path is not None and dist_utils.is_main():
         atomic_save(result, path)
     return result
+
+
+def cached_features(
+    path: str | Path | None,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    dataset: Dataset,
+    device: torch.device,
+    batch_size: int,
+    num_workers: int,
+    desc: str,
+    backbone_path: str,
+    input_size: int,
+) -> dict:
+    """extract_features through `cached`, refusing a cache file written for another backbone or input size."""
+    source = {"backbone": str(Path(backbone_path).resolve()), "input_size": input_size}
+
+    def compute() -> dict:
+        feats, targets = extract_features(fn, dataset, device, batch_size, num_workers, desc)
+        return {"features": feats, "targets": targets, **source}
+
+    out = cached(path, compute)
+    if any(out.get(k) != v for k, v in source.items()):
+        found = ", ".join(f"{k} {out.get(k)}" for k in source)
+        raise ValueError(f"{path} holds features of {found}; delete it or cache elsewhere")
+    return out

@@ -59,7 +59,7 @@ def vit_from_state_dict(state_dict: dict[str, torch.Tensor], **kwargs) -> ViT:
         patch_size=patch_size,
         embed_dim=dim,
         depth=depth,
-        num_heads=dim // HEAD_DIM,
+        num_heads=max(1, dim // HEAD_DIM),  # narrower test models: one head
         mlp_ratio=(hidden + 0.5) / dim,  # int(dim * ratio) must give back exactly `hidden`
         init_values=1.0 if "blocks.0.ls1.gamma" in state_dict else None,
         num_register_tokens=num_reg,

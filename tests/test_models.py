@@ -32,20 +32,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 PATCH = 14
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops are dominated by OpenMP synchronisation on a busy 2-core machine: run them serially."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 

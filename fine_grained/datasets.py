@@ -1,0 +1,285 @@
+"""The 12 datasets of PROTOCOLS C: where they live on disk, how they are read, how they are split.
+
+Folder convention: `--data-root` holds one folder per dataset name; `<data-root>/<name>` is the
+root handed to torchvision (what its `download=True` creates) or read by our own readers. Every
+reader checks its layout first and raises a ValueError naming the expected layout.
+
+Split rules. "official": the dataset's own train/val/test, trainval = train + val. "holdout": the
+dataset's train (pets: its trainval) and test; val = the first floor(N/5) indices of a seed-0
+permutation of the train indices (torch.Generator().manual_seed(0), torch.randperm), train = the
+rest, trainval = all of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import datasets as tvd
+
+Transform = Callable[[Image.Image], torch.Tensor]
+VOC_CLASSES = (
+    "aeroplane bicycle bird boat bottle bus car cat chair cow diningtable dog horse motorbike person "
+    "pottedplant sheep sofa train tvmonitor"
+).split()
+CALTECH_TRAIN_PER_CLASS = 30
+SEED = 0
+
+
+class ImageList(Dataset):
+    """(path, target) pairs read as RGB images; the readers below return these."""
+
+    def __init__(self, samples: Sequence[tuple[Path, object]], transform: Transform | None = None) -> None:
+        self.samples, self.transform = list(samples), transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, target = self.samples[i]
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+        return (self.transform(img) if self.transform else img), target
+
+
+def layout_error(name: str, layout: str, detail: str) -> ValueError:
+    return ValueError(f"{name}: {detail}; expected <data-root>/{name}/{layout}")
+
+
+def read_lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+# --- split rules ---------------------------------------------------------------------------------
+def holdout_val(n: int, seed: int = SEED) -> tuple[list[int], list[int]]:
+    """'val 20% of train': (train, val) index lists; val = first floor(n/5) of randperm(n), seed 0."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    k = n // 5
+    return sorted(perm[k:]), sorted(perm[:k])
+
+
+def per_class_split(targets: Sequence[int], per_class: int, seed: int = SEED) -> tuple[list[int], list[int]]:
+    """(train, test) index lists: `per_class` indices of every class drawn WITHOUT replacement by one
+    seeded generator, classes in increasing label order; the rest is test. (The reference sampled
+    with replacement, so its train sets held duplicates and fewer than 30 distinct images.)"""
+    g = torch.Generator().manual_seed(seed)
+    train = []
+    for c in sorted(set(targets)):
+        idx = [i for i, t in enumerate(targets) if t == c]
+        train += [idx[j] for j in torch.randperm(len(idx), generator=g)[:per_class].tolist()]
+    chosen = set(train)
+    return sorted(train), [i for i in range(len(targets)) if i not in chosen]
+
+
+# --- our readers ---------------------------------------------------------------------------------
+def read_caltech101(root: Path, split: str, layout: str) -> list[tuple[Path, int]]:
+    """All 102 folders of 101_ObjectCategories (BACKGROUND_Google included), sorted by name."""
+    base = root / "101_ObjectCategories"
+    classes = sorted(d.name for d in base.iterdir() if d.is_dir()) if base.is_dir() else []
+    if not classes:
+        raise layout_error("caltech101", layout, f"no class folders in {base}")
+    samples = [(p, c) for c, name in enumerate(classes) for p in sorted((base / name).glob("*.jpg"))]
+    train, test = per_class_split([t for _, t in samples], CALTECH_TRAIN_PER_CLASS)
+    return [samples[i] for i in (train if split == "train" else test)]
+
+
+def read_sun397(root: Path, split: str, layout: str) -> list[tuple[Path, int]]:
+    """Partition 01 of the official Partitions files; labels in ClassName.txt order."""
+    parts = root / "Partitions"
+    names = {"train": "Training_01.txt", "test": "Testing_01.txt"}
+    for f in ("ClassName.txt", names[split]):
+        if not (parts / f).is_file():
+            raise layout_error("sun397", layout, f"missing {parts / f}")
+    classes = {c: i for i, c in enumerate(read_lines(parts / "ClassName.txt"))}
+    samples = []
+    for rel in read_lines(parts / names[split]):
+        cls = rel.rsplit("/", 1)[0]
+        if cls not in classes:
+            raise layout_error("sun397", layout, f"{rel} in {names[split]} has a class not in ClassName.txt")
+        samples.append((root / "SUN397" / rel.lstrip("/"), classes[cls]))
+    return samples
+
+
+def read_voc2007(root: Path, split: str, layout: str) -> list[tuple[Path, torch.Tensor]]:
+    """20-dim 0/1 targets from <class>_<split>.txt: 1 positive; -1 negative and 0 ("difficult")
+    both count as not positive. No image is dropped."""
+    base = root / "VOCdevkit" / "VOC2007"
+    main = base / "ImageSets" / "Main"
+    for f in [f"{split}.txt"] + [f"{c}_{split}.txt" for c in VOC_CLASSES]:
+        if not (main / f).is_file():
+            raise layout_error("voc2007", layout, f"missing {main / f}")
+    ids = read_lines(main / f"{split}.txt")
+    targets = {i: torch.zeros(len(VOC_CLASSES)) for i in ids}
+    for k, c in enumerate(VOC_CLASSES):
+        for line in read_lines(main / f"{c}_{split}.txt"):
+            image_id, label = line.split()
+            if image_id not in targets:
+                raise layout_error("voc2007", layout, f"{image_id} of {c}_{split}.txt is not in {split}.txt")
+            targets[image_id][k] = float(int(label) == 1)
+    return [(base / "JPEGImages" / f"{i}.jpg", targets[i]) for i in ids]
+
+
+def read_cub200(root: Path, split: str, layout: str) -> list[tuple[Path, int]]:
+    """The official train_test_split.txt (1 = train); labels 1..200 -> 0..199."""
+    base = root / "CUB_200_2011"
+    files = ("images.txt", "image_class_labels.txt", "train_test_split.txt")
+    for f in files:
+        if not (base / f).is_file():
+            raise layout_error("cub200", layout, f"missing {base / f}")
+    images, labels, is_train = (dict(line.split(maxsplit=1) for line in read_lines(base / f)) for f in files)
+    want = "1" if split == "train" else "0"
+    return [(base / "images" / images[i], int(labels[i]) - 1) for i in images if is_train[i].strip() == want]
+
+
+# --- registry ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    metric: str  # a key of metrics.METRICS
+    num_classes: int
+    splits: tuple[str, ...]  # what is on disk; ("train", "test") means the holdout val rule
+    layout: str  # under <data-root>/<name>/
+    build: Callable[[Path, str, Transform, bool], Dataset]  # (root, split, transform, download)
+
+    @property
+    def official_val(self) -> bool:
+        return "val" in self.splits
+
+
+def _ours(reader: Callable[[Path, str, str], list], name: str, layout: str):
+    def build(root: Path, split: str, transform: Transform, download: bool) -> Dataset:
+        if not root.is_dir():
+            raise layout_error(name, layout, f"{root} does not exist")
+        if download:
+            raise ValueError(f"{name}: --download is not available; place the files as the README says")
+        return ImageList(reader(root, split, layout), transform)
+
+    return build
+
+
+def _torchvision(cls: Callable[..., Dataset], name: str, layout: str, marker: str, **fixed):
+    """torchvision class; `fixed` maps our split name to its keyword arguments via {split}."""
+
+    def build(root: Path, split: str, transform: Transform, download: bool) -> Dataset:
+        if not download and not (root / marker).exists():
+            raise layout_error(name, layout, f"{root / marker} does not exist (or pass --download)")
+        kwargs = {k: (v(split) if callable(v) else v) for k, v in fixed.items()}
+        try:
+            return cls(str(root), transform=transform, download=download, **kwargs)
+        except (RuntimeError, OSError, KeyError, IndexError) as e:
+            raise layout_error(name, layout, f"cannot read {root} ({type(e).__name__}: {e})") from None
+
+    return build
+
+
+def _same(split: str) -> str:
+    return split
+
+
+def _spec(name, metric, num_classes, splits, layout, build_from, *args, **kwargs) -> Spec:
+    return Spec(name, metric, num_classes, splits, layout, build_from(*args, name, layout, **kwargs))
+
+
+TRAIN_TEST = ("train", "test")
+OFFICIAL = ("train", "val", "test")
+DATASETS: dict[str, Spec] = {
+    s.name: s
+    for s in (
+        _spec(
+            "aircraft", "mean_per_class_acc", 100, OFFICIAL,
+            "fgvc-aircraft-2013b/data/{variants.txt,images_variant_{train,val,test}.txt,images/*.jpg}",
+            _torchvision, tvd.FGVCAircraft, marker="fgvc-aircraft-2013b", split=_same, annotation_level="variant",
+        ),
+        _spec(
+            "caltech101", "mean_per_class_acc", 102, TRAIN_TEST,
+            "101_ObjectCategories/<class>/*.jpg (102 class folders, BACKGROUND_Google included)",
+            _ours, read_caltech101,
+        ),
+        _spec(
+            "cars", "acc", 196, TRAIN_TEST,
+            "stanford_cars/{devkit/{cars_meta.mat,cars_train_annos.mat},cars_train/,"
+            "cars_test_annos_withlabels.mat,cars_test/}",
+            _torchvision, tvd.StanfordCars, marker="stanford_cars", split=_same,
+        ),
+        _spec(
+            "cifar10", "acc", 10, TRAIN_TEST, "cifar-10-batches-py/ (the python version)",
+            _torchvision, tvd.CIFAR10, marker="cifar-10-batches-py", train=lambda s: s == "train",
+        ),
+        _spec(
+            "cifar100", "acc", 100, TRAIN_TEST, "cifar-100-python/ (the python version)",
+            _torchvision, tvd.CIFAR100, marker="cifar-100-python", train=lambda s: s == "train",
+        ),
+        _spec(
+            "dtd", "acc", 47, OFFICIAL, "dtd/dtd/{images/<class>/*.jpg,labels/{train,val,test}1.txt}",
+            _torchvision, tvd.DTD, marker="dtd/dtd", split=_same, partition=1,
+        ),
+        _spec(
+            "flowers102", "mean_per_class_acc", 102, OFFICIAL,
+            "flowers-102/{jpg/image_*.jpg,imagelabels.mat,setid.mat}",
+            _torchvision, tvd.Flowers102, marker="flowers-102", split=_same,
+        ),
+        _spec(
+            "food101", "acc", 101, TRAIN_TEST, "food-101/{images/<class>/*.jpg,meta/{train,test}.json}",
+            _torchvision, tvd.Food101, marker="food-101", split=_same,
+        ),
+        _spec(
+            "pets", "mean_per_class_acc", 37, TRAIN_TEST,
+            "oxford-iiit-pet/{images/*.jpg,annotations/{trainval,test}.txt}",
+            _torchvision, tvd.OxfordIIITPet, marker="oxford-iiit-pet",
+            split=lambda s: "trainval" if s == "train" else "test", target_types="category",
+        ),
+        _spec(
+            "sun397", "acc", 397, TRAIN_TEST,
+            "{SUN397/<letter>/<class>/*.jpg,Partitions/{ClassName.txt,Training_01.txt,Testing_01.txt}}",
+            _ours, read_sun397,
+        ),
+        _spec(
+            "voc2007", "map11", 20, OFFICIAL,
+            "VOCdevkit/VOC2007/{JPEGImages/<id>.jpg,ImageSets/Main/{train,val,test}.txt,"
+            "ImageSets/Main/<class>_{train,val,test}.txt}",
+            _ours, read_voc2007,
+        ),
+        _spec(
+            "cub200", "acc", 200, TRAIN_TEST,
+            "CUB_200_2011/{images.txt,image_class_labels.txt,train_test_split.txt,images/<class>/*.jpg}",
+            _ours, read_cub200,
+        ),
+    )
+}  # fmt: skip
+
+
+def parse_names(value: str) -> list[str]:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in DATASETS]
+    if unknown or not names:
+        raise ValueError(f"unknown dataset(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(DATASETS)}")
+    return names
+
+
+def build_split(spec: Spec, data_root: str | Path, split: str, transform: Transform, download: bool = False) -> Dataset:
+    """One on-disk split; an empty one is an error."""
+    root = Path(data_root) / spec.name
+    ds = spec.build(root, split, transform, download)
+    if len(ds) == 0:
+        raise layout_error(spec.name, spec.layout, f"the {split} split is empty")
+    return ds
+
+
+def protocol_splits(
+    spec: Spec, features: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """On-disk split features -> {'train', 'val', 'trainval', 'test'} (x, y) per the split rule."""
+    if spec.official_val:
+        train, val = features["train"], features["val"]
+        trainval = tuple(torch.cat(p) for p in zip(train, val))
+    else:
+        trainval = features["train"]
+        t, v = holdout_val(len(trainval[0]))
+        train, val = (tuple(a[idx] for a in trainval) for idx in (t, v))
+        if not v:
+            raise layout_error(spec.name, spec.layout, f"{len(t)} train images leave an empty 20% val split")
+    return {"train": train, "val": val, "trainval": trainval, "test": features["test"]}

@@ -1,0 +1,146 @@
+"""Fine-grained transfer (PROTOCOLS C): frozen final-norm CLS features at 224, logistic regression
+swept over 45 C values, on 12 datasets.
+
+python -m fine_grained.main --backbone output/pretrain/backbone.pth --data-root /data/fine_grained
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+from linear_eval.features import cached, eval_transform, extract_features, frozen_backbone
+
+from . import logreg
+from .datasets import DATASETS, Spec, build_split, parse_names, protocol_splits
+from .metrics import METRICS
+
+NORMALIZATION = {"imagenet": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), "clip": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        "Proteus fine-grained evaluation", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    a = p.add_argument
+    a("--backbone", required=True, help="student checkpoint/backbone file (ours, the reference release's, DINOv2)")
+    a("--data-root", required=True, help="one folder per dataset name: <data-root>/<name>/ (see README)")
+    a("--datasets", default=",".join(DATASETS), help="comma-separated subset of the 12 datasets")
+    a("--output-dir", default="output/fine_grained", help="results.json and results.md go here")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="features and logistic regression")
+    a("--batch-size", type=int, default=256, help="feature extraction batch")
+    a("--num-workers", type=int, default=8, help="data loading processes")
+    a("--input-size", type=int, default=224, help="Resize (short side, bicubic) and CenterCrop size")
+    a("--cache-dir", help="feature cache (default: <output-dir>/features)")
+    a("--normalization", choices=tuple(NORMALIZATION), default="imagenet", help="input mean/std; clip = reference")
+    a("--download", action="store_true", help="let torchvision download the datasets it can")
+    a("--max-iter", type=int, default=logreg.MAX_ITER, help="L-BFGS iterations per fit (protocol: 1000; smoke tests)")
+    return p
+
+
+def cache_path(args: argparse.Namespace, dataset: str, split: str) -> Path:
+    """Features are reused only for the same backbone file (path, size, mtime), data root, input size,
+    normalisation, dataset and split."""
+    bb = Path(args.backbone).resolve()
+    st = bb.stat()
+    key = [str(bb), st.st_size, st.st_mtime_ns, str(Path(args.data_root).resolve()), args.input_size]
+    key += [args.normalization, dataset, split]
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+    return Path(args.cache_dir or Path(args.output_dir) / "features") / f"{dataset}_{split}_{digest}.pth"
+
+
+def features(
+    args: argparse.Namespace, model: torch.nn.Module, device: torch.device, name: str, split: str, ds
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final-norm CLS features of one split, from the cache when the key matches."""
+
+    def compute() -> dict[str, torch.Tensor]:
+        x, y = extract_features(
+            lambda im: model.forward_features(im)["x_norm_clstoken"],
+            ds,
+            device,
+            args.batch_size,
+            args.num_workers,
+            desc=f"{name} {split} features",
+        )
+        return {"x": x, "y": y}
+
+    out = cached(cache_path(args, name, split), compute)
+    return out["x"], out["y"]
+
+
+def evaluate(
+    spec: Spec, features: dict[str, tuple[torch.Tensor, torch.Tensor]], device: torch.device, max_iter: int
+) -> dict:
+    """Standardise, sweep C on train -> val, refit on trainval at the best C, score on test."""
+    s = protocol_splits(spec, features)
+    metric = METRICS[spec.metric]
+    (xtr, ytr), (xv, yv), (xtv, ytv), (xte, yte) = (tuple(t.to(device) for t in s[k]) for k in s)
+    xtr, xv = logreg.standardize(xtr, xv)
+    xtv, xte = logreg.standardize(xtv, xte)
+    k = max(logreg.num_outputs(y) for y in (ytv, yte))
+    best = logreg.sweep((xtr, ytr), (xv, yv), metric, num_classes=k, max_iter=max_iter, desc=f"{spec.name} C sweep")
+    theta = logreg.fit(xtv, ytv, best.best_C, num_classes=k, max_iter=max_iter)
+    return {
+        "metric": spec.metric,
+        "value": metric(logreg.predict(theta, xte).cpu(), yte.cpu()),
+        "best_C": best.best_C,
+        "val_score": best.val_score,
+        "n_train": len(xtr),
+        "n_val": len(xv),
+        "n_test": len(xte),
+    }
+
+
+def markdown(results: dict[str, dict], mean: float) -> str:
+    rows = ["| dataset | metric | test | best C | val | train / val / test |", "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        rows.append(
+            f"| {name} | {r['metric']} | {r['value']:.2f} | {r['best_C']:.3g} | {r['val_score']:.2f} "
+            f"| {r['n_train']} / {r['n_val']} / {r['n_test']} |"
+        )
+    rows.append(f"| **mean** | | **{mean:.2f}** | | | |")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        names = parse_names(args.datasets)
+        if min(args.input_size, args.batch_size, args.max_iter) < 1:
+            raise ValueError("--input-size, --batch-size and --max-iter must be positive")
+        device = torch.device(args.device)
+        model = frozen_backbone(args.backbone, device, args.input_size)
+        transform = eval_transform(args.input_size, args.input_size, *NORMALIZATION[args.normalization])
+        # every layout is checked before any feature is extracted
+        splits = {
+            n: {s: build_split(DATASETS[n], args.data_root, s, transform, args.download) for s in DATASETS[n].splits}
+            for n in names
+        }
+        results = {}
+        for name in names:
+            feats = {split: features(args, model, device, name, split, ds) for split, ds in splits[name].items()}
+            results[name] = evaluate(DATASETS[name], feats, device, args.max_iter)
+            print(f"{name}: {results[name]['metric']} {results[name]['value']:.2f}", flush=True)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    mean = sum(r["value"] for r in results.values()) / len(results)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"backbone": str(args.backbone), "args": vars(args), "results": results, "mean": mean}
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    table = markdown(results, mean)
+    (out / "results.md").write_text(table)
+    print(table, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

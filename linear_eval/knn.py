@@ -1,0 +1,131 @@
+"""Weighted kNN on frozen final-norm CLS features (DINO/DINOv2 semantics, PROTOCOLS B).
+
+Cosine similarity of L2-normalised features; the k nearest train images vote for their class with
+weight exp(sim / T). Top-1/top-5 for every k, from one top-max(k) search per query chunk.
+
+python -m linear_eval.knn --data-path /imagenet --backbone output/pretrain/backbone.pth
+torchrun --nproc_per_node=4 -m linear_eval.knn --data-path /imagenet --backbone ... --cache-dir feats/
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pretrain import distributed as dist_utils
+
+from . import cli
+from .data import load_splits, val_transform
+from .features import cached_features, frozen_backbone
+from .results import print_table, shard, sum_across_ranks, topk_correct, write_results
+
+SIMILARITY_BUDGET = 2**27  # similarity-matrix elements per query chunk (512 MiB in fp32)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("Proteus kNN eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cli.add_common_args(p, output_dir="output/knn")
+    a = p.add_argument
+    a("--nb-knn", type=int, nargs="+", default=[10, 20, 100, 200], help="the k values to report")
+    a("--temperature", type=float, default=0.07, help="votes are weighted by exp(similarity / T)")
+    a("--cache-dir", help="cache train/val features here (train_features.pth, val_features.pth) and reuse them")
+    return p
+
+
+def knn_scores(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    queries: torch.Tensor,
+    num_classes: int,
+    ks: list[int],
+    temperature: float,
+) -> dict[int, torch.Tensor]:
+    """{k: (Q, num_classes) summed vote weights}; features must already be L2-normalised."""
+    sims, idx = (queries @ train_features.T).topk(max(ks), dim=1)
+    weights, labels = (sims / temperature).exp(), train_labels[idx]
+    return {
+        k: torch.zeros(len(queries), num_classes, device=queries.device).scatter_add_(1, labels[:, :k], weights[:, :k])
+        for k in ks
+    }
+
+
+def knn_accuracy(
+    train: dict[str, torch.Tensor],
+    val: dict[str, torch.Tensor],
+    num_classes: int,
+    ks: list[int],
+    temperature: float,
+    device: torch.device,
+) -> dict[int, dict[str, float]]:
+    """Top-1/top-5 (%) per k; each rank scores its shard of val in chunks sized to SIMILARITY_BUDGET."""
+    bank = F.normalize(train["features"].to(device), dim=1)
+    bank_labels = train["targets"].to(device)
+    queries = torch.tensor(list(shard(len(val["targets"]))), dtype=torch.long)
+    counts = torch.zeros(len(ks), 2, dtype=torch.float64)
+    for chunk in queries.split(max(1, SIMILARITY_BUDGET // len(bank))):
+        q = F.normalize(val["features"][chunk].to(device), dim=1)
+        targets = val["targets"][chunk].to(device)
+        scores = knn_scores(bank, bank_labels, q, num_classes, ks, temperature)
+        counts += torch.stack([topk_correct(scores[k], targets).cpu() for k in ks])
+    counts = sum_across_ranks(counts) * 100 / len(val["targets"])
+    return {k: {"top1": c[0].item(), "top5": c[1].item()} for k, c in zip(ks, counts)}
+
+
+def prepare(args: argparse.Namespace, device: torch.device) -> dict:
+    cli.check_positive(args, "batch_size", "input_size")
+    if args.temperature <= 0:
+        raise ValueError(f"--temperature must be positive, got {args.temperature}")
+    backbone = frozen_backbone(args.backbone, device, args.input_size)
+    tf = val_transform(args.input_size)
+    train, val = load_splits(args.data_path, tf, tf)
+    if any(k < 1 or k > len(train) for k in args.nb_knn):
+        raise ValueError(f"--nb-knn values must be in [1, {len(train)}] (the train size), got {args.nb_knn}")
+
+    def features(name: str, dataset) -> dict:
+        path = Path(args.cache_dir) / f"{name}_features.pth" if args.cache_dir else None
+        return cached_features(
+            path,
+            backbone,
+            dataset,
+            device,
+            args.batch_size,
+            args.num_workers,
+            f"{name} features",
+            args.backbone,
+            args.input_size,
+        )
+
+    return dict(
+        args=args,
+        device=device,
+        train=features("train", train),
+        val=features("val", val),
+        num_classes=len(train.classes),
+    )
+
+
+def execute(args: argparse.Namespace, device: torch.device, train: dict, val: dict, num_classes: int) -> None:
+    ks = sorted(set(args.nb_knn))
+    scores = knn_accuracy(train, val, num_classes, ks, args.temperature, device)
+    if not dist_utils.is_main():
+        return
+    print_table(["k", "top1", "top5"], [[str(k), f"{s['top1']:.2f}", f"{s['top5']:.2f}"] for k, s in scores.items()])
+    results = {
+        "protocol": "weighted kNN on final-norm CLS (PROTOCOLS B)",
+        "backbone": str(Path(args.backbone).resolve()),
+        "temperature": args.temperature,
+        "knn": {str(k): s for k, s in scores.items()},
+    }
+    print(f"results in {write_results(args.output_dir, results)}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(get_args_parser().parse_args(argv), prepare, execute)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

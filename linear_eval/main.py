@@ -1,0 +1,287 @@
+"""ImageNet linear probing, DINOv2 protocol (PROTOCOLS B): 52 linear classifiers on a frozen backbone.
+
+python -m linear_eval.main --data-path /imagenet --backbone output/pretrain/backbone.pth
+torchrun --nproc_per_node=4 -m linear_eval.main --data-path /imagenet --backbone ... --batch-size 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from models import ViT, atomic_save, safe_load
+from pretrain import distributed as dist_utils
+from pretrain.data import seed_worker
+from pretrain.schedule import warmup_cosine
+
+from . import cli
+from .classifiers import AllClassifiers, classifier_grid, linear_features
+from .data import load_splits, split_holdout, train_transform, val_transform
+from .features import Progress, cached_features, frozen_backbone
+from .results import print_table, shard, sum_across_ranks, topk_correct, write_results
+
+CHECKPOINT = "checkpoint.pth"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("Proteus linear probing", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cli.add_common_args(p, output_dir="output/linear")
+    a = p.add_argument
+    a("--epochs", type=int, default=10)
+    a(
+        "--epoch-length",
+        type=int,
+        help="iterations per epoch (default: one pass over train, floor(#train / global batch): "
+        "2502 for ImageNet at global batch 512, the PROTOCOLS B recipe)",
+    )
+    a("--val-from-train", type=float, help="select the classifier on this seeded fraction of train (held out)")
+    a("--cache-features", action="store_true", help="cache the frozen eval features in <output-dir> and reuse them")
+    a("--resume", help="checkpoint to resume from (default: <output-dir>/checkpoint.pth when present)")
+    a("--seed", type=int, default=0, help="shuffle, augmentations, classifier init and the --val-from-train split")
+    a("--print-freq", type=int, default=50, help="iterations between progress lines")
+    return p
+
+
+def prepare(args: argparse.Namespace, device: torch.device) -> dict:
+    """Load and check everything, and extract the eval features, before the first training step."""
+    cli.check_positive(args, "epochs", "batch_size", "input_size", "print_freq")
+    backbone = frozen_backbone(args.backbone, device, args.input_size)
+    if len(backbone.blocks) < 4:
+        raise ValueError(f"the backbone has {len(backbone.blocks)} blocks; the protocol reads the last 4")
+    train, val = load_splits(args.data_path, train_transform(args.input_size), val_transform(args.input_size))
+    num_classes = len(train.classes)
+    holdout = None
+    if args.val_from_train is not None:
+        train, holdout = split_holdout(train, args.val_from_train, args.seed, val_transform(args.input_size))
+
+    world = dist_utils.world_size()
+    sampler = DistributedSampler(train, num_replicas=world, rank=dist_utils.rank(), shuffle=True, seed=args.seed)
+    loader = DataLoader(
+        train,
+        batch_size=args.batch_size,
+        sampler=sampler,
+        num_workers=args.num_workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        worker_init_fn=seed_worker,
+    )
+    if args.epoch_length is None:
+        args.epoch_length = len(sampler) // args.batch_size
+        if args.epoch_length < 1:
+            raise ValueError(f"{len(sampler)} train images per process cannot fill a batch of {args.batch_size}")
+    cli.check_positive(args, "epoch_length")
+
+    torch.manual_seed(args.seed)  # the same classifier init on every rank
+    global_batch = args.batch_size * world
+    classifiers = AllClassifiers(classifier_grid(global_batch), backbone.embed_dim, num_classes).to(device)
+    optimizer = torch.optim.SGD(classifiers.param_groups(), momentum=0.9, weight_decay=0.0)
+    schedule = warmup_cosine(1.0, 0.0, args.epochs * args.epoch_length, 0, 0.0)  # lr multiplier, no warmup
+    start_epoch = resume(args, classifiers, optimizer)
+
+    eval_sets = {"val": val} if holdout is None else {"holdout": holdout, "val": val}
+    eval_features = {name: eval_set_features(args, backbone, ds, name, device) for name, ds in eval_sets.items()}
+    return dict(
+        args=args,
+        device=device,
+        backbone=backbone,
+        classifiers=classifiers,
+        optimizer=optimizer,
+        schedule=schedule,
+        loader=loader,
+        sampler=sampler,
+        start_epoch=start_epoch,
+        eval_features=eval_features,
+    )
+
+
+def eval_set_features(
+    args: argparse.Namespace, backbone: ViT, dataset: Dataset, name: str, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Compact (N, 5D) features of an eval split, from <output-dir>/features_<name>.pth when cached."""
+    path = Path(args.output_dir) / f"features_{name}.pth" if args.cache_features else None
+    fn = lambda x: linear_features(backbone, x)
+    return cached_features(
+        path, fn, dataset, device, args.batch_size, args.num_workers, f"{name} features", args.backbone, args.input_size
+    )
+
+
+def resume(args: argparse.Namespace, classifiers: AllClassifiers, optimizer: torch.optim.Optimizer) -> int:
+    """Load --resume, else <output-dir>/checkpoint.pth if present; returns the first epoch to train."""
+    path = args.resume or Path(args.output_dir) / CHECKPOINT
+    if not args.resume and not Path(path).exists():
+        return 0
+    ckpt = safe_load(path)
+    if not isinstance(ckpt, dict) or not {"classifiers", "optimizer", "epoch", "args"} <= set(ckpt):
+        raise ValueError(f"{path} is not a linear_eval checkpoint (it lacks classifiers/optimizer/epoch/args)")
+    for key, now in run_identity(args).items():
+        if ckpt["args"].get(key) != now:
+            raise ValueError(f"{path} was run with {key} {ckpt['args'].get(key)}, not {now}; use another --output-dir")
+    classifiers.load_state_dict(ckpt["classifiers"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if dist_utils.is_main():
+        print(f"resumed from {path} after epoch {ckpt['epoch']}", flush=True)
+    return ckpt["epoch"] + 1
+
+
+def run_identity(args: argparse.Namespace) -> dict:
+    """What a checkpoint must share with the current run to be resumed (the lr schedule depends on it)."""
+    return {
+        "backbone": str(Path(args.backbone).resolve()),
+        "epochs": args.epochs,
+        "epoch_length": args.epoch_length,
+        "batch_size_global": args.batch_size * dist_utils.world_size(),
+        "val_from_train": args.val_from_train,
+    }
+
+
+def epoch_batches(loader: DataLoader, sampler: DistributedSampler, epoch: int, length: int):
+    """`length` batches; each epoch starts a fresh seeded shuffle (and re-shuffles if one pass is too short),
+    so a resumed run sees exactly the batches an uninterrupted one would."""
+    done, passes = 0, 0
+    while True:
+        sampler.set_epoch(epoch * 1000 + passes)
+        for batch in loader:
+            yield batch
+            done += 1
+            if done == length:
+                return
+        passes += 1
+
+
+def save_checkpoint(args: argparse.Namespace, classifiers: AllClassifiers, optimizer, epoch: int) -> None:
+    atomic_save(
+        {
+            "classifiers": classifiers.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": {"iteration": (epoch + 1) * args.epoch_length, "total": args.epochs * args.epoch_length},
+            "epoch": epoch,
+            "args": run_identity(args),
+        },
+        Path(args.output_dir) / CHECKPOINT,
+    )
+
+
+def train(
+    args: argparse.Namespace,
+    device: torch.device,
+    backbone: ViT,
+    classifiers: AllClassifiers,
+    optimizer: torch.optim.Optimizer,
+    schedule: list[float],
+    loader: DataLoader,
+    sampler: DistributedSampler,
+    start_epoch: int,
+) -> None:
+    """Epochs start_epoch..epochs-1: frozen features -> 52 summed losses -> one SGD step; checkpoint each epoch."""
+    model = classifiers
+    if dist_utils.world_size() > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            classifiers, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if dist_utils.is_main():
+        global_batch = args.batch_size * dist_utils.world_size()
+        print(
+            f"linear probe: {len(classifiers.specs)} classifiers, world {dist_utils.world_size()}, global batch "
+            f"{global_batch} (lrs x {global_batch / 256:g}), "
+            f"{args.epoch_length} it/epoch, epochs {start_epoch}..{args.epochs - 1}",
+            flush=True,
+        )
+    for epoch in range(start_epoch, args.epochs):
+        torch.manual_seed(args.seed + 10_000 * epoch + dist_utils.rank())  # augmentations replay on resume
+        progress = Progress(f"epoch {epoch}", args.epoch_length, every=args.print_freq)
+        for i, (images, targets) in enumerate(epoch_batches(loader, sampler, epoch, args.epoch_length)):
+            it = epoch * args.epoch_length + i
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * schedule[it]
+            features = linear_features(backbone, images.to(device, non_blocking=True))
+            targets = targets.to(device, non_blocking=True)
+            losses = [F.cross_entropy(logits, targets) for logits in model(features).values()]
+            loss = torch.stack(losses).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            progress.step(i + 1, f"mean loss {loss.item() / len(losses):.4f} lr x{schedule[it]:.3f} ")
+        if dist_utils.is_main():
+            save_checkpoint(args, classifiers, optimizer, epoch)
+        dist_utils.barrier()
+
+
+@torch.no_grad()
+def evaluate(
+    classifiers: AllClassifiers, data: dict[str, torch.Tensor], device: torch.device, batch_size: int
+) -> dict[str, dict[str, float]]:
+    """Top-1/top-5 (%) of every classifier; each rank scores its shard, counts are summed over ranks."""
+    classifiers.eval()
+    rows = torch.tensor(list(shard(len(data["targets"]))), dtype=torch.long)
+    counts = torch.zeros(len(classifiers.specs), 2, dtype=torch.float64)
+    for chunk in rows.split(batch_size):
+        targets = data["targets"][chunk].to(device)
+        outputs = classifiers(data["features"][chunk].to(device))
+        counts += torch.stack([topk_correct(logits, targets).cpu() for logits in outputs.values()])
+    counts = sum_across_ranks(counts) * 100 / len(data["targets"])
+    return {s.name: {"top1": c[0].item(), "top5": c[1].item()} for s, c in zip(classifiers.specs, counts)}
+
+
+def report(
+    args: argparse.Namespace, classifiers: AllClassifiers, scores: dict[str, dict[str, dict[str, float]]]
+) -> None:
+    select_on = "holdout" if "holdout" in scores else "val"
+    best = max(classifiers.specs, key=lambda s: scores[select_on][s.name]["top1"])  # first of equals wins
+    table = {
+        s.name: {
+            "n_blocks": s.n_blocks,
+            "avgpool": s.avgpool,
+            "lr": s.lr,
+            **{
+                key if split == "val" else f"{split}_{key}": v
+                for split in scores
+                for key, v in scores[split][s.name].items()
+            },
+        }
+        for s in classifiers.specs
+    }
+    results = {
+        "protocol": "DINOv2 linear probe (PROTOCOLS B)",
+        "backbone": str(Path(args.backbone).resolve()),
+        "selection": "train holdout (--val-from-train)" if select_on == "holdout" else "val (as the reference)",
+        "global_batch": args.batch_size * dist_utils.world_size(),
+        "epochs": args.epochs,
+        "epoch_length": args.epoch_length,
+        "classifiers": table,
+        "best": {"name": best.name, **table[best.name]},
+    }
+    columns = [k for k in table[best.name] if k.endswith(("top1", "top5"))]
+    print_table(
+        ["classifier", "lr", *columns],
+        [[("* " if s is best else "  ") + s.name, f"{s.lr:.3g}", *(f"{table[s.name][c]:.2f}" for c in columns)]
+         for s in classifiers.specs],
+    )  # fmt: skip
+    path = write_results(args.output_dir, results)
+    print(
+        f"best ({results['selection']}): {best.name} val top-1 {table[best.name]['top1']:.2f} "
+        f"top-5 {table[best.name]['top5']:.2f}; all numbers in {path}",
+        flush=True,
+    )
+
+
+def execute(args: argparse.Namespace, device: torch.device, eval_features: dict, **training) -> None:
+    if dist_utils.is_main():
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    train(args, device, **training)
+    classifiers = training["classifiers"]
+    scores = {name: evaluate(classifiers, data, device, args.batch_size) for name, data in eval_features.items()}
+    if dist_utils.is_main():
+        report(args, classifiers, scores)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(get_args_parser().parse_args(argv), prepare, execute)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,456 @@
+"""Fine-grained protocol: split rules per on-disk layout, metrics, logistic regression vs
+scikit-learn, C selection, standardisation, feature cache, errors, and main() end to end."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import models
+from fine_grained import logreg
+from fine_grained import main as fg_main
+from fine_grained.datasets import DATASETS, VOC_CLASSES, build_split, holdout_val, per_class_split, protocol_splits
+from fine_grained.metrics import accuracy, average_precision_11point, mean_per_class_accuracy
+from pretrain import main as pretrain_main
+from tests.test_pretrain import TINY_RUN, make_image_folder
+
+RNG = np.random.default_rng(0)
+
+
+def img(path, size=16, value=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    a = RNG.integers(0, 255, (size, size, 3), dtype=np.uint8) if value is None else np.full((size, size, 3), value)
+    Image.fromarray(a.astype(np.uint8)).save(path)
+
+
+def write(path, lines):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{line}\n" for line in lines))
+
+
+def ids(ds):
+    return [os.path.basename(str(p)) for p, _ in ds.samples]
+
+
+# --- on-disk layouts the tests build -------------------------------------------------------------
+def make_caltech(root, per_class=(32, 33, 31)):
+    names = ["BACKGROUND_Google", "accordion", "airplanes"]
+    for c, n in zip(names, per_class):
+        for i in range(n):
+            img(
+                root / "caltech101" / "101_ObjectCategories" / c / f"image_{i:04d}.jpg", value=40 * (names.index(c) + 1)
+            )
+    return names
+
+
+def make_sun397(root):
+    base = root / "sun397"
+    classes = ["/a/abbey", "/b/bedroom", "/b/boat_deck"]
+    train, test = [], []
+    for c in classes:
+        for i in range(6):
+            rel = f"{c}/sun_{i}.jpg"
+            img(base / "SUN397" / rel.lstrip("/"))
+            (train if i < 4 else test).append(rel)
+    write(base / "Partitions" / "ClassName.txt", classes)
+    write(base / "Partitions" / "Training_01.txt", train)
+    write(base / "Partitions" / "Testing_01.txt", test)
+    return classes
+
+
+def make_voc(root, n_per_split=6):
+    base = root / "voc2007" / "VOCdevkit" / "VOC2007"
+    labels = {}
+    for s, split in enumerate(("train", "val", "test")):
+        split_ids = [f"{s:02d}{i:04d}" for i in range(n_per_split)]
+        write(base / "ImageSets" / "Main" / f"{split}.txt", split_ids)
+        for i in split_ids:
+            img(base / "JPEGImages" / f"{i}.jpg")
+        for k, c in enumerate(VOC_CLASSES):
+            # image j: positive for class k when (j + k) % 3 == 0, difficult when == 1, else negative
+            lab = [(1, 0, -1)[(j + k) % 3] for j in range(n_per_split)]
+            write(base / "ImageSets" / "Main" / f"{c}_{split}.txt", [f"{i} {v:2d}" for i, v in zip(split_ids, lab)])
+            labels[(split, k)] = lab
+    return labels
+
+
+def make_cub(root, classes=3, per_class=5):
+    base = root / "cub200" / "CUB_200_2011"
+    images, labels, split = [], [], []
+    n = 0
+    for c in range(classes):
+        for i in range(per_class):
+            n += 1
+            rel = f"{c + 1:03d}.Bird_{c}/Bird_{c}_{i}.jpg"
+            img(base / "images" / rel, value=60 * c + 20)
+            images.append(f"{n} {rel}")
+            labels.append(f"{n} {c + 1}")
+            split.append(f"{n} {int(i < 3)}")
+    write(base / "images.txt", images)
+    write(base / "image_class_labels.txt", labels)
+    write(base / "train_test_split.txt", split)
+
+
+def make_dtd(root):
+    base = root / "dtd" / "dtd" / "dtd"
+    for split in ("train", "val", "test"):
+        lines = [f"{c}/{c}_{split}_{i}.jpg" for c in ("banded", "zigzagged") for i in range(2)]
+        write(base / "labels" / f"{split}1.txt", lines)
+        for line in lines:
+            img(base / "images" / line)
+
+
+def make_pets(root, n=10):
+    base = root / "pets" / "oxford-iiit-pet"
+    for split in ("trainval", "test"):
+        lines = [f"{b}_{split}_{i} {k + 1} {k + 1} 1" for k, b in enumerate(("Abyssinian", "beagle")) for i in range(n)]
+        write(base / "annotations" / f"{split}.txt", lines)
+        for line in lines:
+            img(base / "images" / f"{line.split()[0]}.jpg")
+
+
+def make_aircraft(root):
+    base = root / "aircraft" / "fgvc-aircraft-2013b" / "data"
+    write(base / "variants.txt", ["707-320", "A300B4"])
+    for s, split in enumerate(("train", "val", "test")):
+        lines = [f"{s}{k}{i:04d} {v}" for k, v in enumerate(("707-320", "A300B4")) for i in range(2)]
+        write(base / f"images_variant_{split}.txt", lines)
+        for line in lines:
+            img(base / "images" / f"{line.split()[0]}.jpg")
+
+
+def make_food(root):
+    base = root / "food101" / "food-101"
+    for split in ("train", "test"):
+        meta = {c: [f"{c}/{split}{i}" for i in range(3)] for c in ("apple_pie", "sushi")}
+        (base / "meta").mkdir(parents=True, exist_ok=True)
+        (base / "meta" / f"{split}.json").write_text(json.dumps(meta))
+        for rels in meta.values():
+            for rel in rels:
+                img(base / "images" / f"{rel}.jpg")
+
+
+# --- split rules ---------------------------------------------------------------------------------
+def test_holdout_val_is_first_fifth_of_seed0_permutation():
+    perm = torch.randperm(23, generator=torch.Generator().manual_seed(0)).tolist()
+    train, val = holdout_val(23)
+    assert val == sorted(perm[:4]) and train == sorted(perm[4:])  # floor(0.2 * 23) = 4
+    assert holdout_val(4)[1] == []
+
+
+def test_per_class_split_draws_without_replacement_seed0():
+    targets = [0] * 35 + [1] * 31 + [2] * 40
+    train, test = per_class_split(targets, 30)
+    assert len(train) == len(set(train)) == 90 and sorted(train + test) == list(range(106))
+    for c in range(3):
+        assert sum(targets[i] == c for i in train) == 30
+    g = torch.Generator().manual_seed(0)  # one generator, classes in order
+    expect = []
+    for start, n in ((0, 35), (35, 31), (66, 40)):
+        expect += [start + j for j in torch.randperm(n, generator=g)[:30].tolist()]
+    assert train == sorted(expect)
+
+
+def test_caltech101_layout_30_per_class_and_val(tmp_path):
+    names = make_caltech(tmp_path)
+    spec = DATASETS["caltech101"]
+    train = build_split(spec, tmp_path, "train", None)
+    test = build_split(spec, tmp_path, "test", None)
+    assert len(train) == 90 and len(test) == 6
+    all_targets = [c for c, n in zip(range(3), (32, 33, 31)) for _ in range(n)]
+    expect_train, _ = per_class_split(all_targets, 30)
+    files = [f"{names[t]}/image_{i:04d}.jpg" for t, n in enumerate((32, 33, 31)) for i in range(n)]
+    assert [f"{p.parent.name}/{p.name}" for p, _ in train.samples] == [files[i] for i in expect_train]
+    assert train.samples[0][1] == 0 and names[0] == "BACKGROUND_Google"  # a class like any other
+    feats = {"train": (torch.arange(90.0)[:, None], torch.tensor([t for _, t in train.samples])), "test": None}
+    s = protocol_splits(spec, feats)
+    t, v = holdout_val(90)
+    assert len(s["val"][0]) == 18 and s["val"][0].flatten().tolist() == [float(i) for i in v]
+    assert s["train"][0].flatten().tolist() == [float(i) for i in t] and len(s["trainval"][0]) == 90
+
+
+def test_sun397_partition_files(tmp_path):
+    classes = make_sun397(tmp_path)
+    train = build_split(DATASETS["sun397"], tmp_path, "train", None)
+    test = build_split(DATASETS["sun397"], tmp_path, "test", None)
+    assert [t for _, t in train.samples] == [0] * 4 + [1] * 4 + [2] * 4 and len(test) == 6
+    assert train.samples[4][0] == tmp_path / "sun397" / "SUN397" / classes[1].lstrip("/") / "sun_0.jpg"
+    assert train[0][0].size == (16, 16)
+
+
+def test_voc2007_difficult_is_not_positive_and_nothing_dropped(tmp_path):
+    labels = make_voc(tmp_path)
+    for split in ("train", "val", "test"):
+        ds = build_split(DATASETS["voc2007"], tmp_path, split, None)
+        assert len(ds) == 6
+        y = torch.stack([t for _, t in ds.samples])
+        expect = torch.tensor([[float(labels[(split, k)][j] == 1) for k in range(20)] for j in range(6)])
+        assert torch.equal(y, expect)
+
+
+def test_cub200_official_split(tmp_path):
+    make_cub(tmp_path)
+    train = build_split(DATASETS["cub200"], tmp_path, "train", None)
+    test = build_split(DATASETS["cub200"], tmp_path, "test", None)
+    assert [t for _, t in train.samples] == [0, 0, 0, 1, 1, 1, 2, 2, 2] and [t for _, t in test.samples] == [
+        0,
+        0,
+        1,
+        1,
+        2,
+        2,
+    ]
+    assert ids(test)[:2] == ["Bird_0_3.jpg", "Bird_0_4.jpg"]
+
+
+def test_torchvision_layouts_and_pets_80_20(tmp_path):
+    make_dtd(tmp_path)
+    make_pets(tmp_path)
+    make_aircraft(tmp_path)
+    make_food(tmp_path)
+    for name, n in (("dtd", 4), ("aircraft", 4), ("food101", 6), ("pets", 20)):
+        spec = DATASETS[name]
+        sets = {s: build_split(spec, tmp_path, s, None) for s in spec.splits}
+        assert all(len(d) == n for d in sets.values()), name
+    assert DATASETS["dtd"].official_val and DATASETS["aircraft"].official_val and not DATASETS["pets"].official_val
+    pets = build_split(DATASETS["pets"], tmp_path, "train", None)  # torchvision's trainval
+    y = torch.tensor([pets[i][1] for i in range(len(pets))])
+    s = protocol_splits(DATASETS["pets"], {"train": (torch.arange(20.0)[:, None], y), "test": None})
+    assert len(s["train"][0]) == 16 and len(s["val"][0]) == 4 and len(s["trainval"][0]) == 20
+    dtd = protocol_splits(
+        DATASETS["dtd"],
+        {
+            k: (torch.full((n, 1), float(i)), torch.zeros(n))
+            for i, (k, n) in enumerate((("train", 4), ("val", 4), ("test", 4)))
+        },
+    )
+    assert dtd["trainval"][0].flatten().tolist() == [0.0] * 4 + [1.0] * 4
+
+
+@pytest.mark.parametrize("name", list(DATASETS))
+def test_missing_folder_names_expected_layout(tmp_path, name):
+    with pytest.raises(ValueError, match=f"expected <data-root>/{name}/"):
+        build_split(DATASETS[name], tmp_path, "train", None)
+
+
+def test_empty_split_is_an_error(tmp_path):
+    make_cub(tmp_path)
+    split_file = tmp_path / "cub200" / "CUB_200_2011" / "train_test_split.txt"
+    split_file.write_text(split_file.read_text().replace(" 1\n", " 0\n"))
+    with pytest.raises(ValueError, match="the train split is empty"):
+        build_split(DATASETS["cub200"], tmp_path, "train", None)
+
+
+# --- metrics -------------------------------------------------------------------------------------
+def direct_ap11(scores, labels):
+    """Definition: for each t, the max precision over every cut-off of the ranking with recall >= t."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    npos, points = sum(labels), []
+    for k in range(1, len(order) + 1):
+        tp = sum(labels[i] for i in order[:k])
+        points.append((tp / k, tp / npos))
+    return 100 * sum(max([p for p, r in points if r >= t / 10], default=0.0) for t in range(11)) / 11
+
+
+def test_11point_ap_matches_definition():
+    g = np.random.default_rng(1)
+    for _ in range(20):
+        scores = g.random(15).tolist()
+        labels = (g.random(15) < 0.4).astype(int).tolist()
+        labels[0] = 1
+        assert average_precision_11point(torch.tensor(scores), torch.tensor(labels)) == pytest.approx(
+            direct_ap11(scores, labels)
+        )
+    # 3 of 10 positives ranked first: recall exactly 0.3 counts for t = 0.3
+    s = torch.arange(10.0, 0, -1)
+    lab = torch.tensor([1, 1, 1] + [0] * 7)
+    assert average_precision_11point(s, lab) == pytest.approx(100.0)
+
+
+def test_mean_per_class_accuracy_and_accuracy():
+    y = torch.tensor([0, 0, 0, 1, 3, 3])  # class 2 absent: left out of the mean
+    pred = torch.tensor([0, 1, 0, 1, 3, 2])
+    scores = torch.nn.functional.one_hot(pred, 4).float()
+    assert mean_per_class_accuracy(scores, y) == pytest.approx(100 * (2 / 3 + 1 + 1 / 2) / 3)
+    assert accuracy(scores, y) == pytest.approx(100 * 4 / 6)
+
+
+# --- logistic regression -------------------------------------------------------------------------
+def blobs(n=600, d=20, k=5, seed=0, spread=1.0):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(k, d, generator=g)
+    y = torch.randint(0, k, (n,), generator=g)
+    x = centers[y] + spread * torch.randn(n, d, generator=g)
+    return x, y
+
+
+def theta_of(model):
+    return torch.cat([torch.from_numpy(model.coef_.T), torch.from_numpy(model.intercept_)[None]])
+
+
+@pytest.mark.parametrize("C", [1e-3, 0.1, 10.0])
+def test_multinomial_agrees_with_sklearn(C):
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    from sklearn.metrics import log_loss
+
+    x, y = blobs(spread=2.0)
+    xt, xs = logreg.standardize(x[:400], x[400:])
+    ours = logreg.fit(xt, y[:400], C)
+    sk = sklearn.LogisticRegression(C=C, max_iter=1000, tol=1e-12).fit(xt.double().numpy(), y[:400].numpy())
+    acc_ours = accuracy(logreg.predict(ours, xs), y[400:])
+    acc_sk = 100 * (sk.predict(xs.double().numpy()) == y[400:].numpy()).mean()
+    assert abs(acc_ours - acc_sk) <= 0.5
+    # the objective is sklearn's, C * sum CE + 0.5 ||W||^2, evaluated at sklearn's own solution
+    th = theta_of(sk)
+    direct = C * log_loss(y[:400].numpy(), sk.predict_proba(xt.double().numpy()), normalize=False)
+    direct += 0.5 * float((th[:-1] ** 2).sum())
+    at_sk = logreg.sklearn_objective(th, xt.double(), y[:400], C)
+    assert at_sk == pytest.approx(direct, rel=1e-9)
+    assert logreg.sklearn_objective(ours, xt.double(), y[:400], C) <= at_sk * (1 + 1e-7)
+
+
+def test_binary_per_class_agrees_with_sklearn():
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    x, y = blobs(n=300, d=10, k=3, seed=2, spread=2.0)
+    targets = torch.stack([y == 0, (y == 1) | (y == 2), y == 2], 1).float()
+    xt = logreg.standardize(x)[0]
+    C = 0.5
+    ours = logreg.fit(xt, targets, C)
+    for k in range(3):
+        sk = sklearn.LogisticRegression(C=C, max_iter=1000, tol=1e-12).fit(xt.double().numpy(), targets[:, k].numpy())
+        torch.testing.assert_close(ours[:-1, k], torch.from_numpy(sk.coef_[0]), rtol=1e-4, atol=1e-5)
+        assert float(ours[-1, k]) == pytest.approx(float(sk.intercept_[0]), abs=1e-5)
+
+
+def test_c_grid_and_first_best():
+    assert (
+        len(logreg.C_GRID) == 45 and logreg.C_GRID[0] == pytest.approx(1e6) and logreg.C_GRID[-1] == pytest.approx(1e-5)
+    )
+    assert logreg.first_best([1.0, 3.0, 2.0, 3.0]) == 1
+    x, y = blobs(n=100, d=5, k=3, spread=3.0)
+    res = logreg.sweep((x, y), (x, y), lambda s, t: 50.0, Cs=(1.0, 0.1, 10.0))
+    assert res.best_index == 0 and res.best_C == 1.0  # all tied: the first C of the grid
+
+
+def test_warm_start_sweep_matches_cold():
+    x, y = blobs(n=300, d=10, k=4, seed=3, spread=2.5)
+    (xt, xv) = logreg.standardize(x[:200], x[200:])
+    Cs = logreg.C_GRID[20::5]
+    warm = logreg.sweep((xt, y[:200]), (xv, y[200:]), accuracy, Cs=Cs)
+    cold = logreg.sweep((xt, y[:200]), (xv, y[200:]), accuracy, Cs=Cs, warm_start=False)
+    assert max(abs(a - b) for a, b in zip(warm.val_scores, cold.val_scores)) <= 0.5
+
+
+def test_standardize_uses_reference_statistics():
+    ref = torch.tensor([[0.0, 5.0], [2.0, 5.0], [4.0, 5.0]])
+    other = torch.tensor([[2.0, 6.0]])
+    a, b = logreg.standardize(ref, other)
+    std = (8 / 3) ** 0.5  # population std
+    torch.testing.assert_close(a[:, 0], torch.tensor([-2.0, 0.0, 2.0]) / std)
+    torch.testing.assert_close(b, torch.tensor([[0.0, 1.0]]))  # constant feature: divided by 1
+
+
+# --- main end to end -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain")
+    data = make_image_folder(root / "data", classes=2, per_class=4)
+    assert (
+        pretrain_main.main(["--data-path", str(data), "--output-dir", str(root / "o"), "--epochs", "1", *TINY_RUN]) == 0
+    )
+    return root / "o" / "checkpoint.pth"
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fg")
+    make_caltech(root)
+    make_voc(root)
+    make_cub(root)
+    return root
+
+
+def run(checkpoint, data_root, out, *extra):
+    argv = ["--backbone", str(checkpoint), "--data-root", str(data_root), "--output-dir", str(out)]
+    return fg_main.main([*argv, "--input-size", "28", "--device", "cpu", "--num-workers", "0", *extra])
+
+
+def test_end_to_end_on_pretrain_checkpoint(checkpoint, data_root, tmp_path, capsys, monkeypatch):
+    calls = []
+    real = logreg.standardize
+    monkeypatch.setattr(
+        fg_main.logreg, "standardize", lambda r, *o: calls.append((len(r), *map(len, o))) or real(r, *o)
+    )
+    assert run(checkpoint, data_root, tmp_path / "o", "--datasets", "caltech101,voc2007,cub200") == 0
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert list(res["results"]) == ["caltech101", "voc2007", "cub200"]
+    cal, voc = res["results"]["caltech101"], res["results"]["voc2007"]
+    assert cal["metric"] == "mean_per_class_acc" and (cal["n_train"], cal["n_val"], cal["n_test"]) == (72, 18, 6)
+    assert voc["metric"] == "map11" and (voc["n_train"], voc["n_val"], voc["n_test"]) == (6, 6, 6)
+    assert cal["best_C"] in logreg.C_GRID and 0 <= cal["value"] <= 100
+    # train/val standardised with train statistics, trainval/test with trainval statistics
+    assert calls[:2] == [(72, 18), (90, 6)] and calls[2:4] == [(6, 6), (12, 6)]
+    assert res["mean"] == pytest.approx(sum(r["value"] for r in res["results"].values()) / 3)
+    table = (tmp_path / "o" / "results.md").read_text()
+    assert table.count("\n") == 6 and "| **mean** |" in table and table in capsys.readouterr().out
+
+
+def test_reference_layout_checkpoint_and_clip_normalisation(data_root, tmp_path):
+    torch.manual_seed(0)
+    vit = models.ViT(img_size=28, patch_size=14, embed_dim=64, depth=1, num_heads=1, init_values=1.0)
+    ref = tmp_path / "reference.pth"
+    sd = {f"student.backbone.{k}": v for k, v in models.to_dinov2(vit).items()}
+    torch.save({"model": sd, "args": argparse.Namespace(model="vit_small")}, ref)
+    assert run(ref, data_root, tmp_path / "o", "--datasets", "cub200", "--normalization", "clip") == 0
+    res = json.loads((tmp_path / "o" / "results.json").read_text())["results"]["cub200"]
+    assert (res["n_train"], res["n_val"], res["n_test"]) == (8, 1, 6)
+
+
+def test_feature_cache_reused_and_invalidated_by_a_new_backbone(data_root, tmp_path, monkeypatch):
+    calls = []
+    real = fg_main.extract_features
+    monkeypatch.setattr(fg_main, "extract_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    bb = tmp_path / "bb.pth"
+    vit = models.ViT(img_size=28, patch_size=14, embed_dim=64, depth=1, num_heads=1, init_values=1.0)
+    torch.save(models.to_dinov2(vit), bb)
+    args = ("--datasets", "cub200", "--cache-dir", str(tmp_path / "cache"), "--max-iter", "30")
+    assert run(bb, data_root, tmp_path / "o", *args) == 0 and len(calls) == 2
+    first = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert run(bb, data_root, tmp_path / "o", *args) == 0 and len(calls) == 2  # both splits from the cache
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["results"] == first["results"]
+    vit2 = models.ViT(img_size=28, patch_size=14, embed_dim=64, depth=1, num_heads=1, init_values=1.0)
+    torch.save(models.to_dinov2(vit2), bb)
+    os.utime(bb, ns=(1, 1))  # a different file identity even if size and mtime were to coincide
+    assert run(bb, data_root, tmp_path / "o", *args) == 0 and len(calls) == 4
+    assert run(bb, data_root, tmp_path / "o", *args, "--input-size", "56") == 0 and len(calls) == 6
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--datasets", "imagenet"], "unknown dataset(s) imagenet"),
+        (["--datasets", "cub200,pets"], "pets: "),
+        (["--datasets", "sun397"], "expected <data-root>/sun397/"),
+    ],
+)
+def test_bad_input_is_one_line_error(data_root, tmp_path, capsys, extra, message, checkpoint):
+    rc = run(checkpoint, data_root, tmp_path / "o", *extra)
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_bad_backbone_is_one_line_error(data_root, tmp_path, capsys):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    for path, message in ((bad, "cannot read checkpoint"), (tmp_path / "none.pth", "not found")):
+        assert run(path, data_root, tmp_path / "o", "--datasets", "cub200") == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,333 @@
+"""Linear probe and kNN: the 52-classifier grid, metrics, kNN votes, resume, torchrun, errors, end to end."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import models
+from linear_eval import knn as knn_main
+from linear_eval import main as linear_main
+from linear_eval.classifiers import LEARNING_RATES, AllClassifiers, classifier_grid, linear_features
+from linear_eval.results import topk_correct
+from models import ViT
+from pretrain import main as pretrain_main
+from tests.test_pretrain import TINY_RUN, make_image_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+RUN = ["--input-size", "28", "--batch-size", "4", "--num-workers", "0", "--device", "cpu"]
+COLOURS = [(220, 30, 30), (30, 200, 40), (40, 40, 230), (200, 200, 40)]
+
+
+def make_splits(root: Path, classes: int = 3, train: int = 6, val: int = 3, seed: int = 0) -> Path:
+    """train/ and val/ ImageFolders whose classes are noisy solid colours: easy to separate."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train), ("val", val)):
+        for c in range(classes):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = np.clip(np.array(COLOURS[c]) + rng.normal(0, 10, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i}.png")
+    return root
+
+
+def tiny_vit() -> ViT:
+    torch.manual_seed(0)
+    return ViT(img_size=28, patch_size=14, embed_dim=64, depth=4, num_heads=1)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_splits(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("backbone") / "backbone.pth"
+    torch.save(models.to_dinov2(tiny_vit()), path)
+    return path
+
+
+def is_ninths(percent: float) -> bool:
+    """Every image of the 9-image val split is counted exactly once."""
+    return abs(percent * 9 / 100 - round(percent * 9 / 100)) < 1e-9
+
+
+def base_args(data, backbone, out) -> list[str]:
+    return ["--data-path", str(data), "--backbone", str(backbone), "--output-dir", str(out), *RUN]
+
+
+# --- the grid ------------------------------------------------------------------------------------
+def test_grid_names_dims_lrs_and_init():
+    specs = classifier_grid(global_batch=512)
+    assert len(specs) == 52 and len({s.name for s in specs}) == 52
+    assert sorted({s.lr for s in specs}) == pytest.approx(sorted(lr * 2 for lr in LEARNING_RATES))
+    assert specs[0].name == "blocks1_cls_lr1e-05" and specs[-1].name == "blocks4_cls+avgpool_lr1e-01"
+    heads = AllClassifiers(specs, embed_dim=64, num_classes=1000)
+    dims = {(s.n_blocks, s.avgpool): heads.heads[s.name].in_features for s in specs}
+    assert dims == {(1, False): 64, (1, True): 128, (4, False): 256, (4, True): 320}
+    weights = torch.cat([h.weight.flatten() for h in heads.heads.values()])
+    assert weights.mean().abs() < 1e-4 and weights.std().item() == pytest.approx(0.01, rel=0.01)
+    assert all((h.bias == 0).all() for h in heads.heads.values())
+    groups = heads.param_groups()
+    assert [g["lr"] for g in groups] == [s.lr for s in specs] and all(len(g["params"]) == 2 for g in groups)
+    assert classifier_grid(global_batch=128)[12].lr == pytest.approx(0.1 / 2)
+
+
+def test_each_classifier_reads_the_dinov2_linear_input():
+    vit = tiny_vit().eval()
+    x = torch.randn(3, 3, 28, 28)
+    feats = linear_features(vit, x)
+    layers = vit.get_intermediate_layers(x, n=4, return_class_token=True, norm=True)
+    heads = AllClassifiers(classifier_grid(256), 64, 5)
+    outputs = heads(feats)
+    for s in heads.specs:
+        manual = torch.cat([cls for _, cls in layers[-s.n_blocks :]], dim=-1)
+        if s.avgpool:
+            manual = torch.cat([manual, layers[-1][0].mean(dim=1)], dim=-1)
+        torch.testing.assert_close(feats[:, s.input_slice(64)], manual)
+        torch.testing.assert_close(outputs[s.name], heads.heads[s.name](manual))
+    torch.testing.assert_close(feats[:, 192:256], vit.forward_features(x)["x_norm_clstoken"])
+
+
+def test_topk_correct_matches_direct_count():
+    g = torch.Generator().manual_seed(0)
+    scores, targets = torch.randn(50, 7, generator=g), torch.randint(0, 7, (50,), generator=g)
+    order = scores.argsort(dim=1, descending=True)
+    top1 = sum(int(order[i, 0] == targets[i]) for i in range(50))
+    top5 = sum(int(targets[i] in order[i, :5]) for i in range(50))
+    assert topk_correct(scores, targets).tolist() == [top1, top5]
+    assert topk_correct(scores[:, :3], targets.clamp(max=2)).tolist()[1] == 50  # top-5 of 3 classes
+
+
+def test_evaluate_scores_every_classifier_like_a_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    heads = AllClassifiers(classifier_grid(256), 8, 6)
+    for h in heads.heads.values():
+        torch.nn.init.normal_(h.weight, generator=g)
+    data = {"features": torch.randn(37, 40, generator=g), "targets": torch.randint(0, 6, (37,), generator=g)}
+    scores = linear_main.evaluate(heads, data, torch.device("cpu"), batch_size=5)
+    for s in heads.specs:
+        logits = data["features"][:, s.input_slice(8)] @ heads.heads[s.name].weight.T
+        ranked = logits.argsort(dim=1, descending=True)
+        top1 = (ranked[:, 0] == data["targets"]).double().mean().item() * 100
+        top5 = (ranked[:, :5] == data["targets"][:, None]).any(1).double().mean().item() * 100
+        assert scores[s.name] == pytest.approx({"top1": top1, "top5": top5})
+
+
+# --- kNN -----------------------------------------------------------------------------------------
+def brute_force_knn(train, labels, queries, num_classes, k, t):
+    """DINO's weighted vote written plainly, one query at a time."""
+    train, queries = F.normalize(train, dim=1), F.normalize(queries, dim=1)
+    out = torch.zeros(len(queries), num_classes)
+    for i, q in enumerate(queries):
+        sims = torch.tensor([float(q @ f) for f in train])
+        for j in sims.argsort(descending=True)[:k]:
+            out[i, labels[j]] += math.exp(float(sims[j]) / t)
+    return out
+
+
+def test_knn_matches_brute_force(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    train, labels = torch.randn(60, 16, generator=g), torch.randint(0, 6, (60,), generator=g)
+    val, targets = torch.randn(23, 16, generator=g), torch.randint(0, 6, (23,), generator=g)
+    ks = [1, 5, 20]
+    scores = knn_main.knn_scores(F.normalize(train, dim=1), labels, F.normalize(val, dim=1), 6, ks, 0.07)
+    monkeypatch.setattr(knn_main, "SIMILARITY_BUDGET", 60 * 4)  # chunks of 4 queries
+    acc = knn_main.knn_accuracy(
+        {"features": train, "targets": labels}, {"features": val, "targets": targets}, 6, ks, 0.07, torch.device("cpu")
+    )
+    for k in ks:
+        ref = brute_force_knn(train, labels, val, 6, k, 0.07)
+        torch.testing.assert_close(scores[k], ref, rtol=1e-4, atol=1e-6)
+        hits = topk_correct(ref, targets) * 100 / 23
+        assert [acc[k]["top1"], acc[k]["top5"]] == pytest.approx(hits.tolist())
+
+
+# --- main end to end -----------------------------------------------------------------------------
+def test_learnable_problem_reaches_high_accuracy(data, backbone, tmp_path, capsys):
+    out = tmp_path / "lin"
+    argv = [*base_args(data, backbone, out), "--batch-size", "6", "--epochs", "2", "--epoch-length", "40"]
+    assert linear_main.main([*argv, "--print-freq", "40"]) == 0
+    stdout = capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["classifiers"]) == 52 and res["global_batch"] == 6 and res["selection"].startswith("val")
+    best = res["best"]
+    assert best["top1"] == 100.0 and best["top1"] == max(c["top1"] for c in res["classifiers"].values())
+    assert f"* {best['name']}" in stdout and "best (val" in stdout and "eta" in stdout
+    for c in res["classifiers"].values():
+        assert c["top5"] == 100.0 and is_ninths(c["top1"])
+    assert models.safe_load(out / "checkpoint.pth")["scheduler"]["iteration"] == 80
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(data, backbone, tmp_path, monkeypatch, capsys):
+    def run(out, *extra):
+        return linear_main.main([*base_args(data, backbone, out), "--epochs", "2", "--epoch-length", "3", *extra])
+
+    assert run(tmp_path / "straight") == 0
+    real_save = linear_main.save_checkpoint
+
+    def save_then_die(*a, **k):
+        real_save(*a, **k)
+        raise Interrupted
+
+    monkeypatch.setattr(linear_main, "save_checkpoint", save_then_die)
+    with pytest.raises(Interrupted):
+        run(tmp_path / "killed")
+    assert models.safe_load(tmp_path / "killed" / "checkpoint.pth")["epoch"] == 0
+    monkeypatch.setattr(linear_main, "save_checkpoint", real_save)
+    capsys.readouterr()
+    assert run(tmp_path / "killed") == 0
+    stdout = capsys.readouterr().out
+    assert f"resumed from {tmp_path / 'killed' / 'checkpoint.pth'} after epoch 0" in stdout
+    assert "epoch 0 [" not in stdout and "epochs 1..1" in stdout
+    a, b = (models.safe_load(tmp_path / d / "checkpoint.pth") for d in ("straight", "killed"))
+    assert a["epoch"] == b["epoch"] == 1
+    for k in a["classifiers"]:
+        torch.testing.assert_close(a["classifiers"][k], b["classifiers"][k], rtol=0, atol=0)
+    ra, rb = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("straight", "killed"))
+    assert ra["classifiers"] == rb["classifiers"]
+    # another schedule in the same folder is refused, not silently mixed
+    assert run(tmp_path / "killed", "--epoch-length", "4") == 2
+    assert "was run with epoch_length 3, not 4" in capsys.readouterr().err
+
+
+def test_val_from_train_selects_on_holdout_and_caches_eval_features(data, backbone, tmp_path, capsys):
+    out = tmp_path / "lin"
+    argv = [*base_args(data, backbone, out), "--epochs", "1", "--epoch-length", "2", "--cache-features"]
+    assert linear_main.main([*argv, "--val-from-train", "0.34"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["selection"].startswith("train holdout")
+    best = max(res["classifiers"].values(), key=lambda c: c["holdout_top1"])
+    assert res["best"]["holdout_top1"] == best["holdout_top1"] and "top1" in res["best"]
+    cache = models.safe_load(out / "features_holdout.pth")
+    assert cache["features"].shape == (6, 320)  # round(18 * 0.34) held out, 12 train
+    val_cache = models.safe_load(out / "features_val.pth")
+    assert val_cache["features"].shape == (9, 320) and val_cache["targets"].tolist() == [0] * 3 + [1] * 3 + [2] * 3
+    stamp = (out / "features_val.pth").stat().st_mtime_ns
+    capsys.readouterr()
+    assert linear_main.main([*argv, "--val-from-train", "0.34"]) == 0  # finished: eval only, from the cache
+    assert "val features [" not in capsys.readouterr().out
+    assert (out / "features_val.pth").stat().st_mtime_ns == stamp
+    other = tmp_path / "other.pth"
+    vit = tiny_vit()
+    torch.save(models.to_dinov2(vit), other)
+    argv[argv.index("--backbone") + 1] = str(other)
+    (out / "checkpoint.pth").unlink()
+    assert linear_main.main([*argv, "--val-from-train", "0.34"]) == 2
+    assert "delete it or cache elsewhere" in capsys.readouterr().err
+
+
+# --- errors --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("entry", [linear_main, knn_main])
+def test_clear_errors(entry, data, backbone, tmp_path, capsys):
+    def err(data_path, backbone_path, *extra):
+        rc = entry.main([*base_args(data_path, backbone_path, tmp_path / "o"), *extra])
+        text = capsys.readouterr().err
+        assert rc == 2 and len(text.strip().splitlines()) == 1, text
+        return text
+
+    assert "no train/ folder" in err(tmp_path / "nope", backbone) and "<data-path>/train/<class>/<image>" in err(
+        tmp_path / "nope", backbone
+    )
+    make_image_folder(tmp_path / "noval", classes=3)
+    assert "no val/ folder" in err(tmp_path / "noval", backbone)
+    (tmp_path / "noval" / "val" / "class0").mkdir(parents=True)
+    assert "no images in" in err(tmp_path / "noval", backbone)
+    make_splits(tmp_path / "mismatch", classes=2)
+    (tmp_path / "mismatch" / "val" / "extra").mkdir()
+    (tmp_path / "mismatch" / "val" / "class0" / "0.png").rename(tmp_path / "mismatch" / "val" / "extra" / "0.png")
+    assert "val classes do not match train classes" in err(tmp_path / "mismatch", backbone)
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    assert "cannot read checkpoint" in err(data, tmp_path / "garbage.pth")
+    assert "checkpoint file not found" in err(data, tmp_path / "missing.pth")
+    assert "--input-size 30 is not a multiple of the patch size 14" in err(data, backbone, "--input-size", "30")
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_linear_only_errors(data, backbone, tmp_path, capsys):
+    argv = base_args(data, backbone, tmp_path / "o")
+    assert linear_main.main([*argv, "--val-from-train", "1.5"]) == 2
+    assert "--val-from-train must be a fraction" in capsys.readouterr().err
+    assert linear_main.main([*argv, "--batch-size", "50"]) == 2
+    assert "cannot fill a batch of 50" in capsys.readouterr().err
+    shallow = tmp_path / "shallow.pth"
+    torch.save(models.to_dinov2(ViT(img_size=28, patch_size=14, embed_dim=64, depth=2, num_heads=1)), shallow)
+    assert linear_main.main(base_args(data, shallow, tmp_path / "o")) == 2
+    assert "reads the last 4" in capsys.readouterr().err
+    assert linear_main.main([*argv, "--resume", str(backbone)]) == 2
+    assert "is not a linear_eval checkpoint" in capsys.readouterr().err
+
+
+# --- checkpoints from pretraining and from the reference -----------------------------------------
+def test_end_to_end_on_a_pretrain_checkpoint(data, tmp_path, capsys):
+    pre = tmp_path / "pre"
+    pre_data = make_image_folder(tmp_path / "pre_data", classes=2, per_class=4)
+    assert pretrain_main.main(["--data-path", str(pre_data), "--output-dir", str(pre), "--epochs", "1", *TINY_RUN]) == 0
+    ckpt = pre / "checkpoint.pth"
+    assert linear_main.main([*base_args(data, ckpt, tmp_path / "lin"), "--epochs", "1", "--epoch-length", "1"]) == 0
+    assert json.loads((tmp_path / "lin" / "results.json").read_text())["best"]["name"]
+    assert knn_main.main([*base_args(data, ckpt, tmp_path / "knn"), "--nb-knn", "1", "5"]) == 0
+    assert set(json.loads((tmp_path / "knn" / "results.json").read_text())["knn"]) == {"1", "5"}
+
+
+def test_end_to_end_on_a_reference_layout_checkpoint(data, tmp_path, capsys):
+    vit = tiny_vit().eval()
+    ref = tmp_path / "ref_checkpoint.pth"
+    state = {f"student.backbone.{k}": v for k, v in models.to_dinov2(vit).items()}
+    torch.save({"model": state, "args": argparse.Namespace(arch="vit_tiny")}, ref)
+    assert linear_main.main([*base_args(data, ref, tmp_path / "lin"), "--epochs", "1", "--epoch-length", "1"]) == 0
+    cache = tmp_path / "cache"
+    assert knn_main.main([*base_args(data, ref, tmp_path / "knn"), "--cache-dir", str(cache)]) == 2
+    assert "--nb-knn values must be in [1, 18]" in capsys.readouterr().err
+    assert knn_main.main([*base_args(data, ref, tmp_path / "knn"), "--cache-dir", str(cache), "--nb-knn", "3"]) == 0
+    assert "k  top1    top5" in capsys.readouterr().out
+    train, val = (models.safe_load(cache / f"{s}_features.pth") for s in ("train", "val"))
+    x = torch.stack([knn_main.val_transform(28)(Image.open(data / "val" / "class1" / "0.png").convert("RGB"))])
+    torch.testing.assert_close(val["features"][3:4], vit(x), rtol=1e-4, atol=1e-5)
+    ref_scores = brute_force_knn(train["features"], train["targets"], val["features"], 3, 3, 0.07)
+    hits = topk_correct(ref_scores, val["targets"]) * 100 / 9
+    res = json.loads((tmp_path / "knn" / "results.json").read_text())
+    assert [res["knn"]["3"]["top1"], res["knn"]["3"]["top5"]] == pytest.approx(hits.tolist())
+    assert res["temperature"] == 0.07
+
+
+# --- torchrun --------------------------------------------------------------------------------------
+def test_torchrun_two_processes_gloo(data, backbone, tmp_path):
+    def torchrun(module, out, *extra):
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", module, *base_args(data, backbone, out), *extra,
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout, json.loads((out / "results.json").read_text())
+
+    stdout, res = torchrun("linear_eval.main", tmp_path / "lin", "--epochs", "2")
+    # 18 images over 2 ranks -> 9 per rank -> 2 iterations of 4 per epoch
+    assert "world 2, global batch 8" in stdout and "2 it/epoch" in stdout and "epoch 1 [2/2]" in stdout
+    assert res["global_batch"] == 8 and len(res["classifiers"]) == 52
+    assert all(is_ninths(c["top1"]) for c in res["classifiers"].values())
+    assert models.safe_load(tmp_path / "lin" / "checkpoint.pth")["epoch"] == 1
+    _, res = torchrun("linear_eval.knn", tmp_path / "knn", "--nb-knn", "1", "3")
+    assert knn_main.main([*base_args(data, backbone, tmp_path / "knn1"), "--nb-knn", "1", "3"]) == 0
+    single = json.loads((tmp_path / "knn1" / "results.json").read_text())
+    for k in ("1", "3"):
+        assert res["knn"][k] == pytest.approx(single["knn"][k])
