@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DINOV2_REF := dinov2==0.0.1.dev2
 
-.PHONY: setup test demo lint clean
+.PHONY: setup mmseg test demo lint clean
 
 setup: $(VENV)/.installed
 
@@ -19,7 +19,19 @@ $(VENV)/.installed: requirements.txt Makefile
 	$(PY) -m pip install -q --no-deps $(DINOV2_REF)
 	touch $@
 
-test: setup
+# mmsegmentation 1.2.2 for segmentation/ and depth/: mmcv 2.1.0 is built from source against the
+# installed torch by scripts/build_mmcv.sh (~25 min on 2 cores the first time, then a cached wheel).
+# GPU machines: FORCE_CUDA=1 make mmseg  (builds the CUDA ops as well).
+MMSEG_PINS := mmengine==0.10.7 mmsegmentation==1.2.2 ftfy regex albumentations
+
+mmseg: $(VENV)/.mmseg
+
+$(VENV)/.mmseg: $(VENV)/.installed scripts/build_mmcv.sh
+	PYTHON=$(PY) FORCE_CUDA=$${FORCE_CUDA:-0} bash scripts/build_mmcv.sh
+	$(PY) -m pip install -q $(MMSEG_PINS)
+	touch $@
+
+test: setup mmseg
 	$(PY) -m pytest -q
 
 lint: setup

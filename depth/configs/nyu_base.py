@@ -1,0 +1,135 @@
+# NYU-Depth V2 at 518 (PROTOCOLS E): data, pipelines, schedule and runtime shared by every NYU config.
+custom_imports = dict(imports=["models.mmseg"], allow_failed_imports=False)
+
+crop_size = (518, 518)
+data_root = "data/nyu"
+dataset_type = "NYUDataset"
+
+train_pipeline = [
+    dict(type="LoadImageFromFile"),
+    dict(type="LoadDepthAnnotation", depth_rescale_factor=1e-3),  # PNG millimetres -> metres
+    dict(type="RandomDepthMix", prob=0.25),
+    dict(type="RandomFlip", prob=0.5),
+    dict(type="RandomResize", scale=(770, 512), ratio_range=(0.8, 1.5), keep_ratio=True),
+    dict(type="RandomCrop", crop_size=crop_size),
+    dict(
+        type="Albu",
+        transforms=[
+            dict(type="RandomBrightnessContrast"),
+            dict(type="RandomGamma"),
+            dict(type="HueSaturationValue"),
+        ],
+    ),
+    dict(
+        type="PackSegInputs",
+        meta_keys=(
+            "img_path",
+            "depth_map_path",
+            "ori_shape",
+            "img_shape",
+            "pad_shape",
+            "scale_factor",
+            "flip",
+            "flip_direction",
+            "category_id",
+        ),
+    ),
+]
+test_pipeline = [
+    dict(type="LoadImageFromFile"),
+    dict(type="Resize", scale=(2044, 518), keep_ratio=True),
+    dict(type="LoadDepthAnnotation", depth_rescale_factor=1e-3),
+    dict(
+        type="PackSegInputs",
+        meta_keys=(
+            "img_path",
+            "depth_map_path",
+            "ori_shape",
+            "img_shape",
+            "pad_shape",
+            "scale_factor",
+            "flip",
+            "flip_direction",
+            "category_id",
+        ),
+    ),
+]
+train_dataloader = dict(
+    batch_size=4,  # per GPU
+    num_workers=8,
+    persistent_workers=True,
+    sampler=dict(type="InfiniteSampler", shuffle=True),
+    dataset=dict(
+        type=dataset_type,
+        data_root=data_root,
+        data_prefix=dict(img_path="images/train", depth_map_path="annotations/train"),
+        pipeline=train_pipeline,
+    ),
+)
+val_dataloader = dict(
+    batch_size=1,
+    num_workers=4,
+    persistent_workers=True,
+    sampler=dict(type="DefaultSampler", shuffle=False),
+    dataset=dict(
+        type=dataset_type,
+        data_root=data_root,
+        data_prefix=dict(img_path="images/test", depth_map_path="annotations/test"),
+        pipeline=test_pipeline,
+    ),
+)
+test_dataloader = val_dataloader
+# valid gt in (0.001, 10) m inside the Eigen crop rows 45:471, cols 41:601; per image, then averaged
+val_evaluator = dict(type="DepthMetric", min_depth_eval=1e-3, max_depth_eval=10.0, crop_type="nyu_crop")
+test_evaluator = val_evaluator
+
+data_preprocessor = dict(
+    type="SegDataPreProcessor",
+    mean=[127.5, 127.5, 127.5],
+    std=[127.5, 127.5, 127.5],
+    bgr_to_rgb=True,
+    pad_val=0,
+    seg_pad_val=0,
+    size=crop_size,
+)
+model = dict(
+    type="DepthEstimator",
+    data_preprocessor=data_preprocessor,
+    # checkpoint: set from --backbone by segmentation.main / depth.main
+    backbone=dict(type="ProteusViT", checkpoint=None, img_size=518, out_indices=(3, 5, 7, 11), final_norm=False),
+    decode_head=dict(
+        num_classes=1,
+        out_channels=1,
+        align_corners=False,
+        loss_decode=dict(type="SiLogLoss", eps=1e-6, loss_weight=1.0),
+    ),
+    train_cfg=dict(),
+    # sliding 518 windows with stride 129, each averaged with its flipped prediction
+    test_cfg=dict(mode="slide_flip", crop_size=crop_size, stride=(129, 129)),
+)
+
+iters = 25000
+warmup_iters = 1500
+param_scheduler = [
+    dict(type="LinearLR", start_factor=1e-6, by_epoch=False, begin=0, end=warmup_iters),
+    dict(type="PolyLR", power=1.0, eta_min=0.0, by_epoch=False, begin=warmup_iters, end=iters),
+]
+train_cfg = dict(type="IterBasedTrainLoop", max_iters=iters, val_interval=iters)
+val_cfg = dict(type="ValLoop")
+test_cfg = dict(type="TestLoop")
+default_scope = "mmseg"
+env_cfg = dict(cudnn_benchmark=True, mp_cfg=dict(mp_start_method="fork"), dist_cfg=dict(backend="nccl"))
+vis_backends = [dict(type="LocalVisBackend"), dict(type="TensorboardVisBackend")]
+visualizer = dict(type="SegLocalVisualizer", vis_backends=vis_backends, name="visualizer", alpha=1.0)
+log_processor = dict(by_epoch=False)
+log_level = "INFO"
+load_from = None
+resume = False
+default_hooks = dict(
+    timer=dict(type="IterTimerHook"),
+    logger=dict(type="LoggerHook", interval=50, log_metric_by_epoch=False),
+    param_scheduler=dict(type="ParamSchedulerHook"),
+    checkpoint=dict(type="CheckpointHook", by_epoch=False, interval=5000, max_keep_ckpts=2),
+    sampler_seed=dict(type="DistSamplerSeedHook"),
+    visualization=dict(type="SegVisualizationHook"),
+)

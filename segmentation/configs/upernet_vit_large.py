@@ -1,0 +1,17 @@
+# ADE20K UperNet fine-tuning, ViT-L (PROTOCOLS D): drop path 0.2, 160000 iterations.
+_base_ = ["./upernet_vit_small.py"]
+embed_dim = 1024
+num_layers = 24
+iters = 160000
+model = dict(
+    backbone=dict(out_indices=(7, 11, 15, 23), drop_path_rate=0.2),
+    neck=dict(embed_dim=embed_dim),
+    decode_head=dict(in_channels=[embed_dim] * 4, channels=embed_dim),
+    auxiliary_head=dict(in_channels=embed_dim),
+)
+optim_wrapper = dict(paramwise_cfg=dict(num_layers=num_layers))
+train_cfg = dict(max_iters=iters, val_interval=iters)
+param_scheduler = [
+    dict(type="LinearLR", start_factor=1e-6, by_epoch=False, begin=0, end=1500),
+    dict(type="PolyLR", power=1.0, eta_min=0.0, by_epoch=False, begin=1500, end=iters),
+]

@@ -1,0 +1,149 @@
+"""The mmsegmentation entry point shared by segmentation/ and depth/: train, evaluate, results.json.
+
+Why a wrapper and not mmseg's tools/train.py: the backbone comes from `--backbone` (any file
+`models.load_backbone` accepts, no conversion step), bad input fails with one line before mmengine
+starts, SyncBN becomes BN outside torchrun, `--amp` really switches the optimizer wrapper (the
+reference's amp flags were ignored), and the metrics land in `<work-dir>/results.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+import models
+
+
+def get_args_parser(task: str) -> argparse.ArgumentParser:
+    from mmengine.config import DictAction
+
+    p = argparse.ArgumentParser(f"Proteus {task} (mmsegmentation)")
+    a = p.add_argument
+    a("config", help=f"an mmseg config, e.g. {task}/configs/*.py")
+    a("--backbone", required=True, help="student checkpoint/export, reference checkpoint or DINOv2 weights")
+    a("--work-dir", help="checkpoints, logs and results.json (default: work_dirs/<config name>)")
+    a("--data-root", help="dataset root, overriding the config's data_root")
+    a("--eval-only", action="store_true", help="evaluate --checkpoint (default: the work dir's last) and stop")
+    a("--checkpoint", help="with --eval-only: a trained segmentor checkpoint")
+    a("--resume", action="store_true", help="resume from the last checkpoint in the work dir")
+    a("--amp", action="store_true", help="bf16 autocast (AmpOptimWrapper)")
+    a("--show-dir", help="write a PNG (prediction overlay / depth map) per evaluated image here")
+    a("--launcher", choices=("none", "pytorch", "slurm"), help="default: pytorch under torchrun, else none")
+    a("--cfg-options", nargs="+", action=DictAction, help="override config entries: key=value ...")
+    return p
+
+
+def _fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _import_mmseg() -> None:
+    try:
+        import models.mmseg  # noqa: F401 - registers ProteusViT and friends
+    except ImportError as e:
+        raise ImportError(
+            f"mmsegmentation is not usable ({e}); install it with `make mmseg` "
+            "(builds mmcv 2.1.0 against your torch, see segmentation/README.md)"
+        ) from None
+
+
+def trust_checkpoints_in(work_dir: Path) -> None:
+    """mmengine checkpoints pickle its message hub (bound methods included), which torch >= 2.6
+    refuses with weights_only=True. Unpickle fully only what this run's work dir holds (written by
+    mmengine for us); read every other file with weights_only=True."""
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    trusted = work_dir.resolve()
+
+    @CheckpointLoader.register_scheme(prefixes="", force=True)
+    def load_local(filename: str, map_location=None):
+        path = Path(filename).resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {filename}")
+        return torch.load(path, map_location=map_location, weights_only=trusted not in path.parents)
+
+
+def build_config(args: argparse.Namespace, task: str):
+    from mmengine.config import Config
+
+    if not Path(args.config).is_file():
+        raise FileNotFoundError(f"config not found: {args.config}")
+    cfg = Config.fromfile(args.config)
+    models.load_backbone(args.backbone)  # readable, a ViT: fail here, not inside mmengine
+    cfg.model.backbone.checkpoint = str(args.backbone)
+    if args.data_root:
+        for split in ("train_dataloader", "val_dataloader", "test_dataloader"):
+            cfg[split].dataset.data_root = args.data_root
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    for split in ("train_dataloader", "test_dataloader"):
+        ds = cfg[split].dataset
+        for key, sub in ds.data_prefix.items():
+            folder = Path(ds.data_root) / sub
+            if not folder.is_dir() and not (args.eval_only and split == "train_dataloader"):
+                raise FileNotFoundError(
+                    f"{task} data missing: {folder} ({key}) does not exist; expected layout in {task}/README.md"
+                )
+    cfg.work_dir = args.work_dir or str(Path("work_dirs") / Path(args.config).stem)
+    cfg.launcher = args.launcher or ("pytorch" if "RANK" in os.environ else "none")
+    # mmengine keys its logger, message hub and visualizer by name: one name per run, so two runs in
+    # one process (tests, notebooks) never write into each other's folders
+    run_id = f"{Path(args.config).stem}_{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"
+    cfg.experiment_name = run_id
+    cfg.visualizer.name = run_id
+    if args.amp:
+        cfg.optim_wrapper.type = "AmpOptimWrapper"
+        cfg.optim_wrapper.dtype = "bfloat16"
+    if args.resume:
+        cfg.resume = True
+    if args.eval_only:
+        ckpt = args.checkpoint or _last_checkpoint(Path(cfg.work_dir))
+        if not ckpt or not Path(ckpt).is_file():
+            raise FileNotFoundError(f"--eval-only needs --checkpoint or a checkpoint in {cfg.work_dir}")
+        if Path(cfg.work_dir).resolve() not in Path(ckpt).resolve().parents:
+            models.safe_load(ckpt)  # another run's file: it must load with weights_only=True
+        cfg.load_from = str(ckpt)
+    if args.show_dir:
+        cfg.default_hooks.visualization.update(draw=True, interval=1)
+        cfg.visualizer.save_dir = args.show_dir
+    return cfg
+
+
+def _last_checkpoint(work_dir: Path) -> str | None:
+    marker = work_dir / "last_checkpoint"
+    return marker.read_text().strip() if marker.is_file() else None
+
+
+def main(task: str, argv: list[str] | None = None) -> int:
+    try:
+        _import_mmseg()
+        args = get_args_parser(task).parse_args(argv)
+        cfg = build_config(args, task)
+        trust_checkpoints_in(Path(cfg.work_dir))
+    except (ImportError, ValueError, FileNotFoundError) as e:
+        return _fail(str(e))
+    from mmengine.runner import Runner
+
+    runner = Runner.from_cfg(cfg)
+    if not args.eval_only:
+        runner.train()
+    metrics = runner.test()
+    results = {
+        "config": args.config,
+        "backbone": str(args.backbone),
+        "metrics": {k: float(v) for k, v in metrics.items()},
+    }
+    if runner.rank == 0:
+        out = Path(cfg.work_dir) / "results.json"
+        out.write_text(json.dumps(results, indent=2))
+        print(json.dumps(results["metrics"], indent=2))
+        print(f"results: {out}")
+    return 0
