@@ -27,8 +27,8 @@ MMSEG_PINS := mmengine==0.10.7 mmsegmentation==1.2.2 ftfy regex albumentations
 mmseg: $(VENV)/.mmseg
 
 $(VENV)/.mmseg: $(VENV)/.installed scripts/build_mmcv.sh
-	PYTHON=$(PY) FORCE_CUDA=$${FORCE_CUDA:-0} bash scripts/build_mmcv.sh
 	$(PY) -m pip install -q $(MMSEG_PINS)
+	PYTHON=$(PY) FORCE_CUDA=$${FORCE_CUDA:-0} bash scripts/build_mmcv.sh
 	touch $@
 
 test: setup mmseg

@@ -41,5 +41,5 @@ if ! ls "$dest"/mmcv-*.whl >/dev/null 2>&1; then
   cp "$work"/dist/mmcv-*.whl "$dest/"
   echo "built in $(( $(date +%s) - start )) s; cached in $dest" >&2
 fi
-"$PYTHON" -m pip install -q --no-deps "$dest"/mmcv-*.whl
+"$PYTHON" -m pip install -q "$dest"/mmcv-*.whl  # with its deps (mmengine, opencv, ...)
 "$PYTHON" -c "import mmcv, mmcv.ops; print('mmcv', mmcv.__version__, 'with ops OK')"

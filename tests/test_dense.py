@@ -257,3 +257,36 @@ def test_clear_errors(backbone, tmp_path, capsys):
     assert runner.main("segmentation", [cfg, "--backbone", str(backbone), "--data-root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "segmentation data missing" in err and "images/training" in err
+
+
+def _tiny_argv(config: str, backbone: Path, data: Path, work: Path, *extra: str) -> list[str]:
+    base = [str(ROOT / config), "--backbone", str(backbone), "--data-root", str(data), "--work-dir", str(work)]
+    return [*base, *extra, "--cfg-options", *TINY, *HEADS[config]]
+
+
+def test_resume_continues_from_the_last_checkpoint(backbone, ade, tmp_path):
+    config = "segmentation/configs/linear_vit_small.py"
+    work = tmp_path / "work"
+    assert runner.main("segmentation", _tiny_argv(config, backbone, ade, work)) == 0
+    argv = _tiny_argv(config, backbone, ade, work, "--resume")
+    argv[argv.index("train_cfg.max_iters=2")] = "train_cfg.max_iters=4"
+    assert runner.main("segmentation", argv) == 0
+    assert (work / "iter_4.pth").is_file()
+    logs = "\n".join(p.read_text() for p in work.rglob("*.log"))
+    assert "resumed epoch: 0, iter: 2" in logs
+    assert "Iter(train) [1/4]" not in logs.split("resumed epoch")[-1]  # iterations 1-2 are not redone
+
+
+def test_torchrun_two_processes(backbone, ade, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    config = "segmentation/configs/linear_vit_small.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "segmentation.main", *_tiny_argv(config, backbone, ade, tmp_path / "work")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mIoU" in json.loads((tmp_path / "work" / "results.json").read_text())["metrics"]
+    assert "world_size: 2" in "\n".join(p.read_text() for p in (tmp_path / "work").rglob("*.log"))
