@@ -94,8 +94,6 @@ def build_config(args: argparse.Namespace, task: str):
                 )
     cfg.work_dir = args.work_dir or str(Path("work_dirs") / Path(args.config).stem)
     cfg.launcher = args.launcher or ("pytorch" if "RANK" in os.environ else "none")
-    if not torch.cuda.is_available():
-        cfg.env_cfg.dist_cfg.backend = "gloo"  # torchrun on CPU machines
     # mmengine keys its logger, message hub and visualizer by name: one name per run, so two runs in
     # one process (tests, notebooks) never write into each other's folders
     run_id = f"{Path(args.config).stem}_{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"
