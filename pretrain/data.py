@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 import math
 import random
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -130,3 +132,57 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
+
+
+def worker_init(worker_id: int) -> None:
+    """Pretraining workers: the main process alone decides when to stop on SIGUSR1/SIGTERM (slurm signals them all)."""
+    seed_worker(worker_id)
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def derive_seed(*keys: int) -> int:
+    """A well-mixed 32-bit seed from integer keys (seed, rank, epoch, position...), never from process history."""
+    return int(np.random.SeedSequence([k % 2**63 for k in keys]).generate_state(1)[0])
+
+
+class PositionSampler(Sampler):
+    """Wraps the epoch sampler to yield (index, seed) with seed = f(seed, rank, epoch, position in the epoch).
+
+    Augmentation then depends on where a sample sits in the epoch, not on which DataLoader worker
+    or how many earlier draws served it; `start` skips the samples a resumed run already consumed
+    without loading them.
+    """
+
+    def __init__(self, sampler: Sampler, seed: int, rank: int) -> None:
+        self.sampler, self.seed, self.rank = sampler, seed, rank
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.sampler.set_epoch(epoch)
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return max(len(self.sampler) - self.start, 0)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for pos, index in enumerate(self.sampler):
+            if pos >= self.start:
+                yield index, derive_seed(self.seed, self.rank, self.epoch, pos)
+
+
+class SeededDataset(Dataset):
+    """Seeds python, numpy and torch from the key's seed before reading sample `index` (see PositionSampler)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.default_generator.manual_seed(seed)  # transforms draw on the CPU generator only
+        return self.dataset[index]

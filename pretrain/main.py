@@ -7,10 +7,12 @@ torchrun --nproc_per_node=4 -m pretrain.main --data-path /imagenet ...
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import random
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +25,15 @@ from torch.utils.tensorboard import SummaryWriter
 from models import STUDENT_ARCHS, TEACHERS, atomic_save, create_student, create_teacher, safe_load, to_dinov2
 
 from . import distributed as dist_utils
-from .data import build_dataset, seed_worker
+from . import pca
+from .data import PositionSampler, SeededDataset, build_dataset, worker_init
 from .distiller import Distiller
-from .engine import NonFiniteLoss, train_one_epoch
+from .engine import ITERATION_LOG, NonFiniteLoss, Preempted, StopControl, train_one_epoch
 from .schedule import warmup_cosine
 
 log = logging.getLogger("pretrain")
 CHECKPOINT = "checkpoint.pth"
+EXIT_REQUEUE = 75  # SIGUSR1/SIGTERM: checkpoint written mid-epoch, re-run the same command to continue (EX_TEMPFAIL)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -62,10 +66,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--precision", choices=("bf16", "fp16", "fp32"), default="bf16", help="autocast dtype; fp16 adds GradScaler")
     a("--output-dir", default="output/pretrain")
     a("--resume", help="checkpoint to resume from (default: <output-dir>/checkpoint.pth when present)")
+    a("--save-every-minutes", type=float, help="also write checkpoint.pth mid-epoch this often (default: per epoch)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--num-workers", type=int, default=10)
     a("--seed", type=int, default=0)
     a("--print-freq", type=int, default=50, help="iterations between progress lines")
+    a("--pca-every", type=int, default=10, help="epochs between tensorboard PCA pictures of 4 fixed images (0: off)")
     a("--subset-images-per-class", type=float, default=1.0, help="proxy data: fraction of each class's images")
     a("--subset-classes", type=float, default=1.0, help="proxy data: fraction of the classes")
     a("--single-image", help="proxy data: distil on augmentations of this one image")
@@ -143,12 +149,18 @@ def main(argv: list[str] | None = None) -> int:
         dist_utils.cleanup()
         return 2
     try:
-        train(args, device, world, **setup)
+        with StopControl(args.save_every_minutes) as control:
+            train(args, device, world, control=control, **setup)
     except NonFiniteLoss as e:
         ckpt = Path(args.output_dir) / CHECKPOINT
         kept = f"the last good checkpoint {ckpt} is untouched" if ckpt.exists() else "no checkpoint was written"
         print(f"error: {e}; stopping, {kept}", file=sys.stderr)
         return 3
+    except Preempted as e:
+        dist_utils.barrier()  # no rank exits (and gets its peers killed by torchrun) before rank 0 has written
+        if dist_utils.is_main():
+            print(f"{e}: wrote {Path(args.output_dir) / CHECKPOINT}, exiting {EXIT_REQUEUE} (requeue)", flush=True)
+        return EXIT_REQUEUE
     finally:
         dist_utils.cleanup()
     return 0
@@ -182,15 +194,17 @@ def build(args: argparse.Namespace, device: torch.device, world: int) -> dict:
         num_repeats=3 if world > 1 else 1,
         selected_round=256 if world > 1 else 0,
     )
+    # augmentation seeded by (seed, rank, epoch, position): resumable and independent of the workers
+    sampler = PositionSampler(sampler, args.seed, dist_utils.rank())
     loader = DataLoader(
-        dataset,
+        SeededDataset(dataset),
         batch_size=args.batch_size,
         sampler=sampler,
         num_workers=args.num_workers,
         pin_memory=device.type == "cuda",
         drop_last=True,
         persistent_workers=args.num_workers > 0,
-        worker_init_fn=seed_worker,
+        worker_init_fn=worker_init,
         prefetch_factor=4 if args.num_workers > 0 else None,
     )
     if len(sampler) < args.batch_size:
@@ -207,7 +221,7 @@ def build(args: argparse.Namespace, device: torch.device, world: int) -> dict:
     )
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     ema = ModelEmaV3(student, decay=args.ema_decay)
-    start_epoch = resume(args, distiller, optimizer, scaler, ema)
+    position = resume(args, distiller, optimizer, scaler, ema, world)
     return dict(
         distiller=distiller,
         teacher=teacher,
@@ -218,15 +232,52 @@ def build(args: argparse.Namespace, device: torch.device, world: int) -> dict:
         optimizer=optimizer,
         scaler=scaler,
         ema=ema,
-        start_epoch=start_epoch,
+        **position,
     )
 
 
-def resume(args, distiller: Distiller, optimizer, scaler, ema) -> int:
-    """Load --resume, else <output-dir>/checkpoint.pth if present; returns the first epoch to run."""
+def checkpoint_state(
+    args, distiller: Distiller, optimizer, scaler, ema, epoch: int, done: int, iters: int, sums=None
+) -> dict:
+    """What resumes a run `done` iterations into `epoch`: "epoch" stays the last finished epoch (as the
+    reference's), "iteration_in_epoch" counts the iterations of the next one already trained."""
+    finished = epoch if done == iters else epoch - 1
+    return {
+        "student": distiller.student.state_dict(),
+        "heads": distiller.heads_state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": {"iteration": epoch * iters + done, "iters_per_epoch": iters},
+        "scaler": scaler.state_dict(),
+        "ema": ema.module.state_dict(),
+        "epoch": finished,
+        "iteration_in_epoch": done % iters,
+        "epoch_loss_sums": None if sums is None else sums.tolist(),
+        "world_size": dist_utils.world_size(),
+        "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+    }
+
+
+def truncate_log(path: Path, key: str, end: int) -> None:
+    """Drop JSON lines with `key` >= end (or cut short): a killed run's lines past its checkpoint are logged again."""
+
+    def before(line: str) -> bool:
+        try:
+            return json.loads(line)[key] < end
+        except (ValueError, KeyError):
+            return False
+
+    if path.exists():
+        lines = path.read_text().splitlines(keepends=True)
+        keep = [line for line in lines if line.endswith("\n") and before(line)]
+        if len(keep) < len(lines):
+            path.write_text("".join(keep))
+
+
+def resume(args, distiller: Distiller, optimizer, scaler, ema, world: int) -> dict:
+    """Load --resume, else <output-dir>/checkpoint.pth if present; returns where to start (epoch, iteration)."""
     path = args.resume or (Path(args.output_dir) / CHECKPOINT)
     if not args.resume and not Path(path).exists():
-        return 0
+        return dict(start_epoch=0, start_iteration=0, epoch_sums=None)
     ckpt = safe_load(path)
     for key in ("student", "teacher"):
         if ckpt["args"][key] != getattr(args, key):
@@ -236,9 +287,18 @@ def resume(args, distiller: Distiller, optimizer, scaler, ema) -> int:
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     ema.module.load_state_dict(ckpt["ema"])
+    epoch, done = ckpt["epoch"] + 1, ckpt.get("iteration_in_epoch", 0)
+    where = f", at iteration {done} of epoch {epoch}" if done else ""
+    if done and ckpt["world_size"] != world:
+        log.warning("%s was written by %d processes, not %d: the rest of epoch %d differs from the uninterrupted run",
+                    path, ckpt["world_size"], world, epoch)  # fmt: skip
     if dist_utils.is_main():
-        print(f"resumed from {path} after epoch {ckpt['epoch']}", flush=True)
-    return ckpt["epoch"] + 1
+        out = Path(args.output_dir)
+        truncate_log(out / "log.txt", "epoch", epoch)
+        truncate_log(out / ITERATION_LOG, "iteration", ckpt["scheduler"]["iteration"])
+        print(f"resumed from {path} after epoch {ckpt['epoch']}{where}", flush=True)
+    sums = torch.tensor(ckpt["epoch_loss_sums"], dtype=torch.float64) if done else None
+    return dict(start_epoch=epoch, start_iteration=done, epoch_sums=sums)
 
 
 def train(
@@ -255,6 +315,9 @@ def train(
     scaler,
     ema,
     start_epoch,
+    start_iteration=0,
+    epoch_sums=None,
+    control: StopControl | None = None,
 ) -> None:
     out = Path(args.output_dir)
     main_rank = dist_utils.is_main()
@@ -275,7 +338,21 @@ def train(
             f"epochs {start_epoch}..{args.epochs - 1}",
             flush=True,
         )
+    control = control or StopControl()
+    # PCA pictures of the dataset's first 4 images (eval transform): the teacher's once, the student's every N epochs
+    pca_batch = None
+    if main_rank and args.pca_every > 0:
+        pca_batch = pca.first_images(loader.dataset, args.input_size).to(device)
+        writer.add_image("pca/teacher", pca.pca_grid(teacher, pca_batch), start_epoch)
+
+    def save(epoch: int, done: int, sums=None) -> None:
+        if main_rank:
+            state = checkpoint_state(args, distiller, optimizer, scaler, ema, epoch, done, iters_per_epoch, sums)
+            atomic_save(state, out / CHECKPOINT)
+            writer.flush()
+
     for epoch in range(start_epoch, args.epochs):
+        resumed = epoch == start_epoch
         stats = train_one_epoch(
             model,
             teacher,
@@ -290,27 +367,24 @@ def train(
             args,
             device,
             writer,
+            start=start_iteration if resumed else 0,
+            sums=epoch_sums if resumed else None,
+            control=control,
+            checkpoint=functools.partial(save, epoch),
         )
+        save(epoch, iters_per_epoch)
+        control.last_save = time.monotonic()
         if main_rank:
-            atomic_save(
-                {
-                    "student": student.state_dict(),
-                    "heads": distiller.heads_state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": {"iteration": (epoch + 1) * iters_per_epoch, "iters_per_epoch": iters_per_epoch},
-                    "scaler": scaler.state_dict(),
-                    "ema": ema.module.state_dict(),
-                    "epoch": epoch,
-                    "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
-                },
-                out / CHECKPOINT,
-            )
             with open(out / "log.txt", "a") as f:
                 f.write(json.dumps({"epoch": epoch, **stats}) + "\n")
             for k, v in stats.items():
                 writer.add_scalar(f"epoch/{k}", v, epoch)
+            if pca_batch is not None and (epoch + 1) % args.pca_every == 0:
+                writer.add_image("pca/student", pca.pca_grid(student, pca_batch), epoch)
             writer.flush()
         dist_utils.barrier()
+        if control.signalled and epoch + 1 < args.epochs:
+            raise Preempted(f"stopped after epoch {epoch}")
     if main_rank:
         atomic_save(to_dinov2(student), out / "backbone.pth")
         atomic_save(to_dinov2(ema.module), out / "backbone_ema.pth")

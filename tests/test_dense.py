@@ -16,6 +16,7 @@ import models
 
 mmseg = pytest.importorskip("mmseg", reason="mmsegmentation not installed: `make mmseg`")
 import models.mmseg as proteus_mmseg  # noqa: E402
+from scripts.evaluate_all import QUICK_DENSE  # noqa: E402
 from segmentation import runner  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,13 +65,7 @@ def nyu(tmp_path_factory) -> Path:
     return root
 
 
-TINY = [
-    "train_cfg.max_iters=2", "train_cfg.val_interval=2", "default_hooks.checkpoint.interval=2",
-    "train_dataloader.batch_size=2", "train_dataloader.num_workers=0", "train_dataloader.persistent_workers=False",
-    "val_dataloader.num_workers=0", "val_dataloader.persistent_workers=False",
-    "test_dataloader.num_workers=0", "test_dataloader.persistent_workers=False",
-    "model.backbone.out_indices=[0,1,2,3]",
-]  # fmt: skip
+TINY = [*QUICK_DENSE[1:], "model.backbone.out_indices=[0,1,2,3]"]  # 2 iterations, no workers, tiny backbone
 HEADS = {
     "segmentation/configs/linear_vit_small.py": [f"model.decode_head.in_channels=[{DIM},{DIM},{DIM},{DIM}]",
                                                  f"model.decode_head.channels={4 * DIM}"],

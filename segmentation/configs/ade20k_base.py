@@ -1,5 +1,5 @@
 # ADE20K at 518 (PROTOCOLS D): data, pipelines, schedule and runtime shared by every ADE20K config.
-custom_imports = dict(imports=["models.mmseg"], allow_failed_imports=False)
+_base_ = ["./runtime.py"]
 
 crop_size = (518, 518)
 num_classes = 150
@@ -74,21 +74,4 @@ param_scheduler = [
     dict(type="PolyLR", power=1.0, eta_min=0.0, by_epoch=False, begin=warmup_iters, end=iters),
 ]
 train_cfg = dict(type="IterBasedTrainLoop", max_iters=iters, val_interval=iters)
-val_cfg = dict(type="ValLoop")
-test_cfg = dict(type="TestLoop")
-default_scope = "mmseg"
-env_cfg = dict(cudnn_benchmark=True, mp_cfg=dict(mp_start_method="fork"), dist_cfg=dict(backend="nccl"))
-vis_backends = [dict(type="LocalVisBackend"), dict(type="TensorboardVisBackend")]
-visualizer = dict(type="SegLocalVisualizer", vis_backends=vis_backends, name="visualizer", alpha=0.5)
-log_processor = dict(by_epoch=False)
-log_level = "INFO"
-load_from = None
-resume = False
-default_hooks = dict(
-    timer=dict(type="IterTimerHook"),
-    logger=dict(type="LoggerHook", interval=50, log_metric_by_epoch=False),
-    param_scheduler=dict(type="ParamSchedulerHook"),
-    checkpoint=dict(type="CheckpointHook", by_epoch=False, interval=4000, max_keep_ckpts=2),
-    sampler_seed=dict(type="DistSamplerSeedHook"),
-    visualization=dict(type="SegVisualizationHook"),
-)
+default_hooks = dict(checkpoint=dict(interval=4000))

@@ -1,0 +1,103 @@
+"""The DINOv2 PCA picture of patch features, shared by pretraining's tensorboard images and
+`scripts/visualize_pca.py`.
+
+Per image: the first principal component of the patch tokens separates foreground from background;
+a second PCA with 3 components on the foreground patches only gives the colours (min-max scaled to
+RGB, background black). Deterministic: full SVD (no random low-rank solver) and a fixed sign per
+component.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from linear_eval.features import eval_transform
+
+from .distiller import teacher_targets
+
+THRESHOLD = 0.5
+
+
+def _components(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Projections [N, k] of the centred rows of x on their first k principal axes (zero-padded when
+    there are fewer), each axis signed so that its largest-magnitude coordinate is positive."""
+    x = x - x.mean(dim=0, keepdim=True)
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)
+    vh = vh[:k]
+    vh = vh * torch.sign(vh.gather(1, vh.abs().argmax(dim=1, keepdim=True)))
+    proj = x @ vh.T
+    return F.pad(proj, (0, k - proj.shape[1]))
+
+
+def _min_max(x: torch.Tensor) -> torch.Tensor:
+    """Scale each column to [0, 1]; a constant column becomes 0."""
+    lo, hi = x.min(dim=0).values, x.max(dim=0).values
+    return (x - lo) / (hi - lo).clamp_min(1e-12)
+
+
+def foreground_mask(tokens: torch.Tensor, threshold: float = THRESHOLD) -> torch.Tensor:
+    """[N] bool: patches whose first principal component, min-max scaled to [0, 1], exceeds threshold.
+
+    The sign of a principal axis is arbitrary, so the side that selects FEWER patches is taken as the
+    foreground (objects usually cover less of the picture than the background); a tie keeps the
+    SVD's own sign.
+    """
+    score = _min_max(_components(tokens.float(), 1))[:, 0]
+    fg, flipped = score > threshold, (1 - score) > threshold
+    return flipped if flipped.sum() < fg.sum() else fg
+
+
+def pca_rgb(tokens: torch.Tensor, grid: tuple[int, int], threshold: float = THRESHOLD) -> torch.Tensor:
+    """[3, h, w] in [0, 1] from patch tokens [h*w, D]: foreground coloured by its own 3-component
+    PCA, background black. With fewer than 3 foreground patches every patch counts as foreground."""
+    tokens = tokens.float()
+    fg = foreground_mask(tokens, threshold)
+    if fg.sum() < 3:
+        fg = torch.ones_like(fg)
+    rgb = torch.zeros(len(tokens), 3)
+    rgb[fg] = _min_max(_components(tokens[fg], 3)).cpu()
+    return rgb.T.reshape(3, *grid)
+
+
+@torch.no_grad()
+def pca_images(model: torch.nn.Module, images: torch.Tensor, threshold: float = THRESHOLD) -> torch.Tensor:
+    """[B, 3, H, W] PCA pictures (float in [0, 1], nearest-upsampled to the input size) of a
+    DINOv2-API ViT's final-norm patch tokens, from ImageNet-normalised images (a teacher with its own
+    normalisation, CLIP, gets them re-normalised as in training); run in eval mode, mode restored."""
+    was_training = model.training
+    model.eval()
+    if hasattr(model, "input_mean"):
+        tokens = teacher_targets(model, images)["patches"]
+    else:
+        tokens = model.forward_features(images)["x_norm_patchtokens"]
+    tokens = tokens.float().cpu()
+    model.train(was_training)
+    patch = model.patch_embed.patch_size[0]
+    h, w = images.shape[-2] // patch, images.shape[-1] // patch
+    small = torch.stack([pca_rgb(t, (h, w), threshold) for t in tokens])
+    return F.interpolate(small, size=images.shape[-2:], mode="nearest")
+
+
+def first_images(dataset, input_size: int, n: int = 4) -> torch.Tensor:
+    """A fixed batch of the dataset's first n images under the eval transform (Resize + CenterCrop,
+    ImageNet normalisation): an ImageFolder (`samples`) or a single-image dataset (`image`)."""
+    transform = eval_transform(input_size, None)
+    while hasattr(dataset, "dataset"):  # wrappers (Subset, the seeded dataset of pretraining)
+        dataset = dataset.dataset
+    if hasattr(dataset, "samples"):
+        pictures = []
+        for path, _ in dataset.samples[:n]:
+            with Image.open(Path(path)) as im:
+                pictures.append(im.convert("RGB"))
+    else:
+        pictures = [dataset.image]
+    return torch.stack([transform(p) for p in pictures])
+
+
+def pca_grid(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """[3, H, n*W]: the PCA pictures of a batch side by side (for tensorboard's add_image)."""
+    return torch.cat(list(pca_images(model, images)), dim=2)

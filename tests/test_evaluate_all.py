@@ -1,0 +1,135 @@
+"""`python -m scripts.evaluate_all` on tiny generated datasets: every task runs in its subprocess,
+results.md agrees with each task's results.json, missing data is skipped, a failing task fails the run."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import models
+from scripts import evaluate_all
+from tests.test_fine_grained import make_cub
+from tests.test_linear_eval import make_splits, tiny_vit
+
+try:  # the dense layouts and the overrides a 64-dim, 4-block backbone needs in the ViT-S configs
+    from tests.test_dense import DIM, HEADS, ade, nyu  # noqa: F401 - ade, nyu are fixtures
+except BaseException:  # pytest.importorskip's Skipped: mmsegmentation is not installed
+    HEADS = None
+
+SMALL = "--input-size 28"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("backbone") / "backbone.pth"
+    torch.save(models.to_dinov2(tiny_vit()), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def imagenet(tmp_path_factory) -> Path:
+    return make_splits(tmp_path_factory.mktemp("imagenet"), classes=3, train=7, val=3)
+
+
+@pytest.fixture(scope="module")
+def fine_grained(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fg")
+    make_cub(root)
+    return root
+
+
+def dense_extra(config: str) -> str:
+    return " ".join(["--cfg-options", "model.backbone.out_indices=[0,1,2,3]", *HEADS[config]])
+
+
+def table(path: Path) -> dict[tuple[str, str], tuple[str, str]]:
+    """{(task, metric): (ours, paper)} from results.md."""
+    rows = re.findall(r"^\| (\w+) \| ([^|]+) \| ([^|]+) \| ([^|]+) \|$", path.read_text(), re.M)
+    return {(t, m.strip()): (o.strip(), p.strip()) for t, m, o, p in rows if t != "task"}
+
+
+@pytest.mark.skipif(HEADS is None, reason="mmsegmentation not installed: `make mmseg`")
+def test_all_tasks_on_tiny_data(backbone, imagenet, fine_grained, ade, nyu, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "eval"
+    argv = ["--backbone", str(backbone), "--output-dir", str(out), "--quick", "--device", "cpu",
+            "--data-imagenet", str(imagenet), "--data-fine-grained", str(fine_grained),
+            "--data-ade20k", str(ade), "--data-nyu", str(nyu),
+            "--extra", f"linear={SMALL}", "--extra", f"knn={SMALL}", "--extra", f"fine_grained={SMALL}",
+            "--extra", "ade20k=" + dense_extra("segmentation/configs/linear_vit_small.py"),
+            "--extra", "nyu=" + dense_extra("depth/configs/linear_vit_small.py")]  # fmt: skip
+    assert evaluate_all.main(argv) == 0, capsys.readouterr().out
+    rows = table(out / "results.md")
+    linear = json.loads((out / "linear" / "results.json").read_text())["best"]
+    assert rows[("linear", f"top-1 ({linear['name']})")] == (f"{linear['top1']:.2f}", "n/a")
+    knn = json.loads((out / "knn" / "results.json").read_text())["knn"]
+    assert [m for t, m in rows if t == "knn"] == ["top-1 k=10", "top-1 k=20"]
+    assert rows[("knn", "top-1 k=20")] == (f"{knn['20']['top1']:.2f}", "n/a")
+    fg = json.loads((out / "fine_grained" / "results.json").read_text())
+    assert list(fg["results"]) == ["cub200"]
+    assert rows[("fine_grained", "cub200 acc")] == (f"{fg['results']['cub200']['value']:.2f}", "n/a")
+    assert rows[("fine_grained", "mean")] == (f"{fg['mean']:.2f}", "n/a")
+    seg = json.loads((out / "ade20k" / "results.json").read_text())["metrics"]
+    assert rows[("ade20k", "mIoU (linear)")] == (f"{seg['mIoU']:.2f}", "n/a")  # no paper number for dim 64
+    depth = json.loads((out / "nyu" / "results.json").read_text())["metrics"]
+    for k in ("rmse", "abs_rel", "d1"):
+        assert rows[("nyu", f"{k} (linear)")] == (f"{depth[k]:.3f}", "n/a")
+    assert len(rows) == 1 + 2 + 2 + 1 + 3
+    png = out / "results.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    with Image.open(png) as im:
+        assert im.width >= 1000 and 300 <= im.height <= 1000  # five panels side by side
+
+
+def test_missing_data_is_skipped_and_a_failing_task_fails_the_run(backbone, imagenet, tmp_path, capsys):
+    out = tmp_path / "eval"
+    base = ["--backbone", str(backbone), "--output-dir", str(out), "--quick", "--device", "cpu"]
+    nowhere = str(tmp_path / "nowhere")
+    assert evaluate_all.main([*base, "--data-fine-grained", nowhere, "--data-nyu", str(imagenet)]) == 0
+    printed = capsys.readouterr().out
+    assert "[linear] skipped: no --data-imagenet given" in printed
+    assert f"[fine_grained] skipped: {nowhere} does not exist" in printed
+    assert f"[nyu] skipped: {imagenet / 'images/train'} does not exist" in printed
+    md = (out / "results.md").read_text()
+    assert md.count("- skipped") == 5 and table(out / "results.md") == {}
+    assert (out / "results.png").read_bytes()[:8] == PNG_MAGIC
+    # knn with an impossible k fails (its own one-line error), linear still runs and is reported
+    argv = [*base, "--tasks", "knn,linear", "--data-imagenet", str(imagenet), "--extra", f"linear={SMALL}",
+            "--extra", f"knn={SMALL} --nb-knn 1000"]  # fmt: skip
+    assert evaluate_all.main(argv) == 1
+    printed = capsys.readouterr().out
+    assert "[knn] FAILED (exit 2)" in printed and "--nb-knn values must be in" in printed
+    assert "- FAILED knn: exit 2" in (out / "results.md").read_text()
+    assert [t for t, _ in table(out / "results.md")] == ["linear"]
+
+
+def test_bad_arguments(backbone, tmp_path, capsys):
+    base = ["--output-dir", str(tmp_path / "o")]
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"junk")
+    assert evaluate_all.main([*base, "--backbone", str(bad)]) == 2
+    assert "cannot read backbone" in capsys.readouterr().err
+    assert evaluate_all.main([*base, "--backbone", str(backbone), "--tasks", "linear,imagenet"]) == 2
+    assert "unknown task(s) imagenet" in capsys.readouterr().err
+    assert evaluate_all.main([*base, "--backbone", str(backbone), "--extra", "segm=--x"]) == 2
+    assert "expected TASK=ARGS" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_paper_numbers_follow_size_and_head():
+    seg = {"metrics": {"mIoU": 40.0}}
+    assert evaluate_all.rows_of("ade20k", seg, "small", "linear")[0].paper == 41.8
+    assert evaluate_all.rows_of("ade20k", seg, "large", "full")[0].paper == 57.7
+    assert evaluate_all.rows_of("ade20k", seg, "base", "linear")[0].paper is None
+    nyu_rows = evaluate_all.rows_of("nyu", {"metrics": {"rmse": 0.4, "abs_rel": 0.1, "d1": 0.9}}, "base", "full")
+    assert [r.paper for r in nyu_rows] == [0.303, None, None] and nyu_rows[0].metric == "rmse (DPT)"
+    full = {"results": {n: {"metric": "acc", "value": 80.0} for n in evaluate_all.DATASETS}, "mean": 80.0}
+    rows = evaluate_all.rows_of("fine_grained", full, "small", "linear")
+    assert rows[-1].paper == 85.8 and rows[0].paper == 65.5
+    part = {"results": {"cub200": {"metric": "acc", "value": 80.0}}, "mean": 80.0}
+    assert [r.paper for r in evaluate_all.rows_of("fine_grained", part, "small", "linear")] == [86.7, None]

@@ -1,0 +1,120 @@
+"""PCA pictures: the shared reduction (pretrain/pca.py) and `python -m scripts.visualize_pca`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import models
+from pretrain.pca import foreground_mask, pca_rgb
+from scripts import visualize_pca
+
+
+def synthetic_tokens(grid: int = 6, dim: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patch tokens of a grid x grid image whose central 2x2 patches (the object) differ from the rest."""
+    g = torch.Generator().manual_seed(seed)
+    centre = torch.zeros(grid, grid, dtype=torch.bool)
+    centre[grid // 2 - 1 : grid // 2 + 1, grid // 2 - 1 : grid // 2 + 1] = True
+    centre = centre.flatten()
+    obj, back = torch.randn(dim, generator=g) * 3, torch.randn(dim, generator=g) * 3
+    tokens = torch.where(centre[:, None], obj, back) + 0.1 * torch.randn(grid * grid, dim, generator=g)
+    return tokens, centre
+
+
+@pytest.mark.parametrize("negate", [False, True])
+def test_foreground_is_the_minority_side_of_the_first_component(negate):
+    tokens, centre = synthetic_tokens()
+    fg = foreground_mask(-tokens if negate else tokens)  # the sign of the data must not matter
+    assert torch.equal(fg, centre)
+
+
+def test_pca_rgb_background_black_foreground_coloured():
+    tokens, centre = synthetic_tokens()
+    rgb = pca_rgb(tokens, (6, 6))
+    assert rgb.shape == (3, 6, 6) and rgb.min() >= 0 and rgb.max() <= 1
+    flat = rgb.reshape(3, -1)
+    assert torch.all(flat[:, ~centre] == 0)
+    assert flat[:, centre].max(dim=1).values.tolist() == [1.0, 1.0, 1.0]  # min-max scaled per channel
+    assert torch.equal(rgb, pca_rgb(tokens.clone(), (6, 6)))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pca")
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i, size in enumerate([(40, 60), (50, 50)]):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(images / f"im{i}.png")
+    (images / "notes.txt").write_text("not an image")
+    backbones = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        path = root / f"bb{seed}.pth"
+        torch.save(models.to_dinov2(models.ViT(img_size=28, patch_size=14, embed_dim=32, depth=2, num_heads=2)), path)
+        backbones.append(path)
+    return images, backbones
+
+
+def run(images, backbones, out, *extra) -> int:
+    argv = ["--images", str(images), "--out", str(out), "--input-size", "56", "--device", "cpu", *extra]
+    for b in backbones:
+        argv += ["--backbone", str(b)]
+    return visualize_pca.main(argv)
+
+
+def test_one_picture_per_image_input_then_each_backbone(setup, tmp_path):
+    images, backbones = setup
+    assert run(images, backbones, tmp_path / "a") == 0
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == ["im0.png", "im1.png"]
+    pic = np.asarray(Image.open(tmp_path / "a" / "im0.png"))
+    assert pic.shape == (56, 3 * 56, 3) and pic.dtype == np.uint8
+    expected_input = np.asarray(Image.open(images / "im0.png").convert("RGB").resize((56, 56), Image.BICUBIC))
+    np.testing.assert_array_equal(pic[:, :56], expected_input)
+    assert not np.array_equal(pic[:, 56:112], pic[:, 112:])  # two different backbones
+    # nearest upsampling: every 14x14 patch is one colour
+    panel = pic[:, 56:112].reshape(4, 14, 4, 14, 3)
+    assert (panel == panel[:, :1, :, :1]).all()
+
+
+def test_two_runs_are_byte_identical(setup, tmp_path):
+    images, backbones = setup
+    assert run(images, backbones[:1], tmp_path / "a") == 0
+    assert run(images, backbones[:1], tmp_path / "b") == 0
+    for name in ("im0.png", "im1.png"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_clear_errors(setup, tmp_path, capsys):
+    images, backbones = setup
+    assert run(tmp_path / "nope", backbones, tmp_path / "o") == 2
+    assert "images folder not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    assert run(images, [backbones[0], bad], tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot read backbone") and str(bad) in err and len(err.strip().splitlines()) == 1
+    assert run(images, backbones, tmp_path / "o", "--input-size", "50") == 2
+    assert "not a multiple" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_pretraining_logs_pca_pictures_to_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pretrain import main as pretrain_main
+    from tests.test_pretrain import TINY_RUN, make_image_folder
+
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=4)
+    out = tmp_path / "run"
+    argv = ["--data-path", str(data), "--output-dir", str(out), "--epochs", "2", "--pca-every", "1", *TINY_RUN]
+    assert pretrain_main.main(argv) == 0
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert set(events.Tags()["images"]) == {"pca/teacher", "pca/student"}
+    student = events.Images("pca/student")
+    assert [e.step for e in student] == [0, 1] and len(events.Images("pca/teacher")) == 1
+    assert (student[0].height, student[0].width) == (28, 4 * 28)  # 4 fixed images side by side
