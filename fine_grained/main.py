@@ -16,6 +16,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from linear_eval.features import cached, eval_transform, extract_features, frozen_backbone
+from pretrain import distributed as dist_utils
 
 from . import logreg
 from .datasets import DATASETS, Spec, build_split, parse_names, protocol_splits
@@ -111,6 +112,7 @@ def markdown(results: dict[str, dict], mean: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    dist_utils.exit_on_preemption()
     try:
         names = parse_names(args.datasets)
         if min(args.input_size, args.batch_size, args.max_iter) < 1:

@@ -39,6 +39,7 @@ def run(
 ) -> int:
     """prepare(args, device) validates and loads everything (errors -> rc 2); execute(**state) does the work."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    dist_utils.exit_on_preemption()
     try:
         try:
             device, _, _ = dist_utils.init_distributed(args.device)

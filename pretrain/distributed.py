@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import torch
 import torch.distributed as dist
@@ -55,3 +56,22 @@ def barrier() -> None:
 def cleanup() -> None:
     if is_distributed():
         dist.destroy_process_group()
+
+
+EXIT_REQUEUE = 75  # "checkpointed, re-run me": the slurm scripts requeue the job on this status (EX_TEMPFAIL)
+
+
+def exit_on_preemption() -> None:
+    """Evaluations: SIGUSR1/SIGTERM end the process with EXIT_REQUEUE at once.
+
+    They only write atomically at safe points (epoch checkpoints, feature caches, mmengine
+    checkpoints), so stopping anywhere loses at most the work since the last one; the same command
+    re-run resumes from there. Pretraining instead checkpoints mid-epoch (pretrain.engine.StopControl).
+    """
+
+    def stop(signum, frame):
+        print(f"received {signal.Signals(signum).name}: exiting {EXIT_REQUEUE}, re-run to resume", flush=True)
+        raise SystemExit(EXIT_REQUEUE)
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, stop)

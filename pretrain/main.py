@@ -33,7 +33,7 @@ from .schedule import warmup_cosine
 
 log = logging.getLogger("pretrain")
 CHECKPOINT = "checkpoint.pth"
-EXIT_REQUEUE = 75  # SIGUSR1/SIGTERM: checkpoint written mid-epoch, re-run the same command to continue (EX_TEMPFAIL)
+EXIT_REQUEUE = dist_utils.EXIT_REQUEUE  # SIGUSR1/SIGTERM: checkpoint written mid-epoch, re-run to continue
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -132,6 +132,9 @@ def main(task: str, argv: list[str] | None = None) -> int:
         return _fail(str(e))
     from mmengine.runner import Runner
 
+    from pretrain.distributed import exit_on_preemption
+
+    exit_on_preemption()  # slurm's warning signal: exit 75; the requeued job resumes (--resume)
     runner = Runner.from_cfg(cfg)
     if not args.eval_only:
         runner.train()

@@ -331,3 +331,30 @@ def test_torchrun_two_processes_gloo(data, backbone, tmp_path):
     single = json.loads((tmp_path / "knn1" / "results.json").read_text())
     for k in ("1", "3"):
         assert res["knn"][k] == pytest.approx(single["knn"][k])
+
+
+def test_preemption_signal_exits_75_and_the_rerun_resumes(data, backbone, tmp_path):
+    """slurm's warning signal: the eval stops with status 75; the same command resumes from the last epoch."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pretrain.distributed import EXIT_REQUEUE
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "lin"
+    cmd = [sys.executable, "-m", "linear_eval.main", *base_args(data, backbone, out), "--epochs", "20"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pth").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == EXIT_REQUEUE, output[-2000:]
+    assert "received SIGUSR1" in output
+    rerun = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resumed from" in rerun.stdout and (out / "results.json").exists()
