@@ -86,3 +86,13 @@ class Distiller(nn.Module):
             parts["patch"] = F.mse_loss(pred, t_patches[:n_masked][masks])
         loss = self.lambda_token * parts["token"] + self.lambda_patch * parts["patch"] + self.lambda_fea * parts["fea"]
         return loss, parts
+
+
+def compile_student(student: ViT) -> None:
+    """torch.compile the student's forward_features in place (main.py and benchmark --compile).
+
+    Only the student: the Distiller's boolean-mask indexing has a data-dependent shape and would
+    break the graph, and the no-grad teacher is a small share of the step. The module itself is not
+    wrapped, so state_dict keys, EMA copies and checkpoints are unchanged.
+    """
+    student.forward_features = torch.compile(student.forward_features)

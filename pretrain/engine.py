@@ -81,6 +81,26 @@ def cycle_batches(loader, sampler, epoch: int, num_epochs: int, n: int, start: i
         k, skip = k + 1, 0
 
 
+def forward_losses(
+    model, teacher, images: torch.Tensor, masks: torch.Tensor | None, amp_dtype: torch.dtype | None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Teacher targets and the student's loss under autocast: the step's forward, shared with pretrain.benchmark."""
+    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        targets = teacher_targets(teacher, images)
+        return model(images, masks, targets)
+
+
+def backward_and_step(model, loss: torch.Tensor, optimizer, scaler, clip_grad: float | None = None) -> None:
+    """The step's backward and optimizer update, shared with pretrain.benchmark."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip_grad:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def train_one_epoch(
     model,
     teacher,
@@ -130,9 +150,7 @@ def train_one_epoch(
             masks = make_masks(batch_size, num_patches, args.mask_probability, args.mask_ratio)
             masks = masks[: int(args.mask_probability * batch_size)].to(device, non_blocking=True)
 
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            targets = teacher_targets(teacher, images)
-            loss, parts = model(images, masks, targets)
+        loss, parts = forward_losses(model, teacher, images, masks, amp_dtype)
 
         values = torch.stack([loss.detach(), parts["token"], parts["patch"], parts["fea"]]).float()
         flags = control.flags() if control is not None else torch.zeros(2)
@@ -144,13 +162,7 @@ def train_one_epoch(
                 f"non-finite loss at epoch {epoch} iteration {i} (total {values[0]:.4g}, token {values[1]:.4g}, "
                 f"patch {values[2]:.4g}, feature {values[3]:.4g})"
             )
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if args.clip_grad:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
+        backward_and_step(model, loss, optimizer, scaler, args.clip_grad)
         ema.update(student, step=it)
         sums += values.double()
         losses = dict(zip(("loss", "loss_token", "loss_patch", "loss_fea"), values.tolist()))

@@ -27,7 +27,7 @@ from models import STUDENT_ARCHS, TEACHERS, atomic_save, create_student, create_
 from . import distributed as dist_utils
 from . import pca
 from .data import PositionSampler, SeededDataset, build_dataset, worker_init
-from .distiller import Distiller
+from .distiller import Distiller, compile_student
 from .engine import ITERATION_LOG, NonFiniteLoss, Preempted, StopControl, train_one_epoch
 from .schedule import warmup_cosine
 
@@ -63,6 +63,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--lambda-fea", type=float, help="default 1 (0 for CLIP teachers)")
     a("--ema-decay", type=float, default=0.99996)
     a("--clip-grad", type=float, help="max gradient norm (default: no clipping)")
+    a("--compile", action="store_true", help="torch.compile the student's forward (distiller.compile_student)")
     a("--precision", choices=("bf16", "fp16", "fp32"), default="bf16", help="autocast dtype; fp16 adds GradScaler")
     a("--output-dir", default="output/pretrain")
     a("--resume", help="checkpoint to resume from (default: <output-dir>/checkpoint.pth when present)")
@@ -222,6 +223,8 @@ def build(args: argparse.Namespace, device: torch.device, world: int) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     ema = ModelEmaV3(student, decay=args.ema_decay)
     position = resume(args, distiller, optimizer, scaler, ema, world)
+    if args.compile:  # after the EMA copy and the resume: both see the plain module
+        compile_student(student)
     return dict(
         distiller=distiller,
         teacher=teacher,

@@ -1,0 +1,366 @@
+"""Speed of one pretraining step (ours vs the reference's step) and of the input pipeline.
+
+python -m pretrain.benchmark --teacher dinov2_vitl14 --student vit_base --batch-size 128 --reference
+python -m pretrain.benchmark --pipeline --workers 0,2,4
+
+The step benchmark uses synthetic images already on the device and a RANDOM-weight teacher: the
+step's speed does not depend on the weights, and no download is needed. "Ours" is the trainer's own
+step (engine.forward_losses + engine.backward_and_step on a Distiller, optimizer as main.build).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from models import TEACHERS, create_student, create_teacher
+
+from .data import build_dataset
+from .distiller import Distiller, compile_student, teacher_targets
+from .engine import backward_and_step, forward_losses
+from .masking import make_masks
+
+AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+MATMUL_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of `fn`, synchronised on both sides so queued GPU work is counted where it belongs."""
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def matmul_rate(device: torch.device, precision: str, seconds: float = 1.0) -> float:
+    """Achievable matmul FLOP/s at this precision on this device: the denominator of MFU."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=MATMUL_DTYPE[precision])
+    b = torch.randn(n, n, device=device, dtype=MATMUL_DTYPE[precision])
+    for _ in range(2):
+        a @ b
+    k, elapsed = 0, 0.0
+    while elapsed < seconds:
+        elapsed += timed(lambda: a @ b, device)
+        k += 1
+    return 2 * n**3 * k / elapsed
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """CUDA: peak allocated since the last reset. CPU: the process's peak RSS so far (never resets)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def disable_fused_attention(model: nn.Module) -> None:
+    """The reference ran attention as explicit matmul + softmax (no fused SDPA kernel)."""
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+
+
+class ReferenceDistiller(nn.Module):
+    """The reference's step: the student sees the masked view of the whole batch, then a second, clean pass.
+
+    Same weights, heads and loss definitions as Distiller (whose single batched pass only runs the masked
+    samples twice), so on the same batch in fp32 both give the same losses.
+    """
+
+    def __init__(self, distiller: Distiller) -> None:
+        super().__init__()
+        self.student = copy.deepcopy(distiller.student)
+        self.token_head = copy.deepcopy(distiller.token_head)
+        self.patch_head = copy.deepcopy(distiller.patch_head)
+        self.fea_head = copy.deepcopy(distiller.fea_head)
+        self.lambda_token, self.lambda_patch, self.lambda_fea = (
+            distiller.lambda_token,
+            distiller.lambda_patch,
+            distiller.lambda_fea,
+        )
+        disable_fused_attention(self.student)
+
+    def forward(
+        self, images: torch.Tensor, masks: torch.Tensor | None, targets: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`masks` (B, N) bool for the whole batch (clean samples all False)."""
+        t_cls, t_patches = targets["cls"].float(), targets["patches"].float()
+        zero = images.new_zeros((), dtype=torch.float32)
+        parts = {"token": zero, "patch": zero, "fea": zero}
+        if self.lambda_patch and masks is not None:
+            patches = self.student.forward_features(images, masks=masks)["x_norm_patchtokens"]
+            parts["patch"] = F.mse_loss(self.patch_head(patches[masks]).float(), t_patches[masks])
+        out = self.student.forward_features(images)
+        token_pred = self.token_head(out["x_norm_clstoken"]).float()
+        if self.lambda_token:
+            parts["token"] = F.mse_loss(token_pred, t_cls)
+        if self.lambda_fea:
+            pred = torch.cat((token_pred.unsqueeze(1), self.fea_head(out["x_norm_patchtokens"]).float()), dim=1)
+            parts["fea"] = F.mse_loss(pred, torch.cat((t_cls.unsqueeze(1), t_patches), dim=1))
+        loss = self.lambda_token * parts["token"] + self.lambda_patch * parts["patch"] + self.lambda_fea * parts["fea"]
+        return loss, parts
+
+
+def single_process_group(device: torch.device) -> bool:
+    """A 1-process group so the reference can run under DDP(find_unused_parameters=True); True if we made it."""
+    if dist.is_initialized():
+        return False
+    store = dist.FileStore(tempfile.mktemp(prefix="proteus_bench_store_"), 1)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=0, world_size=1)
+    return True
+
+
+class Setup:
+    """Teacher, Distiller, optimizer and scaler as main.build makes them, plus one fixed synthetic batch."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
+        from .main import param_groups  # main imports tensorboard; keep it out of module import
+
+        torch.manual_seed(args.seed)
+        self.device, self.precision = device, args.precision
+        clip = TEACHERS[args.teacher].family == "clip"
+        self.teacher = create_teacher(args.teacher, pretrained=False).to(device).eval()
+        student = create_student(args.student, img_size=args.input_size)
+        lambdas = (1.0, 0.0, 0.0) if clip else (1.0, 1.0, 1.0)
+        self.distiller = Distiller(student, self.teacher.embed_dim, *lambdas).to(device).train()
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.distiller, 0.05), lr=1e-4, eps=1e-8, fused=device.type == "cuda"
+        )
+        self.scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+        b = args.batch_size
+        self.images = torch.randn(b, 3, args.input_size, args.input_size, device=device)
+        n = (args.input_size // student.patch_size) ** 2
+        full = make_masks(b, n, 0.5, (0.5, 0.5), torch.Generator().manual_seed(args.seed)).to(device)
+        self.masks_full = None if clip else full  # the reference's (B, N) masks
+        self.masks = None if clip else full[: int(0.5 * b)]  # ours: the masked samples only
+        self.amp = AMP[args.precision]
+
+    def step(self) -> torch.Tensor:
+        loss, _ = forward_losses(self.distiller, self.teacher, self.images, self.masks, self.amp)
+        backward_and_step(self.distiller, loss, self.optimizer, self.scaler)
+        return loss.detach()
+
+    def breakdown(self) -> tuple[float, float, float]:
+        """Seconds of (teacher forward, student forward + backward, optimizer step), each synchronised."""
+        holder: dict = {}
+        enabled = self.amp is not None
+
+        def teacher() -> None:
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=enabled):
+                holder["t"] = teacher_targets(self.teacher, self.images)
+
+        def student() -> None:
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=enabled):
+                loss, _ = self.distiller(self.images, self.masks, holder["t"])
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+
+        def optimizer() -> None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+
+        return timed(teacher, self.device), timed(student, self.device), timed(optimizer, self.device)
+
+    def flops(self) -> int:
+        """FlopCounterMode over one forward + backward (teacher forward, student forward/backward); no update."""
+        with FlopCounterMode(display=False) as counter:
+            loss, _ = forward_losses(self.distiller, self.teacher, self.images, self.masks, self.amp)
+            loss.backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
+
+class Reference:
+    """The reference step on Setup's batch and initial weights: two student passes, fp16 autocast + GradScaler
+    (fp32 when --precision fp32), unfused AdamW, DDP with find_unused_parameters, unfused attention."""
+
+    def __init__(self, setup: Setup) -> None:
+        from .main import param_groups
+
+        device = setup.device
+        self.setup, self.device = setup, device
+        self.teacher = copy.deepcopy(setup.teacher)
+        disable_fused_attention(self.teacher)
+        self.owns_group = single_process_group(device)
+        model = ReferenceDistiller(setup.distiller)
+        self.model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index or 0] if device.type == "cuda" else None, find_unused_parameters=True
+        )
+        self.optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, eps=1e-8, foreach=False, fused=False)
+        self.amp = None if setup.precision == "fp32" else torch.float16
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp is not None)
+
+    def step(self) -> torch.Tensor:
+        s = self.setup
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            targets = teacher_targets(self.teacher, s.images)
+            loss, _ = self.model(s.images, s.masks_full, targets)
+        self.optimizer.zero_grad()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach()
+
+    def close(self) -> None:
+        if self.owns_group:
+            dist.destroy_process_group()
+
+
+def run_steps(step: Callable[[], torch.Tensor], device: torch.device, warmup: int, steps: int):
+    """(per-step seconds after warm-up, the losses of every step)."""
+    losses, times = [], []
+    for _ in range(warmup):
+        losses.append(float(step()))
+    for _ in range(steps):
+        times.append(timed(lambda: losses.append(float(step())), device))
+    return times, losses
+
+
+def step_benchmark(args: argparse.Namespace) -> float:
+    """Prints the report; returns the speedup (reference / ours median step time), or 0 without --reference."""
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    setup = Setup(args, device)
+    reference = Reference(setup) if args.reference else None  # copies the weights before ours trains
+    print(
+        f"teacher {args.teacher} (RANDOM weights) -> student {args.student}, batch {args.batch_size}, "
+        f"input {args.input_size}, {args.precision}, {device}, compile {args.compile}, "
+        f"synthetic batch on device, warmup {args.warmup}, steps {args.steps}, torch {torch.__version__}"
+    )
+    flops = setup.flops()
+    rate = matmul_rate(device, args.precision)
+    print(f"flops/step: {flops / 1e9:.2f} GFLOP (FlopCounterMode: teacher fwd + student fwd/bwd of ours)")
+    print(f"matmul rate: {rate / 1e12:.3f} TFLOP/s ({args.precision} square matmul loop on {device})")
+    if args.compile:
+        compile_student(setup.distiller.student)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, losses = run_steps(setup.step, device, args.warmup, args.steps)
+    ours = statistics.median(times)
+    print(
+        f"ours: step {ours * 1e3:.1f} ms (median of {len(times)}), {args.batch_size / ours:.1f} img/s, "
+        f"peak memory {peak_memory_mib(device):.0f} MiB, MFU {100 * flops / ours / rate:.1f}%"
+    )
+    parts = [setup.breakdown() for _ in range(max(1, min(args.steps, 3)))]
+    t, s, o = (statistics.median(p[k] for p in parts) * 1e3 for k in range(3))
+    print(f"ours breakdown: teacher fwd {t:.1f} ms, student fwd+bwd {s:.1f} ms, optimizer {o:.1f} ms")
+    print("ours losses: " + " ".join(f"{v:.6f}" for v in losses))
+    if reference is None:
+        return 0.0
+    try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times, ref_losses = run_steps(reference.step, device, args.warmup, args.steps)
+    finally:
+        reference.close()
+    ref = statistics.median(times)
+    print(
+        f"reference: step {ref * 1e3:.1f} ms (median of {len(times)}), {args.batch_size / ref:.1f} img/s, "
+        f"peak memory {peak_memory_mib(device):.0f} MiB, MFU {100 * flops / ref / rate:.1f}% (ours' FLOPs)"
+    )
+    print("reference losses: " + " ".join(f"{v:.6f}" for v in ref_losses))
+    print(f"speedup: {ref / ours:.2f}")
+    return ref / ours
+
+
+def generate_jpegs(folder: Path, n: int, size: tuple[int, int] = (500, 375), seed: int = 0) -> Path:
+    """`n` ImageNet-like JPEGs (quality 90) cropped from scikit-image's sample photos, in folder/train/photos/."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data as samples
+
+    photos = [getattr(samples, name)() for name in ("astronaut", "coffee", "chelsea", "rocket")]
+    out = folder / "train" / "photos"
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        img = Image.fromarray(photos[i % len(photos)])
+        w, h = img.size
+        cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        img.crop((x, y, x + cw, y + ch)).resize(size, Image.BICUBIC).save(out / f"{i:04d}.jpg", quality=90)
+    return folder
+
+
+def pipeline_benchmark(args: argparse.Namespace) -> dict[int, float]:
+    """JPEG decode + train_transform (via the trainer's build_dataset) in images/s for each worker count."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.pipeline_dir) if args.pipeline_dir else generate_jpegs(Path(tmp), args.images)
+        dataset = build_dataset(str(root), args.input_size)
+        print(f"input pipeline: {len(dataset)} JPEGs in {root}/train, input {args.input_size}, torch threads 1")
+        rates = {}
+        for workers in args.workers:
+            loader = torch.utils.data.DataLoader(dataset, batch_size=args.pipeline_batch, num_workers=workers)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # as a DataLoader worker runs
+            try:
+                batches = iter(loader)
+                next(batches)  # worker start-up and the first batch stay out of the measurement
+                t = time.perf_counter()
+                count = sum(images.shape[0] for images, _ in batches)
+                elapsed = time.perf_counter() - t
+            finally:
+                torch.set_num_threads(threads)
+            rates[workers] = count / elapsed
+            per = rates[workers] / max(workers, 1)
+            print(f"workers {workers}: {rates[workers]:.1f} img/s ({per:.1f} img/s per worker)")
+    return rates
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("Proteus pretraining benchmark", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--teacher", default="dinov2_vits14", help=f"one of: {', '.join(TEACHERS)} (random weights)")
+    a("--student", default="vit_tiny")
+    a("--batch-size", type=int, default=8)
+    a("--input-size", type=int, default=224)
+    a("--steps", type=int, default=10, help="timed steps (median reported)")
+    a("--warmup", type=int, default=3)
+    a("--compile", action="store_true", help="torch.compile the student's forward_features, as main.py --compile")
+    a("--reference", action="store_true", help="also time the reference's step on the same batch; prints speedup")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--precision", choices=tuple(AMP), default="bf16")
+    a("--seed", type=int, default=0)
+    a("--threads", type=int, help="torch CPU threads (default: torch's); 1 on a shared machine avoids OpenMP spinning")
+    a("--pipeline", action="store_true", help="benchmark JPEG decode + augmentation instead of the step")
+    a("--pipeline-dir", help="ImageFolder root with train/ (default: generate --images JPEGs in a temp dir)")
+    a("--images", type=int, default=64, help="JPEGs to generate for --pipeline")
+    a("--pipeline-batch", type=int, default=8)
+    a("--workers", type=lambda s: [int(v) for v in s.split(",")], default=[0, 2], help="comma list")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.pipeline:
+        pipeline_benchmark(args)
+    else:
+        step_benchmark(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
