@@ -5,6 +5,17 @@ crop_size = (518, 518)
 data_root = "data/nyu"
 dataset_type = "NYUDataset"
 
+meta_keys = (
+    "img_path",
+    "depth_map_path",
+    "ori_shape",
+    "img_shape",
+    "pad_shape",
+    "scale_factor",
+    "flip",
+    "flip_direction",
+    "category_id",
+)
 train_pipeline = [
     dict(type="LoadImageFromFile"),
     dict(type="LoadDepthAnnotation", depth_rescale_factor=1e-3),  # PNG millimetres -> metres
@@ -20,45 +31,16 @@ train_pipeline = [
             dict(type="HueSaturationValue"),
         ],
     ),
-    dict(
-        type="PackSegInputs",
-        meta_keys=(
-            "img_path",
-            "depth_map_path",
-            "ori_shape",
-            "img_shape",
-            "pad_shape",
-            "scale_factor",
-            "flip",
-            "flip_direction",
-            "category_id",
-        ),
-    ),
+    dict(type="PackSegInputs", meta_keys=meta_keys),
 ]
 test_pipeline = [
     dict(type="LoadImageFromFile"),
     dict(type="Resize", scale=(2044, 518), keep_ratio=True),
     dict(type="LoadDepthAnnotation", depth_rescale_factor=1e-3),
-    dict(
-        type="PackSegInputs",
-        meta_keys=(
-            "img_path",
-            "depth_map_path",
-            "ori_shape",
-            "img_shape",
-            "pad_shape",
-            "scale_factor",
-            "flip",
-            "flip_direction",
-            "category_id",
-        ),
-    ),
+    dict(type="PackSegInputs", meta_keys=meta_keys),
 ]
 train_dataloader = dict(
     batch_size=4,  # per GPU
-    num_workers=8,
-    persistent_workers=True,
-    sampler=dict(type="InfiniteSampler", shuffle=True),
     dataset=dict(
         type=dataset_type,
         data_root=data_root,
@@ -67,10 +49,6 @@ train_dataloader = dict(
     ),
 )
 val_dataloader = dict(
-    batch_size=1,
-    num_workers=4,
-    persistent_workers=True,
-    sampler=dict(type="DefaultSampler", shuffle=False),
     dataset=dict(
         type=dataset_type,
         data_root=data_root,

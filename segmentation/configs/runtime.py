@@ -1,5 +1,11 @@
 # Runtime shared by every ADE20K and NYU config: loops, hooks, logging, visualisation.
 custom_imports = dict(imports=["models.mmseg"], allow_failed_imports=False)
+# loaders: the task bases add batch_size (per GPU) and the dataset
+train_dataloader = dict(num_workers=8, persistent_workers=True, sampler=dict(type="InfiniteSampler", shuffle=True))
+val_dataloader = dict(
+    batch_size=1, num_workers=4, persistent_workers=True, sampler=dict(type="DefaultSampler", shuffle=False)
+)
+test_dataloader = val_dataloader
 val_cfg = dict(type="ValLoop")
 test_cfg = dict(type="TestLoop")
 default_scope = "mmseg"
