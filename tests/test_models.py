@@ -480,18 +480,7 @@ def test_to_dinov2_export_is_official_layout_and_loads_into_timm(dinov2_file):
     assert set(exported) == set(sd)  # the official key set, mask_token included
     for k, v in sd.items():
         assert torch.equal(exported[k], v), k
-    tm = VisionTransformer(
-        img_size=GRID * PATCH,
-        patch_size=PATCH,
-        embed_dim=DIM,
-        depth=DEPTH,
-        num_heads=HEADS,
-        init_values=1.0,
-        num_classes=0,
-        dynamic_img_size=True,
-        **(dict(reg_tokens=4, no_embed_class=True) if reg else {}),
-    ).eval()
-    tm.load_state_dict(checkpoint_filter_fn(dict(exported), tm), strict=True)
+    tm = timm_dinov2(exported, DIM, DEPTH, HEADS, GRID, reg=reg)  # strict load through timm's converter
     x = torch.randn(2, 3, GRID * PATCH, GRID * PATCH)
     with torch.no_grad():
         out = ours.forward_features(x)
