@@ -52,7 +52,11 @@ class ProteusViT(BaseModule):
             raise ValueError(f"out_indices {out_indices} out of range for a {depth}-block backbone")
         self.out_indices, self.frozen = tuple(out_indices), frozen
         self.with_cls_token, self.final_norm = with_cls_token, final_norm
+        # parameters that never reach the outputs get no gradient, which DDP rejects: freeze them
         self.vit.mask_token.requires_grad_(False)  # no masking downstream
+        self.vit.norm.requires_grad_(final_norm)
+        for block in self.vit.blocks[max(out_indices) + 1 :]:
+            block.requires_grad_(False)
         if frozen:
             self.vit.requires_grad_(False)
 

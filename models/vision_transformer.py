@@ -160,7 +160,7 @@ class ViT(VisionTransformer):
         height, width = x.shape[-2:]
         x = self.prepare_tokens(x)
         outputs = []
-        for i, blk in enumerate(self.blocks):
+        for i, blk in enumerate(self.blocks[: max(take) + 1]):  # later blocks cannot change the outputs
             x = blk(x)
             if i in take:
                 outputs.append(x)

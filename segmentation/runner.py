@@ -117,6 +117,36 @@ def build_config(args: argparse.Namespace, task: str):
     return cfg
 
 
+def _join_cpu_process_group(cfg) -> None:
+    """torchrun without CUDA (a CPU dry run of a multi-GPU job): mmengine's pytorch launcher would
+    call torch.cuda.set_device, so join a gloo group here (mmengine then uses it), keep DDP off
+    device ids, and use per-process BN, since SyncBN needs CUDA. GPU runs are left to mmengine (NCCL)."""
+    import torch.distributed as dist
+
+    if cfg.launcher != "pytorch" or torch.cuda.is_available():
+        return
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+    cfg.model_wrapper_cfg = dict(
+        type="MMDistributedDataParallel",
+        device_ids=None,
+        broadcast_buffers=False,
+        find_unused_parameters=cfg.get("find_unused_parameters", False),
+    )
+    _sync_bn_to_bn(cfg.model)
+
+
+def _sync_bn_to_bn(node) -> None:
+    if isinstance(node, dict):
+        if node.get("type") == "SyncBN":
+            node["type"] = "BN"
+        for value in node.values():
+            _sync_bn_to_bn(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            _sync_bn_to_bn(value)
+
+
 def _last_checkpoint(work_dir: Path) -> str | None:
     marker = work_dir / "last_checkpoint"
     return marker.read_text().strip() if marker.is_file() else None
@@ -135,6 +165,7 @@ def main(task: str, argv: list[str] | None = None) -> int:
     from pretrain.distributed import exit_on_preemption
 
     exit_on_preemption()  # slurm's warning signal: exit 75; the requeued job resumes (--resume)
+    _join_cpu_process_group(cfg)
     runner = Runner.from_cfg(cfg)
     if not args.eval_only:
         runner.train()

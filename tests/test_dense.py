@@ -142,6 +142,9 @@ def test_layer_wise_lr_decay_reaches_every_block(backbone):
     """Each backbone parameter gets lr * 0.65 ** (L + 1 - layer_id); heads keep the base lr."""
     from mmengine.optim import build_optim_wrapper
     from mmseg.registry import MODELS
+    from mmseg.utils import register_all_modules
+
+    register_all_modules()  # mmseg's default scope, also when this test runs alone
 
     cfg = _cfg("segmentation/configs/upernet_vit_small.py")
     cfg.model.backbone.update(checkpoint=str(backbone), out_indices=[0, 1, 2, 3])
@@ -166,7 +169,12 @@ def test_layer_wise_lr_decay_reaches_every_block(backbone):
     distinct = {
         round(lr_of[id(p)] / base, 8) for n, p in named.items() if n.startswith("backbone.") and p.requires_grad
     }
-    assert len(distinct) == DEPTH + 2  # embeddings, each block, final norm
+    assert len(distinct) == DEPTH + 1  # embeddings, each block
+    # what never reaches the outputs is frozen (DDP rejects parameters without gradient)
+    assert not named["backbone.vit.norm.weight"].requires_grad and not named["backbone.vit.mask_token"].requires_grad
+    cfg.model.backbone.out_indices = [0, 1]
+    frozen = {n for n, p in MODELS.build(cfg.model).named_parameters() if not p.requires_grad}
+    assert "backbone.vit.blocks.1.attn.qkv.weight" not in frozen and "backbone.vit.blocks.2.attn.qkv.weight" in frozen
 
 
 def test_backbone_loads_every_checkpoint_format(backbone, tmp_path):
@@ -187,7 +195,7 @@ def test_backbone_loads_every_checkpoint_format(backbone, tmp_path):
     assert with_cls[0][0].shape == (1, DIM, 5, 7) and with_cls[0][1].shape == (1, DIM)
     fine = proteus_mmseg.ProteusViT(checkpoint=str(backbone), out_indices=(3,), drop_path_rate=0.1)
     assert fine.vit.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
-    assert all(p.requires_grad for n, p in fine.named_parameters() if "mask_token" not in n)
+    assert all(p.requires_grad for n, p in fine.named_parameters() if not n.startswith(("vit.mask_token", "vit.norm.")))
 
 
 def test_miou_with_reduce_zero_label_matches_direct_computation():
@@ -270,3 +278,33 @@ def test_resume_continues_from_the_last_checkpoint(backbone, ade, tmp_path):
     logs = "\n".join(p.read_text() for p in work.rglob("*.log"))
     assert "resumed epoch: 0, iter: 2" in logs
     assert "Iter(train) [1/4]" not in logs.split("resumed epoch")[-1]  # iterations 1-2 are not redone
+
+
+@pytest.mark.parametrize("config", ["depth/configs/dpt_vit_small.py", "segmentation/configs/upernet_vit_small.py"])
+def test_torchrun_two_processes_gloo(config, backbone, ade, nyu, tmp_path):
+    """The multi-GPU path as a CPU dry run, with the backbone fine-tuned (DDP must see a gradient for
+    every trainable parameter): 2 processes train, then evaluate one validation image each."""
+    import os
+    import subprocess
+    import sys
+
+    task = config.split("/")[0]
+    work = tmp_path / "work"
+    argv = _tiny_argv(config, backbone, ade if task == "segmentation" else nyu, work)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", f"{task}.main", *argv]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    logs = "\n".join(p.read_text() for p in work.rglob("*.log"))
+    assert "Distributed launcher: pytorch" in logs and "Distributed training: True" in logs
+    assert "Iter(test) [1/1]" in logs  # each rank evaluated one of the 2 validation images
+    two = json.loads((work / "results.json").read_text())["metrics"]
+    if task == "depth":  # no BN: both ranks hold rank 0's weights, so the gathered metrics equal one process's
+        assert runner.main(task, _tiny_argv(config, backbone, nyu, work, "--eval-only")) == 0
+        one = json.loads((work / "results.json").read_text())["metrics"]
+        for k in ("rmse", "abs_rel", "d1"):
+            assert two[k] == pytest.approx(one[k], rel=1e-5)
+    else:  # SyncBN became per-process BN (SyncBN needs CUDA), so the ranks' BN statistics differ
+        norms = [line for line in logs.splitlines() if line.startswith(" ") and "norm_cfg=dict(" in line]
+        assert norms and all("type='BN'" in line for line in norms) and np.isfinite(two["mIoU"])
