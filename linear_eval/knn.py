@@ -44,9 +44,12 @@ def knn_scores(
     ks: list[int],
     temperature: float,
 ) -> dict[int, torch.Tensor]:
-    """{k: (Q, num_classes) summed vote weights}; features must already be L2-normalised."""
+    """{k: (Q, num_classes) summed vote weights}; features must already be L2-normalised.
+
+    Weights are exp(sim / T) times exp(-max sim / T) per query (DINOv2's softmax up to a per-query
+    factor, so the same ranking): finite for any T > 0; plain exp(sim / T) overflows float32 once T < ~0.0113."""
     sims, idx = (queries @ train_features.T).topk(max(ks), dim=1)
-    weights, labels = (sims / temperature).exp(), train_labels[idx]
+    weights, labels = ((sims - sims[:, :1]) / temperature).exp(), train_labels[idx]
     return {
         k: torch.zeros(len(queries), num_classes, device=queries.device).scatter_add_(1, labels[:, :k], weights[:, :k])
         for k in ks

@@ -16,7 +16,12 @@ MMCV_VERSION=2.1.0
 FORCE_CUDA=${FORCE_CUDA:-0}
 CACHE=${PROTEUS_WHEEL_CACHE:-$HOME/.cache/proteus/wheels}
 
-if "$PYTHON" -c "import mmcv, mmcv.ops, sys; sys.exit(mmcv.__version__ != '$MMCV_VERSION')" 2>/dev/null; then
+# an installed mmcv counts only with the ops asked for: CPU-only ops do not satisfy FORCE_CUDA=1
+if "$PYTHON" -c "
+import sys, mmcv
+from mmcv.ops import get_compiling_cuda_version
+sys.exit(mmcv.__version__ != '$MMCV_VERSION' or ('$FORCE_CUDA' == '1' and get_compiling_cuda_version() == 'not available'))
+" 2>/dev/null; then
   echo "mmcv $MMCV_VERSION with ops already installed"; exit 0
 fi
 key=$("$PYTHON" -c "import sys, torch; print(f'torch{torch.__version__.split(\"+\")[0]}-py{sys.version_info[0]}{sys.version_info[1]}')")
@@ -41,5 +46,9 @@ if ! ls "$dest"/mmcv-*.whl >/dev/null 2>&1; then
   cp "$work"/dist/mmcv-*.whl "$dest/"
   echo "built in $(( $(date +%s) - start )) s; cached in $dest" >&2
 fi
-"$PYTHON" -m pip install -q "$dest"/mmcv-*.whl  # with its deps (mmengine, opencv, ...)
-"$PYTHON" -c "import mmcv, mmcv.ops; print('mmcv', mmcv.__version__, 'with ops OK')"
+"$PYTHON" -m pip install -q "$dest"/mmcv-*.whl  # its deps (mmengine, opencv, ...)
+# same version number either way: replace an installed CPU-only build with this one
+"$PYTHON" -m pip install -q --force-reinstall --no-deps "$dest"/mmcv-*.whl
+"$PYTHON" -c "import mmcv
+from mmcv.ops import get_compiling_cuda_version
+print('mmcv', mmcv.__version__, 'with ops OK; CUDA ops:', get_compiling_cuda_version())"

@@ -130,9 +130,9 @@ def test_evaluate_scores_every_classifier_like_a_direct_computation():
 
 # --- kNN -----------------------------------------------------------------------------------------
 def brute_force_knn(train, labels, queries, num_classes, k, t):
-    """DINO's weighted vote written plainly, one query at a time."""
+    """DINO's weighted vote written plainly, one query at a time (float64)."""
     train, queries = F.normalize(train, dim=1), F.normalize(queries, dim=1)
-    out = torch.zeros(len(queries), num_classes)
+    out = torch.zeros(len(queries), num_classes, dtype=torch.float64)
     for i, q in enumerate(queries):
         sims = torch.tensor([float(q @ f) for f in train])
         for j in sims.argsort(descending=True)[:k]:
@@ -152,8 +152,28 @@ def test_knn_matches_brute_force(monkeypatch):
     )
     for k in ks:
         ref = brute_force_knn(train, labels, val, 6, k, 0.07)
+        # the votes are exp(sim / T) up to one factor per query (DINOv2's softmax normalisation)
+        ref = (ref / ref.sum(1, keepdim=True)).float() * scores[k].sum(1, keepdim=True)
         torch.testing.assert_close(scores[k], ref, rtol=1e-4, atol=1e-6)
         hits = topk_correct(ref, targets) * 100 / 23
+        assert [acc[k]["top1"], acc[k]["top5"]] == pytest.approx(hits.tolist())
+
+
+def test_knn_votes_stay_finite_at_small_temperature():
+    """exp(sim / T) overflows float32 below T ~ 0.0113; DINOv2's softmax does not, nor may we."""
+    g = torch.Generator().manual_seed(1)
+    train, labels = torch.randn(80, 16, generator=g), torch.randint(0, 5, (80,), generator=g)
+    val, targets = torch.randn(30, 16, generator=g), torch.randint(0, 5, (30,), generator=g)
+    ks, t = [3, 20], 0.005
+    scores = knn_main.knn_scores(F.normalize(train, dim=1), labels, F.normalize(val, dim=1), 5, ks, t)
+    acc = knn_main.knn_accuracy(
+        {"features": train, "targets": labels}, {"features": val, "targets": targets}, 5, ks, t, torch.device("cpu")
+    )
+    for k in ks:
+        assert torch.isfinite(scores[k]).all()
+        ref = brute_force_knn(train, labels, val, 5, k, t)
+        assert (scores[k].argmax(1) == ref.argmax(1)).all()
+        hits = topk_correct(ref, targets) * 100 / 30
         assert [acc[k]["top1"], acc[k]["top5"]] == pytest.approx(hits.tolist())
 
 

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Every GPU measurement of docs/benchmarks.md in one call, for a machine lent for a few minutes:
+# the pretraining step (B<-L and S<-B at batch 128, bf16, ours vs the reference, eager and
+# compiled), the input pipeline per worker count, and the logistic regression on CUDA.
+# Each log goes to $OUT (default ./gpu_checks) as it runs, so a run cut short keeps what finished.
+#
+#   bash scripts/gpu_checks.sh                 # everything
+#   STEPS=5 bash scripts/gpu_checks.sh         # fewer timed steps
+#
+# Wheels for packages the machine lacks (e.g. timm) can sit in .whl/: they are installed into
+# /tmp/site first.
+set -uo pipefail
+OUT=${OUT:-gpu_checks}
+STEPS=${STEPS:-20}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+run() {  # run NAME CMD...: log to $OUT/NAME.log, keep going on failure
+  local name=$1; shift
+  echo "== $name: $*" | tee "$OUT/$name.log"
+  local start=$SECONDS
+  "$@" 2>&1 | tee -a "$OUT/$name.log"
+  echo "== $name: rc ${PIPESTATUS[0]}, $((SECONDS - start)) s" | tee -a "$OUT/$name.log"
+}
+
+run env bash -c "nvidia-smi; git rev-parse HEAD 2>/dev/null; $PYTHON -c 'import torch, timm, torchvision;
+print(torch.__version__, torch.version.cuda, timm.__version__, torchvision.__version__, torch.cuda.get_device_name())'"
+step=("$PYTHON" -m pretrain.benchmark --batch-size 128 --precision bf16 --warmup 5 --steps "$STEPS")
+run b_l "${step[@]}" --teacher dinov2_vitl14 --student vit_base --reference
+run b_l_compile "${step[@]}" --teacher dinov2_vitl14 --student vit_base --compile
+run s_b "${step[@]}" --teacher dinov2_vitb14 --student vit_small --reference
+run s_b_compile "${step[@]}" --teacher dinov2_vitb14 --student vit_small --compile
+run pipeline "$PYTHON" -m pretrain.benchmark --pipeline --images 512 --workers 1,4,8,15
+run logreg "$PYTHON" -m fine_grained.benchmark --device cuda
