@@ -86,6 +86,8 @@ def evaluate(
     xtr, xv = logreg.standardize(xtr, xv)
     xtv, xte = logreg.standardize(xtv, xte)
     k = max(logreg.num_outputs(y) for y in (ytv, yte))
+    if k != spec.num_classes:  # e.g. Caltech-101 without BACKGROUND_Google: a different benchmark
+        print(f"warning: {spec.name}: {k} classes in the data, the protocol has {spec.num_classes}", flush=True)
     best = logreg.sweep((xtr, ytr), (xv, yv), metric, num_classes=k, max_iter=max_iter, desc=f"{spec.name} C sweep")
     theta = logreg.fit(xtv, ytv, best.best_C, num_classes=k, max_iter=max_iter)
     return {
