@@ -163,7 +163,7 @@ def train_one_epoch(
                 f"patch {values[2]:.4g}, feature {values[3]:.4g})"
             )
         backward_and_step(model, loss, optimizer, scaler, args.clip_grad)
-        ema.update(student, step=it)
+        ema.update(student)  # constant decay: with a step, ModelEmaV3 copies the student at iterations 0 and 1
         sums += values.double()
         losses = dict(zip(("loss", "loss_token", "loss_patch", "loss_fea"), values.tolist()))
         if main_rank:

@@ -14,14 +14,18 @@ def make_masks(
 ) -> torch.Tensor:
     """(B, N) bool. The first int(p * B) samples are masked (no shuffling), the rest are not.
 
-    Masked sample i hides exactly int(N * r_i) patches at uniformly random positions, with r_i
-    stratified over linspace(lo, hi) across the masked samples (all equal for a single ratio).
+    Masked sample i hides exactly int(N * r_i) patches at uniformly random positions. For a range
+    the ratios are stratified as in the reference: r_i is uniform in the i-th of the n_masked equal
+    strata of [lo, hi] (edges linspace(lo, hi, n_masked + 1)); a single ratio (lo == hi) draws nothing.
     """
     masks = torch.zeros(batch_size, num_patches, dtype=torch.bool)
     n_masked = int(mask_probability * batch_size)
     lo, hi = mask_ratio
-    ratios = [lo + (hi - lo) * i / max(n_masked - 1, 1) for i in range(n_masked)]
-    for i, r in enumerate(ratios):
+    for i in range(n_masked):
+        r = lo
+        if hi > lo:
+            a, b = lo + (hi - lo) * i / n_masked, lo + (hi - lo) * (i + 1) / n_masked
+            r = a + (b - a) * torch.rand((), generator=generator, dtype=torch.float64).item()
         k = int(num_patches * r)
         masks[i, torch.randperm(num_patches, generator=generator)[:k]] = True
     return masks

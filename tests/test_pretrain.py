@@ -69,8 +69,14 @@ def test_masks_first_samples_exact_count():
 
 
 def test_masks_ratio_range_is_stratified():
-    m = make_masks(8, 100, 0.5, (0.2, 0.8))
-    assert m.sum(1).tolist() == [20, 40, 60, 80, 0, 0, 0, 0]
+    """As the reference: masked sample i draws its ratio uniformly in the i-th stratum of linspace(lo, hi, n + 1)."""
+    g = torch.Generator().manual_seed(0)
+    counts = torch.stack([make_masks(8, 1000, 0.5, (0.2, 0.8), g).sum(1) for _ in range(400)]).double()
+    assert not counts[:, 4:].any()
+    for i, (lo, hi) in enumerate([(200, 350), (350, 500), (500, 650), (650, 800)]):
+        assert lo <= counts[:, i].min() and counts[:, i].max() < hi  # inside its stratum
+        assert counts[:, i].mean().item() == pytest.approx((lo + hi) / 2, abs=5)  # uniform over it
+        assert counts[:, i].std().item() == pytest.approx((hi - lo) / 12**0.5, rel=0.15)
     m = make_masks(7, 256, 0.5, (0.3, 0.3))  # int(0.5 * 7) = 3 masked samples
     assert m.sum(1).tolist() == [76, 76, 76, 0, 0, 0, 0]
 
@@ -265,6 +271,19 @@ def test_run_writes_checkpoints_logs_and_dinov2_exports(data, tmp_path, capsys):
     assert student.embed_dim == 192 and len(student.blocks) == 12
     torch.testing.assert_close(student.state_dict()["norm.weight"], ckpt["student"]["norm.weight"])
     assert (out / "backbone_ema.pth").exists()
+
+
+def test_ema_decays_from_the_first_iteration(data, tmp_path):
+    """EMA = decay * ema + (1 - decay) * student at every iteration, the first included (no copy of the student)."""
+    base = ["--data-path", str(data), *TINY_RUN, "--epochs", "1", "--epoch-length", "1", "--ema-decay", "0.5"]
+    frozen = ["--lr", "0", "--warmup-lr", "0", "--min-lr", "0"]
+    assert pretrain_main.main([*base, *frozen, "--output-dir", str(tmp_path / "init")]) == 0
+    assert pretrain_main.main([*base, "--warmup-lr", "1e-2", "--output-dir", str(tmp_path / "step")]) == 0
+    init = models.safe_load(tmp_path / "init" / "checkpoint.pth")["student"]  # lr 0: the initial weights
+    step = models.safe_load(tmp_path / "step" / "checkpoint.pth")
+    assert (step["student"]["blocks.0.attn.qkv.weight"] - init["blocks.0.attn.qkv.weight"]).abs().max() > 1e-3
+    for key, w0 in init.items():
+        torch.testing.assert_close(step["ema"][key], 0.5 * w0 + 0.5 * step["student"][key], rtol=0, atol=1e-6)
 
 
 def test_rerun_resumes_after_last_epoch(data, tmp_path, capsys):
