@@ -57,7 +57,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--weight-decay", type=float, default=0.05)
     a("--drop-path", type=float, default=0.0, help="stochastic depth of the student")
     a("--mask-probability", type=float, default=0.5, help="fraction of each batch (the first samples) masked")
-    a("--mask-ratio", default="0.5", help="fraction of patches masked: a value, or a range 'lo,hi'")
+    a(
+        "--mask-ratio",
+        default="0.5",
+        help="fraction of patches masked: a value, or a range 'lo,hi' (one stratum of it per masked sample, as DINOv2)",
+    )
     a("--lambda-token", type=float, help="default 1")
     a("--lambda-patch", type=float, help="default 1 (0 for CLIP teachers)")
     a("--lambda-fea", type=float, help="default 1 (0 for CLIP teachers)")

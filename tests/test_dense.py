@@ -253,6 +253,130 @@ def test_depth_metrics_use_eigen_crop_and_range():
     assert got["d1"] == pytest.approx(np.mean(np.maximum(g / p, p / g) < 1.25), rel=1e-4)
 
 
+def _metrics(g: np.ndarray, p: np.ndarray) -> dict:
+    t, d, dl = np.maximum(g / p, p / g), p - g, np.log(p) - np.log(g)
+    return dict(d1=np.mean(t < 1.25), d2=np.mean(t < 1.25**2), d3=np.mean(t < 1.25**3),
+                abs_rel=np.mean(np.abs(d) / g), sq_rel=np.mean(d**2 / g), rmse=np.sqrt(np.mean(d**2)),
+                rmse_log=np.sqrt(np.mean(dl**2)), log10=np.mean(np.abs(np.log10(p) - np.log10(g))),
+                silog=np.sqrt(np.mean(dl**2) - 0.5 * np.mean(dl) ** 2))  # fmt: skip
+
+
+def test_depth_metrics_and_silog_loss_are_per_image():
+    """PROTOCOLS E: every metric per image, then averaged (not pooled over all pixels); SiLog per image."""
+    from mmengine.structures import PixelData
+    from mmseg.registry import METRICS, MODELS
+    from mmseg.structures import SegDataSample
+
+    metric = METRICS.build(_cfg("depth/configs/dpt_vit_small.py").val_evaluator)
+    rng = np.random.default_rng(1)
+    gts = [rng.uniform(0.5, 9.0, (480, 640)) for _ in range(2)]
+    gts[1][:300] = 0.0  # the second image has far fewer valid pixels: pooling would weigh it less
+    preds = [gts[0] * 1.3, gts[1] * rng.uniform(0.9, 1.1, (480, 640))]
+    samples = []
+    for g, p in zip(gts, preds):
+        s = SegDataSample()
+        s.gt_depth_map = PixelData(data=torch.from_numpy(g)[None].float())
+        s.pred_depth_map = PixelData(data=torch.from_numpy(p)[None].float())
+        samples.append(s.to_dict())
+    metric.process({}, samples)
+    got = metric.compute_metrics(metric.results)
+    per_image = []
+    for g, p in zip(gts, preds):
+        m = np.zeros_like(g, dtype=bool)
+        m[45:471, 41:601] = True
+        m &= (g > 1e-3) & (g < 10)
+        per_image.append(_metrics(g[m], p[m].astype(np.float32).astype(np.float64)))
+    assert set(got) == set(per_image[0])
+    for k in got:
+        assert got[k] == pytest.approx((per_image[0][k] + per_image[1][k]) / 2, rel=1e-4, abs=1e-6), k
+
+    head = MODELS.build(_cfg("depth/configs/linear_vit_small.py").model.decode_head)
+    torch.manual_seed(0)
+    gt = torch.rand(2, 1, 8, 8) * 5
+    gt[1, :, :6] = 0.0  # invalid (gt <= 1e-6) pixels are left out
+    pred = torch.rand(2, 1, 8, 8) * 5 + 0.1
+    batch = []
+    for g in gt:
+        s = SegDataSample()
+        s.gt_depth_map = PixelData(data=g)
+        batch.append(s)
+    expected = []
+    for g, p in zip(gt, pred):
+        d = torch.log(g[g > 1e-6]) - torch.log(p[g > 1e-6])
+        expected.append(torch.sqrt((d**2).mean() - 0.5 * d.mean() ** 2))
+    assert head.loss_by_feat(pred, batch)["loss_silog"].item() == pytest.approx(torch.stack(expected).mean().item())
+
+
+def test_test_modes_slide_windows_and_flip():
+    """ADE: 518 windows, stride 345; NYU: stride 129, each window averaged with its flipped prediction,
+    the result resized back to the original 480x640."""
+    from mmseg.registry import MODELS
+    from mmseg.structures import SegDataSample
+    from mmseg.utils import register_all_modules
+
+    register_all_modules()
+    for config, windows in (("segmentation/configs/linear_vit_small.py", 2), ("depth/configs/linear_vit_small.py", 6)):
+        cfg = _cfg(config)
+        cfg.model.backbone.arch = "vit_small"  # random weights, never run: encode_decode is stubbed
+        model = MODELS.build(cfg.model)
+        calls = []
+
+        def encode_decode(x, metas, model=model, calls=calls):
+            calls.append(x.clone())
+            return torch.ones(x.shape[0], model.out_channels, *x.shape[2:]) * (1 + x[:, :1, :1, :1])
+
+        model.encode_decode = encode_decode
+        x = torch.zeros(1, 3, 518, 691)  # a 480x640 NYU image at short side 518
+        x[..., 0] = 1.0  # left column: a flipped window starts with 0 instead
+        sample = SegDataSample(metainfo=dict(ori_shape=(480, 640), img_shape=(518, 691)))
+        out = model.predict(x, [sample])[0]
+        assert len(calls) == windows
+        if "depth" in config:
+            assert torch.equal(calls[1], calls[0].flip(3))  # each window and its mirror
+            assert out.pred_depth_map.shape == (480, 640)
+            assert out.pred_depth_map.data[0, 0, 0].item() == pytest.approx((2 + 1) / 2)  # averaged with the flip
+        else:
+            assert [c.shape[-1] for c in calls] == [518, 518] and out.pred_sem_seg.shape == (480, 640)
+
+
+SPEC = {  # PROTOCOLS D/E per size: out_indices, drop path, lr, head widths, iterations
+    "segmentation/configs/linear_vit_{}.py": dict(lr=8e-4, iters=60000),
+    "segmentation/configs/upernet_vit_{}.py": dict(lr=1e-4, iters=(60000, 60000, 160000), dp=(0.1, 0.1, 0.2)),
+    "depth/configs/linear_vit_{}.py": dict(lr=(4e-4, 1e-4, 1e-4), iters=25000),
+    "depth/configs/dpt_vit_{}.py": dict(lr=(4e-4, 1e-4, 1e-4), iters=25000),
+}
+
+
+@pytest.mark.parametrize("pattern", list(SPEC))
+def test_every_size_follows_the_protocol(pattern):
+    for i, (size, dim) in enumerate((("small", 384), ("base", 768), ("large", 1024))):
+        cfg = _cfg(pattern.format(size))
+        spec = {k: v[i] if isinstance(v, tuple) else v for k, v in SPEC[pattern].items()}
+        bb, head = cfg.model.backbone, cfg.model.decode_head
+        assert bb.out_indices == ((7, 11, 15, 23) if size == "large" else (3, 5, 7, 11))
+        assert not bb.final_norm and bb.get("with_cls_token", False) == ("dpt" in pattern)
+        assert bb.get("frozen", False) == ("linear" in pattern) and bb.get("drop_path_rate", 0.0) == spec.get("dp", 0)
+        assert cfg.optim_wrapper.optimizer.lr == spec["lr"] and cfg.optim_wrapper.optimizer.betas == (0.9, 0.999)
+        assert cfg.optim_wrapper.optimizer.weight_decay == (0.01 if "depth" in pattern else 0.05)
+        assert cfg.train_cfg.max_iters == spec["iters"] and cfg.param_scheduler[1].end == spec["iters"]
+        assert cfg.param_scheduler[0].end == cfg.param_scheduler[1].begin == 1500
+        assert cfg.param_scheduler[0].start_factor == 1e-6 and cfg.param_scheduler[1].power == 1.0
+        assert cfg.train_dataloader.batch_size == (4 if "depth" in pattern else 8)
+        assert head.in_channels == [dim] * 4
+        if "linear" in pattern:
+            assert head.num_convs == 0 and head.norm_cfg is None and head.input_transform == "resize_concat"
+            assert head.channels == 4 * dim
+        elif "upernet" in pattern:
+            assert (
+                head.channels == dim and cfg.model.neck.embed_dim == dim and cfg.model.auxiliary_head.in_channels == dim
+            )
+            assert cfg.optim_wrapper.paramwise_cfg == dict(num_layers=24 if size == "large" else 12, decay_rate=0.65)
+        else:
+            assert head.embed_dims == dim and head.post_process_channels == [dim // 8, dim // 4, dim // 2, dim]
+            assert head.readout_type == "project" and head.channels == 256
+            assert cfg.optim_wrapper.paramwise_cfg.custom_keys.backbone.lr_mult == 0.1
+
+
 def test_clear_errors(backbone, tmp_path, capsys):
     cfg = str(ROOT / "segmentation/configs/linear_vit_small.py")
     assert runner.main("segmentation", [cfg, "--backbone", str(tmp_path / "nope.pth")]) == 2
