@@ -290,7 +290,13 @@ def resume(args, distiller: Distiller, optimizer, scaler, ema, world: int) -> di
         if ckpt["args"][key] != getattr(args, key):
             raise ValueError(f"{path} was trained with --{key} {ckpt['args'][key]}, not {getattr(args, key)}")
     distiller.student.load_state_dict(ckpt["student"])
-    distiller.load_state_dict(ckpt["heads"], strict=False)
+    heads = distiller.load_state_dict(ckpt["heads"], strict=False)  # the student is loaded above
+    missing = [k for k in heads.missing_keys if not k.startswith("student.")]
+    if missing or heads.unexpected_keys:
+        raise ValueError(
+            f"{path} has other loss heads than this run (were --lambda-* changed?): "
+            f"missing {missing}, unexpected {heads.unexpected_keys}"
+        )
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     ema.module.load_state_dict(ckpt["ema"])

@@ -298,6 +298,10 @@ def test_rerun_resumes_after_last_epoch(data, tmp_path, capsys):
     second = models.safe_load(out / "checkpoint.pth")
     assert second["epoch"] == 1
     assert not torch.equal(first["student"]["norm.weight"], second["student"]["norm.weight"])
+    # a changed loss (here no patch loss, so no patch head) cannot resume that checkpoint: one clear line
+    assert pretrain_main.main([*base, "--epochs", "3", "--lambda-patch", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "other loss heads than this run" in err and "unexpected ['patch_head." in err
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(data, tmp_path, capsys, monkeypatch):
