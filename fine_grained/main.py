@@ -16,6 +16,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from linear_eval.features import cached, eval_transform, extract_features, frozen_backbone
+from models import prepare_output_dir
 from pretrain import distributed as dist_utils
 
 from . import logreg
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         names = parse_names(args.datasets)
         if min(args.input_size, args.batch_size, args.max_iter) < 1:
             raise ValueError("--input-size, --batch-size and --max-iter must be positive")
-        device = torch.device(args.device)
+        device = dist_utils.resolve_device(args.device)
+        prepare_output_dir(args.output_dir)
         model = frozen_backbone(args.backbone, device, args.input_size)
         transform = eval_transform(args.input_size, args.input_size, *NORMALIZATION[args.normalization])
         # every layout is checked before any feature is extracted

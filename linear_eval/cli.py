@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 
+from models import prepare_output_dir
 from pretrain import distributed as dist_utils
 
 from .data import LAYOUT
@@ -42,6 +43,7 @@ def run(
     dist_utils.exit_on_preemption()
     try:
         try:
+            prepare_output_dir(args.output_dir)
             device, _, _ = dist_utils.init_distributed(args.device)
             if not dist_utils.is_main():
                 logging.getLogger().setLevel(logging.WARNING)

@@ -1,7 +1,7 @@
 """Every network and weight format of the project."""
 
 from .architectures import STUDENT_ARCHS, create_student, vit_from_state_dict
-from .checkpoints import atomic_save, load_backbone, safe_load, to_dinov2
+from .checkpoints import atomic_save, load_backbone, prepare_output_dir, safe_load, to_dinov2
 from .teachers import TEACHERS, create_teacher
 from .vision_transformer import ViT
 
@@ -13,6 +13,7 @@ __all__ = [
     "create_student",
     "create_teacher",
     "load_backbone",
+    "prepare_output_dir",
     "safe_load",
     "to_dinov2",
     "vit_from_state_dict",

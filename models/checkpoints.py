@@ -31,8 +31,33 @@ def safe_load(path: str | os.PathLike) -> object:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot read checkpoint {path}: {first}") from None
+        raise ValueError(f"cannot read checkpoint {path}: {_load_error(e)}") from None
+
+
+def _load_error(e: Exception) -> str:
+    """torch's weights_only message advises weights_only=False: wrong for a corrupt file, unsafe for any."""
+    text = str(e).strip()
+    m = re.search(r"WeightsUnpickler error: (.*?)(?:\n\n|\Z)", text, re.S)
+    if m and "Unsupported global" in m.group(1):
+        name = re.search(r"GLOBAL (\S+)", m.group(1))
+        return f"it pickles Python objects ({name.group(1) if name else 'unknown'}), which are never unpickled here"
+    if m or "Weights only load failed" in text:
+        return "the file is corrupt or not a torch checkpoint"
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def prepare_output_dir(path: str | os.PathLike) -> Path:
+    """Create an output folder up front, so a bad path is one clear error before any work is done."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output folder {path} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create output folder {path}: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK):
+        raise ValueError(f"output folder {path} is not writable")
+    return path
 
 
 def is_torchscript_archive(path: str | os.PathLike) -> bool:

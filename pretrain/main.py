@@ -22,7 +22,16 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
-from models import STUDENT_ARCHS, TEACHERS, atomic_save, create_student, create_teacher, safe_load, to_dinov2
+from models import (
+    STUDENT_ARCHS,
+    TEACHERS,
+    atomic_save,
+    create_student,
+    create_teacher,
+    prepare_output_dir,
+    safe_load,
+    to_dinov2,
+)
 
 from . import distributed as dist_utils
 from . import pca
@@ -85,6 +94,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill family defaults and check everything that can be checked before training starts."""
+    if args.batch_size < 1 or args.epochs < 1:
+        raise ValueError("--batch-size and --epochs must be positive")
+    if args.random_teacher and args.teacher_checkpoint:
+        raise ValueError("--random-teacher and --teacher-checkpoint exclude each other: which teacher do you want?")
     if args.student not in STUDENT_ARCHS:
         raise ValueError(f"unknown student '{args.student}'; choose from {', '.join(STUDENT_ARCHS)}")
     if args.teacher not in TEACHERS:
@@ -117,6 +130,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--mask-ratio must be a number or 'lo,hi', got {args.mask_ratio!r}") from None
     if len(ratio) == 1:
         ratio *= 2
+    if len(ratio) == 2 and ratio[0] > ratio[1]:
+        raise ValueError(f"--mask-ratio {args.mask_ratio}: the range must be 'lo,hi' with lo <= hi")
     num_patches = (args.input_size // patch) ** 2
     if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1] < 1 or int(num_patches * ratio[0]) < 1:
         raise ValueError(f"--mask-ratio {args.mask_ratio} must mask at least one of {num_patches} patches and not all")
@@ -126,8 +141,6 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             f"--mask-probability {args.mask_probability} masks no sample of a batch of {args.batch_size}; "
             "the patch loss needs masked samples (or set --lambda-patch 0)"
         )
-    if args.batch_size < 1 or args.epochs < 1:
-        raise ValueError("--batch-size and --epochs must be positive")
     return args
 
 
@@ -145,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args = resolve_args(args)
+        prepare_output_dir(args.output_dir)
         device, rank, world = dist_utils.init_distributed(args.device)
         if not dist_utils.is_main():
             logging.getLogger().setLevel(logging.WARNING)
@@ -220,6 +234,12 @@ def build(args: argparse.Namespace, device: torch.device, world: int) -> dict:
 
     global_batch = args.batch_size * world
     lr = args.lr * global_batch / 512
+    if lr < args.min_lr:
+        log.warning(
+            "the scaled peak lr %.3g (--lr %g x global batch %d / 512) is below --min-lr %g: the cosine will rise; "
+            "lower --min-lr for small batches",
+            *(lr, args.lr, global_batch, args.min_lr),
+        )
     schedule = warmup_cosine(lr, args.min_lr, args.epochs * iters, int(args.warmup_epochs * iters), args.warmup_lr)
     optimizer = torch.optim.AdamW(
         param_groups(distiller, args.weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda"

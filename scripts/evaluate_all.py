@@ -29,6 +29,7 @@ from pathlib import Path
 
 import models
 from fine_grained.datasets import DATASETS
+from pretrain.distributed import resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("linear", "knn", "fine_grained", "ade20k", "nyu")
@@ -228,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         if unknown or not tasks:
             raise ValueError(f"unknown task(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(TASKS)}")
         extra = parse_extra(args.extra)
+        out = models.prepare_output_dir(args.output_dir)
+        if args.device:
+            resolve_device(args.device)  # a typo fails here, not once per task
         try:
             embed_dim = models.load_backbone(args.backbone).embed_dim
         except Exception as e:  # any unreadable file: one clear line, before any task starts
@@ -239,8 +243,6 @@ def main(argv: list[str] | None = None) -> int:
     model = f"ViT-{size[0].upper()}" if size else f"embed dim {embed_dim}"
     if size is None:
         print(f"note: no configs for embed dim {embed_dim}; dense tasks use the ViT-S ones (adapt with --extra)")
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
     skipped: dict[str, str] = {}
     failed: dict[str, str] = {}

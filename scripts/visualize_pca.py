@@ -22,6 +22,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
 
 import models
+from models import prepare_output_dir
+from pretrain.distributed import resolve_device
 from pretrain.pca import THRESHOLD, pca_images
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -81,13 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.input_size < 1:
             raise ValueError("--input-size must be positive")
         images = list_images(args.images)
-        device = torch.device(args.device)
+        device = resolve_device(args.device)
+        out = prepare_output_dir(args.out)
         nets = load_backbones(args.backbone, args.input_size, device)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     for path in images:
         with Image.open(path) as im:
             picture = side_by_side(im, nets, args.input_size, device, args.threshold)

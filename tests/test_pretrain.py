@@ -214,6 +214,9 @@ def run_main(argv, capsys):
         (["--input-size", "30"], "not a multiple of the patch size"),
         (["--teacher", "synclr_vitb16"], "patch and feature losses need the same token grid"),
         (["--mask-ratio", "abc"], "--mask-ratio"),
+        (["--mask-ratio", "0.6,0.2"], "the range must be 'lo,hi' with lo <= hi"),
+        (["--batch-size", "0"], "--batch-size and --epochs must be positive"),
+        (["--teacher-checkpoint", "t.pth"], "--random-teacher and --teacher-checkpoint exclude each other"),
     ],
 )
 def test_bad_arguments_fail_before_training(data, tmp_path, capsys, extra, message):
@@ -360,3 +363,15 @@ def test_compiled_run_trains_and_matches_the_eager_loss(data, tmp_path, capsys):
         assert len(lines) == 2 and all(math.isfinite(e["loss"]) for e in lines)
         first[name] = lines[0]["loss"]
     assert first["compiled"] == pytest.approx(first["eager"], rel=1e-4)
+
+
+def test_small_batch_lr_below_min_lr_is_said(data, tmp_path, caplog):
+    """lr scales with the batch but --min-lr does not: a tiny batch would make the 'cosine decay' rise."""
+    argv = ["--data-path", str(data), "--output-dir", str(tmp_path / "o"), *TINY_RUN, "--epochs", "1"]
+    with caplog.at_level("WARNING"):
+        assert pretrain_main.main(argv) == 0
+    assert "is below --min-lr 1e-05: the cosine will rise" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert pretrain_main.main([*argv[:3], str(tmp_path / "p"), *argv[4:], "--min-lr", "1e-9"]) == 0
+    assert "--min-lr" not in caplog.text
