@@ -77,7 +77,7 @@ def build_config(args: argparse.Namespace, task: str):
     if not Path(args.config).is_file():
         raise FileNotFoundError(f"config not found: {args.config}")
     cfg = Config.fromfile(args.config)
-    models.load_backbone(args.backbone)  # readable, a ViT: fail here, not inside mmengine
+    vit = models.load_backbone(args.backbone)  # readable, a ViT: fail here, not inside mmengine
     cfg.model.backbone.checkpoint = str(args.backbone)
     if args.data_root:
         for split in ("train_dataloader", "val_dataloader", "test_dataloader"):
@@ -92,6 +92,7 @@ def build_config(args: argparse.Namespace, task: str):
                 raise FileNotFoundError(
                     f"{task} data missing: {folder} ({key}) does not exist; expected layout in {task}/README.md"
                 )
+    check_backbone_fits(cfg, vit, args)
     cfg.work_dir = args.work_dir or str(Path("work_dirs") / Path(args.config).stem)
     cfg.launcher = args.launcher or ("pytorch" if "RANK" in os.environ else "none")
     # mmengine keys its logger, message hub and visualizer by name: one name per run, so two runs in
@@ -145,6 +146,23 @@ def _sync_bn_to_bn(node) -> None:
     elif isinstance(node, (list, tuple)):
         for value in node:
             _sync_bn_to_bn(value)
+
+
+def check_backbone_fits(cfg, vit: torch.nn.Module, args: argparse.Namespace) -> None:
+    """A ViT-Ti file with a ViT-S config would fail at the first forward, deep inside mmseg."""
+    depth, width = len(vit.blocks), vit.embed_dim
+    about = f"--backbone {args.backbone} is a ViT with {depth} blocks of width {width}"
+    indices = list(cfg.model.backbone.out_indices)
+    if max(indices) >= depth:
+        raise ValueError(f"{about}, but {args.config} takes blocks {indices}: use the config of that size")
+    neck, head = cfg.model.get("neck"), cfg.model.decode_head
+    expected = neck.embed_dim if neck else head.in_channels
+    expected = expected[0] if isinstance(expected, (list, tuple)) else expected
+    if expected != width:
+        raise ValueError(
+            f"{about}, but {args.config} expects width {expected}: use the config of that size, "
+            "or set the head's widths with --cfg-options"
+        )
 
 
 def _last_checkpoint(work_dir: Path) -> str | None:

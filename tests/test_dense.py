@@ -386,6 +386,29 @@ def test_clear_errors(backbone, tmp_path, capsys):
     assert "segmentation data missing" in err and "images/training" in err
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        "segmentation/configs/linear_vit_small.py",
+        "segmentation/configs/upernet_vit_base.py",
+        "depth/configs/dpt_vit_small.py",
+    ],  # fmt: skip
+)
+def test_backbone_of_another_size_is_one_line(config, backbone, ade, nyu, tmp_path, capsys):
+    """A width-64 backbone with a ViT-S/B config: refused before mmengine starts, not a conv2d traceback."""
+    task = config.split("/")[0]
+    data = ade if task == "segmentation" else nyu
+    argv = [str(ROOT / config), "--backbone", str(backbone), "--data-root", str(data), "--work-dir", str(tmp_path)]
+    assert runner.main(task, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"4 blocks of width {DIM}" in err[0] and "takes blocks [3, 5, 7, 11]" in err[0]
+    assert runner.main(task, [*argv, "--cfg-options", "model.backbone.out_indices=[0,1,2,3]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    width = 768 if "base" in config else 384
+    assert len(err) == 1 and f"expects width {width}" in err[0]
+    assert not list(tmp_path.rglob("*.log"))  # mmengine never started
+
+
 def _tiny_argv(config: str, backbone: Path, data: Path, work: Path, *extra: str) -> list[str]:
     base = [str(ROOT / config), "--backbone", str(backbone), "--data-root", str(data), "--work-dir", str(work)]
     return [*base, *extra, "--cfg-options", *TINY, *HEADS[config]]
