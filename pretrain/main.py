@@ -321,6 +321,9 @@ def resume(args, distiller: Distiller, optimizer, scaler, ema, world: int) -> di
     scaler.load_state_dict(ckpt["scaler"])
     ema.module.load_state_dict(ckpt["ema"])
     epoch, done = ckpt["epoch"] + 1, ckpt.get("iteration_in_epoch", 0)
+    if ckpt["args"]["epochs"] != args.epochs and epoch < args.epochs:
+        log.warning("%s was trained with --epochs %d, now %d: the lr follows the cosine of a %d-epoch run from here",
+                    path, ckpt["args"]["epochs"], args.epochs, args.epochs)  # fmt: skip
     where = f", at iteration {done} of epoch {epoch}" if done else ""
     if done and ckpt["world_size"] != world:
         log.warning("%s was written by %d processes, not %d: the rest of epoch %d differs from the uninterrupted run",
@@ -363,7 +366,9 @@ def train(
             distiller, device_ids=[device.index] if device.type == "cuda" else None
         )
     writer = SummaryWriter(str(out / "tensorboard")) if main_rank else None
-    if main_rank:
+    if main_rank and start_epoch >= args.epochs:
+        print(f"{out} already holds all {args.epochs} epochs; raise --epochs to train longer", flush=True)
+    elif main_rank:
         n_params = sum(p.numel() for p in student.parameters()) / 1e6
         print(
             f"distilling {args.teacher} -> {args.student} ({n_params:.1f}M params) on {device}, world {world}, "

@@ -289,18 +289,22 @@ def test_ema_decays_from_the_first_iteration(data, tmp_path):
         torch.testing.assert_close(step["ema"][key], 0.5 * w0 + 0.5 * step["student"][key], rtol=0, atol=1e-6)
 
 
-def test_rerun_resumes_after_last_epoch(data, tmp_path, capsys):
+def test_rerun_resumes_after_last_epoch(data, tmp_path, capsys, caplog):
     out = tmp_path / "run"
     base = ["--data-path", str(data), "--output-dir", str(out), *TINY_RUN]
     assert pretrain_main.main([*base, "--epochs", "1"]) == 0
     first = models.safe_load(out / "checkpoint.pth")
     assert pretrain_main.main([*base, "--epochs", "2"]) == 0
     assert "resumed from" in capsys.readouterr().out
+    assert "was trained with --epochs 1, now 2: the lr follows the cosine of a 2-epoch run" in caplog.text
     logs = [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()]
     assert logs == [0, 1]
     second = models.safe_load(out / "checkpoint.pth")
     assert second["epoch"] == 1
     assert not torch.equal(first["student"]["norm.weight"], second["student"]["norm.weight"])
+    assert pretrain_main.main([*base, "--epochs", "2"]) == 0  # finished: says so, trains nothing
+    assert "already holds all 2 epochs" in capsys.readouterr().out
+    assert models.safe_load(out / "checkpoint.pth")["epoch"] == 1
     # a changed loss (here no patch loss, so no patch head) cannot resume that checkpoint: one clear line
     assert pretrain_main.main([*base, "--epochs", "3", "--lambda-patch", "0"]) == 2
     err = capsys.readouterr().err
