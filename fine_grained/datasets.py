@@ -12,6 +12,7 @@ rest, trainval = all of it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
+
+from linear_eval.features import sample_list
 
 Transform = Callable[[Image.Image], torch.Tensor]
 VOC_CLASSES = (
@@ -30,8 +33,16 @@ CALTECH_TRAIN_PER_CLASS = 30
 SEED = 0
 
 
+def rgb_loader(path: str | Path) -> Image.Image:
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
 class ImageList(Dataset):
-    """(path, target) pairs read as RGB images; the readers below return these."""
+    """(path, target) pairs read as RGB images; the readers below return these. `samples` and `loader`
+    are ImageFolder's names, so linear_eval.features reads, keys and checks both the same way."""
+
+    loader = staticmethod(rgb_loader)
 
     def __init__(self, samples: Sequence[tuple[Path, object]], transform: Transform | None = None) -> None:
         self.samples, self.transform = list(samples), transform
@@ -41,8 +52,7 @@ class ImageList(Dataset):
 
     def __getitem__(self, i: int):
         path, target = self.samples[i]
-        with Image.open(path) as img:
-            img = img.convert("RGB")
+        img = self.loader(path)
         return (self.transform(img) if self.transform else img), target
 
 
@@ -261,24 +271,37 @@ def parse_names(value: str) -> list[str]:
 
 
 def build_split(spec: Spec, data_root: str | Path, split: str, transform: Transform, download: bool = False) -> Dataset:
-    """One on-disk split; an empty one is an error."""
+    """One on-disk split; an empty one, or one listing an image that is not on disk, is an error (raised
+    before any feature is extracted, not midway through the datasets)."""
     root = Path(data_root) / spec.name
     ds = spec.build(root, split, transform, download)
     if len(ds) == 0:
         raise layout_error(spec.name, spec.layout, f"the {split} split is empty")
+    missing = [p for p, _ in sample_list(ds) or () if not os.path.isfile(p)]
+    if missing:
+        raise layout_error(
+            spec.name, spec.layout, f"the {split} split lists {len(missing)} image(s) not on disk (first: {missing[0]})"
+        )
     return ds
 
 
 def protocol_splits(
-    spec: Spec, features: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    spec: Spec, features: dict[str, tuple[torch.Tensor, ...]], train_size: int | None = None
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """On-disk split features -> {'train', 'val', 'trainval', 'test'} (x, y) per the split rule."""
+    """On-disk split features -> {'train', 'val', 'trainval', 'test'} (x, y) per the split rule.
+
+    features['train'] may carry a third tensor, each row's on-disk index (unreadable images have no row);
+    the 20% val rule is then drawn on the train_size on-disk indices, so dropping an image moves no other."""
+    x, y, *index = features["train"]
     if spec.official_val:
-        train, val = features["train"], features["val"]
+        train, val = (x, y), features["val"][:2]
         trainval = tuple(torch.cat(p) for p in zip(train, val))
     else:
-        trainval = features["train"]
-        t, v = holdout_val(len(trainval[0]))
+        trainval = (x, y)
+        row = {j: r for r, j in enumerate(index[0].tolist() if index else range(len(x)))}
+        t, v = (
+            [row[j] for j in part if j in row] for part in holdout_val(len(x) if train_size is None else train_size)
+        )
         train, val = (tuple(a[idx] for a in trainval) for idx in (t, v))
         if not v:
             raise layout_error(spec.name, spec.layout, f"{len(t)} train images leave an empty 20% val split")

@@ -7,7 +7,6 @@ python -m fine_grained.main --backbone output/pretrain/backbone.pth --data-root 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from linear_eval.features import cached, eval_transform, extract_features, frozen_backbone
+from linear_eval.features import cached_features, eval_transform, frozen_backbone
 from models import prepare_output_dir
 from pretrain import distributed as dist_utils
 
@@ -47,41 +46,32 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def cache_path(args: argparse.Namespace, dataset: str, split: str) -> Path:
-    """Features are reused only for the same backbone file (path, size, mtime), data root, input size,
-    normalisation, dataset and split."""
-    bb = Path(args.backbone).resolve()
-    st = bb.stat()
-    key = [str(bb), st.st_size, st.st_mtime_ns, str(Path(args.data_root).resolve()), args.input_size]
-    key += [args.normalization, dataset, split]
-    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
-    return Path(args.cache_dir or Path(args.output_dir) / "features") / f"{dataset}_{split}_{digest}.pth"
+    """One cache file per dataset and split; what it holds is checked against linear_eval.features.feature_key."""
+    return Path(args.cache_dir or Path(args.output_dir) / "features") / f"{dataset}_{split}.pth"
 
 
-def features(
-    args: argparse.Namespace, model: torch.nn.Module, device: torch.device, name: str, split: str, ds
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final-norm CLS features of one split, from the cache when the key matches."""
-
-    def compute() -> dict[str, torch.Tensor]:
-        x, y = extract_features(
-            lambda im: model.forward_features(im)["x_norm_clstoken"],
-            ds,
-            device,
-            args.batch_size,
-            args.num_workers,
-            desc=f"{name} {split} features",
-        )
-        return {"x": x, "y": y}
-
-    out = cached(cache_path(args, name, split), compute)
-    return out["x"], out["y"]
+def features(args: argparse.Namespace, model: torch.nn.Module, device: torch.device, name: str, split: str, ds) -> dict:
+    """Final-norm CLS features of one split (unreadable images left out), from the cache when its key matches."""
+    return cached_features(
+        cache_path(args, name, split),
+        lambda im: model.forward_features(im)["x_norm_clstoken"],
+        ds,
+        device,
+        args.batch_size,
+        args.num_workers,
+        f"{name} {split} features",
+        args.backbone,
+        args.input_size,
+        "fine-grained: final-norm CLS",
+    )
 
 
-def evaluate(
-    spec: Spec, features: dict[str, tuple[torch.Tensor, torch.Tensor]], device: torch.device, max_iter: int
-) -> dict:
-    """Standardise, sweep C on train -> val, refit on trainval at the best C, score on test."""
-    s = protocol_splits(spec, features)
+def evaluate(spec: Spec, features: dict[str, dict], train_size: int, device: torch.device, max_iter: int) -> dict:
+    """Standardise, sweep C on train -> val, refit on trainval at the best C, score on test. The 20% val rule
+    is drawn on the train_size on-disk images, whether or not some were unreadable."""
+    split_xy = {k: (f["features"], f["targets"]) for k, f in features.items()}
+    split_xy["train"] = (*split_xy["train"], features["train"]["index"])
+    s = protocol_splits(spec, split_xy, train_size)
     metric = METRICS[spec.metric]
     (xtr, ytr), (xv, yv), (xtv, ytv), (xte, yte) = (tuple(t.to(device) for t in s[k]) for k in s)
     xtr, xv = logreg.standardize(xtr, xv)
@@ -99,6 +89,7 @@ def evaluate(
         "n_train": len(xtr),
         "n_val": len(xv),
         "n_test": len(xte),
+        "dropped": {k: f["dropped"] for k, f in features.items()},
     }
 
 
@@ -132,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         results = {}
         for name in names:
             feats = {split: features(args, model, device, name, split, ds) for split, ds in splits[name].items()}
-            results[name] = evaluate(DATASETS[name], feats, device, args.max_iter)
+            results[name] = evaluate(DATASETS[name], feats, len(splits[name]["train"]), device, args.max_iter)
             print(f"{name}: {results[name]['metric']} {results[name]['value']:.2f}", flush=True)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

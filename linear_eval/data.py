@@ -50,7 +50,9 @@ def image_folder(data_path: str | None, split: str, transform) -> SkipCorruptIma
 
 
 def load_splits(data_path: str | None, train_tf, val_tf) -> tuple[SkipCorruptImageFolder, SkipCorruptImageFolder]:
-    """train/ and val/ ImageFolders; val must hold exactly the train classes (same label indices)."""
+    """train/ and val/ ImageFolders; val must hold exactly the train classes (same label indices). Their
+    skip-to-next-image on a corrupt file serves training batches only: feature extraction reads samples
+    through features.read_sample, which leaves an unreadable image out instead."""
     train = image_folder(data_path, "train", train_tf)
     val = image_folder(data_path, "val", val_tf)
     if train.classes != val.classes:

@@ -1,16 +1,23 @@
 """Frozen-backbone feature extraction shared by every classification eval: transforms, a
-distributed extraction loop with progress and ETA, and an on-disk cache."""
+distributed extraction loop with progress and ETA that leaves unreadable images out (reported by path),
+and an on-disk cache keyed on everything the features depend on (feature_key)."""
 
 from __future__ import annotations
 
 import datetime
+import hashlib
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
+from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data.dataloader import default_collate
 from torchvision import transforms
 
 from models import ViT, atomic_save, load_backbone, safe_load
@@ -42,8 +49,93 @@ def frozen_backbone(path: str | None, device: torch.device, input_size: int) -> 
     return model
 
 
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # what PIL raises on a bad file
+
+
+class Unreadable(NamedTuple):
+    """An eval sample whose image cannot be decoded: reported by path and left out, never replaced."""
+
+    path: str
+    reason: str
+
+
+def _unwrap(dataset: Dataset) -> Dataset:
+    """The dataset under any Subset wrappers."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
+def _base_index(dataset: Dataset, i: int) -> int:
+    """The index of sample i in the dataset under any Subset wrappers."""
+    while isinstance(dataset, Subset):
+        dataset, i = dataset.dataset, dataset.indices[i]
+    return i
+
+
+def _paths(base: Dataset) -> tuple[Sequence, Sequence] | None:
+    """(image paths, targets) of a file-backed dataset: ImageFolder/ImageList `samples` and the lists
+    torchvision's file datasets keep; None for an in-memory one (CIFAR)."""
+    for attr in ("samples", "_samples"):  # DatasetFolder, ImageList; StanfordCars
+        if hasattr(base, attr):
+            pairs = getattr(base, attr)
+            return [p for p, _ in pairs], [t for _, t in pairs]
+    for attr in ("_image_files", "_images"):  # DTD, Flowers102, Food101, FGVCAircraft; OxfordIIITPet
+        if hasattr(base, attr) and hasattr(base, "_labels"):
+            return getattr(base, attr), base._labels
+    return None
+
+
+def sample_list(dataset: Dataset) -> list[tuple[str, object]] | None:
+    """The ordered (image path, target) pairs the dataset reads (Subsets resolved); None when in memory."""
+    if isinstance(dataset, Subset):
+        inner = sample_list(dataset.dataset)
+        return None if inner is None else [inner[i] for i in dataset.indices]
+    found = _paths(dataset)
+    return None if found is None else [(str(p), t) for p, t in zip(*found)]
+
+
+def _path_of(base: Dataset, i: int) -> str:
+    """The image path of sample i of an unwrapped dataset (as _paths, without building the lists)."""
+    for attr in ("samples", "_samples"):
+        if hasattr(base, attr):
+            return str(getattr(base, attr)[i][0])
+    for attr in ("_image_files", "_images"):
+        if hasattr(base, attr):
+            return str(getattr(base, attr)[i])
+    return f"sample {i} of {type(base).__name__}"
+
+
+def _reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".strip().splitlines()[0]
+
+
+def read_sample(dataset: Dataset, i: int) -> tuple[object, object] | Unreadable:
+    """dataset[i] for evaluation; an image that cannot be decoded gives Unreadable(path, reason) instead of
+    a traceback or another image (pretrain.data.SkipCorruptImageFolder's substitute, right for training only:
+    in an eval it counts an image twice). Datasets with a `loader` are read with it, so only decoding is
+    guarded, never the transform."""
+    base, j = _unwrap(dataset), _base_index(dataset, i)
+    loader = getattr(base, "loader", None)
+    if loader is None or not hasattr(base, "samples"):  # torchvision datasets decode and transform in one call
+        try:
+            return base[j]
+        except IMAGE_ERRORS as e:
+            return Unreadable(_path_of(base, j), _reason(e))
+    path, target = base.samples[j]
+    try:
+        img = loader(path)
+    except Exception as e:  # noqa: BLE001 - the loader only opens and decodes; PIL raises many types
+        return Unreadable(str(path), _reason(e))
+    if base.transform is not None:
+        img = base.transform(img)
+    if getattr(base, "target_transform", None) is not None:
+        target = base.target_transform(target)
+    return img, target
+
+
 class Indexed(Dataset):
-    """Yields (index, image, target) so shards gathered from every rank can be put back in order."""
+    """Yields (index, read_sample) so shards gathered from every rank can be put back in order."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -51,9 +143,14 @@ class Indexed(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int):
-        img, target = self.dataset[i]
-        return i, img, target
+    def __getitem__(self, i: int) -> tuple[int, tuple[object, object] | Unreadable]:
+        return i, read_sample(self.dataset, i)
+
+
+def collate_readable(batch: list) -> tuple[list | None, list[Unreadable]]:
+    """default_collate of the readable (index, image, target); the unreadable ones are passed on to be reported."""
+    good = [(i, *s) for i, s in batch if not isinstance(s, Unreadable)]
+    return (default_collate(good) if good else None), [s for _, s in batch if isinstance(s, Unreadable)]
 
 
 class Progress:
@@ -78,26 +175,51 @@ def extract_features(
     batch_size: int = 256,
     num_workers: int = 8,
     desc: str = "features",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """fn(images) -> (B, ...) for every sample, in dataset order, on CPU; shards across ranks."""
+) -> dict:
+    """fn(images) -> (B, ...) for every readable sample, in dataset order, on CPU; shards across ranks.
+
+    Returns features, targets, index (each row's dataset index) and dropped (the unreadable images' paths,
+    each also reported as a warning line): an unreadable image is left out, so rows and labels stay aligned."""
     world, rank = dist_utils.world_size(), dist_utils.rank()
-    shard = torch.utils.data.Subset(Indexed(dataset), list(range(rank, len(dataset), world)))
+    shard = Subset(Indexed(dataset), list(range(rank, len(dataset), world)))
     loader = DataLoader(
-        shard, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda", shuffle=False
+        shard,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        shuffle=False,
+        collate_fn=collate_readable,
     )
     indices, feats, targets = [], [], []
     progress = Progress(desc, len(loader))
-    for step, (idx, images, target) in enumerate(loader, 1):
-        out = fn(images.to(device, non_blocking=True))
-        feats.append(out.float().cpu())
-        indices.append(idx)
-        targets.append(torch.as_tensor(target))
+    for step, (batch, unreadable) in enumerate(loader, 1):
+        for u in unreadable:
+            print(f"warning: unreadable image {u.path} ({u.reason}); left out of {desc}", flush=True)
+        if batch is not None:
+            idx, images, target = batch
+            feats.append(fn(images.to(device, non_blocking=True)).float().cpu())
+            indices.append(idx)
+            targets.append(torch.as_tensor(target))
         progress.step(step)
-    idx, feats, targets = torch.cat(indices), torch.cat(feats), torch.cat(targets)
+    local = (feats[0].shape[1:], targets[0].shape[1:], targets[0].dtype) if feats else None
+    shapes = [local]
+    if world > 1:  # a rank whose whole shard was unreadable still joins the gathers, with empty tensors
+        shapes = [None] * world
+        torch.distributed.all_gather_object(shapes, local)
+    shape = next((x for x in shapes if x is not None), None)
+    if shape is None:
+        raise ValueError(f"{desc}: none of the {len(dataset)} images is readable")
+    idx = torch.cat(indices) if feats else torch.zeros(0, dtype=torch.long)
+    feats = torch.cat(feats) if feats else torch.zeros(0, *shape[0])
+    targets = torch.cat(targets) if targets else torch.zeros(0, *shape[1], dtype=shape[2])
     if world > 1:
         idx, feats, targets = (_gather(t) for t in (idx, feats, targets))
     order = torch.argsort(idx)
-    return feats[order], targets[order]
+    idx = idx[order]
+    kept = set(idx.tolist())
+    base = _unwrap(dataset)
+    dropped = [_path_of(base, _base_index(dataset, i)) for i in range(len(dataset)) if i not in kept]
+    return {"features": feats[order], "targets": targets[order], "index": idx, "dropped": dropped}
 
 
 def _gather(t: torch.Tensor) -> torch.Tensor:
@@ -114,14 +236,65 @@ def _gather(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)]).cpu()
 
 
-def cached(path: str | Path | None, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Load `path` if it exists, else compute and write it atomically (main rank)."""
-    if path is not None and Path(path).is_file():
-        return safe_load(path)
-    result = compute()
-    if path is not None and dist_utils.is_main():
-        atomic_save(result, path)
-    return result
+def file_identity(path: str | Path) -> dict[str, object]:
+    """Resolved path, size and mtime: a backbone file re-written in place is another backbone."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def dataset_identity(dataset: Dataset) -> dict[str, object]:
+    """Which images, in which order, with which labels: the data root, the number of samples and a hash of
+    the ordered (absolute path, target) list, or of the pixels and targets of an in-memory set (CIFAR)."""
+    base = _unwrap(dataset)
+    h = hashlib.sha256()
+    samples = sample_list(dataset)
+    if samples is not None:
+        for path, target in samples:
+            h.update(f"{os.path.abspath(path)}\t{_plain(target)}\n".encode())
+    else:
+        h.update(str([_base_index(dataset, i) for i in range(len(dataset))]).encode())
+        if hasattr(base, "data"):
+            h.update(memoryview(np.ascontiguousarray(base.data)).cast("B"))  # no copy of the pixels
+        h.update(str(_plain(getattr(base, "targets", None))).encode())
+    root = getattr(base, "root", None)
+    return {"root": os.path.abspath(root) if root else None, "n": len(dataset), "sha256": h.hexdigest()}
+
+
+def _plain(target: object) -> object:
+    return target.tolist() if isinstance(target, torch.Tensor) else target
+
+
+def feature_key(backbone_path: str, dataset: Dataset, input_size: int, feature_type: str) -> dict[str, object]:
+    """Everything cached features depend on; the names read in the log line of a cache that is recomputed."""
+    return {
+        "backbone file": file_identity(backbone_path),
+        "image list": dataset_identity(dataset),
+        "input size": input_size,
+        "preprocessing": repr(getattr(_unwrap(dataset), "transform", None)),  # resize, crop, mean/std
+        "feature type": feature_type,
+    }
+
+
+def _load_cache(path: Path, key: dict) -> dict | None:
+    """The cache file's content when its stored key is `key`; else None, saying why on the main rank."""
+    if not path.is_file():
+        return None
+    try:
+        stored = safe_load(path)
+    except ValueError as e:
+        why = f"is unreadable ({e})"
+    else:
+        old = stored.get("key") if isinstance(stored, dict) else None
+        if old == key:
+            return stored
+        if not isinstance(old, dict):
+            why = "has no cache key (an older format)"
+        else:
+            why = "was written for a different " + " and ".join(k for k in key if old.get(k) != key[k])
+    if dist_utils.is_main():
+        print(f"cache {path} {why}; recomputing", flush=True)
+    return None
 
 
 def cached_features(
@@ -134,16 +307,25 @@ def cached_features(
     desc: str,
     backbone_path: str,
     input_size: int,
+    feature_type: str,
 ) -> dict:
-    """extract_features through `cached`, refusing a cache file written for another backbone or input size."""
-    source = {"backbone": str(Path(backbone_path).resolve()), "input_size": input_size}
-
-    def compute() -> dict:
-        feats, targets = extract_features(fn, dataset, device, batch_size, num_workers, desc)
-        return {"features": feats, "targets": targets, **source}
-
-    out = cached(path, compute)
-    if any(out.get(k) != v for k, v in source.items()):
-        found = ", ".join(f"{k} {out.get(k)}" for k in source)
-        raise ValueError(f"{path} holds features of {found}; delete it or cache elsewhere")
+    """extract_features through the cache file `path` (None: no cache). A cache is reused only when its stored
+    feature_key matches this run's; otherwise it is recomputed and overwritten atomically by the main rank."""
+    out = None
+    if path is not None:
+        path = Path(path)
+        key = feature_key(backbone_path, dataset, input_size, feature_type)
+        out = _load_cache(path, key)
+    if out is None:
+        out = extract_features(fn, dataset, device, batch_size, num_workers, desc)
+        if path is not None and dist_utils.is_main():
+            atomic_save({**out, "key": key}, path)
+    if out["dropped"] and dist_utils.is_main():
+        print(f"{desc}: {len(out['dropped'])} of {len(dataset)} images unreadable, left out", flush=True)
     return out
+
+
+def image_counts(features: dict) -> dict[str, object]:
+    """What results.json says of one evaluated split: images evaluated, dropped, and the dropped paths."""
+    dropped = features["dropped"]
+    return {"evaluated": len(features["targets"]), "dropped": len(dropped), "unreadable": dropped}

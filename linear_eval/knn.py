@@ -20,7 +20,7 @@ from pretrain import distributed as dist_utils
 
 from . import cli
 from .data import load_splits, val_transform
-from .features import cached_features, frozen_backbone
+from .features import cached_features, frozen_backbone, image_counts
 from .results import print_table, shard, sum_across_ranks, topk_correct, write_results
 
 SIMILARITY_BUDGET = 2**27  # similarity-matrix elements per query chunk (512 MiB in fp32)
@@ -100,15 +100,14 @@ def prepare(args: argparse.Namespace, device: torch.device) -> dict:
             f"{name} features",
             args.backbone,
             args.input_size,
+            "kNN: final-norm CLS",
         )
 
-    return dict(
-        args=args,
-        device=device,
-        train=features("train", train),
-        val=features("val", val),
-        num_classes=len(train.classes),
-    )
+    train_features, val_features = features("train", train), features("val", val)
+    readable = len(train_features["targets"])
+    if max(args.nb_knn) > readable:
+        raise ValueError(f"--nb-knn {max(args.nb_knn)} exceeds the {readable} readable train images")
+    return dict(args=args, device=device, train=train_features, val=val_features, num_classes=len(train.classes))
 
 
 def execute(args: argparse.Namespace, device: torch.device, train: dict, val: dict, num_classes: int) -> None:
@@ -120,6 +119,8 @@ def execute(args: argparse.Namespace, device: torch.device, train: dict, val: di
     results = {
         "protocol": "weighted kNN on final-norm CLS (PROTOCOLS B)",
         "backbone": str(Path(args.backbone).resolve()),
+        "data_path": str(Path(args.data_path).resolve()),
+        "images": {"train": image_counts(train), "val": image_counts(val)},
         "temperature": args.temperature,
         "knn": {str(k): s for k, s in scores.items()},
     }

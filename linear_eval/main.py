@@ -22,7 +22,7 @@ from pretrain.schedule import warmup_cosine
 from . import cli
 from .classifiers import AllClassifiers, classifier_grid, linear_features
 from .data import load_splits, split_holdout, train_transform, val_transform
-from .features import Progress, cached_features, frozen_backbone
+from .features import Progress, cached_features, frozen_backbone, image_counts
 from .results import print_table, shard, sum_across_ranks, topk_correct, write_results
 
 CHECKPOINT = "checkpoint.pth"
@@ -102,11 +102,14 @@ def prepare(args: argparse.Namespace, device: torch.device) -> dict:
 def eval_set_features(
     args: argparse.Namespace, backbone: ViT, dataset: Dataset, name: str, device: torch.device
 ) -> dict[str, torch.Tensor]:
-    """Compact (N, 5D) features of an eval split, from <output-dir>/features_<name>.pth when cached."""
+    """Compact (N, 5D) features of an eval split (unreadable images left out), from
+    <output-dir>/features_<name>.pth when cached."""
     path = Path(args.output_dir) / f"features_{name}.pth" if args.cache_features else None
     fn = lambda x: linear_features(backbone, x)
+    desc = f"{name} features"
+    kind = "linear probe: last-4-block CLS + avgpool"
     return cached_features(
-        path, fn, dataset, device, args.batch_size, args.num_workers, f"{name} features", args.backbone, args.input_size
+        path, fn, dataset, device, args.batch_size, args.num_workers, desc, args.backbone, args.input_size, kind
     )
 
 
@@ -228,7 +231,10 @@ def evaluate(
 
 
 def report(
-    args: argparse.Namespace, classifiers: AllClassifiers, scores: dict[str, dict[str, dict[str, float]]]
+    args: argparse.Namespace,
+    classifiers: AllClassifiers,
+    scores: dict[str, dict[str, dict[str, float]]],
+    eval_features: dict[str, dict],
 ) -> None:
     select_on = "holdout" if "holdout" in scores else "val"
     best = max(classifiers.specs, key=lambda s: scores[select_on][s.name]["top1"])  # first of equals wins
@@ -248,6 +254,8 @@ def report(
     results = {
         "protocol": "DINOv2 linear probe (PROTOCOLS B)",
         "backbone": str(Path(args.backbone).resolve()),
+        "data_path": str(Path(args.data_path).resolve()),
+        "images": {name: image_counts(data) for name, data in eval_features.items()},
         "selection": "train holdout (--val-from-train)" if select_on == "holdout" else "val (as the reference)",
         "global_batch": args.batch_size * dist_utils.world_size(),
         "epochs": args.epochs,
@@ -276,7 +284,7 @@ def execute(args: argparse.Namespace, device: torch.device, eval_features: dict,
     classifiers = training["classifiers"]
     scores = {name: evaluate(classifiers, data, device, args.batch_size) for name, data in eval_features.items()}
     if dist_utils.is_main():
-        report(args, classifiers, scores)
+        report(args, classifiers, scores, eval_features)
 
 
 def main(argv: list[str] | None = None) -> int:

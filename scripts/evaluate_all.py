@@ -229,13 +229,16 @@ def main(argv: list[str] | None = None) -> int:
         if unknown or not tasks:
             raise ValueError(f"unknown task(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(TASKS)}")
         extra = parse_extra(args.extra)
-        out = models.prepare_output_dir(args.output_dir)
-        if args.device:
-            resolve_device(args.device)  # a typo fails here, not once per task
         try:
             embed_dim = models.load_backbone(args.backbone).embed_dim
         except Exception as e:  # any unreadable file: one clear line, before any task starts
             raise ValueError(f"cannot read backbone {args.backbone}: {e}") from None
+        if args.device:
+            resolve_device(args.device)  # a typo fails here, not once per task
+        if all(missing_data(task, args) for task in tasks):
+            why = "; ".join(f"{task}: {missing_data(task, args)}" for task in tasks)
+            raise ValueError(f"no task has its data ({why})")
+        out = models.prepare_output_dir(args.output_dir)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

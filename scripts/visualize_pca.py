@@ -33,7 +33,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("Proteus PCA pictures", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--backbone", action="append", required=True, help="anything models.load_backbone reads; repeat to compare")
-    a("--images", required=True, help="folder of images (jpg, jpeg, png, bmp, webp)")
+    a("--images", required=True, help="an image, or a folder of images (jpg, jpeg, png, bmp, webp)")
     a("--out", required=True, help="one PNG per image goes here")
     a("--input-size", type=int, default=448, help="square input side; a multiple of every backbone's patch size")
     a("--threshold", type=float, default=THRESHOLD, help="foreground: first component (scaled to [0, 1]) above this")
@@ -43,8 +43,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
+    if folder.is_file() and folder.suffix.lower() in EXTENSIONS:
+        return [folder]
     if not folder.is_dir():
-        raise FileNotFoundError(f"images folder not found: {folder}")
+        raise FileNotFoundError(f"no image or images folder at {folder}")
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in EXTENSIONS)
     if not paths:
         raise FileNotFoundError(f"no images ({', '.join(EXTENSIONS)}) in {folder}")
@@ -82,18 +84,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.input_size < 1:
             raise ValueError("--input-size must be positive")
+        if not 0 <= args.threshold < 1:
+            raise ValueError(f"--threshold {args.threshold}: the first component is scaled to [0, 1]; use 0 <= t < 1")
         images = list_images(args.images)
         device = resolve_device(args.device)
-        out = prepare_output_dir(args.out)
         nets = load_backbones(args.backbone, args.input_size, device)
+        out = prepare_output_dir(args.out)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    done = 0
     for path in images:
-        with Image.open(path) as im:
-            picture = side_by_side(im, nets, args.input_size, device, args.threshold)
+        try:
+            with Image.open(path) as im:
+                im.load()
+                picture = side_by_side(im, nets, args.input_size, device, args.threshold)
+        except OSError as e:  # corrupt or not an image (PIL.UnidentifiedImageError is an OSError)
+            print(f"warning: skipped {path}: {e}", file=sys.stderr, flush=True)
+            continue
         Image.fromarray(picture).save(out / f"{path.stem}.png")
-    print(f"{len(images)} pictures (input | {' | '.join(args.backbone)}) in {out}", flush=True)
+        done += 1
+    print(f"{done} pictures (input | {' | '.join(args.backbone)}) in {out}", flush=True)
     return 0
 
 

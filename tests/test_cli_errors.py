@@ -28,6 +28,8 @@ def entry_points(backbone: Path, tmp: Path) -> dict:
     """name -> (main, argv without the output flag, output flag)."""
     images = tmp / "images"
     images.mkdir(exist_ok=True)
+    for split in ("train", "val"):  # evaluate_all runs nothing without a data folder
+        (tmp / split).mkdir(exist_ok=True)
     return {
         "pretrain": (pretrain_main.main, ["--data-path", str(tmp), "--random-teacher", "--student", "vit_tiny",
                                           "--teacher", "dinov2_vits14"], "--output-dir"),
@@ -35,7 +37,7 @@ def entry_points(backbone: Path, tmp: Path) -> dict:
         "knn": (knn_main.main, ["--data-path", str(tmp), "--backbone", str(backbone)], "--output-dir"),
         "fine_grained": (fg_main.main, ["--data-root", str(tmp), "--backbone", str(backbone)], "--output-dir"),
         "visualize_pca": (visualize_pca.main, ["--images", str(images), "--backbone", str(backbone)], "--out"),
-        "evaluate_all": (evaluate_all.main, ["--backbone", str(backbone)], "--output-dir"),
+        "evaluate_all": (evaluate_all.main, ["--backbone", str(backbone), "--data-imagenet", str(tmp)], "--output-dir"),
     }  # fmt: skip
 
 

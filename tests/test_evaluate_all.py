@@ -90,22 +90,24 @@ def test_missing_data_is_skipped_and_a_failing_task_fails_the_run(backbone, imag
     out = tmp_path / "eval"
     base = ["--backbone", str(backbone), "--output-dir", str(out), "--quick", "--device", "cpu"]
     nowhere = str(tmp_path / "nowhere")
-    assert evaluate_all.main([*base, "--data-fine-grained", nowhere, "--data-nyu", str(imagenet)]) == 0
-    printed = capsys.readouterr().out
-    assert "[linear] skipped: no --data-imagenet given" in printed
-    assert f"[fine_grained] skipped: {nowhere} does not exist" in printed
-    assert f"[nyu] skipped: {imagenet / 'images/train'} does not exist" in printed
-    md = (out / "results.md").read_text()
-    assert md.count("- skipped") == 5 and table(out / "results.md") == {}
-    assert (out / "results.png").read_bytes()[:8] == PNG_MAGIC
-    # knn with an impossible k fails (its own one-line error), linear still runs and is reported
-    argv = [*base, "--tasks", "knn,linear", "--data-imagenet", str(imagenet), "--extra", f"linear={SMALL}",
-            "--extra", f"knn={SMALL} --nb-knn 1000"]  # fmt: skip
+    # no task has data: one line with every reason, nothing written
+    assert evaluate_all.main([*base, "--data-fine-grained", nowhere, "--data-nyu", str(imagenet)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no task has its data (linear: no --data-imagenet given")
+    assert f"fine_grained: {nowhere} does not exist" in err[0]
+    assert f"nyu: {imagenet / 'images/train'} does not exist" in err[0]
+    assert not out.exists()
+    # nyu skipped, knn with an impossible k fails (its own one-line error), linear still runs and is reported
+    argv = [*base, "--tasks", "knn,linear,nyu", "--data-imagenet", str(imagenet), "--data-nyu", str(imagenet),
+            "--extra", f"linear={SMALL}", "--extra", f"knn={SMALL} --nb-knn 1000"]  # fmt: skip
     assert evaluate_all.main(argv) == 1
     printed = capsys.readouterr().out
+    assert f"[nyu] skipped: {imagenet / 'images/train'} does not exist" in printed
     assert "[knn] FAILED (exit 2)" in printed and "--nb-knn values must be in" in printed
-    assert "- FAILED knn: exit 2" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "- FAILED knn: exit 2" in md and md.count("- skipped") == 1
     assert [t for t, _ in table(out / "results.md")] == ["linear"]
+    assert (out / "results.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_bad_arguments(backbone, tmp_path, capsys):

@@ -17,6 +17,7 @@ from fine_grained import logreg
 from fine_grained import main as fg_main
 from fine_grained.datasets import DATASETS, VOC_CLASSES, build_split, holdout_val, per_class_split, protocol_splits
 from fine_grained.metrics import accuracy, average_precision_11point, mean_per_class_accuracy
+from linear_eval import features as features_module
 from pretrain import main as pretrain_main
 from tests.test_pretrain import TINY_RUN, make_image_folder
 
@@ -417,9 +418,7 @@ def test_reference_layout_checkpoint_and_clip_normalisation(data_root, tmp_path)
 
 
 def test_feature_cache_reused_and_invalidated_by_a_new_backbone(data_root, tmp_path, monkeypatch):
-    calls = []
-    real = fg_main.extract_features
-    monkeypatch.setattr(fg_main, "extract_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = count_extractions(monkeypatch)
     torch.manual_seed(0)
     bb = tmp_path / "bb.pth"
     vit = models.ViT(img_size=28, patch_size=14, embed_dim=64, depth=1, num_heads=1, init_values=1.0)
@@ -434,6 +433,69 @@ def test_feature_cache_reused_and_invalidated_by_a_new_backbone(data_root, tmp_p
     os.utime(bb, ns=(1, 1))  # a different file identity even if size and mtime were to coincide
     assert run(bb, data_root, tmp_path / "o", *args) == 0 and len(calls) == 4
     assert run(bb, data_root, tmp_path / "o", *args, "--input-size", "56") == 0 and len(calls) == 6
+
+
+def count_extractions(monkeypatch) -> list:
+    calls = []
+    real = features_module.extract_features
+    monkeypatch.setattr(
+        features_module, "extract_features", lambda *a, **k: calls.append(k.get("desc")) or real(*a, **k)
+    )
+    return calls
+
+
+def test_feature_cache_invalidated_by_a_changed_image_list(checkpoint, tmp_path, monkeypatch, capsys):
+    """Same data root, same backbone, but the split files now list other images: the cache is not reused."""
+    make_cub(tmp_path / "d")
+    calls = count_extractions(monkeypatch)
+    args = ("--datasets", "cub200", "--max-iter", "30", "--cache-dir", str(tmp_path / "cache"))
+    assert run(checkpoint, tmp_path / "d", tmp_path / "o", *args) == 0 and len(calls) == 2
+    split = tmp_path / "d" / "cub200" / "CUB_200_2011" / "train_test_split.txt"
+    split.write_text(split.read_text().replace("\n4 0\n", "\n4 1\n"))  # Bird_0_3: test -> train
+    capsys.readouterr()
+    assert run(checkpoint, tmp_path / "d", tmp_path / "o", *args) == 0 and len(calls) == 4
+    assert "cub200_train.pth was written for a different image list; recomputing" in capsys.readouterr().out
+    res = json.loads((tmp_path / "o" / "results.json").read_text())["results"]["cub200"]
+    assert (res["n_train"] + res["n_val"], res["n_test"]) == (10, 5)
+
+
+def truncate_jpeg(path) -> str:
+    path.write_bytes(path.read_bytes()[:400])  # header intact, scan data cut: "Truncated File Read" on decode
+    return str(path)
+
+
+def test_corrupt_jpeg_is_reported_dropped_and_counted(checkpoint, tmp_path, capsys):
+    make_cub(tmp_path / "d")
+    bad = truncate_jpeg(tmp_path / "d" / "cub200" / "CUB_200_2011" / "images" / "002.Bird_1" / "Bird_1_0.jpg")
+    args = ("--datasets", "cub200", "--max-iter", "30")
+    assert run(checkpoint, tmp_path / "d", tmp_path / "o", *args, "--num-workers", "2") == 0
+    out = capsys.readouterr().out
+    assert f"warning: unreadable image {bad}" in out and "cub200 train features: 1 of 9 images unreadable" in out
+    res = json.loads((tmp_path / "o" / "results.json").read_text())["results"]["cub200"]
+    assert (res["n_train"] + res["n_val"], res["n_test"]) == (8, 6) and res["dropped"] == {"train": [bad], "test": []}
+
+
+def test_holdout_split_is_drawn_on_disk_indices_when_images_are_dropped():
+    """Dropping one unreadable image leaves the other images in the train/val halves the protocol puts them in."""
+    spec = DATASETS["cub200"]
+    t, v = holdout_val(20)
+    kept = [i for i in range(20) if i != v[1]]
+    x = torch.tensor(kept, dtype=torch.float)[:, None]
+    s = protocol_splits(spec, {"train": (x, torch.zeros(19), torch.tensor(kept)), "test": None}, train_size=20)
+    assert s["val"][0].flatten().tolist() == [float(i) for i in v if i != v[1]]
+    assert s["train"][0].flatten().tolist() == [float(i) for i in t] and len(s["trainval"][0]) == 19
+
+
+def test_missing_listed_file_fails_before_any_extraction(checkpoint, tmp_path, capsys, monkeypatch):
+    make_caltech(tmp_path / "d", per_class=(31, 31, 31))
+    make_cub(tmp_path / "d")
+    gone = tmp_path / "d" / "cub200" / "CUB_200_2011" / "images" / "003.Bird_2" / "Bird_2_4.jpg"
+    gone.unlink()
+    calls = count_extractions(monkeypatch)
+    rc = run(checkpoint, tmp_path / "d", tmp_path / "o", "--datasets", "caltech101,cub200", "--max-iter", "30")
+    err = capsys.readouterr().err
+    assert rc == 2 and calls == [] and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: cub200: ") and str(gone) in err and "expected <data-root>/cub200/CUB_200_2011/" in err
 
 
 @pytest.mark.parametrize(

@@ -17,9 +17,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 import models
+from linear_eval import features as features_module
 from linear_eval import knn as knn_main
 from linear_eval import main as linear_main
 from linear_eval.classifiers import LEARNING_RATES, AllClassifiers, classifier_grid, linear_features
+from linear_eval.data import load_splits, val_transform
 from linear_eval.results import topk_correct
 from models import ViT
 from pretrain import main as pretrain_main
@@ -251,8 +253,96 @@ def test_val_from_train_selects_on_holdout_and_caches_eval_features(data, backbo
     torch.save(models.to_dinov2(vit), other)
     argv[argv.index("--backbone") + 1] = str(other)
     (out / "checkpoint.pth").unlink()
-    assert linear_main.main([*argv, "--val-from-train", "0.34"]) == 2
-    assert "delete it or cache elsewhere" in capsys.readouterr().err
+    capsys.readouterr()
+    assert linear_main.main([*argv, "--val-from-train", "0.34"]) == 0  # another backbone: recomputed, said why
+    stdout = capsys.readouterr().out
+    assert (
+        "features_val.pth was written for a different backbone file; recomputing" in stdout
+        and "val features [" in stdout
+    )
+    assert (out / "features_val.pth").stat().st_mtime_ns != stamp
+
+
+def corrupt(path: Path) -> Path:
+    """Keep the header, cut the pixel data: PIL opens the file and fails when decoding it."""
+    path.write_bytes(path.read_bytes()[:60])
+    return path
+
+
+def test_extract_features_drops_unreadable_images_and_keeps_labels_aligned(tmp_path, capsys):
+    root = make_splits(tmp_path / "d", classes=3, train=2, val=1)
+    bad = corrupt(root / "train" / "class1" / "0.png")
+    ds = load_splits(str(root), val_transform(28), val_transform(28))[0]
+    fn = lambda x: x.mean(dim=(2, 3))  # noqa: E731 - per-image mean colour
+    out = features_module.extract_features(fn, ds, torch.device("cpu"), batch_size=2, num_workers=0)
+    assert f"warning: unreadable image {bad}" in capsys.readouterr().out
+    kept = [i for i, (p, _) in enumerate(ds.samples) if p != str(bad)]
+    assert out["index"].tolist() == kept and out["dropped"] == [str(bad)]
+    assert out["targets"].tolist() == [ds.samples[i][1] for i in kept] == [0, 0, 1, 2, 2]
+    direct = torch.stack([fn(ds[i][0][None])[0] for i in kept])
+    torch.testing.assert_close(out["features"], direct)
+
+
+def test_corrupt_eval_images_are_dropped_reported_and_counted(backbone, tmp_path, capsys):
+    root = make_splits(tmp_path / "d")
+    bad_val = corrupt(root / "val" / "class2" / "1.png")
+    bad_train = corrupt(root / "train" / "class0" / "4.png")
+    args = [*base_args(root, backbone, tmp_path / "lin"), "--epochs", "1", "--epoch-length", "2"]
+    assert linear_main.main(args) == 0
+    stdout = capsys.readouterr().out
+    assert f"warning: unreadable image {bad_val}" in stdout and "val features: 1 of 9 images unreadable" in stdout
+    res = json.loads((tmp_path / "lin" / "results.json").read_text())
+    assert res["images"]["val"] == {"evaluated": 8, "dropped": 1, "unreadable": [str(bad_val)]}
+    assert res["data_path"] == str(root.resolve())
+    for c in res["classifiers"].values():  # every kept image counted once: multiples of 100 / 8
+        assert c["top1"] * 8 / 100 == pytest.approx(round(c["top1"] * 8 / 100))
+    cache = tmp_path / "cache"
+    argv = [*base_args(root, backbone, tmp_path / "knn"), "--nb-knn", "1", "--cache-dir", str(cache)]
+    assert knn_main.main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert f"warning: unreadable image {bad_train}" in stdout and f"warning: unreadable image {bad_val}" in stdout
+    res = json.loads((tmp_path / "knn" / "results.json").read_text())
+    assert res["images"]["train"]["dropped"] == 1 and res["images"]["train"]["evaluated"] == 17
+    assert res["images"]["val"]["evaluated"] == 8 and res["data_path"] == str(root.resolve())
+    val = models.safe_load(cache / "val_features.pth")
+    assert val["targets"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2] and len(val["features"]) == 8
+    assert knn_main.main(argv) == 0  # from the cache: the dropped count is kept
+    assert "val features: 1 of 9 images unreadable" in capsys.readouterr().out
+    assert json.loads((tmp_path / "knn" / "results.json").read_text()) == res
+
+
+def test_knn_cache_is_keyed_on_the_images_and_the_backbone_file(backbone, tmp_path, capsys):
+    a, b = make_splits(tmp_path / "a", seed=0), make_splits(tmp_path / "b", seed=1)
+    bb = tmp_path / "bb.pth"
+    bb.write_bytes(backbone.read_bytes())
+    cache = tmp_path / "cache"
+
+    def knn(data_path, out, *extra):
+        assert knn_main.main([*base_args(data_path, bb, out), "--nb-knn", "1", "3", *extra]) == 0
+        return capsys.readouterr().out, models.safe_load(cache / "val_features.pth")
+
+    knn(a, tmp_path / "o", "--cache-dir", str(cache))
+    stdout, val = knn(b, tmp_path / "o", "--cache-dir", str(cache))  # other images, same cache folder
+    assert (
+        "val_features.pth was written for a different image list; recomputing" in stdout and "val features [" in stdout
+    )
+    knn(b, tmp_path / "fresh")  # no cache
+    assert (
+        json.loads((tmp_path / "o" / "results.json").read_text())["knn"]
+        == json.loads((tmp_path / "fresh" / "results.json").read_text())["knn"]
+    )
+    x = torch.stack([val_transform(28)(Image.open(b / "val" / "class0" / "0.png").convert("RGB"))])
+    vit = models.load_backbone(bb).eval()
+    torch.testing.assert_close(val["features"][:1], vit(x), rtol=1e-4, atol=1e-5)
+    stdout, _ = knn(b, tmp_path / "o", "--cache-dir", str(cache))
+    assert "recomputing" not in stdout and "val features [" not in stdout  # same key: reused
+    other = tiny_vit()
+    torch.nn.init.normal_(other.cls_token)
+    torch.save(models.to_dinov2(other), bb)  # re-written at the same path
+    os.utime(bb, ns=(1, 1))
+    stdout, val = knn(b, tmp_path / "o", "--cache-dir", str(cache))
+    assert "val_features.pth was written for a different backbone file; recomputing" in stdout
+    torch.testing.assert_close(val["features"][:1], other.eval()(x), rtol=1e-4, atol=1e-5)
 
 
 # --- errors --------------------------------------------------------------------------------------

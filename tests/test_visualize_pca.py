@@ -91,7 +91,9 @@ def test_two_runs_are_byte_identical(setup, tmp_path):
 def test_clear_errors(setup, tmp_path, capsys):
     images, backbones = setup
     assert run(tmp_path / "nope", backbones, tmp_path / "o") == 2
-    assert "images folder not found" in capsys.readouterr().err
+    assert "no image or images folder at" in capsys.readouterr().err
+    assert run(images, backbones, tmp_path / "o", "--threshold", "2") == 2
+    assert "--threshold 2.0" in capsys.readouterr().err
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
     assert run(images, [backbones[0], bad], tmp_path / "o") == 2
@@ -118,3 +120,17 @@ def test_pretraining_logs_pca_pictures_to_tensorboard(tmp_path):
     student = events.Images("pca/student")
     assert [e.step for e in student] == [0, 1] and len(events.Images("pca/teacher")) == 1
     assert (student[0].height, student[0].width) == (28, 4 * 28)  # 4 fixed images side by side
+
+
+def test_single_image_and_corrupt_images_skipped(setup, tmp_path, capsys):
+    images, backbones = setup
+    assert run(images / "im1.png", backbones[:1], tmp_path / "one") == 0
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["im1.png"]
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "im0.png").write_bytes((images / "im0.png").read_bytes())
+    (mixed / "broken.jpg").write_bytes((images / "im0.png").read_bytes()[:40])  # truncated
+    assert run(mixed, backbones[:1], tmp_path / "m") == 0
+    out = capsys.readouterr()
+    assert f"warning: skipped {mixed / 'broken.jpg'}" in out.err and "1 pictures" in out.out
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["im0.png"]
