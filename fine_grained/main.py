@@ -17,6 +17,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_M
 from linear_eval.features import cached_features, eval_transform, frozen_backbone
 from models import prepare_output_dir
 from pretrain import distributed as dist_utils
+from pretrain.cli import HelpFormatter
 
 from . import logreg
 from .datasets import DATASETS, Spec, build_split, parse_names, protocol_splits
@@ -26,9 +27,7 @@ NORMALIZATION = {"imagenet": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), "cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        "Proteus fine-grained evaluation", formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = argparse.ArgumentParser("Proteus fine-grained evaluation", formatter_class=HelpFormatter)
     a = p.add_argument
     a("--backbone", required=True, help="student checkpoint/backbone file (ours, the reference release's, DINOv2)")
     a("--data-root", required=True, help="one folder per dataset name: <data-root>/<name>/ (see README)")

@@ -23,8 +23,8 @@ def add_common_args(p: argparse.ArgumentParser, output_dir: str) -> None:
     a("--input-size", type=int, default=224, help="crop size; val is resized to input-size * 256/224 first")
     a("--batch-size", type=int, default=128, help="per process")
     a("--output-dir", default=output_dir, help="results.json (and checkpoints) go here")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--num-workers", type=int, default=10)
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="under torchrun: cuda:LOCAL_RANK")
+    a("--num-workers", type=int, default=10, help="data loader processes per process")
 
 
 def check_positive(args: argparse.Namespace, *names: str) -> None:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain import distributed as dist_utils
+from pretrain.cli import HelpFormatter
 
 from . import cli
 from .data import load_splits, val_transform
@@ -27,7 +28,7 @@ SIMILARITY_BUDGET = 2**27  # similarity-matrix elements per query chunk (512 MiB
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Proteus kNN eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser("Proteus kNN eval", formatter_class=HelpFormatter)
     cli.add_common_args(p, output_dir="output/knn")
     a = p.add_argument
     a("--nb-knn", type=int, nargs="+", default=[10, 20, 100, 200], help="the k values to report")

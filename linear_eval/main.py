@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from models import ViT, atomic_save, safe_load
 from pretrain import distributed as dist_utils
+from pretrain.cli import HelpFormatter
 from pretrain.data import seed_worker
 from pretrain.schedule import warmup_cosine
 
@@ -29,10 +30,10 @@ CHECKPOINT = "checkpoint.pth"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Proteus linear probing", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser("Proteus linear probing", formatter_class=HelpFormatter)
     cli.add_common_args(p, output_dir="output/linear")
     a = p.add_argument
-    a("--epochs", type=int, default=10)
+    a("--epochs", type=int, default=10, help="cosine to 0 over epochs x epoch length")
     a(
         "--epoch-length",
         type=int,

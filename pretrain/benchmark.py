@@ -26,8 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from models import TEACHERS, create_student, create_teacher
+from models import STUDENT_ARCHS, TEACHERS, create_student, create_teacher
 
+from . import distributed as dist_utils
+from .cli import HelpFormatter
 from .data import build_dataset
 from .distiller import Distiller, compile_student, teacher_targets
 from .engine import backward_and_step, forward_losses
@@ -329,30 +331,42 @@ def pipeline_benchmark(args: argparse.Namespace) -> dict[int, float]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Proteus pretraining benchmark", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser("Proteus pretraining benchmark", formatter_class=HelpFormatter)
     a = p.add_argument
     a("--teacher", default="dinov2_vits14", help=f"one of: {', '.join(TEACHERS)} (random weights)")
-    a("--student", default="vit_tiny")
-    a("--batch-size", type=int, default=8)
-    a("--input-size", type=int, default=224)
+    a("--student", default="vit_tiny", help="vit_tiny, vit_small, vit_base or vit_large")
+    a("--batch-size", type=int, default=8, help="images per step")
+    a("--input-size", type=int, default=224, help="square crop side")
     a("--steps", type=int, default=10, help="timed steps (median reported)")
-    a("--warmup", type=int, default=3)
+    a("--warmup", type=int, default=3, help="untimed steps first")
     a("--compile", action="store_true", help="torch.compile the student's forward_features, as main.py --compile")
     a("--reference", action="store_true", help="also time the reference's step on the same batch; prints speedup")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--precision", choices=tuple(AMP), default="bf16")
-    a("--seed", type=int, default=0)
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the step runs")
+    a(
+        "--precision",
+        choices=tuple(AMP),
+        default="bf16",
+        help="ours; --reference runs fp16 + GradScaler then (fp32 for fp32)",
+    )
+    a("--seed", type=int, default=0, help="weights and synthetic batch")
     a("--threads", type=int, help="torch CPU threads (default: torch's); 1 on a shared machine avoids OpenMP spinning")
     a("--pipeline", action="store_true", help="benchmark JPEG decode + augmentation instead of the step")
     a("--pipeline-dir", help="ImageFolder root with train/ (default: generate --images JPEGs in a temp dir)")
     a("--images", type=int, default=64, help="JPEGs to generate for --pipeline")
-    a("--pipeline-batch", type=int, default=8)
+    a("--pipeline-batch", type=int, default=8, help="loader batch size for --pipeline")
     a("--workers", type=lambda s: [int(v) for v in s.split(",")], default=[0, 2], help="comma list")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    try:
+        if args.teacher not in TEACHERS or args.student not in STUDENT_ARCHS:
+            raise ValueError(f"--teacher is one of {', '.join(TEACHERS)}; --student one of {', '.join(STUDENT_ARCHS)}")
+        dist_utils.resolve_device(args.device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.pipeline:

@@ -35,6 +35,7 @@ from models import (
 
 from . import distributed as dist_utils
 from . import pca
+from .cli import HelpFormatter
 from .data import PositionSampler, SeededDataset, build_dataset, worker_init
 from .distiller import Distiller, compile_student
 from .engine import ITERATION_LOG, NonFiniteLoss, Preempted, StopControl, train_one_epoch
@@ -46,24 +47,22 @@ EXIT_REQUEUE = dist_utils.EXIT_REQUEUE  # SIGUSR1/SIGTERM: checkpoint written mi
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        "Proteus distillation pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = argparse.ArgumentParser("Proteus distillation pretraining", formatter_class=HelpFormatter)
     a = p.add_argument
     a("--data-path", help="ImageNet root holding train/ in ImageFolder layout")
     a("--teacher", default="dinov2_vitl14", help=f"one of: {', '.join(TEACHERS)}")
     a("--teacher-checkpoint", help="the teacher's official weight file; downloaded from the official URL if omitted")
     a("--random-teacher", action="store_true", help="random teacher weights: smoke tests and demos only")
     a("--student", default="vit_base", help=f"one of: {', '.join(STUDENT_ARCHS)}")
-    a("--input-size", type=int, default=224)
+    a("--input-size", type=int, default=224, help="crop side; a multiple of the patch size (14)")
     a("--batch-size", type=int, default=128, help="per process; lr scales with the global batch")
-    a("--epochs", type=int, default=300)
-    a("--warmup-epochs", type=float, default=5)
+    a("--epochs", type=int, default=300, help="the cosine spans all of them")
+    a("--warmup-epochs", type=float, default=5, help="linear warmup from --warmup-lr")
     a("--epoch-length", type=int, help="iterations per epoch (default: one pass of the sampler)")
     a("--lr", type=float, default=5e-4, help="for a global batch of 512; scaled linearly")
     a("--warmup-lr", type=float, default=1e-6, help="lr at the start of the linear warmup")
     a("--min-lr", type=float, default=1e-5, help="lr at the end of the cosine")
-    a("--weight-decay", type=float, default=0.05)
+    a("--weight-decay", type=float, default=0.05, help="AdamW; none on biases, norms, LayerScale")
     a("--drop-path", type=float, default=0.0, help="stochastic depth of the student")
     a("--mask-probability", type=float, default=0.5, help="fraction of each batch (the first samples) masked")
     a(
@@ -71,19 +70,19 @@ def get_args_parser() -> argparse.ArgumentParser:
         default="0.5",
         help="fraction of patches masked: a value, or a range 'lo,hi' (one stratum of it per masked sample, as DINOv2)",
     )
-    a("--lambda-token", type=float, help="default 1")
-    a("--lambda-patch", type=float, help="default 1 (0 for CLIP teachers)")
-    a("--lambda-fea", type=float, help="default 1 (0 for CLIP teachers)")
-    a("--ema-decay", type=float, default=0.99996)
+    a("--lambda-token", type=float, help="weight of the CLS loss (default 1)")
+    a("--lambda-patch", type=float, help="weight of the masked-patch loss (default 1; 0 for CLIP teachers)")
+    a("--lambda-fea", type=float, help="weight of the all-token feature loss (default 1; 0 for CLIP teachers)")
+    a("--ema-decay", type=float, default=0.99996, help="EMA of the student, per iteration")
     a("--clip-grad", type=float, help="max gradient norm (default: no clipping)")
     a("--compile", action="store_true", help="torch.compile the student's forward (distiller.compile_student)")
     a("--precision", choices=("bf16", "fp16", "fp32"), default="bf16", help="autocast dtype; fp16 adds GradScaler")
-    a("--output-dir", default="output/pretrain")
+    a("--output-dir", default="output/pretrain", help="checkpoint.pth, log.txt, tensorboard/, backbone*.pth")
     a("--resume", help="checkpoint to resume from (default: <output-dir>/checkpoint.pth when present)")
     a("--save-every-minutes", type=float, help="also write checkpoint.pth mid-epoch this often (default: per epoch)")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--num-workers", type=int, default=10)
-    a("--seed", type=int, default=0)
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="under torchrun: cuda:LOCAL_RANK")
+    a("--num-workers", type=int, default=10, help="data loader processes per GPU")
+    a("--seed", type=int, default=0, help="augmentations, masks and init (+ rank)")
     a("--print-freq", type=int, default=50, help="iterations between progress lines")
     a("--pca-every", type=int, default=10, help="epochs between tensorboard PCA pictures of 4 fixed images (0: off)")
     a("--subset-images-per-class", type=float, default=1.0, help="proxy data: fraction of each class's images")

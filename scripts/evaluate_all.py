@@ -29,6 +29,7 @@ from pathlib import Path
 
 import models
 from fine_grained.datasets import DATASETS
+from pretrain.cli import HelpFormatter
 from pretrain.distributed import resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +75,7 @@ class Row:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Proteus: all evaluations", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser("Proteus: all evaluations", formatter_class=HelpFormatter)
     a = p.add_argument
     a("--backbone", required=True, help="anything models.load_backbone reads")
     a("--output-dir", required=True, help="<task>/ outputs and logs, results.md, results.png, results.json")

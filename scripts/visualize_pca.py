@@ -23,6 +23,7 @@ from torchvision import transforms
 
 import models
 from models import prepare_output_dir
+from pretrain.cli import HelpFormatter
 from pretrain.distributed import resolve_device
 from pretrain.pca import THRESHOLD, pca_images
 
@@ -30,14 +31,14 @@ EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Proteus PCA pictures", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser("Proteus PCA pictures", formatter_class=HelpFormatter)
     a = p.add_argument
     a("--backbone", action="append", required=True, help="anything models.load_backbone reads; repeat to compare")
     a("--images", required=True, help="an image, or a folder of images (jpg, jpeg, png, bmp, webp)")
     a("--out", required=True, help="one PNG per image goes here")
     a("--input-size", type=int, default=448, help="square input side; a multiple of every backbone's patch size")
     a("--threshold", type=float, default=THRESHOLD, help="foreground: first component (scaled to [0, 1]) above this")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the backbones run")
     return p
 
 

@@ -58,3 +58,10 @@ def test_pipeline_mode_on_generated_jpegs(tmp_path, capsys):
     rates = benchmark.pipeline_benchmark(args)
     assert set(rates) == {0, 1} and all(r > 0 for r in rates.values())
     assert "workers 1:" in capsys.readouterr().out
+
+
+def test_bad_names_and_device_are_one_line(capsys):
+    assert benchmark.main(["--teacher", "dinov2_vitz14"]) == 2
+    assert capsys.readouterr().err.startswith("error: --teacher is one of dinov2_vits14")
+    assert benchmark.main(["--device", "gpu"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --device gpu: not a torch device (e.g. cpu, cuda, cuda:1)"

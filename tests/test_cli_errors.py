@@ -68,3 +68,14 @@ def test_unknown_or_missing_device(name, device, backbone, tmp_path, capsys):
     assert main([*argv, flag, str(tmp_path / "out"), "--device", device]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"error: --device {device}") and "Traceback" not in "\n".join(err)
+
+
+@pytest.mark.parametrize("module", [pretrain_main, linear_main, knn_main, fg_main, evaluate_all, visualize_pca])
+def test_help_shows_each_default_once(module):
+    parser = module.get_args_parser()
+    text = " ".join(parser.format_help().split())
+    assert "(default: None)" not in text and "(default: False)" not in text
+    for action in parser._actions:
+        if action.option_strings and action.default not in (None, False, "==SUPPRESS=="):
+            helped = " ".join(parser._get_formatter()._expand_help(action).split())
+            assert helped.count("default") == 1, (action.option_strings, helped)  # said once, never missing
