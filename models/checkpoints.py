@@ -161,6 +161,8 @@ def backbone_state_dict(ckpt: object, path: str | os.PathLike) -> StateDict:
     - ours: `checkpoint.pth` {"student": ...} or the exported flat `backbone.pth`
     - the reference release's `checkpoint.pth` {"model": {"student.backbone.*", ...}, "args": Namespace}
     - an official DINOv2 flat state dict
+    - DINOv2 training checkpoints {"teacher": {"backbone.*", heads}} (the weights DINOv2 evaluates), and
+      the common {"state_dict": ...} / {"model": ...} wrappers, with module./backbone. prefixes
     """
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a state dict or checkpoint")
@@ -168,8 +170,8 @@ def backbone_state_dict(ckpt: object, path: str | os.PathLike) -> StateDict:
         sd = ckpt["student"]
     elif isinstance(ckpt.get("model"), dict) and any(k.startswith("student.backbone.") for k in ckpt["model"]):
         sd = strip_prefix(ckpt["model"], ("student.backbone.",))
-    elif isinstance(ckpt.get("model"), dict):
-        sd = strip_prefix(ckpt["model"], ("module.backbone.", "backbone.", "module."))
+    elif wrapper := next((k for k in ("teacher", "model", "state_dict") if isinstance(ckpt.get(k), dict)), None):
+        sd = strip_prefix(ckpt[wrapper], ("module.backbone.", "backbone.", "module."))
     else:
         sd = strip_prefix(ckpt, ("module.backbone.", "backbone.", "module."))
     sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}

@@ -875,6 +875,21 @@ def test_load_backbone_reference_release_checkpoint(tmp_path, chunks):
     _assert_same_weights(loaded, dinov2_to_ours(student))  # student weights, not EMA nor teacher
 
 
+@pytest.mark.parametrize("wrap", ["dinov2_training", "state_dict_ddp"])
+def test_load_backbone_common_wrappers(tmp_path, wrap):
+    """DINOv2's own training checkpoints ({"teacher": backbone + heads}) and DDP state_dict wrappers."""
+    sd = official_dinov2_sd(64, 2, 2, seed=5)
+    if wrap == "dinov2_training":
+        teacher = {**{f"backbone.{k}": v for k, v in sd.items()}, "dino_head.mlp.0.weight": torch.zeros(8, 64)}
+        ckpt = {"teacher": teacher, "iteration": 10}
+    else:
+        ckpt = {"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}
+    torch.save(ckpt, tmp_path / "w.pth")
+    loaded = models.load_backbone(tmp_path / "w.pth")
+    assert loaded.embed_dim == 64 and len(loaded.blocks) == 2
+    _assert_same_weights(loaded, dinov2_to_ours(sd))
+
+
 def test_load_backbone_refuses_pickled_objects(tmp_path):
     _EXECUTED.clear()
     student = official_dinov2_sd(64, 1, 4)
