@@ -131,7 +131,8 @@ def test_protocol_settings_in_configs():
 def test_amp_flag_switches_the_optimizer_wrapper(backbone, ade, tmp_path):
     args = runner.get_args_parser("segmentation").parse_args(
         [str(ROOT / "segmentation/configs/linear_vit_small.py"), "--backbone", str(backbone), "--data-root", str(ade),
-         "--work-dir", str(tmp_path), "--amp"]
+         "--work-dir", str(tmp_path), "--amp", "--cfg-options", *TINY,
+         *HEADS["segmentation/configs/linear_vit_small.py"]]
     )  # fmt: skip
     cfg = runner.build_config(args, "segmentation")
     assert cfg.optim_wrapper.type == "AmpOptimWrapper" and cfg.optim_wrapper.dtype == "bfloat16"
