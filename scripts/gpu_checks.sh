@@ -7,8 +7,8 @@
 #   bash scripts/gpu_checks.sh                 # everything
 #   STEPS=5 bash scripts/gpu_checks.sh         # fewer timed steps
 #
-# Wheels for packages the machine lacks (e.g. timm) can sit in .whl/: they are installed into
-# /tmp/site first.
+# Wheels for packages the machine lacks or has in an unsupported version (requirements.txt: timm
+# >=1.0.9,<1.1, pillow <13) can sit in .whl/: they are installed into /tmp/site first.
 set -uo pipefail
 OUT=${OUT:-gpu_checks}
 STEPS=${STEPS:-20}
