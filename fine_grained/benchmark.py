@@ -13,6 +13,8 @@ import time
 
 import torch
 
+from pretrain.cli import HelpFormatter
+
 from . import logreg
 from .metrics import accuracy
 
@@ -26,12 +28,12 @@ def synthetic(n: int, dim: int, classes: int, seed: int = 0) -> tuple[torch.Tens
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser("fine-grained logistic regression benchmark")
+    p = argparse.ArgumentParser("fine-grained logistic regression benchmark", formatter_class=HelpFormatter)
     p.add_argument("--n", type=int, default=5000, help="samples (4/5 train, 1/5 test)")
-    p.add_argument("--dim", type=int, default=384)
-    p.add_argument("--classes", type=int, default=100)
+    p.add_argument("--dim", type=int, default=384, help="feature width (ViT-S: 384)")
+    p.add_argument("--classes", type=int, default=100, help="classes of the synthetic problem")
     p.add_argument("--C", default="0.001,0.1,10", help="comma-separated C values")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where ours runs")
     p.add_argument(
         "--sweep",
         action="store_true",

@@ -44,9 +44,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def cache_dir(args: argparse.Namespace) -> Path:
+    return Path(args.cache_dir or Path(args.output_dir) / "features")
+
+
 def cache_path(args: argparse.Namespace, dataset: str, split: str) -> Path:
     """One cache file per dataset and split; what it holds is checked against linear_eval.features.feature_key."""
-    return Path(args.cache_dir or Path(args.output_dir) / "features") / f"{dataset}_{split}.pth"
+    return cache_dir(args) / f"{dataset}_{split}.pth"
 
 
 def features(args: argparse.Namespace, model: torch.nn.Module, device: torch.device, name: str, split: str, ds) -> dict:
@@ -112,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--input-size, --batch-size and --max-iter must be positive")
         device = dist_utils.resolve_device(args.device)
         prepare_output_dir(args.output_dir)
+        prepare_output_dir(cache_dir(args))  # unwritable: fail now, not after an extraction
         model = frozen_backbone(args.backbone, device, args.input_size)
         transform = eval_transform(args.input_size, args.input_size, *NORMALIZATION[args.normalization])
         # every layout is checked before any feature is extracted
@@ -119,23 +124,29 @@ def main(argv: list[str] | None = None) -> int:
             n: {s: build_split(DATASETS[n], args.data_root, s, transform, args.download) for s in DATASETS[n].splits}
             for n in names
         }
-        results = {}
-        for name in names:
-            feats = {split: features(args, model, device, name, split, ds) for split, ds in splits[name].items()}
-            results[name] = evaluate(DATASETS[name], feats, len(splits[name]["train"]), device, args.max_iter)
-            print(f"{name}: {results[name]['metric']} {results[name]['value']:.2f}", flush=True)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    results, failed = {}, {}
+    for name in names:  # a dataset that fails (e.g. no readable image) costs only itself
+        try:
+            feats = {split: features(args, model, device, name, split, ds) for split, ds in splits[name].items()}
+            results[name] = evaluate(DATASETS[name], feats, len(splits[name]["train"]), device, args.max_iter)
+        except ValueError as e:
+            failed[name] = str(e)
+            print(f"error: {name}: {e}", file=sys.stderr, flush=True)
+            continue
+        print(f"{name}: {results[name]['metric']} {results[name]['value']:.2f}", flush=True)
+    if not results:
+        return 2
     mean = sum(r["value"] for r in results.values()) / len(results)
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    summary = {"backbone": str(args.backbone), "args": vars(args), "results": results, "mean": mean}
+    summary = {"backbone": str(args.backbone), "args": vars(args), "results": results, "mean": mean, "failed": failed}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    table = markdown(results, mean)
+    table = markdown(results, mean) + "".join(f"\nFAILED {name}: {why}\n" for name, why in failed.items())
     (out / "results.md").write_text(table)
     print(table, end="")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

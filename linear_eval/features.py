@@ -315,11 +315,19 @@ def cached_features(
     if path is not None:
         path = Path(path)
         key = feature_key(backbone_path, dataset, input_size, feature_type)
-        out = _load_cache(path, key)
+        # rank 0 decides: ranks that disagreed would wait in different collectives
+        out = _load_cache(path, key) if dist_utils.is_main() else None
+        if dist_utils.broadcast_from_main(out is not None) and out is None:
+            out = _load_cache(path, key)
+            if out is None:
+                raise ValueError(f"cache {path} is valid on rank 0 but not here: use a --cache-dir every node sees")
     if out is None:
         out = extract_features(fn, dataset, device, batch_size, num_workers, desc)
         if path is not None and dist_utils.is_main():
-            atomic_save({**out, "key": key}, path)
+            if out["dropped"]:  # an I/O hiccup must not be frozen into the cache
+                print(f"{desc}: not cached, since {len(out['dropped'])} images were unreadable", flush=True)
+            else:
+                atomic_save({**out, "key": key}, path)
     if out["dropped"] and dist_utils.is_main():
         print(f"{desc}: {len(out['dropped'])} of {len(dataset)} images unreadable, left out", flush=True)
     return out

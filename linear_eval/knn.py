@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from models import prepare_output_dir
 from pretrain import distributed as dist_utils
 from pretrain.cli import HelpFormatter
 
@@ -83,6 +84,8 @@ def prepare(args: argparse.Namespace, device: torch.device) -> dict:
     cli.check_positive(args, "batch_size", "input_size")
     if args.temperature <= 0:
         raise ValueError(f"--temperature must be positive, got {args.temperature}")
+    if args.cache_dir:
+        prepare_output_dir(args.cache_dir)  # unwritable: fail now, not after the extraction
     backbone = frozen_backbone(args.backbone, device, args.input_size)
     tf = val_transform(args.input_size)
     train, val = load_splits(args.data_path, tf, tf)

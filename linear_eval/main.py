@@ -23,7 +23,7 @@ from pretrain.schedule import warmup_cosine
 from . import cli
 from .classifiers import AllClassifiers, classifier_grid, linear_features
 from .data import load_splits, split_holdout, train_transform, val_transform
-from .features import Progress, cached_features, frozen_backbone, image_counts
+from .features import Progress, cached_features, file_identity, frozen_backbone, image_counts
 from .results import print_table, shard, sum_across_ranks, topk_correct, write_results
 
 CHECKPOINT = "checkpoint.pth"
@@ -135,7 +135,8 @@ def resume(args: argparse.Namespace, classifiers: AllClassifiers, optimizer: tor
 def run_identity(args: argparse.Namespace) -> dict:
     """What a checkpoint must share with the current run to be resumed (the lr schedule depends on it)."""
     return {
-        "backbone": str(Path(args.backbone).resolve()),
+        "backbone": file_identity(args.backbone),  # path, size, mtime: a re-exported file is another backbone
+        "data_path": str(Path(args.data_path).resolve()),
         "epochs": args.epochs,
         "epoch_length": args.epoch_length,
         "batch_size_global": args.batch_size * dist_utils.world_size(),
@@ -279,8 +280,6 @@ def report(
 
 
 def execute(args: argparse.Namespace, device: torch.device, eval_features: dict, **training) -> None:
-    if dist_utils.is_main():
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     train(args, device, **training)
     classifiers = training["classifiers"]
     scores = {name: evaluate(classifiers, data, device, args.batch_size) for name, data in eval_features.items()}

@@ -65,6 +65,15 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def broadcast_from_main(obj: object) -> object:
+    """Rank 0's value on every rank: decisions that must be the same everywhere (a cache hit, say)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -356,8 +356,6 @@ def train(
 ) -> None:
     out = Path(args.output_dir)
     main_rank = dist_utils.is_main()
-    if main_rank:
-        out.mkdir(parents=True, exist_ok=True)
     student = distiller.student
     model = distiller
     if world > 1:
@@ -422,9 +420,11 @@ def train(
         dist_utils.barrier()
         if control.signalled and epoch + 1 < args.epochs:
             raise Preempted(f"stopped after epoch {epoch}")
-    if main_rank:
+    exported = (out / "backbone.pth").is_file() and (out / "backbone_ema.pth").is_file()
+    if main_rank and not (start_epoch >= args.epochs and exported):  # a new mtime would void feature caches
         atomic_save(to_dinov2(student), out / "backbone.pth")
         atomic_save(to_dinov2(ema.module), out / "backbone_ema.pth")
+    if main_rank:
         writer.close()
         print(
             f"done: {out / 'backbone.pth'} (DINOv2 layout), {out / 'backbone_ema.pth'}; "

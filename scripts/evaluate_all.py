@@ -7,10 +7,11 @@ python -m scripts.evaluate_all --backbone out/s/backbone.pth --output-dir out/s/
 Each task runs in its own subprocess (`python -m linear_eval.main`, `linear_eval.knn`,
 `fine_grained.main`, `segmentation.main CONFIG`, `depth.main CONFIG`) with its output and log in
 <output-dir>/<task>/. A task whose dataset folder is missing is skipped with one line; the others
-still run. Dense tasks use the config of the backbone's size (ViT-S/B/L from its embed dim), linear
-heads by default (`--dense-head full`: UperNet / DPT). The summary goes to <output-dir>/results.md
-(task, metric, ours, the paper's number for this model size where PROTOCOLS gives one, else n/a),
-results.png and results.json. Exit code 1 if a task that had data failed, 2 on bad arguments.
+still run (no task with data at all is an error). Dense tasks use the config of the backbone's size
+(ViT-S/B/L from its embed dim), linear heads by default (`--dense-head full`: UperNet / DPT). The
+summary goes to <output-dir>/results.md (task, metric, ours, the paper's number for this model size
+where PROTOCOLS gives one, else n/a), results.png and results.json. Exit code 1 if a task that had
+data failed, 2 on bad arguments.
 
 Single-GPU runs; for multi-GPU protocol runs use each entry point under torchrun (README).
 """

@@ -22,6 +22,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
 
 import models
+from linear_eval.features import IMAGE_ERRORS
 from models import prepare_output_dir
 from pretrain.cli import HelpFormatter
 from pretrain.distributed import resolve_device
@@ -100,11 +101,14 @@ def main(argv: list[str] | None = None) -> int:
             with Image.open(path) as im:
                 im.load()
                 picture = side_by_side(im, nets, args.input_size, device, args.threshold)
-        except OSError as e:  # corrupt or not an image (PIL.UnidentifiedImageError is an OSError)
-            print(f"warning: skipped {path}: {e}", file=sys.stderr, flush=True)
+        except IMAGE_ERRORS as e:
+            print(f"warning: unreadable image {path} ({type(e).__name__}: {e}); skipped", file=sys.stderr, flush=True)
             continue
         Image.fromarray(picture).save(out / f"{path.stem}.png")
         done += 1
+    if not done:
+        print(f"error: none of the {len(images)} images is readable", file=sys.stderr)
+        return 2
     print(f"{done} pictures (input | {' | '.join(args.backbone)}) in {out}", flush=True)
     return 0
 

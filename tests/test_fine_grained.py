@@ -475,6 +475,20 @@ def test_corrupt_jpeg_is_reported_dropped_and_counted(checkpoint, tmp_path, caps
     assert (res["n_train"] + res["n_val"], res["n_test"]) == (8, 6) and res["dropped"] == {"train": [bad], "test": []}
 
 
+def test_a_failing_dataset_keeps_the_finished_ones(checkpoint, tmp_path, capsys):
+    """cub200 with no readable image fails alone: caltech101's result is written, the run exits 1."""
+    make_caltech(tmp_path / "d", per_class=(31, 31, 31))
+    make_cub(tmp_path / "d")
+    for jpg in (tmp_path / "d" / "cub200").rglob("*.jpg"):
+        jpg.write_bytes(b"not a jpeg")
+    assert run(checkpoint, tmp_path / "d", tmp_path / "o", "--datasets", "caltech101,cub200", "--max-iter", "30") == 1
+    assert "error: cub200: cub200 train features: none of the 9 images is readable" in capsys.readouterr().err
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert list(res["results"]) == ["caltech101"] and list(res["failed"]) == ["cub200"]
+    assert "FAILED cub200" in (tmp_path / "o" / "results.md").read_text()
+    assert not list((tmp_path / "o" / "features").glob("cub200_*"))  # unreadable images: nothing cached
+
+
 def test_holdout_split_is_drawn_on_disk_indices_when_images_are_dropped():
     """Dropping one unreadable image leaves the other images in the train/val halves the protocol puts them in."""
     spec = DATASETS["cub200"]

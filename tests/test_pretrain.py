@@ -302,8 +302,10 @@ def test_rerun_resumes_after_last_epoch(data, tmp_path, capsys, caplog):
     second = models.safe_load(out / "checkpoint.pth")
     assert second["epoch"] == 1
     assert not torch.equal(first["student"]["norm.weight"], second["student"]["norm.weight"])
+    exported = (out / "backbone.pth").stat().st_mtime_ns
     assert pretrain_main.main([*base, "--epochs", "2"]) == 0  # finished: says so, trains nothing
     assert "already holds all 2 epochs" in capsys.readouterr().out
+    assert (out / "backbone.pth").stat().st_mtime_ns == exported  # not rewritten: feature caches stay valid
     assert models.safe_load(out / "checkpoint.pth")["epoch"] == 1
     # a changed loss (here no patch loss, so no patch head) cannot resume that checkpoint: one clear line
     assert pretrain_main.main([*base, "--epochs", "3", "--lambda-patch", "0"]) == 2

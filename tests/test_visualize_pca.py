@@ -132,5 +132,7 @@ def test_single_image_and_corrupt_images_skipped(setup, tmp_path, capsys):
     (mixed / "broken.jpg").write_bytes((images / "im0.png").read_bytes()[:40])  # truncated
     assert run(mixed, backbones[:1], tmp_path / "m") == 0
     out = capsys.readouterr()
-    assert f"warning: skipped {mixed / 'broken.jpg'}" in out.err and "1 pictures" in out.out
+    assert f"warning: unreadable image {mixed / 'broken.jpg'}" in out.err and "1 pictures" in out.out
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["im0.png"]
+    assert run(mixed / "broken.jpg", backbones[:1], tmp_path / "b") == 2
+    assert capsys.readouterr().err.strip().endswith("error: none of the 1 images is readable")
