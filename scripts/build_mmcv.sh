@@ -9,6 +9,9 @@
 #   PYTHON=.venv/bin/python scripts/build_mmcv.sh          # CPU ops (what `make test` uses)
 #   FORCE_CUDA=1 PYTHON=python scripts/build_mmcv.sh       # GPU machines: CUDA ops as well
 #
+# Also honoured: MAX_JOBS (parallel compiles, default nproc), TORCH_CUDA_ARCH_LIST (e.g. "9.0";
+# default: the visible GPUs' architectures, or every architecture of the CUDA version without a GPU).
+#
 # Cache: $PROTEUS_WHEEL_CACHE (default ~/.cache/proteus/wheels), keyed by mmcv, torch, CUDA, python.
 set -euo pipefail
 PYTHON=$("${PYTHON:-python}" -c "import sys; print(sys.executable)")  # absolute: we cd later
