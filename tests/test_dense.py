@@ -36,33 +36,31 @@ def _img(rng, h=48, w=64):
     return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
 
 
-@pytest.fixture(scope="module")
-def ade(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ade")
+def _dense_layout(root: Path, splits: tuple, stem: str, hw: tuple[int, int], annotation) -> Path:
+    """images/<split>/*.jpg and annotations/<split>/*.png, as ADE20K and our NYU layout keep them."""
     rng = np.random.default_rng(0)
-    for split, n in (("training", 3), ("validation", 2)):
+    for split, n in splits:
         (root / "images" / split).mkdir(parents=True)
         (root / "annotations" / split).mkdir(parents=True)
         for i in range(n):
-            _img(rng).save(root / "images" / split / f"ADE_{split}_{i:08d}.jpg")
-            Image.fromarray(rng.integers(0, 151, (48, 64), dtype=np.uint8)).save(
-                root / "annotations" / split / f"ADE_{split}_{i:08d}.png"
-            )
+            name = stem.format(split=split, i=i)
+            _img(rng, *hw).save(root / "images" / split / f"{name}.jpg")
+            Image.fromarray(annotation(rng, hw)).save(root / "annotations" / split / f"{name}.png")
     return root
+
+
+@pytest.fixture(scope="module")
+def ade(tmp_path_factory) -> Path:
+    labels = lambda rng, hw: rng.integers(0, 151, hw, dtype=np.uint8)  # noqa: E731
+    return _dense_layout(tmp_path_factory.mktemp("ade"), (("training", 3), ("validation", 2)),
+                         "ADE_{split}_{i:08d}", (48, 64), labels)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def nyu(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("nyu")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 3), ("test", 2)):
-        (root / "images" / split).mkdir(parents=True)
-        (root / "annotations" / split).mkdir(parents=True)
-        for i in range(n):
-            _img(rng, 60, 80).save(root / "images" / split / f"bedroom_{i:05d}.jpg")
-            depth_mm = rng.integers(500, 9000, (60, 80)).astype(np.uint16)
-            Image.fromarray(depth_mm).save(root / "annotations" / split / f"bedroom_{i:05d}.png")
-    return root
+    depth_mm = lambda rng, hw: rng.integers(500, 9000, hw).astype(np.uint16)  # noqa: E731
+    return _dense_layout(tmp_path_factory.mktemp("nyu"), (("train", 3), ("test", 2)), "bedroom_{i:05d}", (60, 80),
+                         depth_mm)  # fmt: skip
 
 
 TINY = [*QUICK_DENSE[1:], "model.backbone.out_indices=[0,1,2,3]"]  # 2 iterations, no workers, tiny backbone
