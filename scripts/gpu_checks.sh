@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Every GPU measurement of docs/benchmarks.md in one call, for a machine lent for a few minutes:
-# the pretraining step (B<-L and S<-B at batch 128, bf16, ours vs the reference, eager and
-# compiled), the input pipeline per worker count, and the logistic regression on CUDA.
+# Every GPU check in one call, for a machine lent for a few minutes: the dense tests on CUDA (mmcv's
+# CUDA kernels against its CPU ops, the four mmseg configs, torchrun through mmengine's launcher with
+# NCCL), then the figures of docs/benchmarks.md: the pretraining step (B<-L and S<-B at batch 128,
+# bf16, ours vs the reference, eager and compiled), the input pipeline per worker count, and the
+# logistic regression on CUDA.
 # Each log goes to $OUT (default ./gpu_checks) as it runs, so a run cut short keeps what finished.
 #
 #   bash scripts/gpu_checks.sh                 # everything
 #   STEPS=5 bash scripts/gpu_checks.sh         # fewer timed steps
 #
 # Wheels for packages the machine lacks or has in an unsupported version (requirements.txt: timm
-# >=1.0.9,<1.1, pillow <13) can sit in .whl/: they are installed into /tmp/site first.
+# >=1.0.9,<1.1, pillow <13; mmengine, mmsegmentation and their small dependencies; an mmcv wheel
+# built with FORCE_CUDA=1 for the machine's python and torch, see segmentation/README.md) can sit in
+# .whl/: they are installed into /tmp/site first.
 set -uo pipefail
 OUT=${OUT:-gpu_checks}
 STEPS=${STEPS:-20}
@@ -30,6 +34,9 @@ run() {  # run NAME CMD...: log to $OUT/NAME.log, keep going on failure
 
 run env bash -c "nvidia-smi; git rev-parse HEAD 2>/dev/null; $PYTHON -c 'import torch, timm, torchvision;
 print(torch.__version__, torch.version.cuda, timm.__version__, torchvision.__version__, torch.cuda.get_device_name())'"
+run mmcv "$PYTHON" -c "import mmcv, mmseg; from mmcv.ops import get_compiling_cuda_version as v
+print('mmcv', mmcv.__version__, 'CUDA ops:', v(), 'mmseg', mmseg.__version__)"
+run dense timeout 420 "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_dense.py
 step=("$PYTHON" -m pretrain.benchmark --batch-size 128 --precision bf16 --warmup 5 --steps "$STEPS")
 run b_l "${step[@]}" --teacher dinov2_vitl14 --student vit_base --reference
 run b_l_compile "${step[@]}" --teacher dinov2_vitl14 --student vit_base --compile

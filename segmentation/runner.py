@@ -185,6 +185,9 @@ def main(task: str, argv: list[str] | None = None) -> int:
     exit_on_preemption()  # slurm's warning signal: exit 75; the requeued job resumes (--resume)
     _join_cpu_process_group(cfg)
     runner = Runner.from_cfg(cfg)
+    if torch.distributed.is_initialized():
+        world, backend = torch.distributed.get_world_size(), torch.distributed.get_backend()
+        runner.logger.info(f"distributed: {world} processes, backend {backend}")
     if not args.eval_only:
         runner.train()
     metrics = runner.test()

@@ -426,24 +426,41 @@ def test_resume_continues_from_the_last_checkpoint(backbone, ade, tmp_path):
     assert "Iter(train) [1/4]" not in logs.split("resumed epoch")[-1]  # iterations 1-2 are not redone
 
 
-@pytest.mark.parametrize("config", ["depth/configs/dpt_vit_small.py", "segmentation/configs/upernet_vit_small.py"])
-def test_torchrun_two_processes_gloo(config, backbone, ade, nyu, tmp_path):
-    """The multi-GPU path as a CPU dry run, with the backbone fine-tuned (DDP must see a gradient for
-    every trainable parameter): 2 processes train, then evaluate one validation image each."""
+def _torchrun(config: str, backbone: Path, data: Path, work: Path, nproc: int, cuda: bool) -> str:
+    """Run CONFIG under torchrun; return the run's mmengine logs."""
     import os
     import subprocess
     import sys
 
-    task = config.split("/")[0]
-    work = tmp_path / "work"
-    argv = _tiny_argv(config, backbone, ade if task == "segmentation" else nyu, work)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", f"{task}.main", *argv]  # fmt: skip
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
+    if not cuda:  # the CPU dry run of a multi-GPU job, also on a machine with GPUs
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", f"{config.split('/')[0]}.main", *_tiny_argv(config, backbone, data, work)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
     logs = "\n".join(p.read_text() for p in work.rglob("*.log"))
     assert "Distributed launcher: pytorch" in logs and "Distributed training: True" in logs
+    assert f"distributed: {nproc} processes, backend {'nccl' if cuda else 'gloo'}" in logs
+    return logs
+
+
+def _norm_types(logs: str) -> set[str]:
+    """The norm layer types of the model config that mmengine dumped into the log."""
+    lines = [line for line in logs.splitlines() if line.startswith(" ") and "norm_cfg=dict(" in line]
+    assert lines
+    return {line.split("norm_cfg=dict(", 1)[1].split("type='", 1)[1].split("'", 1)[0] for line in lines}
+
+
+@pytest.mark.parametrize("config", ["depth/configs/dpt_vit_small.py", "segmentation/configs/upernet_vit_small.py"])
+def test_torchrun_two_processes_gloo(config, backbone, ade, nyu, tmp_path):
+    """The multi-GPU path as a CPU dry run, with the backbone fine-tuned (DDP must see a gradient for
+    every trainable parameter): 2 processes train, then evaluate one validation image each."""
+    task = config.split("/")[0]
+    data = ade if task == "segmentation" else nyu
+    work = tmp_path / "work"
+    logs = _torchrun(config, backbone, data, work, nproc=2, cuda=False)
     assert "Iter(test) [1/1]" in logs  # each rank evaluated one of the 2 validation images
     two = json.loads((work / "results.json").read_text())["metrics"]
     if task == "depth":  # no BN: both ranks hold rank 0's weights, so the gathered metrics equal one process's
@@ -452,5 +469,35 @@ def test_torchrun_two_processes_gloo(config, backbone, ade, nyu, tmp_path):
         for k in ("rmse", "abs_rel", "d1"):
             assert two[k] == pytest.approx(one[k], rel=1e-5)
     else:  # SyncBN became per-process BN (SyncBN needs CUDA), so the ranks' BN statistics differ
-        norms = [line for line in logs.splitlines() if line.startswith(" ") and "norm_cfg=dict(" in line]
-        assert norms and all("type='BN'" in line for line in norms) and np.isfinite(two["mIoU"])
+        assert _norm_types(logs) == {"BN"} and np.isfinite(two["mIoU"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_torchrun_on_gpus_nccl(backbone, ade, tmp_path):
+    """The real multi-GPU path: mmengine's launcher, NCCL, SyncBN kept, one process per visible GPU
+    (up to 2), the UperNet config fine-tuned and evaluated on CUDA."""
+    config = "segmentation/configs/upernet_vit_small.py"
+    work = tmp_path / "work"
+    logs = _torchrun(config, backbone, ade, work, nproc=min(torch.cuda.device_count(), 2), cuda=True)
+    assert _norm_types(logs) == {"SyncBN"}
+    assert np.isfinite(json.loads((work / "results.json").read_text())["metrics"]["mIoU"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_mmcv_cuda_ops_match_cpu():
+    """mmcv built with FORCE_CUDA=1 (scripts/build_mmcv.sh): its kernels run on this GPU and agree
+    with the CPU ops."""
+    from mmcv.ops import get_compiling_cuda_version, nms, roi_align
+
+    if get_compiling_cuda_version() == "not available":
+        pytest.skip("mmcv was built without CUDA ops: FORCE_CUDA=1 make mmseg")
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(200, 2, generator=g) * 100
+    boxes = torch.cat([xy, xy + 5 + torch.rand(200, 2, generator=g) * 30], 1)
+    scores = torch.rand(200, generator=g)
+    (_, keep_cpu), (_, keep_gpu) = nms(boxes, scores, 0.5), nms(boxes.cuda(), scores.cuda(), 0.5)
+    assert 0 < len(keep_cpu) < 200 and torch.equal(keep_cpu, keep_gpu.cpu())
+    feats = torch.rand(2, 8, 32, 32, generator=g)
+    rois = torch.tensor([[0, 1.0, 2.0, 20.0, 25.0], [1, 4.0, 0.0, 31.0, 13.0]])
+    cpu = roi_align(feats, rois, (7, 7), 1.0, 2)
+    assert torch.allclose(cpu, roi_align(feats.cuda(), rois.cuda(), (7, 7), 1.0, 2).cpu(), atol=1e-5)
