@@ -18,8 +18,8 @@ mmseg = pytest.importorskip("mmseg", reason="mmsegmentation not installed: `make
 import models.mmseg as proteus_mmseg  # noqa: E402
 from scripts.evaluate_all import QUICK_DENSE  # noqa: E402
 from segmentation import runner  # noqa: E402
+from tests.procs import ROOT, child_env  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 DIM, DEPTH = 64, 4
 
 
@@ -428,17 +428,12 @@ def test_resume_continues_from_the_last_checkpoint(backbone, ade, tmp_path):
 
 def _torchrun(config: str, backbone: Path, data: Path, work: Path, nproc: int, cuda: bool) -> str:
     """Run CONFIG under torchrun; return the run's mmengine logs."""
-    import os
     import subprocess
     import sys
 
-    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
-    if not cuda:  # the CPU dry run of a multi-GPU job, also on a machine with GPUs
-        env["CUDA_VISIBLE_DEVICES"] = ""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", f"{config.split('/')[0]}.main", *_tiny_argv(config, backbone, data, work)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(cmd, cwd=ROOT, env=child_env(gpus=cuda), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
     logs = "\n".join(p.read_text() for p in work.rglob("*.log"))
     assert "Distributed launcher: pytorch" in logs and "Distributed training: True" in logs

@@ -25,10 +25,10 @@ from linear_eval.data import load_splits, val_transform
 from linear_eval.results import topk_correct
 from models import ViT
 from pretrain import main as pretrain_main
+from tests.procs import ROOT, child_env
 from tests.test_pretrain import TINY_RUN, make_image_folder
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+ENV = child_env()
 RUN = ["--input-size", "28", "--batch-size", "4", "--num-workers", "0", "--device", "cpu"]
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 40, 230), (200, 200, 40)]
 
@@ -453,7 +453,6 @@ def test_torchrun_two_processes_gloo(data, backbone, tmp_path):
 
 def test_preemption_signal_exits_75_and_the_rerun_resumes(data, backbone, tmp_path):
     """slurm's warning signal: the eval stops with status 75; the same command resumes from the last epoch."""
-    import os
     import signal
     import subprocess
     import sys
@@ -461,11 +460,9 @@ def test_preemption_signal_exits_75_and_the_rerun_resumes(data, backbone, tmp_pa
 
     from pretrain.distributed import EXIT_REQUEUE
 
-    root = Path(__file__).resolve().parents[1]
     out = tmp_path / "lin"
     cmd = [sys.executable, "-m", "linear_eval.main", *base_args(data, backbone, out), "--epochs", "20"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while not (out / "checkpoint.pth").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -473,6 +470,6 @@ def test_preemption_signal_exits_75_and_the_rerun_resumes(data, backbone, tmp_pa
     output = proc.communicate(timeout=60)[0]
     assert proc.returncode == EXIT_REQUEUE, output[-2000:]
     assert "received SIGUSR1" in output
-    rerun = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    rerun = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "resumed from" in rerun.stdout and (out / "results.json").exists()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,10 +12,10 @@ from pathlib import Path
 import torch
 
 import models
+from tests.procs import ROOT, child_env
 from tests.test_pretrain import TINY_RUN, make_image_folder
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+ENV = child_env()
 
 
 def epochs_logged(out: Path) -> list[int]:

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 import models
+from tests.procs import ROOT, child_env
 from tests.test_pretrain import TINY_RUN, make_image_folder
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 ALL_SCRIPTS = sorted(SCRIPTS.glob("*.sh")) + sorted(SCRIPTS.glob("slurm/*.sh"))
 SBATCH = ["pretrain", "linear", "knn", "fine_grained", "segmentation", "depth"]
@@ -56,11 +56,9 @@ def slurm(tmp_path):
     for name, text in [("srun", SRUN), ("scontrol", SCONTROL)]:
         (stubs / name).write_text(text)
         (stubs / name).chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NPROC", "NNODES", "NODE_RANK"))}
+    env = {k: v for k, v in child_env().items() if not k.startswith(("SLURM_", "NPROC", "NNODES", "NODE_RANK"))}
     env.update(
         PATH=f"{stubs}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
-        PYTHONPATH=str(ROOT),
-        OMP_NUM_THREADS="1",
         SLURM_JOB_ID="4242",
         SLURM_NNODES="1",
         SLURM_NODEID="0",
