@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU check in one call, for a machine lent for a few minutes: the dense tests on CUDA (mmcv's
 # CUDA kernels against its CPU ops, the four mmseg configs, torchrun through mmengine's launcher with
-# NCCL), then the figures of docs/benchmarks.md: the pretraining step (B<-L and S<-B at batch 128,
-# bf16, ours vs the reference, eager and compiled), the input pipeline per worker count, and the
-# logistic regression on CUDA.
+# NCCL), the other CUDA tests (our step's losses vs the reference's, pretraining, linear probe and
+# kNN under torchrun on NCCL), then the figures of docs/benchmarks.md: the pretraining step (B<-L
+# and S<-B at batch 128, bf16, ours vs the reference, eager and compiled), the input pipeline per
+# worker count, and the logistic regression on CUDA.
 # Each log goes to $OUT (default ./gpu_checks) as it runs, so a run cut short keeps what finished.
 #
 #   bash scripts/gpu_checks.sh                 # everything
@@ -36,7 +37,10 @@ run env bash -c "nvidia-smi; git rev-parse HEAD 2>/dev/null; $PYTHON -c 'import 
 print(torch.__version__, torch.version.cuda, timm.__version__, torchvision.__version__, torch.cuda.get_device_name())'"
 run mmcv "$PYTHON" -c "import mmcv, mmseg; from mmcv.ops import get_compiling_cuda_version as v
 print('mmcv', mmcv.__version__, 'CUDA ops:', v(), 'mmseg', mmseg.__version__)"
-run dense timeout 420 "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_dense.py
+pytest=("$PYTHON" -m pytest -q -rs -p no:cacheprovider)
+run dense timeout 420 "${pytest[@]}" tests/test_dense.py
+run cuda_tests timeout 300 "${pytest[@]}" -k "cuda or nccl" tests/test_benchmark.py tests/test_pretrain_launch.py \
+  tests/test_linear_eval.py
 step=("$PYTHON" -m pretrain.benchmark --batch-size 128 --precision bf16 --warmup 5 --steps "$STEPS")
 run b_l "${step[@]}" --teacher dinov2_vitl14 --student vit_base --reference
 run b_l_compile "${step[@]}" --teacher dinov2_vitl14 --student vit_base --compile

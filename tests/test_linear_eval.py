@@ -428,27 +428,42 @@ def test_end_to_end_on_a_reference_layout_checkpoint(data, tmp_path, capsys):
 
 
 # --- torchrun --------------------------------------------------------------------------------------
-def test_torchrun_two_processes_gloo(data, backbone, tmp_path):
-    def torchrun(module, out, *extra):
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            "-m", module, *base_args(data, backbone, out), *extra,
-        ]  # fmt: skip
-        proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return proc.stdout, json.loads((out / "results.json").read_text())
+def torchrun(data, backbone, module, out, *extra, nproc=2, device="cpu"):
+    """MODULE under torchrun on gloo (CPU) or NCCL (cuda): (stdout, results.json)."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", module, *base_args(data, backbone, out), "--device", device, *extra,
+    ]  # fmt: skip
+    env = child_env(gpus=device == "cuda")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, json.loads((out / "results.json").read_text())
 
-    stdout, res = torchrun("linear_eval.main", tmp_path / "lin", "--epochs", "2")
+
+def test_torchrun_two_processes_gloo(data, backbone, tmp_path):
+    stdout, res = torchrun(data, backbone, "linear_eval.main", tmp_path / "lin", "--epochs", "2")
     # 18 images over 2 ranks -> 9 per rank -> 2 iterations of 4 per epoch
     assert "world 2, global batch 8" in stdout and "2 it/epoch" in stdout and "epoch 1 [2/2]" in stdout
     assert res["global_batch"] == 8 and len(res["classifiers"]) == 52
     assert all(is_ninths(c["top1"]) for c in res["classifiers"].values())
     assert models.safe_load(tmp_path / "lin" / "checkpoint.pth")["epoch"] == 1
-    _, res = torchrun("linear_eval.knn", tmp_path / "knn", "--nb-knn", "1", "3")
+    _, res = torchrun(data, backbone, "linear_eval.knn", tmp_path / "knn", "--nb-knn", "1", "3")
     assert knn_main.main([*base_args(data, backbone, tmp_path / "knn1"), "--nb-knn", "1", "3"]) == 0
     single = json.loads((tmp_path / "knn1" / "results.json").read_text())
     for k in ("1", "3"):
         assert res["knn"][k] == pytest.approx(single["knn"][k])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_torchrun_on_gpus_nccl(data, backbone, tmp_path):
+    """Linear probe and kNN as on a GPU node: one process per GPU (up to 2) on NCCL, features on CUDA."""
+    nproc = min(torch.cuda.device_count(), 2)
+    run = dict(nproc=nproc, device="cuda")
+    stdout, res = torchrun(data, backbone, "linear_eval.main", tmp_path / "lin", "--epochs", "2", **run)
+    assert f"world {nproc}, global batch {4 * nproc}" in stdout and len(res["classifiers"]) == 52
+    assert all(is_ninths(c["top1"]) for c in res["classifiers"].values())
+    _, res = torchrun(data, backbone, "linear_eval.knn", tmp_path / "knn", "--nb-knn", "1", "3", **run)
+    assert set(res["knn"]) == {"1", "3"} and all(is_ninths(v["top1"]) for v in res["knn"].values())
 
 
 def test_preemption_signal_exits_75_and_the_rerun_resumes(data, backbone, tmp_path):

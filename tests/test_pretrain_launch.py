@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 import models
@@ -23,19 +25,33 @@ def epochs_logged(out: Path) -> list[int]:
     return [json.loads(line)["epoch"] for line in log.read_text().splitlines()] if log.exists() else []
 
 
-def test_torchrun_two_processes_gloo(tmp_path):
+@pytest.mark.parametrize(
+    "nproc, device",
+    [
+        (2, "cpu"),
+        pytest.param(min(torch.cuda.device_count(), 2), "cuda", marks=pytest.mark.skipif(
+            not torch.cuda.is_available(), reason="needs a GPU")),
+    ],
+    ids=["gloo", "nccl"],
+)  # fmt: skip
+def test_torchrun(tmp_path, nproc, device):
+    """2 processes on gloo as a CPU dry run; on a GPU machine, one process per GPU (up to 2) on NCCL in bf16
+    (fused AdamW, pinned memory, non-blocking copies)."""
     data = make_image_folder(tmp_path / "data", classes=2, per_class=8)
     out = tmp_path / "ddp"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
         "-m", "pretrain.main", "--data-path", str(data), "--output-dir", str(out), "--epochs", "2", *TINY_RUN,
+        "--device", device, "--precision", "fp32" if device == "cpu" else "bf16",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    env = child_env(gpus=device == "cuda")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "world 2, global batch 8" in proc.stdout
-    # 16 images, 3 repeats over 2 ranks -> ceil(16/2) = 8 samples per rank -> 2 iterations of 4
-    assert "[2/2]" in proc.stdout
+    assert f"on {device}" in proc.stdout and f"world {nproc}, global batch {4 * nproc}" in proc.stdout
+    # 16 images; 2 ranks: 3 repeats over 2 ranks -> ceil(16/2) = 8 samples per rank -> 2 iterations of 4
+    assert f"[{4 // nproc}/{4 // nproc}]" in proc.stdout
     assert epochs_logged(out) == [0, 1]
+    assert all(math.isfinite(json.loads(line)["train_loss"]) for line in (out / "log.txt").read_text().splitlines())
     student = models.load_backbone(out / "backbone.pth")
     assert student.embed_dim == 192
 
