@@ -469,8 +469,6 @@ def test_torchrun_on_gpus_nccl(data, backbone, tmp_path):
 def test_preemption_signal_exits_75_and_the_rerun_resumes(data, backbone, tmp_path):
     """slurm's warning signal: the eval stops with status 75; the same command resumes from the last epoch."""
     import signal
-    import subprocess
-    import sys
     import time
 
     from pretrain.distributed import EXIT_REQUEUE
