@@ -11,9 +11,9 @@
 #   STEPS=5 bash scripts/gpu_checks.sh         # fewer timed steps
 #
 # Wheels for packages the machine lacks or has in an unsupported version (requirements.txt: timm
-# >=1.0.9,<1.1, pillow <13; mmengine, mmsegmentation and their small dependencies; an mmcv wheel
-# built with FORCE_CUDA=1 for the machine's python and torch, see segmentation/README.md) can sit in
-# .whl/: they are installed into /tmp/site first.
+# >=1.0.9,<1.1, pillow <13; mmengine, mmsegmentation, albumentations and their dependencies; an mmcv
+# wheel built with FORCE_CUDA=1 for the machine's python and torch) can sit in .whl/: they are
+# installed into /tmp/site first. docs/benchmarks.md lists the set for an offline H200 machine.
 set -uo pipefail
 OUT=${OUT:-gpu_checks}
 STEPS=${STEPS:-20}
