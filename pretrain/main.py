@@ -317,7 +317,10 @@ def resume(args, distiller: Distiller, optimizer, scaler, ema, world: int) -> di
             f"missing {missing}, unexpected {heads.unexpected_keys}"
         )
     optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
+    if ckpt["scaler"]:  # empty unless that run used fp16; a fresh fp16 scaler then starts at its initial scale
+        scaler.load_state_dict(ckpt["scaler"])
+    if ckpt["args"]["precision"] != args.precision:
+        log.warning("%s was trained with --precision %s, now %s", path, ckpt["args"]["precision"], args.precision)
     ema.module.load_state_dict(ckpt["ema"])
     epoch, done = ckpt["epoch"] + 1, ckpt.get("iteration_in_epoch", 0)
     if ckpt["args"]["epochs"] != args.epochs and epoch < args.epochs:

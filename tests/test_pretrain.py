@@ -313,6 +313,20 @@ def test_rerun_resumes_after_last_epoch(data, tmp_path, capsys, caplog):
     assert "other loss heads than this run" in err and "unexpected ['patch_head." in err
 
 
+@pytest.mark.parametrize("first, then", [("bf16", "fp16"), ("fp16", "fp32")])
+def test_resume_with_another_precision(data, tmp_path, caplog, first, then):
+    """A bf16/fp32 checkpoint holds no loss-scaler state: switching to fp16 (after bf16 NaNs, or on a GPU
+    without bf16) starts a fresh scaler instead of failing; fp16 -> fp32 drops the scale."""
+    out = tmp_path / "run"
+    base = ["--data-path", str(data), "--output-dir", str(out), *TINY_RUN]
+    assert pretrain_main.main([*base, "--epochs", "1", "--precision", first]) == 0
+    assert bool(models.safe_load(out / "checkpoint.pth")["scaler"]) == (first == "fp16")
+    assert pretrain_main.main([*base, "--epochs", "2", "--precision", then]) == 0
+    assert f"was trained with --precision {first}, now {then}" in caplog.text
+    final = models.safe_load(out / "checkpoint.pth")
+    assert final["epoch"] == 1 and bool(final["scaler"]) == (then == "fp16")
+
+
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(data, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     base = ["--data-path", str(data), "--output-dir", str(out), *TINY_RUN]
