@@ -28,9 +28,12 @@ TINY = [
 ]
 
 
-def test_step_benchmark_prints_fields_and_speedup(capsys):
-    assert benchmark.main([*TINY, "--reference"]) == 0
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_step_benchmark_prints_fields_and_speedup(capsys, precision):
+    assert benchmark.main([*TINY, "--reference", "--precision", precision]) == 0
     out = capsys.readouterr().out
+    # bf16: the reference runs fp16 + GradScaler, whose skipped updates would flatter its step time
+    assert ("GradScaler skipped 0 of 4 updates" in out) == (precision == "bf16")
     for field in ("RANDOM weights", "flops/step:", "matmul rate:", "img/s", "peak memory", "MFU", "ours breakdown:"):
         assert field in out, field
     assert "teacher fwd" in out and "student fwd+bwd" in out and "optimizer" in out
@@ -58,6 +61,7 @@ def test_reference_step_gives_our_losses(device, precision, rel):
     setup = benchmark.Setup(args, benchmark.torch.device(device))
     reference = benchmark.Reference(setup)
     try:
+        reference.start()
         ref = [float(reference.step()) for _ in range(3)]
     finally:
         reference.close()
