@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -534,3 +535,21 @@ def test_bad_backbone_is_one_line_error(data_root, tmp_path, capsys):
         assert run(path, data_root, tmp_path / "o", "--datasets", "cub200") == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_benchmark_single_fits_and_sweep(capsys):
+    """`python -m fine_grained.benchmark`: ours and scikit-learn on the same problem, same accuracies."""
+    from fine_grained import benchmark
+
+    tiny = ["--n", "300", "--dim", "8", "--classes", "3", "--device", "cpu"]
+    assert benchmark.main([*tiny, "--C", "0.1,10"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("C=")]
+    assert len(lines) == 2 and "total: ours" in out
+    for line in lines:  # the same problem solved to tol 1e-12 on both sides: the same test accuracy
+        ours, theirs = re.findall(r"\(acc ([\d.]+)", line)
+        assert ours == theirs, line
+    assert benchmark.main([*tiny, "--sweep"]) == 0
+    assert "45-C sweep: ours" in capsys.readouterr().out
+    assert benchmark.main([*tiny, "--device", "gpu"]) == 2
+    assert capsys.readouterr().err.startswith("error: --device gpu: not a torch device")
