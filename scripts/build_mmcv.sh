@@ -12,7 +12,8 @@
 # Also honoured: MAX_JOBS (parallel compiles, default nproc), TORCH_CUDA_ARCH_LIST (e.g. "9.0";
 # default: the visible GPUs' architectures, or every architecture of the CUDA version without a GPU).
 #
-# Cache: $PROTEUS_WHEEL_CACHE (default ~/.cache/proteus/wheels), keyed by mmcv, torch, CUDA, python.
+# Cache: $PROTEUS_WHEEL_CACHE (default ~/.cache/proteus/wheels), keyed by mmcv, torch, python, CUDA and
+# the architectures built for.
 set -euo pipefail
 PYTHON=$("${PYTHON:-python}" -c "import sys; print(sys.executable)")  # absolute: we cd later
 MMCV_VERSION=2.1.0
@@ -28,7 +29,11 @@ sys.exit(mmcv.__version__ != '$MMCV_VERSION' or ('$FORCE_CUDA' == '1' and get_co
   echo "mmcv $MMCV_VERSION with ops already installed"; exit 0
 fi
 key=$("$PYTHON" -c "import sys, torch; print(f'torch{torch.__version__.split(\"+\")[0]}-py{sys.version_info[0]}{sys.version_info[1]}')")
-flavour=cpu; [ "$FORCE_CUDA" = 1 ] && flavour=cuda$("$PYTHON" -c "import torch; print(torch.version.cuda)")
+flavour=cpu  # CUDA: also the architectures compiled for, so a wheel cached for other GPUs is not reused
+[ "$FORCE_CUDA" = 1 ] && flavour=$("$PYTHON" -c "import os, torch
+gpus = {'%d.%d' % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+archs = os.environ.get('TORCH_CUDA_ARCH_LIST') or ';'.join(sorted(gpus)) or 'all'
+print(f'cuda{torch.version.cuda}-arch-' + '_'.join(archs.replace(';', ' ').split()))")
 dest="$CACHE/mmcv-$MMCV_VERSION-$key-$flavour"
 if ! ls "$dest"/mmcv-*.whl >/dev/null 2>&1; then
   command -v g++ >/dev/null || { echo "error: building mmcv needs g++ (apt-get install g++)" >&2; exit 1; }
