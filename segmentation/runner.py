@@ -33,7 +33,7 @@ def get_args_parser(task: str) -> argparse.ArgumentParser:
     a("--eval-only", action="store_true", help="evaluate --checkpoint (default: the work dir's last) and stop")
     a("--checkpoint", help="with --eval-only: a trained segmentor checkpoint")
     a("--resume", action="store_true", help="resume from the last checkpoint in the work dir")
-    a("--amp", action="store_true", help="bf16 autocast (AmpOptimWrapper)")
+    a("--amp", action="store_true", help="bf16 autocast (AmpOptimWrapper; GPU only)")
     a("--show-dir", help="write a PNG (prediction overlay / depth map) per evaluated image here")
     a("--launcher", choices=("none", "pytorch", "slurm"), help="default: pytorch under torchrun, else none")
     a("--cfg-options", nargs="+", action=DictAction, help="override config entries: key=value ...")
@@ -101,6 +101,8 @@ def build_config(args: argparse.Namespace, task: str):
     cfg.experiment_name = run_id
     cfg.visualizer.name = run_id
     if args.amp:
+        if not torch.cuda.is_available():  # mmengine's AmpOptimWrapper asserts a GPU (or NPU/MLU) deep inside
+            raise ValueError("--amp needs a GPU: mmengine's AmpOptimWrapper does not run on CPU")
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.dtype = "bfloat16"
     if args.resume:
