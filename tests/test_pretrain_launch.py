@@ -25,27 +25,32 @@ def epochs_logged(out: Path) -> list[int]:
     return [json.loads(line)["epoch"] for line in log.read_text().splitlines()] if log.exists() else []
 
 
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+GPUS = min(torch.cuda.device_count(), 2)
+
+
 @pytest.mark.parametrize(
-    "nproc, device",
+    "nproc, device, flags",
     [
-        (2, "cpu"),
-        pytest.param(min(torch.cuda.device_count(), 2), "cuda", marks=pytest.mark.skipif(
-            not torch.cuda.is_available(), reason="needs a GPU")),
+        (2, "cpu", ["--precision", "fp32"]),
+        pytest.param(GPUS, "cuda", ["--precision", "bf16"], marks=GPU),
+        pytest.param(GPUS, "cuda", ["--precision", "fp16", "--clip-grad", "1.0", "--compile"], marks=GPU),
     ],
-    ids=["gloo", "nccl"],
-)  # fmt: skip
-def test_torchrun(tmp_path, nproc, device):
-    """2 processes on gloo as a CPU dry run; on a GPU machine, one process per GPU (up to 2) on NCCL in bf16
-    (fused AdamW, pinned memory, non-blocking copies)."""
+    ids=["gloo", "nccl", "nccl-fp16-clip-compile"],
+)
+def test_torchrun(tmp_path, nproc, device, flags):
+    """2 processes on gloo as a CPU dry run; on a GPU machine, one process per GPU (up to 2) on NCCL (fused
+    AdamW, pinned memory, non-blocking copies), in bf16, and in fp16 with gradient clipping (unscale, then
+    the fused step) and the compiled student inside DDP."""
     data = make_image_folder(tmp_path / "data", classes=2, per_class=8)
     out = tmp_path / "ddp"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
         "-m", "pretrain.main", "--data-path", str(data), "--output-dir", str(out), "--epochs", "2", *TINY_RUN,
-        "--device", device, "--precision", "fp32" if device == "cpu" else "bf16",
+        "--device", device, *flags,
     ]  # fmt: skip
     env = child_env(gpus=device == "cuda")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"on {device}" in proc.stdout and f"world {nproc}, global batch {4 * nproc}" in proc.stdout
     # 16 images; 2 ranks: 3 repeats over 2 ranks -> ceil(16/2) = 8 samples per rank -> 2 iterations of 4
