@@ -8,6 +8,7 @@
 # Each log goes to $OUT (default ./gpu_checks) as it runs, so a run cut short keeps what finished.
 #
 #   bash scripts/gpu_checks.sh                 # everything
+#   bash scripts/gpu_checks.sh b_l s_b logreg  # only these steps (names as in the logs), e.g. a rerun
 #   STEPS=5 bash scripts/gpu_checks.sh         # fewer timed steps
 #
 # Wheels for packages the machine lacks or has in an unsupported version (requirements.txt: timm
@@ -25,8 +26,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-run() {  # run NAME CMD...: log to $OUT/NAME.log, keep going on failure
+ONLY=" $* "
+run() {  # run NAME CMD...: log to $OUT/NAME.log, keep going on failure; skip NAME if not asked for
   local name=$1; shift
+  [ "$ONLY" = "  " ] || [[ "$ONLY" == *" $name "* ]] || return 0
   echo "== $name: $*" | tee "$OUT/$name.log"
   local start=$SECONDS
   "$@" 2>&1 | tee -a "$OUT/$name.log"
