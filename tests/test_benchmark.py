@@ -33,7 +33,7 @@ def test_step_benchmark_prints_fields_and_speedup(capsys, precision):
     assert benchmark.main([*TINY, "--reference", "--precision", precision]) == 0
     out = capsys.readouterr().out
     # bf16: the reference runs fp16 + GradScaler, whose skipped updates would flatter its step time
-    assert ("GradScaler skipped 0 of 4 updates" in out) == (precision == "bf16")
+    assert ("GradScaler skipped 0 of 4 updates" in out) == (precision == "bf16")  # no fp16 overflow on CPU
     for field in ("RANDOM weights", "flops/step:", "matmul rate:", "img/s", "peak memory", "MFU", "ours breakdown:"):
         assert field in out, field
     assert "teacher fwd" in out and "student fwd+bwd" in out and "optimizer" in out
@@ -66,7 +66,10 @@ def test_reference_step_gives_our_losses(device, precision, rel):
     finally:
         reference.close()
     ours = [float(setup.step()) for _ in range(3)]  # the third loss also checks two optimizer updates
-    assert ours == pytest.approx(ref, rel=rel)
+    # an fp16 overflow makes the reference's GradScaler skip an update (as it did in training): from there
+    # on the weights differ by design, so only the losses before it compare
+    n = 3 if reference.skipped == 0 else 1
+    assert ours[:n] == pytest.approx(ref[:n], rel=rel)
 
 
 def test_pipeline_mode_on_generated_jpegs(tmp_path, capsys):
