@@ -313,3 +313,14 @@ def test_shellcheck():
     ours = [str(p) for p in ALL_SCRIPTS if p.name != "build_mmcv.sh"]  # build_mmcv.sh is not ours
     proc = subprocess.run(["shellcheck", "-x", *ours], cwd=SCRIPTS, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
+
+
+def test_gpu_checks_runs_only_the_named_steps(tmp_path):
+    """`gpu_checks.sh NAME ...` (a rerun after a device call cut short) runs those steps and no other."""
+    out = tmp_path / "logs"
+    env = {**child_env(), "OUT": str(out), "PYTHON": sys.executable}
+    script = str(SCRIPTS / "gpu_checks.sh")
+    proc = subprocess.run(["bash", script, "mmcv"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["mmcv.log"]
+    assert "== mmcv: rc " in (out / "mmcv.log").read_text()
