@@ -5,9 +5,9 @@ root handed to torchvision (what its `download=True` creates) or read by our own
 reader checks its layout first and raises a ValueError naming the expected layout.
 
 Split rules. "official": the dataset's own train/val/test, trainval = train + val. "holdout": the
-dataset's train (pets: its trainval) and test; val = the first floor(N/5) indices of a seed-0
-permutation of the train indices (torch.Generator().manual_seed(0), torch.randperm), train = the
-rest, trainval = all of it.
+dataset's train (pets: its trainval) and test; val = the first floor(0.2 N) of the train indices
+shuffled by numpy's legacy generator seeded 0 (the reference's `np.random.seed(0)` +
+`np.random.shuffle(list(range(N)))`), train = the rest, trainval = all of it.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -30,6 +31,9 @@ VOC_CLASSES = (
     "pottedplant sheep sofa train tvmonitor"
 ).split()
 CALTECH_TRAIN_PER_CLASS = 30
+# "reference": 30 draws per class WITH replacement, as the reference (this defines the paper's test set);
+# "distinct": 30 distinct images per class (ours: no duplicates in train, a slightly smaller test set).
+CALTECH_SPLITS = ("reference", "distinct")
 SEED = 0
 
 
@@ -56,6 +60,13 @@ class ImageList(Dataset):
         return (self.transform(img) if self.transform else img), target
 
 
+@dataclass(frozen=True)
+class SplitOptions:
+    """Split choices a user can make; the defaults are the reference's."""
+
+    caltech: str = "reference"  # one of CALTECH_SPLITS
+
+
 def layout_error(name: str, layout: str, detail: str) -> ValueError:
     return ValueError(f"{name}: {detail}; expected <data-root>/{name}/{layout}")
 
@@ -66,38 +77,49 @@ def read_lines(path: Path) -> list[str]:
 
 # --- split rules ---------------------------------------------------------------------------------
 def holdout_val(n: int, seed: int = SEED) -> tuple[list[int], list[int]]:
-    """'val 20% of train': (train, val) index lists; val = first floor(n/5) of randperm(n), seed 0."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    k = n // 5
-    return sorted(perm[k:]), sorted(perm[:k])
+    """'val 20% of train': (train, val) index lists, exactly the reference's draw: list(range(n)) shuffled
+    by numpy's legacy generator seeded `seed`, the first floor(0.2 n) are val (a torch permutation differs)."""
+    indices = list(range(n))
+    np.random.RandomState(seed).shuffle(indices)  # = np.random.seed(seed); np.random.shuffle(indices)
+    k = int(np.floor(0.2 * n))
+    return sorted(indices[k:]), sorted(indices[:k])
 
 
-def per_class_split(targets: Sequence[int], per_class: int, seed: int = SEED) -> tuple[list[int], list[int]]:
-    """(train, test) index lists: `per_class` indices of every class drawn WITHOUT replacement by one
-    seeded generator, classes in increasing label order; the rest is test. (The reference sampled
-    with replacement, so its train sets held duplicates and fewer than 30 distinct images.)"""
-    g = torch.Generator().manual_seed(seed)
+def per_class_split(
+    targets: Sequence[int], per_class: int, rule: str = "reference", seed: int = SEED
+) -> tuple[list[int], list[int]]:
+    """(train, test) index lists, classes in increasing label order. "reference": per class, `per_class`
+    draws WITH replacement by numpy's legacy generator seeded once (`np.random.seed(0)`,
+    `np.sort(np.random.choice(idx, per_class))`), duplicates kept in train; test = every index never drawn.
+    "distinct": `per_class` indices per class WITHOUT replacement (torch.randperm, one seeded generator)."""
+    if rule not in CALTECH_SPLITS:
+        raise ValueError(f"unknown split rule '{rule}'; choose from {', '.join(CALTECH_SPLITS)}")
+    rs, g = np.random.RandomState(seed), torch.Generator().manual_seed(seed)
     train = []
     for c in sorted(set(targets)):
         idx = [i for i, t in enumerate(targets) if t == c]
-        train += [idx[j] for j in torch.randperm(len(idx), generator=g)[:per_class].tolist()]
+        if rule == "reference":
+            train += np.sort(rs.choice(idx, per_class)).tolist()
+        else:
+            train += sorted(idx[j] for j in torch.randperm(len(idx), generator=g)[:per_class].tolist())
     chosen = set(train)
-    return sorted(train), [i for i in range(len(targets)) if i not in chosen]
+    return train, [i for i in range(len(targets)) if i not in chosen]
 
 
 # --- our readers ---------------------------------------------------------------------------------
-def read_caltech101(root: Path, split: str, layout: str) -> list[tuple[Path, int]]:
-    """All 102 folders of 101_ObjectCategories (BACKGROUND_Google included), sorted by name."""
+def read_caltech101(root: Path, split: str, layout: str, options: SplitOptions) -> list[tuple[Path, int]]:
+    """All 102 folders of 101_ObjectCategories (BACKGROUND_Google included), listed by torchvision's
+    ImageFolder as the reference did (classes and files sorted by name), split by `options.caltech`."""
     base = root / "101_ObjectCategories"
-    classes = sorted(d.name for d in base.iterdir() if d.is_dir()) if base.is_dir() else []
-    if not classes:
-        raise layout_error("caltech101", layout, f"no class folders in {base}")
-    samples = [(p, c) for c, name in enumerate(classes) for p in sorted((base / name).glob("*.jpg"))]
-    train, test = per_class_split([t for _, t in samples], CALTECH_TRAIN_PER_CLASS)
+    try:
+        samples = [(Path(p), c) for p, c in tvd.ImageFolder(str(base)).samples]
+    except (FileNotFoundError, OSError) as e:
+        raise layout_error("caltech101", layout, f"no class folders with images in {base} ({e})") from None
+    train, test = per_class_split([t for _, t in samples], CALTECH_TRAIN_PER_CLASS, options.caltech)
     return [samples[i] for i in (train if split == "train" else test)]
 
 
-def read_sun397(root: Path, split: str, layout: str) -> list[tuple[Path, int]]:
+def read_sun397(root: Path, split: str, layout: str, options: SplitOptions) -> list[tuple[Path, int]]:
     """Partition 01 of the official Partitions files; labels in ClassName.txt order."""
     parts = root / "Partitions"
     names = {"train": "Training_01.txt", "test": "Testing_01.txt"}
@@ -114,7 +136,7 @@ def read_sun397(root: Path, split: str, layout: str) -> list[tuple[Path, int]]:
     return samples
 
 
-def read_voc2007(root: Path, split: str, layout: str) -> list[tuple[Path, torch.Tensor]]:
+def read_voc2007(root: Path, split: str, layout: str, options: SplitOptions) -> list[tuple[Path, torch.Tensor]]:
     """20-dim 0/1 targets from <class>_<split>.txt: 1 positive; -1 negative and 0 ("difficult")
     both count as not positive. No image is dropped."""
     base = root / "VOCdevkit" / "VOC2007"
@@ -133,7 +155,7 @@ def read_voc2007(root: Path, split: str, layout: str) -> list[tuple[Path, torch.
     return [(base / "JPEGImages" / f"{i}.jpg", targets[i]) for i in ids]
 
 
-def read_cub200(root: Path, split: str, layout: str) -> list[tuple[Path, int]]:
+def read_cub200(root: Path, split: str, layout: str, options: SplitOptions) -> list[tuple[Path, int]]:
     """The official train_test_split.txt (1 = train); labels 1..200 -> 0..199."""
     base = root / "CUB_200_2011"
     files = ("images.txt", "image_class_labels.txt", "train_test_split.txt")
@@ -153,20 +175,20 @@ class Spec:
     num_classes: int
     splits: tuple[str, ...]  # what is on disk; ("train", "test") means the holdout val rule
     layout: str  # under <data-root>/<name>/
-    build: Callable[[Path, str, Transform, bool], Dataset]  # (root, split, transform, download)
+    build: Callable[[Path, str, Transform, bool, SplitOptions], Dataset]  # (root, split, transform, download, options)
 
     @property
     def official_val(self) -> bool:
         return "val" in self.splits
 
 
-def _ours(reader: Callable[[Path, str, str], list], name: str, layout: str):
-    def build(root: Path, split: str, transform: Transform, download: bool) -> Dataset:
+def _ours(reader: Callable[[Path, str, str, SplitOptions], list], name: str, layout: str):
+    def build(root: Path, split: str, transform: Transform, download: bool, options: SplitOptions) -> Dataset:
         if not root.is_dir():
             raise layout_error(name, layout, f"{root} does not exist")
         if download:
             raise ValueError(f"{name}: --download is not available; place the files as the README says")
-        return ImageList(reader(root, split, layout), transform)
+        return ImageList(reader(root, split, layout, options), transform)
 
     return build
 
@@ -174,7 +196,7 @@ def _ours(reader: Callable[[Path, str, str], list], name: str, layout: str):
 def _torchvision(cls: Callable[..., Dataset], name: str, layout: str, marker: str, **fixed):
     """torchvision class; `fixed` maps our split name to its keyword arguments via {split}."""
 
-    def build(root: Path, split: str, transform: Transform, download: bool) -> Dataset:
+    def build(root: Path, split: str, transform: Transform, download: bool, options: SplitOptions) -> Dataset:
         if not download and not (root / marker).exists():
             raise layout_error(name, layout, f"{root / marker} does not exist (or pass --download)")
         kwargs = {k: (v(split) if callable(v) else v) for k, v in fixed.items()}
@@ -270,11 +292,18 @@ def parse_names(value: str) -> list[str]:
     return names
 
 
-def build_split(spec: Spec, data_root: str | Path, split: str, transform: Transform, download: bool = False) -> Dataset:
+def build_split(
+    spec: Spec,
+    data_root: str | Path,
+    split: str,
+    transform: Transform,
+    download: bool = False,
+    options: SplitOptions | None = None,
+) -> Dataset:
     """One on-disk split; an empty one, or one listing an image that is not on disk, is an error (raised
     before any feature is extracted, not midway through the datasets)."""
     root = Path(data_root) / spec.name
-    ds = spec.build(root, split, transform, download)
+    ds = spec.build(root, split, transform, download, options or SplitOptions())
     if len(ds) == 0:
         raise layout_error(spec.name, spec.layout, f"the {split} split is empty")
     missing = [p for p, _ in sample_list(ds) or () if not os.path.isfile(p)]

@@ -20,10 +20,12 @@ from pretrain import distributed as dist_utils
 from pretrain.cli import HelpFormatter
 
 from . import logreg
-from .datasets import DATASETS, Spec, build_split, parse_names, protocol_splits
+from .datasets import CALTECH_SPLITS, DATASETS, Spec, SplitOptions, build_split, parse_names, protocol_splits
 from .metrics import METRICS
 
 NORMALIZATION = {"imagenet": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), "clip": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)}
+# The paper's table was measured with CLIP's mean/std for every student (PROTOCOLS C).
+PAPER_NORMALIZATION = "clip"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -38,7 +40,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--num-workers", type=int, default=8, help="data loading processes")
     a("--input-size", type=int, default=224, help="Resize (short side, bicubic) and CenterCrop size")
     a("--cache-dir", help="feature cache (default: <output-dir>/features)")
-    a("--normalization", choices=tuple(NORMALIZATION), default="imagenet", help="input mean/std; clip = reference")
+    a(
+        "--normalization",
+        choices=tuple(NORMALIZATION),
+        default="imagenet",
+        help="input mean/std: imagenet = what the students were trained with; clip = the paper's table",
+    )
+    a(
+        "--caltech-split",
+        choices=CALTECH_SPLITS,
+        default="reference",
+        help="Caltech-101 train: 30 draws per class with replacement (reference: the paper's test set) or 30 distinct",
+    )
     a("--download", action="store_true", help="let torchvision download the datasets it can")
     a("--max-iter", type=int, default=logreg.MAX_ITER, help="L-BFGS iterations per fit (protocol: 1000; smoke tests)")
     return p
@@ -96,6 +109,20 @@ def evaluate(spec: Spec, features: dict[str, dict], train_size: int, device: tor
     }
 
 
+def protocol(args: argparse.Namespace) -> dict:
+    """What results.json says about comparability with the paper's table (PROTOCOLS C)."""
+    mean, std = NORMALIZATION[args.normalization]
+    paper = args.normalization == PAPER_NORMALIZATION and args.caltech_split == "reference"
+    return {
+        "normalization": {"name": args.normalization, "mean": list(mean), "std": list(std)},
+        "caltech_split": args.caltech_split,
+        "paper_protocol": paper,
+        "note": "the paper's protocol (CLIP mean/std, reference Caltech-101 split)"
+        if paper
+        else "not the paper's protocol: use --normalization clip --caltech-split reference to compare with its table",
+    }
+
+
 def markdown(results: dict[str, dict], mean: float) -> str:
     rows = ["| dataset | metric | test | best C | val | train / val / test |", "|---|---|---|---|---|---|"]
     for name, r in results.items():
@@ -120,8 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         model = frozen_backbone(args.backbone, device, args.input_size)
         transform = eval_transform(args.input_size, args.input_size, *NORMALIZATION[args.normalization])
         # every layout is checked before any feature is extracted
+        options = SplitOptions(caltech=args.caltech_split)
         splits = {
-            n: {s: build_split(DATASETS[n], args.data_root, s, transform, args.download) for s in DATASETS[n].splits}
+            n: {
+                s: build_split(DATASETS[n], args.data_root, s, transform, args.download, options)
+                for s in DATASETS[n].splits
+            }
             for n in names
         }
     except (ValueError, FileNotFoundError) as e:
@@ -141,9 +172,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     mean = sum(r["value"] for r in results.values()) / len(results)
     out = Path(args.output_dir)
-    summary = {"backbone": str(args.backbone), "args": vars(args), "results": results, "mean": mean, "failed": failed}
+    summary = {
+        "backbone": str(args.backbone),
+        "args": vars(args),
+        "protocol": protocol(args),
+        "results": results,
+        "mean": mean,
+        "failed": failed,
+    }
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    table = markdown(results, mean) + "".join(f"\nFAILED {name}: {why}\n" for name, why in failed.items())
+    table = markdown(results, mean) + f"\n{summary['protocol']['note']}\n"
+    table += "".join(f"\nFAILED {name}: {why}\n" for name, why in failed.items())
     (out / "results.md").write_text(table)
     print(table, end="")
     return 1 if failed else 0

@@ -141,8 +141,9 @@ def command(task: str, args: argparse.Namespace, size: str, out: Path) -> list[s
         return [module, *data, "--backbone", args.backbone, "--output-dir", str(out), *device]
     if task == "fine_grained":
         names = ",".join(present_fine_grained(args.data_fine_grained))
+        # the paper's protocol (CLIP mean/std), so the table can stand next to its numbers; --extra may override
         return ["fine_grained.main", "--backbone", args.backbone, "--data-root", args.data_fine_grained,
-                "--datasets", names, "--output-dir", str(out), *device]  # fmt: skip
+                "--datasets", names, "--output-dir", str(out), "--normalization", "clip", *device]  # fmt: skip
     folder, head = {"ade20k": ("segmentation", "upernet"), "nyu": ("depth", "dpt")}[task]
     config = ROOT / folder / "configs" / f"{head if args.dense_head == 'full' else 'linear'}_vit_{size}.py"
     data = args.data_ade20k if task == "ade20k" else args.data_nyu
@@ -175,7 +176,8 @@ def rows_of(task: str, results: dict, size: str | None, head: str) -> list[Row]:
     if task == "knn":
         return [Row(task, f"top-1 k={k}", s["top1"], None) for k, s in results["knn"].items()]
     if task == "fine_grained":
-        paper = PAPER_FINE_GRAINED_S if size == "small" else {}
+        comparable = size == "small" and results.get("protocol", {}).get("paper_protocol", False)
+        paper = PAPER_FINE_GRAINED_S if comparable else {}
         rows = [Row(task, f"{n} {r['metric']}", r["value"], paper.get(n)) for n, r in results["results"].items()]
         all_twelve = len(results["results"]) == len(DATASETS)
         return [*rows, Row(task, "mean", results["mean"], paper.get("mean") if all_twelve else None)]

@@ -71,7 +71,7 @@ def test_all_tasks_on_tiny_data(backbone, imagenet, fine_grained, ade, nyu, tmp_
     assert [m for t, m in rows if t == "knn"] == ["top-1 k=10", "top-1 k=20"]
     assert rows[("knn", "top-1 k=20")] == (f"{knn['20']['top1']:.2f}", "n/a")
     fg = json.loads((out / "fine_grained" / "results.json").read_text())
-    assert list(fg["results"]) == ["cub200"]
+    assert list(fg["results"]) == ["cub200"] and fg["protocol"]["normalization"]["name"] == "clip"  # the paper's
     assert rows[("fine_grained", "cub200 acc")] == (f"{fg['results']['cub200']['value']:.2f}", "n/a")
     assert rows[("fine_grained", "mean")] == (f"{fg['mean']:.2f}", "n/a")
     seg = json.loads((out / "ade20k" / "results.json").read_text())["metrics"]
@@ -130,8 +130,12 @@ def test_paper_numbers_follow_size_and_head():
     assert evaluate_all.rows_of("ade20k", seg, "base", "linear")[0].paper is None
     nyu_rows = evaluate_all.rows_of("nyu", {"metrics": {"rmse": 0.4, "abs_rel": 0.1, "d1": 0.9}}, "base", "full")
     assert [r.paper for r in nyu_rows] == [0.303, None, None] and nyu_rows[0].metric == "rmse (DPT)"
-    full = {"results": {n: {"metric": "acc", "value": 80.0} for n in evaluate_all.DATASETS}, "mean": 80.0}
+    paper = {"protocol": {"paper_protocol": True}}
+    full = {"results": {n: {"metric": "acc", "value": 80.0} for n in evaluate_all.DATASETS}, "mean": 80.0, **paper}
     rows = evaluate_all.rows_of("fine_grained", full, "small", "linear")
     assert rows[-1].paper == 85.8 and rows[0].paper == 65.5
-    part = {"results": {"cub200": {"metric": "acc", "value": 80.0}}, "mean": 80.0}
+    part = {"results": {"cub200": {"metric": "acc", "value": 80.0}}, "mean": 80.0, **paper}
     assert [r.paper for r in evaluate_all.rows_of("fine_grained", part, "small", "linear")] == [86.7, None]
+    # ImageNet-normalised inputs are not the paper's protocol: no paper column
+    ours = {**full, "protocol": {"paper_protocol": False}}
+    assert {r.paper for r in evaluate_all.rows_of("fine_grained", ours, "small", "linear")} == {None}

@@ -12,11 +12,20 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from timm.data import OPENAI_CLIP_MEAN
 
 import models
 from fine_grained import logreg
 from fine_grained import main as fg_main
-from fine_grained.datasets import DATASETS, VOC_CLASSES, build_split, holdout_val, per_class_split, protocol_splits
+from fine_grained.datasets import (
+    DATASETS,
+    VOC_CLASSES,
+    SplitOptions,
+    build_split,
+    holdout_val,
+    per_class_split,
+    protocol_splits,
+)
 from fine_grained.metrics import accuracy, average_precision_11point, mean_per_class_accuracy
 from linear_eval import features as features_module
 from pretrain import main as pretrain_main
@@ -139,24 +148,59 @@ def make_food(root):
 
 
 # --- split rules ---------------------------------------------------------------------------------
-def test_holdout_val_is_first_fifth_of_seed0_permutation():
-    perm = torch.randperm(23, generator=torch.Generator().manual_seed(0)).tolist()
-    train, val = holdout_val(23)
-    assert val == sorted(perm[:4]) and train == sorted(perm[4:])  # floor(0.2 * 23) = 4
-    assert holdout_val(4)[1] == []
+def test_holdout_val_is_the_references_numpy_shuffle():
+    """The reference's code: indices = list(range(N)); np.random.seed(0); np.random.shuffle(indices)."""
+    for n in (23, 90, 3060):
+        indices = list(range(n))
+        np.random.seed(0)
+        np.random.shuffle(indices)
+        k = int(np.floor(0.2 * n))
+        train, val = holdout_val(n)
+        assert val == sorted(indices[:k]) and train == sorted(indices[k:])
+    assert len(holdout_val(23)[1]) == 4 and holdout_val(4)[1] == []  # floor(0.2 * 23) = 4
+    torch_perm = torch.randperm(23, generator=torch.Generator().manual_seed(0)).tolist()
+    assert holdout_val(23)[1] != sorted(torch_perm[:4])  # the earlier torch draw gave other indices
 
 
-def test_per_class_split_draws_without_replacement_seed0():
+def reference_caltech_draw(targets, per_class=30):
+    """The reference's create_caltech101_splits on a label list (np.random.seed(0) once, classes in order)."""
+    np.random.seed(0)
+    class_idxs = {c: [i for i, t in enumerate(targets) if t == c] for c in sorted(set(targets))}
+    train = []
+    for c in class_idxs:
+        train.extend(list(np.sort(np.random.choice(class_idxs[c], per_class))))
+    return [int(i) for i in train], set(range(len(targets))) - set(train)
+
+
+def test_per_class_split_reference_draws_with_replacement():
     targets = [0] * 35 + [1] * 31 + [2] * 40
     train, test = per_class_split(targets, 30)
+    expect_train, expect_test = reference_caltech_draw(targets)
+    assert train == expect_train and set(test) == expect_test and len(test) == len(expect_test)
+    assert len(train) == 90 and len(set(train)) < 90  # duplicates kept, as the reference's train.txt
+    assert set(train).isdisjoint(test) and set(train) | set(test) == set(range(106))
+
+
+def test_per_class_split_distinct_draws_without_replacement_seed0():
+    targets = [0] * 35 + [1] * 31 + [2] * 40
+    train, test = per_class_split(targets, 30, "distinct")
     assert len(train) == len(set(train)) == 90 and sorted(train + test) == list(range(106))
     for c in range(3):
         assert sum(targets[i] == c for i in train) == 30
     g = torch.Generator().manual_seed(0)  # one generator, classes in order
     expect = []
     for start, n in ((0, 35), (35, 31), (66, 40)):
-        expect += [start + j for j in torch.randperm(n, generator=g)[:30].tolist()]
-    assert train == sorted(expect)
+        expect += sorted(start + j for j in torch.randperm(n, generator=g)[:30].tolist())
+    assert train == expect
+    with pytest.raises(ValueError, match="unknown split rule 'bogus'"):
+        per_class_split(targets, 30, "bogus")
+
+
+CALTECH_COUNTS = (32, 33, 31)
+
+
+def caltech_files(names):
+    return [f"{names[t]}/image_{i:04d}.jpg" for t, n in enumerate(CALTECH_COUNTS) for i in range(n)]
 
 
 def test_caltech101_layout_30_per_class_and_val(tmp_path):
@@ -164,17 +208,28 @@ def test_caltech101_layout_30_per_class_and_val(tmp_path):
     spec = DATASETS["caltech101"]
     train = build_split(spec, tmp_path, "train", None)
     test = build_split(spec, tmp_path, "test", None)
-    assert len(train) == 90 and len(test) == 6
-    all_targets = [c for c, n in zip(range(3), (32, 33, 31)) for _ in range(n)]
-    expect_train, _ = per_class_split(all_targets, 30)
-    files = [f"{names[t]}/image_{i:04d}.jpg" for t, n in enumerate((32, 33, 31)) for i in range(n)]
+    all_targets = [c for c, n in enumerate(CALTECH_COUNTS) for _ in range(n)]
+    expect_train, expect_test = reference_caltech_draw(all_targets)
+    files = caltech_files(names)
+    assert len(train) == 90 and len(test) == len(expect_test) == 96 - len(set(expect_train))
     assert [f"{p.parent.name}/{p.name}" for p, _ in train.samples] == [files[i] for i in expect_train]
+    assert {f"{p.parent.name}/{p.name}" for p, _ in test.samples} == {files[i] for i in expect_test}
     assert train.samples[0][1] == 0 and names[0] == "BACKGROUND_Google"  # a class like any other
     feats = {"train": (torch.arange(90.0)[:, None], torch.tensor([t for _, t in train.samples])), "test": None}
     s = protocol_splits(spec, feats)
     t, v = holdout_val(90)
     assert len(s["val"][0]) == 18 and s["val"][0].flatten().tolist() == [float(i) for i in v]
     assert s["train"][0].flatten().tolist() == [float(i) for i in t] and len(s["trainval"][0]) == 90
+
+
+def test_caltech101_distinct_split_option(tmp_path):
+    names = make_caltech(tmp_path)
+    spec, options = DATASETS["caltech101"], SplitOptions(caltech="distinct")
+    train = build_split(spec, tmp_path, "train", None, options=options)
+    test = build_split(spec, tmp_path, "test", None, options=options)
+    expect_train, _ = per_class_split([c for c, n in enumerate(CALTECH_COUNTS) for _ in range(n)], 30, "distinct")
+    assert [f"{p.parent.name}/{p.name}" for p, _ in train.samples] == [caltech_files(names)[i] for i in expect_train]
+    assert len(set(p for p, _ in train.samples)) == 90 and len(test) == 6
 
 
 def test_sun397_partition_files(tmp_path):
@@ -393,15 +448,19 @@ def test_end_to_end_on_pretrain_checkpoint(checkpoint, data_root, tmp_path, caps
     res = json.loads((tmp_path / "o" / "results.json").read_text())
     assert list(res["results"]) == ["caltech101", "voc2007", "cub200"]
     cal, voc = res["results"]["caltech101"], res["results"]["voc2007"]
-    assert cal["metric"] == "mean_per_class_acc" and (cal["n_train"], cal["n_val"], cal["n_test"]) == (72, 18, 6)
+    n_test = 96 - len(set(reference_caltech_draw([c for c, n in enumerate(CALTECH_COUNTS) for _ in range(n)])[0]))
+    assert cal["metric"] == "mean_per_class_acc" and (cal["n_train"], cal["n_val"], cal["n_test"]) == (72, 18, n_test)
     assert voc["metric"] == "map11" and (voc["n_train"], voc["n_val"], voc["n_test"]) == (6, 6, 6)
     assert cal["best_C"] in logreg.C_GRID and 0 <= cal["value"] <= 100
     # train/val standardised with train statistics, trainval/test with trainval statistics
-    assert calls[:2] == [(72, 18), (90, 6)] and calls[2:4] == [(6, 6), (12, 6)]
+    assert calls[:2] == [(72, 18), (90, n_test)] and calls[2:4] == [(6, 6), (12, 6)]
     assert res["mean"] == pytest.approx(sum(r["value"] for r in res["results"].values()) / 3)
     table = (tmp_path / "o" / "results.md").read_text()
     out = capsys.readouterr().out
-    assert table.count("\n") == 6 and "| **mean** |" in table and table in out
+    assert table.count("\n") == 8 and "| **mean** |" in table and table in out
+    # the default is not the paper's protocol (ImageNet mean/std): said in results.json and the table
+    assert res["protocol"]["paper_protocol"] is False and res["protocol"]["normalization"]["name"] == "imagenet"
+    assert res["protocol"]["caltech_split"] == "reference" and "--normalization clip" in table
     # the tiny sets have fewer classes than the protocol's: said, so nobody compares them to the paper
     assert "warning: caltech101: 3 classes in the data, the protocol has 102" in out
     assert "warning: cub200: 3 classes" in out and "warning: voc2007" not in out
@@ -414,8 +473,20 @@ def test_reference_layout_checkpoint_and_clip_normalisation(data_root, tmp_path)
     sd = {f"student.backbone.{k}": v for k, v in models.to_dinov2(vit).items()}
     torch.save({"model": sd, "args": argparse.Namespace(model="vit_small")}, ref)
     assert run(ref, data_root, tmp_path / "o", "--datasets", "cub200", "--normalization", "clip") == 0
-    res = json.loads((tmp_path / "o" / "results.json").read_text())["results"]["cub200"]
+    summary = json.loads((tmp_path / "o" / "results.json").read_text())
+    res = summary["results"]["cub200"]
     assert (res["n_train"], res["n_val"], res["n_test"]) == (8, 1, 6)
+    protocol = summary["protocol"]
+    assert protocol["paper_protocol"] is True and protocol["normalization"]["mean"] == list(OPENAI_CLIP_MEAN)
+    assert "the paper's protocol" in (tmp_path / "o" / "results.md").read_text()
+
+
+def test_caltech_split_flag_reaches_the_reader(checkpoint, data_root, tmp_path):
+    assert run(checkpoint, data_root, tmp_path / "o", "--datasets", "caltech101", "--caltech-split", "distinct",
+               "--max-iter", "20") == 0  # fmt: skip
+    summary = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert summary["results"]["caltech101"]["n_test"] == 6 and summary["protocol"]["caltech_split"] == "distinct"
+    assert summary["protocol"]["paper_protocol"] is False
 
 
 def test_feature_cache_reused_and_invalidated_by_a_new_backbone(data_root, tmp_path, monkeypatch):
