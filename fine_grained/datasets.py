@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 
 from linear_eval.features import sample_list
+from pretrain.data import load_rgb
 
 Transform = Callable[[Image.Image], torch.Tensor]
 VOC_CLASSES = (
@@ -37,16 +38,11 @@ CALTECH_SPLITS = ("reference", "distinct")
 SEED = 0
 
 
-def rgb_loader(path: str | Path) -> Image.Image:
-    with Image.open(path) as img:
-        return img.convert("RGB")
-
-
 class ImageList(Dataset):
     """(path, target) pairs read as RGB images; the readers below return these. `samples` and `loader`
     are ImageFolder's names, so linear_eval.features reads, keys and checks both the same way."""
 
-    loader = staticmethod(rgb_loader)
+    loader = staticmethod(load_rgb)
 
     def __init__(self, samples: Sequence[tuple[Path, object]], transform: Transform | None = None) -> None:
         self.samples, self.transform = list(samples), transform

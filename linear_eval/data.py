@@ -9,9 +9,8 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from pretrain.data import SkipCorruptImageFolder
+from pretrain.data import SkipCorruptImageFolder, read_image_folder
 
 from .features import eval_transform
 
@@ -41,12 +40,7 @@ def image_folder(data_path: str | None, split: str, transform) -> SkipCorruptIma
     root = Path(data_path) / split
     if not root.is_dir():
         raise FileNotFoundError(f"no {split}/ folder in --data-path {data_path} (expected {LAYOUT})")
-    try:
-        return SkipCorruptImageFolder(str(root), transform=transform)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise FileNotFoundError(
-            f"no images in {root}: expected {root}/<class>/<image> with extensions {', '.join(IMG_EXTENSIONS)} ({e})"
-        ) from None
+    return read_image_folder(root, transform)
 
 
 def load_splits(data_path: str | None, train_tf, val_tf) -> tuple[SkipCorruptImageFolder, SkipCorruptImageFolder]:

@@ -380,8 +380,12 @@ def train(
     # PCA pictures of the dataset's first 4 images (eval transform): the teacher's once, the student's every N epochs
     pca_batch = None
     if main_rank and args.pca_every > 0:
-        pca_batch = pca.first_images(loader.dataset, args.input_size).to(device)
-        writer.add_image("pca/teacher", pca.pca_grid(teacher, pca_batch), start_epoch)
+        pca_batch = pca.first_images(loader.dataset, args.input_size)
+        if pca_batch is None:
+            log.warning("no readable image among the dataset's first ones: no PCA pictures in tensorboard")
+        else:
+            pca_batch = pca_batch.to(device)
+            writer.add_image("pca/teacher", pca.pca_grid(teacher, pca_batch), start_epoch)
 
     def save(epoch: int, done: int, sums=None) -> None:
         if main_rank:

@@ -9,15 +9,17 @@ component.
 
 from __future__ import annotations
 
-from pathlib import Path
+import logging
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from linear_eval.features import eval_transform
+from linear_eval.features import IMAGE_ERRORS, eval_transform
 
+from .data import load_rgb
 from .distiller import teacher_targets
+
+log = logging.getLogger(__name__)
 
 THRESHOLD = 0.5
 
@@ -82,20 +84,24 @@ def pca_images(model: torch.nn.Module, images: torch.Tensor, threshold: float = 
     return F.interpolate(small, size=images.shape[-2:], mode="nearest")
 
 
-def first_images(dataset, input_size: int, n: int = 4) -> torch.Tensor:
-    """A fixed batch of the dataset's first n images under the eval transform (Resize + CenterCrop,
-    ImageNet normalisation): an ImageFolder (`samples`) or a single-image dataset (`image`)."""
+def first_images(dataset, input_size: int, n: int = 4, max_skips: int = 50) -> torch.Tensor | None:
+    """A fixed batch of the dataset's first n readable images under the eval transform (Resize +
+    CenterCrop, ImageNet normalisation): an ImageFolder (`samples`) or a single-image dataset (`image`).
+    Unreadable images are reported by path and skipped (at most `max_skips`); None when none is readable."""
     transform = eval_transform(input_size, None)
     while hasattr(dataset, "dataset"):  # wrappers (Subset, the seeded dataset of pretraining)
         dataset = dataset.dataset
-    if hasattr(dataset, "samples"):
-        pictures = []
-        for path, _ in dataset.samples[:n]:
-            with Image.open(Path(path)) as im:
-                pictures.append(im.convert("RGB"))
-    else:
-        pictures = [dataset.image]
-    return torch.stack([transform(p) for p in pictures])
+    if not hasattr(dataset, "samples"):
+        return transform(dataset.image)[None]
+    pictures = []
+    for path, _ in dataset.samples[: n + max_skips]:
+        try:
+            pictures.append(load_rgb(path))
+        except IMAGE_ERRORS as e:
+            log.warning("PCA picture: skipping unreadable image %s (%s)", path, e)
+        if len(pictures) == n:
+            break
+    return torch.stack([transform(p) for p in pictures]) if pictures else None
 
 
 def pca_grid(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:

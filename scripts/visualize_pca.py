@@ -25,6 +25,7 @@ import models
 from linear_eval.features import IMAGE_ERRORS
 from models import prepare_output_dir
 from pretrain.cli import HelpFormatter
+from pretrain.data import load_rgb
 from pretrain.distributed import resolve_device
 from pretrain.pca import THRESHOLD, pca_images
 
@@ -72,7 +73,7 @@ def load_backbones(paths: list[str], input_size: int, device: torch.device) -> l
 
 def side_by_side(image: Image.Image, nets: list[torch.nn.Module], size: int, device, threshold: float) -> np.ndarray:
     """uint8 [size, (1 + len(nets)) * size, 3]: the resized input, then each backbone's PCA picture."""
-    resized = image.convert("RGB").resize((size, size), Image.BICUBIC)
+    resized = image.resize((size, size), Image.BICUBIC)
     x = transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)(transforms.functional.to_tensor(resized))
     panels = [np.asarray(resized)]
     for net in nets:
@@ -98,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     done = 0
     for path in images:
         try:
-            with Image.open(path) as im:
-                im.load()
-                picture = side_by_side(im, nets, args.input_size, device, args.threshold)
+            picture = side_by_side(load_rgb(path), nets, args.input_size, device, args.threshold)
         except IMAGE_ERRORS as e:
             print(f"warning: unreadable image {path} ({type(e).__name__}: {e}); skipped", file=sys.stderr, flush=True)
             continue
