@@ -1,20 +1,32 @@
 """Every network and weight format of the project."""
 
-from .architectures import STUDENT_ARCHS, create_student, vit_from_state_dict
-from .checkpoints import atomic_save, load_backbone, prepare_output_dir, safe_load, to_dinov2
+from .architectures import LAYOUTS, STUDENT_ARCHS, create_student, layout_of, vit_from_state_dict
+from .checkpoints import (
+    atomic_save,
+    from_reference,
+    load_backbone,
+    prepare_output_dir,
+    safe_load,
+    to_dinov2,
+    to_reference,
+)
 from .teachers import TEACHERS, create_teacher
 from .vision_transformer import ViT
 
 __all__ = [
+    "LAYOUTS",
     "STUDENT_ARCHS",
     "TEACHERS",
     "ViT",
     "atomic_save",
     "create_student",
     "create_teacher",
+    "from_reference",
+    "layout_of",
     "load_backbone",
     "prepare_output_dir",
     "safe_load",
     "to_dinov2",
+    "to_reference",
     "vit_from_state_dict",
 ]

@@ -1,11 +1,13 @@
-"""Student architectures and inferring a ViT's shape from its weights."""
+"""Student architectures and layouts, and inferring a ViT's shape and layout from its weights."""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 
 import torch
 from timm.models import register_model
+from torch import nn
 
 from .vision_transformer import ViT
 
@@ -20,21 +22,72 @@ STUDENT_ARCHS: dict[str, tuple[int, int, int]] = {
 HEAD_DIM = 64
 SWIGLU_HIDDEN = {1536: 4096}
 
+# OpenAI CLIP's ViT in our class: ln_pre (which also drops the patch-embedding bias), QuickGELU, eps 1e-5.
+CLIP_VIT = dict(pre_norm=True, act_layer="quick_gelu", norm_eps=1e-5)
 
-def create_student(name: str, img_size: int = 224, patch_size: int = 14, drop_path_rate: float = 0.0) -> ViT:
-    """A randomly initialised student in the DINOv2 layout (LayerScale 1.0, no registers)."""
+
+@dataclass(frozen=True)
+class Layout:
+    """How the reference built the student for one teacher family (PROTOCOLS A, "The student's layout").
+
+    `vit_kwargs` are ViT options; the rest is init that differs from timm's (trunc normal 0.02
+    Linears with zero bias, pos_embed trunc normal 0.02, cls_token N(0, 1e-6), zero mask token).
+    """
+
+    vit_kwargs: dict = field(default_factory=dict)
+    mask_token_std: float = 0.0  # > 0: the mask token is drawn N(0, std) (SynCLR's iBOT MaskedTransformer)
+    xavier_qkv: bool = False  # CLIP blocks are nn.MultiheadAttention: in_proj_weight xavier-uniform, not a Linear
+    no_weight_decay: tuple[str, ...] = ()  # our names of weights that are 1-d in the reference (never decayed)
+
+
+LAYOUTS: dict[str, Layout] = {
+    "dinov2": Layout(dict(init_values=1.0)),
+    "clip": Layout(
+        dict(init_values=None, norm_patch_tokens=False, **CLIP_VIT), xavier_qkv=True, no_weight_decay=("cls_token",)
+    ),
+    "synclr": Layout(dict(init_values=None), mask_token_std=0.02),
+}
+
+
+def create_student(
+    name: str, img_size: int = 224, patch_size: int = 14, drop_path_rate: float = 0.0, layout: str = "dinov2"
+) -> ViT:
+    """A randomly initialised student (no registers) in a reference layout, initialised as the reference.
+
+    dinov2: LayerScale 1.0. clip: CLIP's ViT (conv1 without bias, ln_pre, QuickGELU, eps 1e-5, no
+    LayerScale, ln_post on the CLS only). synclr: timm's ViT without LayerScale.
+    """
     if name not in STUDENT_ARCHS:
         raise ValueError(f"unknown student '{name}'; choose from {', '.join(STUDENT_ARCHS)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown student layout '{layout}'; choose from {', '.join(LAYOUTS)}")
     dim, depth, heads = STUDENT_ARCHS[name]
-    return ViT(
+    spec = LAYOUTS[layout]
+    model = ViT(
         img_size=img_size,
         patch_size=patch_size,
         embed_dim=dim,
         depth=depth,
         num_heads=heads,
-        init_values=1.0,
         drop_path_rate=drop_path_rate,
+        **spec.vit_kwargs,
     )
+    with torch.no_grad():
+        if spec.mask_token_std:
+            nn.init.normal_(model.mask_token, std=spec.mask_token_std)
+        if spec.xavier_qkv:
+            for blk in model.blocks:
+                nn.init.xavier_uniform_(blk.attn.qkv.weight)
+    return model
+
+
+def layout_of(state_dict: dict[str, torch.Tensor]) -> str:
+    """The layout of a ViT state dict in our key names: ln_pre only in CLIP, LayerScale only in DINOv2."""
+    if "norm_pre.weight" in state_dict:
+        return "clip"
+    if any(k.endswith(".ls1.gamma") for k in state_dict):
+        return "dinov2"
+    return "synclr"
 
 
 def student_name_for_dim(dim: int) -> str | None:
@@ -42,7 +95,7 @@ def student_name_for_dim(dim: int) -> str | None:
 
 
 def vit_from_state_dict(state_dict: dict[str, torch.Tensor], **kwargs) -> ViT:
-    """Build an empty ViT whose shape matches a state dict in our (timm-named) layout."""
+    """Build an empty ViT whose shape and layout match a state dict in our (timm) key names."""
     try:
         dim = state_dict["cls_token"].shape[-1]
         patch_size = state_dict["patch_embed.proj.weight"].shape[-1]
@@ -61,12 +114,11 @@ def vit_from_state_dict(state_dict: dict[str, torch.Tensor], **kwargs) -> ViT:
         depth=depth,
         num_heads=max(1, dim // HEAD_DIM),  # narrower test models: one head
         mlp_ratio=(hidden + 0.5) / dim,  # int(dim * ratio) must give back exactly `hidden`
-        init_values=1.0 if "blocks.0.ls1.gamma" in state_dict else None,
         num_register_tokens=num_reg,
         interpolate_offset=0.0 if num_reg else 0.1,
         interpolate_antialias=bool(num_reg),
         swiglu=swiglu,
-        pre_norm="norm_pre.weight" in state_dict,
+        **LAYOUTS[layout_of(state_dict)].vit_kwargs,
         **kwargs,
     )
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .architectures import vit_from_state_dict
+from .architectures import layout_of, vit_from_state_dict
 from .vision_transformer import ViT
 
 StateDict = dict[str, torch.Tensor]
@@ -120,30 +120,98 @@ def _few(items: list[str], n: int = 8) -> str:
 
 
 # --- layouts -----------------------------------------------------------------------------------
-_SWIGLU_TO_OURS = (("mlp.w12.", "mlp.fc1."), ("mlp.w3.", "mlp.fc2."))
+# (our name, the reference's) for the parts that differ; each reference layout names a ViT in one way.
+_SWIGLU = (("mlp.fc1.", "mlp.w12."), ("mlp.fc2.", "mlp.w3."))  # DINOv2's ViT-g SwiGLU FFN
+_CLIP_TOP = (
+    ("patch_embed.proj.", "conv1."),
+    ("cls_token", "class_embedding"),
+    ("pos_embed", "positional_embedding"),
+    ("norm_pre.", "ln_pre."),
+    ("norm.", "ln_post."),
+)
+_CLIP_BLOCK = (
+    ("norm1.", "ln_1."),
+    ("norm2.", "ln_2."),
+    ("attn.qkv.weight", "attn.in_proj_weight"),
+    ("attn.qkv.bias", "attn.in_proj_bias"),
+    ("attn.proj.", "attn.out_proj."),
+    ("mlp.fc1.", "mlp.c_fc."),
+    ("mlp.fc2.", "mlp.c_proj."),
+)
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+_CLIP_BLOCK_RE = re.compile(r"^transformer\.resblocks\.(\d+)\.")
+_DINOV2_CHUNK = re.compile(r"^blocks\.\d+\.(\d+)\.")  # block_chunks > 0: blocks.<chunk>.<i>.
 
 
-def from_dinov2(state_dict: StateDict) -> StateDict:
-    """Official DINOv2 layout -> ours: unchunk `blocks.c.i.` and rename SwiGLU w12/w3."""
+def _swap(key: str, pairs: tuple[tuple[str, str], ...], reverse: bool) -> str:
+    """Replace the first matching prefix of `key` (ours -> theirs, or theirs -> ours when reversed)."""
+    for ours, theirs in pairs:
+        a, b = (theirs, ours) if reverse else (ours, theirs)
+        if key.startswith(a):
+            return b + key[len(a) :]
+    return key
+
+
+def from_reference(state_dict: StateDict) -> StateDict:
+    """Any reference layout (DINOv2, CLIP's ViT, SynCLR's timm ViT) or ours -> our key names and shapes.
+
+    The layouts' names are disjoint, so one pass serves all: DINOv2's chunked blocks and SwiGLU
+    w12/w3, CLIP's conv1/class_embedding/ln_pre/transformer.resblocks.i.*/ln_post, and any mask
+    token shape ([1, D] in DINOv2 and CLIP, [1, 1, D] in SynCLR; ours is [1, D]).
+    """
     out = {}
     for k, v in state_dict.items():
-        k = re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k)  # block_chunks > 0 layout
-        for a, b in _SWIGLU_TO_OURS:
-            k = k.replace(a, b)
+        k = _DINOV2_CHUNK.sub(r"blocks.\1.", k)
+        if m := _CLIP_BLOCK_RE.match(k):
+            k = f"blocks.{m.group(1)}." + _swap(k[m.end() :], _CLIP_BLOCK, reverse=True)
+        elif m := _BLOCK.match(k):
+            k = m.group(0) + _swap(k[m.end() :], _SWIGLU, reverse=True)
+        else:
+            k = _swap(k, _CLIP_TOP, reverse=True)
+        if k == "cls_token":
+            v = v.reshape(1, 1, -1)
+        elif k == "pos_embed" and v.ndim == 2:
+            v = v.unsqueeze(0)
+        elif k == "mask_token":
+            v = v.reshape(1, -1)
+        out[k] = v
+    return out
+
+
+def to_reference(model: ViT, layout: str) -> StateDict:
+    """Our ViT -> the reference's key names and shapes of `layout`, so its own model code loads it strictly.
+
+    dinov2: the official DinoVisionTransformer layout. clip: the reference's models_clip.VisionTransformer
+    (conv1.weight, class_embedding [D], positional_embedding [N+1, D], ln_pre, transformer.resblocks.i.*,
+    ln_post, mask_token [1, D]). synclr: its timm MaskedTransformer (timm names, mask_token [1, 1, D]).
+    """
+    sd = model.state_dict()
+    if layout_of(sd) != layout:
+        raise ValueError(f"this ViT is in the {layout_of(sd)} layout and cannot be written in the {layout} layout")
+    swiglu = model.blocks[0].mlp.__class__.__name__ == "GluMlp"
+    out = {}
+    for k, v in sd.items():
+        v = v.detach().clone().cpu()
+        if layout == "clip":
+            if m := _BLOCK.match(k):
+                k = f"transformer.resblocks.{m.group(1)}." + _swap(k[m.end() :], _CLIP_BLOCK, reverse=False)
+            else:
+                k = _swap(k, _CLIP_TOP, reverse=False)
+            if k == "class_embedding":
+                v = v.reshape(-1)
+            elif k == "positional_embedding":
+                v = v[0]
+        elif layout == "synclr" and k == "mask_token":
+            v = v.reshape(1, 1, -1)
+        elif swiglu and (m := _BLOCK.match(k)):
+            k = m.group(0) + _swap(k[m.end() :], _SWIGLU, reverse=False)
         out[k] = v
     return out
 
 
 def to_dinov2(model: ViT) -> StateDict:
     """Our ViT -> the official DINOv2 key layout (loads strictly into DinoVisionTransformer)."""
-    swiglu = model.blocks[0].mlp.__class__.__name__ == "GluMlp"
-    out = {}
-    for k, v in model.state_dict().items():
-        if swiglu:
-            for b, a in _SWIGLU_TO_OURS:
-                k = k.replace(a, b)
-        out[k] = v.detach().clone().cpu()
-    return out
+    return to_reference(model, "dinov2")
 
 
 def strip_prefix(state_dict: StateDict, prefixes: tuple[str, ...]) -> StateDict:
@@ -156,10 +224,11 @@ def strip_prefix(state_dict: StateDict, prefixes: tuple[str, ...]) -> StateDict:
 
 # --- students ----------------------------------------------------------------------------------
 def backbone_state_dict(ckpt: object, path: str | os.PathLike) -> StateDict:
-    """Find the student backbone in any checkpoint format we accept, in our key layout.
+    """Find the student backbone in any checkpoint format we accept, in our key names.
 
-    - ours: `checkpoint.pth` {"student": ...} or the exported flat `backbone.pth`
-    - the reference release's `checkpoint.pth` {"model": {"student.backbone.*", ...}, "args": Namespace}
+    - ours: `checkpoint.pth` {"student": ...} or the exported flat `backbone.pth` (any layout)
+    - the reference release's `checkpoint.pth` {"model": {"student.backbone.*", ...}, "args": Namespace},
+      with a DINOv2-, CLIP- or SynCLR-layout student
     - an official DINOv2 flat state dict
     - DINOv2 training checkpoints {"teacher": {"backbone.*", heads}} (the weights DINOv2 evaluates), and
       the common {"state_dict": ...} / {"model": ...} wrappers, with module./backbone. prefixes
@@ -174,17 +243,20 @@ def backbone_state_dict(ckpt: object, path: str | os.PathLike) -> StateDict:
         sd = strip_prefix(ckpt[wrapper], ("module.backbone.", "backbone.", "module."))
     else:
         sd = strip_prefix(ckpt, ("module.backbone.", "backbone.", "module."))
-    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    sd = from_reference({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)})
     if "cls_token" not in sd or "patch_embed.proj.weight" not in sd:
         raise ValueError(
-            f"{path} holds no ViT backbone (looked for cls_token and patch_embed.proj.weight; "
-            f"top-level keys: {_few(sorted(map(str, ckpt)))})"
+            f"{path} holds no ViT backbone (looked for cls_token and patch_embed.proj.weight, or CLIP's "
+            f"class_embedding and conv1.weight; top-level keys: {_few(sorted(map(str, ckpt)))})"
         )
-    return from_dinov2(sd)
+    return sd
 
 
 def load_backbone(path: str | os.PathLike, **kwargs) -> ViT:
-    """Rebuild a student/DINOv2 backbone from a file, inferring its architecture from the weights."""
+    """Rebuild a student/DINOv2 backbone from a file, inferring its architecture and layout from the weights.
+
+    A CLIP-layout file gives the reference's CLIP ViT (ln_post on the CLS only), whatever its key names.
+    """
     sd = backbone_state_dict(safe_load(path), path)
     model = vit_from_state_dict(sd, **kwargs)
     load_strict(model, sd, str(path), optional=("mask_token",))

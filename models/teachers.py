@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from timm.models.vision_transformer import _convert_openai_clip
 
-from .checkpoints import from_dinov2, is_torchscript_archive, load_strict, safe_load, strip_prefix
+from .architectures import CLIP_VIT
+from .checkpoints import from_reference, is_torchscript_archive, load_strict, safe_load, strip_prefix
 from .vision_transformer import ViT
 
 _DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{arch}/{arch}{reg}_pretrain.pth"
@@ -58,9 +58,7 @@ def _dinov2(arch: str, dim: int, depth: int, heads: int, reg: bool) -> TeacherSp
     return TeacherSpec("dinov2", dim, depth, heads, 14, 518, url, 4 if reg else 0, swiglu=dim == 1536)
 
 
-_CLIP = dict(
-    mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, vit_kwargs=dict(pre_norm=True, act_layer="quick_gelu", norm_eps=1e-5)
-)
+_CLIP = dict(mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, vit_kwargs=CLIP_VIT)
 TEACHERS: dict[str, TeacherSpec] = {
     **{
         f"dinov2_vit{s}14{'_reg' if reg else ''}": _dinov2(f"dinov2_vit{s}14", d, n, h, reg)
@@ -118,18 +116,17 @@ def teacher_state_dict(spec: TeacherSpec, path: str | os.PathLike) -> dict[str, 
             raw = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
         if not isinstance(raw, dict) or not any(k.startswith("visual.") for k in raw):
             raise ValueError(f"{path} is not an OpenAI CLIP checkpoint: no 'visual.' keys")
-        sd = _convert_openai_clip(raw, None)  # text tower is skipped by the prefix
-        sd.pop("head.weight", None)  # CLIP's projection: we distil ln_post(CLS) before it
-        sd.pop("head.bias", None)
-        return sd
+        sd = strip_prefix(raw, ("visual.",))  # the text tower is left out
+        sd.pop("proj", None)  # CLIP's projection: we distil ln_post(CLS) before it
+        return from_reference(sd)
     raw = safe_load(path)
     if not isinstance(raw, dict):
         raise ValueError(f"{path} holds a {type(raw).__name__}, not a state dict")
     if spec.family == "synclr":
         raw = raw.get("state_dict", raw.get("model", raw))
         sd = strip_prefix(raw, ("module.visual.", "visual."))
-        return {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm."))}
-    return from_dinov2(raw)
+        return from_reference({k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm."))})
+    return from_reference(raw)
 
 
 def download(url: str) -> Path:

@@ -1,8 +1,9 @@
 """The one ViT of the project: timm's VisionTransformer with DINOv2's token API.
 
-Students, DINOv2/SynCLR/CLIP teachers and every downstream task use this class, so that mask
-tokens, registers and positional-embedding interpolation behave exactly as in the official DINOv2
-code while the blocks, attention (fused SDPA) and init come from timm.
+Students (in each reference layout: DINOv2, CLIP, SynCLR), DINOv2/SynCLR/CLIP teachers and every
+downstream task use this class, so that mask tokens, registers and positional-embedding
+interpolation behave exactly as in the official DINOv2 code while the blocks, attention (fused
+SDPA) and init come from timm.
 """
 
 from __future__ import annotations
@@ -19,11 +20,16 @@ from torch import nn
 
 
 class ViT(VisionTransformer):
-    """DINOv2-layout ViT: `forward_features(x, masks)` returns DINOv2's output dict.
+    """A ViT whose `forward_features(x, masks)` returns DINOv2's output dict.
 
-    State-dict keys equal the official DINOv2 layout (cls_token, pos_embed [1, 1+N, D],
-    mask_token [1, D], register_tokens, blocks.i.*, norm) except for SwiGLU MLPs, whose
-    w12/w3 are stored as timm's fc1/fc2 (see models.checkpoints for the mapping).
+    State-dict keys are timm's, which equal the official DINOv2 layout (cls_token, pos_embed
+    [1, 1+N, D], mask_token [1, D], register_tokens, blocks.i.*, norm) except for SwiGLU MLPs,
+    whose w12/w3 are stored as timm's fc1/fc2; models.checkpoints converts to and from every
+    reference layout.
+
+    `norm_patch_tokens=False` is the reference's CLIP student: the final norm (CLIP's ln_post)
+    touches only the CLS token, and "x_norm_patchtokens" are the last block's outputs. With it,
+    get_intermediate_layers(norm=True) normalises only the class tokens, so both APIs still agree.
     """
 
     def __init__(
@@ -43,6 +49,7 @@ class ViT(VisionTransformer):
         act_layer: str | type[nn.Module] | None = None,
         drop_path_rate: float = 0.0,
         norm_eps: float = 1e-6,
+        norm_patch_tokens: bool = True,
     ) -> None:
         mlp_kwargs = {}
         if swiglu:
@@ -66,6 +73,7 @@ class ViT(VisionTransformer):
             **mlp_kwargs,
         )
         self.patch_size = patch_size
+        self.norm_patch_tokens = norm_patch_tokens
         self.interpolate_offset = interpolate_offset
         self.interpolate_antialias = interpolate_antialias
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
@@ -122,6 +130,12 @@ class ViT(VisionTransformer):
         x = self._pos_embed(x)
         return self.norm_pre(x)
 
+    def output_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The final norm on every token, or on the CLS only (norm_patch_tokens=False: CLIP's ln_post)."""
+        if self.norm_patch_tokens:
+            return self.norm(x)
+        return torch.cat((self.norm(x[:, :1]), x[:, 1:]), dim=1)
+
     # --- DINOv2 API -------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict:  # type: ignore[override]
         x = self.prepare_tokens(x, masks)
@@ -131,7 +145,7 @@ class ViT(VisionTransformer):
             x = checkpoint_seq(self.blocks, x)
         else:
             x = self.blocks(x)
-        x_norm = self.norm(x)
+        x_norm = self.output_norm(x)
         r = self.num_register_tokens
         return {
             "x_norm_clstoken": x_norm[:, 0],
@@ -165,7 +179,7 @@ class ViT(VisionTransformer):
             if i in take:
                 outputs.append(x)
         if norm:
-            outputs = [self.norm(o) for o in outputs]
+            outputs = [self.output_norm(o) for o in outputs]
         class_tokens = [o[:, 0] for o in outputs]
         outputs = [o[:, self.num_prefix_tokens :] for o in outputs]
         if reshape:

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from models import (
+    LAYOUTS,
     STUDENT_ARCHS,
     TEACHERS,
     atomic_save,
@@ -30,7 +31,7 @@ from models import (
     create_teacher,
     prepare_output_dir,
     safe_load,
-    to_dinov2,
+    to_reference,
 )
 
 from . import distributed as dist_utils
@@ -54,6 +55,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--teacher-checkpoint", help="the teacher's official weight file; downloaded from the official URL if omitted")
     a("--random-teacher", action="store_true", help="random teacher weights: smoke tests and demos only")
     a("--student", default="vit_base", help=f"one of: {', '.join(STUDENT_ARCHS)}")
+    a(
+        "--student-layout",
+        choices=tuple(LAYOUTS),
+        help="the student's architecture and export key names, as the reference's per teacher family "
+        "(default: the teacher's family)",
+    )
     a("--input-size", type=int, default=224, help="crop side; a multiple of the patch size (14)")
     a("--batch-size", type=int, default=128, help="per process; lr scales with the global batch")
     a("--epochs", type=int, default=300, help="the cosine spans all of them")
@@ -102,6 +109,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.teacher not in TEACHERS:
         raise ValueError(f"unknown teacher '{args.teacher}'; choose from {', '.join(TEACHERS)}")
     spec = TEACHERS[args.teacher]
+    args.student_layout = args.student_layout or spec.family
     clip = spec.family == "clip"
     for name, default in (
         ("lambda_token", 1.0),
@@ -143,12 +151,13 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms and LayerScale gammas (ndim <= 1), as the reference."""
+def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_names: tuple[str, ...] = ()) -> list[dict]:
+    """No weight decay on biases, norms and LayerScale gammas (ndim <= 1), as the reference, nor on
+    `no_decay_names`: weights 1-d in the reference's layout but not in ours (CLIP's class_embedding)."""
     decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
+            (no_decay if p.ndim <= 1 or name in no_decay_names else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -199,7 +208,9 @@ def build(args: argparse.Namespace, device: torch.device, world: int) -> dict:
             "RANDOM TEACHER: %s has random weights; this run distils noise (demo/smoke test only)", args.teacher
         )
     teacher = create_teacher(args.teacher, args.teacher_checkpoint, pretrained=not args.random_teacher).to(device)
-    student = create_student(args.student, img_size=args.input_size, drop_path_rate=args.drop_path)
+    student = create_student(
+        args.student, img_size=args.input_size, drop_path_rate=args.drop_path, layout=args.student_layout
+    )
     distiller = Distiller(student, teacher.embed_dim, args.lambda_token, args.lambda_patch, args.lambda_fea).to(device)
 
     # Repeated augmentation under DDP (3 repeats, DeiT's floor(N/256)*256 samples); one plain
@@ -240,8 +251,13 @@ def build(args: argparse.Namespace, device: torch.device, world: int) -> dict:
             *(lr, args.lr, global_batch, args.min_lr),
         )
     schedule = warmup_cosine(lr, args.min_lr, args.epochs * iters, int(args.warmup_epochs * iters), args.warmup_lr)
+    no_decay = tuple(f"student.{n}" for n in LAYOUTS[args.student_layout].no_weight_decay)
     optimizer = torch.optim.AdamW(
-        param_groups(distiller, args.weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda"
+        param_groups(distiller, args.weight_decay, no_decay),
+        lr=lr,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        fused=device.type == "cuda",
     )
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     ema = ModelEmaV3(student, decay=args.ema_decay)
@@ -305,9 +321,11 @@ def resume(args, distiller: Distiller, optimizer, scaler, ema, world: int) -> di
     if not args.resume and not Path(path).exists():
         return dict(start_epoch=0, start_iteration=0, epoch_sums=None)
     ckpt = safe_load(path)
-    for key in ("student", "teacher"):
-        if ckpt["args"][key] != getattr(args, key):
-            raise ValueError(f"{path} was trained with --{key} {ckpt['args'][key]}, not {getattr(args, key)}")
+    trained = {"student_layout": "dinov2", **ckpt["args"]}  # checkpoints from before --student-layout
+    for key in ("student", "teacher", "student_layout"):
+        if trained[key] != getattr(args, key):
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(f"{path} was trained with {flag} {trained[key]}, not {getattr(args, key)}")
     distiller.student.load_state_dict(ckpt["student"])
     heads = distiller.load_state_dict(ckpt["heads"], strict=False)  # the student is loaded above
     missing = [k for k in heads.missing_keys if not k.startswith("student.")]
@@ -371,7 +389,8 @@ def train(
     elif main_rank:
         n_params = sum(p.numel() for p in student.parameters()) / 1e6
         print(
-            f"distilling {args.teacher} -> {args.student} ({n_params:.1f}M params) on {device}, world {world}, "
+            f"distilling {args.teacher} -> {args.student} ({args.student_layout} layout, {n_params:.1f}M params) "
+            f"on {device}, world {world}, "
             f"global batch {args.batch_size * world}, peak lr {max(schedule):.3e}, {iters_per_epoch} it/epoch, "
             f"epochs {start_epoch}..{args.epochs - 1}",
             flush=True,
@@ -429,12 +448,12 @@ def train(
             raise Preempted(f"stopped after epoch {epoch}")
     exported = (out / "backbone.pth").is_file() and (out / "backbone_ema.pth").is_file()
     if main_rank and not (start_epoch >= args.epochs and exported):  # a new mtime would void feature caches
-        atomic_save(to_dinov2(student), out / "backbone.pth")
-        atomic_save(to_dinov2(ema.module), out / "backbone_ema.pth")
+        atomic_save(to_reference(student, args.student_layout), out / "backbone.pth")
+        atomic_save(to_reference(ema.module, args.student_layout), out / "backbone_ema.pth")
     if main_rank:
         writer.close()
         print(
-            f"done: {out / 'backbone.pth'} (DINOv2 layout), {out / 'backbone_ema.pth'}; "
+            f"done: {out / 'backbone.pth'} ({args.student_layout} layout), {out / 'backbone_ema.pth'}; "
             f"tensorboard logs in {out / 'tensorboard'}",
             flush=True,
         )
