@@ -2,10 +2,12 @@
 
 from .architectures import LAYOUTS, STUDENT_ARCHS, create_student, layout_of, vit_from_state_dict
 from .checkpoints import (
+    DiskFullError,
     atomic_save,
     from_reference,
     load_backbone,
     prepare_output_dir,
+    remove_stale_temp_files,
     safe_load,
     to_dinov2,
     to_reference,
@@ -14,6 +16,7 @@ from .teachers import TEACHERS, create_teacher
 from .vision_transformer import ViT
 
 __all__ = [
+    "DiskFullError",
     "LAYOUTS",
     "STUDENT_ARCHS",
     "TEACHERS",
@@ -25,6 +28,7 @@ __all__ = [
     "layout_of",
     "load_backbone",
     "prepare_output_dir",
+    "remove_stale_temp_files",
     "safe_load",
     "to_dinov2",
     "to_reference",

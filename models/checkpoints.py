@@ -7,6 +7,7 @@ allowed is `argparse.Namespace`, which the reference release pickles into its ch
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import tempfile
@@ -68,6 +69,13 @@ def is_torchscript_archive(path: str | os.PathLike) -> bool:
         return False
 
 
+class DiskFullError(OSError):
+    """A write that failed for lack of space or quota; the message names the folder and what is kept."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
 def atomic_save(obj: object, path: str | os.PathLike) -> None:
     """Write to a temp file in the same folder, then rename: a crash never leaves half a file."""
     path = Path(path)
@@ -82,10 +90,21 @@ def atomic_save(obj: object, path: str | os.PathLike) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; others on the cluster must read checkpoints
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            kept = f"the last {path.name} is intact" if path.exists() else f"{path.name} was not written"
+            raise DiskFullError(e.errno, f"no space left on {path.parent} ({e.strerror}); {kept}") from None
         raise
+
+
+def remove_stale_temp_files(directory: str | os.PathLike, names: tuple[str, ...]) -> list[Path]:
+    """Delete the temp files atomic_save leaves when killed (-9) mid-write, for the given file names."""
+    stale = [p for name in names for p in Path(directory).glob(f".{name}.*.tmp")]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def load_strict(model: nn.Module, state_dict: StateDict, source: str, optional: tuple[str, ...] = ()) -> None:

@@ -87,16 +87,18 @@ def cleanup() -> None:
 EXIT_REQUEUE = 75  # "checkpointed, re-run me": the slurm scripts requeue the job on this status (EX_TEMPFAIL)
 
 
-def exit_on_preemption() -> None:
+def exit_on_preemption(during: str = "") -> None:
     """Evaluations: SIGUSR1/SIGTERM end the process with EXIT_REQUEUE at once.
 
     They only write atomically at safe points (epoch checkpoints, feature caches, mmengine
     checkpoints), so stopping anywhere loses at most the work since the last one; the same command
-    re-run resumes from there. Pretraining instead checkpoints mid-epoch (pretrain.engine.StopControl).
+    re-run resumes from there. Pretraining uses this during its set-up (`during` says what was
+    interrupted) and checkpoints mid-epoch once training runs (pretrain.engine.StopControl).
     """
 
     def stop(signum, frame):
-        print(f"received {signal.Signals(signum).name}: exiting {EXIT_REQUEUE}, re-run to resume", flush=True)
+        where = f" during {during}" if during else ""
+        print(f"received {signal.Signals(signum).name}{where}: exiting {EXIT_REQUEUE}, re-run to resume", flush=True)
         raise SystemExit(EXIT_REQUEUE)
 
     for sig in (signal.SIGUSR1, signal.SIGTERM):

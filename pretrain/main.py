@@ -10,6 +10,7 @@ import argparse
 import functools
 import json
 import logging
+import math
 import random
 import sys
 import time
@@ -26,10 +27,12 @@ from models import (
     LAYOUTS,
     STUDENT_ARCHS,
     TEACHERS,
+    DiskFullError,
     atomic_save,
     create_student,
     create_teacher,
     prepare_output_dir,
+    remove_stale_temp_files,
     safe_load,
     to_reference,
 )
@@ -98,10 +101,46 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Every numeric flag's valid range: (flag, predicate, what it must be); None (an unset optional flag) passes.
+FLAG_RANGES = (
+    ("batch_size", lambda v: v >= 1, "a positive integer"),
+    ("epochs", lambda v: v >= 1, "a positive integer"),
+    ("epoch_length", lambda v: v >= 1, "a positive number of iterations"),
+    ("input_size", lambda v: v >= 1, "a positive number of pixels"),
+    ("warmup_epochs", lambda v: v >= 0, ">= 0"),
+    ("lr", lambda v: v > 0, "> 0"),
+    ("warmup_lr", lambda v: v >= 0, ">= 0"),
+    ("min_lr", lambda v: v >= 0, ">= 0"),
+    ("weight_decay", lambda v: v >= 0, ">= 0"),
+    ("drop_path", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("mask_probability", lambda v: 0 <= v <= 1, "a fraction of the batch in [0, 1]"),
+    ("lambda_token", lambda v: v >= 0, ">= 0"),
+    ("lambda_patch", lambda v: v >= 0, ">= 0"),
+    ("lambda_fea", lambda v: v >= 0, ">= 0"),
+    ("ema_decay", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("clip_grad", lambda v: v > 0, "> 0 (omit the flag for no clipping)"),
+    ("save_every_minutes", lambda v: v > 0, "> 0 minutes (omit the flag to save once per epoch)"),
+    ("num_workers", lambda v: v >= 0, ">= 0"),
+    ("print_freq", lambda v: v >= 1, "a positive number of iterations"),
+    ("pca_every", lambda v: v >= 0, ">= 0 epochs (0: off)"),
+    ("subset_images_per_class", lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+    ("subset_classes", lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+)
+
+
+def check_ranges(args: argparse.Namespace) -> None:
+    for name, valid, rule in FLAG_RANGES:
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and valid(value)):
+            raise ValueError(f"--{name.replace('_', '-')} {value}: must be {rule}")
+    if args.warmup_epochs > args.epochs:
+        log.warning("--warmup-epochs %g is longer than the run (--epochs %d): the lr never reaches its peak",
+                    args.warmup_epochs, args.epochs)  # fmt: skip
+
+
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill family defaults and check everything that can be checked before training starts."""
-    if args.batch_size < 1 or args.epochs < 1:
-        raise ValueError("--batch-size and --epochs must be positive")
+    check_ranges(args)
     if args.random_teacher and args.teacher_checkpoint:
         raise ValueError("--random-teacher and --teacher-checkpoint exclude each other: which teacher do you want?")
     if args.student not in STUDENT_ARCHS:
@@ -164,10 +203,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_names: tu
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    dist_utils.exit_on_preemption("set-up (checks, teacher, data, model; nothing trained or written yet)")
     try:
         args = resolve_args(args)
         prepare_output_dir(args.output_dir)
         device, rank, world = dist_utils.init_distributed(args.device)
+        if dist_utils.is_main():
+            for p in remove_stale_temp_files(args.output_dir, (CHECKPOINT, "backbone.pth", "backbone_ema.pth")):
+                log.warning("removed %s, left by a run killed while writing", p)
         if not dist_utils.is_main():
             logging.getLogger().setLevel(logging.WARNING)
         setup = build(args, device, world)
@@ -183,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         kept = f"the last good checkpoint {ckpt} is untouched" if ckpt.exists() else "no checkpoint was written"
         print(f"error: {e}; stopping, {kept}", file=sys.stderr)
         return 3
+    except DiskFullError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except Preempted as e:
         dist_utils.barrier()  # no rank exits (and gets its peers killed by torchrun) before rank 0 has written
         if dist_utils.is_main():
@@ -319,8 +365,17 @@ def resume(args, distiller: Distiller, optimizer, scaler, ema, world: int) -> di
     """Load --resume, else <output-dir>/checkpoint.pth if present; returns where to start (epoch, iteration)."""
     path = args.resume or (Path(args.output_dir) / CHECKPOINT)
     if not args.resume and not Path(path).exists():
+        if dist_utils.is_main():  # a fresh run in an old output dir: its logs start anew, not appended to
+            for name, key in (("log.txt", "epoch"), (ITERATION_LOG, "iteration")):
+                truncate_log(Path(args.output_dir) / name, key, 0)
         return dict(start_epoch=0, start_iteration=0, epoch_sums=None)
     ckpt = safe_load(path)
+    if not isinstance(ckpt, dict) or not {"student", "heads", "optimizer", "args"} <= set(ckpt):
+        keys = sorted(map(str, ckpt))[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(
+            f"{path} is not a pretraining checkpoint.pth (it holds {keys}); --resume takes the checkpoint.pth "
+            "of a pretraining run, not an exported backbone or another task's checkpoint"
+        )
     trained = {"student_layout": "dinov2", **ckpt["args"]}  # checkpoints from before --student-layout
     for key in ("student", "teacher", "student_layout"):
         if trained[key] != getattr(args, key):

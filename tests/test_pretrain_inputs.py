@@ -1,0 +1,124 @@
+"""Pretraining's guards on what a user gives it and on where it writes: numeric flag ranges, --resume
+with a file that is not a pretraining checkpoint, a fresh run in an old output dir, temp files of a
+killed save, a full disk, and a signal during set-up. Each is one line and loses nothing."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import models
+from pretrain import main as pretrain_main
+from tests.procs import ROOT, child_env
+from tests.test_pretrain import TINY_RUN, make_image_folder
+
+
+def run(data, out, *extra):
+    return pretrain_main.main(["--data-path", str(data), "--output-dir", str(out), *TINY_RUN, *extra])
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--print-freq", "0", "--print-freq 0: must be a positive number of iterations"),
+        ("--mask-probability", "2", "--mask-probability 2.0: must be a fraction of the batch in [0, 1]"),
+        ("--epoch-length", "0", "--epoch-length 0: must be a positive number of iterations"),
+        ("--epoch-length", "-1", "--epoch-length -1: must be a positive number of iterations"),
+        ("--lr", "nan", "--lr nan: must be > 0"),
+        ("--drop-path", "1", "--drop-path 1.0: must be in [0, 1)"),
+        ("--num-workers", "-2", "--num-workers -2: must be >= 0"),
+        ("--clip-grad", "0", "--clip-grad 0.0: must be > 0 (omit the flag for no clipping)"),
+        ("--subset-classes", "0", "--subset-classes 0.0: must be a fraction in (0, 1]"),
+    ],
+)
+def test_numeric_flags_out_of_range_are_one_line(tmp_path, capsys, flag, value, message):
+    assert run(tmp_path / "nodata", tmp_path / "o", flag, value) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {message}"]
+
+
+def test_warmup_longer_than_the_run_warns(caplog):
+    args = pretrain_main.get_args_parser().parse_args(["--epochs", "3", "--warmup-epochs", "5"])
+    pretrain_main.check_ranges(args)
+    assert "--warmup-epochs 5 is longer than the run (--epochs 3)" in caplog.text
+
+
+def test_resume_from_a_backbone_is_one_line(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data")
+    backbone = tmp_path / "backbone.pth"
+    torch.save(models.to_dinov2(models.create_student("vit_tiny", img_size=28)), backbone)
+    assert run(data, tmp_path / "o", "--resume", str(backbone)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{backbone} is not a pretraining checkpoint.pth" in err[0], err
+
+
+def test_fresh_run_starts_its_logs_anew_and_removes_stale_temp_files(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "log.txt").write_text('{"epoch": 0}\n{"epoch": 1}\n{"epoch": 2}\n')  # an old run's, no checkpoint
+    (out / "iterations.jsonl").write_text('{"epoch": 2, "iteration": 9}\n')
+    stale = out / ".checkpoint.pth.k1ll3d.tmp"  # what kill -9 during a save leaves
+    stale.write_bytes(b"half a checkpoint")
+    keep = out / ".notes.tmp"  # not one of this run's files
+    keep.write_text("mine")
+    assert run(data, out, "--epochs", "1", "--epoch-length", "1") == 0
+    assert [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()] == [0]
+    iterations = [json.loads(line) for line in (out / "iterations.jsonl").read_text().splitlines()]
+    assert [(i["epoch"], i["iteration"]) for i in iterations] == [(0, 0)]
+    assert not stale.exists() and keep.exists()
+
+
+def test_disk_full_is_one_line_and_the_last_checkpoint_is_intact(tmp_path, capsys, monkeypatch):
+    data = make_image_folder(tmp_path / "data")
+    out = tmp_path / "o"
+    assert run(data, out, "--epochs", "1", "--epoch-length", "1") == 0
+    before = (out / "checkpoint.pth").read_bytes()
+    capsys.readouterr()
+    real_fdopen = os.fdopen
+
+    def full_disk(fd, mode="r", *args, **kwargs):  # every atomic_save writes to /dev/full: ENOSPC from torch.save
+        if mode == "wb":
+            os.close(fd)
+            return open("/dev/full", "wb")
+        return real_fdopen(fd, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fdopen", full_disk)
+    assert run(data, out, "--epochs", "2", "--epoch-length", "1") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: no space left on {out} (No space left on device); the last checkpoint.pth is intact"]
+    assert (out / "checkpoint.pth").read_bytes() == before and not list(out.glob(".*.tmp"))
+    with pytest.raises(models.DiskFullError) as e:
+        models.atomic_save({"x": torch.zeros(3)}, tmp_path / "new.pth")
+    assert e.value.errno == errno.ENOSPC and "new.pth was not written" in str(e.value)
+
+
+def test_sigterm_during_set_up_says_what_was_interrupted(tmp_path):
+    """The run blocks in set-up reading --single-image from a FIFO; SIGTERM then exits 75 with one line."""
+    fifo = tmp_path / "image.fifo"
+    os.mkfifo(fifo)
+    cmd = [sys.executable, "-m", "pretrain.main", "--single-image", str(fifo), "--output-dir", str(tmp_path / "o"),
+           "--epoch-length", "1", *TINY_RUN]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while True:  # a FIFO opens for writing (non-blocking) only once its reader is there: set-up has begun
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError as e:
+            assert e.errno == errno.ENXIO and proc.poll() is None and time.time() < deadline, proc.stdout.read()
+            time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    os.close(fd)
+    assert proc.returncode == 75, out
+    assert "received SIGTERM during set-up (checks, teacher, data, model; nothing trained or written yet)" in out
+    assert "Traceback" not in out
