@@ -1,31 +1,58 @@
-"""Our ViT and what mmsegmentation lacks for the DINOv2 dense protocols, registered on import.
+"""Our ViT and what mmsegmentation lacks for the dense protocols, registered on import.
 
 Configs load it with `custom_imports = dict(imports=["models.mmseg"])`. It provides:
 - `ProteusViT`: any checkpoint `models.load_backbone` accepts, run at any input size (DINOv2
-  pos-embed interpolation), returning the blocks in `out_indices` without CLS or final norm;
-  frozen (linear probe) or fine-tuned, with drop path.
-- `ViTLayerDecayOptimizerConstructor`: layer-wise lr decay keyed on OUR parameter names (mmseg's
-  own constructor matches `backbone.layers.*`, so with this backbone its multipliers never apply:
-  the reference's defect).
+  pos-embed interpolation per forward), returning the blocks in `out_indices` without CLS or final
+  norm; frozen (probes) or fine-tuned, with drop path. `reference_pos_embed=True` instead resizes
+  the table once to the dense grid and fine-tunes that, as the reference's backbone did.
+- `ViTLayerDecayOptimizerConstructor`: layer-wise lr decay keyed on OUR parameter names
+  (`backbone.vit.blocks.i`; mmseg's own constructor keys on `backbone.layers.i`, the names of the
+  reference's BEiT-style backbone), with the reference's multipliers and weight decay.
 - `DPTDepthHead`, `LinearDepthHead`: mmseg's DPT and 1x1-conv heads as depth heads (one channel,
   no output activation, SiLog loss on `gt_depth_map`).
+- `EvaluationHistoryHook`: every evaluation during training, one JSON line each in
+  `<work_dir>/evaluations.jsonl`, from which the runner reports the best-on-test figure.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import re
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from mmengine.dist import is_main_process
+from mmengine.hooks import Hook
 from mmengine.model import BaseModule
 from mmengine.optim import DefaultOptimWrapperConstructor
 from mmseg.models.decode_heads.dpt_head import DPTHead
 from mmseg.models.decode_heads.fcn_head import FCNHead
 from mmseg.models.utils import resize
-from mmseg.registry import MODELS, OPTIM_WRAPPER_CONSTRUCTORS
+from mmseg.registry import HOOKS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS
 from torch import nn
 
 from .architectures import create_student
 from .checkpoints import load_backbone
+
+EVALUATIONS = "evaluations.jsonl"  # in the work dir, written by EvaluationHistoryHook
+
+
+class CheckpointMismatchError(ValueError):
+    """A segmentor checkpoint that does not fit the backbone as configured (one line, no traceback)."""
+
+
+def resize_pos_embed_once(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
+    """The reference's resize at load: the patch table bicubic to (grid, grid), align_corners=False,
+    no antialias and no DINOv2 offset; the CLS position unchanged."""
+    num_patches = pos_embed.shape[1] - 1
+    old = math.isqrt(num_patches)
+    if old * old != num_patches:
+        raise ValueError(f"pos_embed holds {num_patches} patch positions, not a square grid")
+    patch = pos_embed[:, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    patch = F.interpolate(patch, size=(grid, grid), mode="bicubic", align_corners=False)
+    return torch.cat((pos_embed[:, :1], patch.permute(0, 2, 3, 1).flatten(1, 2)), dim=1)
 
 
 @MODELS.register_module()
@@ -40,6 +67,7 @@ class ProteusViT(BaseModule):
         drop_path_rate: float = 0.0,
         with_cls_token: bool = False,
         final_norm: bool = False,
+        reference_pos_embed: bool = False,
         init_cfg: dict | None = None,
     ) -> None:
         super().__init__(init_cfg)
@@ -52,9 +80,15 @@ class ProteusViT(BaseModule):
             raise ValueError(f"out_indices {out_indices} out of range for a {depth}-block backbone")
         self.out_indices, self.frozen = tuple(out_indices), frozen
         self.with_cls_token, self.final_norm = with_cls_token, final_norm
+        if reference_pos_embed:
+            # a (img_size / patch)^2 table, used as is at that grid (the ViT interpolates only other grids)
+            grid = img_size // self.vit.patch_size
+            self.vit.pos_embed = nn.Parameter(resize_pos_embed_once(self.vit.pos_embed.detach(), grid))
         # parameters that never reach the outputs get no gradient, which DDP rejects: freeze them
         self.vit.mask_token.requires_grad_(False)  # no masking downstream
-        self.vit.norm.requires_grad_(final_norm)
+        # the final norm reaches the outputs only with final_norm, and with a CLIP-layout student (norm on
+        # the CLS only) only through the class tokens
+        self.vit.norm.requires_grad_(final_norm and (with_cls_token or self.vit.norm_patch_tokens))
         for block in self.vit.blocks[max(out_indices) + 1 :]:
             block.requires_grad_(False)
         if frozen:
@@ -63,10 +97,22 @@ class ProteusViT(BaseModule):
     def init_weights(self) -> None:
         """Weights come from the checkpoint; mmengine must not re-initialise them."""
 
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        """mmengine loads segmentor checkpoints non-strictly: a pos_embed of another size would only
+        be a warning, and the backbone would keep its unresized table."""
+        saved = state_dict.get(f"{prefix}vit.pos_embed")
+        if saved is not None and saved.shape != self.vit.pos_embed.shape:
+            have = self.vit.pos_embed.shape[1]
+            raise CheckpointMismatchError(
+                f"the checkpoint's pos_embed has {saved.shape[1]} positions, this backbone's {have}: "
+                "evaluate or resume with --reference-pos-embed exactly when the run was trained with it"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def train(self, mode: bool = True) -> ProteusViT:
         super().train(mode)
         if self.frozen:
-            self.vit.eval()  # a linear probe never updates the backbone (no drop path either)
+            self.vit.eval()  # a probe never updates the backbone (no drop path either)
         return self
 
     def forward(self, x: torch.Tensor) -> list:
@@ -78,29 +124,38 @@ class ProteusViT(BaseModule):
 
 
 def vit_layer_id(name: str, num_layers: int) -> int:
-    """0 for embeddings, i + 1 for block i, num_layers + 1 for everything after the blocks."""
+    """0 for embeddings (and a CLIP-layout ln_pre), i + 1 for block i, num_layers + 1 after the blocks."""
     m = re.match(r"backbone\.vit\.blocks\.(\d+)\.", name)
     if m:
         return int(m.group(1)) + 1
-    if re.match(r"backbone\.vit\.(cls_token|pos_embed|register_tokens|mask_token|patch_embed)", name):
+    if re.match(r"backbone\.vit\.(cls_token|pos_embed|register_tokens|mask_token|patch_embed|norm_pre)", name):
         return 0
     return num_layers + 1
 
 
 @OPTIM_WRAPPER_CONSTRUCTORS.register_module()
 class ViTLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
-    """lr x decay_rate ** (num_layers + 1 - layer_id); no weight decay on 1-d params and tokens.
+    """lr x decay_rate ** (num_layers + 1 - layer_id); no weight decay on 1-d parameters and biases.
 
-    paramwise_cfg = dict(num_layers=12, decay_rate=0.65)
+    paramwise_cfg = dict(num_layers=12, decay_rate=0.65, token_weight_decay=True)
+
+    The multipliers equal mmseg's LayerDecayOptimizerConstructor on the reference's backbone
+    (embeddings 0.65^13 ... last block 0.65, heads 1 for 12 blocks). token_weight_decay=True is the
+    reference: its no-decay check compared `pos_embed`/`cls_token` with names that start with
+    `backbone.`, so both tokens were decayed. False leaves them (and register tokens) undecayed, as
+    that check meant to.
     """
 
     def add_params(self, params: list, module: nn.Module, **kwargs) -> None:
         num_layers = self.paramwise_cfg["num_layers"]
         decay_rate = self.paramwise_cfg["decay_rate"]
+        token_weight_decay = self.paramwise_cfg.get("token_weight_decay", True)
         for name, p in module.named_parameters():
             if not p.requires_grad:
                 continue
-            no_wd = p.ndim == 1 or name.endswith((".bias", "cls_token", "pos_embed", "register_tokens"))
+            no_wd = p.ndim == 1 or name.endswith(".bias")
+            if not token_weight_decay:
+                no_wd = no_wd or name.endswith(("cls_token", "pos_embed", "register_tokens"))
             scale = decay_rate ** (num_layers + 1 - vit_layer_id(name, num_layers))
             params.append({"params": [p], "lr": self.base_lr * scale, "weight_decay": 0.0 if no_wd else self.base_wd})
 
@@ -135,3 +190,28 @@ class DPTDepthHead(DepthHeadMixin, DPTHead):
 @MODELS.register_module()
 class LinearDepthHead(DepthHeadMixin, FCNHead):
     """Linear probe: the resized, concatenated levels -> a 1x1 conv to one depth channel."""
+
+
+@HOOKS.register_module()
+class EvaluationHistoryHook(Hook):
+    """Appends {"iter", "metrics"} to <work_dir>/evaluations.jsonl after each evaluation in training.
+
+    The reference evaluated on the test split during training and published the best figure; the
+    file lets the runner name that figure next to the final one. A fresh run starts the file anew;
+    a resumed one drops the entries after its checkpoint (they are evaluated again).
+    """
+
+    priority = "LOW"
+
+    def before_train(self, runner) -> None:
+        path = Path(runner.work_dir) / EVALUATIONS
+        if is_main_process() and path.is_file():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["iter"] <= runner.iter]
+            path.write_text("".join(f"{line}\n" for line in kept))
+
+    def after_val_epoch(self, runner, metrics: dict | None = None) -> None:
+        if not is_main_process() or not metrics:
+            return
+        entry = {"iter": runner.iter, "metrics": {k: float(v) for k, v in metrics.items()}}
+        with open(Path(runner.work_dir) / EVALUATIONS, "a") as f:
+            f.write(json.dumps(entry) + "\n")

@@ -3,7 +3,9 @@
 Why a wrapper and not mmseg's tools/train.py: the backbone comes from `--backbone` (any file
 `models.load_backbone` accepts, no conversion step), bad input fails with one line before mmengine
 starts, SyncBN becomes BN outside torchrun, `--amp` really switches the optimizer wrapper (the
-reference's amp flags were ignored), and the metrics land in `<work-dir>/results.json`.
+reference's amp flags were ignored), and `<work-dir>/results.json` holds the final figure and,
+named as such, the best of the evaluations during training (on the test split, as the reference
+published).
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ def get_args_parser(task: str) -> argparse.ArgumentParser:
     a("--checkpoint", help="with --eval-only: a trained segmentor checkpoint")
     a("--resume", action="store_true", help="resume from the last checkpoint in the work dir")
     a("--amp", action="store_true", help="bf16 autocast (AmpOptimWrapper; GPU only)")
+    a(
+        "--reference-pos-embed",
+        action="store_true",
+        help="as the reference's backbone: pos_embed resized once to the 518 grid (plain bicubic) and that "
+        "table fine-tuned (default: DINOv2's interpolation of the pretrained table in every forward)",
+    )
     a("--show-dir", help="write a PNG (prediction overlay / depth map) per evaluated image here")
     a("--launcher", choices=("none", "pytorch", "slurm"), help="default: pytorch under torchrun, else none")
     a("--cfg-options", nargs="+", action=DictAction, help="override config entries: key=value ...")
@@ -79,6 +87,8 @@ def build_config(args: argparse.Namespace, task: str):
     cfg = Config.fromfile(args.config)
     vit = models.load_backbone(args.backbone)  # readable, a ViT: fail here, not inside mmengine
     cfg.model.backbone.checkpoint = str(args.backbone)
+    if args.reference_pos_embed:
+        cfg.model.backbone.reference_pos_embed = True
     if args.data_root:
         for split in ("train_dataloader", "val_dataloader", "test_dataloader"):
             cfg[split].dataset.data_root = args.data_root
@@ -172,6 +182,23 @@ def _last_checkpoint(work_dir: Path) -> str | None:
     return marker.read_text().strip() if marker.is_file() else None
 
 
+def best_on_test(work_dir: Path, checkpoint_hook: dict) -> dict | None:
+    """The best of the evaluations during training (models.mmseg.EvaluationHistoryHook), by the
+    metric and rule the config's CheckpointHook keeps (`save_best`, `rule`); None without them."""
+    from models.mmseg import EVALUATIONS
+
+    path, metric, rule = work_dir / EVALUATIONS, checkpoint_hook.get("save_best"), checkpoint_hook.get("rule")
+    if not path.is_file() or not isinstance(metric, str) or rule not in ("greater", "less"):
+        return None
+    history = [json.loads(line) for line in path.read_text().splitlines()]
+    history = [e for e in history if metric in e["metrics"]]
+    if not history:
+        return None
+    sign = 1 if rule == "greater" else -1
+    best = max(history, key=lambda e: (sign * e["metrics"][metric], -e["iter"]))  # ties: the earliest
+    return {"iter": best["iter"], "metric": metric, "rule": rule, "metrics": best["metrics"]}
+
+
 def main(task: str, argv: list[str] | None = None) -> int:
     try:
         _import_mmseg()
@@ -190,17 +217,30 @@ def main(task: str, argv: list[str] | None = None) -> int:
     if torch.distributed.is_initialized():
         world, backend = torch.distributed.get_world_size(), torch.distributed.get_backend()
         runner.logger.info(f"distributed: {world} processes, backend {backend}")
-    if not args.eval_only:
-        runner.train()
-    metrics = runner.test()
+    from models.mmseg import CheckpointMismatchError
+
+    try:
+        if not args.eval_only:
+            runner.train()
+        metrics = runner.test()
+    except CheckpointMismatchError as e:
+        return _fail(str(e))
+    work_dir = Path(cfg.work_dir)
     results = {
         "config": args.config,
         "backbone": str(args.backbone),
-        "metrics": {k: float(v) for k, v in metrics.items()},
+        # the trained model at the end (iter None: --eval-only of cfg.load_from)
+        "final": {
+            "iter": None if args.eval_only else runner.iter,
+            "metrics": {k: float(v) for k, v in metrics.items()},
+        },
+        "best_on_test": best_on_test(work_dir, cfg.default_hooks.checkpoint),
     }
+    if args.eval_only:
+        results["checkpoint"] = cfg.load_from
     if runner.rank == 0:
-        out = Path(cfg.work_dir) / "results.json"
+        out = work_dir / "results.json"
         out.write_text(json.dumps(results, indent=2))
-        print(json.dumps(results["metrics"], indent=2))
+        print(json.dumps({k: results[k] for k in ("final", "best_on_test")}, indent=2))
         print(f"results: {out}")
     return 0

@@ -1,5 +1,6 @@
-"""Dense evaluations on mmsegmentation: the four configs end to end on tiny generated datasets,
-the metrics against direct computations, layer-wise lr decay and backbone loading."""
+"""Dense evaluations on mmsegmentation: the configs end to end on tiny generated datasets, the
+metrics against direct computations, every protocol setting against the reference release's value,
+layer-wise lr decay, backbone loading and the reference's positional embedding."""
 
 from __future__ import annotations
 
@@ -79,6 +80,7 @@ HEADS = {
                                        "model.decode_head.post_process_channels=[8,16,32,64]",
                                        "model.decode_head.channels=16"],
 }  # fmt: skip
+HEADS["depth/configs/dpt_probe_vit_small.py"] = HEADS["depth/configs/dpt_vit_small.py"]
 
 
 @pytest.mark.parametrize("config", list(HEADS))
@@ -89,16 +91,23 @@ def test_config_trains_and_evaluates(config, backbone, ade, nyu, tmp_path):
     base = [str(ROOT / config), "--backbone", str(backbone), "--data-root", str(data), "--work-dir", str(work)]
     overrides = ["--cfg-options", *TINY, *HEADS[config]]
     assert runner.main(task, [*base, "--show-dir", str(tmp_path / "show"), *overrides]) == 0
-    results = json.loads((work / "results.json").read_text())["metrics"]
+    out = json.loads((work / "results.json").read_text())
+    results = out["final"]["metrics"]
     keys = ("mIoU",) if task == "segmentation" else ("rmse", "abs_rel", "d1")
     for k in keys:
         assert k in results and np.isfinite(results[k]), (k, results)
+    assert out["final"]["iter"] == 2
+    # the one evaluation during training (iteration 2 of 2) saw the final weights: best = final
+    best = out["best_on_test"]
+    assert best["iter"] == 2 and best["metric"] == keys[0]
+    assert best["metrics"] == pytest.approx(results, rel=1e-5)
     assert len(list((tmp_path / "show").rglob("*.png"))) >= 2
     # --eval-only on the trained checkpoint (the work dir's last) gives the same numbers
     assert runner.main(task, [*base, "--eval-only", *overrides]) == 0
-    again = json.loads((work / "results.json").read_text())["metrics"]
+    again = json.loads((work / "results.json").read_text())
+    assert again["final"]["iter"] is None and again["checkpoint"] == str(work / "iter_2.pth")
     for k in keys:
-        assert again[k] == pytest.approx(results[k], rel=1e-5)
+        assert again["final"]["metrics"][k] == pytest.approx(results[k], rel=1e-5)
 
 
 def _cfg(path: str):
@@ -108,21 +117,19 @@ def _cfg(path: str):
 
 
 def test_protocol_settings_in_configs():
-    """Slide inference is really configured (the reference silently fell back to whole images)."""
+    """Slide inference as in the reference's proteus configs (ADE20K slide, NYU slide_flip)."""
     seg = _cfg("segmentation/configs/upernet_vit_large.py")
     assert seg.model.test_cfg == dict(mode="slide", crop_size=(518, 518), stride=(345, 345))
     assert seg.model.backbone.out_indices == (7, 11, 15, 23) and seg.model.backbone.drop_path_rate == 0.2
     assert seg.train_cfg.max_iters == 160000 and seg.param_scheduler[1].end == 160000
-    assert seg.optim_wrapper.paramwise_cfg == dict(num_layers=24, decay_rate=0.65)
+    assert seg.optim_wrapper.paramwise_cfg == dict(num_layers=24, decay_rate=0.65, token_weight_decay=True)
     lin = _cfg("segmentation/configs/linear_vit_base.py")
     assert lin.model.backbone.frozen and lin.model.decode_head.in_channels == [768] * 4
     assert lin.optim_wrapper.optimizer.lr == 8e-4 and lin.train_cfg.max_iters == 60000
     dep = _cfg("depth/configs/dpt_vit_base.py")
     assert dep.model.test_cfg == dict(mode="slide_flip", crop_size=(518, 518), stride=(129, 129))
     assert dep.model.decode_head.post_process_channels == [96, 192, 384, 768]
-    assert (
-        dep.optim_wrapper.optimizer.lr == 1e-4 and dep.optim_wrapper.paramwise_cfg.custom_keys.backbone.lr_mult == 0.1
-    )
+    assert dep.optim_wrapper.optimizer.lr == 1e-4 and dep.optim_wrapper.paramwise_cfg.custom_keys == REFERENCE_DPT_KEYS
     assert _cfg("depth/configs/dpt_vit_small.py").optim_wrapper.optimizer.lr == 4e-4
 
 
@@ -149,47 +156,149 @@ def test_amp_trains_on_gpu(config, backbone, ade, nyu, tmp_path):
     assert runner.main(task, argv) == 0
     logs = "\n".join(p.read_text() for p in work.rglob("*.log"))
     assert "AmpOptimWrapper" in logs and "bfloat16" in logs
-    metrics = json.loads((work / "results.json").read_text())["metrics"]
+    metrics = json.loads((work / "results.json").read_text())["final"]["metrics"]
     assert all(np.isfinite(v) for v in metrics.values()), metrics
 
 
-def test_layer_wise_lr_decay_reaches_every_block(backbone):
-    """Each backbone parameter gets lr * 0.65 ** (L + 1 - layer_id); heads keep the base lr."""
+def _tiny_cfg(config: str, backbone: Path, data: Path, *extra: str):
+    """The config as the runner builds it for the tiny backbone (nothing runs)."""
+    argv = _tiny_argv(config, backbone, data, data / "work", *extra)
+    return runner.build_config(runner.get_args_parser(config.split("/")[0]).parse_args(argv), config.split("/")[0])
+
+
+def _optimizer_groups(cfg) -> tuple[dict[str, tuple[float, float]], torch.nn.Module]:
+    """{name: (lr, weight decay)} of every parameter the config's optimizer trains, and the model."""
     from mmengine.optim import build_optim_wrapper
     from mmseg.registry import MODELS
     from mmseg.utils import register_all_modules
 
-    register_all_modules()  # mmseg's default scope, also when this test runs alone
-
-    cfg = _cfg("segmentation/configs/upernet_vit_small.py")
-    cfg.model.backbone.update(checkpoint=str(backbone), out_indices=[0, 1, 2, 3])
-    cfg.model.neck.embed_dim = DIM
-    cfg.model.decode_head.update(in_channels=[DIM] * 4, channels=DIM)
-    cfg.model.auxiliary_head.in_channels = DIM
-    cfg.optim_wrapper.paramwise_cfg.num_layers = DEPTH
+    register_all_modules()  # mmseg's default scope, also when a test runs alone
     model = MODELS.build(cfg.model)
-    optim = build_optim_wrapper(model, cfg.optim_wrapper)
-    lr_of = {id(p): g["lr"] for g in optim.optimizer.param_groups for p in g["params"]}
-    wd_of = {id(p): g["weight_decay"] for g in optim.optimizer.param_groups for p in g["params"]}
-    named = dict(model.named_parameters())
+    optim = build_optim_wrapper(model, cfg.optim_wrapper).optimizer
+    by_id = {id(p): (g["lr"], g["weight_decay"]) for g in optim.param_groups for p in g["params"]}
+    return {n: by_id[id(p)] for n, p in model.named_parameters() if id(p) in by_id}, model
+
+
+def test_layer_wise_lr_decay_reaches_every_block(backbone, ade):
+    """Each backbone parameter gets lr * 0.65 ** (L + 1 - layer_id), heads the base lr: the reference's
+    multipliers (mmseg's LayerDecayOptimizerConstructor: 0.65 ** (L + 1 - id) with id 0 for the
+    embeddings, i + 1 for block i, L + 1 for the rest). pos_embed and cls_token decayed as there."""
+    cfg = _tiny_cfg("segmentation/configs/upernet_vit_small.py", backbone, ade)
+    groups, model = _optimizer_groups(cfg)
+    lr = {n: g[0] for n, g in groups.items()}
+    wd = {n: g[1] for n, g in groups.items()}
     base = 1e-4
-    assert lr_of[id(named["backbone.vit.blocks.0.attn.qkv.weight"])] == pytest.approx(base * 0.65**DEPTH)
-    assert lr_of[id(named[f"backbone.vit.blocks.{DEPTH - 1}.mlp.fc1.weight"])] == pytest.approx(base * 0.65)
-    assert lr_of[id(named["backbone.vit.pos_embed"])] == pytest.approx(base * 0.65 ** (DEPTH + 1))
-    assert lr_of[id(named["backbone.vit.patch_embed.proj.weight"])] == pytest.approx(base * 0.65 ** (DEPTH + 1))
-    assert lr_of[id(named["decode_head.conv_seg.weight"])] == pytest.approx(base)
-    assert wd_of[id(named["backbone.vit.blocks.0.norm1.weight"])] == 0.0
-    assert wd_of[id(named["backbone.vit.pos_embed"])] == 0.0
-    assert wd_of[id(named["backbone.vit.blocks.0.attn.qkv.weight"])] == 0.05
-    distinct = {
-        round(lr_of[id(p)] / base, 8) for n, p in named.items() if n.startswith("backbone.") and p.requires_grad
-    }
-    assert len(distinct) == DEPTH + 1  # embeddings, each block
+    assert lr["backbone.vit.blocks.0.attn.qkv.weight"] == pytest.approx(base * 0.65**DEPTH)
+    assert lr[f"backbone.vit.blocks.{DEPTH - 1}.mlp.fc1.weight"] == pytest.approx(base * 0.65)
+    assert lr["backbone.vit.pos_embed"] == pytest.approx(base * 0.65 ** (DEPTH + 1))
+    assert lr["backbone.vit.patch_embed.proj.weight"] == pytest.approx(base * 0.65 ** (DEPTH + 1))
+    assert lr["decode_head.conv_seg.weight"] == pytest.approx(base)
+    assert wd["backbone.vit.blocks.0.norm1.weight"] == 0.0 and wd["backbone.vit.blocks.0.ls1.gamma"] == 0.0
+    assert wd["backbone.vit.blocks.0.attn.qkv.bias"] == 0.0
+    assert wd["backbone.vit.pos_embed"] == wd["backbone.vit.cls_token"] == 0.05  # the reference
+    assert wd["backbone.vit.blocks.0.attn.qkv.weight"] == 0.05
+    assert len({round(v / base, 8) for n, v in lr.items() if n.startswith("backbone.")}) == DEPTH + 1
     # what never reaches the outputs is frozen (DDP rejects parameters without gradient)
+    named = dict(model.named_parameters())
     assert not named["backbone.vit.norm.weight"].requires_grad and not named["backbone.vit.mask_token"].requires_grad
     cfg.model.backbone.out_indices = [0, 1]
-    frozen = {n for n, p in MODELS.build(cfg.model).named_parameters() if not p.requires_grad}
+    frozen = {n for n, p in _optimizer_groups(cfg)[1].named_parameters() if not p.requires_grad}
     assert "backbone.vit.blocks.1.attn.qkv.weight" not in frozen and "backbone.vit.blocks.2.attn.qkv.weight" in frozen
+    # our fix, by name: the tokens without weight decay, as the reference's check meant
+    cfg = _tiny_cfg("segmentation/configs/upernet_vit_small.py", backbone, ade)
+    cfg.optim_wrapper.paramwise_cfg.token_weight_decay = False
+    wd = {n: g[1] for n, g in _optimizer_groups(cfg)[0].items()}
+    assert wd["backbone.vit.pos_embed"] == wd["backbone.vit.cls_token"] == 0.0
+    assert wd["backbone.vit.blocks.0.attn.qkv.weight"] == 0.05
+
+
+REFERENCE_DPT_KEYS = {  # dpt_mae-*_nyu-518x518_proteus*.py
+    "pos_embed": dict(decay_mult=0.0),
+    "cls_token": dict(decay_mult=0.0),
+    "norm": dict(decay_mult=0.0),
+    "backbone": dict(lr_mult=0.1),
+}
+
+
+@pytest.mark.parametrize("config", ["depth/configs/dpt_vit_small.py", "depth/configs/dpt_probe_vit_small.py"])
+def test_dpt_optimizer_groups_are_the_references(config, backbone, nyu):
+    """mmengine applies the longest custom key a name contains: the tokens at the full lr without
+    weight decay, the rest of the backbone (norms too: "backbone" outranks "norm") at lr x 0.1 with
+    decay; the head (its BN layers are named "bn") at the base lr with decay. The probe trains the head only."""
+    groups, model = _optimizer_groups(_tiny_cfg(config, backbone, nyu))
+    base, wd = 4e-4, 0.01
+    head = {
+        "decode_head.conv_seg.weight": (base, wd),
+        "decode_head.conv_seg.bias": (base, wd),
+        "decode_head.fusion_blocks.1.res_conv_unit1.conv1.bn.weight": (base, wd),
+        "decode_head.project.bn.bias": (base, wd),
+        "decode_head.reassemble_blocks.readout_projects.0.0.weight": (base, wd),
+    }
+    for name, expected in head.items():
+        assert groups[name] == pytest.approx(expected), name
+    backbone_params = {n for n in groups if n.startswith("backbone.")}
+    if "probe" in config:
+        assert not backbone_params and not any(p.requires_grad for p in model.backbone.parameters())
+        return
+    assert groups["backbone.vit.pos_embed"] == pytest.approx((base, 0.0))
+    assert groups["backbone.vit.cls_token"] == pytest.approx((base, 0.0))
+    for name in ("blocks.0.norm1.weight", "blocks.0.norm1.bias", "blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.bias",
+                 "blocks.3.ls2.gamma", "patch_embed.proj.weight"):  # fmt: skip
+        assert groups[f"backbone.vit.{name}"] == pytest.approx((base * 0.1, wd)), name
+    assert len(backbone_params) == sum(p.requires_grad for p in model.backbone.parameters())
+
+
+def test_reference_pos_embed_is_resized_once_and_fine_tuned(backbone):
+    """--reference-pos-embed: the pretrained 2x2 table resized once to the 5x5 grid of a 70-pixel input
+    as the reference's MAE.resize_abs_pos_embed did (F.interpolate bicubic to size, align_corners=False,
+    no antialias), then a trainable parameter used without interpolation at that grid."""
+    import torch.nn.functional as F
+
+    pretrained = models.load_backbone(backbone).pos_embed.detach()
+    bb = proteus_mmseg.ProteusViT(checkpoint=str(backbone), img_size=70, out_indices=(3,), reference_pos_embed=True)
+    table = bb.vit.pos_embed
+    grid = pretrained[:, 1:].reshape(1, 2, 2, DIM).permute(0, 3, 1, 2)
+    resized = F.interpolate(grid, size=(5, 5), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+    torch.testing.assert_close(table, torch.cat([pretrained[:, :1], resized.reshape(1, 25, DIM)], 1))
+    assert isinstance(table, torch.nn.Parameter) and table.requires_grad
+    assert bb.vit.interpolate_pos_encoding(5, 5) is table  # no interpolation in the forward
+    default = proteus_mmseg.ProteusViT(checkpoint=str(backbone), img_size=70, out_indices=(3,))
+    dinov2 = default.vit.interpolate_pos_encoding(5, 5)  # our default: DINOv2's offset-0.1 formula per forward
+    assert default.vit.pos_embed.shape == (1, 5, DIM) and (dinov2 - table).abs().max() > 1e-3
+    x = torch.randn(2, 3, 70, 70)
+    bb(x)[0].sum().backward()
+    assert table.grad is not None and table.grad[:, 1:].abs().sum() > 0
+
+
+def test_reference_pos_embed_flag(backbone, ade, tmp_path, capsys):
+    """The runner's flag sets the backbone key; a checkpoint trained with it refuses to load without it."""
+    config = "segmentation/configs/linear_vit_small.py"
+    cfg = _tiny_cfg(config, backbone, ade, "--reference-pos-embed")
+    assert cfg.model.backbone.reference_pos_embed is True
+    assert "reference_pos_embed" not in _tiny_cfg(config, backbone, ade).model.backbone
+    work = tmp_path / "work"
+    assert runner.main("segmentation", _tiny_argv(config, backbone, ade, work, "--reference-pos-embed")) == 0
+    state = torch.load(work / "iter_2.pth", map_location="cpu", weights_only=False)["state_dict"]
+    assert state["backbone.vit.pos_embed"].shape == (1, 1 + 37 * 37, DIM)  # 518 / 14 = 37
+    assert runner.main("segmentation", _tiny_argv(config, backbone, ade, work, "--eval-only")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: the checkpoint's pos_embed has 1370 positions, this backbone's 5")
+
+
+def test_best_on_test_follows_the_checkpoint_rule(tmp_path):
+    scores = {1000: (0.5, 0.7), 2000: (0.4, 0.6), 3000: (0.4, 0.8), 4000: (0.45, 0.8)}  # rmse, d1
+    lines = [{"iter": it, "metrics": {"rmse": rmse, "d1": d1}} for it, (rmse, d1) in scores.items()]
+    (tmp_path / "evaluations.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    best = runner.best_on_test(tmp_path, dict(save_best="rmse", rule="less"))
+    assert best == {
+        "iter": 2000,
+        "metric": "rmse",
+        "rule": "less",
+        "metrics": lines[1]["metrics"],
+    }  # ties: the earliest
+    assert runner.best_on_test(tmp_path, dict(save_best="d1", rule="greater"))["iter"] == 3000
+    assert runner.best_on_test(tmp_path, dict(interval=2000)) is None  # no rule in the config
+    assert runner.best_on_test(tmp_path / "nowhere", dict(save_best="rmse", rule="less")) is None
 
 
 def test_backbone_loads_every_checkpoint_format(backbone, tmp_path):
@@ -354,12 +463,18 @@ def test_test_modes_slide_windows_and_flip():
             assert [c.shape[-1] for c in calls] == [518, 518] and out.pred_sem_seg.shape == (480, 640)
 
 
-SPEC = {  # PROTOCOLS D/E per size: out_indices, drop path, lr, head widths, iterations
-    "segmentation/configs/linear_vit_{}.py": dict(lr=8e-4, iters=60000),
-    "segmentation/configs/upernet_vit_{}.py": dict(lr=1e-4, iters=(60000, 60000, 160000), dp=(0.1, 0.1, 0.2)),
-    "depth/configs/linear_vit_{}.py": dict(lr=(4e-4, 1e-4, 1e-4), iters=25000),
-    "depth/configs/dpt_vit_{}.py": dict(lr=(4e-4, 1e-4, 1e-4), iters=25000),
-}
+# The reference release's values (eval/dense_prediction/configs/{mae,dpt}/*proteus*.py and their
+# _base_ schedules) per size S/B/L: a tuple gives one value per size.
+SPEC = {
+    "segmentation/configs/linear_vit_{}.py": dict(lr=8e-4, iters=60000, batch=8, val=2000, ckpt=2000),
+    "segmentation/configs/upernet_vit_{}.py": dict(lr=1e-4, iters=(60000, 60000, 160000), dp=(0.1, 0.1, 0.2),
+                                                   batch=(8, 4, 2), val=(2000, 2000, 16000),
+                                                   ckpt=(2000, 2000, 16000)),
+    "depth/configs/linear_vit_{}.py": dict(lr=(4e-4, 1e-4, 1e-4), iters=25000, batch=4, val=1000, ckpt=2000),
+    "depth/configs/dpt_vit_{}.py": dict(lr=(4e-4, 1e-4, 1e-4), iters=25000, dp=0.1, batch=4, val=1000, ckpt=2000),
+    "depth/configs/dpt_probe_vit_{}.py": dict(lr=(4e-4, 1e-4, 1e-4), iters=25000, dp=0.1, batch=4, val=1000,
+                                              ckpt=2000),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("pattern", list(SPEC))
@@ -370,26 +485,50 @@ def test_every_size_follows_the_protocol(pattern):
         bb, head = cfg.model.backbone, cfg.model.decode_head
         assert bb.out_indices == ((7, 11, 15, 23) if size == "large" else (3, 5, 7, 11))
         assert not bb.final_norm and bb.get("with_cls_token", False) == ("dpt" in pattern)
-        assert bb.get("frozen", False) == ("linear" in pattern) and bb.get("drop_path_rate", 0.0) == spec.get("dp", 0)
+        assert bb.get("drop_path_rate", 0.0) == spec.get("dp", 0)
+        assert bb.get("frozen", False) == ("linear" in pattern or "probe" in pattern)
+        assert not bb.get("reference_pos_embed", False)  # our default: DINOv2's interpolation per forward
         assert cfg.optim_wrapper.optimizer.lr == spec["lr"] and cfg.optim_wrapper.optimizer.betas == (0.9, 0.999)
         assert cfg.optim_wrapper.optimizer.weight_decay == (0.01 if "depth" in pattern else 0.05)
         assert cfg.train_cfg.max_iters == spec["iters"] and cfg.param_scheduler[1].end == spec["iters"]
         assert cfg.param_scheduler[0].end == cfg.param_scheduler[1].begin == 1500
         assert cfg.param_scheduler[0].start_factor == 1e-6 and cfg.param_scheduler[1].power == 1.0
-        assert cfg.train_dataloader.batch_size == (4 if "depth" in pattern else 8)
+        assert cfg.train_dataloader.batch_size == spec["batch"]
+        # evaluated on the test split during training; the best kept (NYU as the reference, ADE20K ours)
+        assert cfg.train_cfg.val_interval == spec["val"] and cfg.default_hooks.checkpoint.interval == spec["ckpt"]
+        best = ("rmse", "less") if "depth" in pattern else ("mIoU", "greater")
+        assert (cfg.default_hooks.checkpoint.save_best, cfg.default_hooks.checkpoint.rule) == best
+        assert dict(type="EvaluationHistoryHook") in cfg.custom_hooks
         assert head.in_channels == [dim] * 4
         if "linear" in pattern:
             assert head.num_convs == 0 and head.norm_cfg is None and head.input_transform == "resize_concat"
-            assert head.channels == 4 * dim
+            assert head.channels == 4 * dim and head.dropout_ratio == 0.0
         elif "upernet" in pattern:
             assert (
                 head.channels == dim and cfg.model.neck.embed_dim == dim and cfg.model.auxiliary_head.in_channels == dim
             )
-            assert cfg.optim_wrapper.paramwise_cfg == dict(num_layers=24 if size == "large" else 12, decay_rate=0.65)
+            assert cfg.optim_wrapper.paramwise_cfg == dict(
+                num_layers=24 if size == "large" else 12, decay_rate=0.65, token_weight_decay=True
+            )
         else:
             assert head.embed_dims == dim and head.post_process_channels == [dim // 8, dim // 4, dim // 2, dim]
-            assert head.readout_type == "project" and head.channels == 256
-            assert cfg.optim_wrapper.paramwise_cfg.custom_keys.backbone.lr_mult == 0.1
+            assert head.readout_type == "project" and head.channels == 256 and head.act_cfg == dict(type="ReLU")
+            assert head.norm_cfg == dict(type="SyncBN", requires_grad=True) and head.dropout_ratio == 0.1
+            assert cfg.optim_wrapper.paramwise_cfg.custom_keys == REFERENCE_DPT_KEYS
+
+
+def test_dpt_head_normalises_where_the_reference_does(backbone, nyu):
+    """BN (SyncBN under torchrun) in every fusion residual unit and the projection conv, none in the
+    reassemble and post-process convs; dropout 0.1 before the output conv."""
+    from mmseg.registry import MODELS
+
+    cfg = _tiny_cfg("depth/configs/dpt_vit_small.py", backbone, nyu)
+    head = MODELS.build(cfg.model.decode_head)
+    bns = {n for n, m in head.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    units = {f"fusion_blocks.{i}.res_conv_unit{u}.conv{c}.bn" for i in range(4) for u in (1, 2) for c in (1, 2)}
+    units -= {"fusion_blocks.0.res_conv_unit1.conv1.bn", "fusion_blocks.0.res_conv_unit1.conv2.bn"}  # DPT drops it
+    assert bns == units | {"project.bn"}
+    assert isinstance(head.dropout, torch.nn.Dropout2d) and head.dropout.p == 0.1
 
 
 def test_clear_errors(backbone, tmp_path, capsys):
@@ -424,15 +563,18 @@ def test_backbone_of_another_size_is_one_line(config, backbone, ade, nyu, tmp_pa
     assert not list(tmp_path.rglob("*.log"))  # mmengine never started
 
 
-def _tiny_argv(config: str, backbone: Path, data: Path, work: Path, *extra: str) -> list[str]:
+def _tiny_argv(config: str, backbone: Path, data: Path, work: Path, *extra: str, options=()) -> list[str]:
     base = [str(ROOT / config), "--backbone", str(backbone), "--data-root", str(data), "--work-dir", str(work)]
-    return [*base, *extra, "--cfg-options", *TINY, *HEADS[config]]
+    return [*base, *extra, "--cfg-options", *TINY, *HEADS[config], *options]
 
 
 def test_resume_continues_from_the_last_checkpoint(backbone, ade, tmp_path):
     config = "segmentation/configs/linear_vit_small.py"
     work = tmp_path / "work"
     assert runner.main("segmentation", _tiny_argv(config, backbone, ade, work)) == 0
+    history = work / "evaluations.jsonl"
+    with open(history, "a") as f:  # as if the job had evaluated at 3 and died before checkpointing
+        f.write(json.dumps({"iter": 3, "metrics": {"mIoU": 99.0}}) + "\n")
     argv = _tiny_argv(config, backbone, ade, work, "--resume")
     argv[argv.index("train_cfg.max_iters=2")] = "train_cfg.max_iters=4"
     assert runner.main("segmentation", argv) == 0
@@ -440,15 +582,23 @@ def test_resume_continues_from_the_last_checkpoint(backbone, ade, tmp_path):
     logs = "\n".join(p.read_text() for p in work.rglob("*.log"))
     assert "resumed epoch: 0, iter: 2" in logs
     assert "Iter(train) [1/4]" not in logs.split("resumed epoch")[-1]  # iterations 1-2 are not redone
+    # the evaluations of both runs, the one after the resumed checkpoint dropped; best of them named
+    entries = [json.loads(line) for line in history.read_text().splitlines()]
+    assert [e["iter"] for e in entries] == [2, 4]
+    results = json.loads((work / "results.json").read_text())
+    best = max(entries, key=lambda e: (e["metrics"]["mIoU"], -e["iter"]))
+    assert results["best_on_test"]["iter"] == best["iter"] and results["final"]["iter"] == 4
+    assert results["final"]["metrics"] == pytest.approx(entries[1]["metrics"], rel=1e-5)
 
 
-def _torchrun(config: str, backbone: Path, data: Path, work: Path, nproc: int, cuda: bool) -> str:
+def _torchrun(config: str, backbone: Path, data: Path, work: Path, nproc: int, cuda: bool, options=()) -> str:
     """Run CONFIG under torchrun; return the run's mmengine logs."""
     import subprocess
     import sys
 
+    argv = _tiny_argv(config, backbone, data, work, options=options)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", f"{config.split('/')[0]}.main", *_tiny_argv(config, backbone, data, work)]  # fmt: skip
+           "-m", f"{config.split('/')[0]}.main", *argv]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=child_env(gpus=cuda), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
     logs = "\n".join(p.read_text() for p in work.rglob("*.log"))
@@ -471,12 +621,14 @@ def test_torchrun_two_processes_gloo(config, backbone, ade, nyu, tmp_path):
     task = config.split("/")[0]
     data = ade if task == "segmentation" else nyu
     work = tmp_path / "work"
-    logs = _torchrun(config, backbone, data, work, nproc=2, cuda=False)
+    # depth without BN here: both ranks then hold rank 0's weights, so the gathered metrics equal one process's
+    options = ["model.decode_head.norm_cfg=None"] if task == "depth" else []
+    logs = _torchrun(config, backbone, data, work, nproc=2, cuda=False, options=options)
     assert "Iter(test) [1/1]" in logs  # each rank evaluated one of the 2 validation images
-    two = json.loads((work / "results.json").read_text())["metrics"]
-    if task == "depth":  # no BN: both ranks hold rank 0's weights, so the gathered metrics equal one process's
-        assert runner.main(task, _tiny_argv(config, backbone, nyu, work, "--eval-only")) == 0
-        one = json.loads((work / "results.json").read_text())["metrics"]
+    two = json.loads((work / "results.json").read_text())["final"]["metrics"]
+    if task == "depth":
+        assert runner.main(task, _tiny_argv(config, backbone, nyu, work, "--eval-only", options=options)) == 0
+        one = json.loads((work / "results.json").read_text())["final"]["metrics"]
         for k in ("rmse", "abs_rel", "d1"):
             assert two[k] == pytest.approx(one[k], rel=1e-5)
     else:  # SyncBN became per-process BN (SyncBN needs CUDA), so the ranks' BN statistics differ
@@ -491,7 +643,7 @@ def test_torchrun_on_gpus_nccl(backbone, ade, tmp_path):
     work = tmp_path / "work"
     logs = _torchrun(config, backbone, ade, work, nproc=min(torch.cuda.device_count(), 2), cuda=True)
     assert _norm_types(logs) == {"SyncBN"}
-    assert np.isfinite(json.loads((work / "results.json").read_text())["metrics"]["mIoU"])
+    assert np.isfinite(json.loads((work / "results.json").read_text())["final"]["metrics"]["mIoU"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -62,7 +62,7 @@ def test_all_tasks_on_tiny_data(backbone, imagenet, fine_grained, ade, nyu, tmp_
             "--data-ade20k", str(ade), "--data-nyu", str(nyu),
             "--extra", f"linear={SMALL}", "--extra", f"knn={SMALL}", "--extra", f"fine_grained={SMALL}",
             "--extra", "ade20k=" + dense_extra("segmentation/configs/linear_vit_small.py"),
-            "--extra", "nyu=" + dense_extra("depth/configs/linear_vit_small.py")]  # fmt: skip
+            "--extra", "nyu=" + dense_extra("depth/configs/dpt_probe_vit_small.py")]  # fmt: skip
     assert evaluate_all.main(argv) == 0, capsys.readouterr().out
     rows = table(out / "results.md")
     linear = json.loads((out / "linear" / "results.json").read_text())["best"]
@@ -74,12 +74,19 @@ def test_all_tasks_on_tiny_data(backbone, imagenet, fine_grained, ade, nyu, tmp_
     assert list(fg["results"]) == ["cub200"] and fg["protocol"]["normalization"]["name"] == "clip"  # the paper's
     assert rows[("fine_grained", "cub200 acc")] == (f"{fg['results']['cub200']['value']:.2f}", "n/a")
     assert rows[("fine_grained", "mean")] == (f"{fg['mean']:.2f}", "n/a")
-    seg = json.loads((out / "ade20k" / "results.json").read_text())["metrics"]
-    assert rows[("ade20k", "mIoU (linear)")] == (f"{seg['mIoU']:.2f}", "n/a")  # no paper number for dim 64
-    depth = json.loads((out / "nyu" / "results.json").read_text())["metrics"]
+    # dense: the final figure and the best evaluation during training (--quick: one, at iteration 2)
+    seg = json.loads((out / "ade20k" / "results.json").read_text())
+    assert seg["config"].endswith("segmentation/configs/linear_vit_small.py")
+    assert rows[("ade20k", "mIoU (linear, final)")] == (f"{seg['final']['metrics']['mIoU']:.2f}", "n/a")
+    best = seg["best_on_test"]["metrics"]["mIoU"]
+    assert rows[("ade20k", "mIoU (linear, best on test, iter 2)")] == (f"{best:.2f}", "n/a")  # no paper for dim 64
+    depth = json.loads((out / "nyu" / "results.json").read_text())
+    assert depth["config"].endswith("depth/configs/dpt_probe_vit_small.py")  # the paper's NYU "linear"
     for k in ("rmse", "abs_rel", "d1"):
-        assert rows[("nyu", f"{k} (linear)")] == (f"{depth[k]:.3f}", "n/a")
-    assert len(rows) == 1 + 2 + 2 + 1 + 3
+        assert rows[("nyu", f"{k} (DPT probe, final)")] == (f"{depth['final']['metrics'][k]:.3f}", "n/a")
+        best = depth["best_on_test"]["metrics"][k]
+        assert rows[("nyu", f"{k} (DPT probe, best on test, iter 2)")] == (f"{best:.3f}", "n/a")
+    assert len(rows) == 1 + 2 + 2 + 2 + 6
     png = out / "results.png"
     assert png.read_bytes()[:8] == PNG_MAGIC
     with Image.open(png) as im:
@@ -123,13 +130,40 @@ def test_bad_arguments(backbone, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def _dense(final: dict, best: dict | None, it: int = 12000) -> dict:
+    return {"final": {"iter": 25000, "metrics": final}, "best_on_test": best and {"iter": it, "metrics": best}}
+
+
 def test_paper_numbers_follow_size_and_head():
-    seg = {"metrics": {"mIoU": 40.0}}
-    assert evaluate_all.rows_of("ade20k", seg, "small", "linear")[0].paper == 41.8
-    assert evaluate_all.rows_of("ade20k", seg, "large", "full")[0].paper == 57.7
-    assert evaluate_all.rows_of("ade20k", seg, "base", "linear")[0].paper is None
-    nyu_rows = evaluate_all.rows_of("nyu", {"metrics": {"rmse": 0.4, "abs_rel": 0.1, "d1": 0.9}}, "base", "full")
-    assert [r.paper for r in nyu_rows] == [0.303, None, None] and nyu_rows[0].metric == "rmse (DPT)"
+    """The paper's figure sits on the best-on-test row (the reference's published selection), never on
+    the final one; NYU's paper "linear" figure belongs to the DPT probe, the 1x1 probe has none."""
+    seg = _dense({"mIoU": 40.0}, {"mIoU": 41.0})
+    rows = evaluate_all.rows_of("ade20k", seg, "small", "linear")
+    assert [(r.metric, r.ours, r.paper) for r in rows] == [
+        ("mIoU (linear, final)", 40.0, None),
+        ("mIoU (linear, best on test, iter 12000)", 41.0, 41.8),
+    ]
+    assert evaluate_all.rows_of("ade20k", seg, "large", "full")[1].paper == 57.7
+    assert evaluate_all.rows_of("ade20k", seg, "base", "linear")[1].paper is None
+    assert [r.paper for r in evaluate_all.rows_of("ade20k", _dense({"mIoU": 40.0}, None), "small", "full")] == [None]
+    nyu = _dense({"rmse": 0.45, "abs_rel": 0.1, "d1": 0.9}, {"rmse": 0.4, "abs_rel": 0.1, "d1": 0.9})
+    nyu_rows = evaluate_all.rows_of("nyu", nyu, "base", "full")
+    assert [r.paper for r in nyu_rows] == [None, 0.303, None, None, None, None]
+    assert nyu_rows[1].metric == "rmse (DPT, best on test, iter 12000)" and nyu_rows[1].ours == 0.4
+    probe = evaluate_all.rows_of("nyu", nyu, "small", "linear")
+    assert probe[1].metric == "rmse (DPT probe, best on test, iter 12000)" and probe[1].paper == 0.404
+    one_by_one = evaluate_all.rows_of("nyu", nyu, "small", "1x1")
+    assert one_by_one[1].metric.startswith("rmse (1x1 probe, ") and all(r.paper is None for r in one_by_one)
+    args = evaluate_all.get_args_parser().parse_args(["--backbone", "b", "--output-dir", "o", "--data-nyu", "n"])
+    for head, config in (
+        ("linear", "dpt_probe_vit_base.py"),
+        ("full", "dpt_vit_base.py"),
+        ("1x1", "linear_vit_base.py"),
+    ):
+        args.dense_head = head
+        argv = evaluate_all.command("nyu", args, "base", Path("o"))
+        assert argv[:2] == ["depth.main", str(evaluate_all.ROOT / "depth/configs" / config)], argv
+        assert Path(argv[1]).is_file()
     paper = {"protocol": {"paper_protocol": True}}
     full = {"results": {n: {"metric": "acc", "value": 80.0} for n in evaluate_all.DATASETS}, "mean": 80.0, **paper}
     rows = evaluate_all.rows_of("fine_grained", full, "small", "linear")

@@ -267,7 +267,7 @@ ADE = "data/ade/ADEChallengeData2016"
 @pytest.mark.parametrize(
     ("task", "config", "data_root", "work_dir", "batch"),
     [
-        ("segmentation", "segmentation/configs/upernet_vit_base.py", ADE, "ade_upernet_vit_base", "8"),
+        ("segmentation", "segmentation/configs/upernet_vit_base.py", ADE, "ade_upernet_vit_base", "4"),
         ("depth", "depth/configs/dpt_vit_base.py", "data/nyu", "nyu_dpt_vit_base", "4"),
     ],
 )

@@ -468,3 +468,21 @@ def test_mmseg_backbone_builds_from_layout_files(tmp_path, layout):
         expected = ours.get_intermediate_layers(x, n=[0, 1], reshape=True, norm=False)
     for f, e in zip(feats, expected):
         torch.testing.assert_close(f, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["clip", "synclr", "dinov2"])
+def test_mmseg_fine_tuning_trains_what_reaches_the_outputs(tmp_path, layout):
+    """Fine-tuning with final_norm: a CLIP-layout norm touches only the CLS, so without the CLS token it gets
+    no gradient (DDP would reject it) and is frozen; ln_pre is an embedding layer for layer-wise lr decay."""
+    pytest.importorskip("mmseg", reason="mmsegmentation not installed: `make mmseg`")
+    import models.mmseg as proteus_mmseg
+
+    path = tmp_path / "backbone.pth"
+    torch.save(models.to_reference(tiny_student(layout, seed=7), layout), path)
+    bb = proteus_mmseg.ProteusViT(checkpoint=str(path), out_indices=(0, 1), final_norm=True).train()
+    sum(f.sum() for f in bb(torch.randn(1, 3, 2 * PATCH, 2 * PATCH))).backward()
+    trainable = {n for n, p in bb.named_parameters() if p.requires_grad}
+    with_grad = {n for n, p in bb.named_parameters() if p.grad is not None}
+    assert trainable == with_grad
+    assert ("vit.norm.weight" in trainable) == (layout != "clip")
+    assert proteus_mmseg.vit_layer_id("backbone.vit.norm_pre.weight", 12) == 0

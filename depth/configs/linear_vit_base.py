@@ -1,4 +1,4 @@
-# NYU linear probe, ViT-B (PROTOCOLS E): lr 1e-4.
+# NYU 1x1 probe, ViT-B (PROTOCOLS E): lr 1e-4.
 _base_ = ["./linear_vit_small.py"]
 embed_dim = 768
 model = dict(

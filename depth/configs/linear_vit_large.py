@@ -1,4 +1,4 @@
-# NYU linear probe, ViT-L (PROTOCOLS E): lr 1e-4.
+# NYU 1x1 probe, ViT-L (PROTOCOLS E): lr 1e-4.
 _base_ = ["./linear_vit_small.py"]
 embed_dim = 1024
 model = dict(

@@ -1,5 +1,6 @@
-# NYU linear probe, ViT-S (PROTOCOLS E): frozen backbone, the 4 levels resized and concatenated, a 1x1
-# conv to one depth channel, SiLog; AdamW 4e-4, wd 0.01, 25k iterations, 4 images per GPU.
+# NYU 1x1 probe, ViT-S: frozen backbone, the 4 levels resized and concatenated, a 1x1 conv to one
+# depth channel, SiLog; AdamW 4e-4, wd 0.01, 25k iterations, 4 images per GPU. Not the paper's
+# "linear" NYU protocol (that is dpt_probe_vit_small.py: the DPT head on the frozen backbone).
 _base_ = ["./nyu_base.py"]
 embed_dim = 384
 model = dict(

@@ -24,3 +24,5 @@ default_hooks = dict(
     sampler_seed=dict(type="DistSamplerSeedHook"),
     visualization=dict(type="SegVisualizationHook"),
 )
+# every evaluation during training -> <work_dir>/evaluations.jsonl (the runner's best-on-test figure)
+custom_hooks = [dict(type="EvaluationHistoryHook")]

@@ -1,4 +1,4 @@
-# ADE20K UperNet fine-tuning, ViT-B (PROTOCOLS D): drop path 0.1, 60000 iterations.
+# ADE20K UperNet fine-tuning, ViT-B (PROTOCOLS D): drop path 0.1, 60000 iterations, 4 images per GPU.
 _base_ = ["./upernet_vit_small.py"]
 embed_dim = 768
 num_layers = 12
@@ -10,3 +10,4 @@ model = dict(
     auxiliary_head=dict(in_channels=embed_dim),
 )
 optim_wrapper = dict(paramwise_cfg=dict(num_layers=num_layers))
+train_dataloader = dict(batch_size=4)  # per GPU

@@ -1,6 +1,6 @@
 # ADE20K UperNet fine-tuning, ViT-S (PROTOCOLS D): Feature2Pyramid [4, 2, 1, 0.5], UPerHead with D
 # channels, auxiliary FCNHead on level 2; AdamW 1e-4, wd 0.05, layer-wise lr decay 0.65 over our
-# parameter names, drop path 0.1, 60k iterations.
+# parameter names, drop path 0.1, 60k iterations, 8 images per GPU.
 _base_ = ["./ade20k_base.py"]
 embed_dim = 384
 num_layers = 12
@@ -38,5 +38,6 @@ optim_wrapper = dict(
     type="OptimWrapper",
     optimizer=dict(type="AdamW", lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05),
     constructor="ViTLayerDecayOptimizerConstructor",
-    paramwise_cfg=dict(num_layers=num_layers, decay_rate=0.65),
+    # token_weight_decay=True: pos_embed and cls_token decayed, as in the reference (False: not decayed)
+    paramwise_cfg=dict(num_layers=num_layers, decay_rate=0.65, token_weight_decay=True),
 )

@@ -1,0 +1,4 @@
+# NYU DPT probe, ViT-S (PROTOCOLS E): the DPT head of dpt_vit_small.py on a FROZEN backbone; the
+# paper's "linear" NYU number (the reference's `..._proteus_probing.py`). Frozen: no drop path.
+_base_ = ["./dpt_vit_small.py"]
+model = dict(backbone=dict(frozen=True))
