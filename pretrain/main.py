@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
@@ -57,6 +58,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--teacher", default="dinov2_vitl14", help=f"one of: {', '.join(TEACHERS)}")
     a("--teacher-checkpoint", help="the teacher's official weight file; downloaded from the official URL if omitted")
     a("--random-teacher", action="store_true", help="random teacher weights: smoke tests and demos only")
+    a(
+        "--teacher-normalization",
+        choices=("reference", "teacher"),
+        default="reference",
+        help="what the teacher sees: reference = the ImageNet-normalised crops, as the paper's runs (CLIP too); "
+        "teacher = re-normalised with the teacher's own mean/std (differs for CLIP only)",
+    )
     a("--student", default="vit_base", help=f"one of: {', '.join(STUDENT_ARCHS)}")
     a(
         "--student-layout",
@@ -254,6 +262,8 @@ def build(args: argparse.Namespace, device: torch.device, world: int) -> dict:
             "RANDOM TEACHER: %s has random weights; this run distils noise (demo/smoke test only)", args.teacher
         )
     teacher = create_teacher(args.teacher, args.teacher_checkpoint, pretrained=not args.random_teacher).to(device)
+    if args.teacher_normalization == "reference":  # the crops as they are (ImageNet mean/std), as the reference
+        teacher.input_mean, teacher.input_std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     student = create_student(
         args.student, img_size=args.input_size, drop_path_rate=args.drop_path, layout=args.student_layout
     )

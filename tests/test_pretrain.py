@@ -395,3 +395,17 @@ def test_small_batch_lr_below_min_lr_is_said(data, tmp_path, caplog):
     with caplog.at_level("WARNING"):
         assert pretrain_main.main([*argv[:3], str(tmp_path / "p"), *argv[4:], "--min-lr", "1e-9"]) == 0
     assert "--min-lr" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "choice, mean", [("reference", IMAGENET_DEFAULT_MEAN), ("teacher", OPENAI_CLIP_MEAN), (None, IMAGENET_DEFAULT_MEAN)]
+)
+def test_clip_teacher_sees_the_references_imagenet_crops_by_default(data, choice, mean):
+    """The paper's CLIP row: the reference fed CLIP the ImageNet-normalised crops; `--teacher-normalization
+    teacher` re-normalises them with CLIP's mean/std (teacher_targets then converts, tested above)."""
+    argv = ["--data-path", str(data), "--teacher", "clip_vitb16", "--input-size", "112", "--random-teacher"]
+    argv += ["--student", "vit_tiny", "--batch-size", "4", "--num-workers", "0", "--device", "cpu"]
+    argv += ["--lambda-patch", "0", "--lambda-fea", "0"] + (["--teacher-normalization", choice] if choice else [])
+    args = pretrain_main.resolve_args(pretrain_main.get_args_parser().parse_args(argv))
+    teacher = pretrain_main.build(args, torch.device("cpu"), 1)["teacher"]
+    assert tuple(teacher.input_mean) == tuple(mean)
