@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import pickletools
 import re
 import tempfile
 import zipfile
@@ -32,19 +33,53 @@ def safe_load(path: str | os.PathLike) -> object:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
-        raise ValueError(f"cannot read checkpoint {path}: {_load_error(e)}") from None
+        raise ValueError(f"cannot read checkpoint {path}: {_describe(path, e)}") from None
 
 
-def _load_error(e: Exception) -> str:
-    """torch's weights_only message advises weights_only=False: wrong for a corrupt file, unsafe for any."""
-    text = str(e).strip()
-    m = re.search(r"WeightsUnpickler error: (.*?)(?:\n\n|\Z)", text, re.S)
-    if m and "Unsupported global" in m.group(1):
-        name = re.search(r"GLOBAL (\S+)", m.group(1))
-        return f"it pickles Python objects ({name.group(1) if name else 'unknown'}), which are never unpickled here"
-    if m or "Weights only load failed" in text:
-        return "the file is corrupt or not a torch checkpoint"
-    return text.splitlines()[0] if text else type(e).__name__
+# What a weight file may import when unpickled (what torch's weights_only loader allows, plus our Namespace).
+_SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "argparse.Namespace", "builtins.set")
+
+
+def _pickle_globals(data: bytes) -> list[str]:
+    """The module.name of every global a pickle imports (GLOBAL, or STACK_GLOBAL after two strings)."""
+    names, strings = [], []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL":
+                names.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+            if isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # noqa: BLE001 - a truncated pickle: the names read so far are enough
+        pass
+    return names
+
+
+def _describe(path: Path, e: Exception) -> str:
+    """Why a file is not a weight file we read, from what it is (never torch's advice to set
+    weights_only=False, which would run any code the file holds)."""
+    head = path.read_bytes()[:64]
+    if is_torchscript_archive(path):
+        return "it is a TorchScript archive (OpenAI CLIP's .pt format), which only the clip_* teachers read"
+    pickles = []
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            pickles = [zf.read(n) for n in zf.namelist() if n.endswith("data.pkl")]
+        if not pickles:
+            return "it is a zip archive, not a torch checkpoint"
+    elif head.startswith(b"PK"):
+        return "it is a truncated or damaged torch checkpoint (its zip archive is incomplete)"
+    elif head[:1] == b"\x80":  # a pickle (the legacy torch format is a series of them)
+        pickles = [path.read_bytes()]
+    unsafe = sorted({g for p in pickles for g in _pickle_globals(p) if not g.startswith(_SAFE_GLOBAL_PREFIXES)})
+    if unsafe:
+        return f"it is a pickle that imports {', '.join(unsafe[:3])}: refused, code in a weight file is never run"
+    if pickles and not zipfile.is_zipfile(path) and "magic number" in str(e):
+        return "it is a plain Python pickle, not a torch checkpoint"
+    if pickles:
+        return f"it is a damaged torch checkpoint ({str(e).strip().splitlines()[0][:120] if str(e).strip() else e})"
+    return f"it is not a torch file (it starts with {head[:16]!r})"
 
 
 def prepare_output_dir(path: str | os.PathLike) -> Path:

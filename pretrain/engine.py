@@ -101,6 +101,17 @@ def backward_and_step(model, loss: torch.Tensor, optimizer, scaler, clip_grad: f
     scaler.update()
 
 
+def check_after_update(model, teacher, images, masks, amp_dtype, where: str) -> None:
+    """Before a checkpoint is written: the loss of this batch under the UPDATED weights must be finite
+    (all ranks agree). A diverging step (e.g. too high an lr) can leave finite but huge weights whose
+    own loss was still finite; they must never replace the last good checkpoint."""
+    with torch.no_grad():
+        loss, _ = forward_losses(model, teacher, images, masks, amp_dtype)
+    loss = dist_utils.all_reduce_mean(loss.detach().float().reshape(1)).cpu()
+    if not torch.isfinite(loss).all():
+        raise NonFiniteLoss(f"the update of {where} made the loss non-finite ({loss.item():.4g}): the weights diverged")
+
+
 def train_one_epoch(
     model,
     teacher,
@@ -171,6 +182,8 @@ def train_one_epoch(
                 f.write(json.dumps({"epoch": epoch, "iteration": it, **losses, "lr": lr_schedule[it]}) + "\n")
 
         done = i + 1
+        if stop or save or done == iters_per_epoch:  # a checkpoint follows: only of weights that still work
+            check_after_update(model, teacher, images, masks, amp_dtype, f"epoch {epoch} iteration {i}")
         if stop or save:
             control.signalled |= stop  # every rank agrees now; at the epoch's end main.py stops after its checkpoint
             if done < iters_per_epoch:

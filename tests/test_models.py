@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import re
 from collections import OrderedDict
 
@@ -899,14 +900,15 @@ def test_load_backbone_refuses_pickled_objects(tmp_path):
     with pytest.raises(ValueError, match="evil.pth") as e:
         models.load_backbone(tmp_path / "evil.pth")
     assert not _EXECUTED  # nothing was unpickled
-    assert "pickles Python objects (tests.test_models._mark_executed)" in str(e.value)
+    assert "a pickle that imports tests.test_models._mark_executed: refused" in str(e.value)
 
 
 def test_load_backbone_bad_files(tmp_path):
     (tmp_path / "garbage.pth").write_bytes(b"\x00not a checkpoint\xff" * 50)
     with pytest.raises(ValueError, match="cannot read checkpoint") as e:
         models.load_backbone(tmp_path / "garbage.pth")
-    assert "corrupt or not a torch checkpoint" in str(e.value) and "weights_only" not in str(e.value)
+    assert "it is not a torch file (it starts with b'\\x00not a checkpoin" in str(e.value), str(e.value)
+    assert "weights_only" not in str(e.value)
     torch.save(official_dinov2_sd(64, 1, 4), tmp_path / "ok.pth")
     data = (tmp_path / "ok.pth").read_bytes()
     (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 2])
@@ -975,3 +977,41 @@ def test_students_are_registered_with_timm():
     assert m.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
     with pytest.raises(ValueError, match="load_backbone"):
         timm.create_model("proteus_vit_tiny", pretrained=True)
+
+
+class _System:
+    def __reduce__(self):
+        return (os.system, ("touch never-run",))
+
+
+def test_unreadable_weight_files_say_what_they_are(tmp_path):
+    """Each kind of file that is not a weight file: what it is, in one line, never torch's weights_only advice."""
+    import pickle
+
+    (tmp_path / "random.pth").write_bytes(bytes(range(1, 200)))
+    (tmp_path / "text.pth").write_text("101 not weights\n")
+    with open(tmp_path / "legacy_code.pth", "wb") as f:
+        pickle.dump({"x": _System()}, f)
+    torch.save({"x": _System()}, tmp_path / "zip_code.pth")
+    with open(tmp_path / "plain.pth", "wb") as f:
+        pickle.dump({"x": 1}, f, protocol=2)
+    torch.jit.save(torch.jit.trace(torch.nn.Linear(2, 2), torch.zeros(1, 2)), tmp_path / "archive.pt")
+    torch.save({"w": torch.zeros(8)}, tmp_path / "ok.pth")
+    data = (tmp_path / "ok.pth").read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 2])
+    expected = {
+        "random.pth": "it is not a torch file (it starts with b'\\x01\\x02",
+        "text.pth": "it is not a torch file (it starts with b'101 not weights",
+        "legacy_code.pth": f"it is a pickle that imports {os.system.__module__}.system: refused",
+        "zip_code.pth": f"it is a pickle that imports {os.system.__module__}.system: refused",
+        "plain.pth": "it is a plain Python pickle, not a torch checkpoint",
+        "archive.pt": "it is a TorchScript archive (OpenAI CLIP's .pt format), which only the clip_* teachers read",
+        "truncated.pth": "it is a truncated or damaged torch checkpoint",
+    }
+    for name, message in expected.items():
+        with pytest.raises(ValueError) as e:
+            models.safe_load(tmp_path / name)
+        text = str(e.value)
+        assert text.startswith(f"cannot read checkpoint {tmp_path / name}: {message}"), text
+        assert "weights_only" not in text and "\n" not in text
+    assert not (tmp_path / "never-run").exists() and not os.path.exists("never-run")

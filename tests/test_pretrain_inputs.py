@@ -122,3 +122,22 @@ def test_sigterm_during_set_up_says_what_was_interrupted(tmp_path):
     assert proc.returncode == 75, out
     assert "received SIGTERM during set-up (checks, teacher, data, model; nothing trained or written yet)" in out
     assert "Traceback" not in out
+
+
+def test_a_diverging_update_never_replaces_the_last_good_checkpoint(tmp_path, capsys):
+    """--lr 1e30: the step's own loss is finite, the weights it leaves are ~1e27. The loss under the
+    updated weights is checked before the epoch's checkpoint, so the good one stays."""
+    data = make_image_folder(tmp_path / "data")
+    out = tmp_path / "o"
+    assert run(data, out, "--epochs", "1", "--epoch-length", "1") == 0
+    before = (out / "checkpoint.pth").read_bytes()
+    capsys.readouterr()
+    assert run(data, out, "--epochs", "2", "--epoch-length", "1", "--lr", "1e30") == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the update of epoch 1 iteration 0 made the loss non-finite" in err[0], err
+    assert f"the last good checkpoint {out / 'checkpoint.pth'} is untouched" in err[0]
+    assert (out / "checkpoint.pth").read_bytes() == before
+    saved = models.safe_load(out / "checkpoint.pth")
+    assert saved["epoch"] == 0 and all(
+        torch.isfinite(v).all() and v.abs().max() < 1e3 for v in saved["student"].values()
+    )
