@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 
@@ -87,6 +88,25 @@ def cleanup() -> None:
 EXIT_REQUEUE = 75  # "checkpointed, re-run me": the slurm scripts requeue the job on this status (EX_TEMPFAIL)
 
 
+def end_workers_at_exit() -> None:
+    """Every exit path (an error, a NaN, preemption, the end) ends the data-loader workers at once.
+
+    Pretraining's workers ignore SIGTERM (the main process decides when to stop), and at interpreter
+    exit multiprocessing SIGTERMs its children and then joins them: with a loader still referenced
+    (a traceback, a persistent iterator) that join never returned. Registered after multiprocessing's
+    own handler, this runs first and SIGKILLs the children; the main process writes all state itself.
+    """
+    import multiprocessing.util  # noqa: F401 - its atexit handler must be registered before ours
+
+    def kill_children() -> None:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the killed workers as errors
+        for child in multiprocessing.active_children():
+            child.kill()
+            child.join(timeout=5)
+
+    atexit.register(kill_children)
+
+
 def exit_on_preemption(during: str = "") -> None:
     """Evaluations: SIGUSR1/SIGTERM end the process with EXIT_REQUEUE at once.
 
@@ -103,3 +123,4 @@ def exit_on_preemption(during: str = "") -> None:
 
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, stop)
+    end_workers_at_exit()  # every entry point calls this first: no exit path waits on a worker

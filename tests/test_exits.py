@@ -1,0 +1,119 @@
+"""Every exit path ends the process and its data-loader workers within seconds, with the real exit status:
+an error raised mid-epoch in pretraining and in every evaluation that uses workers. Before, a crashed run
+with workers could wait forever in multiprocessing's exit-time join (pretraining's workers ignore
+SIGTERM), holding a cluster allocation until its time limit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import models
+from tests.procs import ROOT, child_env
+from tests.test_fine_grained import make_cub
+from tests.test_linear_eval import make_splits, tiny_vit
+from tests.test_pretrain import TINY_RUN, make_image_folder
+
+CRASH = """# {token}
+import runpy, sys
+import linear_eval.features as features
+import pretrain.engine as engine
+calls = [0]
+def crash(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == 2:
+        raise RuntimeError("injected failure mid-epoch")
+    return real(*args, **kwargs)
+if {in_pretraining}:
+    real = engine.json.dumps  # the iteration log line, written every iteration
+    engine.json = type("Json", (), {{"dumps": staticmethod(crash), "loads": staticmethod(engine.json.loads)}})
+else:
+    real = features.Progress.step  # the per-batch progress of extraction and of the linear probe's epochs
+    features.Progress.step = lambda self, *a, **k: crash(self, *a, **k)
+sys.argv = [{module!r}, *{argv!r}]
+runpy.run_module({module!r}, run_name="__main__", alter_sys=True)
+"""
+
+
+def processes_with(token: str) -> list[int]:
+    """PIDs whose command line holds `token` (forked workers keep their parent's command line)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if token in cmdline.read_bytes().decode(errors="replace"):
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+def run_crashing(module: str, argv: list[str], token: str, in_pretraining: bool = False) -> subprocess.CompletedProcess:
+    code = CRASH.format(token=token, in_pretraining=in_pretraining, module=module, argv=argv)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("backbone") / "backbone.pth"
+    torch.save(models.to_dinov2(tiny_vit()), path)
+    return path
+
+
+def check_ended(proc, token: str) -> None:
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "RuntimeError: injected failure mid-epoch" in proc.stderr
+    assert "is killed by signal" not in proc.stderr  # ending the workers is not reported as a second error
+    time.sleep(0.5)
+    assert processes_with(token) == [], "data-loader workers outlived their run"
+
+
+def test_a_crashed_pretraining_run_with_workers_exits(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    token = f"crash-token-{tmp_path.name}"
+    argv = ["--data-path", str(data), "--output-dir", str(tmp_path / "o"), "--epochs", "3", *TINY_RUN,
+            "--num-workers", "2", "--epoch-length", "6"]  # fmt: skip
+    proc = run_crashing("pretrain.main", argv, token, in_pretraining=True)
+    check_ended(proc, token)
+
+
+@pytest.mark.parametrize("module", ["linear_eval.main", "linear_eval.knn", "fine_grained.main"])
+def test_a_crashed_evaluation_with_workers_exits(tmp_path, backbone, module):
+    token = f"crash-token-{module}-{tmp_path.name}"
+    out = ["--output-dir", str(tmp_path / "o")]
+    if module == "fine_grained.main":
+        make_cub(tmp_path / "fg")
+        argv = ["--backbone", str(backbone), "--data-root", str(tmp_path / "fg"), "--datasets", "cub200",
+                "--input-size", "28", "--batch-size", "2", "--device", "cpu", "--num-workers", "2", *out]  # fmt: skip
+    else:
+        data = make_splits(tmp_path / "data", train=8)
+        argv = ["--data-path", str(data), "--backbone", str(backbone), "--input-size", "28", "--batch-size", "2",
+                "--num-workers", "2", "--device", "cpu", *out]  # fmt: skip
+    if module == "linear_eval.knn":
+        argv += ["--nb-knn", "5"]
+    proc = run_crashing(module, argv, token)
+    check_ended(proc, token)
+
+
+def test_a_loader_kept_alive_at_exit_does_not_hang(tmp_path):
+    """The mechanism itself: an iterator of workers that ignore SIGTERM, still referenced at exit."""
+    token = f"crash-token-mechanism-{tmp_path.name}"
+    code = f"""# {token}
+import sys
+from torch.utils.data import DataLoader
+from pretrain import distributed
+from pretrain.data import worker_init
+distributed.end_workers_at_exit()
+loader = DataLoader(list(range(64)), batch_size=2, num_workers=2, worker_init_fn=worker_init, persistent_workers=True)
+ITERATOR = iter(loader)
+next(ITERATOR)
+raise RuntimeError("injected failure mid-epoch")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    check_ended(proc, token)
