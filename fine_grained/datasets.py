@@ -71,6 +71,20 @@ def read_lines(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
+def read_fields(path: Path, n: int, name: str, layout: str) -> list[list[str]]:
+    """Each non-empty line split into `n` whitespace-separated fields (the last keeps its spaces); a line
+    with fewer is an error naming the file and the line number."""
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split(maxsplit=n - 1)
+        if len(fields) != n:
+            raise layout_error(name, layout, f"{path} line {number} has {len(fields)} field(s), expected {n}: {line!r}")
+        rows.append(fields)
+    return rows
+
+
 # --- split rules ---------------------------------------------------------------------------------
 def holdout_val(n: int, seed: int = SEED) -> tuple[list[int], list[int]]:
     """'val 20% of train': (train, val) index lists, exactly the reference's draw: list(range(n)) shuffled
@@ -143,8 +157,9 @@ def read_voc2007(root: Path, split: str, layout: str, options: SplitOptions) -> 
     ids = read_lines(main / f"{split}.txt")
     targets = {i: torch.zeros(len(VOC_CLASSES)) for i in ids}
     for k, c in enumerate(VOC_CLASSES):
-        for line in read_lines(main / f"{c}_{split}.txt"):
-            image_id, label = line.split()
+        for image_id, label in read_fields(main / f"{c}_{split}.txt", 2, "voc2007", layout):
+            if label.strip() not in ("-1", "0", "1"):
+                raise layout_error("voc2007", layout, f"{main / f'{c}_{split}.txt'}: label {label!r} of {image_id}")
             if image_id not in targets:
                 raise layout_error("voc2007", layout, f"{image_id} of {c}_{split}.txt is not in {split}.txt")
             targets[image_id][k] = float(int(label) == 1)
@@ -158,7 +173,10 @@ def read_cub200(root: Path, split: str, layout: str, options: SplitOptions) -> l
     for f in files:
         if not (base / f).is_file():
             raise layout_error("cub200", layout, f"missing {base / f}")
-    images, labels, is_train = (dict(line.split(maxsplit=1) for line in read_lines(base / f)) for f in files)
+    images, labels, is_train = (dict(read_fields(base / f, 2, "cub200", layout)) for f in files)
+    bad = next((i for i, c in labels.items() if not c.strip().isdigit()), None)
+    if bad is not None:
+        raise layout_error("cub200", layout, f"{base / files[1]}: image {bad} has the label {labels[bad]!r}")
     want = "1" if split == "train" else "0"
     return [(base / "images" / images[i], int(labels[i]) - 1) for i in images if is_train[i].strip() == want]
 

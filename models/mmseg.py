@@ -124,11 +124,12 @@ class ProteusViT(BaseModule):
 
 
 def vit_layer_id(name: str, num_layers: int) -> int:
-    """0 for embeddings (and a CLIP-layout ln_pre), i + 1 for block i, num_layers + 1 after the blocks."""
+    """0 for embeddings, i + 1 for block i, num_layers + 1 for everything else: a CLIP-layout ln_pre too,
+    as mmseg's get_layer_id_for_vit gave the reference's `backbone.ln_pre` (full lr)."""
     m = re.match(r"backbone\.vit\.blocks\.(\d+)\.", name)
     if m:
         return int(m.group(1)) + 1
-    if re.match(r"backbone\.vit\.(cls_token|pos_embed|register_tokens|mask_token|patch_embed|norm_pre)", name):
+    if re.match(r"backbone\.vit\.(cls_token|pos_embed|register_tokens|mask_token|patch_embed)", name):
         return 0
     return num_layers + 1
 

@@ -624,3 +624,26 @@ def test_benchmark_single_fits_and_sweep(capsys):
     assert "45-C sweep: ours" in capsys.readouterr().out
     assert benchmark.main([*tiny, "--device", "gpu"]) == 2
     assert capsys.readouterr().err.startswith("error: --device gpu: not a torch device")
+
+
+@pytest.mark.parametrize(
+    "name, file, line, message",
+    [
+        ("voc2007", "VOCdevkit/VOC2007/ImageSets/Main/cat_train.txt", "000123", "line 2 has 1 field(s), expected 2"),
+        ("voc2007", "VOCdevkit/VOC2007/ImageSets/Main/cat_train.txt", "000123 maybe", "label 'maybe' of 000123"),
+        ("cub200", "CUB_200_2011/images.txt", "17", "line 2 has 1 field(s), expected 2"),
+        ("cub200", "CUB_200_2011/image_class_labels.txt", "1 bird", "image 1 has the label 'bird'"),
+    ],
+)
+def test_a_malformed_split_file_line_names_the_file_and_line(tmp_path, name, file, line, message):
+    (make_voc if name == "voc2007" else make_cub)(tmp_path)
+    path = tmp_path / name / file
+    lines = path.read_text().splitlines()
+    if name == "cub200" and "labels" in file:
+        lines[0] = line  # the first image's label
+    else:
+        lines.insert(1, line)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError) as e:
+        build_split(DATASETS[name], tmp_path, "train", None)
+    assert str(path) in str(e.value) and message in str(e.value), str(e.value)

@@ -267,12 +267,14 @@ ADE = "data/ade/ADEChallengeData2016"
 @pytest.mark.parametrize(
     ("task", "config", "data_root", "work_dir", "batch"),
     [
+        ("segmentation", "segmentation/configs/upernet_vit_small.py", ADE, "ade_upernet_vit_small", "8"),
         ("segmentation", "segmentation/configs/upernet_vit_base.py", ADE, "ade_upernet_vit_base", "4"),
+        ("segmentation", "segmentation/configs/upernet_vit_large.py", ADE, "ade_upernet_vit_large", "2"),
         ("depth", "depth/configs/dpt_vit_base.py", "data/nyu", "nyu_dpt_vit_base", "4"),
     ],
 )
 def test_dense(slurm, task, config, data_root, work_dir, batch):
-    env = dict(SLURM_GPUS_ON_NODE="4", BACKBONE="out/b/backbone.pth", CFG_OPTIONS="a=1 b=2")
+    env = dict(SLURM_GPUS_ON_NODE="4", BACKBONE="out/b/backbone.pth", CFG_OPTIONS="a=1 b=2", CONFIG=config)
     cmd = last_command(run(f"slurm/{task}.sh", "--amp", env=slurm, DRY_RUN="1", **env))
     m = cmd.index("-m")
     assert cmd[m : m + 3] == ["-m", f"{task}.main", config] and (ROOT / config).exists()

@@ -473,7 +473,8 @@ def test_mmseg_backbone_builds_from_layout_files(tmp_path, layout):
 @pytest.mark.parametrize("layout", ["clip", "synclr", "dinov2"])
 def test_mmseg_fine_tuning_trains_what_reaches_the_outputs(tmp_path, layout):
     """Fine-tuning with final_norm: a CLIP-layout norm touches only the CLS, so without the CLS token it gets
-    no gradient (DDP would reject it) and is frozen; ln_pre is an embedding layer for layer-wise lr decay."""
+    no gradient (DDP would reject it) and is frozen; ln_pre keeps the full lr under layer-wise decay, as the
+    reference's mmseg constructor gave it."""
     pytest.importorskip("mmseg", reason="mmsegmentation not installed: `make mmseg`")
     import models.mmseg as proteus_mmseg
 
@@ -485,4 +486,5 @@ def test_mmseg_fine_tuning_trains_what_reaches_the_outputs(tmp_path, layout):
     with_grad = {n for n, p in bb.named_parameters() if p.grad is not None}
     assert trainable == with_grad
     assert ("vit.norm.weight" in trainable) == (layout != "clip")
-    assert proteus_mmseg.vit_layer_id("backbone.vit.norm_pre.weight", 12) == 0
+    # the reference's `backbone.ln_pre` fell to mmseg's "everything else" layer id: full lr
+    assert proteus_mmseg.vit_layer_id("backbone.vit.norm_pre.weight", 12) == 13
