@@ -116,7 +116,7 @@ FLAG_RANGES = (
     ("epoch_length", lambda v: v >= 1, "a positive number of iterations"),
     ("input_size", lambda v: v >= 1, "a positive number of pixels"),
     ("warmup_epochs", lambda v: v >= 0, ">= 0"),
-    ("lr", lambda v: v > 0, "> 0"),
+    ("lr", lambda v: v >= 0, ">= 0 (0: the weights stay as initialised)"),
     ("warmup_lr", lambda v: v >= 0, ">= 0"),
     ("min_lr", lambda v: v >= 0, ">= 0"),
     ("weight_decay", lambda v: v >= 0, ">= 0"),

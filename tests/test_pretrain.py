@@ -215,7 +215,7 @@ def run_main(argv, capsys):
         (["--teacher", "synclr_vitb16"], "patch and feature losses need the same token grid"),
         (["--mask-ratio", "abc"], "--mask-ratio"),
         (["--mask-ratio", "0.6,0.2"], "the range must be 'lo,hi' with lo <= hi"),
-        (["--batch-size", "0"], "--batch-size and --epochs must be positive"),
+        (["--batch-size", "0"], "--batch-size 0: must be a positive integer"),
         (["--teacher-checkpoint", "t.pth"], "--random-teacher and --teacher-checkpoint exclude each other"),
     ],
 )

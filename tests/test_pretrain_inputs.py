@@ -32,7 +32,7 @@ def run(data, out, *extra):
         ("--mask-probability", "2", "--mask-probability 2.0: must be a fraction of the batch in [0, 1]"),
         ("--epoch-length", "0", "--epoch-length 0: must be a positive number of iterations"),
         ("--epoch-length", "-1", "--epoch-length -1: must be a positive number of iterations"),
-        ("--lr", "nan", "--lr nan: must be > 0"),
+        ("--lr", "nan", "--lr nan: must be >= 0 (0: the weights stay as initialised)"),
         ("--drop-path", "1", "--drop-path 1.0: must be in [0, 1)"),
         ("--num-workers", "-2", "--num-workers -2: must be >= 0"),
         ("--clip-grad", "0", "--clip-grad 0.0: must be > 0 (omit the flag for no clipping)"),
