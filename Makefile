@@ -36,6 +36,7 @@ test: setup mmseg
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 demo: setup
 	TEACHER="$(TEACHER)" TEACHER_CHECKPOINT="$(TEACHER_CHECKPOINT)" $(PY) -m pretrain.demo
