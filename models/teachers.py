@@ -155,6 +155,8 @@ def create_teacher(name: str, checkpoint: str | os.PathLike | None = None, pretr
         if not path.is_file():
             raise FileNotFoundError(f"teacher checkpoint not found: {path}")
         sd = teacher_state_dict(spec, path)
+        # OpenAI's CLIP has no mask token; SynCLR's converted files most likely none either (StableRep's
+        # plain timm ViT layout), else [1, 1, D] (docs/protocols.md, Notes). A teacher never sees masks.
         optional = () if spec.family == "dinov2" else ("mask_token",)
         load_strict(model, sd, f"{path} (teacher {name})", optional=optional)
     model.family = spec.family

@@ -10,13 +10,17 @@ Each task runs in its own subprocess (`python -m linear_eval.main`, `linear_eval
 still run (no task with data at all is an error). Dense tasks use the config of the backbone's size
 (ViT-S/B/L from its embed dim), the paper's probes by default (ADE20K: 1x1 conv; NYU: the DPT head
 on the frozen backbone), `--dense-head full`: UperNet / DPT fine-tuned, `--dense-head 1x1`: 1x1-conv
-probes. Dense rows come twice: the final figure and the best evaluation during training (on the
-test split, as the reference published; the paper's number sits on that row). The summary goes to
-<output-dir>/results.md (task, metric, ours, the paper's number for this model size where PROTOCOLS
-gives one, else n/a), results.png and results.json. Exit code 1 if a task that had data failed, 2
-on bad arguments.
-
-Single-GPU runs; for multi-GPU protocol runs use each entry point under torchrun (README).
+probes. Dense tasks run the paper's setup: its global batch (4 GPUs x the config's per-GPU batch),
+spread over the visible GPUs under torchrun (the largest GPU count up to them that divides it; on
+one GPU or CPU, one process with the whole batch, as SyncBN over 4 GPUs normalises over it too), and
+the reference's positional embedding (`--reference-pos-embed`). Dense rows come twice: the final
+figure and the best evaluation during training (on the test split). The paper's figure sits on the
+row of the reference's selection (ADE20K: final, it kept no best; NYU: best on test, its
+`save_best='rmse'`), and only when results.json's `protocol` is the paper's (global batch, iterations,
+evaluation interval, positional embedding, fp32); otherwise n/a, and that row's name says why. The
+summary goes to <output-dir>/results.md (task, metric, ours, the paper's number for this model size
+where PROTOCOLS gives one, else n/a), results.png and results.json. Exit code 1 if a task that had
+data failed, 2 on bad arguments.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import torch
 
 import models
 from fine_grained.datasets import DATASETS
@@ -72,6 +78,36 @@ DENSE = {  # (task, --dense-head) -> protocol
     ),
 }
 DENSE_KEYS = {"ade20k": ("mIoU",), "nyu": ("rmse", "abs_rel", "d1")}
+# which evaluation the reference published: ADE20K's configs keep no best checkpoint (no save_best in
+# eval/dense_prediction/configs/mae/*proteus*.py), so the final one; NYU's keep the best RMSE on the
+# test split (dpt/*proteus*.py: save_best='rmse', rule='less')
+PUBLISHED = {"ade20k": "final", "nyu": "best_on_test"}
+PAPER_GPUS = 4  # the reference's dense runs (its eval/dense_prediction/run.sh: dist_train.sh CONFIG 4)
+
+
+def paper_protocol(config: Path) -> dict:
+    """The settings behind the paper's figures of one config, in the keys of results.json's `protocol`:
+    4 GPUs x the config's per-GPU batch, its schedule, the reference's positional embedding, fp32."""
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(str(config), import_custom_modules=False)
+    return {
+        "global_batch": PAPER_GPUS * cfg.train_dataloader.batch_size,
+        "max_iters": cfg.train_cfg.max_iters,
+        "val_interval": cfg.train_cfg.val_interval,
+        "reference_pos_embed": True,
+        "amp": False,
+    }
+
+
+def not_the_papers(task: str, run: dict | None, paper: dict) -> str:
+    """Why a dense run's figure cannot stand next to the paper's ('' when it can)."""
+    if run is None:
+        return "its results.json does not record the run's protocol"
+    keys = [k for k in paper if k != "val_interval" or PUBLISHED[task] == "best_on_test"]  # best-of-N needs N
+    return ", ".join(f"{k} {run.get(k)} (paper {paper[k]})" for k in keys if run.get(k) != paper[k])
+
+
 # --quick: SMOKE TESTS ONLY (tiny data, checks the plumbing; the numbers mean nothing)
 QUICK_DENSE = [
     "--cfg-options", "train_cfg.max_iters=2", "train_cfg.val_interval=2", "default_hooks.checkpoint.interval=2",
@@ -114,7 +150,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         "DPT (nyu) fine-tuned; 1x1: 1x1-conv probes (nyu's has no paper figure)",
     )
     a("--device", help="linear, knn, fine_grained (default: theirs); dense tasks use CUDA when present")
-    a("--quick", action="store_true", help="SMOKE TEST ONLY: 1 epoch, 2 mmseg iterations, 20 L-BFGS steps, k<=20")
+    a(
+        "--quick",
+        action="store_true",
+        help="SMOKE TEST ONLY: 1 epoch, 2 mmseg iterations of batch 2 (no paper figures), 20 L-BFGS steps, k<=20",
+    )
     a(
         "--extra",
         action="append",
@@ -171,9 +211,14 @@ def command(task: str, args: argparse.Namespace, size: str, out: Path) -> list[s
         # the paper's protocol (CLIP mean/std), so the table can stand next to its numbers; --extra may override
         return ["fine_grained.main", "--backbone", args.backbone, "--data-root", args.data_fine_grained,
                 "--datasets", names, "--output-dir", str(out), "--normalization", "clip", *device]  # fmt: skip
-    config = DENSE[(task, args.dense_head)].config.format(size)
+    config = ROOT / DENSE[(task, args.dense_head)].config.format(size)
     module, data = ("segmentation.main", args.data_ade20k) if task == "ade20k" else ("depth.main", args.data_nyu)
-    return [module, str(ROOT / config), "--backbone", args.backbone, "--data-root", data, "--work-dir", str(out)]
+    # the paper's global batch over the visible GPUs (later --cfg-options, --quick's or --extra's, override it)
+    batch = paper_protocol(config)["global_batch"]
+    nproc = max(n for n in range(1, max(torch.cuda.device_count(), 1) + 1) if batch % n == 0)
+    launch = ["torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"] if nproc > 1 else []
+    return [*launch, module, str(config), "--backbone", args.backbone, "--data-root", data, "--work-dir", str(out),
+            "--reference-pos-embed", "--cfg-options", f"train_dataloader.batch_size={batch // nproc}"]  # fmt: skip
 
 
 def run_task(task: str, argv: list[str], out: Path) -> str | None:
@@ -209,12 +254,17 @@ def rows_of(task: str, results: dict, size: str | None, head: str) -> list[Row]:
         return [*rows, Row(task, "mean", results["mean"], paper.get("mean") if all_twelve else None)]
     protocol = DENSE[(task, head)]
     paper, final, best = protocol.paper.get(size, {}), results["final"], results["best_on_test"]
+    setup = paper_protocol(ROOT / protocol.config.format(size)) if paper else {}
+    why = not_the_papers(task, results.get("protocol"), setup) if paper else ""
     rows = []
     for k in DENSE_KEYS[task]:
-        rows.append(Row(task, f"{k} ({protocol.label}, final)", final["metrics"][k], None))
-        if best:  # the reference published the best evaluation on the test split
-            name = f"{k} ({protocol.label}, best on test, iter {best['iter']})"
-            rows.append(Row(task, name, best["metrics"][k], paper.get(k)))
+        for selection, r in (("final", final), ("best_on_test", best)):
+            if not r:  # no best: the config keeps none
+                continue
+            name = "final" if selection == "final" else f"best on test, iter {r['iter']}"
+            published = paper.get(k) if selection == PUBLISHED[task] else None
+            note = f"; paper n/a: {why}" if published is not None and why else ""
+            rows.append(Row(task, f"{k} ({protocol.label}, {name}{note})", r["metrics"][k], None if why else published))
     return rows
 
 

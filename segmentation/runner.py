@@ -3,9 +3,9 @@
 Why a wrapper and not mmseg's tools/train.py: the backbone comes from `--backbone` (any file
 `models.load_backbone` accepts, no conversion step), bad input fails with one line before mmengine
 starts, SyncBN becomes BN outside torchrun, `--amp` really switches the optimizer wrapper (the
-reference's amp flags were ignored), and `<work-dir>/results.json` holds the final figure and,
-named as such, the best of the evaluations during training (on the test split, as the reference
-published).
+reference's amp flags were ignored), and `<work-dir>/results.json` holds the final figure, named
+as such the best of the evaluations during training (on the test split, NYU's published selection),
+and the settings that define the figures (`protocol`: world size, per-GPU and global batch, ...).
 """
 
 from __future__ import annotations
@@ -199,6 +199,22 @@ def best_on_test(work_dir: Path, checkpoint_hook: dict) -> dict | None:
     return {"iter": best["iter"], "metric": metric, "rule": rule, "metrics": best["metrics"]}
 
 
+def run_protocol(cfg, amp: bool) -> dict:
+    """The settings of this run that define its figures, so a table can tell whether it may stand next
+    to the paper's (scripts.evaluate_all): the paper's runs used 4 GPUs x the config's per-GPU batch."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    batch = cfg.train_dataloader.batch_size
+    return {
+        "world_size": world,
+        "batch_per_gpu": batch,  # per process
+        "global_batch": world * batch,
+        "max_iters": cfg.train_cfg.max_iters,
+        "val_interval": cfg.train_cfg.val_interval,
+        "reference_pos_embed": bool(cfg.model.backbone.get("reference_pos_embed", False)),
+        "amp": amp,
+    }
+
+
 def main(task: str, argv: list[str] | None = None) -> int:
     try:
         _import_mmseg()
@@ -235,12 +251,13 @@ def main(task: str, argv: list[str] | None = None) -> int:
             "metrics": {k: float(v) for k, v in metrics.items()},
         },
         "best_on_test": best_on_test(work_dir, cfg.default_hooks.checkpoint),
+        "protocol": run_protocol(cfg, args.amp),
     }
     if args.eval_only:
         results["checkpoint"] = cfg.load_from
     if runner.rank == 0:
         out = work_dir / "results.json"
         out.write_text(json.dumps(results, indent=2))
-        print(json.dumps({k: results[k] for k in ("final", "best_on_test")}, indent=2))
+        print(json.dumps({k: results[k] for k in ("final", "best_on_test", "protocol")}, indent=2))
         print(f"results: {out}")
     return 0

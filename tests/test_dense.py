@@ -280,6 +280,10 @@ def test_reference_pos_embed_flag(backbone, ade, tmp_path, capsys):
     assert runner.main("segmentation", _tiny_argv(config, backbone, ade, work, "--reference-pos-embed")) == 0
     state = torch.load(work / "iter_2.pth", map_location="cpu", weights_only=False)["state_dict"]
     assert state["backbone.vit.pos_embed"].shape == (1, 1 + 37 * 37, DIM)  # 518 / 14 = 37
+    # results.json says how the figures were made (scripts.evaluate_all compares it with the paper's)
+    protocol = json.loads((work / "results.json").read_text())["protocol"]
+    assert protocol == {"world_size": 1, "batch_per_gpu": 2, "global_batch": 2, "max_iters": 2, "val_interval": 2,
+                        "reference_pos_embed": True, "amp": False}  # fmt: skip
     assert runner.main("segmentation", _tiny_argv(config, backbone, ade, work, "--eval-only")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: the checkpoint's pos_embed has 1370 positions, this backbone's 5")
@@ -625,7 +629,10 @@ def test_torchrun_two_processes_gloo(config, backbone, ade, nyu, tmp_path):
     options = ["model.decode_head.norm_cfg=None"] if task == "depth" else []
     logs = _torchrun(config, backbone, data, work, nproc=2, cuda=False, options=options)
     assert "Iter(test) [1/1]" in logs  # each rank evaluated one of the 2 validation images
-    two = json.loads((work / "results.json").read_text())["final"]["metrics"]
+    results = json.loads((work / "results.json").read_text())
+    assert [results["protocol"][k] for k in ("world_size", "batch_per_gpu", "global_batch")] == [2, 2, 4]
+    assert results["protocol"]["reference_pos_embed"] is False
+    two = results["final"]["metrics"]
     if task == "depth":
         assert runner.main(task, _tiny_argv(config, backbone, nyu, work, "--eval-only", options=options)) == 0
         one = json.loads((work / "results.json").read_text())["final"]["metrics"]

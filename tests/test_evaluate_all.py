@@ -77,6 +77,9 @@ def test_all_tasks_on_tiny_data(backbone, imagenet, fine_grained, ade, nyu, tmp_
     # dense: the final figure and the best evaluation during training (--quick: one, at iteration 2)
     seg = json.loads((out / "ade20k" / "results.json").read_text())
     assert seg["config"].endswith("segmentation/configs/linear_vit_small.py")
+    # --quick's batch 2 overrode the paper's global batch 32 that evaluate_all set; the pos-embed is the paper's
+    quick = {"world_size": 1, "batch_per_gpu": 2, "global_batch": 2, "max_iters": 2, "val_interval": 2}
+    assert seg["protocol"] == {**quick, "reference_pos_embed": True, "amp": False}
     assert rows[("ade20k", "mIoU (linear, final)")] == (f"{seg['final']['metrics']['mIoU']:.2f}", "n/a")
     best = seg["best_on_test"]["metrics"]["mIoU"]
     assert rows[("ade20k", "mIoU (linear, best on test, iter 2)")] == (f"{best:.2f}", "n/a")  # no paper for dim 64
@@ -130,23 +133,33 @@ def test_bad_arguments(backbone, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def _dense(final: dict, best: dict | None, it: int = 12000) -> dict:
-    return {"final": {"iter": 25000, "metrics": final}, "best_on_test": best and {"iter": it, "metrics": best}}
+PAPER_RUN = {"world_size": 4, "global_batch": 32, "max_iters": 60000, "val_interval": 2000,
+             "reference_pos_embed": True, "amp": False}  # fmt: skip
 
 
-def test_paper_numbers_follow_size_and_head():
-    """The paper's figure sits on the best-on-test row (the reference's published selection), never on
-    the final one; NYU's paper "linear" figure belongs to the DPT probe, the 1x1 probe has none."""
+def _dense(final: dict, best: dict | None, it: int = 12000, **protocol) -> dict:
+    run = {**PAPER_RUN, "batch_per_gpu": PAPER_RUN["global_batch"] // PAPER_RUN["world_size"], **protocol}
+    return {"final": {"iter": 60000, "metrics": final}, "best_on_test": best and {"iter": it, "metrics": best},
+            "protocol": run}  # fmt: skip
+
+
+def test_paper_numbers_follow_size_head_and_the_published_selection():
+    """The paper's figure sits on the row of the evaluation the reference published: ADE20K's final one
+    (its configs keep no best checkpoint), NYU's best on test (save_best='rmse'). NYU's paper "linear"
+    figure belongs to the DPT probe, the 1x1 probe has none."""
     seg = _dense({"mIoU": 40.0}, {"mIoU": 41.0})
     rows = evaluate_all.rows_of("ade20k", seg, "small", "linear")
     assert [(r.metric, r.ours, r.paper) for r in rows] == [
-        ("mIoU (linear, final)", 40.0, None),
-        ("mIoU (linear, best on test, iter 12000)", 41.0, 41.8),
+        ("mIoU (linear, final)", 40.0, 41.8),
+        ("mIoU (linear, best on test, iter 12000)", 41.0, None),
     ]
-    assert evaluate_all.rows_of("ade20k", seg, "large", "full")[1].paper == 57.7
-    assert evaluate_all.rows_of("ade20k", seg, "base", "linear")[1].paper is None
-    assert [r.paper for r in evaluate_all.rows_of("ade20k", _dense({"mIoU": 40.0}, None), "small", "full")] == [None]
-    nyu = _dense({"rmse": 0.45, "abs_rel": 0.1, "d1": 0.9}, {"rmse": 0.4, "abs_rel": 0.1, "d1": 0.9})
+    large = _dense({"mIoU": 40.0}, None, global_batch=8, max_iters=160000, val_interval=16000)
+    assert [(r.metric, r.paper) for r in evaluate_all.rows_of("ade20k", large, "large", "full")] == [
+        ("mIoU (UperNet, final)", 57.7)
+    ]
+    assert evaluate_all.rows_of("ade20k", seg, "base", "linear")[0].paper is None  # no paper figure for B
+    nyu_run = dict(global_batch=16, max_iters=25000, val_interval=1000)
+    nyu = _dense({"rmse": 0.45, "abs_rel": 0.1, "d1": 0.9}, {"rmse": 0.4, "abs_rel": 0.1, "d1": 0.9}, **nyu_run)
     nyu_rows = evaluate_all.rows_of("nyu", nyu, "base", "full")
     assert [r.paper for r in nyu_rows] == [None, 0.303, None, None, None, None]
     assert nyu_rows[1].metric == "rmse (DPT, best on test, iter 12000)" and nyu_rows[1].ours == 0.4
@@ -173,3 +186,54 @@ def test_paper_numbers_follow_size_and_head():
     # ImageNet-normalised inputs are not the paper's protocol: no paper column
     ours = {**full, "protocol": {"paper_protocol": False}}
     assert {r.paper for r in evaluate_all.rows_of("fine_grained", ours, "small", "linear")} == {None}
+
+
+@pytest.mark.parametrize(
+    "run,why",
+    [
+        (dict(world_size=1, batch_per_gpu=8, global_batch=8), "global_batch 8 (paper 32)"),  # one GPU, per-GPU batch
+        (dict(reference_pos_embed=False), "reference_pos_embed False (paper True)"),
+        (dict(max_iters=2, global_batch=2, amp=True), "global_batch 2 (paper 32), max_iters 2 (paper 60000), amp True"),
+    ],
+)
+def test_dense_paper_figure_only_for_the_papers_protocol(run, why):
+    """A run whose batch, schedule, positional embedding or precision is not the paper's gets n/a, and
+    the row's name says why; ADE20K's best-of-N does not depend on the evaluation interval, NYU's does."""
+    rows = evaluate_all.rows_of("ade20k", _dense({"mIoU": 40.0}, {"mIoU": 41.0}, **run), "small", "linear")
+    assert rows[0].paper is None and rows[0].metric.startswith(f"mIoU (linear, final; paper n/a: {why}")
+    assert rows[1].metric == "mIoU (linear, best on test, iter 12000)"  # no paper figure there to explain
+    old = _dense({"mIoU": 40.0}, None)
+    del old["protocol"]  # a results.json from before the runner recorded it
+    assert (
+        "paper n/a: its results.json does not record"
+        in evaluate_all.rows_of("ade20k", old, "small", "linear")[0].metric
+    )
+    assert evaluate_all.rows_of("ade20k", _dense({"mIoU": 40.0}, None, val_interval=500), "small", "linear")[0].paper
+    nyu = dict(global_batch=16, max_iters=25000, val_interval=500)  # best of 50 evaluations, not the paper's 25
+    rows = evaluate_all.rows_of("nyu", _dense({"rmse": 0.45, "abs_rel": 0.1, "d1": 0.9}, {"rmse": 0.4, "abs_rel": 0.1,
+                                "d1": 0.9}, **nyu), "small", "linear")  # fmt: skip
+    assert rows[1].paper is None and rows[1].metric.endswith("paper n/a: val_interval 500 (paper 1000))")
+
+
+@pytest.mark.parametrize(
+    "task,head,size,gpus,nproc,batch",
+    [
+        ("ade20k", "linear", "small", 0, 1, 32),  # CPU: one process with the paper's global batch 4 x 8
+        ("ade20k", "full", "base", 1, 1, 16),  # one GPU: 4 x 4 in one process
+        ("ade20k", "full", "large", 3, 2, 4),  # 3 GPUs: the paper's 4 x 2 over the 2 that divide it
+        ("ade20k", "full", "small", 8, 8, 4),
+        ("nyu", "linear", "small", 4, 4, 4),  # the reference's own split: 4 GPUs x 4
+    ],
+)
+def test_dense_tasks_run_the_papers_global_batch(monkeypatch, task, head, size, gpus, nproc, batch):
+    """Before, each dense task ran as one process with the config's per-GPU batch: a quarter of the
+    paper's global batch. Now the paper's global batch, spread over the visible GPUs under torchrun,
+    with the reference's positional embedding; --quick and --extra still override the batch."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    argv = ["--backbone", "b", "--output-dir", "o", "--data-ade20k", "a", "--data-nyu", "n", "--dense-head", head]
+    argv = evaluate_all.command(task, evaluate_all.get_args_parser().parse_args(argv), size, Path("o"))
+    launch = ["torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"] if nproc > 1 else []
+    assert argv[: len(launch) + 1] == [*launch, "segmentation.main" if task == "ade20k" else "depth.main"]
+    assert "--reference-pos-embed" in argv
+    assert argv[-2:] == ["--cfg-options", f"train_dataloader.batch_size={batch}"]
+    assert nproc * batch == evaluate_all.paper_protocol(Path(argv[len(launch) + 1]))["global_batch"]

@@ -739,6 +739,34 @@ def test_synclr_teacher_official_file(tiny_teacher, tmp_path, name, wrapper, pre
     assert rel_err(out["x_norm_patchtokens"], t_patch) < 1e-4
 
 
+@pytest.mark.parametrize("shape", [None, (1, 1, 64), (1, 64)], ids=["none", "timm-1x1xD", "1xD"])
+def test_synclr_teacher_mask_token_optional(tiny_teacher, tmp_path, shape):
+    """What the official SynCLR files hold is not settled by code (docs/protocols.md, Notes, A): they
+    follow StableRep's `module.visual.` layout of a plain timm ViT (no mask token: the likely case),
+    and the only SynCLR code with a token, its and the reference's MaskedTransformer, makes it
+    [1, 1, D]. The teacher never receives masks, so we load any of these, keep a token that is there,
+    and give the same outputs; a token of another width is refused, named."""
+    tiny_teacher("synclr_vitl14", dim=64, depth=2, heads=1)
+    ref = randomize_(VisionTransformer(img_size=56, patch_size=14, embed_dim=64, depth=2, num_heads=1,
+                                       num_classes=0, init_values=None), seed=3).eval()  # fmt: skip
+    inner = {"module.visual." + k: v for k, v in ref.state_dict().items()}
+    token = None if shape is None else torch.randn(shape)
+    if token is not None:
+        inner["module.visual.mask_token"] = token
+    torch.save({"model": inner}, tmp_path / "synclr.pth")
+    teacher = models.create_teacher("synclr_vitl14", checkpoint=tmp_path / "synclr.pth")
+    expected = torch.zeros(1, 64) if token is None else token.reshape(1, 64)  # none: our zeros, never used
+    assert torch.equal(teacher.mask_token, expected)
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        out = teacher.forward_features(x)
+    assert rel_err(out["x_norm_patchtokens"], timm_outputs(ref, x)[1]) < 1e-4
+    inner["module.visual.mask_token"] = torch.randn(1, 1, 128)
+    torch.save({"model": inner}, tmp_path / "wide.pth")
+    with pytest.raises(ValueError, match=r"shape mismatch.*mask_token"):
+        models.create_teacher("synclr_vitl14", checkpoint=tmp_path / "wide.pth")
+
+
 # ================================================================================================
 # 5. Strict teacher loading
 # ================================================================================================
