@@ -12,10 +12,12 @@ from .checkpoints import (
     to_dinov2,
     to_reference,
 )
-from .teachers import TEACHERS, create_teacher
+from .dinov3 import DinoV3ViT
+from .teachers import TEACHERS, create_teacher, default_dtype
 from .vision_transformer import ViT
 
 __all__ = [
+    "DinoV3ViT",
     "DiskFullError",
     "LAYOUTS",
     "STUDENT_ARCHS",
@@ -24,6 +26,7 @@ __all__ = [
     "atomic_save",
     "create_student",
     "create_teacher",
+    "default_dtype",
     "from_reference",
     "layout_of",
     "load_backbone",

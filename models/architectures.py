@@ -9,6 +9,8 @@ import torch
 from timm.models import register_model
 from torch import nn
 
+from . import dinov3
+from .dinov3 import DinoV3ViT
 from .vision_transformer import ViT
 
 # name -> (embed_dim, depth, num_heads); PROTOCOLS A, "Student".
@@ -46,26 +48,51 @@ LAYOUTS: dict[str, Layout] = {
         dict(init_values=None, norm_patch_tokens=False, **CLIP_VIT), xavier_qkv=True, no_weight_decay=("cls_token",)
     ),
     "synclr": Layout(dict(init_values=None), mask_token_std=0.02),
+    "dinov3": Layout(),  # its own class, models.dinov3.DinoV3ViT, initialised as FAIR's init_weights
 }
+DINOV3_SUFFIX = "_dinov3"  # vit_small_dinov3 = vit_small in the dinov3 layout
 
 
 def create_student(
-    name: str, img_size: int = 224, patch_size: int = 14, drop_path_rate: float = 0.0, layout: str = "dinov2"
-) -> ViT:
+    name: str,
+    img_size: int = 224,
+    patch_size: int | None = None,
+    drop_path_rate: float = 0.0,
+    layout: str | None = None,
+) -> ViT | DinoV3ViT:
     """A randomly initialised student (no registers) in a reference layout, initialised as the reference.
 
-    dinov2: LayerScale 1.0. clip: CLIP's ViT (conv1 without bias, ln_pre, QuickGELU, eps 1e-5, no
-    LayerScale, ln_post on the CLS only). synclr: timm's ViT without LayerScale.
+    dinov2 (default): LayerScale 1.0. clip: CLIP's ViT (conv1 without bias, ln_pre, QuickGELU, eps
+    1e-5, no LayerScale, ln_post on the CLS only). synclr: timm's ViT without LayerScale. These have
+    patch 14 by default. dinov3: the released DINOv3 ViT-S/16 arguments at this size (patch 16, axial
+    RoPE, 4 storage tokens, LayerScale 1e-5, LayerNorm eps 1e-5, masked k bias, MLP x4); a name with
+    the suffix `_dinov3` (`vit_small_dinov3`) selects it.
     """
+    if name.endswith(DINOV3_SUFFIX) and name[: -len(DINOV3_SUFFIX)] in STUDENT_ARCHS:
+        if layout not in (None, "dinov3"):
+            raise ValueError(f"student '{name}' is in the dinov3 layout, not {layout}")
+        name, layout = name[: -len(DINOV3_SUFFIX)], "dinov3"
+    layout = layout or "dinov2"
     if name not in STUDENT_ARCHS:
-        raise ValueError(f"unknown student '{name}'; choose from {', '.join(STUDENT_ARCHS)}")
+        choices = [*STUDENT_ARCHS, *(n + DINOV3_SUFFIX for n in STUDENT_ARCHS)]
+        raise ValueError(f"unknown student '{name}'; choose from {', '.join(choices)}")
     if layout not in LAYOUTS:
         raise ValueError(f"unknown student layout '{layout}'; choose from {', '.join(LAYOUTS)}")
     dim, depth, heads = STUDENT_ARCHS[name]
+    if layout == "dinov3":
+        return DinoV3ViT(
+            embed_dim=dim,
+            depth=depth,
+            num_heads=heads,
+            mlp_hidden=dinov3.ffn_hidden(dim, 4.0),
+            patch_size=patch_size or 16,
+            img_size=img_size,
+            drop_path_rate=drop_path_rate,
+        )
     spec = LAYOUTS[layout]
     model = ViT(
         img_size=img_size,
-        patch_size=patch_size,
+        patch_size=patch_size or 14,
         embed_dim=dim,
         depth=depth,
         num_heads=heads,
@@ -82,7 +109,10 @@ def create_student(
 
 
 def layout_of(state_dict: dict[str, torch.Tensor]) -> str:
-    """The layout of a ViT state dict in our key names: ln_pre only in CLIP, LayerScale only in DINOv2."""
+    """The layout of a ViT state dict in our key names: RoPE periods only in DINOv3, ln_pre only in CLIP,
+    LayerScale only in DINOv2."""
+    if dinov3.is_dinov3(state_dict):
+        return "dinov3"
     if "norm_pre.weight" in state_dict:
         return "clip"
     if any(k.endswith(".ls1.gamma") for k in state_dict):
@@ -94,8 +124,12 @@ def student_name_for_dim(dim: int) -> str | None:
     return next((n for n, (d, _, _) in STUDENT_ARCHS.items() if d == dim), None)
 
 
-def vit_from_state_dict(state_dict: dict[str, torch.Tensor], **kwargs) -> ViT:
-    """Build an empty ViT whose shape and layout match a state dict in our (timm) key names."""
+def vit_from_state_dict(state_dict: dict[str, torch.Tensor], **kwargs) -> ViT | DinoV3ViT:
+    """Build an empty ViT whose shape and layout match a state dict in our (timm) key names, or a
+    DINOv3 one in ours or FAIR's."""
+    if dinov3.is_dinov3(state_dict):
+        official = state_dict if dinov3.is_official(state_dict) else dinov3.to_official(state_dict)
+        return dinov3.from_state_dict_shapes(official, **kwargs)
     try:
         dim = state_dict["cls_token"].shape[-1]
         patch_size = state_dict["patch_embed.proj.weight"].shape[-1]
@@ -126,7 +160,7 @@ def vit_from_state_dict(state_dict: dict[str, torch.Tensor], **kwargs) -> ViT:
 def _register_with_timm(name: str) -> None:
     """`timm.create_model("proteus_vit_small", drop_path_rate=0.1)` builds our student."""
 
-    def build(pretrained: bool = False, **kwargs) -> ViT:
+    def build(pretrained: bool = False, **kwargs) -> ViT | DinoV3ViT:
         if pretrained:
             raise ValueError("Proteus students have no hub weights: use models.load_backbone(path)")
         kwargs.pop("pretrained_cfg", None)
@@ -140,3 +174,4 @@ def _register_with_timm(name: str) -> None:
 
 for _name in STUDENT_ARCHS:
     _register_with_timm(_name)
+    _register_with_timm(_name + DINOV3_SUFFIX)

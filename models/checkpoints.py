@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import dinov3
 from .architectures import layout_of, vit_from_state_dict
+from .dinov3 import DinoV3ViT
 from .vision_transformer import ViT
 
 StateDict = dict[str, torch.Tensor]
@@ -147,7 +149,12 @@ def load_strict(model: nn.Module, state_dict: StateDict, source: str, optional: 
 
     Keys in `optional` (e.g. a mask token a teacher file does not carry) may be absent.
     """
-    own = model.state_dict()
+    check_keys(model.state_dict(), state_dict, source, optional)
+    model.load_state_dict(state_dict, strict=False)
+
+
+def check_keys(own: StateDict, state_dict: StateDict, source: str, optional: tuple[str, ...] = ()) -> None:
+    """Raise one error naming every key of `state_dict` missing from, unknown to or mis-shaped for `own`."""
     missing = sorted(k for k in own if k not in state_dict and k not in optional)
     unexpected = sorted(k for k in state_dict if k not in own)
     shapes = sorted(
@@ -164,7 +171,17 @@ def load_strict(model: nn.Module, state_dict: StateDict, source: str, optional: 
         problems.append(f"shape mismatch (file vs model): {_few(shapes)}")
     if problems:
         raise ValueError(f"weights in {source} do not match the model; " + "; ".join(problems))
-    model.load_state_dict(state_dict, strict=False)
+
+
+def load_dinov3(model: DinoV3ViT, state_dict: StateDict, source: str) -> None:
+    """Load a state dict in FAIR's DINOv3 layout strictly: every key is checked in FAIR's names (the
+    bias_mask buffers and the RoPE periods included), then converted and loaded."""
+    check_keys(dinov3.to_official(model.state_dict()), state_dict, source)
+    try:
+        ours = dinov3.from_official(state_dict, model)
+    except ValueError as e:
+        raise ValueError(f"weights in {source}: {e}") from None
+    load_strict(model, ours, source)
 
 
 def _few(items: list[str], n: int = 8) -> str:
@@ -232,9 +249,10 @@ def from_reference(state_dict: StateDict) -> StateDict:
     return out
 
 
-def to_reference(model: ViT, layout: str) -> StateDict:
+def to_reference(model: ViT | DinoV3ViT, layout: str) -> StateDict:
     """Our ViT -> the reference's key names and shapes of `layout`, so its own model code loads it strictly.
 
+    dinov3: FAIR's DINOv3 DinoVisionTransformer layout (models.dinov3.to_official).
     dinov2: the official DinoVisionTransformer layout. clip: the reference's models_clip.VisionTransformer
     (conv1.weight, class_embedding [D], positional_embedding [N+1, D], ln_pre, transformer.resblocks.i.*,
     ln_post, mask_token [1, D]). synclr: its timm MaskedTransformer (timm names, mask_token [1, 1, D]).
@@ -242,6 +260,8 @@ def to_reference(model: ViT, layout: str) -> StateDict:
     sd = model.state_dict()
     if layout_of(sd) != layout:
         raise ValueError(f"this ViT is in the {layout_of(sd)} layout and cannot be written in the {layout} layout")
+    if layout == "dinov3":
+        return {k: v.detach().clone().cpu() for k, v in dinov3.to_official(sd).items()}
     swiglu = model.blocks[0].mlp.__class__.__name__ == "GluMlp"
     out = {}
     for k, v in sd.items():
@@ -283,9 +303,10 @@ def backbone_state_dict(ckpt: object, path: str | os.PathLike) -> StateDict:
     - ours: `checkpoint.pth` {"student": ...} or the exported flat `backbone.pth` (any layout)
     - the reference release's `checkpoint.pth` {"model": {"student.backbone.*", ...}, "args": Namespace},
       with a DINOv2-, CLIP- or SynCLR-layout student
-    - an official DINOv2 flat state dict
+    - an official DINOv2 or DINOv3 flat state dict
     - DINOv2 training checkpoints {"teacher": {"backbone.*", heads}} (the weights DINOv2 evaluates), and
       the common {"state_dict": ...} / {"model": ...} wrappers, with module./backbone. prefixes
+    A DINOv3 ViT (ours or FAIR's) comes back in FAIR's DINOv3 names.
     """
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a state dict or checkpoint")
@@ -297,7 +318,10 @@ def backbone_state_dict(ckpt: object, path: str | os.PathLike) -> StateDict:
         sd = strip_prefix(ckpt[wrapper], ("module.backbone.", "backbone.", "module."))
     else:
         sd = strip_prefix(ckpt, ("module.backbone.", "backbone.", "module."))
-    sd = from_reference({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)})
+    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if dinov3.is_dinov3(sd):
+        return sd if dinov3.is_official(sd) else dinov3.to_official(sd)
+    sd = from_reference(sd)
     if "cls_token" not in sd or "patch_embed.proj.weight" not in sd:
         raise ValueError(
             f"{path} holds no ViT backbone (looked for cls_token and patch_embed.proj.weight, or CLIP's "
@@ -306,12 +330,17 @@ def backbone_state_dict(ckpt: object, path: str | os.PathLike) -> StateDict:
     return sd
 
 
-def load_backbone(path: str | os.PathLike, **kwargs) -> ViT:
-    """Rebuild a student/DINOv2 backbone from a file, inferring its architecture and layout from the weights.
+def load_backbone(path: str | os.PathLike, **kwargs) -> ViT | DinoV3ViT:
+    """Rebuild a student/DINOv2/DINOv3 backbone from a file, inferring its architecture and layout from the weights.
 
-    A CLIP-layout file gives the reference's CLIP ViT (ln_post on the CLS only), whatever its key names.
+    A CLIP-layout file gives the reference's CLIP ViT (ln_post on the CLS only), whatever its key names;
+    a DINOv3 file (official, our export or our checkpoint) gives a DinoV3ViT.
     """
     sd = backbone_state_dict(safe_load(path), path)
+    if dinov3.is_official(sd):
+        model = dinov3.from_state_dict_shapes(sd, **kwargs)
+        load_dinov3(model, sd, str(path))
+        return model
     model = vit_from_state_dict(sd, **kwargs)
     load_strict(model, sd, str(path), optional=("mask_token",))
     return model

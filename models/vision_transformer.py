@@ -123,7 +123,7 @@ class ViT(VisionTransformer):
         h, w = x.shape[-2:]
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(f"input size {h}x{w} is not a multiple of the patch size {self.patch_size}")
-        x = self.patch_embed(x)  # (B, H, W, D)
+        x = self.patch_embed(x.to(self.patch_embed.proj.weight.dtype))  # (B, H, W, D); a bf16 teacher takes fp32 crops
         if masks is not None:
             masks = masks.reshape(x.shape[:3]).unsqueeze(-1)
             x = torch.where(masks, self.mask_token.to(x.dtype), x)

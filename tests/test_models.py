@@ -821,8 +821,8 @@ def test_teacher_wrong_family_file(small_dinov2, tiny_teacher, tmp_path):
 
 
 def test_teacher_unknown_name_and_missing_file(tiny_teacher, tmp_path):
-    with pytest.raises(ValueError, match=r"unknown teacher 'dinov3_vits16'.*dinov2_vits14.*clip_vitl14.*synclr"):
-        models.create_teacher("dinov3_vits16", checkpoint=tmp_path / "x.pth")
+    with pytest.raises(ValueError, match=r"unknown teacher 'dinov4_vits16'.*dinov2_vits14.*dinov3_vits16.*synclr"):
+        models.create_teacher("dinov4_vits16", checkpoint=tmp_path / "x.pth")
     tiny_teacher("dinov2_vits14")
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         models.create_teacher("dinov2_vits14", checkpoint=tmp_path / "nope.pth")

@@ -157,7 +157,7 @@ def test_layout_architecture(layout):
 
 
 def test_unknown_layout():
-    with pytest.raises(ValueError, match="unknown student layout 'eva'; choose from dinov2, clip, synclr"):
+    with pytest.raises(ValueError, match="unknown student layout 'eva'; choose from dinov2, clip, synclr, dinov3"):
         models.create_student("vit_tiny", layout="eva")
 
 

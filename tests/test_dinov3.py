@@ -1,0 +1,523 @@
+"""DINOv3 teachers and DINOv3-layout students (PROTOCOLS G; issue 14, models level).
+
+The reference here is independent of models/ and of timm: `FairViT` re-states FAIR's
+DinoVisionTransformer from PROTOCOLS G (and a reading of facebookresearch/dinov3's
+models/vision_transformer.py, layers/rope_position_encoding.py, attention.py, ffn_layers.py) with
+FAIR's parameter names, so an official file loads into it with strict=True. Real widths and head
+dims, small depths; the 7B only on the meta device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models.eva import checkpoint_filter_fn as timm_eva_filter
+from torch import nn
+
+import models
+from models.dinov3 import DinoV3ViT
+from models.teachers import TEACHERS, default_dtype
+from pretrain.distiller import Distiller, teacher_targets
+
+N_STORAGE = 4
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# --- FAIR's DinoVisionTransformer, re-stated ---------------------------------------------------
+def swiglu_width(dim: int, ratio: float, align: int) -> int:
+    d = int(int(dim * ratio) * 2 / 3)
+    return d + (-d % align)
+
+
+class FairViT(nn.Module):
+    """FAIR's DINOv3 ViT at eval: keys, shapes and forward as released (norm eps 1e-5, 4 storage tokens,
+    masked k bias, axial RoPE on the patch tokens, LayerScale, one final norm over every token)."""
+
+    def __init__(self, dim, depth, heads, hidden, swiglu=False, qkv_bias=True, local_cls_norm=False, patch=16):
+        super().__init__()
+        self.dim, self.heads, self.patch = dim, heads, patch
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.storage_tokens = nn.Parameter(torch.zeros(1, N_STORAGE, dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, dim))
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, dim, patch, patch)
+        self.rope_embed = nn.Module()
+        self.rope_embed.register_buffer("periods", torch.zeros(dim // heads // 4))
+        self.blocks = nn.ModuleList()
+        for _ in range(depth):
+            b = nn.Module()
+            b.norm1, b.norm2 = nn.LayerNorm(dim, eps=1e-5), nn.LayerNorm(dim, eps=1e-5)
+            b.attn = nn.Module()
+            b.attn.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+            if qkv_bias:
+                b.attn.qkv.register_buffer("bias_mask", torch.full((3 * dim,), math.nan))
+            b.attn.proj = nn.Linear(dim, dim)
+            b.mlp = nn.Module()
+            if swiglu:
+                b.mlp.w1, b.mlp.w2, b.mlp.w3 = nn.Linear(dim, hidden), nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+            else:
+                b.mlp.fc1, b.mlp.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+            b.ls1, b.ls2 = nn.Module(), nn.Module()
+            b.ls1.gamma, b.ls2.gamma = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
+            self.blocks.append(b)
+        self.norm = nn.LayerNorm(dim, eps=1e-5)
+        if local_cls_norm:
+            self.local_cls_norm = nn.LayerNorm(dim, eps=1e-5)
+
+    def rope(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ys = torch.arange(0.5, h) / h
+        xs = torch.arange(0.5, w) / w
+        coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).reshape(h * w, 2) * 2 - 1  # [HW, 2]
+        angles = 2 * math.pi * coords[:, :, None] / self.rope_embed.periods  # [HW, 2, Dh/4]
+        angles = angles.reshape(h * w, -1).repeat(1, 2)  # [HW, Dh]
+        return angles.sin(), angles.cos()
+
+    def attention(self, b: nn.Module, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        bias = b.attn.qkv.bias * b.attn.qkv.bias_mask if b.attn.qkv.bias is not None else None
+        q, k, v = F.linear(x, b.attn.qkv.weight, bias).reshape(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+
+        def rotate(t):  # rotate-half RoPE on the patch tokens only
+            half = t.shape[-1] // 2
+            p = t[:, :, 1 + N_STORAGE :]
+            p = p * cos + torch.cat((-p[..., half:], p[..., :half]), -1) * sin
+            return torch.cat((t[:, :, : 1 + N_STORAGE], p), dim=2)
+
+        q, k = rotate(q), rotate(k)
+        attn = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)
+        return b.attn.proj((attn @ v).transpose(1, 2).reshape(B, N, D))
+
+    def mlp(self, b: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(b.mlp, "w1"):
+            return b.mlp.w3(F.silu(b.mlp.w1(x)) * b.mlp.w2(x))
+        return b.mlp.fc2(F.gelu(b.mlp.fc1(x)))
+
+    def blocks_out(self, x: torch.Tensor, masks=None) -> list[torch.Tensor]:
+        h, w = x.shape[2] // self.patch, x.shape[3] // self.patch
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        if masks is not None:
+            x = torch.where(masks.unsqueeze(-1), self.mask_token.unsqueeze(0), x)
+        B = x.shape[0]
+        x = torch.cat((self.cls_token.expand(B, -1, -1), self.storage_tokens.expand(B, -1, -1), x), 1)
+        sin, cos = self.rope(h, w)
+        outs = []
+        for b in self.blocks:
+            x = x + b.ls1.gamma * self.attention(b, b.norm1(x), sin, cos)
+            x = x + b.ls2.gamma * self.mlp(b, b.norm2(x))
+            outs.append(x)
+        return outs
+
+    def forward_features(self, x, masks=None) -> dict:
+        x = self.blocks_out(x, masks)[-1]
+        n = self.norm(x)
+        return {"x_norm_clstoken": n[:, 0], "x_storage_tokens": n[:, 1:5], "x_norm_patchtokens": n[:, 5:]}
+
+    def get_intermediate_layers(self, x, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        outs = [self.norm(o) for o in self.blocks_out(x)[-n:]]
+        return [(o[:, 1 + N_STORAGE :], o[:, 0]) for o in outs]
+
+
+def official_sd(dim, depth, heads, hidden, swiglu=False, qkv_bias=True, local_cls_norm=False, seed=0):
+    """Random weights in exactly the keys/shapes of an official DINOv3 file: non-zero q, k and v biases
+    (k masked), LayerScale of order 1, and RoPE periods off the formula (stored in bf16, as released)."""
+    g = torch.Generator().manual_seed(seed)
+    ref = FairViT(dim, depth, heads, hidden, swiglu, qkv_bias, local_cls_norm)
+    sd = {}
+    for k, v in ref.state_dict().items():
+        r = torch.randn(v.shape, generator=g)
+        if k.endswith("bias_mask"):
+            r = torch.ones_like(v)
+            r[dim : 2 * dim] = 0
+        elif k == "rope_embed.periods":
+            dh = dim // heads
+            formula = 100.0 ** (2 * torch.arange(dh // 4) / (dh // 2))
+            r = (formula * (1 + 0.1 * r.clamp(-1, 1))).bfloat16().float()
+        elif re.search(r"(norm\w*)\.weight$|gamma$", k):
+            r = 1 + 0.2 * r
+        elif v.ndim >= 2 and k not in ("cls_token", "storage_tokens", "mask_token"):
+            r = r * v[0].numel() ** -0.5
+        else:
+            r = 0.5 * r
+        sd[k] = r
+    return sd
+
+
+def fair(sd: dict, dim, depth, heads, hidden, swiglu=False, qkv_bias=True, local_cls_norm=False) -> FairViT:
+    ref = FairViT(dim, depth, heads, hidden, swiglu, qkv_bias, local_cls_norm)
+    ref.load_state_dict(sd, strict=True)
+    return ref.eval()
+
+
+def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Our student with official-like random weights (LayerScale 1e-5 would make the blocks invisible)."""
+    official = models.to_reference(model, "dinov3")
+    dim, heads = model.embed_dim, model.blocks[0].attn.num_heads
+    hidden = official["blocks.0.mlp.fc1.weight"].shape[0]
+    sd = official_sd(dim, len(model.blocks), heads, hidden, seed=seed)
+    sd["rope_embed.periods"] = official["rope_embed.periods"]  # keep the formula: timm's own models use it
+    models.checkpoints.load_dinov3(model, sd, "random")
+    return model
+
+
+# --- teachers ----------------------------------------------------------------------------------
+@pytest.fixture
+def shallow(monkeypatch):
+    """A DINOv3 teacher spec at its real width, heads and FFN, with fewer blocks."""
+
+    def patch(name: str, depth: int = 4):
+        spec = dataclasses.replace(TEACHERS[name], depth=depth)
+        monkeypatch.setitem(TEACHERS, name, spec)
+        kw = spec.vit_kwargs
+        align = kw.get("swiglu_align", 0)
+        hidden = swiglu_width(spec.embed_dim, kw["ffn_ratio"], align) if align else 4 * spec.embed_dim
+        return dict(
+            dim=spec.embed_dim,
+            depth=depth,
+            heads=spec.num_heads,
+            hidden=hidden,
+            swiglu=bool(align),
+            qkv_bias=kw.get("qkv_bias", True),
+            local_cls_norm=kw.get("local_cls_norm", False),
+        )
+
+    return patch
+
+
+@pytest.mark.parametrize("name", ["dinov3_vits16", "dinov3_vits16plus", "dinov3_vitl16_sat"])
+def test_teacher_equals_fair_code_at_two_sizes(shallow, tmp_path, name):
+    arch = shallow(name)
+    sd = official_sd(**arch)
+    torch.save(sd, tmp_path / "official.pth")
+    teacher = models.create_teacher(name, tmp_path / "official.pth")
+    ref = fair(sd, **arch)
+    assert teacher.family == "dinov3" and not teacher.training
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert teacher.patch_size == 16 and teacher.embed_dim == arch["dim"]
+    sat = name.endswith("_sat")
+    assert teacher.input_mean == ((0.430, 0.411, 0.296) if sat else (0.485, 0.456, 0.406))
+    assert teacher.input_std == ((0.213, 0.156, 0.143) if sat else (0.229, 0.224, 0.225))
+    assert torch.equal(teacher.rope.periods, sd["rope_embed.periods"])  # the file's, not the formula's
+    for h, w in ((224, 224), (192, 320)):
+        x = torch.randn(2, 3, h, w)
+        with torch.no_grad():
+            ours, theirs = teacher.forward_features(x), ref.forward_features(x)
+            layers = teacher.get_intermediate_layers(x, n=4, return_class_token=True, norm=True)
+            ref_layers = ref.get_intermediate_layers(x, n=4)
+        for key in ("x_norm_clstoken", "x_storage_tokens", "x_norm_patchtokens"):
+            assert rel_err(ours[key], theirs[key]) < 1e-4, (key, h, w)
+        assert ours["x_norm_patchtokens"].shape == (2, h * w // 256, arch["dim"])
+        assert len(layers) == 4
+        for (p, c), (rp, rc) in zip(layers, ref_layers):
+            assert rel_err(p, rp) < 1e-4 and rel_err(c, rc) < 1e-4
+
+
+def test_teacher_keeps_every_key_of_the_file(shallow, tmp_path):
+    """Everything timm's converter drops is still ours: periods, mask token, local_cls_norm; bias_mask is checked."""
+    arch = shallow("dinov3_vitl16_sat", depth=1)
+    sd = official_sd(**arch)
+    torch.save(sd, tmp_path / "f.pth")
+    teacher = models.create_teacher("dinov3_vitl16_sat", tmp_path / "f.pth")
+    back = models.to_reference(teacher, "dinov3")
+    assert set(back) == set(sd)
+    for k, v in sd.items():
+        if k.endswith("attn.qkv.bias"):  # the k third is masked to zero in FAIR's forward: exported as 0
+            d = arch["dim"]
+            assert torch.equal(back[k][:d], v[:d]) and torch.equal(back[k][2 * d :], v[2 * d :])
+            assert torch.count_nonzero(back[k][d : 2 * d]) == 0
+        else:
+            assert torch.equal(back[k], v), k
+
+
+@pytest.fixture
+def small_file(shallow, tmp_path):
+    arch = shallow("dinov3_vits16", depth=2)
+
+    def write(sd, fname="f.pth"):
+        torch.save(sd, tmp_path / fname)
+        return tmp_path / fname
+
+    return official_sd(**arch), write
+
+
+def _one_line_error(path, match):
+    with pytest.raises(ValueError, match=match) as e:
+        models.create_teacher("dinov3_vits16", path)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "key", ["rope_embed.periods", "blocks.1.attn.qkv.bias_mask", "mask_token", "storage_tokens", "blocks.0.ls2.gamma"]
+)
+def test_teacher_missing_key_is_named(small_file, key):
+    sd, write = small_file
+    del sd[key]
+    _one_line_error(write(sd), rf"missing keys: .*{re.escape(key)}")
+
+
+def test_teacher_unexpected_and_misshaped_keys_are_named(small_file, shallow):
+    sd, write = small_file
+    sd["local_cls_norm.weight"], sd["local_cls_norm.bias"] = torch.ones(384), torch.zeros(384)
+    _one_line_error(write(sd), r"unexpected keys: local_cls_norm\.bias, local_cls_norm\.weight")
+    other = official_sd(768, 2, 12, 3072)  # a ViT-B/16 file for the ViT-S/16 teacher
+    _one_line_error(write(other), r"shape mismatch.*blocks\.0\.attn\.qkv\.weight \(2304, 768\) vs \(1152, 384\)")
+
+
+def test_teacher_wrong_family_or_random_file(small_file):
+    sd, write = small_file
+    dinov2 = {
+        "cls_token": torch.zeros(1, 1, 384),
+        "pos_embed": torch.zeros(1, 197, 384),
+        "mask_token": torch.zeros(1, 384),
+    }
+    _one_line_error(write(dinov2), r"not an official DINOv3 checkpoint .*DINOv2-style ViT")
+    _one_line_error(
+        write({"foo": torch.zeros(3), "bar": torch.ones(2)}), r"not an official DINOv3 checkpoint .*bar, foo"
+    )
+    _one_line_error(write([torch.zeros(1)]), r"holds a list, not a state dict")
+
+
+def test_teacher_bias_mask_must_mask_k(small_file):
+    sd, write = small_file
+    sd["blocks.1.attn.qkv.bias_mask"] = torch.ones(3 * 384)  # FAIR would then add the k bias
+    _one_line_error(write(sd), r"blocks\.1\.attn\.qkv\.bias_mask is not DINOv3's masked-k pattern")
+    sd["blocks.1.attn.qkv.bias_mask"] = torch.full((3 * 384,), math.nan)  # never initialised
+    _one_line_error(write(sd), r"bias_mask is not DINOv3's masked-k pattern")
+
+
+def test_teacher_names_and_urls():
+    names = [n for n in TEACHERS if n.startswith("dinov3_")]
+    assert names == [
+        "dinov3_vits16",
+        "dinov3_vits16plus",
+        "dinov3_vitb16",
+        "dinov3_vitl16",
+        "dinov3_vitl16plus",
+        "dinov3_vith16plus",
+        "dinov3_vit7b16",
+        "dinov3_vitl16_sat",
+        "dinov3_vit7b16_sat",
+    ]
+    base = "https://dl.fbaipublicfiles.com/dinov3/"
+    assert (
+        TEACHERS["dinov3_vits16plus"].url == base + "dinov3_vits16plus/dinov3_vits16plus_pretrain_lvd1689m-4057cbaa.pth"
+    )
+    assert TEACHERS["dinov3_vitl16_sat"].url == base + "dinov3_vitl16/dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth"
+    assert TEACHERS["dinov3_vit7b16_sat"].url == base + "dinov3_vit7b16/dinov3_vit7b16_pretrain_sat493m-a6675841.pth"
+    with torch.device("meta"):
+        for name, dim, hidden in (("dinov3_vits16plus", 384, 1536), ("dinov3_vith16plus", 1280, 5120)):
+            m = TEACHERS[name].build()
+            assert m.blocks[0].mlp.fc1_g.weight.shape == (hidden, dim) == m.blocks[0].mlp.fc1_x.weight.shape
+
+
+def test_7b_teacher_on_the_meta_device():
+    with torch.device("meta"):
+        m = TEACHERS["dinov3_vit7b16"].build()
+    params = list(m.parameters())
+    assert all(p.is_meta for p in params)
+    assert sum(b.numel() for b in m.buffers() if not b.is_meta) <= 32  # at most the RoPE periods (timm 1.0.21)
+    assert 6.6e9 < sum(p.numel() for p in params) < 6.8e9  # 6,716,043,264
+    assert len(m.blocks) == 40 and m.embed_dim == 4096 and m.blocks[0].attn.num_heads == 32
+    assert m.rope.periods.shape == (32,)  # head dim 128
+    blk = m.blocks[0]
+    assert blk.mlp.fc1_g.weight.shape == (8192, 4096) and blk.mlp.fc2.weight.shape == (4096, 8192)
+    assert blk.attn.q_bias is None and m.local_cls_norm is not None
+    official = models.dinov3.to_official(m.state_dict())  # FAIR's names (to_reference would copy to the CPU)
+    assert "blocks.0.attn.qkv.bias" not in official and "blocks.0.attn.qkv.bias_mask" not in official
+    assert {"local_cls_norm.weight", "blocks.39.mlp.w3.weight", "rope_embed.periods"} <= set(official)
+    assert default_dtype("dinov3_vit7b16") == torch.bfloat16 == default_dtype("dinov3_vit7b16_sat")
+    assert default_dtype("dinov3_vits16") == torch.float32 == default_dtype("dinov3_vith16plus")
+
+
+def test_bf16_teacher(shallow, tmp_path, monkeypatch):
+    arch = shallow("dinov3_vits16plus", depth=2)
+    sd = official_sd(**arch)
+    torch.save(sd, tmp_path / "f.pth")
+    fp32 = models.create_teacher("dinov3_vits16plus", tmp_path / "f.pth")
+    monkeypatch.setattr(models.teachers, "BF16_ABOVE", 1e6)  # as the 7B: bf16 by default
+    bf16 = models.create_teacher("dinov3_vits16plus", tmp_path / "f.pth")
+    assert all(p.dtype == torch.float32 for p in fp32.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
+    assert all(not p.requires_grad for p in bf16.parameters()) and not bf16.training
+    assert bf16.rope.periods.dtype == torch.float32 and torch.equal(bf16.rope.periods, sd["rope_embed.periods"])
+    x = torch.randn(2, 3, 224, 224)  # float32 crops
+    with torch.no_grad():
+        a, b = fp32.forward_features(x), bf16.forward_features(x)
+    assert b["x_norm_patchtokens"].dtype == torch.bfloat16
+    assert rel_err(b["x_norm_clstoken"], a["x_norm_clstoken"]) < 3e-2
+    assert rel_err(b["x_norm_patchtokens"], a["x_norm_patchtokens"]) < 3e-2
+    cast = fp32.to(torch.bfloat16)  # casting keeps the file's periods in float32 (timm would recompute them)
+    assert cast.rope.periods.dtype == torch.float32 and torch.equal(cast.rope.periods, sd["rope_embed.periods"])
+    assert "rope.periods" in cast.state_dict()
+    monkeypatch.setitem(TEACHERS, "dinov2_vits14", dataclasses.replace(TEACHERS["dinov2_vits14"], depth=1))
+    dinov2 = models.create_teacher("dinov2_vits14", pretrained=False)  # the DINOv2 ViT takes float32 crops too
+    assert dinov2.cls_token.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert dinov2.forward_features(torch.randn(1, 3, 56, 56))["x_norm_clstoken"].dtype == torch.bfloat16
+
+
+# --- students ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,dim,depth,heads", [("vit_tiny", 192, 12, 3), ("vit_large", 1024, 24, 16)])
+def test_student_architecture(name, dim, depth, heads):
+    with torch.device("meta"):
+        m = models.create_student(name, layout="dinov3")
+        n = models.create_student(name + "_dinov3")
+    assert type(m) is type(n) is DinoV3ViT
+    assert m.embed_dim == dim and len(m.blocks) == depth and m.blocks[0].attn.num_heads == heads
+    assert m.patch_embed.proj.kernel_size == (16, 16) and m.patch_embed.proj.bias is not None
+    assert m.reg_token.shape == (1, 4, dim) and m.mask_token.shape == (1, dim) and m.pos_embed is None
+    assert m.rope.periods.shape == (16,) and m.local_cls_norm is None
+    norms = [mod for mod in m.modules() if isinstance(mod, nn.LayerNorm)]
+    assert len(norms) == 1 + 2 * depth and all(x.eps == 1e-5 for x in norms)
+    blk = m.blocks[0]
+    assert blk.mlp.fc1.weight.shape == (4 * dim, dim) and isinstance(blk.mlp.act, nn.GELU)
+    assert blk.attn.q_bias is not None and blk.attn.k_bias is not None  # k bias: a zero buffer
+
+
+def test_student_names_and_errors():
+    with pytest.raises(ValueError, match="'vit_small_dinov3' is in the dinov3 layout, not clip"):
+        models.create_student("vit_small_dinov3", layout="clip")
+    with pytest.raises(ValueError, match=r"unknown student 'vit_huge_dinov3'.*vit_large_dinov3"):
+        models.create_student("vit_huge_dinov3")
+    m = timm.create_model("proteus_vit_small_dinov3", drop_path_rate=0.1)
+    assert isinstance(m, DinoV3ViT) and m.embed_dim == 384
+    assert [b.drop_path1.drop_prob for b in m.blocks] == [0.1] * 12  # uniform, as FAIR's
+
+
+def test_student_init_is_fairs():
+    torch.manual_seed(0)
+    m = models.create_student("vit_small_dinov3")
+    assert 0.012 < m.cls_token.std().item() < 0.03 and 0.015 < m.reg_token.std().item() < 0.025
+    assert torch.count_nonzero(m.mask_token) == 0
+    linears = [mod for mod in m.modules() if isinstance(mod, nn.Linear)]
+    assert len(linears) == 12 * 4
+    for lin in linears:  # trunc-normal 0.02 everywhere (no depth rescaling of proj / fc2, unlike timm's Eva)
+        assert 0.019 < lin.weight.std().item() < 0.021 and (lin.bias is None or torch.count_nonzero(lin.bias) == 0)
+    for blk in m.blocks:
+        assert torch.count_nonzero(blk.attn.q_bias) == 0 == torch.count_nonzero(blk.attn.v_bias)
+        assert torch.all(blk.gamma_1 == 1e-5) and torch.all(blk.gamma_2 == 1e-5)
+    bound = (3 * 16 * 16) ** -0.5
+    w = m.patch_embed.proj.weight
+    assert w.abs().max().item() <= bound and abs(w.std().item() - bound / 3**0.5) < 0.03 * bound
+    assert m.patch_embed.proj.bias.abs().max().item() <= bound and m.patch_embed.proj.bias.std() > 0.3 * bound
+    torch.testing.assert_close(m.rope.periods, 100.0 ** (torch.arange(16) / 16), rtol=0, atol=0)
+
+
+def test_student_rope_rescale_only_in_training():
+    torch.manual_seed(0)
+    m = randomize_(models.create_student("vit_tiny_dinov3"))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        m.eval()
+        a, b = m(x), m(x)
+        m.train()
+        c, d = m(x), m(x)
+    assert torch.equal(a, b)  # eval: no coordinate augmentation
+    assert not torch.allclose(c, d)  # training: FAIR's rescale_coords 2
+
+
+@pytest.fixture(scope="module")
+def student():
+    torch.manual_seed(0)
+    return randomize_(models.create_student("vit_small_dinov3")).eval()
+
+
+def test_export_loads_into_fair_and_timm(student):
+    export = models.to_reference(student, "dinov3")
+    ref = fair(export, 384, 12, 6, 1536)  # strict=True into FAIR's layout at ViT-S/16's arguments
+    tm = timm.create_model("vit_small_patch16_dinov3_qkvb", pretrained=False, num_classes=0).eval()
+    tm.load_state_dict(timm_eva_filter(export, tm), strict=True)
+    x = torch.randn(2, 3, 224, 224)
+    g = torch.Generator().manual_seed(1)
+    masks = torch.rand(2, 196, generator=g) < 0.5
+    with torch.no_grad():
+        ours, theirs, t = student.forward_features(x), ref.forward_features(x), tm.forward_features(x)
+        masked, ref_masked = student.forward_features(x, masks=masks), ref.forward_features(x, masks=masks)
+        layers = student.get_intermediate_layers(x, n=4, return_class_token=True)
+        ref_layers = ref.get_intermediate_layers(x, n=4)
+    for key in ("x_norm_clstoken", "x_storage_tokens", "x_norm_patchtokens"):
+        assert rel_err(ours[key], theirs[key]) < 1e-4, key
+        assert rel_err(masked[key], ref_masked[key]) < 1e-4, key
+    assert rel_err(masked["x_norm_patchtokens"], ours["x_norm_patchtokens"]) > 1e-2  # the mask token matters
+    assert rel_err(t[:, 0], ours["x_norm_clstoken"]) < 1e-4 and rel_err(t[:, 5:], ours["x_norm_patchtokens"]) < 1e-4
+    for (p, c), (rp, rc) in zip(layers, ref_layers):
+        assert rel_err(p, rp) < 1e-4 and rel_err(c, rc) < 1e-4
+
+
+def test_get_intermediate_layers_api(student):
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        out = student.forward_features(x)
+        ((p, c, e),) = student.get_intermediate_layers(
+            x, n=[11], reshape=True, return_class_token=True, return_extra_tokens=True
+        )
+        raw = student.get_intermediate_layers(x, n=1, norm=False)[0]
+    assert p.shape == (1, 384, 6, 8)
+    torch.testing.assert_close(p.flatten(2).transpose(1, 2), out["x_norm_patchtokens"])
+    torch.testing.assert_close(c, out["x_norm_clstoken"])
+    torch.testing.assert_close(e, out["x_storage_tokens"])
+    torch.testing.assert_close(raw, out["x_prenorm"][:, 5:])
+    with pytest.raises(ValueError, match="out of range"):
+        student.get_intermediate_layers(x, n=[12])
+    with pytest.raises(ValueError, match="not a multiple of the patch size 16"):
+        student.forward_features(torch.randn(1, 3, 56, 64))
+
+
+def test_load_backbone_reads_exports_checkpoints_and_official_files(student, tmp_path):
+    x = torch.randn(1, 3, 160, 128)
+    with torch.no_grad():
+        expected = student.forward_features(x)["x_norm_patchtokens"]
+    files = {
+        "backbone.pth": models.to_reference(student, "dinov3"),
+        "checkpoint.pth": {"student": student.state_dict(), "args": {}},
+        "dinov3_train.pth": {
+            "teacher": {f"backbone.{k}": v for k, v in models.to_reference(student, "dinov3").items()}
+        },
+    }
+    for fname, obj in files.items():
+        torch.save(obj, tmp_path / fname)
+        loaded = models.load_backbone(tmp_path / fname).eval()
+        assert isinstance(loaded, DinoV3ViT) and loaded.patch_size == 16 and loaded.blocks[0].attn.num_heads == 6
+        with torch.no_grad():
+            assert rel_err(loaded.forward_features(x)["x_norm_patchtokens"], expected) < 1e-6, fname
+    # an official file of another family member: S+ (SwiGLU) with local_cls_norm, and 128-dim heads without q/v bias
+    for arch in (
+        dict(dim=384, depth=2, heads=6, hidden=1536, swiglu=True, local_cls_norm=True),
+        dict(dim=256, depth=1, heads=2, hidden=512, swiglu=True, qkv_bias=False),
+    ):
+        sd = official_sd(**arch)
+        torch.save(sd, tmp_path / "official.pth")
+        loaded = models.load_backbone(tmp_path / "official.pth", drop_path_rate=0.1).eval()
+        assert loaded.blocks[0].attn.num_heads == arch["heads"] and loaded.blocks[0].drop_path1.drop_prob == 0.1
+        with torch.no_grad():
+            ours = loaded.forward_features(x)["x_norm_patchtokens"]
+        assert rel_err(ours, fair(sd, **arch).forward_features(x)["x_norm_patchtokens"]) < 1e-4
+    del sd["blocks.0.norm1.bias"]
+    torch.save(sd, tmp_path / "broken.pth")
+    with pytest.raises(ValueError, match=r"missing keys: blocks\.0\.norm1\.bias"):
+        models.load_backbone(tmp_path / "broken.pth")
+
+
+def test_distiller_trains_a_dinov3_student_from_a_dinov3_teacher(shallow, tmp_path):
+    arch = shallow("dinov3_vits16", depth=1)
+    torch.save(official_sd(**arch), tmp_path / "f.pth")
+    teacher = models.create_teacher("dinov3_vits16", tmp_path / "f.pth")
+    torch.manual_seed(0)
+    student = models.create_student("vit_tiny_dinov3").train()
+    distiller = Distiller(student, teacher.embed_dim)
+    images = torch.randn(2, 3, 64, 64)
+    masks = torch.zeros(1, 16, dtype=torch.bool)
+    masks[0, :8] = True
+    loss, parts = distiller(images, masks, teacher_targets(teacher, images))
+    loss.backward()
+    assert torch.isfinite(loss) and all(v > 0 for v in parts.values())
+    assert student.mask_token.grad is not None and torch.count_nonzero(student.mask_token.grad) > 0
+    assert student.blocks[0].attn.k_bias.requires_grad is False  # the masked k bias never trains
