@@ -12,21 +12,27 @@ Configs load it with `custom_imports = dict(imports=["models.mmseg"])`. It provi
   no output activation, SiLog loss on `gt_depth_map`).
 - `EvaluationHistoryHook`: every evaluation during training, one JSON line each in
   `<work_dir>/evaluations.jsonl`, from which the runner reports the best-on-test figure.
+- `DenseRunner`: mmengine's Runner, writing checkpoints atomically and recording each by name and
+  sha256 in `<work_dir>/checkpoints.sha256` (the only files later unpickled in full), and refusing a
+  loaded checkpoint that does not cover the model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import re
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from mmengine.dist import is_main_process
+from mmengine.dist import is_main_process, master_only
 from mmengine.hooks import Hook
-from mmengine.model import BaseModule
+from mmengine.model import BaseModule, is_model_wrapper
 from mmengine.optim import DefaultOptimWrapperConstructor
+from mmengine.runner import Runner
 from mmseg.models.decode_heads.dpt_head import DPTHead
 from mmseg.models.decode_heads.fcn_head import FCNHead
 from mmseg.models.utils import resize
@@ -34,9 +40,11 @@ from mmseg.registry import HOOKS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS
 from torch import nn
 
 from .architectures import create_student
-from .checkpoints import load_backbone
+from .checkpoints import _few, load_backbone
 
 EVALUATIONS = "evaluations.jsonl"  # in the work dir, written by EvaluationHistoryHook
+# in the work dir, written by DenseRunner: `<sha256>  <name>` per checkpoint (the format `sha256sum -c` reads)
+MANIFEST = "checkpoints.sha256"
 
 
 class CheckpointMismatchError(ValueError):
@@ -216,3 +224,88 @@ class EvaluationHistoryHook(Hook):
         entry = {"iter": runner.iter, "metrics": {k: float(v) for k, v in metrics.items()}}
         with open(Path(runner.work_dir) / EVALUATIONS, "a") as f:
             f.write(json.dumps(entry) + "\n")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _manifest(work_dir: Path) -> dict[str, str]:
+    """{name relative to the work dir: sha256} of the checkpoints its runs wrote."""
+    path = work_dir / MANIFEST
+    if not path.is_file():
+        return {}
+    pairs = (line.partition("  ") for line in path.read_text().splitlines())
+    return {name: digest for digest, _, name in pairs if name}
+
+
+def is_own_checkpoint(work_dir: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """Written by a run in this work dir: recorded in its manifest under this name with this content.
+    A file put there by anyone else, or replaced since, is not (its pickle may run code)."""
+    work_dir, path = Path(work_dir).resolve(), Path(path).resolve()
+    digest = _manifest(work_dir).get(os.path.relpath(path, work_dir))
+    return digest is not None and path.is_file() and file_sha256(path) == digest
+
+
+def stale_saves(work_dir: Path) -> list[Path]:
+    """The temp files of saves killed mid-write (DenseRunner.save_checkpoint's names)."""
+    return list(work_dir.glob(".*.pth.*.tmp"))
+
+
+def check_covers(model: nn.Module, checkpoint: dict, source: str, revise_keys) -> None:
+    """mmengine loads non-strictly: a checkpoint without the head (a backbone file, say) would leave it
+    random and report a figure near 0, with "missing keys" only in the log."""
+    state = checkpoint.get("state_dict", checkpoint)
+    for pattern, replacement in revise_keys:
+        state = {re.sub(pattern, replacement, k): v for k, v in state.items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and tuple(getattr(state[k], "shape", ())) != tuple(v.shape)
+    ]
+    problems = [f"missing keys {_few(missing)}"] if missing else []
+    if len(missing) == len(own):
+        problems = ["it holds none of the model's weights (a backbone file? pass it as --backbone); " + problems[0]]
+    if shapes:
+        problems.append(f"shape mismatch (file vs model): {_few(shapes)}")
+    if problems:
+        raise CheckpointMismatchError(f"checkpoint {source} does not cover the model: " + "; ".join(problems))
+
+
+REVISE_KEYS = ((r"^module.", ""),)  # Runner.load_checkpoint's default: DDP's prefix
+
+
+class DenseRunner(Runner):
+    """mmengine's Runner with three changes: a checkpoint is written to a temp file and renamed (a
+    kill mid-save leaves the previous one whole), each is recorded by name and sha256 in the work
+    dir's manifest (segmentation.runner unpickles in full only those), and a loaded checkpoint must
+    cover the model."""
+
+    @master_only
+    def save_checkpoint(self, out_dir: str, filename: str, *args, **kwargs) -> None:
+        final = Path(out_dir).resolve() / filename
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        try:
+            super().save_checkpoint(str(final.parent), tmp.name, *args, **kwargs)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            digest = file_sha256(tmp)
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        work_dir = Path(self.work_dir).resolve()
+        entries = {name: d for name, d in _manifest(work_dir).items() if (work_dir / name).is_file()}
+        entries[os.path.relpath(final, work_dir)] = digest
+        manifest = work_dir / MANIFEST
+        tmp_manifest = manifest.with_name(f".{MANIFEST}.tmp")
+        tmp_manifest.write_text("".join(f"{d}  {name}\n" for name, d in entries.items()))
+        os.replace(tmp_manifest, manifest)
+
+    def load_checkpoint(self, filename: str, map_location="cpu", strict: bool = False, revise_keys=REVISE_KEYS):
+        checkpoint = super().load_checkpoint(filename, map_location, strict, list(revise_keys))
+        model = self.model.module if is_model_wrapper(self.model) else self.model
+        check_covers(model, checkpoint, filename, revise_keys)
+        return checkpoint

@@ -16,9 +16,12 @@ import os
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import torch
+from PIL import Image, UnidentifiedImageError
 
 import models
 
@@ -65,18 +68,18 @@ def _import_mmseg() -> None:
 
 def trust_checkpoints_in(work_dir: Path) -> None:
     """mmengine checkpoints pickle its message hub (bound methods included), which torch >= 2.6
-    refuses with weights_only=True. Unpickle fully only what this run's work dir holds (written by
-    mmengine for us); read every other file with weights_only=True."""
+    refuses with weights_only=True. Unpickle fully only the checkpoints this work dir's runs wrote
+    (models.mmseg.DenseRunner records each by name and sha256); read every other file with
+    weights_only=True (a pickle with code is refused, never run)."""
     from mmengine.runner.checkpoint import CheckpointLoader
 
-    trusted = work_dir.resolve()
+    from models.mmseg import is_own_checkpoint
 
     @CheckpointLoader.register_scheme(prefixes="", force=True)
     def load_local(filename: str, map_location=None):
-        path = Path(filename).resolve()
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {filename}")
-        return torch.load(path, map_location=map_location, weights_only=trusted not in path.parents)
+        if is_own_checkpoint(work_dir, filename):
+            return torch.load(filename, map_location=map_location, weights_only=False)
+        return models.safe_load(filename)
 
 
 def build_config(args: argparse.Namespace, task: str):
@@ -117,17 +120,124 @@ def build_config(args: argparse.Namespace, task: str):
         cfg.optim_wrapper.dtype = "bfloat16"
     if args.resume:
         cfg.resume = True
+        check_resumable(Path(cfg.work_dir))
     if args.eval_only:
         ckpt = args.checkpoint or _last_checkpoint(Path(cfg.work_dir))
         if not ckpt or not Path(ckpt).is_file():
             raise FileNotFoundError(f"--eval-only needs --checkpoint or a checkpoint in {cfg.work_dir}")
-        if Path(cfg.work_dir).resolve() not in Path(ckpt).resolve().parents:
-            models.safe_load(ckpt)  # another run's file: it must load with weights_only=True
+        check_evaluable(Path(cfg.work_dir), ckpt)
         cfg.load_from = str(ckpt)
     if args.show_dir:
         cfg.default_hooks.visualization.update(draw=True, interval=1)
         cfg.visualizer.save_dir = args.show_dir
+    prepare_output_dirs(cfg, args)
+    check_dataset_files(cfg, task, args.eval_only)
     return cfg
+
+
+def _only_own(work_dir: Path) -> str:
+    from models.mmseg import MANIFEST
+
+    manifest = work_dir / MANIFEST
+    return f"only checkpoints this work dir's runs wrote (name and sha256 in {manifest}) are unpickled in full"
+
+
+def check_resumable(work_dir: Path) -> None:
+    """--resume reads the whole mmengine checkpoint (optimizer, message hub): only one of our own."""
+    from models.mmseg import is_own_checkpoint
+
+    ckpt = _last_checkpoint(work_dir)
+    if ckpt is None:
+        return  # mmengine starts afresh
+    if not Path(ckpt).is_file():
+        raise FileNotFoundError(f"--resume: {work_dir / 'last_checkpoint'} names {ckpt}, which does not exist")
+    if not is_own_checkpoint(work_dir, ckpt):
+        raise ValueError(f"--resume: {ckpt} (named in last_checkpoint) is refused: {_only_own(work_dir)}")
+
+
+def check_evaluable(work_dir: Path, ckpt: str) -> None:
+    """--eval-only: our own checkpoint is unpickled in full; any other file (a --checkpoint from
+    elsewhere, a file put into the work dir or replaced there) must load with weights_only=True and
+    hold a state dict (whether it covers the model is checked when mmengine loads it)."""
+    from models.mmseg import is_own_checkpoint
+
+    if is_own_checkpoint(work_dir, ckpt):
+        return
+    try:
+        obj = models.safe_load(ckpt)
+    except ValueError as e:
+        raise ValueError(f"{e}; {_only_own(work_dir)}") from None
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint {ckpt} holds no state dict (a dict of tensors, or one under 'state_dict')")
+
+
+def prepare_output_dirs(cfg, args: argparse.Namespace) -> None:
+    """An unwritable --work-dir or --show-dir would fail inside mmengine (a traceback), the show dir
+    after the whole training; also removes the temp files of a save killed mid-write."""
+    from models.mmseg import stale_saves
+
+    for flag, folder in (("--work-dir", cfg.work_dir), ("--show-dir", args.show_dir)):
+        try:
+            if folder:
+                models.prepare_output_dir(folder)
+        except ValueError as e:
+            raise ValueError(f"{flag}: {e}") from None
+    if os.environ.get("RANK", "0") == "0":  # the rank that saves
+        for tmp in stale_saves(Path(cfg.work_dir)):
+            tmp.unlink(missing_ok=True)
+
+
+def _unreadable(path: str, decode: bool) -> str | None:
+    """Why PIL cannot open the image (or decode it, with `decode`); None when it can."""
+    try:
+        with Image.open(path) as im:
+            if decode:
+                im.load()
+    except UnidentifiedImageError:
+        return "not an image file"
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for a damaged file
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return None
+
+
+def check_dataset_files(cfg, task: str, eval_only: bool) -> None:
+    """What mmseg finds only mid-run, one line before it starts: every image (listed as mmseg lists
+    it) needs its annotation, and every file must open. The evaluated splits are decoded in full (a
+    damaged image there would end the run after the whole training; ADE20K's 2000 validation
+    images take seconds); training files by their header only (20k files)."""
+    from mmseg.registry import DATASETS
+    from mmseg.utils import register_all_modules
+
+    register_all_modules(init_default_scope=False)
+    splits = [("test", cfg.test_dataloader.dataset, True)]
+    if not eval_only:
+        splits += [("val", cfg.val_dataloader.dataset, True), ("train", cfg.train_dataloader.dataset, False)]
+    checked = []
+    for split, dataset_cfg, decode in splits:
+        if dataset_cfg in checked:
+            continue  # val is the test split in our configs
+        checked.append(dataset_cfg)
+        dataset = DATASETS.build({**dataset_cfg.to_dict(), "pipeline": [], "serialize_data": False})
+        pairs = [(d["img_path"], d.get("seg_map_path") or d.get("depth_map_path")) for d in dataset.data_list]
+        if not pairs:
+            raise ValueError(f"{task} data: no images in {dataset.data_prefix['img_path']} ({split} split)")
+        missing = [(img, ann) for img, ann in pairs if ann and not Path(ann).is_file()]
+        if missing:
+            img, ann = missing[0]
+            raise ValueError(
+                f"{task} data: {len(missing)} of {len(pairs)} {split} images have no annotation, "
+                f"e.g. {img} (expected {ann})"
+            )
+        files = [p for pair in pairs for p in pair if p]
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
+            reasons = list(pool.map(partial(_unreadable, decode=decode), files))
+        bad = [(f, r) for f, r in zip(files, reasons) if r]
+        if bad:
+            raise ValueError(
+                f"{task} data: {len(bad)} of {len(files)} {split}-split files cannot be read, "
+                f"e.g. {bad[0][0]} ({bad[0][1]}); replace or remove them"
+            )
 
 
 def _join_cpu_process_group(cfg) -> None:
@@ -223,13 +333,12 @@ def main(task: str, argv: list[str] | None = None) -> int:
         trust_checkpoints_in(Path(cfg.work_dir))
     except (ImportError, ValueError, FileNotFoundError) as e:
         return _fail(str(e))
-    from mmengine.runner import Runner
-
+    from models.mmseg import DenseRunner
     from pretrain.distributed import exit_on_preemption
 
     exit_on_preemption()  # slurm's warning signal: exit 75; the requeued job resumes (--resume)
     _join_cpu_process_group(cfg)
-    runner = Runner.from_cfg(cfg)
+    runner = DenseRunner.from_cfg(cfg)
     if torch.distributed.is_initialized():
         world, backend = torch.distributed.get_world_size(), torch.distributed.get_backend()
         runner.logger.info(f"distributed: {world} processes, backend {backend}")

@@ -5,7 +5,10 @@ layer-wise lr decay, backbone loading and the reference's positional embedding."
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -583,6 +586,8 @@ def test_resume_continues_from_the_last_checkpoint(backbone, ade, tmp_path):
     argv[argv.index("train_cfg.max_iters=2")] = "train_cfg.max_iters=4"
     assert runner.main("segmentation", argv) == 0
     assert (work / "iter_4.pth").is_file()
+    digest = hashlib.sha256((work / "iter_4.pth").read_bytes()).hexdigest()
+    assert f"{digest}  iter_4.pth" in (work / proteus_mmseg.MANIFEST).read_text().splitlines()
     logs = "\n".join(p.read_text() for p in work.rglob("*.log"))
     assert "resumed epoch: 0, iter: 2" in logs
     assert "Iter(train) [1/4]" not in logs.split("resumed epoch")[-1]  # iterations 1-2 are not redone
@@ -671,3 +676,151 @@ def test_mmcv_cuda_ops_match_cpu():
     rois = torch.tensor([[0, 1.0, 2.0, 20.0, 25.0], [1, 4.0, 0.0, 31.0, 13.0]])
     cpu = roi_align(feats, rois, (7, 7), 1.0, 2)
     assert torch.allclose(cpu, roi_align(feats.cuda(), rois.cuda(), (7, 7), 1.0, 2).cpu(), atol=1e-5)
+
+
+class _RunsCode:
+    """Unpickling this runs `touch MARKER`: what an attacker's "checkpoint" would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_only_checkpoints_this_work_dir_wrote_are_unpickled(backbone, ade, tmp_path, capsys):
+    """mmengine checkpoints need full unpickling; only those this work dir's runs wrote (name and sha256
+    in its manifest) get it. A pickle with code in the work dir is never run, whether named with
+    --checkpoint, found through last_checkpoint (eval or resume) or put in place of our own checkpoint."""
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    config = "segmentation/configs/linear_vit_small.py"
+    work = tmp_path / "work"
+    run = lambda *extra: runner.main("segmentation", _tiny_argv(config, backbone, ade, work, *extra))  # noqa: E731
+    assert run() == 0
+    metrics = json.loads((work / "results.json").read_text())["final"]["metrics"]
+    own, marker, evil = work / "iter_2.pth", tmp_path / "code_ran", work / "evil.pth"
+    digest = hashlib.sha256(own.read_bytes()).hexdigest()
+    assert f"{digest}  iter_2.pth" in (work / proteus_mmseg.MANIFEST).read_text().splitlines()
+    torch.save(_RunsCode(marker), evil)
+    capsys.readouterr()
+
+    def refused(*extra: str) -> str:
+        assert run(*extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert not marker.exists()
+        assert len(err) == 1 and err[0].startswith("error: ") and "weights_only" not in err[0], err
+        return err[0]
+
+    err = refused("--eval-only", "--checkpoint", str(evil))
+    assert "evil.pth: it is a pickle that imports posix.system: refused" in err
+    last = (work / "last_checkpoint").read_text()
+    (work / "last_checkpoint").write_text(str(evil))
+    assert proteus_mmseg.MANIFEST in refused("--eval-only")
+    assert "--resume" in refused("--resume") and (work / "iter_2.pth").is_file()
+    with pytest.raises(ValueError, match="refused"):  # the loader mmengine calls, past the runner's checks
+        CheckpointLoader.load_checkpoint(str(evil))
+    assert not marker.exists()
+    (work / "last_checkpoint").write_text(last)
+    (work / ".iter_9.pth.123.tmp").write_bytes(b"half a checkpoint")
+    # our checkpoint named explicitly: read in full; its weights as a plain file elsewhere: weights_only
+    assert run("--eval-only", "--checkpoint", str(own)) == 0
+    assert not (work / ".iter_9.pth.123.tmp").exists()  # a save killed mid-write: removed at the next start
+    plain = tmp_path / "plain.pth"
+    torch.save({"state_dict": torch.load(own, weights_only=False)["state_dict"]}, plain)
+    assert run("--eval-only", "--checkpoint", str(plain)) == 0
+    assert json.loads((work / "results.json").read_text())["final"]["metrics"] == pytest.approx(metrics, rel=1e-5)
+    capsys.readouterr()
+    shutil.copy(evil, own)  # the manifest's name, another file: its hash differs
+    assert "iter_2.pth" in refused("--eval-only")
+    assert "--resume" in refused("--resume")
+
+
+def test_checkpoint_must_cover_the_model(backbone, ade, tmp_path, capsys):
+    """A --checkpoint without (some of) the head's weights would evaluate a random head (mIoU ~0, rc 0)."""
+    config = "segmentation/configs/linear_vit_small.py"
+    work = tmp_path / "work"
+
+    def evaluate(checkpoint: Path) -> str:
+        argv = _tiny_argv(config, backbone, ade, work, "--eval-only", "--checkpoint", str(checkpoint))
+        assert runner.main("segmentation", argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: checkpoint {checkpoint} does not cover the model: "), err
+        return err[0]
+
+    err = evaluate(backbone)
+    assert "it holds none of the model's weights (a backbone file? pass it as --backbone)" in err
+    assert "missing keys backbone.vit.blocks.0.attn.proj.bias" in err
+    assert runner.main("segmentation", _tiny_argv(config, backbone, ade, work)) == 0
+    state = torch.load(work / "iter_2.pth", weights_only=False)["state_dict"]
+    del state["decode_head.conv_seg.bias"]
+    torch.save({"state_dict": state}, tmp_path / "partial.pth")
+    capsys.readouterr()
+    assert evaluate(tmp_path / "partial.pth").endswith("the model: missing keys decode_head.conv_seg.bias")
+
+
+def _damage(case: str, data: Path) -> Path:
+    """Break one file of a copy of a tiny dataset; return the file named in the error."""
+    if case == "corrupt test image":
+        path = sorted((data / "images" / "validation").iterdir())[1]
+        path.write_bytes(np.random.default_rng(0).bytes(5000))
+    elif case == "truncated test image":
+        path = sorted((data / "images" / "validation").iterdir())[0]
+        path.write_bytes(path.read_bytes()[:-400])
+    elif case == "corrupt train image":
+        path = sorted((data / "images" / "training").iterdir())[2]
+        path.write_bytes(b"")
+    else:  # an image without its annotation
+        path = sorted((data / "annotations" / "training").iterdir())[0]
+        path.unlink()
+    return path
+
+
+LINEAR = "segmentation/configs/linear_vit_small.py"
+
+
+@pytest.mark.parametrize(
+    "case", ["corrupt test image", "truncated test image", "corrupt train image", "missing annotation"]
+)
+def test_data_errors_before_training(case, backbone, ade, tmp_path, capsys):
+    """What mmseg finds only mid-run (a missing annotation at its iteration, a corrupt test image after
+    the whole training) is one line before mmengine starts."""
+    data = Path(shutil.copytree(ade, tmp_path / "ade"))
+    bad = _damage(case, data)
+    work = tmp_path / "work"
+    assert runner.main("segmentation", _tiny_argv(LINEAR, backbone, data, work)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: segmentation data: ") and str(bad) in err[0], err
+    assert ("no annotation" if case == "missing annotation" else "cannot be read") in err[0]
+    assert not list(work.rglob("*.log"))  # mmengine never started
+
+
+def test_depth_test_images_checked_for_eval_only(backbone, nyu, tmp_path, capsys):
+    data = Path(shutil.copytree(nyu, tmp_path / "nyu"))
+    shutil.rmtree(data / "images" / "train")  # --eval-only needs no training data
+    bad = sorted((data / "annotations" / "test").iterdir())[0]
+    bad.write_bytes(b"not a png")
+    argv = _tiny_argv("depth/configs/dpt_vit_small.py", backbone, data, tmp_path / "work", "--eval-only",
+                      "--checkpoint", str(backbone))  # fmt: skip
+    assert runner.main("depth", argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0] and "cannot be read" in err[0], err
+
+
+def test_unusable_output_dirs_are_one_line(backbone, ade, tmp_path, capsys):
+    """mmengine would fail with a traceback (the --show-dir only after the whole training)."""
+    blocker, ro = tmp_path / "a_file", tmp_path / "ro"
+    blocker.write_text("")
+    cases = {
+        blocker: f"output folder {blocker} exists and is not a folder",
+        blocker / "work": f"cannot create output folder {blocker / 'work'}: Not a directory",
+    }
+    if os.geteuid() != 0:  # root writes into read-only folders
+        ro.mkdir(mode=0o500)
+        cases[ro] = f"output folder {ro} is not writable"
+    for work, expected in cases.items():
+        assert runner.main("segmentation", _tiny_argv(LINEAR, backbone, ade, work)) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"error: --work-dir: {expected}"]
+    argv = _tiny_argv(LINEAR, backbone, ade, tmp_path / "work", "--show-dir", str(blocker))
+    assert runner.main("segmentation", argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: --show-dir: {cases[blocker]}"]
