@@ -87,6 +87,8 @@ def build_config(args: argparse.Namespace, task: str):
 
     if not Path(args.config).is_file():
         raise FileNotFoundError(f"config not found: {args.config}")
+    if args.checkpoint and not args.eval_only:  # it would be ignored: training starts from --backbone
+        raise ValueError("--checkpoint goes with --eval-only; to continue a training run use --resume")
     cfg = Config.fromfile(args.config)
     vit = models.load_backbone(args.backbone)  # readable, a ViT: fail here, not inside mmengine
     cfg.model.backbone.checkpoint = str(args.backbone)

@@ -545,6 +545,10 @@ def test_clear_errors(backbone, tmp_path, capsys):
     assert runner.main("segmentation", [cfg, "--backbone", str(backbone), "--data-root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "segmentation data missing" in err and "images/training" in err
+    ckpt = tmp_path / "seg.pth"
+    ckpt.write_bytes(b"")
+    assert runner.main("segmentation", [cfg, "--backbone", str(backbone), "--checkpoint", str(ckpt)]) == 2
+    assert "--checkpoint goes with --eval-only" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
