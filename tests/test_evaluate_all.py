@@ -106,11 +106,11 @@ def test_missing_data_is_skipped_and_a_failing_task_fails_the_run(backbone, imag
     assert not out.exists()
     # nyu skipped, knn with an impossible k fails (its own one-line error), linear still runs and is reported
     argv = [*base, "--tasks", "knn,linear,nyu", "--data-imagenet", str(imagenet), "--data-nyu", str(imagenet),
-            "--extra", f"linear={SMALL}", "--extra", f"knn={SMALL} --nb-knn 1000"]  # fmt: skip
+            "--extra", f"linear={SMALL}", "--extra", f"knn={SMALL} --nb-knn 0"]  # fmt: skip
     assert evaluate_all.main(argv) == 1
     printed = capsys.readouterr().out
     assert f"[nyu] skipped: {imagenet / 'images/train'} does not exist" in printed
-    assert "[knn] FAILED (exit 2)" in printed and "--nb-knn values must be in" in printed
+    assert "[knn] FAILED (exit 2)" in printed and "--nb-knn values must be positive" in printed
     md = (out / "results.md").read_text()
     assert "- FAILED knn: exit 2" in md and md.count("- skipped") == 1
     assert [t for t, _ in table(out / "results.md")] == ["linear"]
