@@ -120,8 +120,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="TASK=ARGS",
-        help="more arguments for one task, e.g. 'linear=--input-size 112' or "
-        "'ade20k=--cfg-options model.decode_head.in_channels=[192,192,192,192]' (repeatable)",
+        help="more arguments for one task (repeatable), e.g. 'linear=--input-size 112', or for a ViT-Ti (width 192, "
+        "run with the ViT-S configs) and the default 1x1-conv head: "
+        "'ade20k=--cfg-options model.decode_head.in_channels=[192,192,192,192] model.decode_head.channels=768'",
     )
     return p
 

@@ -117,6 +117,20 @@ def test_missing_data_is_skipped_and_a_failing_task_fails_the_run(backbone, imag
     assert (out / "results.png").read_bytes()[:8] == PNG_MAGIC
 
 
+def test_quick_knn_on_a_folder_smaller_than_its_k(backbone, tmp_path, capsys):
+    """--quick asks kNN for k 10 and 20; on 6 train images both become k=6, said in one warning line."""
+    tiny = make_splits(tmp_path / "tiny", classes=2, train=3, val=2)
+    out = tmp_path / "eval"
+    argv = ["--backbone", str(backbone), "--output-dir", str(out), "--quick", "--device", "cpu", "--tasks", "knn",
+            "--data-imagenet", str(tiny), "--extra", f"knn={SMALL}"]  # fmt: skip
+    assert evaluate_all.main(argv) == 0, capsys.readouterr().out
+    log = (out / "knn" / "log.txt").read_text()
+    assert [line for line in log.splitlines() if line.startswith("warning")] == [
+        "warning: --nb-knn 10, 20 exceeds the 6 readable train images; using k=6 instead"
+    ]
+    assert [m for t, m in table(out / "results.md")] == ["top-1 k=6"]
+
+
 def test_bad_arguments(backbone, tmp_path, capsys):
     base = ["--output-dir", str(tmp_path / "o")]
     bad = tmp_path / "bad.pth"
@@ -173,3 +187,93 @@ def test_paper_numbers_follow_size_and_head():
     # ImageNet-normalised inputs are not the paper's protocol: no paper column
     ours = {**full, "protocol": {"paper_protocol": False}}
     assert {r.paper for r in evaluate_all.rows_of("fine_grained", ours, "small", "linear")} == {None}
+
+
+# --- the examples in the help texts --------------------------------------------------------------
+def entry_point_parsers() -> dict:
+    """Every `python -m` entry point's argument parser."""
+    from fine_grained import main as fg_main
+    from linear_eval import knn as knn_main
+    from linear_eval import main as linear_main
+    from pretrain import benchmark as pretrain_benchmark
+    from pretrain import main as pretrain_main
+    from scripts import visualize_pca
+
+    parsers = {m.__name__: m.get_args_parser() for m in (pretrain_main, pretrain_benchmark, linear_main, knn_main,
+                                                          fg_main, evaluate_all, visualize_pca)}  # fmt: skip
+    if HEADS is not None:  # the dense parsers need mmengine
+        from segmentation import runner
+
+        parsers |= {f"{task}.main": runner.get_args_parser(task) for task in ("segmentation", "depth")}
+    return parsers
+
+
+def help_examples() -> set[str]:
+    """Each quoted string after an "e.g." in any help text, description or epilog of an entry point."""
+    found = set()
+    for parser in entry_point_parsers().values():
+        texts = [parser.description, parser.epilog, *(a.help for a in parser._actions)]
+        for text in filter(None, texts):
+            for tail in text.split("e.g.")[1:]:
+                found |= set(re.findall(r"'([^']+)'", tail))
+    return found
+
+
+def run_linear_example(example: str, backbone, imagenet, tmp_path, capsys) -> None:
+    """evaluate_all --quick with the example on the tiny ImageNet: the linear probe ran at that input size."""
+    out = tmp_path / "linear_example"
+    argv = ["--backbone", str(backbone), "--output-dir", str(out), "--quick", "--device", "cpu", "--tasks", "linear",
+            "--data-imagenet", str(imagenet), "--extra", example]  # fmt: skip
+    rc, printed = evaluate_all.main(argv), capsys.readouterr().out
+    assert rc == 0, printed
+    assert f"{example.partition('=')[2]}  (log: " in printed  # the task ran with the example's arguments
+    assert (out / "linear" / "results.json").is_file()
+
+
+def dry_run_ade20k_example(example: str, tmp_path) -> None:
+    """The example's overrides on the config evaluate_all picks for a ViT-Ti: the segmentor builds and
+    runs a forward pass (a wrong head width fails in mmseg's constructor)."""
+    from mmseg.registry import MODELS
+    from mmseg.utils import register_all_modules
+
+    from segmentation import runner
+
+    register_all_modules()  # mmseg's default scope, also when this test runs alone
+    torch.manual_seed(0)
+    vit = models.ViT(img_size=28, patch_size=14, embed_dim=192, depth=12, num_heads=3)
+    path = tmp_path / "vit_ti" / "backbone.pth"
+    path.parent.mkdir()
+    torch.save(models.to_dinov2(vit), path)
+    data = tmp_path / "ade"
+    for sub in ("images/training", "annotations/training", "images/validation", "annotations/validation"):
+        (data / sub).mkdir(parents=True)
+    args = evaluate_all.get_args_parser().parse_args(
+        ["--backbone", str(path), "--output-dir", str(tmp_path / "o"), "--data-ade20k", str(data), "--extra", example]
+    )
+    assert evaluate_all.SIZES.get(192) is None  # so evaluate_all takes the ViT-S configs
+    extra = evaluate_all.parse_extra(args.extra)["ade20k"]
+    argv = [*evaluate_all.command("ade20k", args, "small", tmp_path / "o"), *extra]
+    assert argv[0] == "segmentation.main"
+    cfg = runner.build_config(runner.get_args_parser("segmentation").parse_args(argv[1:]), "segmentation")
+    model = MODELS.build(cfg.model).eval()
+    with torch.no_grad():
+        logits = model(torch.zeros(1, 3, 56, 56), mode="tensor")
+    assert logits.shape[:2] == (1, 150)
+
+
+def test_every_help_example_runs(backbone, imagenet, tmp_path, capsys):
+    """A wrong example in a --help text fails here: each one is run (or, for a dense task, built and run
+    forward once); an example without a check here fails too."""
+    checks = {
+        "linear=--input-size 112": lambda ex: run_linear_example(ex, backbone, imagenet, tmp_path, capsys),
+        "ade20k=--cfg-options model.decode_head.in_channels=[192,192,192,192] model.decode_head.channels=768": (
+            lambda ex: dry_run_ade20k_example(ex, tmp_path)
+        ),
+    }
+    found = help_examples()
+    assert found <= set(checks), f"help examples without a check in this test: {found - set(checks)}"
+    assert "linear=--input-size 112" in found
+    for example in sorted(found):
+        if example.startswith("ade20k=") and HEADS is None:
+            continue  # mmsegmentation not installed
+        checks[example](example)
