@@ -87,10 +87,15 @@ def test_all_tasks_on_tiny_data(backbone, imagenet, fine_grained, ade, nyu, tmp_
         best = depth["best_on_test"]["metrics"][k]
         assert rows[("nyu", f"{k} (DPT probe, best on test, iter 2)")] == (f"{best:.3f}", "n/a")
     assert len(rows) == 1 + 2 + 2 + 2 + 6
+    unreadable = re.findall(r"^\| (\w+) \| (\d+) \| ([^|]+) \|$", (out / "results.md").read_text(), re.M)
+    assert [(t, n) for t, n, _ in unreadable] == [(t, "0") for t in evaluate_all.TASKS]
+    assert unreadable[1][2].strip() == "train 0 of 21, val 0 of 9"  # knn: from its results.json
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["unreadable_images"] == dict.fromkeys(evaluate_all.TASKS, 0)
     png = out / "results.png"
     assert png.read_bytes()[:8] == PNG_MAGIC
     with Image.open(png) as im:
-        assert im.width >= 1000 and 300 <= im.height <= 1000  # five panels side by side
+        assert im.width >= 1000 and 300 <= im.height <= 1000  # four panels side by side
 
 
 def test_missing_data_is_skipped_and_a_failing_task_fails_the_run(backbone, imagenet, tmp_path, capsys):
@@ -129,6 +134,29 @@ def test_quick_knn_on_a_folder_smaller_than_its_k(backbone, tmp_path, capsys):
         "warning: --nb-knn 10, 20 exceeds the 6 readable train images; using k=6 instead"
     ]
     assert [m for t, m in table(out / "results.md")] == ["top-1 k=6"]
+
+
+FAKE_TASK = """
+import sys, time
+from pathlib import Path
+for step in (1, 2):
+    sys.stdout.write(f"\\rfeatures [{step}/2]")  # a progress bar: no newline, no flush
+    time.sleep(1.5)
+Path(sys.argv[1], "results.json").write_text("{}")
+"""
+
+
+def test_the_running_task_shows_its_progress(tmp_path, monkeypatch, capsys):
+    """Every PROGRESS_EVERY seconds the task's latest log line is printed (once per change), as it runs."""
+    (tmp_path / "fake_task.py").write_text(FAKE_TASK)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)  # evaluate_all sets it for its tasks
+    monkeypatch.setattr(evaluate_all, "PROGRESS_EVERY", 0.3)
+    out = tmp_path / "out"
+    assert evaluate_all.run_task("knn", ["fake_task", str(out)], out) is None
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(" | ")[1] for line in printed if " | " in line] == ["features [1/2]", "features [2/2]"]
+    assert all(line.startswith("[knn] ") for line in printed) and printed[-1].startswith("[knn] done in")
 
 
 def test_bad_arguments(backbone, tmp_path, capsys):
@@ -277,3 +305,53 @@ def test_every_help_example_runs(backbone, imagenet, tmp_path, capsys):
         if example.startswith("ade20k=") and HEADS is None:
             continue  # mmsegmentation not installed
         checks[example](example)
+
+
+# --- results.png and the unreadable-image counts ---------------------------------------------------
+def test_chart_one_panel_per_kind_values_on_bars_paper_as_marker_failed_shown():
+    R = evaluate_all.Row
+    rows = [R("linear", "top-1 (x)", 79.1, None), R("fine_grained", "cub200 acc", 82.0, 86.7),
+            R("ade20k", "mIoU (linear, best on test, iter 2)", 41.0, 41.8),
+            R("nyu", "rmse (DPT probe, final)", 0.41, None), R("nyu", "abs_rel (DPT probe, final)", 0.12, None),
+            R("nyu", "d1 (DPT probe, final)", 0.87, None)]  # fmt: skip
+    fig = evaluate_all.chart(rows, {"knn": "exit 2, see log"}, "run7/backbone.pth (ViT-S)")
+    axes = {ax.get_title(): ax for ax in fig.axes}
+    assert list(axes) == [t for t, _, _ in evaluate_all.PANELS]
+    assert "lower is better" in [t for t in axes if t.startswith("NYU RMSE")][0]
+    assert fig._suptitle.get_text() == "run7/backbone.pth (ViT-S)"
+    acc = axes[evaluate_all.PANELS[0][0]]
+    assert [t.get_text() for t in acc.get_xticklabels()] == [
+        "linear: top-1 (x)",
+        "fine_grained: cub200 acc",
+        "knn: FAILED",
+    ]
+    assert [b.get_height() for b in acc.patches] == [79.1, 82.0]  # ours only: the paper is no bar
+    texts = [t.get_text() for t in acc.texts]
+    assert {"79.10", "82.00", "86.70", "FAILED"} <= set(texts)
+    (marker,) = acc.collections  # the paper's figure, at its slot
+    assert marker.get_offsets().tolist() == [[1.0, 86.7]]
+    nyu = axes[evaluate_all.PANELS[2][0]]
+    assert [b.get_height() for b in nyu.patches] == [0.41, 0.12] and {"0.410", "0.120"} <= {
+        t.get_text() for t in nyu.texts
+    }
+    assert not nyu.collections  # no paper figure for the final rows
+    # everything failed: a panel that says so, still a picture
+    fig = evaluate_all.chart([], {"linear": "exit 1", "nyu": "exit 1"}, "t")
+    assert [[t.get_text() for t in ax.texts] for ax in fig.axes] == [["FAILED"], ["FAILED"]]
+    assert models.checkpoints.backbone_name("out/run7/backbone.pth") == "run7/backbone.pth"
+    assert models.checkpoints.backbone_name("backbone.pth") == "backbone.pth"
+
+
+def test_unreadable_images_per_task_in_results_md():
+    split = lambda n, dropped: {"evaluated": n - dropped, "dropped": dropped, "unreadable": ["p"] * dropped}  # noqa: E731
+    knn = {"images": {"train": split(18, 1), "val": split(9, 0)}}
+    assert evaluate_all.unreadable_images("knn", knn) == (1, "train 1 of 18, val 0 of 9")
+    linear = {"images": {"holdout": split(4, 0), "val": split(9, 2)}}
+    assert evaluate_all.unreadable_images("linear", linear) == (2, "holdout 0 of 4, val 2 of 9")
+    fg = {"results": {"cub200": {"dropped": {"train": ["a", "b"], "test": []}}, "dtd": {"dropped": {"test": ["c"]}}}}
+    assert evaluate_all.unreadable_images("fine_grained", fg) == (3, "cub200 train 2, dtd test 1")
+    none = {"results": {"cub200": {"dropped": {"train": [], "test": []}}}}
+    assert evaluate_all.unreadable_images("fine_grained", none) == (0, "none in cub200")
+    assert evaluate_all.unreadable_images("ade20k", {}) == (0, "none: an unreadable image stops mmsegmentation")
+    md = evaluate_all.markdown("b.pth", "ViT-S", [], {}, {}, {"knn": (1, "train 1 of 18, val 0 of 9")})
+    assert "| knn | 1 | train 1 of 18, val 0 of 9 |" in md.splitlines()
