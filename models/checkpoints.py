@@ -330,6 +330,13 @@ def backbone_state_dict(ckpt: object, path: str | os.PathLike) -> StateDict:
     return sd
 
 
+def backbone_name(path: str | os.PathLike) -> str:
+    """A backbone file's name for titles and labels: its folder and file name, since every run exports
+    the same `backbone.pth`."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
 def load_backbone(path: str | os.PathLike, **kwargs) -> ViT | DinoV3ViT:
     """Rebuild a student/DINOv2/DINOv3 backbone from a file, inferring its architecture and layout from the weights.
 

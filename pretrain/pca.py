@@ -13,6 +13,7 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from linear_eval.features import IMAGE_ERRORS, eval_transform
 
@@ -105,5 +106,9 @@ def first_images(dataset, input_size: int, n: int = 4, max_skips: int = 50) -> t
 
 
 def pca_grid(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """[3, H, n*W]: the PCA pictures of a batch side by side (for tensorboard's add_image)."""
-    return torch.cat(list(pca_images(model, images)), dim=2)
+    """[3, 2H, n*W] for tensorboard's add_image: the batch's images (ImageNet-normalised, shown as they
+    are read) side by side on top, each one's PCA picture below it."""
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+    inputs = (images.cpu().float() * std + mean).clamp(0, 1)
+    return torch.cat([torch.cat(list(inputs), dim=2), torch.cat(list(pca_images(model, images)), dim=2)], dim=1)

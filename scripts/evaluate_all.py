@@ -19,8 +19,10 @@ row of the reference's selection (ADE20K: final, it kept no best; NYU: best on t
 `save_best='rmse'`), and only when results.json's `protocol` is the paper's (global batch, iterations,
 evaluation interval, positional embedding, fp32); otherwise n/a, and that row's name says why. The
 summary goes to <output-dir>/results.md (task, metric, ours, the paper's number for this model size
-where PROTOCOLS gives one, else n/a), results.png and results.json. Exit code 1 if a task that had
-data failed, 2 on bad arguments.
+where PROTOCOLS gives one, else n/a; the images each task left out as unreadable), results.png (one
+panel per kind of number, the paper's figures as markers, failed tasks marked) and results.json.
+While a task runs, its latest log line is printed every 30 s. Exit code 1 if a task that had data
+failed, 2 on bad arguments.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import torch
 
 import models
 from fine_grained.datasets import DATASETS
+from models.checkpoints import backbone_name
 from pretrain.cli import HelpFormatter
 from pretrain.distributed import resolve_device
 
@@ -160,8 +163,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="TASK=ARGS",
-        help="more arguments for one task, e.g. 'linear=--input-size 112' or "
-        "'ade20k=--cfg-options model.decode_head.in_channels=[192,192,192,192]' (repeatable)",
+        help="more arguments for one task (repeatable), e.g. 'linear=--input-size 112', or for a ViT-Ti (width 192, "
+        "run with the ViT-S configs) and the default 1x1-conv head: "
+        "'ade20k=--cfg-options model.decode_head.in_channels=[192,192,192,192] model.decode_head.channels=768'",
     )
     return p
 
@@ -221,15 +225,44 @@ def command(task: str, args: argparse.Namespace, size: str, out: Path) -> list[s
             "--reference-pos-embed", "--cfg-options", f"train_dataloader.batch_size={batch // nproc}"]  # fmt: skip
 
 
+PROGRESS_EVERY = 30.0  # seconds between the running task's progress lines
+
+
+def last_line(log: Path) -> str:
+    """The log's last non-empty line (a carriage-return progress bar counts by its last state)."""
+    with open(log, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+        tail = f.read().decode(errors="replace")
+    lines = [line.strip() for line in tail.replace("\r", "\n").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
 def run_task(task: str, argv: list[str], out: Path) -> str | None:
-    """Run one protocol in a subprocess, its output in <out>/log.txt; None on success, else why not."""
+    """Run one protocol in a subprocess, its output in <out>/log.txt, printing its latest log line every
+    PROGRESS_EVERY seconds when it changed; None on success, else why not."""
     out.mkdir(parents=True, exist_ok=True)
     log = out / "log.txt"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}  # the log follows the task as it runs
     print(f"[{task}] python -m {shlex.join(argv)}  (log: {log})", flush=True)
     start = time.time()
     with open(log, "w") as f:
-        rc = subprocess.run([sys.executable, "-m", *argv], stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        proc = subprocess.Popen([sys.executable, "-m", *argv], stdout=f, stderr=subprocess.STDOUT, env=env)
+        shown = ""
+        try:
+            while True:
+                try:
+                    rc = proc.wait(timeout=PROGRESS_EVERY)
+                    break
+                except subprocess.TimeoutExpired:
+                    line = last_line(log)
+                    if line and line != shown:
+                        print(f"[{task}] {time.time() - start:.0f} s | {line}", flush=True)
+                        shown = line
+        except BaseException:  # Ctrl-C or an error here: the task must not run on alone
+            proc.kill()
+            proc.wait()
+            raise
     if rc == 0 and not (out / "results.json").is_file():
         rc = -1
     if rc == 0:
@@ -274,34 +307,118 @@ def fmt(row: Row, value: float | None) -> str:
     return f"{value:.3f}" if row.task == "nyu" else f"{value:.2f}"
 
 
-def markdown(backbone: str, model: str, rows: list[Row], skipped: dict[str, str], failed: dict[str, str]) -> str:
+def unreadable_images(task: str, results: dict) -> tuple[int, str]:
+    """How many images a task left out as unreadable (from its results.json), and where."""
+    if task in ("linear", "knn"):  # linear: the evaluated splits; its training batches read the next image instead
+        splits = results.get("images", {})
+        where = [f"{name} {s['dropped']} of {s['evaluated'] + s['dropped']}" for name, s in splits.items()]
+        return sum(s["dropped"] for s in splits.values()), ", ".join(where)
+    if task == "fine_grained":
+        counts = {f"{name} {split}": len(paths) for name, r in results["results"].items()
+                  for split, paths in r.get("dropped", {}).items()}  # fmt: skip
+        where = [f"{k} {n}" for k, n in counts.items() if n]
+        return sum(counts.values()), ", ".join(where) or f"none in {', '.join(results['results'])}"
+    return 0, "none: an unreadable image stops mmsegmentation"
+
+
+def markdown(
+    backbone: str,
+    model: str,
+    rows: list[Row],
+    skipped: dict[str, str],
+    failed: dict[str, str],
+    unreadable: dict[str, tuple[int, str]],
+) -> str:
     lines = [f"# Evaluation of `{backbone}` ({model})", "", f"| task | metric | ours | paper ({model}) |"]
     lines += ["|---|---|---|---|"]
     lines += [f"| {r.task} | {r.metric} | {fmt(r, r.ours)} | {fmt(r, r.paper)} |" for r in rows]
+    if unreadable:
+        lines += ["", "| task | unreadable images left out | where |", "|---|---|---|"]
+        lines += [f"| {t} | {n} | {where} |" for t, (n, where) in unreadable.items()]
     lines += [""] + [f"- skipped {t}: {why}" for t, why in skipped.items()]
     lines += [f"- FAILED {t}: {why}" for t, why in failed.items()]
     return "\n".join(lines).rstrip() + "\n"
 
 
-def bar_chart(rows: list[Row], path: Path, title: str) -> None:
-    """One panel per task (metrics differ in scale): our bars, and the paper's where it has one."""
+PANELS = (  # (title, tasks, metric prefixes or None for all): one panel per kind of number
+    ("accuracy (%)\nhigher is better", ("linear", "knn", "fine_grained"), None),
+    ("ADE20K mIoU (%)\nhigher is better", ("ade20k",), None),
+    ("NYU RMSE (m), abs rel\nlower is better", ("nyu",), ("rmse", "abs_rel")),
+    ("NYU d1 (fraction)\nhigher is better", ("nyu",), ("d1",)),
+)
+
+
+def panel_of(task: str, metric: str) -> str:
+    """The title of the panel a row (or a failed task, metric "") goes to."""
+    for title, tasks, prefixes in PANELS:
+        if task in tasks and (prefixes is None or not metric or metric.startswith(prefixes)):
+            return title
+    raise ValueError(f"no panel for {task} {metric}")
+
+
+def chart(rows: list[Row], failed: dict[str, str], title: str):
+    """The results figure: one panel per kind of number with ours as labelled bars, the paper's figure
+    as a red marker, and each failed task as a FAILED slot in its panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = list(dict.fromkeys(r.task for r in rows)) or ["no results"]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(max(6, 4 * len(tasks)), 4.5), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        sel = [r for r in rows if r.task == task]
-        x = range(len(sel))
-        ax.bar([i - 0.2 for i in x], [r.ours for r in sel], width=0.4, label="ours")
-        ax.bar([i + 0.2 for i in x], [r.paper or 0 for r in sel], width=0.4, label="paper")
-        ax.set_xticks(list(x), [r.metric for r in sel], rotation=60, ha="right", fontsize=7)
-        ax.set_title(task)
-    axes[0][0].legend()
+    panels: dict[str, list[tuple[str, Row | None]]] = {}
+    for r in rows:
+        panels.setdefault(panel_of(r.task, r.metric), []).append((f"{r.task}: {r.metric}", r))
+    for task in failed:
+        panels.setdefault(panel_of(task, ""), []).append((f"{task}: FAILED", None))
+    panels = {t: panels[t] for t, _, _ in PANELS if t in panels}  # the same order every time
+    widths = [max(2, len(entries)) for entries in panels.values()] or [1]
+    fig, axes = plt.subplots(
+        1, len(widths), figsize=(max(7, 0.7 * sum(widths) + 1.5 * len(widths)), 6), squeeze=False,
+        gridspec_kw={"width_ratios": widths},
+    )  # fmt: skip
+    if not panels:
+        axes[0][0].text(0.5, 0.5, "no results", ha="center", va="center", transform=axes[0][0].transAxes)
+        axes[0][0].set_axis_off()
+    for ax, (name, entries) in zip(axes[0], panels.items()):
+        x = list(range(len(entries)))
+        done = [(i, r) for i, (_, r) in enumerate(entries) if r is not None]
+        paper = [(i, r) for i, r in done if r.paper is not None]
+        top = max([r.ours for _, r in done] + [r.paper for _, r in paper], default=0.0)
+        top = (top if top > 0 else 1.0) * 1.18
+        ax.set_ylim(0, top)
+        if done:
+            ax.bar([i for i, _ in done], [r.ours for _, r in done], width=0.6, color="#9cc3e4", label="ours")
+        for i, r in done:  # the value inside its bar, or just above a short one
+            inside = r.ours > 0.3 * top
+            ax.text(i, r.ours / 2 if inside else r.ours + 0.01 * top, fmt(r, r.ours), rotation=90, fontsize=8,
+                    ha="center", va="center" if inside else "bottom")  # fmt: skip
+        if paper:
+            ax.scatter([i for i, _ in paper], [r.paper for _, r in paper], marker="D", color="tab:red", zorder=3,
+                       label="paper")  # fmt: skip
+            for i, r in paper:
+                ax.annotate(fmt(r, r.paper), (i, r.paper), xytext=(6, 0), textcoords="offset points",
+                            color="tab:red", fontsize=7, va="center")  # fmt: skip
+        for i, (_, r) in enumerate(entries):
+            if r is None:  # a failed task: an empty slot that says so
+                ax.text(i, 0.5, "FAILED", transform=ax.get_xaxis_transform(), rotation=90, ha="center",
+                        va="center", color="tab:red", fontweight="bold")  # fmt: skip
+        ax.set_xlim(-0.6, len(entries) - 0.4)
+        ax.set_xticks(x, [label for label, _ in entries], rotation=55, ha="right", fontsize=7)
+        for tick, (_, r) in zip(ax.get_xticklabels(), entries):
+            if r is None:
+                tick.set_color("tab:red")
+        ax.set_title(name, fontsize=9)
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_legend_handles_labels()[0]}
+    if handles:
+        fig.legend(handles.values(), handles.keys(), loc="upper right", fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.97, 1))
+    return fig
+
+
+def bar_chart(rows: list[Row], path: Path, title: str, failed: dict[str, str]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = chart(rows, failed, title)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -332,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     if size is None:
         print(f"note: no configs for embed dim {embed_dim}; dense tasks use the ViT-S ones (adapt with --extra)")
     rows: list[Row] = []
+    unreadable: dict[str, tuple[int, str]] = {}
     skipped: dict[str, str] = {}
     failed: dict[str, str] = {}
     for task in tasks:
@@ -348,9 +466,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         results = json.loads((task_out / "results.json").read_text())
         rows += rows_of(task, results, size, args.dense_head)
-    (out / "results.md").write_text(markdown(args.backbone, model, rows, skipped, failed))
-    bar_chart(rows, out / "results.png", f"{Path(args.backbone).name} ({model})")
+        unreadable[task] = unreadable_images(task, results)
+    (out / "results.md").write_text(markdown(args.backbone, model, rows, skipped, failed, unreadable))
+    bar_chart(rows, out / "results.png", f"{backbone_name(args.backbone)} ({model})", failed)
     summary = {"backbone": args.backbone, "model": model, "rows": [asdict(r) for r in rows]}
+    summary["unreadable_images"] = {task: n for task, (n, _) in unreadable.items()}
     (out / "results.json").write_text(json.dumps({**summary, "skipped": skipped, "failed": failed}, indent=2) + "\n")
     print((out / "results.md").read_text(), end="", flush=True)
     return 1 if failed else 0

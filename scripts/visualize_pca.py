@@ -1,29 +1,33 @@
-"""The DINOv2/Proteus PCA picture of one or more backbones, one PNG per image: input | backbone 1 | ...
+"""The DINOv2/Proteus PCA picture of one or more backbones, one PNG per image: input | backbone 1 | ...,
+each panel under its name (the backbone's folder and file name).
 
 python -m scripts.visualize_pca --backbone out/s/backbone.pth --backbone dinov2_vitb14_pretrain.pth \
     --images photos/ --out pca/
 
-Each image is resized to --input-size x --input-size (bicubic; a multiple of the patch size), the
-final-norm patch tokens are reduced as in `pretrain/pca.py` (first component thresholded for the
-foreground, the minority side; 3-component PCA of the foreground as RGB; background black) and
-upsampled (nearest) to the input size. Deterministic: the same inputs give byte-identical PNGs.
+Each image is resized (bicubic) to --input-size on its short side, the long side keeping the aspect
+ratio, both rounded to a multiple of the patch size; the final-norm patch tokens are reduced as in
+`pretrain/pca.py` (first component thresholded for the foreground, the minority side; 3-component PCA
+of the foreground as RGB; background black) and upsampled (nearest) to the input size.
+Deterministic: the same inputs give byte-identical PNGs.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
 
 import models
 from linear_eval.features import IMAGE_ERRORS
 from models import prepare_output_dir
+from models.checkpoints import backbone_name
 from pretrain.cli import HelpFormatter
 from pretrain.data import load_rgb
 from pretrain.distributed import resolve_device
@@ -38,7 +42,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--backbone", action="append", required=True, help="anything models.load_backbone reads; repeat to compare")
     a("--images", required=True, help="an image, or a folder of images (jpg, jpeg, png, bmp, webp)")
     a("--out", required=True, help="one PNG per image goes here")
-    a("--input-size", type=int, default=448, help="square input side; a multiple of every backbone's patch size")
+    a(
+        "--input-size",
+        type=int,
+        default=448,
+        help="the input's short side, a multiple of every backbone's patch size (the long side keeps the aspect "
+        "ratio, rounded to a multiple of the patch size)",
+    )
     a("--threshold", type=float, default=THRESHOLD, help="foreground: first component (scaled to [0, 1]) above this")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the backbones run")
     return p
@@ -71,15 +81,49 @@ def load_backbones(paths: list[str], input_size: int, device: torch.device) -> l
     return nets
 
 
-def side_by_side(image: Image.Image, nets: list[torch.nn.Module], size: int, device, threshold: float) -> np.ndarray:
-    """uint8 [size, (1 + len(nets)) * size, 3]: the resized input, then each backbone's PCA picture."""
-    resized = image.resize((size, size), Image.BICUBIC)
+def input_shape(width: int, height: int, size: int, multiple: int) -> tuple[int, int]:
+    """(width, height) with the short side `size` and the aspect ratio kept, each a multiple of `multiple`."""
+    scale = size / min(width, height)
+    return tuple(max(multiple, round(side * scale / multiple) * multiple) for side in (width, height))
+
+
+def label(text: str, width: int, height: int) -> np.ndarray:
+    """uint8 [height, width, 3]: black text on white, cut at the start ("...") when wider than the panel."""
+    strip = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(strip)
+    font = ImageFont.load_default(size=round(height * 0.7))
+    shown = text
+    while len(shown) > 1 and draw.textlength(shown, font=font) > width - 4:
+        text = text[1:]
+        shown = "..." + text
+    draw.text((width / 2, height / 2), shown, fill="black", font=font, anchor="mm")
+    return np.asarray(strip)
+
+
+def label_height(size: int) -> int:
+    """The name strip above a panel: 28 px at the default 448, readable at tiny sizes."""
+    return max(12, size // 16)
+
+
+GAP = 4  # white pixels between panels
+
+
+def side_by_side(
+    image: Image.Image, nets: list[torch.nn.Module], names: list[str], size: int, device, threshold: float
+) -> np.ndarray:
+    """uint8 [label + H, (1 + len(nets)) * (W + GAP) - GAP, 3]: the resized input, then each backbone's PCA
+    picture, each under its name; H x W keeps the image's aspect ratio (short side `size`)."""
+    multiple = math.lcm(*(net.patch_embed.patch_size[0] for net in nets))
+    resized = image.resize(input_shape(*image.size, size, multiple), Image.BICUBIC)
     x = transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)(transforms.functional.to_tensor(resized))
     panels = [np.asarray(resized)]
     for net in nets:
         rgb = pca_images(net, x[None].to(device), threshold)[0]
         panels.append((rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-    return np.concatenate(panels, axis=1)
+    titles = [f"input {image.width}x{image.height}", *names]
+    labelled = [np.concatenate([label(t, resized.width, label_height(size)), p]) for t, p in zip(titles, panels)]
+    gap = np.full((labelled[0].shape[0], GAP, 3), 255, dtype=np.uint8)
+    return np.concatenate([x for panel in labelled for x in (gap, panel)][1:], axis=1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,10 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    names = [backbone_name(b) for b in args.backbone]
     done = 0
     for path in images:
         try:
-            picture = side_by_side(load_rgb(path), nets, args.input_size, device, args.threshold)
+            picture = side_by_side(load_rgb(path), nets, names, args.input_size, device, args.threshold)
         except IMAGE_ERRORS as e:
             print(f"warning: unreadable image {path} ({type(e).__name__}: {e}); skipped", file=sys.stderr, flush=True)
             continue
@@ -108,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if not done:
         print(f"error: none of the {len(images)} images is readable", file=sys.stderr)
         return 2
-    print(f"{done} pictures (input | {' | '.join(args.backbone)}) in {out}", flush=True)
+    print(f"{done} pictures (input | {' | '.join(names)}) in {out}", flush=True)
     return 0
 
 

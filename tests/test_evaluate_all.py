@@ -90,10 +90,15 @@ def test_all_tasks_on_tiny_data(backbone, imagenet, fine_grained, ade, nyu, tmp_
         best = depth["best_on_test"]["metrics"][k]
         assert rows[("nyu", f"{k} (DPT probe, best on test, iter 2)")] == (f"{best:.3f}", "n/a")
     assert len(rows) == 1 + 2 + 2 + 2 + 6
+    unreadable = re.findall(r"^\| (\w+) \| (\d+) \| ([^|]+) \|$", (out / "results.md").read_text(), re.M)
+    assert [(t, n) for t, n, _ in unreadable] == [(t, "0") for t in evaluate_all.TASKS]
+    assert unreadable[1][2].strip() == "train 0 of 21, val 0 of 9"  # knn: from its results.json
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["unreadable_images"] == dict.fromkeys(evaluate_all.TASKS, 0)
     png = out / "results.png"
     assert png.read_bytes()[:8] == PNG_MAGIC
     with Image.open(png) as im:
-        assert im.width >= 1000 and 300 <= im.height <= 1000  # five panels side by side
+        assert im.width >= 1000 and 300 <= im.height <= 1000  # four panels side by side
 
 
 def test_missing_data_is_skipped_and_a_failing_task_fails_the_run(backbone, imagenet, tmp_path, capsys):
@@ -109,15 +114,52 @@ def test_missing_data_is_skipped_and_a_failing_task_fails_the_run(backbone, imag
     assert not out.exists()
     # nyu skipped, knn with an impossible k fails (its own one-line error), linear still runs and is reported
     argv = [*base, "--tasks", "knn,linear,nyu", "--data-imagenet", str(imagenet), "--data-nyu", str(imagenet),
-            "--extra", f"linear={SMALL}", "--extra", f"knn={SMALL} --nb-knn 1000"]  # fmt: skip
+            "--extra", f"linear={SMALL}", "--extra", f"knn={SMALL} --nb-knn 0"]  # fmt: skip
     assert evaluate_all.main(argv) == 1
     printed = capsys.readouterr().out
     assert f"[nyu] skipped: {imagenet / 'images/train'} does not exist" in printed
-    assert "[knn] FAILED (exit 2)" in printed and "--nb-knn values must be in" in printed
+    assert "[knn] FAILED (exit 2)" in printed and "--nb-knn values must be positive" in printed
     md = (out / "results.md").read_text()
     assert "- FAILED knn: exit 2" in md and md.count("- skipped") == 1
     assert [t for t, _ in table(out / "results.md")] == ["linear"]
     assert (out / "results.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_quick_knn_on_a_folder_smaller_than_its_k(backbone, tmp_path, capsys):
+    """--quick asks kNN for k 10 and 20; on 6 train images both become k=6, said in one warning line."""
+    tiny = make_splits(tmp_path / "tiny", classes=2, train=3, val=2)
+    out = tmp_path / "eval"
+    argv = ["--backbone", str(backbone), "--output-dir", str(out), "--quick", "--device", "cpu", "--tasks", "knn",
+            "--data-imagenet", str(tiny), "--extra", f"knn={SMALL}"]  # fmt: skip
+    assert evaluate_all.main(argv) == 0, capsys.readouterr().out
+    log = (out / "knn" / "log.txt").read_text()
+    assert [line for line in log.splitlines() if line.startswith("warning")] == [
+        "warning: --nb-knn 10, 20 exceeds the 6 readable train images; using k=6 instead"
+    ]
+    assert [m for t, m in table(out / "results.md")] == ["top-1 k=6"]
+
+
+FAKE_TASK = """
+import sys, time
+from pathlib import Path
+for step in (1, 2):
+    sys.stdout.write(f"\\rfeatures [{step}/2]")  # a progress bar: no newline, no flush
+    time.sleep(1.5)
+Path(sys.argv[1], "results.json").write_text("{}")
+"""
+
+
+def test_the_running_task_shows_its_progress(tmp_path, monkeypatch, capsys):
+    """Every PROGRESS_EVERY seconds the task's latest log line is printed (once per change), as it runs."""
+    (tmp_path / "fake_task.py").write_text(FAKE_TASK)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)  # evaluate_all sets it for its tasks
+    monkeypatch.setattr(evaluate_all, "PROGRESS_EVERY", 0.3)
+    out = tmp_path / "out"
+    assert evaluate_all.run_task("knn", ["fake_task", str(out)], out) is None
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(" | ")[1] for line in printed if " | " in line] == ["features [1/2]", "features [2/2]"]
+    assert all(line.startswith("[knn] ") for line in printed) and printed[-1].startswith("[knn] done in")
 
 
 def test_bad_arguments(backbone, tmp_path, capsys):
@@ -237,3 +279,143 @@ def test_dense_tasks_run_the_papers_global_batch(monkeypatch, task, head, size, 
     assert "--reference-pos-embed" in argv
     assert argv[-2:] == ["--cfg-options", f"train_dataloader.batch_size={batch}"]
     assert nproc * batch == evaluate_all.paper_protocol(Path(argv[len(launch) + 1]))["global_batch"]
+
+
+# --- the examples in the help texts --------------------------------------------------------------
+def entry_point_parsers() -> dict:
+    """Every `python -m` entry point's argument parser."""
+    from fine_grained import main as fg_main
+    from linear_eval import knn as knn_main
+    from linear_eval import main as linear_main
+    from pretrain import benchmark as pretrain_benchmark
+    from pretrain import main as pretrain_main
+    from scripts import visualize_pca
+
+    parsers = {m.__name__: m.get_args_parser() for m in (pretrain_main, pretrain_benchmark, linear_main, knn_main,
+                                                          fg_main, evaluate_all, visualize_pca)}  # fmt: skip
+    if HEADS is not None:  # the dense parsers need mmengine
+        from segmentation import runner
+
+        parsers |= {f"{task}.main": runner.get_args_parser(task) for task in ("segmentation", "depth")}
+    return parsers
+
+
+def help_examples() -> set[str]:
+    """Each quoted string after an "e.g." in any help text, description or epilog of an entry point."""
+    found = set()
+    for parser in entry_point_parsers().values():
+        texts = [parser.description, parser.epilog, *(a.help for a in parser._actions)]
+        for text in filter(None, texts):
+            for tail in text.split("e.g.")[1:]:
+                found |= set(re.findall(r"'([^']+)'", tail))
+    return found
+
+
+def run_linear_example(example: str, backbone, imagenet, tmp_path, capsys) -> None:
+    """evaluate_all --quick with the example on the tiny ImageNet: the linear probe ran at that input size."""
+    out = tmp_path / "linear_example"
+    argv = ["--backbone", str(backbone), "--output-dir", str(out), "--quick", "--device", "cpu", "--tasks", "linear",
+            "--data-imagenet", str(imagenet), "--extra", example]  # fmt: skip
+    rc, printed = evaluate_all.main(argv), capsys.readouterr().out
+    assert rc == 0, printed
+    assert f"{example.partition('=')[2]}  (log: " in printed  # the task ran with the example's arguments
+    assert (out / "linear" / "results.json").is_file()
+
+
+def dry_run_ade20k_example(example: str, tmp_path) -> None:
+    """The example's overrides on the config evaluate_all picks for a ViT-Ti: the segmentor builds and
+    runs a forward pass (a wrong head width fails in mmseg's constructor)."""
+    from mmseg.registry import MODELS
+    from mmseg.utils import register_all_modules
+
+    from segmentation import runner
+
+    register_all_modules()  # mmseg's default scope, also when this test runs alone
+    torch.manual_seed(0)
+    vit = models.ViT(img_size=28, patch_size=14, embed_dim=192, depth=12, num_heads=3)
+    path = tmp_path / "vit_ti" / "backbone.pth"
+    path.parent.mkdir()
+    torch.save(models.to_dinov2(vit), path)
+    data = tmp_path / "ade"
+    for sub in ("images/training", "annotations/training", "images/validation", "annotations/validation"):
+        (data / sub).mkdir(parents=True)
+    args = evaluate_all.get_args_parser().parse_args(
+        ["--backbone", str(path), "--output-dir", str(tmp_path / "o"), "--data-ade20k", str(data), "--extra", example]
+    )
+    assert evaluate_all.SIZES.get(192) is None  # so evaluate_all takes the ViT-S configs
+    extra = evaluate_all.parse_extra(args.extra)["ade20k"]
+    argv = [*evaluate_all.command("ade20k", args, "small", tmp_path / "o"), *extra]
+    assert argv[0] == "segmentation.main"
+    cfg = runner.build_config(runner.get_args_parser("segmentation").parse_args(argv[1:]), "segmentation")
+    model = MODELS.build(cfg.model).eval()
+    with torch.no_grad():
+        logits = model(torch.zeros(1, 3, 56, 56), mode="tensor")
+    assert logits.shape[:2] == (1, 150)
+
+
+def test_every_help_example_runs(backbone, imagenet, tmp_path, capsys):
+    """A wrong example in a --help text fails here: each one is run (or, for a dense task, built and run
+    forward once); an example without a check here fails too."""
+    checks = {
+        "linear=--input-size 112": lambda ex: run_linear_example(ex, backbone, imagenet, tmp_path, capsys),
+        "ade20k=--cfg-options model.decode_head.in_channels=[192,192,192,192] model.decode_head.channels=768": (
+            lambda ex: dry_run_ade20k_example(ex, tmp_path)
+        ),
+    }
+    found = help_examples()
+    assert found <= set(checks), f"help examples without a check in this test: {found - set(checks)}"
+    assert "linear=--input-size 112" in found
+    for example in sorted(found):
+        if example.startswith("ade20k=") and HEADS is None:
+            continue  # mmsegmentation not installed
+        checks[example](example)
+
+
+# --- results.png and the unreadable-image counts ---------------------------------------------------
+def test_chart_one_panel_per_kind_values_on_bars_paper_as_marker_failed_shown():
+    R = evaluate_all.Row
+    rows = [R("linear", "top-1 (x)", 79.1, None), R("fine_grained", "cub200 acc", 82.0, 86.7),
+            R("ade20k", "mIoU (linear, best on test, iter 2)", 41.0, 41.8),
+            R("nyu", "rmse (DPT probe, final)", 0.41, None), R("nyu", "abs_rel (DPT probe, final)", 0.12, None),
+            R("nyu", "d1 (DPT probe, final)", 0.87, None)]  # fmt: skip
+    fig = evaluate_all.chart(rows, {"knn": "exit 2, see log"}, "run7/backbone.pth (ViT-S)")
+    axes = {ax.get_title(): ax for ax in fig.axes}
+    assert list(axes) == [t for t, _, _ in evaluate_all.PANELS]
+    assert "lower is better" in [t for t in axes if t.startswith("NYU RMSE")][0]
+    assert fig._suptitle.get_text() == "run7/backbone.pth (ViT-S)"
+    acc = axes[evaluate_all.PANELS[0][0]]
+    assert [t.get_text() for t in acc.get_xticklabels()] == [
+        "linear: top-1 (x)",
+        "fine_grained: cub200 acc",
+        "knn: FAILED",
+    ]
+    assert [b.get_height() for b in acc.patches] == [79.1, 82.0]  # ours only: the paper is no bar
+    texts = [t.get_text() for t in acc.texts]
+    assert {"79.10", "82.00", "86.70", "FAILED"} <= set(texts)
+    (marker,) = acc.collections  # the paper's figure, at its slot
+    assert marker.get_offsets().tolist() == [[1.0, 86.7]]
+    nyu = axes[evaluate_all.PANELS[2][0]]
+    assert [b.get_height() for b in nyu.patches] == [0.41, 0.12] and {"0.410", "0.120"} <= {
+        t.get_text() for t in nyu.texts
+    }
+    assert not nyu.collections  # no paper figure for the final rows
+    # everything failed: a panel that says so, still a picture
+    fig = evaluate_all.chart([], {"linear": "exit 1", "nyu": "exit 1"}, "t")
+    assert [[t.get_text() for t in ax.texts] for ax in fig.axes] == [["FAILED"], ["FAILED"]]
+    assert models.checkpoints.backbone_name("out/run7/backbone.pth") == "run7/backbone.pth"
+    assert models.checkpoints.backbone_name("backbone.pth") == "backbone.pth"
+
+
+def test_unreadable_images_per_task_in_results_md():
+    split = lambda n, dropped: {"evaluated": n - dropped, "dropped": dropped, "unreadable": ["p"] * dropped}  # noqa: E731
+    knn = {"images": {"train": split(18, 1), "val": split(9, 0)}}
+    assert evaluate_all.unreadable_images("knn", knn) == (1, "train 1 of 18, val 0 of 9")
+    linear = {"images": {"holdout": split(4, 0), "val": split(9, 2)}}
+    assert evaluate_all.unreadable_images("linear", linear) == (2, "holdout 0 of 4, val 2 of 9")
+    fg = {"results": {"cub200": {"dropped": {"train": ["a", "b"], "test": []}}, "dtd": {"dropped": {"test": ["c"]}}}}
+    assert evaluate_all.unreadable_images("fine_grained", fg) == (3, "cub200 train 2, dtd test 1")
+    none = {"results": {"cub200": {"dropped": {"train": [], "test": []}}}}
+    assert evaluate_all.unreadable_images("fine_grained", none) == (0, "none in cub200")
+    assert evaluate_all.unreadable_images("ade20k", {}) == (0, "none: an unreadable image stops mmsegmentation")
+    md = evaluate_all.markdown("b.pth", "ViT-S", [], {}, {}, {"knn": (1, "train 1 of 18, val 0 of 9")})
+    assert "| knn | 1 | train 1 of 18, val 0 of 9 |" in md.splitlines()

@@ -413,8 +413,14 @@ def test_end_to_end_on_a_reference_layout_checkpoint(data, tmp_path, capsys):
     torch.save({"model": state, "args": argparse.Namespace(arch="vit_tiny")}, ref)
     assert linear_main.main([*base_args(data, ref, tmp_path / "lin"), "--epochs", "1", "--epoch-length", "1"]) == 0
     cache = tmp_path / "cache"
-    assert knn_main.main([*base_args(data, ref, tmp_path / "knn"), "--cache-dir", str(cache)]) == 2
-    assert "--nb-knn values must be in [1, 18]" in capsys.readouterr().err
+    # the default k values (10 20 100 200) on 18 train images: the ones above 18 become 18, said once
+    assert knn_main.main([*base_args(data, ref, tmp_path / "knn"), "--cache-dir", str(cache)]) == 0
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
+    assert warnings == ["warning: --nb-knn 20, 100, 200 exceeds the 18 readable train images; using k=18 instead"]
+    res = json.loads((tmp_path / "knn" / "results.json").read_text())
+    assert list(res["knn"]) == ["10", "18"] and res["nb_knn_requested"] == [10, 20, 100, 200]
+    assert knn_main.main([*base_args(data, ref, tmp_path / "knn"), "--nb-knn", "0"]) == 2
+    assert "--nb-knn values must be positive, got [0]" in capsys.readouterr().err
     assert knn_main.main([*base_args(data, ref, tmp_path / "knn"), "--cache-dir", str(cache), "--nb-knn", "3"]) == 0
     assert "k  top1    top5" in capsys.readouterr().out
     train, val = (models.safe_load(cache / f"{s}_features.pth") for s in ("train", "val"))

@@ -71,13 +71,38 @@ def test_one_picture_per_image_input_then_each_backbone(setup, tmp_path):
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert files == ["im0.png", "im1.png"]
     pic = np.asarray(Image.open(tmp_path / "a" / "im0.png"))
-    assert pic.shape == (56, 3 * 56, 3) and pic.dtype == np.uint8
-    expected_input = np.asarray(Image.open(images / "im0.png").convert("RGB").resize((56, 56), Image.BICUBIC))
-    np.testing.assert_array_equal(pic[:, :56], expected_input)
-    assert not np.array_equal(pic[:, 56:112], pic[:, 112:])  # two different backbones
+    # im0 is 60x40: short side 56, the long side keeps the 3:2 aspect ratio (84, a multiple of the patch size)
+    top, w, gap = visualize_pca.label_height(56), 84, visualize_pca.GAP
+    assert pic.shape == (top + 56, 3 * w + 2 * gap, 3) and pic.dtype == np.uint8
+    panels = [pic[:, i * (w + gap) : i * (w + gap) + w] for i in range(3)]
+    assert (pic[:, w : w + gap] == 255).all()  # white between the panels
+    expected_input = np.asarray(Image.open(images / "im0.png").convert("RGB").resize((w, 56), Image.BICUBIC))
+    np.testing.assert_array_equal(panels[0][top:], expected_input)
+    assert not np.array_equal(panels[1][top:], panels[2][top:])  # two different backbones
     # nearest upsampling: every 14x14 patch is one colour
-    panel = pic[:, 56:112].reshape(4, 14, 4, 14, 3)
-    assert (panel == panel[:, :1, :, :1]).all()
+    grid = panels[1][top:].reshape(4, 14, 6, 14, 3)
+    assert (grid == grid[:, :1, :, :1]).all()
+    # each panel under its name: the input's size, then each backbone's folder and file name
+    names = ["input 60x40", *(f"{b.parent.name}/{b.name}" for b in backbones)]
+    for panel, name in zip(panels, names):
+        np.testing.assert_array_equal(panel[:top], visualize_pca.label(name, w, top))
+        assert (panel[:top] < 128).any()  # some text is drawn
+    assert not np.array_equal(panels[1][:top], panels[2][:top])
+    square = np.asarray(Image.open(tmp_path / "a" / "im1.png"))  # 50x50 stays square
+    assert square.shape == (top + 56, 3 * 56 + 2 * gap, 3)
+
+
+def test_input_shape_keeps_the_aspect_ratio():
+    assert visualize_pca.input_shape(600, 400, 448, 14) == (672, 448)
+    assert visualize_pca.input_shape(250, 400, 224, 14) == (224, 364)  # 358.4 rounded to a multiple of 14
+    assert visualize_pca.input_shape(4000, 10, 28, 14) == (11200, 28)
+    assert visualize_pca.input_shape(100, 100, 224, 112) == (224, 224)  # patch 14 and 16 together
+
+
+def test_long_names_are_cut_at_the_start():
+    short, long = visualize_pca.label("a/backbone.pth", 80, 12), visualize_pca.label("x" * 60 + "/backbone.pth", 80, 12)
+    assert short.shape == long.shape == (12, 80, 3)
+    assert (long[:, :2] == 255).all() and (long[:, -2:] == 255).all()  # the text fits in the panel
 
 
 def test_two_runs_are_byte_identical(setup, tmp_path):
@@ -104,6 +129,25 @@ def test_clear_errors(setup, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_tensorboard_grid_shows_the_inputs_above_their_pca_pictures(setup):
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from torchvision import transforms
+
+    from pretrain.pca import pca_grid, pca_images
+
+    images, backbones = setup
+    net = models.load_backbone(backbones[0]).eval()
+    pictures = [Image.open(images / f"im{i}.png").convert("RGB").resize((28, 28)) for i in (0, 1)]
+    norm = transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    batch = torch.stack([norm(transforms.functional.to_tensor(p)) for p in pictures])
+    grid = pca_grid(net, batch)
+    assert grid.shape == (3, 56, 56)
+    for i, picture in enumerate(pictures):  # the input as read, then its PCA picture under it
+        torch.testing.assert_close(grid[:, :28, 28 * i : 28 * (i + 1)], transforms.functional.to_tensor(picture),
+                                   atol=1e-6, rtol=0)  # fmt: skip
+    torch.testing.assert_close(grid[:, 28:], torch.cat(list(pca_images(net, batch)), dim=2))
+
+
 def test_pretraining_logs_pca_pictures_to_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -119,7 +163,7 @@ def test_pretraining_logs_pca_pictures_to_tensorboard(tmp_path):
     assert set(events.Tags()["images"]) == {"pca/teacher", "pca/student"}
     student = events.Images("pca/student")
     assert [e.step for e in student] == [0, 1] and len(events.Images("pca/teacher")) == 1
-    assert (student[0].height, student[0].width) == (28, 4 * 28)  # 4 fixed images side by side
+    assert (student[0].height, student[0].width) == (2 * 28, 4 * 28)  # 4 fixed images over their PCA pictures
 
 
 def test_single_image_and_corrupt_images_skipped(setup, tmp_path, capsys):
