@@ -2,12 +2,8 @@
 
 from .architectures import LAYOUTS, STUDENT_ARCHS, create_student, layout_of, vit_from_state_dict
 from .checkpoints import (
-    DiskFullError,
-    atomic_save,
     from_reference,
     load_backbone,
-    prepare_output_dir,
-    remove_stale_temp_files,
     safe_load,
     to_dinov2,
     to_reference,
@@ -16,19 +12,15 @@ from .teachers import TEACHERS, create_teacher
 from .vision_transformer import ViT
 
 __all__ = [
-    "DiskFullError",
     "LAYOUTS",
     "STUDENT_ARCHS",
     "TEACHERS",
     "ViT",
-    "atomic_save",
     "create_student",
     "create_teacher",
     "from_reference",
     "layout_of",
     "load_backbone",
-    "prepare_output_dir",
-    "remove_stale_temp_files",
     "safe_load",
     "to_dinov2",
     "to_reference",

@@ -14,7 +14,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from linear_eval.features import IMAGE_ERRORS, eval_transform
+from common.features import eval_transform
+from common.images import IMAGE_ERRORS
 
 from .data import load_rgb
 from .distiller import teacher_targets

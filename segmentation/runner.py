@@ -55,7 +55,7 @@ def _fail(msg: str) -> int:
 
 def _import_mmseg() -> None:
     try:
-        import models.mmseg  # noqa: F401 - registers ProteusViT and friends
+        import segmentation.mmseg_ext  # noqa: F401 - registers ProteusViT and friends
     except ImportError as e:
         raise ImportError(
             f"mmsegmentation is not usable ({e}); install it with `make mmseg` "
@@ -183,9 +183,9 @@ def _last_checkpoint(work_dir: Path) -> str | None:
 
 
 def best_on_test(work_dir: Path, checkpoint_hook: dict) -> dict | None:
-    """The best of the evaluations during training (models.mmseg.EvaluationHistoryHook), by the
+    """The best of the evaluations during training (segmentation.mmseg_ext.EvaluationHistoryHook), by the
     metric and rule the config's CheckpointHook keeps (`save_best`, `rule`); None without them."""
-    from models.mmseg import EVALUATIONS
+    from .mmseg_ext import EVALUATIONS
 
     path, metric, rule = work_dir / EVALUATIONS, checkpoint_hook.get("save_best"), checkpoint_hook.get("rule")
     if not path.is_file() or not isinstance(metric, str) or rule not in ("greater", "less"):
@@ -209,7 +209,7 @@ def main(task: str, argv: list[str] | None = None) -> int:
         return _fail(str(e))
     from mmengine.runner import Runner
 
-    from pretrain.distributed import exit_on_preemption
+    from common.distributed import exit_on_preemption
 
     exit_on_preemption()  # slurm's warning signal: exit 75; the requeued job resumes (--resume)
     _join_cpu_process_group(cfg)
@@ -217,7 +217,7 @@ def main(task: str, argv: list[str] | None = None) -> int:
     if torch.distributed.is_initialized():
         world, backend = torch.distributed.get_world_size(), torch.distributed.get_backend()
         runner.logger.info(f"distributed: {world} processes, backend {backend}")
-    from models.mmseg import CheckpointMismatchError
+    from .mmseg_ext import CheckpointMismatchError
 
     try:
         if not args.eval_only:

@@ -1,6 +1,6 @@
 """Our ViT and what mmsegmentation lacks for the dense protocols, registered on import.
 
-Configs load it with `custom_imports = dict(imports=["models.mmseg"])`. It provides:
+Configs load it with `custom_imports = dict(imports=["segmentation.mmseg_ext"])`. It provides:
 - `ProteusViT`: any checkpoint `models.load_backbone` accepts, run at any input size (DINOv2
   pos-embed interpolation per forward), returning the blocks in `out_indices` without CLS or final
   norm; frozen (probes) or fine-tuned, with drop path. `reference_pos_embed=True` instead resizes
@@ -33,8 +33,8 @@ from mmseg.models.utils import resize
 from mmseg.registry import HOOKS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS
 from torch import nn
 
-from .architectures import create_student
-from .checkpoints import load_backbone
+from models.architectures import create_student
+from models.checkpoints import load_backbone
 
 EVALUATIONS = "evaluations.jsonl"  # in the work dir, written by EvaluationHistoryHook
 
