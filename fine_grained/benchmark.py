@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from pretrain.cli import HelpFormatter
-from pretrain.distributed import resolve_device
+from common.cli import HelpFormatter
+from common.distributed import resolve_device
 
 from . import logreg
 from .metrics import accuracy

@@ -23,8 +23,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 
-from linear_eval.features import sample_list
-from pretrain.data import load_rgb
+from common.features import sample_list
+from common.images import load_rgb
 
 Transform = Callable[[Image.Image], torch.Tensor]
 VOC_CLASSES = (
@@ -40,7 +40,7 @@ SEED = 0
 
 class ImageList(Dataset):
     """(path, target) pairs read as RGB images; the readers below return these. `samples` and `loader`
-    are ImageFolder's names, so linear_eval.features reads, keys and checks both the same way."""
+    are ImageFolder's names, so common.features reads, keys and checks both the same way."""
 
     loader = staticmethod(load_rgb)
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from linear_eval.features import Progress
+from common.features import Progress
 
 # PROTOCOLS C: C = 1/wd for wd in logspace(-6, 5, 45); "first best" means first in this order.
 C_GRID: tuple[float, ...] = tuple(float(1.0 / wd) for wd in np.logspace(-6, 5, 45))

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from linear_eval.features import cached_features, eval_transform, frozen_backbone
-from models import prepare_output_dir
-from pretrain import distributed as dist_utils
-from pretrain.cli import HelpFormatter
+from common import distributed as dist_utils
+from common.cli import HelpFormatter
+from common.features import cached_features, eval_transform, frozen_backbone
+from common.io import prepare_output_dir
 
 from . import logreg
 from .datasets import CALTECH_SPLITS, DATASETS, Spec, SplitOptions, build_split, parse_names, protocol_splits
@@ -62,7 +62,7 @@ def cache_dir(args: argparse.Namespace) -> Path:
 
 
 def cache_path(args: argparse.Namespace, dataset: str, split: str) -> Path:
-    """One cache file per dataset and split; what it holds is checked against linear_eval.features.feature_key."""
+    """One cache file per dataset and split; what it holds is checked against common.features.feature_key."""
     return cache_dir(args) / f"{dataset}_{split}.pth"
 
 

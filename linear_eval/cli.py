@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import torch
 
-from models import prepare_output_dir
-from pretrain import distributed as dist_utils
+from common import distributed as dist_utils
+from common.io import prepare_output_dir
 
 from .data import LAYOUT
 

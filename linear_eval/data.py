@@ -10,9 +10,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms
 
-from pretrain.data import SkipCorruptImageFolder, read_image_folder
-
-from .features import eval_transform
+from common.features import eval_transform
+from common.images import SkipCorruptImageFolder, read_image_folder
 
 LAYOUT = "<data-path>/train/<class>/<image> and <data-path>/val/<class>/<image>"
 

@@ -16,14 +16,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from models import prepare_output_dir
-from pretrain import distributed as dist_utils
-from pretrain.cli import HelpFormatter
+from common import distributed as dist_utils
+from common.cli import HelpFormatter
+from common.features import cached_features, frozen_backbone, image_counts
+from common.io import prepare_output_dir
+from common.results import print_table, topk_correct, write_results
 
 from . import cli
 from .data import load_splits, val_transform
-from .features import cached_features, frozen_backbone, image_counts
-from .results import print_table, shard, sum_across_ranks, topk_correct, write_results
 
 SIMILARITY_BUDGET = 2**27  # similarity-matrix elements per query chunk (512 MiB in fp32)
 
@@ -75,14 +75,14 @@ def knn_accuracy(
     """Top-1/top-5 (%) per k; each rank scores its shard of val in chunks sized to SIMILARITY_BUDGET."""
     bank = F.normalize(train["features"].to(device), dim=1)
     bank_labels = train["targets"].to(device)
-    queries = torch.tensor(list(shard(len(val["targets"]))), dtype=torch.long)
+    queries = torch.tensor(list(dist_utils.shard(len(val["targets"]))), dtype=torch.long)
     counts = torch.zeros(len(ks), 2, dtype=torch.float64)
     for chunk in queries.split(max(1, SIMILARITY_BUDGET // len(bank))):
         q = F.normalize(val["features"][chunk].to(device), dim=1)
         targets = val["targets"][chunk].to(device)
         scores = knn_scores(bank, bank_labels, q, num_classes, ks, temperature)
         counts += torch.stack([topk_correct(scores[k], targets).cpu() for k in ks])
-    counts = sum_across_ranks(counts) * 100 / len(val["targets"])
+    counts = dist_utils.sum_across_ranks(counts) * 100 / len(val["targets"])
     return {k: {"top1": c[0].item(), "top5": c[1].item()} for k, c in zip(ks, counts)}
 
 

@@ -14,17 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from models import ViT, atomic_save, safe_load
-from pretrain import distributed as dist_utils
-from pretrain.cli import HelpFormatter
-from pretrain.data import seed_worker
-from pretrain.schedule import warmup_cosine
+from common import distributed as dist_utils
+from common.cli import HelpFormatter
+from common.features import Progress, cached_features, file_identity, frozen_backbone, image_counts
+from common.images import seed_worker
+from common.io import atomic_save
+from common.results import print_table, topk_correct, write_results
+from common.schedule import warmup_cosine
+from models import ViT, safe_load
 
 from . import cli
 from .classifiers import AllClassifiers, classifier_grid, linear_features
 from .data import load_splits, split_holdout, train_transform, val_transform
-from .features import Progress, cached_features, file_identity, frozen_backbone, image_counts
-from .results import print_table, shard, sum_across_ranks, topk_correct, write_results
 
 CHECKPOINT = "checkpoint.pth"
 
@@ -222,13 +223,13 @@ def evaluate(
 ) -> dict[str, dict[str, float]]:
     """Top-1/top-5 (%) of every classifier; each rank scores its shard, counts are summed over ranks."""
     classifiers.eval()
-    rows = torch.tensor(list(shard(len(data["targets"]))), dtype=torch.long)
+    rows = torch.tensor(list(dist_utils.shard(len(data["targets"]))), dtype=torch.long)
     counts = torch.zeros(len(classifiers.specs), 2, dtype=torch.float64)
     for chunk in rows.split(batch_size):
         targets = data["targets"][chunk].to(device)
         outputs = classifiers(data["features"][chunk].to(device))
         counts += torch.stack([topk_correct(logits, targets).cpu() for logits in outputs.values()])
-    counts = sum_across_ranks(counts) * 100 / len(data["targets"])
+    counts = dist_utils.sum_across_ranks(counts) * 100 / len(data["targets"])
     return {s.name: {"top1": c[0].item(), "top5": c[1].item()} for s, c in zip(classifiers.specs, counts)}
 
 

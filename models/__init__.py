@@ -2,12 +2,8 @@
 
 from .architectures import LAYOUTS, STUDENT_ARCHS, create_student, layout_of, vit_from_state_dict
 from .checkpoints import (
-    DiskFullError,
-    atomic_save,
     from_reference,
     load_backbone,
-    prepare_output_dir,
-    remove_stale_temp_files,
     safe_load,
     to_dinov2,
     to_reference,
@@ -18,20 +14,16 @@ from .vision_transformer import ViT
 
 __all__ = [
     "DinoV3ViT",
-    "DiskFullError",
     "LAYOUTS",
     "STUDENT_ARCHS",
     "TEACHERS",
     "ViT",
-    "atomic_save",
     "create_student",
     "create_teacher",
     "default_dtype",
     "from_reference",
     "layout_of",
     "load_backbone",
-    "prepare_output_dir",
-    "remove_stale_temp_files",
     "safe_load",
     "to_dinov2",
     "to_reference",

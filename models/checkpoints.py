@@ -7,11 +7,9 @@ allowed is `argparse.Namespace`, which the reference release pickles into its ch
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import pickletools
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -84,64 +82,12 @@ def _describe(path: Path, e: Exception) -> str:
     return f"it is not a torch file (it starts with {head[:16]!r})"
 
 
-def prepare_output_dir(path: str | os.PathLike) -> Path:
-    """Create an output folder up front, so a bad path is one clear error before any work is done."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"output folder {path} exists and is not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"cannot create output folder {path}: {e.strerror or e}") from None
-    if not os.access(path, os.W_OK):
-        raise ValueError(f"output folder {path} is not writable")
-    return path
-
-
 def is_torchscript_archive(path: str | os.PathLike) -> bool:
     try:
         with zipfile.ZipFile(path) as zf:
             return any(n.endswith("constants.pkl") for n in zf.namelist())
     except (zipfile.BadZipFile, OSError):
         return False
-
-
-class DiskFullError(OSError):
-    """A write that failed for lack of space or quota; the message names the folder and what is kept."""
-
-    def __str__(self) -> str:
-        return self.strerror
-
-
-def atomic_save(obj: object, path: str | os.PathLike) -> None:
-    """Write to a temp file in the same folder, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; others on the cluster must read checkpoints
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            kept = f"the last {path.name} is intact" if path.exists() else f"{path.name} was not written"
-            raise DiskFullError(e.errno, f"no space left on {path.parent} ({e.strerror}); {kept}") from None
-        raise
-
-
-def remove_stale_temp_files(directory: str | os.PathLike, names: tuple[str, ...]) -> list[Path]:
-    """Delete the temp files atomic_save leaves when killed (-9) mid-write, for the given file names."""
-    stale = [p for name in names for p in Path(directory).glob(f".{name}.*.tmp")]
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
 
 
 def load_strict(model: nn.Module, state_dict: StateDict, source: str, optional: tuple[str, ...] = ()) -> None:
@@ -164,11 +110,11 @@ def check_keys(own: StateDict, state_dict: StateDict, source: str, optional: tup
     )
     problems = []
     if missing:
-        problems.append(f"missing keys: {_few(missing)}")
+        problems.append(f"missing keys: {few_names(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys: {_few(unexpected)}")
+        problems.append(f"unexpected keys: {few_names(unexpected)}")
     if shapes:
-        problems.append(f"shape mismatch (file vs model): {_few(shapes)}")
+        problems.append(f"shape mismatch (file vs model): {few_names(shapes)}")
     if problems:
         raise ValueError(f"weights in {source} do not match the model; " + "; ".join(problems))
 
@@ -184,7 +130,7 @@ def load_dinov3(model: DinoV3ViT, state_dict: StateDict, source: str) -> None:
     load_strict(model, ours, source)
 
 
-def _few(items: list[str], n: int = 8) -> str:
+def few_names(items: list[str], n: int = 8) -> str:
     items = sorted(items, key=lambda k: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", k)])
     more = f" (+{len(items) - n} more)" if len(items) > n else ""
     return ", ".join(items[:n]) + more
@@ -325,7 +271,7 @@ def backbone_state_dict(ckpt: object, path: str | os.PathLike) -> StateDict:
     if "cls_token" not in sd or "patch_embed.proj.weight" not in sd:
         raise ValueError(
             f"{path} holds no ViT backbone (looked for cls_token and patch_embed.proj.weight, or CLIP's "
-            f"class_embedding and conv1.weight; top-level keys: {_few(sorted(map(str, ckpt)))})"
+            f"class_embedding and conv1.weight; top-level keys: {few_names(sorted(map(str, ckpt)))})"
         )
     return sd
 

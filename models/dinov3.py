@@ -68,7 +68,7 @@ class DinoV3ViT(Eva):
     blocks as FAIR's (per-sample Bernoulli, timm's DropPath, where FAIR drops a fixed-size subset).
     """
 
-    norm_patch_tokens = True  # one final norm over every token (models.mmseg reads this)
+    norm_patch_tokens = True  # one final norm over every token (segmentation.mmseg_ext reads this)
 
     def __init__(
         self,

@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from common import distributed as dist_utils
+from common.cli import HelpFormatter
 from models import STUDENT_ARCHS, TEACHERS, create_student, create_teacher
 
-from . import distributed as dist_utils
-from .cli import HelpFormatter
 from .data import build_dataset
 from .distiller import Distiller, compile_student, teacher_targets
 from .engine import backward_and_step, forward_losses

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from . import distributed as dist_utils
+from common import distributed as dist_utils
+
 from .data import derive_seed
 from .distiller import teacher_targets
 from .masking import make_masks

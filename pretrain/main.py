@@ -24,27 +24,24 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
+from common import distributed as dist_utils
+from common.cli import HelpFormatter
+from common.io import DiskFullError, atomic_save, prepare_output_dir, remove_stale_temp_files
+from common.schedule import warmup_cosine
 from models import (
     LAYOUTS,
     STUDENT_ARCHS,
     TEACHERS,
-    DiskFullError,
-    atomic_save,
     create_student,
     create_teacher,
-    prepare_output_dir,
-    remove_stale_temp_files,
     safe_load,
     to_reference,
 )
 
-from . import distributed as dist_utils
 from . import pca
-from .cli import HelpFormatter
 from .data import PositionSampler, SeededDataset, build_dataset, worker_init
 from .distiller import Distiller, compile_student
 from .engine import ITERATION_LOG, NonFiniteLoss, Preempted, StopControl, train_one_epoch
-from .schedule import warmup_cosine
 
 log = logging.getLogger("pretrain")
 CHECKPOINT = "checkpoint.pth"

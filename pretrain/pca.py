@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from linear_eval.features import IMAGE_ERRORS, eval_transform
+from common.features import eval_transform
+from common.images import IMAGE_ERRORS
 
 from .data import load_rgb
 from .distiller import teacher_targets

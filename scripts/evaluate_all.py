@@ -40,10 +40,11 @@ from pathlib import Path
 import torch
 
 import models
+from common.cli import HelpFormatter
+from common.distributed import resolve_device
+from common.io import prepare_output_dir
 from fine_grained.datasets import DATASETS
 from models.checkpoints import backbone_name
-from pretrain.cli import HelpFormatter
-from pretrain.distributed import resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("linear", "knn", "fine_grained", "ade20k", "nyu")
@@ -440,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         if all(missing_data(task, args) for task in tasks):
             why = "; ".join(f"{task}: {missing_data(task, args)}" for task in tasks)
             raise ValueError(f"no task has its data ({why})")
-        out = models.prepare_output_dir(args.output_dir)
+        out = prepare_output_dir(args.output_dir)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -25,12 +25,11 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
 
 import models
-from linear_eval.features import IMAGE_ERRORS
-from models import prepare_output_dir
+from common.cli import HelpFormatter
+from common.distributed import resolve_device
+from common.images import IMAGE_ERRORS, load_rgb
+from common.io import prepare_output_dir
 from models.checkpoints import backbone_name
-from pretrain.cli import HelpFormatter
-from pretrain.data import load_rgb
-from pretrain.distributed import resolve_device
 from pretrain.pca import THRESHOLD, pca_images
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")

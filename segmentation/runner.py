@@ -24,6 +24,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 import models
+from common.io import prepare_output_dir
 
 
 def get_args_parser(task: str) -> argparse.ArgumentParser:
@@ -58,7 +59,7 @@ def _fail(msg: str) -> int:
 
 def _import_mmseg() -> None:
     try:
-        import models.mmseg  # noqa: F401 - registers ProteusViT and friends
+        import segmentation.mmseg_ext  # noqa: F401 - registers ProteusViT and friends
     except ImportError as e:
         raise ImportError(
             f"mmsegmentation is not usable ({e}); install it with `make mmseg` "
@@ -69,11 +70,11 @@ def _import_mmseg() -> None:
 def trust_checkpoints_in(work_dir: Path) -> None:
     """mmengine checkpoints pickle its message hub (bound methods included), which torch >= 2.6
     refuses with weights_only=True. Unpickle fully only the checkpoints this work dir's runs wrote
-    (models.mmseg.DenseRunner records each by name and sha256); read every other file with
+    (mmseg_ext.DenseRunner records each by name and sha256); read every other file with
     weights_only=True (a pickle with code is refused, never run)."""
     from mmengine.runner.checkpoint import CheckpointLoader
 
-    from models.mmseg import is_own_checkpoint
+    from .mmseg_ext import is_own_checkpoint
 
     @CheckpointLoader.register_scheme(prefixes="", force=True)
     def load_local(filename: str, map_location=None):
@@ -138,7 +139,7 @@ def build_config(args: argparse.Namespace, task: str):
 
 
 def _only_own(work_dir: Path) -> str:
-    from models.mmseg import MANIFEST
+    from .mmseg_ext import MANIFEST
 
     manifest = work_dir / MANIFEST
     return f"only checkpoints this work dir's runs wrote (name and sha256 in {manifest}) are unpickled in full"
@@ -146,7 +147,7 @@ def _only_own(work_dir: Path) -> str:
 
 def check_resumable(work_dir: Path) -> None:
     """--resume reads the whole mmengine checkpoint (optimizer, message hub): only one of our own."""
-    from models.mmseg import is_own_checkpoint
+    from .mmseg_ext import is_own_checkpoint
 
     ckpt = _last_checkpoint(work_dir)
     if ckpt is None:
@@ -161,7 +162,7 @@ def check_evaluable(work_dir: Path, ckpt: str) -> None:
     """--eval-only: our own checkpoint is unpickled in full; any other file (a --checkpoint from
     elsewhere, a file put into the work dir or replaced there) must load with weights_only=True and
     hold a state dict (whether it covers the model is checked when mmengine loads it)."""
-    from models.mmseg import is_own_checkpoint
+    from .mmseg_ext import is_own_checkpoint
 
     if is_own_checkpoint(work_dir, ckpt):
         return
@@ -177,12 +178,12 @@ def check_evaluable(work_dir: Path, ckpt: str) -> None:
 def prepare_output_dirs(cfg, args: argparse.Namespace) -> None:
     """An unwritable --work-dir or --show-dir would fail inside mmengine (a traceback), the show dir
     after the whole training; also removes the temp files of a save killed mid-write."""
-    from models.mmseg import stale_saves
+    from .mmseg_ext import stale_saves
 
     for flag, folder in (("--work-dir", cfg.work_dir), ("--show-dir", args.show_dir)):
         try:
             if folder:
-                models.prepare_output_dir(folder)
+                prepare_output_dir(folder)
         except ValueError as e:
             raise ValueError(f"{flag}: {e}") from None
     if os.environ.get("RANK", "0") == "0":  # the rank that saves
@@ -295,9 +296,9 @@ def _last_checkpoint(work_dir: Path) -> str | None:
 
 
 def best_on_test(work_dir: Path, checkpoint_hook: dict) -> dict | None:
-    """The best of the evaluations during training (models.mmseg.EvaluationHistoryHook), by the
+    """The best of the evaluations during training (segmentation.mmseg_ext.EvaluationHistoryHook), by the
     metric and rule the config's CheckpointHook keeps (`save_best`, `rule`); None without them."""
-    from models.mmseg import EVALUATIONS
+    from .mmseg_ext import EVALUATIONS
 
     path, metric, rule = work_dir / EVALUATIONS, checkpoint_hook.get("save_best"), checkpoint_hook.get("rule")
     if not path.is_file() or not isinstance(metric, str) or rule not in ("greater", "less"):
@@ -335,8 +336,9 @@ def main(task: str, argv: list[str] | None = None) -> int:
         trust_checkpoints_in(Path(cfg.work_dir))
     except (ImportError, ValueError, FileNotFoundError) as e:
         return _fail(str(e))
-    from models.mmseg import DenseRunner
-    from pretrain.distributed import exit_on_preemption
+    from common.distributed import exit_on_preemption
+
+    from .mmseg_ext import DenseRunner
 
     exit_on_preemption()  # slurm's warning signal: exit 75; the requeued job resumes (--resume)
     _join_cpu_process_group(cfg)
@@ -344,7 +346,7 @@ def main(task: str, argv: list[str] | None = None) -> int:
     if torch.distributed.is_initialized():
         world, backend = torch.distributed.get_world_size(), torch.distributed.get_backend()
         runner.logger.info(f"distributed: {world} processes, backend {backend}")
-    from models.mmseg import CheckpointMismatchError
+    from .mmseg_ext import CheckpointMismatchError
 
     try:
         if not args.eval_only:

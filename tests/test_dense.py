@@ -19,7 +19,7 @@ from PIL import Image
 import models
 
 mmseg = pytest.importorskip("mmseg", reason="mmsegmentation not installed: `make mmseg`")
-import models.mmseg as proteus_mmseg  # noqa: E402
+import segmentation.mmseg_ext as proteus_mmseg  # noqa: E402
 from scripts.evaluate_all import QUICK_DENSE  # noqa: E402
 from segmentation import runner  # noqa: E402
 from tests.procs import ROOT, child_env  # noqa: E402

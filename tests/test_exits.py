@@ -21,7 +21,7 @@ from tests.test_pretrain import TINY_RUN, make_image_folder
 
 CRASH = """# {token}
 import runpy, sys
-import linear_eval.features as features
+import common.features as features
 import pretrain.engine as engine
 calls = [0]
 def crash(*args, **kwargs):
@@ -106,7 +106,7 @@ def test_a_loader_kept_alive_at_exit_does_not_hang(tmp_path):
     code = f"""# {token}
 import sys
 from torch.utils.data import DataLoader
-from pretrain import distributed
+from common import distributed
 from pretrain.data import worker_init
 distributed.end_workers_at_exit()
 loader = DataLoader(list(range(64)), batch_size=2, num_workers=2, worker_init_fn=worker_init, persistent_workers=True)

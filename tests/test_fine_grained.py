@@ -15,6 +15,7 @@ from PIL import Image
 from timm.data import OPENAI_CLIP_MEAN
 
 import models
+from common import features as features_module
 from fine_grained import logreg
 from fine_grained import main as fg_main
 from fine_grained.datasets import (
@@ -27,7 +28,6 @@ from fine_grained.datasets import (
     protocol_splits,
 )
 from fine_grained.metrics import accuracy, average_precision_11point, mean_per_class_accuracy
-from linear_eval import features as features_module
 from pretrain import main as pretrain_main
 from tests.test_pretrain import TINY_RUN, make_image_folder
 

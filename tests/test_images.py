@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from common.images import load_rgb, read_image_folder
 from fine_grained.datasets import ImageList
 from linear_eval.data import image_folder
 from pretrain import main as pretrain_main
 from pretrain import pca
-from pretrain.data import build_dataset, load_rgb, read_image_folder
+from pretrain.data import build_dataset
 from tests.test_pretrain import TINY_RUN
 
 GRADIENT = (np.arange(40 * 48, dtype=np.uint32).reshape(40, 48) * 34).astype(np.uint16)  # 0 .. 65246

@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 import models
-from linear_eval import features as features_module
+from common import features as features_module
+from common.results import topk_correct
 from linear_eval import knn as knn_main
 from linear_eval import main as linear_main
 from linear_eval.classifiers import LEARNING_RATES, AllClassifiers, classifier_grid, linear_features
 from linear_eval.data import load_splits, val_transform
-from linear_eval.results import topk_correct
 from models import ViT
 from pretrain import main as pretrain_main
 from tests.procs import ROOT, child_env
@@ -477,7 +477,7 @@ def test_preemption_signal_exits_75_and_the_rerun_resumes(data, backbone, tmp_pa
     import signal
     import time
 
-    from pretrain.distributed import EXIT_REQUEUE
+    from common.distributed import EXIT_REQUEUE
 
     out = tmp_path / "lin"
     cmd = [sys.executable, "-m", "linear_eval.main", *base_args(data, backbone, out), "--epochs", "20"]

@@ -24,6 +24,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import nn
 
 import models
+from common.io import atomic_save
 from models import ViT
 from models.teachers import TEACHERS
 
@@ -841,7 +842,7 @@ def _assert_same_weights(model: ViT, expected: dict[str, torch.Tensor]):
 @pytest.mark.parametrize("patch,dim,depth", [(14, 128, 2), (16, 192, 1)])
 def test_load_backbone_exported_flat(tmp_path, patch, dim, depth):
     m = tiny_vit(dim=dim, depth=depth, heads=dim // 64, grid=4, patch=patch)
-    models.atomic_save(models.to_dinov2(m), tmp_path / "backbone.pth")
+    atomic_save(models.to_dinov2(m), tmp_path / "backbone.pth")
     loaded = models.load_backbone(tmp_path / "backbone.pth").eval()
     assert loaded.embed_dim == dim and len(loaded.blocks) == depth
     assert loaded.blocks[0].attn.num_heads == dim // 64
@@ -971,7 +972,7 @@ class _Payload:
 def test_atomic_save_writes_file(tmp_path):
     obj = {"w": torch.arange(6.0).reshape(2, 3), "epoch": 4}
     path = tmp_path / "sub" / "dir" / "ckpt.pth"
-    models.atomic_save(obj, path)
+    atomic_save(obj, path)
     back = torch.load(path, weights_only=True)
     assert back["epoch"] == 4 and torch.equal(back["w"], obj["w"])
     assert sorted(p.name for p in path.parent.iterdir()) == ["ckpt.pth"]
@@ -980,7 +981,7 @@ def test_atomic_save_writes_file(tmp_path):
 @pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
 def test_atomic_save_crash_keeps_previous_file(tmp_path, monkeypatch, exc):
     path = tmp_path / "ckpt.pth"
-    models.atomic_save({"epoch": 1, "w": torch.ones(4)}, path)
+    atomic_save({"epoch": 1, "w": torch.ones(4)}, path)
     before = path.read_bytes()
 
     def crashing_save(obj, f, *args, **kwargs):
@@ -990,7 +991,7 @@ def test_atomic_save_crash_keeps_previous_file(tmp_path, monkeypatch, exc):
 
     monkeypatch.setattr(torch, "save", crashing_save)
     with pytest.raises(exc, match="disk full"):
-        models.atomic_save({"epoch": 2, "w": torch.zeros(4)}, path)
+        atomic_save({"epoch": 2, "w": torch.zeros(4)}, path)
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert torch.load(path, weights_only=True)["epoch"] == 1

@@ -12,12 +12,12 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 import models
+from common.schedule import warmup_cosine
 from models import ViT
 from pretrain import main as pretrain_main
 from pretrain.data import SingleImageDataset, build_dataset, subset_samples, train_transform
 from pretrain.distiller import Distiller, teacher_targets
 from pretrain.masking import make_masks
-from pretrain.schedule import warmup_cosine
 
 TINY_RUN = [
     "--teacher",

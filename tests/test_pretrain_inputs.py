@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import models
+from common.io import DiskFullError, atomic_save
 from pretrain import main as pretrain_main
 from tests.procs import ROOT, child_env
 from tests.test_pretrain import TINY_RUN, make_image_folder
@@ -96,8 +97,8 @@ def test_disk_full_is_one_line_and_the_last_checkpoint_is_intact(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: no space left on {out} (No space left on device); the last checkpoint.pth is intact"]
     assert (out / "checkpoint.pth").read_bytes() == before and not list(out.glob(".*.tmp"))
-    with pytest.raises(models.DiskFullError) as e:
-        models.atomic_save({"x": torch.zeros(3)}, tmp_path / "new.pth")
+    with pytest.raises(DiskFullError) as e:
+        atomic_save({"x": torch.zeros(3)}, tmp_path / "new.pth")
     assert e.value.errno == errno.ENOSPC and "new.pth was not written" in str(e.value)
 
 

@@ -28,8 +28,9 @@ from timm.models.vision_transformer import VisionTransformer, _convert_openai_cl
 from torch import nn
 
 import models
+from common.features import frozen_backbone
+from common.io import atomic_save
 from linear_eval.classifiers import linear_features
-from linear_eval.features import frozen_backbone
 from models import LAYOUTS, ViT
 from pretrain import main as pretrain_main
 from tests.test_models import randomize_, rel_err, tiny_teacher  # noqa: F401 (tiny_teacher is a fixture)
@@ -317,7 +318,7 @@ def test_load_backbone_reads_reference_training_checkpoints(tmp_path, layout, ma
 @pytest.mark.parametrize("layout", ["dinov2", "clip", "synclr"])
 def test_export_and_our_checkpoint_load_back_identically(tmp_path, layout):
     ours = tiny_student(layout, seed=4)
-    models.atomic_save(models.to_reference(ours, layout), tmp_path / "backbone.pth")
+    atomic_save(models.to_reference(ours, layout), tmp_path / "backbone.pth")
     torch.save({"student": ours.state_dict(), "args": {"student_layout": layout}}, tmp_path / "checkpoint.pth")
     x = torch.randn(1, 3, 3 * PATCH, 5 * PATCH)  # another grid: positions interpolated as DINOv2
     with torch.no_grad():
@@ -455,7 +456,7 @@ def test_evaluation_features_on_layout_backbones(tmp_path, layout):
 @pytest.mark.parametrize("layout", ["clip", "synclr"])
 def test_mmseg_backbone_builds_from_layout_files(tmp_path, layout):
     pytest.importorskip("mmseg", reason="mmsegmentation not installed: `make mmseg`")
-    import models.mmseg as proteus_mmseg
+    import segmentation.mmseg_ext as proteus_mmseg
 
     ours = tiny_student(layout, seed=7)
     path = tmp_path / "backbone.pth"
@@ -476,7 +477,7 @@ def test_mmseg_fine_tuning_trains_what_reaches_the_outputs(tmp_path, layout):
     no gradient (DDP would reject it) and is frozen; ln_pre keeps the full lr under layer-wise decay, as the
     reference's mmseg constructor gave it."""
     pytest.importorskip("mmseg", reason="mmsegmentation not installed: `make mmseg`")
-    import models.mmseg as proteus_mmseg
+    import segmentation.mmseg_ext as proteus_mmseg
 
     path = tmp_path / "backbone.pth"
     torch.save(models.to_reference(tiny_student(layout, seed=7), layout), path)

@@ -1,5 +1,5 @@
 # Runtime shared by every ADE20K and NYU config: loops, hooks, logging, visualisation.
-custom_imports = dict(imports=["models.mmseg"], allow_failed_imports=False)
+custom_imports = dict(imports=["segmentation.mmseg_ext"], allow_failed_imports=False)
 # loaders: the task bases add batch_size (per GPU) and the dataset
 train_dataloader = dict(num_workers=8, persistent_workers=True, sampler=dict(type="InfiniteSampler", shuffle=True))
 val_dataloader = dict(

@@ -14,14 +14,16 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.dataloader import default_collate
 from torchvision import transforms
 
-from models import ViT, atomic_save, load_backbone, safe_load
-from pretrain import distributed as dist_utils
+from models import ViT, load_backbone, safe_load
+
+from . import distributed as dist_utils
+from .images import IMAGE_ERRORS
+from .io import atomic_save
 
 
 def eval_transform(
@@ -47,9 +49,6 @@ def frozen_backbone(path: str | None, device: torch.device, input_size: int) -> 
         raise ValueError(f"--input-size {input_size} is not a multiple of the patch size {model.patch_size}")
     model.requires_grad_(False)
     return model
-
-
-IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # what PIL raises on a bad file
 
 
 class Unreadable(NamedTuple):
@@ -213,27 +212,13 @@ def extract_features(
     feats = torch.cat(feats) if feats else torch.zeros(0, *shape[0])
     targets = torch.cat(targets) if targets else torch.zeros(0, *shape[1], dtype=shape[2])
     if world > 1:
-        idx, feats, targets = (_gather(t) for t in (idx, feats, targets))
+        idx, feats, targets = (dist_utils.gather(t) for t in (idx, feats, targets))
     order = torch.argsort(idx)
     idx = idx[order]
     kept = set(idx.tolist())
     base = _unwrap(dataset)
     dropped = [_path_of(base, _base_index(dataset, i)) for i in range(len(dataset)) if i not in kept]
     return {"features": feats[order], "targets": targets[order], "index": idx, "dropped": dropped}
-
-
-def _gather(t: torch.Tensor) -> torch.Tensor:
-    """all_gather of uneven first dims (gloo and NCCL), concatenated."""
-    dev = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else "cpu"
-    t = t.to(dev)
-    sizes = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(dist_utils.world_size())]
-    torch.distributed.all_gather(sizes, torch.tensor([t.shape[0]], device=dev))
-    n = int(max(s.item() for s in sizes))
-    padded = torch.zeros((n, *t.shape[1:]), dtype=t.dtype, device=dev)
-    padded[: t.shape[0]] = t
-    out = [torch.zeros_like(padded) for _ in sizes]
-    torch.distributed.all_gather(out, padded)
-    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)]).cpu()
 
 
 def file_identity(path: str | Path) -> dict[str, object]:

@@ -124,3 +124,37 @@ def exit_on_preemption(during: str = "") -> None:
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, stop)
     end_workers_at_exit()  # every entry point calls this first: no exit path waits on a worker
+
+
+def collective_device() -> torch.device:
+    """Where collectives run: the current GPU under NCCL, the CPU under gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def sum_across_ranks(t: torch.Tensor) -> torch.Tensor:
+    """all_reduce(SUM) on the right device for the backend (gloo: CPU, NCCL: the current GPU)."""
+    if not is_distributed():
+        return t
+    dev = collective_device()
+    t = t.to(dev).clone()
+    dist.all_reduce(t)
+    return t.cpu()
+
+
+def shard(n: int) -> range:
+    """This rank's rows of an n-row tensor that every rank holds (each row is counted once)."""
+    return range(rank(), n, world_size())
+
+
+def gather(t: torch.Tensor) -> torch.Tensor:
+    """all_gather of uneven first dims (gloo and NCCL), concatenated."""
+    dev = collective_device()
+    t = t.to(dev)
+    sizes = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([t.shape[0]], device=dev))
+    n = int(max(s.item() for s in sizes))
+    padded = torch.zeros((n, *t.shape[1:]), dtype=t.dtype, device=dev)
+    padded[: t.shape[0]] = t
+    out = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)]).cpu()

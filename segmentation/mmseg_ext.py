@@ -1,6 +1,6 @@
 """Our ViT and what mmsegmentation lacks for the dense protocols, registered on import.
 
-Configs load it with `custom_imports = dict(imports=["models.mmseg"])`. It provides:
+Configs load it with `custom_imports = dict(imports=["segmentation.mmseg_ext"])`. It provides:
 - `ProteusViT`: any checkpoint `models.load_backbone` accepts, run at any input size (DINOv2
   pos-embed interpolation per forward), returning the blocks in `out_indices` without CLS or final
   norm; frozen (probes) or fine-tuned, with drop path. `reference_pos_embed=True` instead resizes
@@ -39,8 +39,8 @@ from mmseg.models.utils import resize
 from mmseg.registry import HOOKS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS
 from torch import nn
 
-from .architectures import create_student
-from .checkpoints import _few, load_backbone
+from models.architectures import create_student
+from models.checkpoints import few_names, load_backbone
 
 EVALUATIONS = "evaluations.jsonl"  # in the work dir, written by EvaluationHistoryHook
 # in the work dir, written by DenseRunner: `<sha256>  <name>` per checkpoint (the format `sha256sum -c` reads)
@@ -266,11 +266,11 @@ def check_covers(model: nn.Module, checkpoint: dict, source: str, revise_keys) -
         for k, v in own.items()
         if k in state and tuple(getattr(state[k], "shape", ())) != tuple(v.shape)
     ]
-    problems = [f"missing keys {_few(missing)}"] if missing else []
+    problems = [f"missing keys {few_names(missing)}"] if missing else []
     if len(missing) == len(own):
         problems = ["it holds none of the model's weights (a backbone file? pass it as --backbone); " + problems[0]]
     if shapes:
-        problems.append(f"shape mismatch (file vs model): {_few(shapes)}")
+        problems.append(f"shape mismatch (file vs model): {few_names(shapes)}")
     if problems:
         raise CheckpointMismatchError(f"checkpoint {source} does not cover the model: " + "; ".join(problems))
 
