@@ -4,6 +4,7 @@ from .architectures import LAYOUTS, STUDENT_ARCHS, create_student, layout_of, vi
 from .checkpoints import (
     DiskFullError,
     atomic_save,
+    export_metadata,
     from_reference,
     load_backbone,
     prepare_output_dir,
@@ -24,6 +25,7 @@ __all__ = [
     "atomic_save",
     "create_student",
     "create_teacher",
+    "export_metadata",
     "from_reference",
     "layout_of",
     "load_backbone",

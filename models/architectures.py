@@ -94,8 +94,10 @@ def student_name_for_dim(dim: int) -> str | None:
     return next((n for n, (d, _, _) in STUDENT_ARCHS.items() if d == dim), None)
 
 
-def vit_from_state_dict(state_dict: dict[str, torch.Tensor], **kwargs) -> ViT:
-    """Build an empty ViT whose shape and layout match a state dict in our (timm) key names."""
+def vit_from_state_dict(state_dict: dict[str, torch.Tensor], img_size: int | None = None, **kwargs) -> ViT:
+    """Build an empty ViT whose shape and layout match a state dict in our (timm) key names.
+
+    img_size defaults to the position table's grid x patch size."""
     try:
         dim = state_dict["cls_token"].shape[-1]
         patch_size = state_dict["patch_embed.proj.weight"].shape[-1]
@@ -108,7 +110,7 @@ def vit_from_state_dict(state_dict: dict[str, torch.Tensor], **kwargs) -> ViT:
     swiglu = dim in SWIGLU_HIDDEN and state_dict["blocks.0.mlp.fc1.weight"].shape[0] == 2 * SWIGLU_HIDDEN[dim]
     hidden = state_dict["blocks.0.mlp.fc1.weight"].shape[0]
     return ViT(
-        img_size=grid * patch_size,
+        img_size=img_size or grid * patch_size,
         patch_size=patch_size,
         embed_dim=dim,
         depth=depth,
