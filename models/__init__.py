@@ -2,6 +2,7 @@
 
 from .architectures import LAYOUTS, STUDENT_ARCHS, create_student, layout_of, vit_from_state_dict
 from .checkpoints import (
+    export_metadata,
     from_reference,
     load_backbone,
     safe_load,
@@ -21,6 +22,7 @@ __all__ = [
     "create_student",
     "create_teacher",
     "default_dtype",
+    "export_metadata",
     "from_reference",
     "layout_of",
     "load_backbone",

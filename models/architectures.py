@@ -124,9 +124,11 @@ def student_name_for_dim(dim: int) -> str | None:
     return next((n for n, (d, _, _) in STUDENT_ARCHS.items() if d == dim), None)
 
 
-def vit_from_state_dict(state_dict: dict[str, torch.Tensor], **kwargs) -> ViT | DinoV3ViT:
+def vit_from_state_dict(state_dict: dict[str, torch.Tensor], img_size: int | None = None, **kwargs) -> ViT | DinoV3ViT:
     """Build an empty ViT whose shape and layout match a state dict in our (timm) key names, or a
-    DINOv3 one in ours or FAIR's."""
+    DINOv3 one in ours or FAIR's.
+
+    img_size defaults to the position table's grid x patch size (DINOv3's RoPE has no table: any size)."""
     if dinov3.is_dinov3(state_dict):
         official = state_dict if dinov3.is_official(state_dict) else dinov3.to_official(state_dict)
         return dinov3.from_state_dict_shapes(official, **kwargs)
@@ -142,7 +144,7 @@ def vit_from_state_dict(state_dict: dict[str, torch.Tensor], **kwargs) -> ViT | 
     swiglu = dim in SWIGLU_HIDDEN and state_dict["blocks.0.mlp.fc1.weight"].shape[0] == 2 * SWIGLU_HIDDEN[dim]
     hidden = state_dict["blocks.0.mlp.fc1.weight"].shape[0]
     return ViT(
-        img_size=grid * patch_size,
+        img_size=img_size or grid * patch_size,
         patch_size=patch_size,
         embed_dim=dim,
         depth=depth,

@@ -11,6 +11,7 @@ import os
 import pickletools
 import re
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -22,6 +23,11 @@ from .dinov3 import DinoV3ViT
 from .vision_transformer import ViT
 
 StateDict = dict[str, torch.Tensor]
+
+# Our entry in a state dict's `_metadata` (the table torch keeps beside the weights, keyed by module
+# name, for per-module versions): an exported backbone records the resolution it was trained at there,
+# because a key of its own would break a strict load into the reference's model.
+EXPORT_METADATA = "proteus"
 
 
 def safe_load(path: str | os.PathLike) -> object:
@@ -202,6 +208,7 @@ def to_reference(model: ViT | DinoV3ViT, layout: str) -> StateDict:
     dinov2: the official DinoVisionTransformer layout. clip: the reference's models_clip.VisionTransformer
     (conv1.weight, class_embedding [D], positional_embedding [N+1, D], ln_pre, transformer.resblocks.i.*,
     ln_post, mask_token [1, D]). synclr: its timm MaskedTransformer (timm names, mask_token [1, 1, D]).
+    The training resolution goes into the dict's `_metadata` (see `export_metadata`), not into its keys.
     """
     sd = model.state_dict()
     if layout_of(sd) != layout:
@@ -209,7 +216,10 @@ def to_reference(model: ViT | DinoV3ViT, layout: str) -> StateDict:
     if layout == "dinov3":
         return {k: v.detach().clone().cpu() for k, v in dinov3.to_official(sd).items()}
     swiglu = model.blocks[0].mlp.__class__.__name__ == "GluMlp"
-    out = {}
+    out = OrderedDict()
+    out._metadata = OrderedDict(
+        {EXPORT_METADATA: {"img_size": model.patch_embed.img_size[0], "patch_size": model.patch_embed.patch_size[0]}}
+    )
     for k, v in sd.items():
         v = v.detach().clone().cpu()
         if layout == "clip":
@@ -283,17 +293,33 @@ def backbone_name(path: str | os.PathLike) -> str:
     return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
 
 
+def export_metadata(ckpt: object) -> dict[str, int]:
+    """{"img_size", "patch_size"} an exported backbone was trained at ({} for other files): the official
+    DinoVisionTransformer loads it strictly only when built with these."""
+    meta = getattr(ckpt, "_metadata", None)
+    record = meta.get(EXPORT_METADATA) if isinstance(meta, dict) else None
+    if not isinstance(record, dict) or not all(isinstance(record.get(k), int) for k in ("img_size", "patch_size")):
+        return {}  # not ours, or not a record we wrote: the weights alone tell the shape
+    return {"img_size": record["img_size"], "patch_size": record["patch_size"]}
+
+
 def load_backbone(path: str | os.PathLike, **kwargs) -> ViT | DinoV3ViT:
     """Rebuild a student/DINOv2/DINOv3 backbone from a file, inferring its architecture and layout from the weights.
 
     A CLIP-layout file gives the reference's CLIP ViT (ln_post on the CLS only), whatever its key names;
-    a DINOv3 file (official, our export or our checkpoint) gives a DinoV3ViT.
+    a DINOv3 file (official, our export or our checkpoint) gives a DinoV3ViT. An exported backbone is
+    built at the resolution it records it was trained at.
     """
-    sd = backbone_state_dict(safe_load(path), path)
+    ckpt = safe_load(path)
+    sd = backbone_state_dict(ckpt, path)
     if dinov3.is_official(sd):
         model = dinov3.from_state_dict_shapes(sd, **kwargs)
         load_dinov3(model, sd, str(path))
         return model
-    model = vit_from_state_dict(sd, **kwargs)
+    trained = export_metadata(ckpt)
+    patch_size = sd["patch_embed.proj.weight"].shape[-1]
+    if trained and trained["patch_size"] != patch_size:
+        raise ValueError(f"{path} records patch size {trained['patch_size']} but its weights have {patch_size}")
+    model = vit_from_state_dict(sd, img_size=trained.get("img_size"), **kwargs)
     load_strict(model, sd, str(path), optional=("mask_token",))
     return model

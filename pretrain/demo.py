@@ -38,7 +38,11 @@ def main() -> int:
     if teacher not in TEACHERS:
         print(f"error: unknown TEACHER '{teacher}'; choose from {', '.join(TEACHERS)}", file=sys.stderr)
         return 2
-    write_photos(OUT / "data" / "train")
+    try:
+        write_photos(OUT / "data" / "train")
+    except (ImportError, OSError) as e:
+        print(f"error: cannot write the demo's photos under {OUT / 'data'}: {e}", file=sys.stderr)
+        return 2
     out = OUT / f"{teacher}_to_vit_tiny"
     # fmt: off
     argv = [
@@ -60,10 +64,7 @@ def main() -> int:
             flush=True,
         )
         argv += ["--random-teacher"]
-    if (out / "checkpoint.pth").exists():
-        (out / "checkpoint.pth").unlink()  # a demo always starts fresh
-        (out / "log.txt").unlink(missing_ok=True)
-    rc = pretrain_main.main(argv)
+    rc = pretrain_main.main(argv, fresh=True)  # always anew; the last run is replaced once inputs are checked
     if rc:
         return rc
     epochs = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]

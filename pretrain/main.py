@@ -205,7 +205,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_names: tu
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, fresh: bool = False) -> int:
+    """fresh: start at epoch 0 even if --output-dir holds a checkpoint.pth (the demo's re-runs); the old
+    files are replaced only once every input is checked."""
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     dist_utils.exit_on_preemption("set-up (checks, teacher, data, model; nothing trained or written yet)")
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.warning("removed %s, left by a run killed while writing", p)
         if not dist_utils.is_main():
             logging.getLogger().setLevel(logging.WARNING)
-        setup = build(args, device, world)
+        setup = build(args, device, world, fresh)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         dist_utils.cleanup()
@@ -244,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def build(args: argparse.Namespace, device: torch.device, world: int) -> dict:
+def build(args: argparse.Namespace, device: torch.device, world: int, fresh: bool = False) -> dict:
     """Everything a run needs, resumed if a checkpoint exists; bad input raises ValueError here."""
     seed = args.seed + dist_utils.rank()
     random.seed(seed)
@@ -314,7 +316,7 @@ def build(args: argparse.Namespace, device: torch.device, world: int) -> dict:
     )
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     ema = ModelEmaV3(student, decay=args.ema_decay)
-    position = resume(args, distiller, optimizer, scaler, ema, world)
+    position = resume(args, distiller, optimizer, scaler, ema, world, fresh)
     if args.compile:  # after the EMA copy and the resume: both see the plain module
         compile_student(student)
     return dict(
@@ -368,10 +370,11 @@ def truncate_log(path: Path, key: str, end: int) -> None:
             path.write_text("".join(keep))
 
 
-def resume(args, distiller: Distiller, optimizer, scaler, ema, world: int) -> dict:
-    """Load --resume, else <output-dir>/checkpoint.pth if present; returns where to start (epoch, iteration)."""
+def resume(args, distiller: Distiller, optimizer, scaler, ema, world: int, fresh: bool = False) -> dict:
+    """Load --resume, else <output-dir>/checkpoint.pth if present and not `fresh`; returns where to start
+    (epoch, iteration)."""
     path = args.resume or (Path(args.output_dir) / CHECKPOINT)
-    if not args.resume and not Path(path).exists():
+    if not args.resume and (fresh or not Path(path).exists()):
         if dist_utils.is_main():  # a fresh run in an old output dir: its logs start anew, not appended to
             for name, key in (("log.txt", "epoch"), (ITERATION_LOG, "iteration")):
                 truncate_log(Path(args.output_dir) / name, key, 0)
@@ -515,8 +518,8 @@ def train(
     if main_rank:
         writer.close()
         print(
-            f"done: {out / 'backbone.pth'} ({args.student_layout} layout), {out / 'backbone_ema.pth'}; "
-            f"tensorboard logs in {out / 'tensorboard'}",
+            f"done: {out / 'backbone.pth'} ({args.student_layout} layout), {out / 'backbone_ema.pth'}, "
+            f"trained at img_size {args.input_size}; tensorboard logs in {out / 'tensorboard'}",
             flush=True,
         )
 

@@ -92,3 +92,51 @@ def test_chunked_official_layout_loads(tmp_path, official_and_ours):
     again = models.load_backbone(tmp_path / "chunked.pth")
     for k, v in ours.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
+
+
+def test_export_of_a_non_224_run_loads_strictly_at_its_recorded_img_size(tmp_path, capsys):
+    """A student trained at --input-size 56 has a 4x4 position table: backbone.pth records img_size 56,
+    and the official model built with it (not with 224) takes the file strictly and gives our outputs."""
+    from pretrain import main as pretrain_main
+    from tests.test_pretrain import TINY_RUN, make_image_folder
+
+    data, out = make_image_folder(tmp_path / "data"), tmp_path / "run"
+    argv = ["--data-path", str(data), "--output-dir", str(out), *TINY_RUN, "--input-size", "56"]
+    assert pretrain_main.main([*argv, "--epochs", "1", "--epoch-length", "1", "--pca-every", "0"]) == 0
+    assert "trained at img_size 56" in capsys.readouterr().out
+    exported = torch.load(out / "backbone.pth", weights_only=True)
+    assert models.export_metadata(exported) == {"img_size": 56, "patch_size": 14}
+    assert exported["pos_embed"].shape == (1, 17, 192)
+
+    def official(img_size):
+        return vit_mod.DinoVisionTransformer(
+            img_size=img_size, patch_size=14, embed_dim=192, depth=12, num_heads=3, init_values=1.0, block_chunks=0
+        ).eval()
+
+    with pytest.raises(RuntimeError, match="pos_embed"):
+        official(224).load_state_dict(exported, strict=True)
+    fair = official(models.export_metadata(exported)["img_size"])
+    fair.load_state_dict(exported, strict=True)
+    ours = models.load_backbone(out / "backbone.pth").eval()
+    assert ours.patch_embed.img_size == (56, 56)
+    x = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        got, want = ours.forward_features(x), fair.forward_features(x)
+    for key in ("x_norm_clstoken", "x_norm_patchtokens"):
+        assert rel_err(got[key], want[key]) < 1e-4, key
+
+
+def test_load_backbone_checks_the_recorded_resolution(tmp_path):
+    vit = models.ViT(img_size=28, patch_size=14, embed_dim=32, depth=1, num_heads=1)
+    exported = models.to_dinov2(vit)
+    assert models.export_metadata(exported) == {"img_size": 28, "patch_size": 14}
+    assert models.export_metadata(vit.state_dict()) == {}  # a file without our record: img_size from pos_embed
+    assert models.export_metadata(type("Odd", (dict,), {"_metadata": {"proteus": 5}})()) == {}
+    for record, message in (
+        ({"img_size": 28, "patch_size": 16}, "records patch size 16"),
+        ({"img_size": 56, "patch_size": 14}, "pos_embed"),
+    ):
+        exported._metadata[models.checkpoints.EXPORT_METADATA] = record
+        torch.save(exported, tmp_path / "b.pth")
+        with pytest.raises(ValueError, match=message):
+            models.load_backbone(tmp_path / "b.pth")
