@@ -95,8 +95,9 @@ class Distiller(nn.Module):
 def param_groups(model: nn.Module, weight_decay: float, no_decay_names: tuple[str, ...] = ()) -> list[dict]:
     """[decay, no decay] by timm's rule: none on biases, norms and LayerScale gammas (ndim <= 1), as the
     reference, nor on `no_decay_names` (weights 1-d in the reference's layout but not in ours: CLIP's
-    class_embedding). The layout is ours: timm lists [no decay, decay] and, at weight decay 0, one group;
-    checkpoints' optimizer states hold two groups in this order."""
+    class_embedding). timm also exempts any `.bias` and reads the names as fnmatch patterns, neither of
+    which changes our groups. The layout is ours: timm lists [no decay, decay] and, at weight decay 0, one
+    group; checkpoints' optimizer states hold two groups in this order."""
     groups = param_groups_weight_decay(model, 1.0, no_weight_decay_list=no_decay_names)  # 1.0: any decay > 0 splits
     decayed = {g["weight_decay"] > 0: g["params"] for g in groups}
     return [

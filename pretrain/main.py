@@ -2,6 +2,9 @@
 
 python -m pretrain.main --data-path /imagenet --teacher dinov2_vitl14 --student vit_base
 torchrun --nproc_per_node=4 -m pretrain.main --data-path /imagenet ...
+
+main: resolve_args (every check) -> build (a state.Run, resumed when a checkpoint exists) -> train (the
+epochs, engine.train_one_epoch each, a checkpoint after each) -> export_backbones.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ import logging
 import math
 import random
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -351,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         with run.control:
             train(run)
     except NonFiniteLoss as e:
-        ckpt = Path(args.output_dir) / CHECKPOINT
+        ckpt = out.folder / CHECKPOINT
         kept = f"the last good checkpoint {ckpt} is untouched" if ckpt.exists() else "no checkpoint was written"
         print(f"error: {e}; stopping, {kept}", file=sys.stderr)
         return 3
@@ -360,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Preempted as e:
         dist_utils.barrier()  # no rank exits (and gets its peers killed by torchrun) before rank 0 has written
-        out.print(f"{e}: wrote {Path(args.output_dir) / CHECKPOINT}, exiting {EXIT_REQUEUE} (requeue)")
+        out.print(f"{e}: wrote {out.folder / CHECKPOINT}, exiting {EXIT_REQUEUE} (requeue)")
         return EXIT_REQUEUE
     finally:
         dist_utils.cleanup()

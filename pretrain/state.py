@@ -88,11 +88,6 @@ class Run:
     control: StopControl
     position: Position = field(default_factory=Position)
 
-    @property
-    def iteration(self) -> int:
-        """The global iteration the position stands at."""
-        return self.position.epoch * self.iters_per_epoch + self.position.iteration
-
     def state_dict(self) -> dict:
         """checkpoint.pth: "epoch" is the last finished epoch (as the reference's), "iteration_in_epoch" counts
         the iterations of the next one already trained."""
@@ -102,7 +97,7 @@ class Run:
             "student": self.distiller.student.state_dict(),
             "heads": self.distiller.heads_state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": {"iteration": self.iteration, "iters_per_epoch": iters},
+            "scheduler": {"iteration": pos.epoch * iters + pos.iteration, "iters_per_epoch": iters},
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.module.state_dict(),
             "epoch": pos.epoch if finished else pos.epoch - 1,
