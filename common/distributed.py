@@ -113,7 +113,7 @@ def exit_on_preemption(during: str = "") -> None:
     They only write atomically at safe points (epoch checkpoints, feature caches, mmengine
     checkpoints), so stopping anywhere loses at most the work since the last one; the same command
     re-run resumes from there. Pretraining uses this during its set-up (`during` says what was
-    interrupted) and checkpoints mid-epoch once training runs (pretrain.engine.StopControl).
+    interrupted) and checkpoints mid-epoch once training runs (pretrain.state.StopControl).
     """
 
     def stop(signum, frame):

@@ -31,11 +31,10 @@ from common.cli import HelpFormatter
 from models import STUDENT_ARCHS, TEACHERS, create_student, create_teacher
 
 from .data import build_dataset
-from .distiller import Distiller, compile_student, teacher_targets
-from .engine import backward_and_step, forward_losses
+from .distiller import Distiller, compile_student, param_groups, teacher_targets
+from .engine import AMP, backward_and_step, forward_losses
 from .masking import make_masks
 
-AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 MATMUL_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -103,7 +102,7 @@ class ReferenceDistiller(nn.Module):
 
     def forward(
         self, images: torch.Tensor, masks: torch.Tensor | None, targets: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    ) -> dict[str, torch.Tensor]:
         """`masks` (B, N) bool for the whole batch (clean samples all False)."""
         t_cls, t_patches = targets["cls"].float(), targets["patches"].float()
         zero = images.new_zeros((), dtype=torch.float32)
@@ -118,8 +117,8 @@ class ReferenceDistiller(nn.Module):
         if self.lambda_fea:
             pred = torch.cat((token_pred.unsqueeze(1), self.fea_head(out["x_norm_patchtokens"]).float()), dim=1)
             parts["fea"] = F.mse_loss(pred, torch.cat((t_cls.unsqueeze(1), t_patches), dim=1))
-        loss = self.lambda_token * parts["token"] + self.lambda_patch * parts["patch"] + self.lambda_fea * parts["fea"]
-        return loss, parts
+        total = self.lambda_token * parts["token"] + self.lambda_patch * parts["patch"] + self.lambda_fea * parts["fea"]
+        return {"total": total, **parts}
 
 
 def single_process_group(device: torch.device) -> bool:
@@ -135,8 +134,6 @@ class Setup:
     """Teacher, Distiller, optimizer and scaler as main.build makes them, plus one fixed synthetic batch."""
 
     def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
-        from .main import param_groups  # main imports tensorboard; keep it out of module import
-
         torch.manual_seed(args.seed)
         self.device, self.precision = device, args.precision
         clip = TEACHERS[args.teacher].family == "clip"
@@ -157,7 +154,7 @@ class Setup:
         self.amp = AMP[args.precision]
 
     def step(self) -> torch.Tensor:
-        loss, _ = forward_losses(self.distiller, self.teacher, self.images, self.masks, self.amp)
+        loss = forward_losses(self.distiller, self.teacher, self.images, self.masks, self.amp)["total"]
         backward_and_step(self.distiller, loss, self.optimizer, self.scaler)
         return loss.detach()
 
@@ -172,7 +169,7 @@ class Setup:
 
         def student() -> None:
             with torch.autocast(self.device.type, dtype=self.amp, enabled=enabled):
-                loss, _ = self.distiller(self.images, self.masks, holder["t"])
+                loss = self.distiller(self.images, self.masks, holder["t"])["total"]
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
 
@@ -192,8 +189,7 @@ class Setup:
     def flops(self) -> int:
         """FlopCounterMode over one forward + backward (teacher forward, student forward/backward); no update."""
         with FlopCounterMode(display=False) as counter:
-            loss, _ = forward_losses(self.distiller, self.teacher, self.images, self.masks, self.amp)
-            loss.backward()
+            forward_losses(self.distiller, self.teacher, self.images, self.masks, self.amp)["total"].backward()
         self.optimizer.zero_grad(set_to_none=True)
         return counter.get_total_flops()
 
@@ -214,8 +210,6 @@ class Reference:
         self.model, self.owns_group, self.skipped = None, False, 0
 
     def start(self) -> None:
-        from .main import param_groups
-
         device = self.device
         self.teacher.to(device)
         model = self.distiller.to(device)
@@ -230,7 +224,7 @@ class Reference:
         s = self.setup
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             targets = teacher_targets(self.teacher, s.images)
-            loss, _ = self.model(s.images, s.masks_full, targets)
+            loss = self.model(s.images, s.masks_full, targets)["total"]
         self.optimizer.zero_grad()
         self.scaler.scale(loss).backward()
         scale = self.scaler.get_scale() if self.amp is not None else 1.0

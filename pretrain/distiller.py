@@ -5,9 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from models import ViT
+
+LOSSES = ("total", "token", "patch", "fea")  # the Distiller's losses by name, in every log and checkpoint
 
 
 def head(dim_in: int, dim_out: int) -> nn.Sequential:
@@ -31,7 +34,8 @@ def teacher_targets(
 
 
 class Distiller(nn.Module):
-    """Student + the three LayerNorm/Linear heads; forward returns the weighted loss and its parts.
+    """Student + the three LayerNorm/Linear heads; forward returns the losses by name (LOSSES): the weighted
+    "total" and its parts.
 
     Only heads of active losses exist, so DDP never waits for an unused parameter. The masked and
     clean views go through the student in one batched pass: [masked samples ; all samples clean].
@@ -60,7 +64,7 @@ class Distiller(nn.Module):
 
     def forward(
         self, images: torch.Tensor, masks: torch.Tensor | None, targets: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    ) -> dict[str, torch.Tensor]:
         """`masks` (M, N) bool covers the first M samples of the batch (M may be 0 or None)."""
         n_masked = masks.shape[0] if masks is not None and self.lambda_patch else 0
         if n_masked:
@@ -84,8 +88,22 @@ class Distiller(nn.Module):
         if n_masked:
             pred = self.patch_head(patches[:n_masked][masks]).float()
             parts["patch"] = F.mse_loss(pred, t_patches[:n_masked][masks])
-        loss = self.lambda_token * parts["token"] + self.lambda_patch * parts["patch"] + self.lambda_fea * parts["fea"]
-        return loss, parts
+        total = self.lambda_token * parts["token"] + self.lambda_patch * parts["patch"] + self.lambda_fea * parts["fea"]
+        return {"total": total, **parts}
+
+
+def param_groups(model: nn.Module, weight_decay: float, no_decay_names: tuple[str, ...] = ()) -> list[dict]:
+    """[decay, no decay] by timm's rule: none on biases, norms and LayerScale gammas (ndim <= 1), as the
+    reference, nor on `no_decay_names` (weights 1-d in the reference's layout but not in ours: CLIP's
+    class_embedding). timm also exempts any `.bias` and reads the names as fnmatch patterns, neither of
+    which changes our groups. The layout is ours: timm lists [no decay, decay] and, at weight decay 0, one
+    group; checkpoints' optimizer states hold two groups in this order."""
+    groups = param_groups_weight_decay(model, 1.0, no_weight_decay_list=no_decay_names)  # 1.0: any decay > 0 splits
+    decayed = {g["weight_decay"] > 0: g["params"] for g in groups}
+    return [
+        {"params": decayed.get(True, []), "weight_decay": weight_decay},
+        {"params": decayed.get(False, []), "weight_decay": 0.0},
+    ]
 
 
 def compile_student(student: ViT) -> None:

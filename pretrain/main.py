@@ -2,19 +2,18 @@
 
 python -m pretrain.main --data-path /imagenet --teacher dinov2_vitl14 --student vit_base
 torchrun --nproc_per_node=4 -m pretrain.main --data-path /imagenet ...
+
+main: resolve_args (every check) -> build (a state.Run, resumed when a checkpoint exists) -> train (the
+epochs, engine.train_one_epoch each, a checkpoint after each) -> export_backbones.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
-import json
 import logging
 import math
 import random
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,11 +21,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
-from torch.utils.tensorboard import SummaryWriter
 
 from common import distributed as dist_utils
 from common.cli import HelpFormatter
-from common.io import DiskFullError, atomic_save, prepare_output_dir, remove_stale_temp_files
+from common.io import DiskFullError, prepare_output_dir
 from common.schedule import warmup_cosine
 from models import (
     LAYOUTS,
@@ -34,17 +32,16 @@ from models import (
     TEACHERS,
     create_student,
     create_teacher,
-    safe_load,
     to_reference,
 )
 
-from . import pca
 from .data import PositionSampler, SeededDataset, build_dataset, worker_init
-from .distiller import Distiller, compile_student
-from .engine import ITERATION_LOG, NonFiniteLoss, Preempted, StopControl, train_one_epoch
+from .distiller import Distiller, compile_student, param_groups
+from .engine import NonFiniteLoss, Preempted, train_one_epoch
+from .output import CHECKPOINT, Output
+from .state import Position, Run, StopControl
 
 log = logging.getLogger("pretrain")
-CHECKPOINT = "checkpoint.pth"
 EXIT_REQUEUE = dist_utils.EXIT_REQUEUE  # SIGUSR1/SIGTERM: checkpoint written mid-epoch, re-run to continue
 
 
@@ -195,58 +192,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_names: tuple[str, ...] = ()) -> list[dict]:
-    """No weight decay on biases, norms and LayerScale gammas (ndim <= 1), as the reference, nor on
-    `no_decay_names`: weights 1-d in the reference's layout but not in ours (CLIP's class_embedding)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name in no_decay_names else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def main(argv: list[str] | None = None, fresh: bool = False) -> int:
-    """fresh: start at epoch 0 even if --output-dir holds a checkpoint.pth (the demo's re-runs); the old
-    files are replaced only once every input is checked."""
-    args = get_args_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    dist_utils.exit_on_preemption("set-up (checks, teacher, data, model; nothing trained or written yet)")
-    try:
-        args = resolve_args(args)
-        prepare_output_dir(args.output_dir)
-        device, rank, world = dist_utils.init_distributed(args.device)
-        if dist_utils.is_main():
-            for p in remove_stale_temp_files(args.output_dir, (CHECKPOINT, "backbone.pth", "backbone_ema.pth")):
-                log.warning("removed %s, left by a run killed while writing", p)
-        if not dist_utils.is_main():
-            logging.getLogger().setLevel(logging.WARNING)
-        setup = build(args, device, world, fresh)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        dist_utils.cleanup()
-        return 2
-    try:
-        with StopControl(args.save_every_minutes) as control:
-            train(args, device, world, control=control, **setup)
-    except NonFiniteLoss as e:
-        ckpt = Path(args.output_dir) / CHECKPOINT
-        kept = f"the last good checkpoint {ckpt} is untouched" if ckpt.exists() else "no checkpoint was written"
-        print(f"error: {e}; stopping, {kept}", file=sys.stderr)
-        return 3
-    except DiskFullError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except Preempted as e:
-        dist_utils.barrier()  # no rank exits (and gets its peers killed by torchrun) before rank 0 has written
-        if dist_utils.is_main():
-            print(f"{e}: wrote {Path(args.output_dir) / CHECKPOINT}, exiting {EXIT_REQUEUE} (requeue)", flush=True)
-        return EXIT_REQUEUE
-    finally:
-        dist_utils.cleanup()
-    return 0
-
-
-def build(args: argparse.Namespace, device: torch.device, world: int, fresh: bool = False) -> dict:
+def build(args: argparse.Namespace, device: torch.device, world: int, out: Output, fresh: bool = False) -> Run:
     """Everything a run needs, resumed if a checkpoint exists; bad input raises ValueError here."""
     seed = args.seed + dist_utils.rank()
     random.seed(seed)
@@ -314,214 +260,115 @@ def build(args: argparse.Namespace, device: torch.device, world: int, fresh: boo
         eps=1e-8,
         fused=device.type == "cuda",
     )
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    ema = ModelEmaV3(student, decay=args.ema_decay)
-    position = resume(args, distiller, optimizer, scaler, ema, world, fresh)
-    if args.compile:  # after the EMA copy and the resume: both see the plain module
-        compile_student(student)
-    return dict(
+    run = Run(
+        args=args,
+        device=device,
         distiller=distiller,
+        model=distiller,
         teacher=teacher,
+        optimizer=optimizer,
+        scaler=torch.amp.GradScaler(device.type, enabled=args.precision == "fp16"),
+        ema=ModelEmaV3(student, decay=args.ema_decay),
+        schedule=schedule,
         loader=loader,
         sampler=sampler,
         iters_per_epoch=iters,
-        schedule=schedule,
-        optimizer=optimizer,
-        scaler=scaler,
-        ema=ema,
-        **position,
+        out=out,
+        control=StopControl(args.save_every_minutes),
+    )
+    run.resume(fresh)
+    if args.compile:  # after the EMA copy and the resume: both see the plain module
+        compile_student(student)
+    if world > 1:
+        run.model = torch.nn.parallel.DistributedDataParallel(
+            distiller, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    return run
+
+
+def train(run: Run) -> None:
+    """Epochs from where the run stands to --epochs, a checkpoint after each, then the exports."""
+    args, out, student = run.args, run.out, run.distiller.student
+    start_epoch, world = run.position.epoch, dist_utils.world_size()
+    if start_epoch >= args.epochs:
+        out.print(f"{out.folder} already holds all {args.epochs} epochs; raise --epochs to train longer")
+    else:
+        n_params = sum(p.numel() for p in student.parameters()) / 1e6
+        out.print(
+            f"distilling {args.teacher} -> {args.student} ({args.student_layout} layout, {n_params:.1f}M params) "
+            f"on {run.device}, world {world}, global batch {args.batch_size * world}, "
+            f"peak lr {max(run.schedule):.3e}, {run.iters_per_epoch} it/epoch, epochs {start_epoch}..{args.epochs - 1}"
+        )
+    # PCA pictures of the dataset's first 4 images (eval transform): the teacher's once, the student's every N epochs
+    if args.pca_every > 0:
+        out.load_pictures(run.loader.dataset, args.input_size, run.device)
+        out.picture("pca/teacher", run.teacher, start_epoch)
+
+    for epoch in range(start_epoch, args.epochs):
+        stats = train_one_epoch(run)
+        run.save_checkpoint()
+        out.epoch(epoch, stats)
+        if args.pca_every > 0 and (epoch + 1) % args.pca_every == 0:
+            out.picture("pca/student", student, epoch)
+        out.flush()
+        dist_utils.barrier()
+        if run.control.signalled and epoch + 1 < args.epochs:
+            raise Preempted(f"stopped after epoch {epoch}")
+        run.position = Position(epoch + 1)
+    export_backbones(run, trained=start_epoch < args.epochs)
+    out.close()
+    out.print(
+        f"done: {out.folder / 'backbone.pth'} ({args.student_layout} layout), {out.folder / 'backbone_ema.pth'}, "
+        f"trained at img_size {args.input_size}; tensorboard logs in {out.folder / 'tensorboard'}"
     )
 
 
-def checkpoint_state(
-    args, distiller: Distiller, optimizer, scaler, ema, epoch: int, done: int, iters: int, sums=None
-) -> dict:
-    """What resumes a run `done` iterations into `epoch`: "epoch" stays the last finished epoch (as the
-    reference's), "iteration_in_epoch" counts the iterations of the next one already trained."""
-    finished = epoch if done == iters else epoch - 1
-    return {
-        "student": distiller.student.state_dict(),
-        "heads": distiller.heads_state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": {"iteration": epoch * iters + done, "iters_per_epoch": iters},
-        "scaler": scaler.state_dict(),
-        "ema": ema.module.state_dict(),
-        "epoch": finished,
-        "iteration_in_epoch": done % iters,
-        "epoch_loss_sums": None if sums is None else sums.tolist(),
-        "world_size": dist_utils.world_size(),
-        "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
-    }
+def export_backbones(run: Run, trained: bool) -> None:
+    """backbone.pth and backbone_ema.pth in the reference's layout of --student-layout. A finished run
+    re-run keeps the files it finds: a new mtime would void the evaluations' feature caches."""
+    folder, layout = run.out.folder, run.args.student_layout
+    kept = not trained and (folder / "backbone.pth").is_file() and (folder / "backbone_ema.pth").is_file()
+    if kept or not run.out.main:  # only rank 0 writes: the others skip the copies too
+        return
+    run.out.save(to_reference(run.distiller.student, layout), "backbone.pth")
+    run.out.save(to_reference(run.ema.module, layout), "backbone_ema.pth")
 
 
-def truncate_log(path: Path, key: str, end: int) -> None:
-    """Drop JSON lines with `key` >= end (or cut short): a killed run's lines past its checkpoint are logged again."""
-
-    def before(line: str) -> bool:
-        try:
-            return json.loads(line)[key] < end
-        except (ValueError, KeyError):
-            return False
-
-    if path.exists():
-        lines = path.read_text().splitlines(keepends=True)
-        keep = [line for line in lines if line.endswith("\n") and before(line)]
-        if len(keep) < len(lines):
-            path.write_text("".join(keep))
-
-
-def resume(args, distiller: Distiller, optimizer, scaler, ema, world: int, fresh: bool = False) -> dict:
-    """Load --resume, else <output-dir>/checkpoint.pth if present and not `fresh`; returns where to start
-    (epoch, iteration)."""
-    path = args.resume or (Path(args.output_dir) / CHECKPOINT)
-    if not args.resume and (fresh or not Path(path).exists()):
-        if dist_utils.is_main():  # a fresh run in an old output dir: its logs start anew, not appended to
-            for name, key in (("log.txt", "epoch"), (ITERATION_LOG, "iteration")):
-                truncate_log(Path(args.output_dir) / name, key, 0)
-        return dict(start_epoch=0, start_iteration=0, epoch_sums=None)
-    ckpt = safe_load(path)
-    if not isinstance(ckpt, dict) or not {"student", "heads", "optimizer", "args"} <= set(ckpt):
-        keys = sorted(map(str, ckpt))[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(
-            f"{path} is not a pretraining checkpoint.pth (it holds {keys}); --resume takes the checkpoint.pth "
-            "of a pretraining run, not an exported backbone or another task's checkpoint"
-        )
-    trained = {"student_layout": "dinov2", **ckpt["args"]}  # checkpoints from before --student-layout
-    for key in ("student", "teacher", "student_layout"):
-        if trained[key] != getattr(args, key):
-            flag = "--" + key.replace("_", "-")
-            raise ValueError(f"{path} was trained with {flag} {trained[key]}, not {getattr(args, key)}")
-    distiller.student.load_state_dict(ckpt["student"])
-    heads = distiller.load_state_dict(ckpt["heads"], strict=False)  # the student is loaded above
-    missing = [k for k in heads.missing_keys if not k.startswith("student.")]
-    if missing or heads.unexpected_keys:
-        raise ValueError(
-            f"{path} has other loss heads than this run (were --lambda-* changed?): "
-            f"missing {missing}, unexpected {heads.unexpected_keys}"
-        )
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt["scaler"]:  # empty unless that run used fp16; a fresh fp16 scaler then starts at its initial scale
-        scaler.load_state_dict(ckpt["scaler"])
-    if ckpt["args"]["precision"] != args.precision:
-        log.warning("%s was trained with --precision %s, now %s", path, ckpt["args"]["precision"], args.precision)
-    ema.module.load_state_dict(ckpt["ema"])
-    epoch, done = ckpt["epoch"] + 1, ckpt.get("iteration_in_epoch", 0)
-    if ckpt["args"]["epochs"] != args.epochs and epoch < args.epochs:
-        log.warning("%s was trained with --epochs %d, now %d: the lr follows the cosine of a %d-epoch run from here",
-                    path, ckpt["args"]["epochs"], args.epochs, args.epochs)  # fmt: skip
-    where = f", at iteration {done} of epoch {epoch}" if done else ""
-    if done and ckpt["world_size"] != world:
-        log.warning("%s was written by %d processes, not %d: the rest of epoch %d differs from the uninterrupted run",
-                    path, ckpt["world_size"], world, epoch)  # fmt: skip
-    if dist_utils.is_main():
-        out = Path(args.output_dir)
-        truncate_log(out / "log.txt", "epoch", epoch)
-        truncate_log(out / ITERATION_LOG, "iteration", ckpt["scheduler"]["iteration"])
-        print(f"resumed from {path} after epoch {ckpt['epoch']}{where}", flush=True)
-    sums = torch.tensor(ckpt["epoch_loss_sums"], dtype=torch.float64) if done else None
-    return dict(start_epoch=epoch, start_iteration=done, epoch_sums=sums)
-
-
-def train(
-    args,
-    device,
-    world,
-    distiller,
-    teacher,
-    loader,
-    sampler,
-    iters_per_epoch,
-    schedule,
-    optimizer,
-    scaler,
-    ema,
-    start_epoch,
-    start_iteration=0,
-    epoch_sums=None,
-    control: StopControl | None = None,
-) -> None:
-    out = Path(args.output_dir)
-    main_rank = dist_utils.is_main()
-    student = distiller.student
-    model = distiller
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            distiller, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    writer = SummaryWriter(str(out / "tensorboard")) if main_rank else None
-    if main_rank and start_epoch >= args.epochs:
-        print(f"{out} already holds all {args.epochs} epochs; raise --epochs to train longer", flush=True)
-    elif main_rank:
-        n_params = sum(p.numel() for p in student.parameters()) / 1e6
-        print(
-            f"distilling {args.teacher} -> {args.student} ({args.student_layout} layout, {n_params:.1f}M params) "
-            f"on {device}, world {world}, "
-            f"global batch {args.batch_size * world}, peak lr {max(schedule):.3e}, {iters_per_epoch} it/epoch, "
-            f"epochs {start_epoch}..{args.epochs - 1}",
-            flush=True,
-        )
-    control = control or StopControl()
-    # PCA pictures of the dataset's first 4 images (eval transform): the teacher's once, the student's every N epochs
-    pca_batch = None
-    if main_rank and args.pca_every > 0:
-        pca_batch = pca.first_images(loader.dataset, args.input_size)
-        if pca_batch is None:
-            log.warning("no readable image among the dataset's first ones: no PCA pictures in tensorboard")
-        else:
-            pca_batch = pca_batch.to(device)
-            writer.add_image("pca/teacher", pca.pca_grid(teacher, pca_batch), start_epoch)
-
-    def save(epoch: int, done: int, sums=None) -> None:
-        if main_rank:
-            state = checkpoint_state(args, distiller, optimizer, scaler, ema, epoch, done, iters_per_epoch, sums)
-            atomic_save(state, out / CHECKPOINT)
-            writer.flush()
-
-    for epoch in range(start_epoch, args.epochs):
-        resumed = epoch == start_epoch
-        stats = train_one_epoch(
-            model,
-            teacher,
-            loader,
-            sampler,
-            optimizer,
-            scaler,
-            ema,
-            schedule,
-            epoch,
-            iters_per_epoch,
-            args,
-            device,
-            writer,
-            start=start_iteration if resumed else 0,
-            sums=epoch_sums if resumed else None,
-            control=control,
-            checkpoint=functools.partial(save, epoch),
-        )
-        save(epoch, iters_per_epoch)
-        control.last_save = time.monotonic()
-        if main_rank:
-            with open(out / "log.txt", "a") as f:
-                f.write(json.dumps({"epoch": epoch, **stats}) + "\n")
-            for k, v in stats.items():
-                writer.add_scalar(f"epoch/{k}", v, epoch)
-            if pca_batch is not None and (epoch + 1) % args.pca_every == 0:
-                writer.add_image("pca/student", pca.pca_grid(student, pca_batch), epoch)
-            writer.flush()
-        dist_utils.barrier()
-        if control.signalled and epoch + 1 < args.epochs:
-            raise Preempted(f"stopped after epoch {epoch}")
-    exported = (out / "backbone.pth").is_file() and (out / "backbone_ema.pth").is_file()
-    if main_rank and not (start_epoch >= args.epochs and exported):  # a new mtime would void feature caches
-        atomic_save(to_reference(student, args.student_layout), out / "backbone.pth")
-        atomic_save(to_reference(ema.module, args.student_layout), out / "backbone_ema.pth")
-    if main_rank:
-        writer.close()
-        print(
-            f"done: {out / 'backbone.pth'} ({args.student_layout} layout), {out / 'backbone_ema.pth'}, "
-            f"trained at img_size {args.input_size}; tensorboard logs in {out / 'tensorboard'}",
-            flush=True,
-        )
+def main(argv: list[str] | None = None, fresh: bool = False) -> int:
+    """fresh: start at epoch 0 even if --output-dir holds a checkpoint.pth (the demo's re-runs); the old
+    files are replaced only once every input is checked."""
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    dist_utils.exit_on_preemption("set-up (checks, teacher, data, model; nothing trained or written yet)")
+    try:
+        args = resolve_args(args)
+        prepare_output_dir(args.output_dir)
+        device, _, world = dist_utils.init_distributed(args.device)
+        out = Output(args.output_dir, main=dist_utils.is_main())
+        out.remove_stale_temp_files((CHECKPOINT, "backbone.pth", "backbone_ema.pth"))
+        run = build(args, device, world, out, fresh)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        dist_utils.cleanup()
+        return 2
+    try:
+        with run.control:
+            train(run)
+    except NonFiniteLoss as e:
+        ckpt = out.folder / CHECKPOINT
+        kept = f"the last good checkpoint {ckpt} is untouched" if ckpt.exists() else "no checkpoint was written"
+        print(f"error: {e}; stopping, {kept}", file=sys.stderr)
+        return 3
+    except DiskFullError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Preempted as e:
+        dist_utils.barrier()  # no rank exits (and gets its peers killed by torchrun) before rank 0 has written
+        out.print(f"{e}: wrote {out.folder / CHECKPOINT}, exiting {EXIT_REQUEUE} (requeue)")
+        return EXIT_REQUEUE
+    finally:
+        dist_utils.cleanup()
+    return 0
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from tests.test_pretrain import TINY_RUN, make_image_folder
 CRASH = """# {token}
 import runpy, sys
 import common.features as features
-import pretrain.engine as engine
+import pretrain.output as output
 calls = [0]
 def crash(*args, **kwargs):
     calls[0] += 1
@@ -30,8 +30,8 @@ def crash(*args, **kwargs):
         raise RuntimeError("injected failure mid-epoch")
     return real(*args, **kwargs)
 if {in_pretraining}:
-    real = engine.json.dumps  # the iteration log line, written every iteration
-    engine.json = type("Json", (), {{"dumps": staticmethod(crash), "loads": staticmethod(engine.json.loads)}})
+    real = output.json.dumps  # the iteration log line, written every iteration
+    output.json = type("Json", (), {{"dumps": staticmethod(crash), "loads": staticmethod(output.json.loads)}})
 else:
     real = features.Progress.step  # the per-batch progress of extraction and of the linear probe's epochs
     features.Progress.step = lambda self, *a, **k: crash(self, *a, **k)

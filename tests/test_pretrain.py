@@ -16,8 +16,9 @@ from common.schedule import warmup_cosine
 from models import ViT
 from pretrain import main as pretrain_main
 from pretrain.data import SingleImageDataset, build_dataset, subset_samples, train_transform
-from pretrain.distiller import Distiller, teacher_targets
+from pretrain.distiller import Distiller, param_groups, teacher_targets
 from pretrain.masking import make_masks
+from pretrain.output import Output
 
 TINY_RUN = [
     "--teacher",
@@ -113,14 +114,15 @@ def test_losses_match_hand_computation_and_two_pass_reference():
     images = torch.randn(6, 3, 28, 28)
     masks = make_masks(6, 4, 0.5, (0.5, 0.5))[:3]
     t = {"cls": torch.randn(6, 24), "patches": torch.randn(6, 4, 24)}
-    loss, parts = d(images, masks, t)
+    losses = d(images, masks, t)
+    assert list(losses) == ["total", "token", "patch", "fea"]  # pretrain.distiller.LOSSES
     token, patch, fea = plain_losses(d, images, masks, t["cls"], t["patches"])
-    torch.testing.assert_close(parts["token"], token, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(parts["patch"], patch, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(parts["fea"], fea, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(loss, token + 0.5 * patch + 2.0 * fea, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses["token"], token, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses["patch"], patch, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses["fea"], fea, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses["total"], token + 0.5 * patch + 2.0 * fea, rtol=1e-5, atol=1e-6)
     # gradients equal those of the plain two-pass computation
-    loss.backward()
+    losses["total"].backward()
     g1 = [p.grad.clone() for p in d.parameters() if p.grad is not None]
     d.zero_grad()
     (token + 0.5 * patch + 2.0 * fea).backward()
@@ -132,11 +134,11 @@ def test_losses_match_hand_computation_and_two_pass_reference():
 def test_token_only_distiller_has_no_unused_parameters():
     d = Distiller(tiny_vit(), teacher_dim=8, lambda_token=1.0, lambda_patch=0.0, lambda_fea=0.0)
     assert d.patch_head is None and d.fea_head is None
-    loss, parts = d(torch.randn(2, 3, 28, 28), None, {"cls": torch.randn(2, 8), "patches": torch.randn(2, 4, 8)})
-    loss.backward()
+    losses = d(torch.randn(2, 3, 28, 28), None, {"cls": torch.randn(2, 8), "patches": torch.randn(2, 4, 8)})
+    losses["total"].backward()
     unused = [n for n, p in d.named_parameters() if p.requires_grad and p.grad is None]
     assert unused == []
-    assert float(parts["patch"]) == 0.0 and float(parts["fea"]) == 0.0
+    assert float(losses["patch"]) == 0.0 and float(losses["fea"]) == 0.0
 
 
 def test_teacher_targets_use_the_teachers_own_normalisation():
@@ -163,13 +165,33 @@ def test_schedule_per_iteration_warmup_then_cosine():
 
 def test_no_weight_decay_on_biases_norms_and_layerscale():
     d = Distiller(tiny_vit(), teacher_dim=8)
-    decay, no_decay = pretrain_main.param_groups(d, 0.05)
+    decay, no_decay = param_groups(d, 0.05)
     names = {id(p): n for n, p in d.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     assert "student.blocks.0.ls1.gamma" in no_decay_names and "student.norm.weight" in no_decay_names
     assert "student.blocks.0.attn.qkv.bias" in no_decay_names
     assert all(p.ndim > 1 for p in decay["params"]) and no_decay["weight_decay"] == 0.0
     assert "student.pos_embed" in {names[id(p)] for p in decay["params"]}
+
+
+@pytest.mark.parametrize("weight_decay", [0.05, 0.0])
+@pytest.mark.parametrize("layout, lambdas", [("dinov2", (1.0, 1.0, 1.0)), ("clip", (1.0, 0.0, 0.0))])
+def test_param_groups_through_timm_are_the_groups_of_before(weight_decay, layout, lambdas):
+    """timm's param_groups_weight_decay decides; the groups (members, order, weight decay) are the ones our own
+    rule made before, so checkpoints' optimizer states still load: [decay, no decay], both even at 0."""
+    student = models.create_student("vit_tiny", img_size=28, layout=layout)
+    d = Distiller(student, 8, *lambdas)
+    no_decay_names = tuple(f"student.{n}" for n in models.LAYOUTS[layout].no_weight_decay)
+    trained = [(n, p) for n, p in d.named_parameters() if p.requires_grad]
+    before = [  # the rule as main.param_groups wrote it
+        ([p for n, p in trained if not (p.ndim <= 1 or n in no_decay_names)], weight_decay),
+        ([p for n, p in trained if p.ndim <= 1 or n in no_decay_names], 0.0),
+    ]
+    groups = param_groups(d, weight_decay, no_decay_names)
+    assert [([id(p) for p in g["params"]], g["weight_decay"]) for g in groups] == [
+        ([id(p) for p in params], wd) for params, wd in before
+    ]
+    assert ("student.cls_token" in no_decay_names) == (layout == "clip")
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -336,8 +358,8 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(data, tmp_path, capsys,
     real_forward = Distiller.forward
 
     def nan_forward(self, *a, **k):
-        loss, parts = real_forward(self, *a, **k)
-        return loss * float("nan"), parts
+        losses = real_forward(self, *a, **k)
+        return {**losses, "total": losses["total"] * float("nan")}
 
     monkeypatch.setattr(Distiller, "forward", nan_forward)
     rc = pretrain_main.main([*base, "--epochs", "3"])
@@ -400,12 +422,12 @@ def test_small_batch_lr_below_min_lr_is_said(data, tmp_path, caplog):
 @pytest.mark.parametrize(
     "choice, mean", [("reference", IMAGENET_DEFAULT_MEAN), ("teacher", OPENAI_CLIP_MEAN), (None, IMAGENET_DEFAULT_MEAN)]
 )
-def test_clip_teacher_sees_the_references_imagenet_crops_by_default(data, choice, mean):
+def test_clip_teacher_sees_the_references_imagenet_crops_by_default(data, tmp_path, choice, mean):
     """The paper's CLIP row: the reference fed CLIP the ImageNet-normalised crops; `--teacher-normalization
     teacher` re-normalises them with CLIP's mean/std (teacher_targets then converts, tested above)."""
     argv = ["--data-path", str(data), "--teacher", "clip_vitb16", "--input-size", "112", "--random-teacher"]
     argv += ["--student", "vit_tiny", "--batch-size", "4", "--num-workers", "0", "--device", "cpu"]
     argv += ["--lambda-patch", "0", "--lambda-fea", "0"] + (["--teacher-normalization", choice] if choice else [])
     args = pretrain_main.resolve_args(pretrain_main.get_args_parser().parse_args(argv))
-    teacher = pretrain_main.build(args, torch.device("cpu"), 1)["teacher"]
+    teacher = pretrain_main.build(args, torch.device("cpu"), 1, Output(tmp_path, main=True)).teacher
     assert tuple(teacher.input_mean) == tuple(mean)

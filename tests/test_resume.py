@@ -30,6 +30,12 @@ def iterations(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def epoch_losses(out: Path) -> list[dict]:
+    """log.txt's loss averages per epoch (timings aside): a resumed epoch's line averages the whole epoch."""
+    lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if k.startswith("train_loss")} for line in lines]
+
+
 def run(cmd: list[str]) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -54,12 +60,12 @@ def data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(data, tmp_path_factory) -> list[dict]:
-    """The uninterrupted run's per-iteration losses and lr."""
+def reference(data, tmp_path_factory) -> Path:
+    """The uninterrupted run's output folder."""
     out = tmp_path_factory.mktemp("reference")
     run(command(data, out))
     assert [r["iteration"] for r in iterations(out)] == list(range(2 * ITERS))
-    return iterations(out)
+    return out
 
 
 @pytest.mark.parametrize(
@@ -76,8 +82,9 @@ def test_signal_checkpoints_mid_epoch_and_rerun_repeats_the_losses(data, referen
 
     proc = run(cmd)  # the same command again: workers 2 must also repeat the workers-0 reference
     assert f"at iteration {done % ITERS} of epoch {done // ITERS}" in proc.stdout
-    assert iterations(out) == reference  # exactly, and no iteration logged twice
+    assert iterations(out) == iterations(reference)  # exactly, and no iteration logged twice
     assert epochs_logged(out) == [0, 1]
+    assert epoch_losses(out) == epoch_losses(reference)  # the checkpoint's loss sums carried the first part
 
 
 def test_save_every_minutes_then_hard_kill_resumes_exactly(data, reference, tmp_path):
@@ -89,5 +96,6 @@ def test_save_every_minutes_then_hard_kill_resumes_exactly(data, reference, tmp_
     assert ckpt["scheduler"]["iteration"] >= 5
 
     run(cmd)
-    assert iterations(out) == reference  # the lines logged after the last checkpoint were dropped, then redone
+    assert iterations(out) == iterations(reference)  # lines logged after the last checkpoint: dropped, then redone
     assert epochs_logged(out) == [0, 1]
+    assert epoch_losses(out) == epoch_losses(reference)

@@ -33,6 +33,7 @@ from common.io import atomic_save
 from linear_eval.classifiers import linear_features
 from models import LAYOUTS, ViT
 from pretrain import main as pretrain_main
+from pretrain.output import Output
 from tests.test_models import randomize_, rel_err, tiny_teacher  # noqa: F401 (tiny_teacher is a fixture)
 from tests.test_pretrain import TINY_RUN, make_image_folder
 
@@ -415,8 +416,8 @@ def test_clip_teacher_run_trains_a_clip_student_as_the_reference(tiny_teacher, t
     argv = ["--data-path", str(data), "--output-dir", str(tmp_path / "run"), *TINY_RUN, "--teacher", "clip_vitl14"]
     args = pretrain_main.resolve_args(pretrain_main.get_args_parser().parse_args([*argv, "--epochs", "1"]))
     assert args.student_layout == "clip" and (args.lambda_patch, args.lambda_fea) == (0.0, 0.0)
-    setup = pretrain_main.build(args, torch.device("cpu"), 1)
-    distiller, optimizer = setup["distiller"], setup["optimizer"]
+    run = pretrain_main.build(args, torch.device("cpu"), 1, Output(tmp_path / "run", main=True))
+    distiller, optimizer = run.distiller, run.optimizer
     assert distiller.patch_head is None and distiller.fea_head is None and distiller.token_head is not None
     named = dict(distiller.named_parameters())
     decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}

@@ -1,0 +1,121 @@
+"""What a run writes: console lines, log.txt, iterations.jsonl, tensorboard/, checkpoint and backbone files.
+
+Rank 0 writes them all; on every other rank an Output does nothing (and INFO logging is off), so no
+caller asks which rank it is on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from common.io import atomic_save, remove_stale_temp_files
+
+from . import pca
+
+log = logging.getLogger("pretrain")
+CHECKPOINT = "checkpoint.pth"
+EPOCH_LOG = "log.txt"  # one JSON line per finished epoch: epoch, train_loss*, lr, images_per_sec, epoch_time_sec
+ITERATION_LOG = "iterations.jsonl"  # one JSON line per iteration: epoch, iteration, loss*, lr
+
+
+def log_keys(losses: dict[str, float]) -> dict[str, float]:
+    """The Distiller's loss names as the logs name them: total -> loss, token -> loss_token, ..."""
+    return {("loss" if name == "total" else f"loss_{name}"): v for name, v in losses.items()}
+
+
+def truncate_log(path: Path, key: str, end: int) -> None:
+    """Drop JSON lines with `key` >= end (or cut short): a killed run's lines past its checkpoint are logged again."""
+
+    def before(line: str) -> bool:
+        try:
+            return json.loads(line)[key] < end
+        except (ValueError, KeyError):
+            return False
+
+    if path.exists():
+        lines = path.read_text().splitlines(keepends=True)
+        keep = [line for line in lines if line.endswith("\n") and before(line)]
+        if len(keep) < len(lines):
+            path.write_text("".join(keep))
+
+
+class Output:
+    """The run's output folder and console on rank 0; a no-op elsewhere."""
+
+    def __init__(self, folder: str | Path, main: bool) -> None:
+        self.folder, self.main = Path(folder), main
+        self._tensorboard = None
+        self.pictures: torch.Tensor | None = None  # the images of the PCA pictures
+        if not main:
+            logging.getLogger().setLevel(logging.WARNING)
+
+    @property
+    def tensorboard(self):
+        """The SummaryWriter, made at the first write; imported here, so pretrain.benchmark never loads tensorboard."""
+        if self._tensorboard is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(str(self.folder / "tensorboard"))
+        return self._tensorboard
+
+    def print(self, line: str) -> None:
+        if self.main:
+            print(line, flush=True)
+
+    def remove_stale_temp_files(self, names: tuple[str, ...]) -> None:
+        if self.main:
+            for p in remove_stale_temp_files(self.folder, names):
+                log.warning("removed %s, left by a run killed while writing", p)
+
+    def truncate_logs(self, epoch: int, iteration: int) -> None:
+        """Logs end before `epoch` / global `iteration`: where the resumed checkpoint stands (0, 0: a fresh run)."""
+        if self.main:
+            truncate_log(self.folder / EPOCH_LOG, "epoch", epoch)
+            truncate_log(self.folder / ITERATION_LOG, "iteration", iteration)
+
+    def iteration(self, epoch: int, iteration: int, losses: dict[str, float], lr: float) -> None:
+        if self.main:
+            with open(self.folder / ITERATION_LOG, "a") as f:
+                f.write(json.dumps({"epoch": epoch, "iteration": iteration, **log_keys(losses), "lr": lr}) + "\n")
+
+    def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
+        if self.main:
+            for name, v in values.items():
+                self.tensorboard.add_scalar(f"{prefix}/{name}", v, step)
+
+    def epoch(self, epoch: int, stats: dict[str, float]) -> None:
+        """The epoch's log.txt line and its tensorboard scalars (epoch/<key>)."""
+        if self.main:
+            with open(self.folder / EPOCH_LOG, "a") as f:
+                f.write(json.dumps({"epoch": epoch, **stats}) + "\n")
+            self.scalars("epoch", stats, epoch)
+
+    def load_pictures(self, dataset, input_size: int, device: torch.device) -> None:
+        """The dataset's first 4 images (eval transform), whose PCA pictures go to tensorboard."""
+        if self.main:
+            images = pca.first_images(dataset, input_size)
+            if images is None:
+                log.warning("no readable image among the dataset's first ones: no PCA pictures in tensorboard")
+            else:
+                self.pictures = images.to(device)
+
+    def picture(self, tag: str, model: torch.nn.Module, step: int) -> None:
+        if self.pictures is not None:
+            self.tensorboard.add_image(tag, pca.pca_grid(model, self.pictures), step)
+
+    def save(self, obj: object, name: str) -> None:
+        """torch.save, atomically, into the output folder."""
+        if self.main:
+            atomic_save(obj, self.folder / name)
+
+    def flush(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.flush()
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
