@@ -38,7 +38,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--backbone", action="append", required=True, help="anything models.load_backbone reads; repeat to compare")
     a("--images", required=True, help="an image, or a folder of images (jpg, jpeg, png, bmp, webp)")
     a("--out", required=True, help="one PNG per image goes here")
-    a("--input-size", type=int, default=448, help="square input side; a multiple of every backbone's patch size")
+    a(
+        "--input-size",
+        type=int,
+        default=448,
+        help="square input side; a multiple of every backbone's patch size (448: 14 and 16)",
+    )
     a("--threshold", type=float, default=THRESHOLD, help="foreground: first component (scaled to [0, 1]) above this")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the backbones run")
     return p
