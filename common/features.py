@@ -43,7 +43,7 @@ def eval_transform(
 def frozen_backbone(path: str | None, device: torch.device, input_size: int) -> ViT:
     """models.load_backbone in eval mode without gradients: every eval reads weights the same way."""
     if not path:
-        raise ValueError("--backbone is required (a pretrain checkpoint.pth/backbone.pth or DINOv2 weights)")
+        raise ValueError("--backbone is required (a pretrain checkpoint.pth/backbone.pth, DINOv2 or DINOv3 weights)")
     model = load_backbone(path).to(device).eval()
     if input_size % model.patch_size:
         raise ValueError(f"--input-size {input_size} is not a multiple of the patch size {model.patch_size}")

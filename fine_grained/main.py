@@ -31,14 +31,23 @@ PAPER_NORMALIZATION = "clip"
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("Proteus fine-grained evaluation", formatter_class=HelpFormatter)
     a = p.add_argument
-    a("--backbone", required=True, help="student checkpoint/backbone file (ours, the reference release's, DINOv2)")
+    a(
+        "--backbone",
+        required=True,
+        help="student checkpoint/backbone file (ours, the reference release's), DINOv2 or DINOv3 weights",
+    )
     a("--data-root", required=True, help="one folder per dataset name: <data-root>/<name>/ (see README)")
     a("--datasets", default=",".join(DATASETS), help="comma-separated subset of the 12 datasets")
     a("--output-dir", default="output/fine_grained", help="results.json and results.md go here")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="features and logistic regression")
     a("--batch-size", type=int, default=256, help="feature extraction batch")
     a("--num-workers", type=int, default=8, help="data loading processes")
-    a("--input-size", type=int, default=224, help="Resize (short side, bicubic) and CenterCrop size")
+    a(
+        "--input-size",
+        type=int,
+        default=224,
+        help="Resize (short side, bicubic) and CenterCrop size; a multiple of the patch size (224: 14 and 16)",
+    )
     a("--cache-dir", help="feature cache (default: <output-dir>/features)")
     a(
         "--normalization",

@@ -19,8 +19,16 @@ from .data import LAYOUT
 def add_common_args(p: argparse.ArgumentParser, output_dir: str) -> None:
     a = p.add_argument
     a("--data-path", help=f"ImageNet root: {LAYOUT}")
-    a("--backbone", help="pretrain checkpoint.pth / backbone.pth, a reference checkpoint or official DINOv2 weights")
-    a("--input-size", type=int, default=224, help="crop size; val is resized to input-size * 256/224 first")
+    a(
+        "--backbone",
+        help="pretrain checkpoint.pth / backbone.pth, a reference checkpoint, official DINOv2 or DINOv3 weights",
+    )
+    a(
+        "--input-size",
+        type=int,
+        default=224,
+        help="crop size, a multiple of the patch size (224: 14 and 16); val is resized to input-size * 256/224 first",
+    )
     a("--batch-size", type=int, default=128, help="per process")
     a("--output-dir", default=output_dir, help="results.json (and checkpoints) go here")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="under torchrun: cuda:LOCAL_RANK")

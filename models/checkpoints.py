@@ -307,13 +307,18 @@ def load_backbone(path: str | os.PathLike, **kwargs) -> ViT | DinoV3ViT:
     """Rebuild a student/DINOv2/DINOv3 backbone from a file, inferring its architecture and layout from the weights.
 
     A CLIP-layout file gives the reference's CLIP ViT (ln_post on the CLS only), whatever its key names;
-    a DINOv3 file (official, our export or our checkpoint) gives a DinoV3ViT. An exported backbone is
-    built at the resolution it records it was trained at.
+    a DINOv3 file (official, our export or our checkpoint) gives a DinoV3ViT, built on the meta device
+    and filled from the file, which strictly holds every weight: no random init to overwrite (minutes
+    and a second copy of the network for the 7B teacher). An exported backbone is built at the
+    resolution it records it was trained at.
     """
     ckpt = safe_load(path)
     sd = backbone_state_dict(ckpt, path)
     if dinov3.is_official(sd):
-        model = dinov3.from_state_dict_shapes(sd, **kwargs)
+        with torch.device("meta"):
+            model = dinov3.from_state_dict_shapes(sd, **kwargs)
+        model = model.to_empty(device="cpu")
+        model.init_non_persistent_buffers()
         load_dinov3(model, sd, str(path))
         return model
     trained = export_metadata(ckpt)

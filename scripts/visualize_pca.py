@@ -45,8 +45,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--input-size",
         type=int,
         default=448,
-        help="the input's short side, a multiple of every backbone's patch size (the long side keeps the aspect "
-        "ratio, rounded to a multiple of the patch size)",
+        help="the input's short side, a multiple of every backbone's patch size (448: 14 and 16; the long side "
+        "keeps the aspect ratio, rounded to a multiple of the patch size)",
     )
     a("--threshold", type=float, default=THRESHOLD, help="foreground: first component (scaled to [0, 1]) above this")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the backbones run")
