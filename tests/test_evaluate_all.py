@@ -337,8 +337,10 @@ def dry_run_ade20k_example(example: str, tmp_path) -> None:
     path.parent.mkdir()
     torch.save(models.to_dinov2(vit), path)
     data = tmp_path / "ade"
-    for sub in ("images/training", "annotations/training", "images/validation", "annotations/validation"):
-        (data / sub).mkdir(parents=True)
+    for split in ("training", "validation"):  # one image each: the runner checks the data before building
+        for sub, mode, suffix in (("images", "RGB", ".jpg"), ("annotations", "L", ".png")):
+            (data / sub / split).mkdir(parents=True)
+            Image.new(mode, (56, 56)).save(data / sub / split / f"a{suffix}")
     args = evaluate_all.get_args_parser().parse_args(
         ["--backbone", str(path), "--output-dir", str(tmp_path / "o"), "--data-ade20k", str(data), "--extra", example]
     )
