@@ -8,7 +8,8 @@ Each task runs in its own subprocess (`python -m linear_eval.main`, `linear_eval
 `fine_grained.main`, `segmentation.main CONFIG`, `depth.main CONFIG`) with its output and log in
 <output-dir>/<task>/. A task whose dataset folder is missing is skipped with one line; the others
 still run (no task with data at all is an error). Dense tasks use the config of the backbone's size
-(ViT-S/B/L from its embed dim), the paper's probes by default (ADE20K: 1x1 conv; NYU: the DPT head
+(ViT-S/B/L from its embed dim; a DINOv3-layout backbone or DINOv3 teacher file: the `*_dinov3.py`
+configs, DINOv3's dense setting), the paper's probes by default (ADE20K: 1x1 conv; NYU: the DPT head
 on the frozen backbone), `--dense-head full`: UperNet / DPT fine-tuned, `--dense-head 1x1`: 1x1-conv
 probes. Dense tasks run the paper's setup: its global batch (4 GPUs x the config's per-GPU batch),
 spread over the visible GPUs under torchrun (the largest GPU count up to them that divides it; on
@@ -44,7 +45,9 @@ from common.cli import HelpFormatter
 from common.distributed import resolve_device
 from common.io import prepare_output_dir
 from fine_grained.datasets import DATASETS
+from models.architectures import DINOV3_SUFFIX
 from models.checkpoints import backbone_name
+from models.dinov3 import DinoV3ViT
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("linear", "knn", "fine_grained", "ade20k", "nyu")
@@ -222,8 +225,10 @@ def command(task: str, args: argparse.Namespace, size: str, out: Path) -> list[s
     batch = paper_protocol(config)["global_batch"]
     nproc = max(n for n in range(1, max(torch.cuda.device_count(), 1) + 1) if batch % n == 0)
     launch = ["torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"] if nproc > 1 else []
+    # the reference's positional embedding; a DINOv3 backbone has none (RoPE)
+    pos_embed = [] if size.endswith(DINOV3_SUFFIX) else ["--reference-pos-embed"]
     return [*launch, module, str(config), "--backbone", args.backbone, "--data-root", data, "--work-dir", str(out),
-            "--reference-pos-embed", "--cfg-options", f"train_dataloader.batch_size={batch // nproc}"]  # fmt: skip
+            *pos_embed, "--cfg-options", f"train_dataloader.batch_size={batch // nproc}"]  # fmt: skip
 
 
 PROGRESS_EVERY = 30.0  # seconds between the running task's progress lines
@@ -433,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"unknown task(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(TASKS)}")
         extra = parse_extra(args.extra)
         try:
-            embed_dim = models.load_backbone(args.backbone).embed_dim
+            vit = models.load_backbone(args.backbone)
         except Exception as e:  # any unreadable file: one clear line, before any task starts
             raise ValueError(f"cannot read backbone {args.backbone}: {e}") from None
         if args.device:
@@ -445,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    embed_dim = vit.embed_dim
     size = SIZES.get(embed_dim)
     model = f"ViT-{size[0].upper()}" if size else f"embed dim {embed_dim}"
     if size is None:
@@ -460,13 +466,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{task}] skipped: {why}", flush=True)
             continue
         task_out = out / task
-        argv = [*command(task, args, size or "small", task_out), *(QUICK[task] if args.quick else []), *extra[task]]
+        # DINOv3 layout: its own dense configs (`<size>_dinov3`), and no paper figure (the paper's are DINOv2-layout)
+        dinov3 = DINOV3_SUFFIX if task in DENSE_KEYS and isinstance(vit, DinoV3ViT) else ""
+        argv = [*command(task, args, (size or "small") + dinov3, task_out), *(QUICK[task] if args.quick else [])]
+        argv += extra[task]
         error = run_task(task, argv, task_out)
         if error:
             failed[task] = error
             continue
         results = json.loads((task_out / "results.json").read_text())
-        rows += rows_of(task, results, size, args.dense_head)
+        rows += rows_of(task, results, size and size + dinov3, args.dense_head)
         unreadable[task] = unreadable_images(task, results)
     (out / "results.md").write_text(markdown(args.backbone, model, rows, skipped, failed, unreadable))
     bar_chart(rows, out / "results.png", f"{backbone_name(args.backbone)} ({model})", failed)

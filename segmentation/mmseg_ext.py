@@ -2,9 +2,10 @@
 
 Configs load it with `custom_imports = dict(imports=["segmentation.mmseg_ext"])`. It provides:
 - `ProteusViT`: any checkpoint `models.load_backbone` accepts, run at any input size (DINOv2
-  pos-embed interpolation per forward), returning the blocks in `out_indices` without CLS or final
-  norm; frozen (probes) or fine-tuned, with drop path. `reference_pos_embed=True` instead resizes
-  the table once to the dense grid and fine-tunes that, as the reference's backbone did.
+  pos-embed interpolation per forward; a DINOv3 backbone's RoPE), returning the blocks in
+  `out_indices` without CLS (or DINOv3's storage tokens) or final norm; frozen (probes) or
+  fine-tuned, with drop path. `reference_pos_embed=True` instead resizes the table once to the dense
+  grid and fine-tunes that, as the reference's backbone did (DINOv2-style backbones only).
 - `ViTLayerDecayOptimizerConstructor`: layer-wise lr decay keyed on OUR parameter names
   (`backbone.vit.blocks.i`; mmseg's own constructor keys on `backbone.layers.i`, the names of the
   reference's BEiT-style backbone), with the reference's multipliers and weight decay.
@@ -41,6 +42,7 @@ from torch import nn
 
 from models.architectures import create_student
 from models.checkpoints import few_names, load_backbone
+from models.dinov3 import DinoV3ViT
 
 EVALUATIONS = "evaluations.jsonl"  # in the work dir, written by EvaluationHistoryHook
 # in the work dir, written by DenseRunner: `<sha256>  <name>` per checkpoint (the format `sha256sum -c` reads)
@@ -63,8 +65,21 @@ def resize_pos_embed_once(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.cat((pos_embed[:, :1], patch.permute(0, 2, 3, 1).flatten(1, 2)), dim=1)
 
 
+def check_reference_pos_embed(vit: nn.Module) -> None:
+    """--reference-pos-embed resizes a learned position table; DINOv3's ViT has none to resize."""
+    if getattr(vit, "pos_embed", None) is None:
+        raise ValueError(
+            "--reference-pos-embed (reference_pos_embed) resizes a learned positional-embedding table once, "
+            "and this DINOv3 backbone has none (its RoPE takes any input size): leave it out"
+        )
+
+
 @MODELS.register_module()
 class ProteusViT(BaseModule):
+    """A DINOv3 backbone (`DinoV3ViT`) runs as FAIR's at eval in every mode: its RoPE without the
+    pretraining's coordinate rescaling when fine-tuned (DINOv3 evaluates its dense tasks on a frozen
+    backbone, and the DINOv2-style backbones get no position augmentation here either)."""
+
     def __init__(
         self,
         checkpoint: str | None = None,
@@ -89,6 +104,7 @@ class ProteusViT(BaseModule):
         self.out_indices, self.frozen = tuple(out_indices), frozen
         self.with_cls_token, self.final_norm = with_cls_token, final_norm
         if reference_pos_embed:
+            check_reference_pos_embed(self.vit)
             # a (img_size / patch)^2 table, used as is at that grid (the ViT interpolates only other grids)
             grid = img_size // self.vit.patch_size
             self.vit.pos_embed = nn.Parameter(resize_pos_embed_once(self.vit.pos_embed.detach(), grid))
@@ -97,6 +113,8 @@ class ProteusViT(BaseModule):
         # the final norm reaches the outputs only with final_norm, and with a CLIP-layout student (norm on
         # the CLS only) only through the class tokens
         self.vit.norm.requires_grad_(final_norm and (with_cls_token or self.vit.norm_patch_tokens))
+        if getattr(self.vit, "local_cls_norm", None) is not None:  # DINOv3 7B / satellite ViT-L: pretraining only
+            self.vit.local_cls_norm.requires_grad_(False)
         for block in self.vit.blocks[max(out_indices) + 1 :]:
             block.requires_grad_(False)
         if frozen:
@@ -108,9 +126,9 @@ class ProteusViT(BaseModule):
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
         """mmengine loads segmentor checkpoints non-strictly: a pos_embed of another size would only
         be a warning, and the backbone would keep its unresized table."""
-        saved = state_dict.get(f"{prefix}vit.pos_embed")
-        if saved is not None and saved.shape != self.vit.pos_embed.shape:
-            have = self.vit.pos_embed.shape[1]
+        saved, own = state_dict.get(f"{prefix}vit.pos_embed"), self.vit.pos_embed
+        if saved is not None and own is not None and saved.shape != own.shape:
+            have = own.shape[1]
             raise CheckpointMismatchError(
                 f"the checkpoint's pos_embed has {saved.shape[1]} positions, this backbone's {have}: "
                 "evaluate or resume with --reference-pos-embed exactly when the run was trained with it"
@@ -121,6 +139,8 @@ class ProteusViT(BaseModule):
         super().train(mode)
         if self.frozen:
             self.vit.eval()  # a probe never updates the backbone (no drop path either)
+        if isinstance(self.vit, DinoV3ViT):
+            self.vit.rope.eval()  # its coordinate rescaling acts in training mode only: never here
         return self
 
     def forward(self, x: torch.Tensor) -> list:
@@ -131,13 +151,18 @@ class ProteusViT(BaseModule):
         return [list(o) for o in outs] if self.with_cls_token else list(outs)
 
 
+# The learned tokens, in our names: DINOv2's (register_tokens: DINOv2 with registers) and DINOv3's
+# (reg_token: its 4 storage tokens). They are embeddings: layer 0 of the lr decay, like pos_embed.
+TOKENS = ("cls_token", "pos_embed", "register_tokens", "reg_token", "mask_token")
+
+
 def vit_layer_id(name: str, num_layers: int) -> int:
     """0 for embeddings, i + 1 for block i, num_layers + 1 for everything else: a CLIP-layout ln_pre too,
     as mmseg's get_layer_id_for_vit gave the reference's `backbone.ln_pre` (full lr)."""
     m = re.match(r"backbone\.vit\.blocks\.(\d+)\.", name)
     if m:
         return int(m.group(1)) + 1
-    if re.match(r"backbone\.vit\.(cls_token|pos_embed|register_tokens|mask_token|patch_embed)", name):
+    if re.match(rf"backbone\.vit\.({'|'.join(TOKENS)}|patch_embed)", name):
         return 0
     return num_layers + 1
 
@@ -151,8 +176,10 @@ class ViTLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
     The multipliers equal mmseg's LayerDecayOptimizerConstructor on the reference's backbone
     (embeddings 0.65^13 ... last block 0.65, heads 1 for 12 blocks). token_weight_decay=True is the
     reference: its no-decay check compared `pos_embed`/`cls_token` with names that start with
-    `backbone.`, so both tokens were decayed. False leaves them (and register tokens) undecayed, as
-    that check meant to.
+    `backbone.`, so both tokens were decayed. False leaves them undecayed, as that check meant to.
+    DINOv3's storage and mask tokens (and DINOv2's registers) follow cls_token either way: the same
+    layer-0 lr, decayed exactly when it is, since they are learned tokens of the same kind and the
+    reference, whose ViT had none, gives no other rule (the mask token is frozen in any case).
     """
 
     def add_params(self, params: list, module: nn.Module, **kwargs) -> None:
@@ -164,7 +191,7 @@ class ViTLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
                 continue
             no_wd = p.ndim == 1 or name.endswith(".bias")
             if not token_weight_decay:
-                no_wd = no_wd or name.endswith(("cls_token", "pos_embed", "register_tokens"))
+                no_wd = no_wd or name.endswith(TOKENS)
             scale = decay_rate ** (num_layers + 1 - vit_layer_id(name, num_layers))
             params.append({"params": [p], "lr": self.base_lr * scale, "weight_decay": 0.0 if no_wd else self.base_wd})
 

@@ -277,6 +277,10 @@ def check_backbone_fits(cfg, vit: torch.nn.Module, args: argparse.Namespace) -> 
     """A ViT-Ti file with a ViT-S config would fail at the first forward, deep inside mmseg."""
     depth, width = len(vit.blocks), vit.embed_dim
     about = f"--backbone {args.backbone} is a ViT with {depth} blocks of width {width}"
+    if cfg.model.backbone.get("reference_pos_embed"):  # a DINOv3 backbone has no table to resize
+        from .mmseg_ext import check_reference_pos_embed
+
+        check_reference_pos_embed(vit)
     indices = list(cfg.model.backbone.out_indices)
     if max(indices) >= depth:
         raise ValueError(f"{about}, but {args.config} takes blocks {indices}: use the config of that size")
