@@ -1,25 +1,43 @@
-"""`make demo`: distil a ViT-Tiny on CPU from real photographs shipped with scikit-image.
+"""`make demo`: distil a ViT-Tiny on CPU from real photographs shipped with scikit-image, then draw the
+PCA picture of teacher and student on them.
 
-A five-photo proxy dataset in the spirit of the paper's single-image ablation. TEACHER and
-TEACHER_CHECKPOINT (environment) pick a real teacher; without a checkpoint the teacher is random,
-and the run says so.
+A five-photo proxy dataset in the spirit of the paper's single-image ablation. TEACHER (default
+dinov2_vits14) and TEACHER_CHECKPOINT (environment) pick the teacher. Without a checkpoint the
+teacher's official file is taken from torch hub's cache, downloaded there on first use; only when
+that fails is the teacher random, and the run says why.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import sys
 from pathlib import Path
+from urllib.error import URLError
 
+import torch
 from PIL import Image
 
-from models import TEACHERS
+import models
+from common.io import prepare_output_dir
+from models.checkpoints import backbone_name
+from models.teachers import TEACHERS, download
 
 from . import main as pretrain_main
+from .pca import THRESHOLD, write_pictures
 
 OUT = Path("demo_output")
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle")  # CC0 / public domain
+PCA_SIZE = 448  # the pictures' short side, as in scripts.visualize_pca
+# fmt: off
+TRAINING = [
+    "--student", "vit_tiny", "--input-size", "224", "--batch-size", "4", "--epochs", "5", "--warmup-epochs", "1",
+    "--epoch-length", "20", "--lr", "2e-2", "--min-lr", "1e-4", "--num-workers", "0", "--device", "cpu",
+    "--precision", "fp32",  # bf16 autocast is slower than fp32 on most CPUs
+    "--print-freq", "10",
+]
+# fmt: on
 
 
 def write_photos(root: Path) -> None:
@@ -32,37 +50,42 @@ def write_photos(root: Path) -> None:
         Image.fromarray(img).convert("RGB").save(root / name / f"{name}.jpg", quality=95)
 
 
+def official_teacher(teacher: str) -> Path | None:
+    """The teacher's official file in torch hub's cache, downloaded there on first use; None, with one line
+    saying why, when the download fails (no network, an HTTP error)."""
+    url = TEACHERS[teacher].url
+    try:
+        return download(url)  # says "downloading <url> -> <file>" when it fetches
+    except (OSError, http.client.HTTPException) as e:
+        reason = e.reason if type(e) is URLError else e  # URLError's own text wraps the reason in <urlopen error>
+        print(
+            f"WARNING: no TEACHER_CHECKPOINT and the download of {url} failed ({reason}): using a RANDOM {teacher}; "
+            "the student learns nothing meaningful",
+            flush=True,
+        )
+        return None
+
+
 def main() -> int:
     teacher = os.environ.get("TEACHER") or "dinov2_vits14"
-    checkpoint = os.environ.get("TEACHER_CHECKPOINT") or None
     if teacher not in TEACHERS:
         print(f"error: unknown TEACHER '{teacher}'; choose from {', '.join(TEACHERS)}", file=sys.stderr)
         return 2
+    photos = OUT / "data" / "train"
     try:
-        write_photos(OUT / "data" / "train")
+        write_photos(photos)
     except (ImportError, OSError) as e:
         print(f"error: cannot write the demo's photos under {OUT / 'data'}: {e}", file=sys.stderr)
         return 2
+    checkpoint = os.environ.get("TEACHER_CHECKPOINT") or official_teacher(teacher)
     out = OUT / f"{teacher}_to_vit_tiny"
-    # fmt: off
-    argv = [
-        "--data-path", str(OUT / "data"), "--teacher", teacher, "--student", "vit_tiny",
-        "--input-size", "224", "--batch-size", "4", "--epochs", "5", "--warmup-epochs", "1",
-        "--epoch-length", "20", "--lr", "2e-2", "--min-lr", "1e-4", "--num-workers", "0", "--device", "cpu",
-        "--precision", "fp32",  # bf16 autocast is slower than fp32 on most CPUs
-        "--print-freq", "10", "--output-dir", str(out),
-    ]
-    # fmt: on
+    argv = ["--data-path", str(OUT / "data"), "--teacher", teacher, *TRAINING, "--output-dir", str(out)]
     if TEACHERS[teacher].patch_size != 14:
         argv += ["--lambda-patch", "0", "--lambda-fea", "0"]  # token-only: the grids differ
     if checkpoint:
-        argv += ["--teacher-checkpoint", checkpoint]
+        print(f"teacher: {teacher} from {checkpoint}", flush=True)
+        argv += ["--teacher-checkpoint", str(checkpoint)]
     else:
-        print(
-            f"WARNING: no TEACHER_CHECKPOINT given: {teacher} is RANDOMLY INITIALISED, so this demo distils "
-            "noise. Pass TEACHER_CHECKPOINT=/path/to/official/file for a real teacher.",
-            flush=True,
-        )
         argv += ["--random-teacher"]
     rc = pretrain_main.main(argv, fresh=True)  # always anew; the last run is replaced once inputs are checked
     if rc:
@@ -76,8 +99,18 @@ def main() -> int:
         )
     drop = 100 * (1 - epochs[-1]["train_loss"] / epochs[0]["train_loss"])
     print(f"loss fell {drop:.1f}% from the first to the last epoch")
-    print(f"student backbone: {out / 'backbone.pth'}")
+    student = out / "backbone.pth"
+    print(f"student backbone: {student}")
     print(f"tensorboard: tensorboard --logdir {out / 'tensorboard'}")
+    # The PCA picture: the teacher (when real) built as in training, so CLIP's normalisation is honoured.
+    nets = [models.create_teacher(teacher, checkpoint)] if checkpoint else []
+    names = [backbone_name(checkpoint)] if checkpoint else []
+    nets.append(models.load_backbone(student).eval())
+    names.append(backbone_name(student))
+    pictures = prepare_output_dir(OUT / "pca")
+    images = [photos / name / f"{name}.jpg" for name in PHOTOS]
+    write_pictures(images, nets, names, pictures, PCA_SIZE, torch.device("cpu"), THRESHOLD)
+    print(f"PCA pictures (input | {' | '.join(names)}), one per photo: {pictures}")
     return 0
 
 

@@ -1,5 +1,5 @@
-"""The DINOv2 PCA picture of patch features, shared by pretraining's tensorboard images and
-`scripts/visualize_pca.py`.
+"""The DINOv2 PCA picture of patch features, shared by pretraining's tensorboard images, the demo
+and `scripts/visualize_pca.py`.
 
 Per image: the first principal component of the patch tokens separates foreground from background;
 a second PCA with 3 components on the foreground patches only gives the colours (min-max scaled to
@@ -10,10 +10,16 @@ component.
 from __future__ import annotations
 
 import logging
+import math
+import sys
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision import transforms
 
 from common.features import eval_transform
 from common.images import IMAGE_ERRORS
@@ -113,3 +119,65 @@ def pca_grid(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
     inputs = (images.cpu().float() * std + mean).clamp(0, 1)
     return torch.cat([torch.cat(list(inputs), dim=2), torch.cat(list(pca_images(model, images)), dim=2)], dim=1)
+
+
+def input_shape(width: int, height: int, size: int, multiple: int) -> tuple[int, int]:
+    """(width, height) with the short side `size` and the aspect ratio kept, each a multiple of `multiple`."""
+    scale = size / min(width, height)
+    return tuple(max(multiple, round(side * scale / multiple) * multiple) for side in (width, height))
+
+
+def label(text: str, width: int, height: int) -> np.ndarray:
+    """uint8 [height, width, 3]: black text on white, cut at the start ("...") when wider than the panel."""
+    strip = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(strip)
+    font = ImageFont.load_default(size=round(height * 0.7))
+    shown = text
+    while len(shown) > 1 and draw.textlength(shown, font=font) > width - 4:
+        text = text[1:]
+        shown = "..." + text
+    draw.text((width / 2, height / 2), shown, fill="black", font=font, anchor="mm")
+    return np.asarray(strip)
+
+
+def label_height(size: int) -> int:
+    """The name strip above a panel: 28 px at the default 448, readable at tiny sizes."""
+    return max(12, size // 16)
+
+
+GAP = 4  # white pixels between panels
+
+
+def side_by_side(
+    image: Image.Image, nets: list[torch.nn.Module], names: list[str], size: int, device, threshold: float
+) -> np.ndarray:
+    """uint8 [label + H, (1 + len(nets)) * (W + GAP) - GAP, 3]: the resized input, then each backbone's PCA
+    picture, each under its name; H x W keeps the image's aspect ratio (short side `size`)."""
+    multiple = math.lcm(*(net.patch_embed.patch_size[0] for net in nets))
+    resized = image.resize(input_shape(*image.size, size, multiple), Image.BICUBIC)
+    x = transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)(transforms.functional.to_tensor(resized))
+    panels = [np.asarray(resized)]
+    for net in nets:
+        rgb = pca_images(net, x[None].to(device), threshold)[0]
+        panels.append((rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    titles = [f"input {image.width}x{image.height}", *names]
+    labelled = [np.concatenate([label(t, resized.width, label_height(size)), p]) for t, p in zip(titles, panels)]
+    gap = np.full((labelled[0].shape[0], GAP, 3), 255, dtype=np.uint8)
+    return np.concatenate([x for panel in labelled for x in (gap, panel)][1:], axis=1)
+
+
+def write_pictures(
+    images: list[Path], nets: list[torch.nn.Module], names: list[str], out: Path, size: int, device, threshold: float
+) -> int:
+    """`side_by_side` of each image, saved as out/<image name>.png; an unreadable image is reported by path
+    and skipped. Returns how many pictures were written."""
+    done = 0
+    for path in images:
+        try:
+            picture = side_by_side(load_rgb(path), nets, names, size, device, threshold)
+        except IMAGE_ERRORS as e:
+            print(f"warning: unreadable image {path} ({type(e).__name__}: {e}); skipped", file=sys.stderr, flush=True)
+            continue
+        Image.fromarray(picture).save(out / f"{path.stem}.png")
+        done += 1
+    return done

@@ -6,31 +6,26 @@ python -m scripts.visualize_pca --backbone out/s/backbone.pth --backbone dinov2_
 
 Each image is resized (bicubic) to --input-size on its short side, the long side keeping the aspect
 ratio, both rounded to a multiple of the patch size; the final-norm patch tokens are reduced as in
-`pretrain/pca.py` (first component thresholded for the foreground, the minority side; 3-component PCA
-of the foreground as RGB; background black) and upsampled (nearest) to the input size.
+`pretrain/pca.py`, which draws the picture for this script and the demo (first component thresholded
+for the foreground, the minority side; 3-component PCA of the foreground as RGB; background black)
+and upsampled (nearest) to the input size.
 Deterministic: the same inputs give byte-identical PNGs.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torchvision import transforms
 
 import models
 from common.cli import HelpFormatter
 from common.distributed import resolve_device
-from common.images import IMAGE_ERRORS, load_rgb
 from common.io import prepare_output_dir
 from models.checkpoints import backbone_name
-from pretrain.pca import THRESHOLD, pca_images
+from pretrain.pca import THRESHOLD, write_pictures
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -80,51 +75,6 @@ def load_backbones(paths: list[str], input_size: int, device: torch.device) -> l
     return nets
 
 
-def input_shape(width: int, height: int, size: int, multiple: int) -> tuple[int, int]:
-    """(width, height) with the short side `size` and the aspect ratio kept, each a multiple of `multiple`."""
-    scale = size / min(width, height)
-    return tuple(max(multiple, round(side * scale / multiple) * multiple) for side in (width, height))
-
-
-def label(text: str, width: int, height: int) -> np.ndarray:
-    """uint8 [height, width, 3]: black text on white, cut at the start ("...") when wider than the panel."""
-    strip = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(strip)
-    font = ImageFont.load_default(size=round(height * 0.7))
-    shown = text
-    while len(shown) > 1 and draw.textlength(shown, font=font) > width - 4:
-        text = text[1:]
-        shown = "..." + text
-    draw.text((width / 2, height / 2), shown, fill="black", font=font, anchor="mm")
-    return np.asarray(strip)
-
-
-def label_height(size: int) -> int:
-    """The name strip above a panel: 28 px at the default 448, readable at tiny sizes."""
-    return max(12, size // 16)
-
-
-GAP = 4  # white pixels between panels
-
-
-def side_by_side(
-    image: Image.Image, nets: list[torch.nn.Module], names: list[str], size: int, device, threshold: float
-) -> np.ndarray:
-    """uint8 [label + H, (1 + len(nets)) * (W + GAP) - GAP, 3]: the resized input, then each backbone's PCA
-    picture, each under its name; H x W keeps the image's aspect ratio (short side `size`)."""
-    multiple = math.lcm(*(net.patch_embed.patch_size[0] for net in nets))
-    resized = image.resize(input_shape(*image.size, size, multiple), Image.BICUBIC)
-    x = transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)(transforms.functional.to_tensor(resized))
-    panels = [np.asarray(resized)]
-    for net in nets:
-        rgb = pca_images(net, x[None].to(device), threshold)[0]
-        panels.append((rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-    titles = [f"input {image.width}x{image.height}", *names]
-    labelled = [np.concatenate([label(t, resized.width, label_height(size)), p]) for t, p in zip(titles, panels)]
-    gap = np.full((labelled[0].shape[0], GAP, 3), 255, dtype=np.uint8)
-    return np.concatenate([x for panel in labelled for x in (gap, panel)][1:], axis=1)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
@@ -140,15 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     names = [backbone_name(b) for b in args.backbone]
-    done = 0
-    for path in images:
-        try:
-            picture = side_by_side(load_rgb(path), nets, names, args.input_size, device, args.threshold)
-        except IMAGE_ERRORS as e:
-            print(f"warning: unreadable image {path} ({type(e).__name__}: {e}); skipped", file=sys.stderr, flush=True)
-            continue
-        Image.fromarray(picture).save(out / f"{path.stem}.png")
-        done += 1
+    done = write_pictures(images, nets, names, out, args.input_size, device, args.threshold)
     if not done:
         print(f"error: none of the {len(images)} images is readable", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import models
+from pretrain import pca
 from pretrain.pca import foreground_mask, pca_rgb
 from scripts import visualize_pca
 
@@ -72,7 +73,7 @@ def test_one_picture_per_image_input_then_each_backbone(setup, tmp_path):
     assert files == ["im0.png", "im1.png"]
     pic = np.asarray(Image.open(tmp_path / "a" / "im0.png"))
     # im0 is 60x40: short side 56, the long side keeps the 3:2 aspect ratio (84, a multiple of the patch size)
-    top, w, gap = visualize_pca.label_height(56), 84, visualize_pca.GAP
+    top, w, gap = pca.label_height(56), 84, pca.GAP
     assert pic.shape == (top + 56, 3 * w + 2 * gap, 3) and pic.dtype == np.uint8
     panels = [pic[:, i * (w + gap) : i * (w + gap) + w] for i in range(3)]
     assert (pic[:, w : w + gap] == 255).all()  # white between the panels
@@ -85,7 +86,7 @@ def test_one_picture_per_image_input_then_each_backbone(setup, tmp_path):
     # each panel under its name: the input's size, then each backbone's folder and file name
     names = ["input 60x40", *(f"{b.parent.name}/{b.name}" for b in backbones)]
     for panel, name in zip(panels, names):
-        np.testing.assert_array_equal(panel[:top], visualize_pca.label(name, w, top))
+        np.testing.assert_array_equal(panel[:top], pca.label(name, w, top))
         assert (panel[:top] < 128).any()  # some text is drawn
     assert not np.array_equal(panels[1][:top], panels[2][:top])
     square = np.asarray(Image.open(tmp_path / "a" / "im1.png"))  # 50x50 stays square
@@ -93,14 +94,14 @@ def test_one_picture_per_image_input_then_each_backbone(setup, tmp_path):
 
 
 def test_input_shape_keeps_the_aspect_ratio():
-    assert visualize_pca.input_shape(600, 400, 448, 14) == (672, 448)
-    assert visualize_pca.input_shape(250, 400, 224, 14) == (224, 364)  # 358.4 rounded to a multiple of 14
-    assert visualize_pca.input_shape(4000, 10, 28, 14) == (11200, 28)
-    assert visualize_pca.input_shape(100, 100, 224, 112) == (224, 224)  # patch 14 and 16 together
+    assert pca.input_shape(600, 400, 448, 14) == (672, 448)
+    assert pca.input_shape(250, 400, 224, 14) == (224, 364)  # 358.4 rounded to a multiple of 14
+    assert pca.input_shape(4000, 10, 28, 14) == (11200, 28)
+    assert pca.input_shape(100, 100, 224, 112) == (224, 224)  # patch 14 and 16 together
 
 
 def test_long_names_are_cut_at_the_start():
-    short, long = visualize_pca.label("a/backbone.pth", 80, 12), visualize_pca.label("x" * 60 + "/backbone.pth", 80, 12)
+    short, long = pca.label("a/backbone.pth", 80, 12), pca.label("x" * 60 + "/backbone.pth", 80, 12)
     assert short.shape == long.shape == (12, 80, 3)
     assert (long[:, :2] == 255).all() and (long[:, -2:] == 255).all()  # the text fits in the panel
 
