@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from linear_eval.features import eval_transform
 from PIL import Image
 from torchvision import transforms
 
 import models
+from common.features import eval_transform
 from fine_grained import main as fg_main
 from fine_grained.datasets import DATASETS, SplitOptions, build_split
 from linear_eval import knn as knn_main
