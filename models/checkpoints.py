@@ -313,7 +313,7 @@ def load_backbone(path: str | os.PathLike, **kwargs) -> ViT | DinoV3ViT:
     ckpt = safe_load(path)
     sd = backbone_state_dict(ckpt, path)
     if dinov3.is_official(sd):
-        model = dinov3.from_state_dict_shapes(sd, **kwargs)
+        model = vit_from_state_dict(sd, **kwargs)
         load_dinov3(model, sd, str(path))
         return model
     trained = export_metadata(ckpt)

@@ -53,8 +53,6 @@ def main() -> int:
         "--print-freq", "10", "--output-dir", str(out),
     ]
     # fmt: on
-    if TEACHERS[teacher].patch_size != 14:
-        argv += ["--lambda-patch", "0", "--lambda-fea", "0"]  # token-only: the grids differ
     if checkpoint:
         argv += ["--teacher-checkpoint", checkpoint]
     else:
