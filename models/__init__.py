@@ -1,6 +1,15 @@
 """Every network and weight format of the project."""
 
-from .architectures import LAYOUTS, STUDENT_ARCHS, create_student, layout_of, vit_from_state_dict
+from .architectures import (
+    LAYOUTS,
+    STUDENT_ARCHS,
+    VIT_CONFIGS,
+    ViTConfig,
+    build_vit,
+    create_student,
+    layout_of,
+    vit_from_state_dict,
+)
 from .checkpoints import (
     export_metadata,
     from_reference,
@@ -10,7 +19,7 @@ from .checkpoints import (
     to_reference,
 )
 from .dinov3 import DinoV3ViT
-from .teachers import TEACHERS, create_teacher, default_dtype
+from .teachers import TEACHERS, Teacher, create_teacher, default_dtype, resample_patches
 from .vision_transformer import ViT
 
 __all__ = [
@@ -18,7 +27,11 @@ __all__ = [
     "LAYOUTS",
     "STUDENT_ARCHS",
     "TEACHERS",
+    "VIT_CONFIGS",
+    "Teacher",
     "ViT",
+    "ViTConfig",
+    "build_vit",
     "create_student",
     "create_teacher",
     "default_dtype",
@@ -26,6 +39,7 @@ __all__ = [
     "from_reference",
     "layout_of",
     "load_backbone",
+    "resample_patches",
     "safe_load",
     "to_dinov2",
     "to_reference",

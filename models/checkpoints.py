@@ -316,7 +316,7 @@ def load_backbone(path: str | os.PathLike, **kwargs) -> ViT | DinoV3ViT:
     sd = backbone_state_dict(ckpt, path)
     if dinov3.is_official(sd):
         with torch.device("meta"):
-            model = dinov3.from_state_dict_shapes(sd, **kwargs)
+            model = vit_from_state_dict(sd, **kwargs)
         model = model.to_empty(device="cpu")
         model.init_non_persistent_buffers()
         load_dinov3(model, sd, str(path))

@@ -16,9 +16,8 @@ from collections.abc import Sequence
 from functools import partial
 
 import torch
-from timm.layers import DropPath, LayerNorm
-from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
-from timm.models._manipulate import checkpoint
+from timm.layers import DropPath, LayerNorm, RotaryEmbeddingDinoV3
+from timm.models import checkpoint
 from timm.models.eva import Eva
 from timm.models.eva import checkpoint_filter_fn as timm_checkpoint_filter
 from torch import nn
@@ -32,15 +31,6 @@ NORM_EPS = 1e-5
 # FAIR's training configs (and the released hub arguments) rescale the RoPE coordinates in training
 # mode by a factor exp(U(-log 2, log 2)); eval mode never does.
 ROPE_RESCALE_COORDS = 2.0
-
-
-def ffn_hidden(dim: int, ratio: float, swiglu_align: int = 0) -> int:
-    """FAIR's FFN width: int(dim * ratio) for the MLP; SwiGLU takes 2/3 of it rounded up to `swiglu_align`."""
-    hidden = int(dim * ratio)
-    if not swiglu_align:
-        return hidden
-    d = int(hidden * 2 / 3)
-    return d + (-d % swiglu_align)
 
 
 class Rope(RotaryEmbeddingDinoV3):
@@ -286,31 +276,3 @@ def from_official(state_dict: StateDict, model: DinoV3ViT) -> StateDict:
     out["mask_token"] = state_dict["mask_token"]
     out.update({k: v for k, v in state_dict.items() if k.startswith("local_cls_norm.")})
     return out
-
-
-def from_state_dict_shapes(state_dict: StateDict, **kwargs) -> DinoV3ViT:
-    """An empty DinoV3ViT whose shape matches an official-layout state dict (heads from the RoPE periods)."""
-    try:
-        dim = state_dict["cls_token"].shape[-1]
-        patch_size = state_dict["patch_embed.proj.weight"].shape[-1]
-        head_dim = 4 * state_dict["rope_embed.periods"].numel()
-    except KeyError as e:
-        raise ValueError(f"not a DINOv3 backbone state dict: key {e} is missing") from None
-    blocks = [int(m.group(1)) for k in state_dict if (m := _BLOCK.match(k))]
-    if not blocks:
-        raise ValueError("not a DINOv3 backbone state dict: it has no blocks.<i>.* keys")
-    swiglu = "blocks.0.mlp.w1.weight" in state_dict
-    fc1 = state_dict.get("blocks.0.mlp.w1.weight" if swiglu else "blocks.0.mlp.fc1.weight")
-    if fc1 is None:
-        raise ValueError("not a DINOv3 backbone state dict: blocks.0 has no mlp.fc1 or mlp.w1 weight")
-    return DinoV3ViT(
-        embed_dim=dim,
-        depth=1 + max(blocks),
-        num_heads=max(1, dim // head_dim),
-        mlp_hidden=fc1.shape[0],
-        swiglu=swiglu,
-        qkv_bias="blocks.0.attn.qkv.bias" in state_dict,
-        local_cls_norm="local_cls_norm.weight" in state_dict,
-        patch_size=patch_size,
-        **kwargs,
-    )

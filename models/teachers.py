@@ -1,4 +1,8 @@
-"""Frozen teachers (DINOv2, DINOv3, OpenAI CLIP, SynCLR) loaded strictly from their official files."""
+"""Frozen teachers (DINOv2, DINOv3, OpenAI CLIP, SynCLR) loaded strictly from their official files.
+
+A `Teacher` owns its backbone (always in eval mode, no gradients), family, input normalisation and
+dtype, and gives the distillation targets; `TEACHERS` says how each one is built and where its file is.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from torch import nn
 
 from . import dinov3
-from .architectures import CLIP_VIT
+from .architectures import VIT_CONFIGS, ViTConfig
 from .checkpoints import from_reference, is_torchscript_archive, load_dinov3, load_strict, safe_load, strip_prefix
 from .dinov3 import DinoV3ViT
 from .vision_transformer import ViT
@@ -21,127 +27,152 @@ _SYNCLR_URL = "https://www.dropbox.com/scl/fi/{key}?dl=1"
 _DINOV3_URL = "https://dl.fbaipublicfiles.com/dinov3/dinov3_{arch}/dinov3_{arch}_pretrain_{weights}-{hash}.pth"
 SAT_MEAN, SAT_STD = (0.430, 0.411, 0.296), (0.213, 0.156, 0.143)  # DINOv3's SAT-493M weights
 BF16_ABOVE = 1e9  # teachers with more parameters are built in bf16 by default
+# What Teacher.targets takes: crops normalised as pretraining's data pipeline does (ImageNet's mean/std).
+CROP_MEAN, CROP_STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    """A teacher's architecture, file and normalisation. DINOv3's FFN (ffn_ratio, swiglu_align),
-    qkv_bias and local_cls_norm are in `vit_kwargs`, FAIR's arguments (PROTOCOLS G)."""
+    """A teacher's architecture (a ViTConfig in its family's layout), file and normalisation.
 
-    family: str  # dinov2 | dinov3 | clip | synclr
-    embed_dim: int
-    depth: int
-    num_heads: int
+    `vit_kwargs` are further options of its class: DINOv3's qkv_bias and local_cls_norm (FAIR's
+    arguments, PROTOCOLS G); CLIP's final norm over every token (the CLIP-layout student norms the CLS only).
+    """
+
+    family: str  # dinov2 | dinov3 | clip | synclr: also the layout it is built in (models.LAYOUTS)
+    config: ViTConfig
     patch_size: int
     img_size: int
     url: str
     num_register_tokens: int = 0
-    swiglu: bool = False
     mean: tuple = IMAGENET_DEFAULT_MEAN
     std: tuple = IMAGENET_DEFAULT_STD
+    token_only: bool = False  # the reference distilled it with the CLS loss alone (CLIP)
     vit_kwargs: dict = field(default_factory=dict)
 
     def build(self) -> ViT | DinoV3ViT:
-        if self.family == "dinov3":
-            kwargs = dict(self.vit_kwargs)
-            ratio, align = kwargs.pop("ffn_ratio", 4.0), kwargs.pop("swiglu_align", 0)
-            return DinoV3ViT(
-                embed_dim=self.embed_dim,
-                depth=self.depth,
-                num_heads=self.num_heads,
-                mlp_hidden=dinov3.ffn_hidden(self.embed_dim, ratio, align),
-                swiglu=bool(align),
-                patch_size=self.patch_size,
-                img_size=self.img_size,
-                **kwargs,
-            )
-        hidden = 2 * 4096 if self.swiglu else 4 * self.embed_dim
-        reg = self.num_register_tokens
-        kwargs = dict(
-            img_size=self.img_size,
+        return self.config.build(
+            self.family,
             patch_size=self.patch_size,
-            embed_dim=self.embed_dim,
-            depth=self.depth,
-            num_heads=self.num_heads,
-            mlp_ratio=(hidden + 0.5) / self.embed_dim,
-            init_values=1.0 if self.family == "dinov2" else None,
-            num_register_tokens=reg,
-            interpolate_offset=0.0 if reg else 0.1,
-            interpolate_antialias=bool(reg),
-            swiglu=self.swiglu,
+            img_size=self.img_size,
+            num_register_tokens=self.num_register_tokens,
+            **self.vit_kwargs,
         )
-        kwargs.update(self.vit_kwargs)
-        return ViT(**kwargs)
 
 
-def _dinov2(arch: str, dim: int, depth: int, heads: int, reg: bool) -> TeacherSpec:
+def resample_patches(patches: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """[B, h*w, D] patch tokens on a `grid` (h, w) -> [B, H*W, D] on `size` (H, W): bilinear on the
+    [B, D, h, w] map, antialiased when shrinking, in float32."""
+    b, _, d = patches.shape
+    x = patches.float().transpose(1, 2).reshape(b, d, *grid)
+    shrink = size[0] < grid[0] or size[1] < grid[1]
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+    return x.reshape(b, d, -1).transpose(1, 2)
+
+
+class Teacher(nn.Module):
+    """A frozen teacher: its backbone in eval mode for good (`train()` leaves it so), no gradients, its
+    family, dtype and input normalisation, and `targets(images)`, what the distiller learns from.
+
+    `mean`/`std` are the normalisation its input gets: the official one of its weights, unless a caller
+    decides otherwise (pretraining's `--teacher-normalization reference` gives CLIP ImageNet's, as the
+    reference did).
+    """
+
+    def __init__(self, backbone: ViT | DinoV3ViT, name: str, spec: TeacherSpec) -> None:
+        super().__init__()
+        self.backbone = backbone.requires_grad_(False)
+        self.name, self.family = name, spec.family
+        self.mean, self.std = tuple(spec.mean), tuple(spec.std)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> Teacher:
+        """Always eval mode: a teacher's dropout, drop path and RoPE coordinate jitter stay off."""
+        return super().train(False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backbone.cls_token.dtype
+
+    @property
+    def embed_dim(self) -> int:
+        return self.backbone.embed_dim
+
+    @property
+    def patch_size(self) -> int:
+        return self.backbone.patch_size
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Crops normalised with CROP_MEAN/CROP_STD -> normalised with the teacher's mean/std."""
+        if self.mean == tuple(CROP_MEAN) and self.std == tuple(CROP_STD):
+            return images
+        t = lambda v: torch.tensor(v, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)  # noqa: E731
+        return (images * t(CROP_STD) + t(CROP_MEAN) - t(self.mean)) / t(self.std)
+
+    def targets(self, images: torch.Tensor, grid: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+        """{"cls", "patches"}: the final-norm CLS (CLIP: ln_post(CLS)) and patch tokens of `images`
+        (normalised with CROP_MEAN/CROP_STD). With `grid` (h, w) other than the teacher's own, the patch
+        tokens are resampled to it (resample_patches). Computed in inference mode; the returned tensors
+        are ordinary ones (autograd may save them)."""
+        with torch.inference_mode():
+            out = self.backbone.forward_features(self.normalize(images))
+            cls, patches = out["x_norm_clstoken"], out["x_norm_patchtokens"]
+            own = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
+            if grid is not None and tuple(grid) != own:
+                patches = resample_patches(patches, own, tuple(grid))
+        return {"cls": cls.clone(), "patches": patches.clone()}
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.targets(images)
+
+
+def _dinov2(size: str, reg: bool) -> TeacherSpec:
+    arch = f"dinov2_vit{size[0]}14"
     url = _DINOV2_URL.format(arch=arch, reg="_reg4" if reg else "")
-    return TeacherSpec("dinov2", dim, depth, heads, 14, 518, url, 4 if reg else 0, swiglu=dim == 1536)
+    return TeacherSpec("dinov2", VIT_CONFIGS[size], 14, 518, url, 4 if reg else 0)
 
 
-def _dinov3(arch: str, hash: str, dim: int, depth: int, heads: int, sat: bool = False, **vit_kwargs) -> TeacherSpec:
+def _dinov3(arch: str, hash: str, size: str, sat: bool = False, **vit_kwargs) -> TeacherSpec:
     weights = "sat493m" if sat else "lvd1689m"
     url = _DINOV3_URL.format(arch=arch, weights=weights, hash=hash)
     mean, std = (SAT_MEAN, SAT_STD) if sat else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-    return TeacherSpec("dinov3", dim, depth, heads, 16, 224, url, 4, mean=mean, std=std, vit_kwargs=vit_kwargs)
+    return TeacherSpec("dinov3", VIT_CONFIGS[size], 16, 224, url, mean=mean, std=std, vit_kwargs=vit_kwargs)
 
 
-_PLUS = dict(ffn_ratio=6.0, swiglu_align=8)
-_7B = dict(ffn_ratio=3.0, swiglu_align=64, qkv_bias=False, local_cls_norm=True)
-_CLIP = dict(mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, vit_kwargs=CLIP_VIT)
+def _clip(size: str, patch: int, file: str, sha: str) -> TeacherSpec:
+    url = _CLIP_URL.format(sha=sha, file=file)
+    return TeacherSpec(
+        "clip", VIT_CONFIGS[size], patch, 224, url, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, token_only=True,
+        vit_kwargs=dict(norm_patch_tokens=True),
+    )  # fmt: skip
+
+
+def _synclr(size: str, patch: int, key: str) -> TeacherSpec:
+    return TeacherSpec("synclr", VIT_CONFIGS[size], patch, 224, _SYNCLR_URL.format(key=key))
+
+
+_7B = dict(qkv_bias=False, local_cls_norm=True)
 TEACHERS: dict[str, TeacherSpec] = {
     **{
-        f"dinov2_vit{s}14{'_reg' if reg else ''}": _dinov2(f"dinov2_vit{s}14", d, n, h, reg)
-        for s, d, n, h in (("s", 384, 12, 6), ("b", 768, 12, 12), ("l", 1024, 24, 16), ("g", 1536, 40, 24))
+        f"dinov2_vit{size[0]}14{'_reg' if reg else ''}": _dinov2(size, reg)
+        for size in ("small", "base", "large", "giant")
         for reg in (False, True)
     },
-    "dinov3_vits16": _dinov3("vits16", "08c60483", 384, 12, 6),
-    "dinov3_vits16plus": _dinov3("vits16plus", "4057cbaa", 384, 12, 6, **_PLUS),
-    "dinov3_vitb16": _dinov3("vitb16", "73cec8be", 768, 12, 12),
-    "dinov3_vitl16": _dinov3("vitl16", "8aa4cbdd", 1024, 24, 16),
-    "dinov3_vitl16plus": _dinov3("vitl16plus", "46503df0", 1024, 24, 16, **_PLUS),
-    "dinov3_vith16plus": _dinov3("vith16plus", "7c1da9a5", 1280, 32, 20, **_PLUS),
-    "dinov3_vit7b16": _dinov3("vit7b16", "a955f4ea", 4096, 40, 32, **_7B),
-    "dinov3_vitl16_sat": _dinov3("vitl16", "eadcf0ff", 1024, 24, 16, sat=True, local_cls_norm=True),
-    "dinov3_vit7b16_sat": _dinov3("vit7b16", "a6675841", 4096, 40, 32, sat=True, **_7B),
-    "clip_vitb16": TeacherSpec(
-        "clip",
-        768,
-        12,
-        12,
-        16,
-        224,
-        _CLIP_URL.format(sha="5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f", file="ViT-B-16.pt"),
-        **_CLIP,
+    "dinov3_vits16": _dinov3("vits16", "08c60483", "small"),
+    "dinov3_vits16plus": _dinov3("vits16plus", "4057cbaa", "small_plus"),
+    "dinov3_vitb16": _dinov3("vitb16", "73cec8be", "base"),
+    "dinov3_vitl16": _dinov3("vitl16", "8aa4cbdd", "large"),
+    "dinov3_vitl16plus": _dinov3("vitl16plus", "46503df0", "large_plus"),
+    "dinov3_vith16plus": _dinov3("vith16plus", "7c1da9a5", "huge_plus"),
+    "dinov3_vit7b16": _dinov3("vit7b16", "a955f4ea", "7b", **_7B),
+    "dinov3_vitl16_sat": _dinov3("vitl16", "eadcf0ff", "large", sat=True, local_cls_norm=True),
+    "dinov3_vit7b16_sat": _dinov3("vit7b16", "a6675841", "7b", sat=True, **_7B),
+    "clip_vitb16": _clip("base", 16, "ViT-B-16.pt", "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f"),
+    "clip_vitl14": _clip(
+        "large", 14, "ViT-L-14.pt", "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836"
     ),
-    "clip_vitl14": TeacherSpec(
-        "clip",
-        1024,
-        24,
-        16,
-        14,
-        224,
-        _CLIP_URL.format(sha="b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836", file="ViT-L-14.pt"),
-        **_CLIP,
-    ),
-    "synclr_vitb16": TeacherSpec(
-        "synclr",
-        768,
-        12,
-        12,
-        16,
-        224,
-        _SYNCLR_URL.format(key="ogktmm26yojhlgsbwqqti/synclr_vit_b_16.pth?rlkey=2bn6j4upcrqy93d5b9fgrrj02"),
-    ),
-    "synclr_vitl14": TeacherSpec(
-        "synclr",
-        1024,
-        24,
-        16,
-        14,
-        224,
-        _SYNCLR_URL.format(key="al5a8d045ir0zsqo4ogpg/synclr_vit_l_14.pth?rlkey=ksyktxamcs17zqr6wha6ekdp4"),
-    ),
+    "synclr_vitb16": _synclr("base", 16, "ogktmm26yojhlgsbwqqti/synclr_vit_b_16.pth?rlkey=2bn6j4upcrqy93d5b9fgrrj02"),
+    "synclr_vitl14": _synclr("large", 14, "al5a8d045ir0zsqo4ogpg/synclr_vit_l_14.pth?rlkey=ksyktxamcs17zqr6wha6ekdp4"),
 }
 
 
@@ -209,8 +240,8 @@ def create_teacher(
     checkpoint: str | os.PathLike | None = None,
     pretrained: bool = True,
     dtype: torch.dtype | None = None,
-) -> ViT | DinoV3ViT:
-    """A frozen, eval-mode teacher; `checkpoint` is the official file as released.
+) -> Teacher:
+    """A frozen Teacher; `checkpoint` is the official file as released.
 
     With no checkpoint the official file is downloaded. `pretrained=False` gives a random teacher
     and is only meant for demos and tests; callers must say so loudly. `dtype` is that of the
@@ -242,7 +273,4 @@ def create_teacher(
             optional = () if spec.family == "dinov2" else ("mask_token",)
             load_strict(model, sd, f"{path} (teacher {name})", optional=optional)
         model = model.to(dtype)
-    model.family = spec.family
-    model.input_mean, model.input_std = tuple(spec.mean), tuple(spec.std)
-    model.requires_grad_(False)
-    return model.eval()
+    return Teacher(model, name, spec)

@@ -15,6 +15,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from timm.layers import SwiGLUPacked
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -42,8 +43,6 @@ class ViT(VisionTransformer):
         mlp_ratio: float = 4.0,
         init_values: float | None = 1.0,
         num_register_tokens: int = 0,
-        interpolate_offset: float = 0.1,
-        interpolate_antialias: bool = False,
         swiglu: bool = False,
         pre_norm: bool = False,
         act_layer: str | type[nn.Module] | None = None,
@@ -74,8 +73,9 @@ class ViT(VisionTransformer):
         )
         self.patch_size = patch_size
         self.norm_patch_tokens = norm_patch_tokens
-        self.interpolate_offset = interpolate_offset
-        self.interpolate_antialias = interpolate_antialias
+        # DINOv2's rule: its _reg models resize the table antialiased to size, the others with a 0.1 offset
+        self.interpolate_offset = 0.0 if num_register_tokens else 0.1
+        self.interpolate_antialias = bool(num_register_tokens)
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
         self.num_register_tokens = num_register_tokens
         self.register_tokens = None
@@ -140,8 +140,6 @@ class ViT(VisionTransformer):
     def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict:  # type: ignore[override]
         x = self.prepare_tokens(x, masks)
         if self.grad_checkpointing and self.training:
-            from timm.models._manipulate import checkpoint_seq
-
             x = checkpoint_seq(self.blocks, x)
         else:
             x = self.blocks(x)

@@ -28,10 +28,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common import distributed as dist_utils
 from common.cli import HelpFormatter
-from models import STUDENT_ARCHS, TEACHERS, create_student, create_teacher
+from models import LAYOUTS, STUDENT_ARCHS, TEACHERS, create_student, create_teacher
 
 from .data import build_dataset
-from .distiller import Distiller, compile_student, param_groups, teacher_targets
+from .distiller import Distiller, Views, compile_student, param_groups
 from .engine import AMP, backward_and_step, forward_losses
 from .masking import make_masks
 
@@ -136,10 +136,13 @@ class Setup:
     def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
         torch.manual_seed(args.seed)
         self.device, self.precision = device, args.precision
-        clip = TEACHERS[args.teacher].family == "clip"
-        self.teacher = create_teacher(args.teacher, pretrained=False).to(device).eval()
-        student = create_student(args.student, img_size=args.input_size)
-        lambdas = (1.0, 0.0, 0.0) if clip else (1.0, 1.0, 1.0)
+        token_only = TEACHERS[args.teacher].token_only
+        with torch.device(device):  # a random teacher is initialised where it runs (the 7B: on the GPU, in seconds)
+            self.teacher = create_teacher(args.teacher, pretrained=False)
+        layout = args.student_layout or self.teacher.family
+        student = create_student(args.student, img_size=args.input_size, layout=layout)
+        self.views = Views(args.input_size, args.input_size, (args.input_size // student.patch_size,) * 2)
+        lambdas = (1.0, 0.0, 0.0) if token_only else (1.0, 1.0, 1.0)
         self.distiller = Distiller(student, self.teacher.embed_dim, *lambdas).to(device).train()
         self.optimizer = torch.optim.AdamW(
             param_groups(self.distiller, 0.05), lr=1e-4, eps=1e-8, fused=device.type == "cuda"
@@ -149,12 +152,12 @@ class Setup:
         self.images = torch.randn(b, 3, args.input_size, args.input_size, device=device)
         n = (args.input_size // student.patch_size) ** 2
         full = make_masks(b, n, 0.5, (0.5, 0.5), torch.Generator().manual_seed(args.seed)).to(device)
-        self.masks_full = None if clip else full  # the reference's (B, N) masks
-        self.masks = None if clip else full[: int(0.5 * b)]  # ours: the masked samples only
+        self.masks_full = None if token_only else full  # the reference's (B, N) masks
+        self.masks = None if token_only else full[: int(0.5 * b)]  # ours: the masked samples only
         self.amp = AMP[args.precision]
 
     def step(self) -> torch.Tensor:
-        loss = forward_losses(self.distiller, self.teacher, self.images, self.masks, self.amp)["total"]
+        loss = forward_losses(self.distiller, self.teacher, self.images, self.masks, self.amp, self.views)["total"]
         backward_and_step(self.distiller, loss, self.optimizer, self.scaler)
         return loss.detach()
 
@@ -165,7 +168,7 @@ class Setup:
 
         def teacher() -> None:
             with torch.autocast(self.device.type, dtype=self.amp, enabled=enabled):
-                holder["t"] = teacher_targets(self.teacher, self.images)
+                holder["t"] = self.teacher.targets(self.images, self.views.grid)
 
         def student() -> None:
             with torch.autocast(self.device.type, dtype=self.amp, enabled=enabled):
@@ -189,7 +192,8 @@ class Setup:
     def flops(self) -> int:
         """FlopCounterMode over one forward + backward (teacher forward, student forward/backward); no update."""
         with FlopCounterMode(display=False) as counter:
-            forward_losses(self.distiller, self.teacher, self.images, self.masks, self.amp)["total"].backward()
+            losses = forward_losses(self.distiller, self.teacher, self.images, self.masks, self.amp, self.views)
+            losses["total"].backward()
         self.optimizer.zero_grad(set_to_none=True)
         return counter.get_total_flops()
 
@@ -223,7 +227,7 @@ class Reference:
     def step(self) -> torch.Tensor:
         s = self.setup
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            targets = teacher_targets(self.teacher, s.images)
+            targets = self.teacher.targets(s.images, s.views.grid)
             loss = self.model(s.images, s.masks_full, targets)["total"]
         self.optimizer.zero_grad()
         self.scaler.scale(loss).backward()
@@ -255,7 +259,8 @@ def step_benchmark(args: argparse.Namespace) -> float:
     setup = Setup(args, device)
     reference = Reference(setup) if args.reference else None  # copies the weights before ours trains
     print(
-        f"teacher {args.teacher} (RANDOM weights) -> student {args.student}, batch {args.batch_size}, "
+        f"teacher {args.teacher} (RANDOM weights, {str(setup.teacher.dtype).removeprefix('torch.')}) -> student "
+        f"{args.student} ({type(setup.distiller.student).__name__}), batch {args.batch_size}, "
         f"input {args.input_size}, {args.precision}, {device}, compile {args.compile}, "
         f"synthetic batch on device, warmup {args.warmup}, steps {args.steps}, torch {torch.__version__}"
     )
@@ -348,6 +353,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--teacher", default="dinov2_vits14", help=f"one of: {', '.join(TEACHERS)} (random weights)")
     a("--student", default="vit_tiny", help="vit_tiny, vit_small, vit_base or vit_large")
+    a("--student-layout", choices=tuple(LAYOUTS), help="as pretrain.main (default: the teacher's family)")
     a("--batch-size", type=int, default=8, help="images per step")
     a("--input-size", type=int, default=224, help="square crop side")
     a("--steps", type=int, default=10, help="timed steps (median reported)")

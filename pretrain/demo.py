@@ -80,8 +80,6 @@ def main() -> int:
     checkpoint = os.environ.get("TEACHER_CHECKPOINT") or official_teacher(teacher)
     out = OUT / f"{teacher}_to_vit_tiny"
     argv = ["--data-path", str(OUT / "data"), "--teacher", teacher, *TRAINING, "--output-dir", str(out)]
-    if TEACHERS[teacher].patch_size != 14:
-        argv += ["--lambda-patch", "0", "--lambda-fea", "0"]  # token-only: the grids differ
     if checkpoint:
         print(f"teacher: {teacher} from {checkpoint}", flush=True)
         argv += ["--teacher-checkpoint", str(checkpoint)]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
-from models import ViT
+from models import DinoV3ViT, ViT
 
 LOSSES = ("total", "token", "patch", "fea")  # the Distiller's losses by name, in every log and checkpoint
 
@@ -17,20 +18,27 @@ def head(dim_in: int, dim_out: int) -> nn.Sequential:
     return nn.Sequential(nn.LayerNorm(dim_in, eps=1e-5), nn.Linear(dim_in, dim_out))
 
 
-@torch.no_grad()
-def teacher_targets(
-    teacher: ViT, images: torch.Tensor, data_mean=IMAGENET_DEFAULT_MEAN, data_std=IMAGENET_DEFAULT_STD
-) -> dict[str, torch.Tensor]:
-    """The teacher's final-norm CLS and patch tokens on the clean crop, in its own normalisation.
+@dataclass(frozen=True)
+class Views:
+    """What each network sees of a batch of crops: the student's and the teacher's input side (the crop
+    resized when it differs; --teacher-input-size) and the student's token grid, to which the teacher's
+    patch tokens are resampled when its own differs (models.resample_patches)."""
 
-    Crops arrive normalised with the data's mean/std; CLIP expects its own, so re-normalise.
-    """
-    if tuple(teacher.input_mean) != tuple(data_mean) or tuple(teacher.input_std) != tuple(data_std):
-        shape = (1, 3, 1, 1)
-        t = lambda v: torch.tensor(v, device=images.device, dtype=images.dtype).view(shape)  # noqa: E731
-        images = (images * t(data_std) + t(data_mean) - t(teacher.input_mean)) / t(teacher.input_std)
-    out = teacher.forward_features(images)
-    return {"cls": out["x_norm_clstoken"], "patches": out["x_norm_patchtokens"]}
+    student: int
+    teacher: int
+    grid: tuple[int, int]
+
+    def resized(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the student's images, the teacher's images) from one batch of crops."""
+        return resize(images, self.student), resize(images, self.teacher)
+
+
+def resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Square crops -> size x size, bicubic (as the crop itself), antialiased when shrinking; as they are when
+    already that size."""
+    if images.shape[-2:] == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
 
 
 class Distiller(nn.Module):
@@ -43,7 +51,7 @@ class Distiller(nn.Module):
 
     def __init__(
         self,
-        student: ViT,
+        student: ViT | DinoV3ViT,
         teacher_dim: int,
         lambda_token: float = 1.0,
         lambda_patch: float = 1.0,
@@ -106,7 +114,7 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_names: tuple[st
     ]
 
 
-def compile_student(student: ViT) -> None:
+def compile_student(student: ViT | DinoV3ViT) -> None:
     """torch.compile the student's forward_features in place (main.py and benchmark --compile).
 
     Only the student: the Distiller's boolean-mask indexing has a data-dependent shape and would

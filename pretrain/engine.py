@@ -10,9 +10,10 @@ from collections.abc import Iterator
 import torch
 
 from common import distributed as dist_utils
+from models import Teacher
 
 from .data import derive_seed
-from .distiller import LOSSES, teacher_targets
+from .distiller import LOSSES, Views
 from .masking import make_masks
 from .output import log_keys
 from .state import Run
@@ -50,11 +51,17 @@ def cycle_batches(loader, sampler, epoch: int, num_epochs: int, n: int, start: i
 
 
 def forward_losses(
-    model, teacher, images: torch.Tensor, masks: torch.Tensor | None, amp_dtype: torch.dtype | None
+    model,
+    teacher: Teacher,
+    images: torch.Tensor,
+    masks: torch.Tensor | None,
+    amp_dtype: torch.dtype | None,
+    views: Views,
 ) -> dict[str, torch.Tensor]:
     """Teacher targets and the student's loss under autocast: the step's forward, shared with pretrain.benchmark."""
+    images, teacher_images = views.resized(images)
     with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        targets = teacher_targets(teacher, images)
+        targets = teacher.targets(teacher_images, views.grid)
         return model(images, masks, targets)
 
 
@@ -69,12 +76,12 @@ def backward_and_step(model, loss: torch.Tensor, optimizer, scaler, clip_grad: f
     scaler.update()
 
 
-def check_after_update(model, teacher, images, masks, amp_dtype, where: str) -> None:
+def check_after_update(model, teacher, images, masks, amp_dtype, views: Views, where: str) -> None:
     """Before a checkpoint is written: the loss of this batch under the UPDATED weights must be finite
     (all ranks agree). A diverging step (e.g. too high an lr) can leave finite but huge weights whose
     own loss was still finite; they must never replace the last good checkpoint."""
     with torch.no_grad():
-        loss = forward_losses(model, teacher, images, masks, amp_dtype)["total"]
+        loss = forward_losses(model, teacher, images, masks, amp_dtype, views)["total"]
     loss = dist_utils.all_reduce_mean(loss.detach().float().reshape(1)).cpu()
     if not torch.isfinite(loss).all():
         raise NonFiniteLoss(f"the update of {where} made the loss non-finite ({loss.item():.4g}): the weights diverged")
@@ -90,8 +97,7 @@ def train_one_epoch(run: Run) -> dict[str, float]:
     args, out, control, pos = run.args, run.out, run.control, run.position
     epoch, start, iters = pos.epoch, pos.iteration, run.iters_per_epoch
     model, teacher, student = run.model, run.teacher, run.distiller.student
-    model.train()
-    teacher.eval()  # never trained, whatever model.train() does
+    model.train()  # the teacher stays in eval mode (models.Teacher)
     num_patches = (args.input_size // student.patch_size) ** 2
     amp_dtype = AMP[args.precision]
     rank = dist_utils.rank()
@@ -111,7 +117,7 @@ def train_one_epoch(run: Run) -> dict[str, float]:
             masks = make_masks(batch_size, num_patches, args.mask_probability, args.mask_ratio)
             masks = masks[: int(args.mask_probability * batch_size)].to(run.device, non_blocking=True)
 
-        losses = forward_losses(model, teacher, images, masks, amp_dtype)
+        losses = forward_losses(model, teacher, images, masks, amp_dtype, run.views)
 
         # the mean over ranks, with this rank's [stop, save] flags riding along
         values = torch.stack([losses[name].detach() for name in LOSSES]).float()
@@ -131,7 +137,7 @@ def train_one_epoch(run: Run) -> dict[str, float]:
         out.iteration(epoch, it, mean, lr)
 
         if stop or save or done == iters:  # a checkpoint follows: only of weights that still work
-            check_after_update(model, teacher, images, masks, amp_dtype, f"epoch {epoch} iteration {i}")
+            check_after_update(model, teacher, images, masks, amp_dtype, run.views, f"epoch {epoch} iteration {i}")
         if stop or save:
             control.signalled |= stop  # every rank agrees now; at the epoch's end main.py stops after its checkpoint
             if done < iters:

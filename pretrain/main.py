@@ -36,12 +36,13 @@ from models import (
 )
 
 from .data import PositionSampler, SeededDataset, build_dataset, worker_init
-from .distiller import Distiller, compile_student, param_groups
+from .distiller import Distiller, Views, compile_student, param_groups
 from .engine import NonFiniteLoss, Preempted, train_one_epoch
 from .output import CHECKPOINT, Output
 from .state import Position, Run, StopControl
 
 log = logging.getLogger("pretrain")
+TEACHER_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}  # auto: models.default_dtype
 EXIT_REQUEUE = dist_utils.EXIT_REQUEUE  # SIGUSR1/SIGTERM: checkpoint written mid-epoch, re-run to continue
 
 
@@ -52,6 +53,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--teacher", default="dinov2_vitl14", help=f"one of: {', '.join(TEACHERS)}")
     a("--teacher-checkpoint", help="the teacher's official weight file; downloaded from the official URL if omitted")
     a("--random-teacher", action="store_true", help="random teacher weights: smoke tests and demos only")
+    a(
+        "--teacher-dtype",
+        choices=tuple(TEACHER_DTYPES),
+        default="auto",
+        help="the teacher's weights; auto = bf16 for teachers over 1B parameters (the DINOv3 7B, DINOv2's ViT-g), "
+        "fp32 otherwise (the reference ran ViT-g in fp32)",
+    )
+    a(
+        "--teacher-input-size",
+        type=int,
+        help="side of the teacher's resize of each crop (default: --input-size); its patch tokens are resampled "
+        "to the student's grid",
+    )
     a(
         "--teacher-normalization",
         choices=("reference", "teacher"),
@@ -66,7 +80,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="the student's architecture and export key names, as the reference's per teacher family "
         "(default: the teacher's family)",
     )
-    a("--input-size", type=int, default=224, help="crop side; a multiple of the patch size (14)")
+    a("--input-size", type=int, default=224, help="the student's crop side; a multiple of its patch size")
     a("--batch-size", type=int, default=128, help="per process; lr scales with the global batch")
     a("--epochs", type=int, default=300, help="the cosine spans all of them")
     a("--warmup-epochs", type=float, default=5, help="linear warmup from --warmup-lr")
@@ -109,6 +123,7 @@ FLAG_RANGES = (
     ("epochs", lambda v: v >= 1, "a positive integer"),
     ("epoch_length", lambda v: v >= 1, "a positive number of iterations"),
     ("input_size", lambda v: v >= 1, "a positive number of pixels"),
+    ("teacher_input_size", lambda v: v >= 1, "a positive number of pixels"),
     ("warmup_epochs", lambda v: v >= 0, ">= 0"),
     ("lr", lambda v: v >= 0, ">= 0 (0: the weights stay as initialised)"),
     ("warmup_lr", lambda v: v >= 0, ">= 0"),
@@ -151,26 +166,23 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"unknown teacher '{args.teacher}'; choose from {', '.join(TEACHERS)}")
     spec = TEACHERS[args.teacher]
     args.student_layout = args.student_layout or spec.family
-    clip = spec.family == "clip"
+    args.teacher_input_size = args.teacher_input_size or args.input_size
     for name, default in (
         ("lambda_token", 1.0),
-        ("lambda_patch", 0.0 if clip else 1.0),
-        ("lambda_fea", 0.0 if clip else 1.0),
+        ("lambda_patch", 0.0 if spec.token_only else 1.0),
+        ("lambda_fea", 0.0 if spec.token_only else 1.0),
     ):
         if getattr(args, name) is None:
             setattr(args, name, default)
     if not (args.lambda_token or args.lambda_patch or args.lambda_fea):
         raise ValueError("all loss weights are 0: nothing to train")
-    patch = 14
-    if (args.lambda_patch or args.lambda_fea) and spec.patch_size != patch:
+    patch = LAYOUTS[args.student_layout].patch_size
+    if args.input_size % patch:
+        raise ValueError(f"--input-size {args.input_size} is not a multiple of the student's patch size {patch}")
+    if args.teacher_input_size % spec.patch_size:
         raise ValueError(
-            f"teacher {args.teacher} has patch {spec.patch_size} but the student has {patch}: patch and feature "
-            "losses need the same token grid (use --lambda-patch 0 --lambda-fea 0 for a token-only run)"
-        )
-    if args.input_size % patch or args.input_size % spec.patch_size:
-        raise ValueError(
-            f"--input-size {args.input_size} is not a multiple of the patch size "
-            f"(student {patch}, teacher {spec.patch_size})"
+            f"the teacher's input size {args.teacher_input_size} (--teacher-input-size, default --input-size) is not "
+            f"a multiple of {args.teacher}'s patch size {spec.patch_size}"
         )
     try:
         ratio = [float(v) for v in str(args.mask_ratio).split(",")]
@@ -199,19 +211,34 @@ def build(args: argparse.Namespace, device: torch.device, world: int, out: Outpu
     np.random.seed(seed)
     torch.manual_seed(seed)
 
+    # one crop per sample, at the larger of the two input sizes; each network gets its own resize (Views)
+    crop_size = max(args.input_size, args.teacher_input_size)
     dataset = build_dataset(
-        args.data_path, args.input_size, args.single_image, args.subset_classes, args.subset_images_per_class
+        args.data_path, crop_size, args.single_image, args.subset_classes, args.subset_images_per_class
     )
     if args.random_teacher:
         log.warning(
             "RANDOM TEACHER: %s has random weights; this run distils noise (demo/smoke test only)", args.teacher
         )
-    teacher = create_teacher(args.teacher, args.teacher_checkpoint, pretrained=not args.random_teacher).to(device)
+    teacher = create_teacher(
+        args.teacher,
+        args.teacher_checkpoint,
+        pretrained=not args.random_teacher,
+        dtype=TEACHER_DTYPES[args.teacher_dtype],
+    ).to(device)
     if args.teacher_normalization == "reference":  # the crops as they are (ImageNet mean/std), as the reference
-        teacher.input_mean, teacher.input_std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        teacher.mean, teacher.std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     student = create_student(
         args.student, img_size=args.input_size, drop_path_rate=args.drop_path, layout=args.student_layout
     )
+    grid = (args.input_size // student.patch_size,) * 2
+    views = Views(args.input_size, args.teacher_input_size, grid)
+    teacher_grid = args.teacher_input_size // teacher.patch_size
+    if (args.lambda_patch or args.lambda_fea) and (teacher_grid,) * 2 != grid:
+        out.print(
+            f"the teacher's {teacher_grid}x{teacher_grid} patch tokens ({args.teacher} at {args.teacher_input_size} "
+            f"px) are resampled to the student's {grid[0]}x{grid[1]} grid (bilinear, antialiased when shrinking)"
+        )
     distiller = Distiller(student, teacher.embed_dim, args.lambda_token, args.lambda_patch, args.lambda_fea).to(device)
 
     # Repeated augmentation under DDP (3 repeats, DeiT's floor(N/256)*256 samples); one plain
@@ -266,6 +293,7 @@ def build(args: argparse.Namespace, device: torch.device, world: int, out: Outpu
         distiller=distiller,
         model=distiller,
         teacher=teacher,
+        views=views,
         optimizer=optimizer,
         scaler=torch.amp.GradScaler(device.type, enabled=args.precision == "fp16"),
         ema=ModelEmaV3(student, decay=args.ema_decay),
@@ -295,7 +323,8 @@ def train(run: Run) -> None:
     else:
         n_params = sum(p.numel() for p in student.parameters()) / 1e6
         out.print(
-            f"distilling {args.teacher} -> {args.student} ({args.student_layout} layout, {n_params:.1f}M params) "
+            f"distilling {args.teacher} ({str(run.teacher.dtype).removeprefix('torch.')}) -> {args.student} "
+            f"({args.student_layout} layout, {n_params:.1f}M params) "
             f"on {run.device}, world {world}, global batch {args.batch_size * world}, "
             f"peak lr {max(run.schedule):.3e}, {run.iters_per_epoch} it/epoch, epochs {start_epoch}..{args.epochs - 1}"
         )

@@ -23,9 +23,9 @@ from torchvision import transforms
 
 from common.features import eval_transform
 from common.images import IMAGE_ERRORS
+from models import Teacher
 
 from .data import load_rgb
-from .distiller import teacher_targets
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +76,17 @@ def pca_rgb(tokens: torch.Tensor, grid: tuple[int, int], threshold: float = THRE
 @torch.no_grad()
 def pca_images(model: torch.nn.Module, images: torch.Tensor, threshold: float = THRESHOLD) -> torch.Tensor:
     """[B, 3, H, W] PCA pictures (float in [0, 1], nearest-upsampled to the input size) of a
-    DINOv2-API ViT's final-norm patch tokens, from ImageNet-normalised images (a teacher with its own
-    normalisation, CLIP, gets them re-normalised as in training); run in eval mode, mode restored."""
+    DINOv2-API ViT's or a models.Teacher's final-norm patch tokens, from ImageNet-normalised images (a
+    Teacher re-normalises them as in training); run in eval mode, mode restored."""
     was_training = model.training
     model.eval()
-    if hasattr(model, "input_mean"):
-        tokens = teacher_targets(model, images)["patches"]
+    if isinstance(model, Teacher):
+        tokens = model.targets(images)["patches"]
     else:
         tokens = model.forward_features(images)["x_norm_patchtokens"]
     tokens = tokens.float().cpu()
     model.train(was_training)
-    patch = model.patch_embed.patch_size[0]
+    patch = model.patch_size
     h, w = images.shape[-2] // patch, images.shape[-1] // patch
     small = torch.stack([pca_rgb(t, (h, w), threshold) for t in tokens])
     return F.interpolate(small, size=images.shape[-2:], mode="nearest")

@@ -15,10 +15,10 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 from common import distributed as dist_utils
-from models import ViT, safe_load
+from models import Teacher, safe_load
 
 from .data import PositionSampler
-from .distiller import LOSSES, Distiller
+from .distiller import LOSSES, Distiller, Views
 from .output import CHECKPOINT, Output
 
 log = logging.getLogger("pretrain")
@@ -76,7 +76,8 @@ class Run:
     device: torch.device
     distiller: Distiller  # the student and its loss heads
     model: torch.nn.Module  # what the step calls: the distiller, under DDP when there are several processes
-    teacher: ViT
+    teacher: Teacher
+    views: Views  # what the student and the teacher see of each batch
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     ema: ModelEmaV3  # of the student

@@ -3,8 +3,9 @@
 # CUDA kernels against its CPU ops, the four mmseg configs, torchrun through mmengine's launcher with
 # NCCL), the other CUDA tests (our step's losses vs the reference's, pretraining, linear probe and
 # kNN under torchrun on NCCL), then the figures of docs/benchmarks.md: the pretraining step (B<-L
-# and S<-B at batch 128, bf16, ours vs the reference, eager and compiled), the input pipeline per
-# worker count, and the logistic regression on CUDA.
+# and S<-B at batch 128, bf16, ours vs the reference, eager and compiled; the DINOv3 recipes B<-L/16
+# and S<-7B/16, ours only, the 7B teacher in bf16), the input pipeline per worker count, and the
+# logistic regression on CUDA.
 # Each log goes to $OUT (default ./gpu_checks) as it runs, so a run cut short keeps what finished.
 #
 #   bash scripts/gpu_checks.sh                 # everything
@@ -49,5 +50,7 @@ run b_l "${step[@]}" --teacher dinov2_vitl14 --student vit_base --reference
 run b_l_compile "${step[@]}" --teacher dinov2_vitl14 --student vit_base --compile
 run s_b "${step[@]}" --teacher dinov2_vitb14 --student vit_small --reference
 run s_b_compile "${step[@]}" --teacher dinov2_vitb14 --student vit_small --compile
+run b_l_dinov3 "${step[@]}" --teacher dinov3_vitl16 --student vit_base
+run s_7b_dinov3 "${step[@]}" --teacher dinov3_vit7b16 --student vit_small
 run pipeline "$PYTHON" -m pretrain.benchmark --pipeline --images 512 --workers 1,4,8,15
 run logreg "$PYTHON" -m fine_grained.benchmark --device cuda

@@ -4,6 +4,7 @@
 #   scripts/pretrain.sh RECIPE [extra pretrain.main flags...]
 #
 #   RECIPE         ti_dinov2s | s_dinov2b | b_dinov2l | l_dinov2g | b_synclrl | b_clipl
+#                  ti_dinov3s | s_dinov3b | b_dinov3l | l_dinov3hplus | s_dinov3_7b | b_dinov3_7b
 #   DATA           ImageNet root holding train/<class>/<image>      default /data/imagenet
 #   OUT            output dir (checkpoint.pth, log.txt, tensorboard/) default out/RECIPE
 #   NPROC, NNODES, NODE_RANK, RDZV_ENDPOINT, RDZV_ID, DRY_RUN: see scripts/torchrun.sh
@@ -19,7 +20,8 @@ set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-RECIPE=${1:?usage: scripts/pretrain.sh RECIPE [pretrain.main flags...]; RECIPE: ti_dinov2s s_dinov2b b_dinov2l l_dinov2g b_synclrl b_clipl}
+RECIPES="ti_dinov2s s_dinov2b b_dinov2l l_dinov2g b_synclrl b_clipl ti_dinov3s s_dinov3b b_dinov3l l_dinov3hplus s_dinov3_7b b_dinov3_7b"
+RECIPE=${1:?usage: scripts/pretrain.sh RECIPE [pretrain.main flags...]; RECIPE: $RECIPES}
 shift
 DATA=${DATA:-/data/imagenet}
 OUT=${OUT:-out/$RECIPE}
@@ -28,7 +30,10 @@ NNODES=${NNODES:-1}
 GLOBAL_BATCH=${GLOBAL_BATCH:-512}
 
 # student <- teacher, as in the paper (README.md, PROTOCOLS.md A). CLIP runs token-only by
-# pretrain.main's own defaults, so no recipe needs more than these two flags.
+# pretrain.main's own defaults, so no recipe needs more than these two flags. The DINOv3 recipes
+# (PROTOCOLS G) keep every other setting of PROTOCOLS A; the student takes the teacher's DINOv3
+# layout (patch 16, so the token grids match at any size) and the 7B runs in bf16
+# (--teacher-dtype auto). DINOv3 files are gated: pass --teacher-checkpoint PATH after the recipe.
 case "$RECIPE" in
     ti_dinov2s) teacher=dinov2_vits14 student=vit_tiny ;;
     s_dinov2b) teacher=dinov2_vitb14 student=vit_small ;;
@@ -36,8 +41,14 @@ case "$RECIPE" in
     l_dinov2g) teacher=dinov2_vitg14 student=vit_large ;;
     b_synclrl) teacher=synclr_vitl14 student=vit_base ;;
     b_clipl) teacher=clip_vitl14 student=vit_base ;;
+    ti_dinov3s) teacher=dinov3_vits16 student=vit_tiny ;;
+    s_dinov3b) teacher=dinov3_vitb16 student=vit_small ;;
+    b_dinov3l) teacher=dinov3_vitl16 student=vit_base ;;
+    l_dinov3hplus) teacher=dinov3_vith16plus student=vit_large ;;
+    s_dinov3_7b) teacher=dinov3_vit7b16 student=vit_small ;;
+    b_dinov3_7b) teacher=dinov3_vit7b16 student=vit_base ;;
     *)
-        echo "error: unknown recipe '$RECIPE'; one of: ti_dinov2s s_dinov2b b_dinov2l l_dinov2g b_synclrl b_clipl" >&2
+        echo "error: unknown recipe '$RECIPE'; one of: $RECIPES" >&2
         exit 2
         ;;
 esac

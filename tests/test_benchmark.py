@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 
 import pytest
 
@@ -39,6 +41,21 @@ def test_step_benchmark_prints_fields_and_speedup(capsys, precision):
     assert "teacher fwd" in out and "student fwd+bwd" in out and "optimizer" in out
     last = out.strip().splitlines()[-1]
     assert last.startswith("speedup: ") and float(last.split()[1]) > 0
+
+
+@pytest.mark.parametrize("teacher, student", [("dinov3_vits16", "DinoV3ViT"), ("synclr_vitb16", "ViT")])
+def test_step_benchmark_takes_dinov3_and_patch16_teachers(capsys, monkeypatch, teacher, student):
+    """A random DINOv3 teacher with a student in its layout (as scripts/gpu_checks.sh's DINOv3 steps, shallower);
+    a patch-16 teacher with a patch-14 student (its patch tokens resampled): every loss is finite."""
+    spec = benchmark.TEACHERS[teacher]
+    shallow = dataclasses.replace(spec, config=dataclasses.replace(spec.config, depth=1))
+    monkeypatch.setitem(benchmark.TEACHERS, teacher, shallow)
+    argv = [*TINY, "--teacher", teacher, "--input-size", "112", "--batch-size", "2", "--warmup", "0", "--steps", "1"]
+    assert benchmark.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"teacher {teacher} (RANDOM weights, float32) -> student vit_tiny ({student})" in out
+    losses = out.split("ours losses: ")[1].split()
+    assert len(losses) == 1 and math.isfinite(float(losses[0])) and float(losses[0]) > 0
 
 
 CUDA = pytest.mark.skipif(not benchmark.torch.cuda.is_available(), reason="needs a GPU")

@@ -10,6 +10,7 @@ dims, small depths; the 7B only on the meta device.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 
@@ -23,7 +24,7 @@ from torch import nn
 import models
 from models.dinov3 import DinoV3ViT
 from models.teachers import TEACHERS, default_dtype
-from pretrain.distiller import Distiller, teacher_targets
+from pretrain.distiller import Distiller
 
 N_STORAGE = 4
 
@@ -174,15 +175,16 @@ def shallow(monkeypatch):
     """A DINOv3 teacher spec at its real width, heads and FFN, with fewer blocks."""
 
     def patch(name: str, depth: int = 4):
-        spec = dataclasses.replace(TEACHERS[name], depth=depth)
+        spec = TEACHERS[name]
+        spec = dataclasses.replace(spec, config=dataclasses.replace(spec.config, depth=depth))
         monkeypatch.setitem(TEACHERS, name, spec)
-        kw = spec.vit_kwargs
-        align = kw.get("swiglu_align", 0)
-        hidden = swiglu_width(spec.embed_dim, kw["ffn_ratio"], align) if align else 4 * spec.embed_dim
+        kw, config = spec.vit_kwargs, spec.config
+        align = config.swiglu_align
+        hidden = swiglu_width(config.embed_dim, config.ffn_ratio, align) if align else 4 * config.embed_dim
         return dict(
-            dim=spec.embed_dim,
+            dim=config.embed_dim,
             depth=depth,
-            heads=spec.num_heads,
+            heads=config.num_heads,
             hidden=hidden,
             swiglu=bool(align),
             qkv_bias=kw.get("qkv_bias", True),
@@ -197,14 +199,15 @@ def test_teacher_equals_fair_code_at_two_sizes(shallow, tmp_path, name):
     arch = shallow(name)
     sd = official_sd(**arch)
     torch.save(sd, tmp_path / "official.pth")
-    teacher = models.create_teacher(name, tmp_path / "official.pth")
+    frozen = models.create_teacher(name, tmp_path / "official.pth")
     ref = fair(sd, **arch)
-    assert teacher.family == "dinov3" and not teacher.training
-    assert all(not p.requires_grad for p in teacher.parameters())
-    assert teacher.patch_size == 16 and teacher.embed_dim == arch["dim"]
+    assert frozen.family == "dinov3" and not frozen.training and frozen.dtype == torch.float32
+    assert all(not p.requires_grad for p in frozen.parameters())
+    assert frozen.patch_size == 16 and frozen.embed_dim == arch["dim"]
     sat = name.endswith("_sat")
-    assert teacher.input_mean == ((0.430, 0.411, 0.296) if sat else (0.485, 0.456, 0.406))
-    assert teacher.input_std == ((0.213, 0.156, 0.143) if sat else (0.229, 0.224, 0.225))
+    assert frozen.mean == ((0.430, 0.411, 0.296) if sat else (0.485, 0.456, 0.406))
+    assert frozen.std == ((0.213, 0.156, 0.143) if sat else (0.229, 0.224, 0.225))
+    teacher = frozen.backbone
     assert torch.equal(teacher.rope.periods, sd["rope_embed.periods"])  # the file's, not the formula's
     for h, w in ((224, 224), (192, 320)):
         x = torch.randn(2, 3, h, w)
@@ -226,7 +229,7 @@ def test_teacher_keeps_every_key_of_the_file(shallow, tmp_path):
     sd = official_sd(**arch)
     torch.save(sd, tmp_path / "f.pth")
     teacher = models.create_teacher("dinov3_vitl16_sat", tmp_path / "f.pth")
-    back = models.to_reference(teacher, "dinov3")
+    back = models.to_reference(teacher.backbone, "dinov3")
     assert set(back) == set(sd)
     for k, v in sd.items():
         if k.endswith("attn.qkv.bias"):  # the k third is masked to zero in FAIR's forward: exported as 0
@@ -344,6 +347,9 @@ def test_bf16_teacher(shallow, tmp_path, monkeypatch):
     fp32 = models.create_teacher("dinov3_vits16plus", tmp_path / "f.pth")
     monkeypatch.setattr(models.teachers, "BF16_ABOVE", 1e6)  # as the 7B: bf16 by default
     bf16 = models.create_teacher("dinov3_vits16plus", tmp_path / "f.pth")
+    assert (fp32.dtype, bf16.dtype) == (torch.float32, torch.bfloat16)
+    assert models.create_teacher("dinov3_vits16plus", tmp_path / "f.pth", dtype=torch.float32).dtype == torch.float32
+    fp32, bf16 = fp32.backbone, bf16.backbone
     assert all(p.dtype == torch.float32 for p in fp32.parameters())
     assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
     assert all(not p.requires_grad for p in bf16.parameters()) and not bf16.training
@@ -357,8 +363,11 @@ def test_bf16_teacher(shallow, tmp_path, monkeypatch):
     cast = fp32.to(torch.bfloat16)  # casting keeps the file's periods in float32 (timm would recompute them)
     assert cast.rope.periods.dtype == torch.float32 and torch.equal(cast.rope.periods, sd["rope_embed.periods"])
     assert "rope.periods" in cast.state_dict()
-    monkeypatch.setitem(TEACHERS, "dinov2_vits14", dataclasses.replace(TEACHERS["dinov2_vits14"], depth=1))
-    dinov2 = models.create_teacher("dinov2_vits14", pretrained=False)  # the DINOv2 ViT takes float32 crops too
+    spec = TEACHERS["dinov2_vits14"]
+    monkeypatch.setitem(
+        TEACHERS, "dinov2_vits14", dataclasses.replace(spec, config=dataclasses.replace(spec.config, depth=1))
+    )
+    dinov2 = models.create_teacher("dinov2_vits14", pretrained=False).backbone  # the DINOv2 ViT takes float32 crops too
     assert dinov2.cls_token.dtype == torch.bfloat16
     with torch.no_grad():
         assert dinov2.forward_features(torch.randn(1, 3, 56, 56))["x_norm_clstoken"].dtype == torch.bfloat16
@@ -387,7 +396,7 @@ def test_student_names_and_errors():
         models.create_student("vit_small_dinov3", layout="clip")
     with pytest.raises(ValueError, match=r"unknown student 'vit_huge_dinov3'.*vit_large_dinov3"):
         models.create_student("vit_huge_dinov3")
-    m = timm.create_model("proteus_vit_small_dinov3", drop_path_rate=0.1)
+    m = models.create_student("vit_small_dinov3", drop_path_rate=0.1)
     assert isinstance(m, DinoV3ViT) and m.embed_dim == 384
     assert [b.drop_path1.drop_prob for b in m.blocks] == [0.1] * 12  # uniform, as FAIR's
 
@@ -516,8 +525,45 @@ def test_distiller_trains_a_dinov3_student_from_a_dinov3_teacher(shallow, tmp_pa
     images = torch.randn(2, 3, 64, 64)
     masks = torch.zeros(1, 16, dtype=torch.bool)
     masks[0, :8] = True
-    loss, parts = distiller(images, masks, teacher_targets(teacher, images))
-    loss.backward()
-    assert torch.isfinite(loss) and all(v > 0 for v in parts.values())
+    losses = distiller(images, masks, teacher.targets(images))
+    losses["total"].backward()
+    assert torch.isfinite(losses["total"]) and all(v > 0 for v in losses.values())
     assert student.mask_token.grad is not None and torch.count_nonzero(student.mask_token.grad) > 0
     assert student.blocks[0].attn.k_bias.requires_grad is False  # the masked k bias never trains
+
+
+def test_pretraining_from_an_official_dinov3_file_resumes_and_exports(shallow, tmp_path, capsys):
+    """pretrain.main: an official-format DINOv3 S/16 file (one block) into vit_tiny in the DINOv3 layout (the
+    teacher's family): resumes, exports a backbone.pth that load_backbone reads back, and trains with the teacher
+    at a larger --teacher-input-size (its 3x3 patch map resampled to the student's 2x2 grid)."""
+    from pretrain import main as pretrain_main
+    from tests.test_pretrain import make_image_folder
+
+    arch = shallow("dinov3_vits16", depth=1)
+    torch.save(official_sd(**arch), tmp_path / "dinov3_vits16.pth")
+    data = make_image_folder(tmp_path / "data")
+    base = [
+        *("--data-path", str(data), "--teacher", "dinov3_vits16", "--teacher-checkpoint"),
+        *(str(tmp_path / "dinov3_vits16.pth"), "--student", "vit_tiny", "--input-size", "32", "--batch-size", "4"),
+        *("--num-workers", "0", "--device", "cpu", "--precision", "fp32", "--epoch-length", "2", "--pca-every", "0"),
+    ]
+    out = tmp_path / "run"
+    assert pretrain_main.main([*base, "--output-dir", str(out), "--epochs", "1"]) == 0
+    assert pretrain_main.main([*base, "--output-dir", str(out), "--epochs", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "resumed from" in printed and "dinov3 layout" in printed and "resampled" not in printed
+    lines = [json.loads(line) for line in (out / "iterations.jsonl").read_text().splitlines()]
+    assert [e["iteration"] for e in lines] == [0, 1, 2, 3] and all(e["loss_patch"] > 0 for e in lines)
+    ckpt = models.safe_load(out / "checkpoint.pth")
+    exported = torch.load(out / "backbone.pth", weights_only=True)
+    assert {"storage_tokens", "rope_embed.periods", "blocks.11.attn.qkv.bias_mask"} <= set(exported)
+    student = models.load_backbone(out / "backbone.pth")
+    assert isinstance(student, DinoV3ViT) and student.embed_dim == 192 and student.patch_size == 16
+    assert torch.equal(student.state_dict()["blocks.0.attn.qkv.weight"], ckpt["student"]["blocks.0.attn.qkv.weight"])
+
+    larger = tmp_path / "larger"
+    assert pretrain_main.main([*base, "--output-dir", str(larger), "--epochs", "1", "--teacher-input-size", "48"]) == 0
+    printed = capsys.readouterr().out
+    assert "the teacher's 3x3 patch tokens (dinov3_vits16 at 48 px) are resampled to the student's 2x2 grid" in printed
+    lines = [json.loads(line) for line in (larger / "iterations.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and all(math.isfinite(e["loss"]) for e in lines)

@@ -26,7 +26,7 @@ from torch import nn
 import models
 from common.io import atomic_save
 from models import ViT
-from models.teachers import TEACHERS
+from models.teachers import TEACHERS, TeacherSpec
 
 # torch.jit is deprecated in torch 2.14 but OpenAI's CLIP files are TorchScript archives.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
@@ -54,6 +54,11 @@ def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
 
 
 # --- the official DINOv2 layout, written out ------------------------------------------------------
+def swiglu_hidden(dim: int) -> int:
+    """DINOv2's SwiGLUFFNFused width for mlp_ratio 4: (int(4 * dim * 2 / 3) + 7) // 8 * 8 (ViT-g: 4096)."""
+    return (int(4 * dim * 2 / 3) + 7) // 8 * 8
+
+
 def official_dinov2_sd(
     dim: int = 128,
     depth: int = 2,
@@ -84,8 +89,9 @@ def official_dinov2_sd(
         sd[b + "ls1.gamma"] = 1 + r(dim, std=0.3)
         sd[b + "norm2.weight"], sd[b + "norm2.bias"] = 1 + r(dim, std=0.2), r(dim, std=0.1)
         if swiglu:  # SwiGLUFFNFused of ViT-g: w12 packs [x1; x2], hidden = silu(x1) * x2, then w3
-            sd[b + "mlp.w12.weight"], sd[b + "mlp.w12.bias"] = r(8192, dim, std=dim**-0.5), r(8192, std=0.1)
-            sd[b + "mlp.w3.weight"], sd[b + "mlp.w3.bias"] = r(dim, 4096, std=4096**-0.5), r(dim, std=0.1)
+            h = swiglu_hidden(dim)
+            sd[b + "mlp.w12.weight"], sd[b + "mlp.w12.bias"] = r(2 * h, dim, std=dim**-0.5), r(2 * h, std=0.1)
+            sd[b + "mlp.w3.weight"], sd[b + "mlp.w3.bias"] = r(dim, h, std=h**-0.5), r(dim, std=0.1)
         else:
             sd[b + "mlp.fc1.weight"], sd[b + "mlp.fc1.bias"] = r(4 * dim, dim, std=dim**-0.5), r(4 * dim, std=0.1)
             sd[b + "mlp.fc2.weight"], sd[b + "mlp.fc2.bias"] = r(dim, 4 * dim, std=(4 * dim) ** -0.5), r(dim, std=0.1)
@@ -113,7 +119,7 @@ def timm_dinov2(sd, dim, depth, heads, grid, reg=False, swiglu=False) -> VisionT
     """timm's own DINOv2 model (as `vit_*_patch14[_reg4]_dinov2`), loaded via timm's converter."""
     kw = dict(reg_tokens=4, no_embed_class=True) if reg else {}
     if swiglu:
-        kw.update(mlp_ratio=(8192 + 0.5) / dim, mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
+        kw.update(mlp_ratio=(2 * swiglu_hidden(dim) + 0.5) / dim, mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
     tm = VisionTransformer(
         img_size=grid * PATCH,
         patch_size=PATCH,
@@ -154,6 +160,12 @@ def dinov2_interpolate(pos_embed: torch.Tensor, h0: int, w0: int, reg: bool) -> 
     return torch.cat((pos_embed[:, :1], patch_pos), dim=1).to(pos_embed.dtype)
 
 
+def tiny_spec(spec: TeacherSpec, dim: int, depth: int, heads: int, **changes) -> TeacherSpec:
+    """A teacher spec at another width, depth and heads; its FFN rule (ratio, SwiGLU) kept."""
+    config = dataclasses.replace(spec.config, embed_dim=dim, depth=depth, num_heads=heads)
+    return dataclasses.replace(spec, config=config, **changes)
+
+
 def tiny_vit(dim=64, depth=2, heads=1, grid=4, patch=PATCH, reg=0, seed=0) -> ViT:
     m = ViT(
         img_size=grid * patch,
@@ -162,8 +174,6 @@ def tiny_vit(dim=64, depth=2, heads=1, grid=4, patch=PATCH, reg=0, seed=0) -> Vi
         depth=depth,
         num_heads=heads,
         num_register_tokens=reg,
-        interpolate_offset=0.0 if reg else 0.1,
-        interpolate_antialias=bool(reg),
     )
     return randomize_(m, seed).eval()
 
@@ -200,7 +210,8 @@ def test_student_architecture_matches_protocol(name):
         assert tuple(blk.ls1.gamma.shape) == (dim,)
     assert isinstance(m.norm, nn.LayerNorm) and m.norm.eps == 1e-6
     assert isinstance(m.norm_pre, nn.Identity)
-    assert models.STUDENT_ARCHS[name] == (dim, depth, heads)
+    config = models.STUDENT_ARCHS[name]
+    assert (config.embed_dim, config.depth, config.num_heads, config.mlp_hidden) == (dim, depth, heads, 4 * dim)
 
 
 def test_unknown_student_name():
@@ -375,7 +386,7 @@ def _interp_model(kind: str) -> ViT:
         m = m.to_empty(device="cpu")
     else:  # the teacher specs as configured for the official DINOv2 files (518 px, 37x37 grid)
         name = "dinov2_vits14_reg" if kind == "reg" else "dinov2_vits14"
-        m = dataclasses.replace(TEACHERS[name], embed_dim=48, depth=1, num_heads=1).build()
+        m = tiny_spec(TEACHERS[name], dim=48, depth=1, heads=1).build()
     with torch.no_grad():
         m.pos_embed.normal_()
     return m.eval()
@@ -509,19 +520,20 @@ def tiny_teacher(monkeypatch):
     """Replace a full-size TEACHERS spec by a tiny one of the same family/format."""
 
     def patch(name, dim=64, depth=2, heads=1, grid=4):
-        spec = dataclasses.replace(
-            TEACHERS[name], embed_dim=dim, depth=depth, num_heads=heads, img_size=grid * TEACHERS[name].patch_size
-        )
+        spec = tiny_spec(TEACHERS[name], dim, depth, heads, img_size=grid * TEACHERS[name].patch_size)
         monkeypatch.setitem(TEACHERS, name, spec)
         return spec
 
     return patch
 
 
-def assert_frozen_eval(teacher: ViT, family: str):
+def assert_frozen_eval(teacher: models.Teacher, family: str) -> ViT:
+    """A frozen Teacher of `family`, which stays in eval mode; returns its backbone."""
+    assert isinstance(teacher, models.Teacher) and teacher.family == family
+    teacher.train()  # a teacher never trains: no-op
     assert not teacher.training and all(not mod.training for mod in teacher.modules())
     assert all(not p.requires_grad for p in teacher.parameters())
-    assert teacher.family == family
+    return teacher.backbone
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -542,9 +554,9 @@ def test_dinov2_teacher_official_file(tiny_teacher, tmp_path, name, dim, heads, 
     sd = official_dinov2_sd(dim, depth, 4, reg=reg, swiglu=swiglu)
     path = tmp_path / "official.pth"
     torch.save(sd, path)
-    teacher = models.create_teacher(name, checkpoint=path)
-    assert_frozen_eval(teacher, "dinov2")
-    assert teacher.input_mean == pytest.approx(IMAGENET_MEAN) and teacher.input_std == pytest.approx(IMAGENET_STD)
+    frozen = models.create_teacher(name, checkpoint=path)
+    teacher = assert_frozen_eval(frozen, "dinov2")
+    assert frozen.mean == pytest.approx(IMAGENET_MEAN) and frozen.std == pytest.approx(IMAGENET_STD)
     ours = teacher.state_dict()
     expected = dinov2_to_ours(sd)
     assert set(ours) == set(expected)
@@ -679,10 +691,10 @@ def test_clip_teacher_official_file(tiny_teacher, tmp_path, name, archive):
         torch.jit.save(torch.jit.script(ref), str(path))
     else:
         torch.save(raw, path)
-    teacher = models.create_teacher(name, checkpoint=path)
-    assert_frozen_eval(teacher, "clip")
-    assert teacher.input_mean == pytest.approx(CLIP_MEAN, abs=1e-4)
-    assert teacher.input_std == pytest.approx(CLIP_STD, abs=1e-4)
+    frozen = models.create_teacher(name, checkpoint=path)
+    teacher = assert_frozen_eval(frozen, "clip")
+    assert frozen.mean == pytest.approx(CLIP_MEAN, abs=1e-4)
+    assert frozen.std == pytest.approx(CLIP_STD, abs=1e-4)
 
     ours, expected = teacher.state_dict(), clip_to_ours(raw)
     assert set(ours) == set(expected) | {"mask_token"}
@@ -723,9 +735,9 @@ def test_synclr_teacher_official_file(tiny_teacher, tmp_path, name, wrapper, pre
     inner[prefix.replace("visual.", "") + "image_projector.weight"] = torch.randn(16, 128)  # outside visual
     torch.save({wrapper: inner, "epoch": 7, "optimizer": {}}, tmp_path / "synclr.pth")
 
-    teacher = models.create_teacher(name, checkpoint=tmp_path / "synclr.pth")
-    assert_frozen_eval(teacher, "synclr")
-    assert teacher.input_mean == pytest.approx(IMAGENET_MEAN)
+    frozen = models.create_teacher(name, checkpoint=tmp_path / "synclr.pth")
+    teacher = assert_frozen_eval(frozen, "synclr")
+    assert frozen.mean == pytest.approx(IMAGENET_MEAN)
     ours = teacher.state_dict()
     assert set(ours) == set(ref.state_dict()) | {"mask_token"}
     for k, v in ref.state_dict().items():
@@ -755,7 +767,7 @@ def test_synclr_teacher_mask_token_optional(tiny_teacher, tmp_path, shape):
     if token is not None:
         inner["module.visual.mask_token"] = token
     torch.save({"model": inner}, tmp_path / "synclr.pth")
-    teacher = models.create_teacher("synclr_vitl14", checkpoint=tmp_path / "synclr.pth")
+    teacher = models.create_teacher("synclr_vitl14", checkpoint=tmp_path / "synclr.pth").backbone
     expected = torch.zeros(1, 64) if token is None else token.reshape(1, 64)  # none: our zeros, never used
     assert torch.equal(teacher.mask_token, expected)
     x = torch.randn(2, 3, 56, 56)
@@ -998,14 +1010,15 @@ def test_atomic_save_crash_keeps_previous_file(tmp_path, monkeypatch, exc):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]  # no temp file left behind
 
 
-def test_students_are_registered_with_timm():
+def test_no_model_of_ours_is_registered_with_timm():
+    """Our ViTs' forward_features returns DINOv2's dict, not timm's tensor, so timm's contract
+    (forward_head(forward_features(x))) does not hold for them: none is in timm's registry."""
     import timm
 
-    m = timm.create_model("proteus_vit_tiny", drop_path_rate=0.1, img_size=112)
+    assert timm.list_models("proteus_*") == [] and timm.list_models("vit_small_dinov3") == []
+    m = models.create_student("vit_tiny", drop_path_rate=0.1, img_size=112)
     assert isinstance(m, models.ViT) and m.embed_dim == 192 and m.pos_embed.shape == (1, 65, 192)
     assert m.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
-    with pytest.raises(ValueError, match="load_backbone"):
-        timm.create_model("proteus_vit_tiny", pretrained=True)
 
 
 class _System:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
@@ -16,7 +18,7 @@ from common.schedule import warmup_cosine
 from models import ViT
 from pretrain import main as pretrain_main
 from pretrain.data import SingleImageDataset, build_dataset, subset_samples, train_transform
-from pretrain.distiller import Distiller, param_groups, teacher_targets
+from pretrain.distiller import Distiller, Views, param_groups, resize
 from pretrain.masking import make_masks
 from pretrain.output import Output
 
@@ -141,13 +143,102 @@ def test_token_only_distiller_has_no_unused_parameters():
     assert float(losses["patch"]) == 0.0 and float(losses["fea"]) == 0.0
 
 
+def tiny_spec(name: str, dim: int = 32, depth: int = 1) -> models.teachers.TeacherSpec:
+    """`name`'s spec (family, patch, FFN rule, normalisation) at a tiny width and depth, one head."""
+    spec = models.TEACHERS[name]
+    return dataclasses.replace(spec, config=dataclasses.replace(spec.config, embed_dim=dim, depth=depth, num_heads=1))
+
+
+def tiny_teacher(name: str, **kwargs) -> models.Teacher:
+    torch.manual_seed(0)
+    spec = tiny_spec(name)
+    return models.Teacher(spec.build(), name, spec).to(**kwargs)
+
+
+def test_teacher_stays_frozen_and_its_targets_are_ordinary_tensors():
+    """A Teacher cannot be put back in training mode; targets come from inference mode but autograd may save them."""
+    teacher = tiny_teacher("dinov2_vits14")
+    teacher.train()
+    assert not any(m.training for m in teacher.modules()) and not any(p.requires_grad for p in teacher.parameters())
+    assert (teacher.family, teacher.dtype, teacher.patch_size, teacher.embed_dim) == ("dinov2", torch.float32, 14, 32)
+    t = teacher.targets(torch.randn(2, 3, 28, 28))
+    assert t["cls"].shape == (2, 32) and t["patches"].shape == (2, 4, 32)
+    assert not t["cls"].is_inference() and not t["patches"].requires_grad
+    pred = torch.zeros(2, 4, 32, requires_grad=True)
+    torch.nn.functional.mse_loss(pred, t["patches"]).backward()  # saves the target for backward
+    assert pred.grad is not None
+
+
+@pytest.mark.parametrize("grid", [(2, 2), (3, 3), (5, 4)])
+def test_resampled_targets_equal_interpolate_on_the_patch_map(grid):
+    """A patch-16 teacher's 3x3 map at 48 px -> the student's grid: F.interpolate(bilinear) on [B, D, H, W],
+    antialiased when shrinking; its own grid leaves the tokens as they are."""
+    teacher = tiny_teacher("synclr_vitb16")
+    images = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        own = teacher.backbone.forward_features(images)["x_norm_patchtokens"]
+    got = teacher.targets(images, grid)["patches"]
+    patch_map = own.transpose(1, 2).reshape(2, 32, 3, 3)
+    shrink = grid[0] < 3 or grid[1] < 3
+    want = F.interpolate(patch_map, size=grid, mode="bilinear", align_corners=False, antialias=shrink)
+    assert got.shape == (2, grid[0] * grid[1], 32)
+    torch.testing.assert_close(got, want.flatten(2).transpose(1, 2), rtol=0, atol=0)
+    assert torch.equal(teacher.targets(images, (3, 3))["patches"], own)
+
+
+def test_views_resize_one_crop_for_each_network():
+    crops = torch.randn(2, 3, 48, 48)
+    student, teacher = Views(32, 48, (2, 2)).resized(crops)
+    assert teacher is crops  # the crop as it is
+    want = F.interpolate(crops, size=(32, 32), mode="bicubic", align_corners=False, antialias=True)
+    torch.testing.assert_close(student, want, rtol=0, atol=0)
+    assert resize(crops, 48) is crops
+
+
+@pytest.mark.parametrize(
+    "teacher, extra, grids",
+    [
+        (
+            "synclr_vitb16",
+            ["--input-size", "112"],
+            "7x7 patch tokens (synclr_vitb16 at 112 px) are resampled to the student's 8x8",
+        ),
+        (
+            "dinov2_vits14",
+            ["--input-size", "28", "--teacher-input-size", "56"],
+            "4x4 patch tokens (dinov2_vits14 at 56 px) are resampled to the student's 2x2",
+        ),
+        ("dinov2_vits14", ["--input-size", "28", "--teacher-dtype", "bf16"], None),
+    ],
+    ids=["patch16-teacher-patch14-student", "teacher-input-size", "bf16-teacher"],
+)
+def test_grid_resampling_and_bf16_teachers_train(data, tmp_path, capsys, monkeypatch, teacher, extra, grids):
+    """A patch-14 student from a patch-16 teacher, a teacher at a larger --teacher-input-size, and a bf16 teacher
+    under fp32 autocast-free training: each trains with every loss, and says how once."""
+    monkeypatch.setitem(models.TEACHERS, teacher, tiny_spec(teacher))
+    argv = ["--data-path", str(data), "--output-dir", str(tmp_path / "o"), *TINY_RUN, "--epochs", "1"]
+    argv[argv.index("dinov2_vits14")] = teacher
+    argv += ["--epoch-length", "2", "--pca-every", "1", *extra]
+    assert pretrain_main.main(argv) == 0
+    out = capsys.readouterr().out
+    if grids:
+        assert out.count(grids) == 1 and "(bilinear, antialiased when shrinking)" in out
+    else:
+        assert "resampled" not in out and f"distilling {teacher} (bfloat16)" in out
+    lines = [json.loads(line) for line in (tmp_path / "o" / "iterations.jsonl").read_text().splitlines()]
+    assert len(lines) == 2
+    assert all(math.isfinite(e["loss"]) and e["loss_patch"] > 0 and e["loss_fea"] > 0 for e in lines)
+    assert models.load_backbone(tmp_path / "o" / "backbone.pth").patch_size == 14
+
+
 def test_teacher_targets_use_the_teachers_own_normalisation():
-    teacher = tiny_vit(init_values=None).eval()
-    teacher.input_mean, teacher.input_std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    teacher = tiny_teacher("clip_vitl14")
+    assert (teacher.mean, teacher.std) == (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
     raw = torch.rand(2, 3, 28, 28)
     norm = lambda x, m, s: (x - torch.tensor(m).view(1, 3, 1, 1)) / torch.tensor(s).view(1, 3, 1, 1)  # noqa: E731
-    got = teacher_targets(teacher, norm(raw, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
-    want = teacher.forward_features(norm(raw, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD))
+    got = teacher.targets(norm(raw, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    with torch.no_grad():
+        want = teacher.backbone.forward_features(norm(raw, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD))
     torch.testing.assert_close(got["cls"], want["x_norm_clstoken"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got["patches"], want["x_norm_patchtokens"], rtol=1e-4, atol=1e-5)
 
@@ -233,8 +324,9 @@ def run_main(argv, capsys):
     [
         (["--teacher", "dinov2_vitz14"], "unknown teacher 'dinov2_vitz14'"),
         (["--student", "vit_huge"], "unknown student 'vit_huge'"),
-        (["--input-size", "30"], "not a multiple of the patch size"),
-        (["--teacher", "synclr_vitb16"], "patch and feature losses need the same token grid"),
+        (["--input-size", "30"], "not a multiple of the student's patch size 14"),
+        (["--teacher-input-size", "30"], "not a multiple of dinov2_vits14's patch size 14"),
+        (["--teacher-input-size", "0"], "--teacher-input-size 0: must be a positive number of pixels"),
         (["--mask-ratio", "abc"], "--mask-ratio"),
         (["--mask-ratio", "0.6,0.2"], "the range must be 'lo,hi' with lo <= hi"),
         (["--batch-size", "0"], "--batch-size 0: must be a positive integer"),
@@ -386,9 +478,13 @@ def test_clip_teachers_default_to_token_only_and_others_to_all_three():
     assert dino.mask_ratio == (0.5, 0.5) and dino.batch_size == 128 and dino.lr == 5e-4
     ranged = pretrain_main.resolve_args(parse(["--mask-ratio", "0.1,0.5"]))
     assert ranged.mask_ratio == (0.1, 0.5)
-    # token-only B/16 teachers are allowed: only the patch/feature losses need equal grids
-    b16 = pretrain_main.resolve_args(parse(["--teacher", "synclr_vitb16", "--lambda-patch", "0", "--lambda-fea", "0"]))
-    assert b16.lambda_token == 1.0
+    # a B/16 teacher with a patch-14 student: its patch tokens are resampled, no loss is turned off
+    b16 = pretrain_main.resolve_args(parse(["--teacher", "synclr_vitb16"]))
+    assert (b16.lambda_token, b16.lambda_patch, b16.lambda_fea) == (1.0, 1.0, 1.0) and b16.teacher_input_size == 224
+    clip16 = pretrain_main.resolve_args(parse(["--teacher", "clip_vitb16", "--lambda-fea", "1"]))
+    assert (clip16.lambda_token, clip16.lambda_patch, clip16.lambda_fea) == (1.0, 0.0, 1.0)
+    dinov3 = pretrain_main.resolve_args(parse(["--teacher", "dinov3_vitb16", "--input-size", "208"]))  # 13 x 16
+    assert dinov3.student_layout == "dinov3" and dinov3.teacher_input_size == 208
 
 
 def test_compiled_run_trains_and_matches_the_eager_loss(data, tmp_path, capsys):
@@ -430,4 +526,4 @@ def test_clip_teacher_sees_the_references_imagenet_crops_by_default(data, tmp_pa
     argv += ["--lambda-patch", "0", "--lambda-fea", "0"] + (["--teacher-normalization", choice] if choice else [])
     args = pretrain_main.resolve_args(pretrain_main.get_args_parser().parse_args(argv))
     teacher = pretrain_main.build(args, torch.device("cpu"), 1, Output(tmp_path, main=True)).teacher
-    assert tuple(teacher.input_mean) == tuple(mean)
+    assert teacher.mean == tuple(mean)

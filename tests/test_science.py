@@ -89,7 +89,9 @@ def test_distilled_student_learns_from_a_teacher_without_labels(tmp_path, monkey
         Image.fromarray(images[i]).convert("RGB").save(folder / f"{i}.png")
     x = normalise(images)
 
-    spec = dataclasses.replace(TEACHERS[TEACHER], embed_dim=64, depth=2, num_heads=1, img_size=SIZE)
+    spec = TEACHERS[TEACHER]
+    config = dataclasses.replace(spec.config, embed_dim=64, depth=2, num_heads=1)
+    spec = dataclasses.replace(spec, config=config, img_size=SIZE)
     monkeypatch.setitem(TEACHERS, TEACHER, spec)
     torch.manual_seed(0)
     teacher = spec.build()

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 
 import models
+from models import TEACHERS
+from pretrain import main as pretrain_main
 from tests.procs import ROOT, child_env
 from tests.test_pretrain import TINY_RUN, make_image_folder
 
@@ -193,6 +195,12 @@ RECIPES = {
     "l_dinov2g": ("dinov2_vitg14", "vit_large"),
     "b_synclrl": ("synclr_vitl14", "vit_base"),
     "b_clipl": ("clip_vitl14", "vit_base"),
+    "ti_dinov3s": ("dinov3_vits16", "vit_tiny"),
+    "s_dinov3b": ("dinov3_vitb16", "vit_small"),
+    "b_dinov3l": ("dinov3_vitl16", "vit_base"),
+    "l_dinov3hplus": ("dinov3_vith16plus", "vit_large"),
+    "s_dinov3_7b": ("dinov3_vit7b16", "vit_small"),
+    "b_dinov3_7b": ("dinov3_vit7b16", "vit_base"),
 }
 
 
@@ -203,6 +211,8 @@ def test_recipe_single_node(slurm, recipe):
     assert cmd[3:5] == ["-m", "pretrain.main"]
     assert (flag(cmd, "--teacher"), flag(cmd, "--student")) == RECIPES[recipe]
     assert flag(cmd, "--data-path") == "/in" and flag(cmd, "--output-dir") == f"out/{recipe}"
+    args = pretrain_main.resolve_args(pretrain_main.get_args_parser().parse_args(cmd[5:]))  # a valid run
+    assert args.student_layout == TEACHERS[args.teacher].family and args.teacher_input_size == args.input_size == 224
     assert flag(cmd, "--batch-size") == "128"  # 4 x 128 = 512
     assert cmd[-2:] == ["--epochs", "3"]
 

@@ -24,7 +24,7 @@ from functools import partial
 
 import pytest
 import torch
-from timm.models.vision_transformer import VisionTransformer, _convert_openai_clip
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
 import models
@@ -113,7 +113,7 @@ def independent(layout: str, export: dict[str, torch.Tensor], dim: int = DIM):
     sd = {k: v for k, v in export.items() if k != "mask_token"}
     if layout == "clip":  # as timm's vit_*_clip_quickgelu_* models, through timm's OpenAI-CLIP converter
         tm = VisionTransformer(**common, pre_norm=True, norm_layer=nn.LayerNorm, act_layer="quick_gelu", num_classes=0)
-        sd = _convert_openai_clip({"visual." + k: v for k, v in sd.items()}, tm)
+        sd = checkpoint_filter_fn({"visual." + k: v for k, v in sd.items()}, tm)  # OpenAI's visual.* layout
     else:  # the reference's timm ViT settings
         tm = VisionTransformer(**common, init_values=None, norm_layer=partial(nn.LayerNorm, eps=1e-6), num_classes=0)
     tm.load_state_dict(sd, strict=True)
@@ -353,8 +353,9 @@ def test_synclr_teacher_file_loads_with_any_mask_token(tiny_teacher, tmp_path, m
     if mask != "none":
         inner["module.visual.mask_token"] = token.reshape((1, DIM) if mask == "[1,D]" else (1, 1, DIM))
     torch.save({"state_dict": inner, "epoch": 1}, tmp_path / "synclr.pth")
-    teacher = models.create_teacher("synclr_vitl14", checkpoint=tmp_path / "synclr.pth")
-    assert teacher.family == spec.family == "synclr"
+    frozen = models.create_teacher("synclr_vitl14", checkpoint=tmp_path / "synclr.pth")
+    assert frozen.family == spec.family == "synclr"
+    teacher = frozen.backbone
     torch.testing.assert_close(teacher.mask_token, torch.zeros(1, DIM) if mask == "none" else token, rtol=0, atol=0)
     x = torch.randn(1, 3, GRID * PATCH, GRID * PATCH)
     with torch.no_grad():
