@@ -153,7 +153,7 @@ def side_by_side(
 ) -> np.ndarray:
     """uint8 [label + H, (1 + len(nets)) * (W + GAP) - GAP, 3]: the resized input, then each backbone's PCA
     picture, each under its name; H x W keeps the image's aspect ratio (short side `size`)."""
-    multiple = math.lcm(*(net.patch_embed.patch_size[0] for net in nets))
+    multiple = math.lcm(*(net.patch_size for net in nets))
     resized = image.resize(input_shape(*image.size, size, multiple), Image.BICUBIC)
     x = transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)(transforms.functional.to_tensor(resized))
     panels = [np.asarray(resized)]

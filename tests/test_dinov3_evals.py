@@ -27,6 +27,7 @@ from linear_eval import main as linear_main
 from linear_eval.classifiers import linear_features
 from linear_eval.data import load_splits, val_transform
 from models.dinov3 import DinoV3ViT
+from pretrain import pca
 from pretrain.pca import pca_rgb
 from scripts import evaluate_all, visualize_pca
 from tests.test_dinov3 import N_STORAGE, FairViT, fair, official_sd, randomize_, rel_err
@@ -179,7 +180,7 @@ def test_visualize_pca_next_to_a_patch14_student_at_the_default_size(files, tmp_
     and the DINOv3 teacher side by side, each on its own patch grid; the DINOv3 panels are FAIR's tokens' PCA."""
     images = tmp_path / "images"
     images.mkdir()
-    photo = np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)
+    photo = np.random.default_rng(0).integers(0, 255, (70, 70, 3), dtype=np.uint8)  # square: panels 448 x 448
     Image.fromarray(photo).save(images / "photo.png")
     torch.manual_seed(0)
     dinov2 = tmp_path / "dinov2.pth"
@@ -188,8 +189,9 @@ def test_visualize_pca_next_to_a_patch14_student_at_the_default_size(files, tmp_
     argv += [a for kind in KINDS for a in ("--backbone", str(files[kind][0]))]
     assert visualize_pca.main([*argv, "--out", str(tmp_path / "out")]) == 0
     pic = np.asarray(Image.open(tmp_path / "out" / "photo.png"))
-    assert pic.shape == (448, 4 * 448, 3)
-    panels = [pic[:, i * 448 : (i + 1) * 448] for i in range(1, 4)]
+    top, step = pca.label_height(448), 448 + pca.GAP  # each panel under its name strip, a gap between panels
+    assert pic.shape == (top + 448, 4 * step - pca.GAP, 3)
+    panels = [pic[top:, i * step : i * step + 448] for i in range(1, 4)]
     for panel, patch in zip(panels, (14, 16, 16)):
         cells = panel.reshape(448 // patch, patch, 448 // patch, patch, 3)
         assert (cells == cells[:, :1, :, :1]).all(), patch  # one colour per patch of that backbone
