@@ -292,7 +292,7 @@ def test_torchvision_layouts_and_pets_80_20(tmp_path):
 
 @pytest.mark.parametrize("name", list(DATASETS))
 def test_missing_folder_names_expected_layout(tmp_path, name):
-    with pytest.raises(ValueError, match=f"expected <data-root>/{name}/"):
+    with pytest.raises(ValueError, match=f"expected <data-path>/{name}/"):
         build_split(DATASETS[name], tmp_path, "train", None)
 
 
@@ -581,7 +581,7 @@ def test_missing_listed_file_fails_before_any_extraction(checkpoint, tmp_path, c
     rc = run(checkpoint, tmp_path / "d", tmp_path / "o", "--datasets", "caltech101,cub200", "--max-iter", "30")
     err = capsys.readouterr().err
     assert rc == 2 and calls == [] and len(err.strip().splitlines()) == 1, err
-    assert err.startswith("error: cub200: ") and str(gone) in err and "expected <data-root>/cub200/CUB_200_2011/" in err
+    assert err.startswith("error: cub200: ") and str(gone) in err and "expected <data-path>/cub200/CUB_200_2011/" in err
 
 
 @pytest.mark.parametrize(
@@ -589,7 +589,7 @@ def test_missing_listed_file_fails_before_any_extraction(checkpoint, tmp_path, c
     [
         (["--datasets", "imagenet"], "unknown dataset(s) imagenet"),
         (["--datasets", "cub200,pets"], "pets: "),
-        (["--datasets", "sun397"], "expected <data-root>/sun397/"),
+        (["--datasets", "sun397"], "expected <data-path>/sun397/"),
     ],
 )
 def test_bad_input_is_one_line_error(data_root, tmp_path, capsys, extra, message, checkpoint):
