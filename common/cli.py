@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 
 from . import distributed
-from .io import DiskFullError
+from .io import DiskFullError, prepare_output_dir
 
 EXIT_INPUT = 2  # bad input: one `error:` line, nothing done (argparse's own status for a bad flag)
 
@@ -83,8 +83,6 @@ def run(main: Callable[..., int | None], *args, during: str = "") -> int:
 
 def start(args: argparse.Namespace) -> torch.device:
     """The first steps of a (torchrun-able) evaluation: a usable --output-dir, the process group, quiet ranks."""
-    from .io import prepare_output_dir
-
     prepare_output_dir(args.output_dir)
     device, _, _ = distributed.init_distributed(args.device)
     if not distributed.is_main():
