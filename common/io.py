@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import tempfile
@@ -75,3 +76,8 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
 
 def atomic_write_json(obj: object, path: str | os.PathLike) -> Path:
     return atomic_write_text(json.dumps(obj, indent=2) + "\n", path)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from common.cli import HelpFormatter
+from common.cli import HelpFormatter, MissingDependency, run
 from common.distributed import resolve_device
 
 from . import logreg
@@ -28,7 +28,7 @@ def synthetic(n: int, dim: int, classes: int, seed: int = 0) -> tuple[torch.Tens
     return centers[y] + torch.randn(n, dim, generator=g), y
 
 
-def main(argv: list[str] | None = None) -> int:
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("fine-grained logistic regression benchmark", formatter_class=HelpFormatter)
     p.add_argument("--n", type=int, default=5000, help="samples (4/5 train, 1/5 test)")
     p.add_argument("--dim", type=int, default=384, help="feature width (ViT-S: 384)")
@@ -41,17 +41,15 @@ def main(argv: list[str] | None = None) -> int:
         help="time the whole protocol instead: 45 C values selected on a val split (ours warm-started, "
         "scikit-learn refitting each C from scratch as the reference did)",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def benchmark(args: argparse.Namespace) -> int:
     try:
         from sklearn.linear_model import LogisticRegression
     except ImportError:
-        print("error: the benchmark needs scikit-learn (pip install scikit-learn)", file=sys.stderr)
-        return 2
-    try:
-        dev = resolve_device(args.device)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise MissingDependency("the benchmark needs scikit-learn (pip install scikit-learn)") from None
+    dev = resolve_device(args.device)
     x, y = synthetic(args.n, args.dim, args.classes)
     cut = args.n * 4 // 5
     xt, xs = (t.double() for t in logreg.standardize(x[:cut], x[cut:]))
@@ -83,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         total_ours, total_sk = total_ours + ours, total_sk + sk_time
     print(f"total: ours {total_ours:.2f}s, sklearn {total_sk:.2f}s, sklearn/ours {total_sk / total_ours:.2f}x")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(benchmark, get_args_parser().parse_args(argv))
 
 
 def _sync(dev: torch.device) -> None:

@@ -1,6 +1,6 @@
 """The 12 datasets of PROTOCOLS C: where they live on disk, how they are read, how they are split.
 
-Folder convention: `--data-root` holds one folder per dataset name; `<data-root>/<name>` is the
+Folder convention: `--data-path` holds one folder per dataset name; `<data-path>/<name>` is the
 root handed to torchvision (what its `download=True` creates) or read by our own readers. Every
 reader checks its layout first and raises a ValueError naming the expected layout.
 
@@ -64,7 +64,7 @@ class SplitOptions:
 
 
 def layout_error(name: str, layout: str, detail: str) -> ValueError:
-    return ValueError(f"{name}: {detail}; expected <data-root>/{name}/{layout}")
+    return ValueError(f"{name}: {detail}; expected <data-path>/{name}/{layout}")
 
 
 def read_lines(path: Path) -> list[str]:
@@ -188,7 +188,7 @@ class Spec:
     metric: str  # a key of metrics.METRICS
     num_classes: int
     splits: tuple[str, ...]  # what is on disk; ("train", "test") means the holdout val rule
-    layout: str  # under <data-root>/<name>/
+    layout: str  # under <data-path>/<name>/
     build: Callable[[Path, str, Transform, bool, SplitOptions], Dataset]  # (root, split, transform, download, options)
 
     @property
@@ -308,7 +308,7 @@ def parse_names(value: str) -> list[str]:
 
 def build_split(
     spec: Spec,
-    data_root: str | Path,
+    data_path: str | Path,
     split: str,
     transform: Transform,
     download: bool = False,
@@ -316,7 +316,7 @@ def build_split(
 ) -> Dataset:
     """One on-disk split; an empty one, or one listing an image that is not on disk, is an error (raised
     before any feature is extracted, not midway through the datasets)."""
-    root = Path(data_root) / spec.name
+    root = Path(data_path) / spec.name
     ds = spec.build(root, split, transform, download, options or SplitOptions())
     if len(ds) == 0:
         raise layout_error(spec.name, spec.layout, f"the {split} split is empty")

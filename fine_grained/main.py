@@ -1,13 +1,12 @@
 """Fine-grained transfer (PROTOCOLS C): frozen final-norm CLS features at 224, logistic regression
 swept over 45 C values, on 12 datasets.
 
-python -m fine_grained.main --backbone output/pretrain/backbone.pth --data-root /data/fine_grained
+python -m fine_grained.main --backbone output/pretrain/backbone.pth --data-path /data/fine_grained
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -15,40 +14,38 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from common import distributed as dist_utils
-from common.cli import HelpFormatter
+from common.cli import HelpFormatter, check_positive, evaluation_parser, run
 from common.features import cached_features, eval_transform, frozen_backbone
-from common.io import prepare_output_dir
+from common.io import atomic_write_text, prepare_output_dir
+from common.results import Results, Timer, write_results
 
 from . import logreg
 from .datasets import CALTECH_SPLITS, DATASETS, Spec, SplitOptions, build_split, parse_names, protocol_splits
 from .metrics import METRICS
 
 NORMALIZATION = {"imagenet": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), "clip": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)}
-# The paper's table was measured with CLIP's mean/std for every student (PROTOCOLS C).
-PAPER_NORMALIZATION = "clip"
+# The paper's table was measured with CLIP's mean/std for every student and the reference's Caltech-101
+# split (PROTOCOLS C): results.json's `protocol` holds these keys, scripts.evaluate_all compares them.
+PAPER_PROTOCOL = {"normalization": "clip", "caltech_split": "reference"}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Proteus fine-grained evaluation", formatter_class=HelpFormatter)
-    a = p.add_argument
-    a(
-        "--backbone",
-        required=True,
-        help="student checkpoint/backbone file (ours, the reference release's), DINOv2 or DINOv3 weights",
+    parent = evaluation_parser(
+        data_path="one folder per dataset name: <data-path>/<name>/ (see README)",
+        output_dir="output/fine_grained",
+        loader=(256, 8),
+        cache_dir="<output-dir>/features",
+        renamed={"--data-root": "--data-path"},
     )
-    a("--data-root", required=True, help="one folder per dataset name: <data-root>/<name>/ (see README)")
+    p = argparse.ArgumentParser("Proteus fine-grained evaluation", parents=[parent], formatter_class=HelpFormatter)
+    a = p.add_argument
     a("--datasets", default=",".join(DATASETS), help="comma-separated subset of the 12 datasets")
-    a("--output-dir", default="output/fine_grained", help="results.json and results.md go here")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="features and logistic regression")
-    a("--batch-size", type=int, default=256, help="feature extraction batch")
-    a("--num-workers", type=int, default=8, help="data loading processes")
     a(
         "--input-size",
         type=int,
         default=224,
         help="Resize (short side, bicubic) and CenterCrop size; a multiple of the patch size (224: 14 and 16)",
     )
-    a("--cache-dir", help="feature cache (default: <output-dir>/features)")
     a(
         "--normalization",
         choices=tuple(NORMALIZATION),
@@ -121,10 +118,15 @@ def evaluate(spec: Spec, features: dict[str, dict], train_size: int, device: tor
 def protocol(args: argparse.Namespace) -> dict:
     """What results.json says about comparability with the paper's table (PROTOCOLS C)."""
     mean, std = NORMALIZATION[args.normalization]
-    paper = args.normalization == PAPER_NORMALIZATION and args.caltech_split == "reference"
+    settings = {"normalization": args.normalization, "caltech_split": args.caltech_split}
+    paper = all(settings[k] == v for k, v in PAPER_PROTOCOL.items())
     return {
-        "normalization": {"name": args.normalization, "mean": list(mean), "std": list(std)},
-        "caltech_split": args.caltech_split,
+        "name": "logistic regression on final-norm CLS, 45 C values (PROTOCOLS C)",
+        "input_size": args.input_size,
+        **settings,
+        "mean": list(mean),
+        "std": list(std),
+        "max_iter": args.max_iter,
         "paper_protocol": paper,
         "note": "the paper's protocol (CLIP mean/std, reference Caltech-101 split)"
         if paper
@@ -143,35 +145,37 @@ def markdown(results: dict[str, dict], mean: float) -> str:
     return "\n".join(rows) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    dist_utils.exit_on_preemption()
-    try:
-        names = parse_names(args.datasets)
-        if min(args.input_size, args.batch_size, args.max_iter) < 1:
-            raise ValueError("--input-size, --batch-size and --max-iter must be positive")
-        device = dist_utils.resolve_device(args.device)
-        prepare_output_dir(args.output_dir)
-        prepare_output_dir(cache_dir(args))  # unwritable: fail now, not after an extraction
-        model = frozen_backbone(args.backbone, device, args.input_size)
-        transform = eval_transform(args.input_size, args.input_size, *NORMALIZATION[args.normalization])
-        # every layout is checked before any feature is extracted
-        options = SplitOptions(caltech=args.caltech_split)
-        splits = {
-            n: {
-                s: build_split(DATASETS[n], args.data_root, s, transform, args.download, options)
-                for s in DATASETS[n].splits
-            }
-            for n in names
-        }
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def metric_name(name: str, result: dict) -> str:
+    """results.json's metric name of one dataset's figure, e.g. "cub200 acc"."""
+    return f"{name} {result['metric']}"
+
+
+def mean_name(evaluated: int) -> str:
+    """The mean's name: "mean" over all 12 datasets (the paper's figure), else it says over how many."""
+    return "mean" if evaluated == len(DATASETS) else f"mean ({evaluated} of {len(DATASETS)})"
+
+
+def fine_grained(args: argparse.Namespace) -> int:
+    timer = Timer()
+    names = parse_names(args.datasets)
+    check_positive(args, "input_size", "batch_size", "max_iter")
+    device = dist_utils.resolve_device(args.device)
+    prepare_output_dir(args.output_dir)
+    prepare_output_dir(cache_dir(args))  # unwritable: fail now, not after an extraction
+    model = frozen_backbone(args.backbone, device, args.input_size)
+    transform = eval_transform(args.input_size, args.input_size, *NORMALIZATION[args.normalization])
+    # every layout is checked before any feature is extracted
+    options = SplitOptions(caltech=args.caltech_split)
+    splits = {}
+    for n in names:
+        spec = DATASETS[n]
+        splits[n] = {s: build_split(spec, args.data_path, s, transform, args.download, options) for s in spec.splits}
     results, failed = {}, {}
     for name in names:  # a dataset that fails (e.g. no readable image) costs only itself
         try:
-            feats = {split: features(args, model, device, name, split, ds) for split, ds in splits[name].items()}
-            results[name] = evaluate(DATASETS[name], feats, len(splits[name]["train"]), device, args.max_iter)
+            with timer.phase(name):
+                feats = {split: features(args, model, device, name, split, ds) for split, ds in splits[name].items()}
+                results[name] = evaluate(DATASETS[name], feats, len(splits[name]["train"]), device, args.max_iter)
         except ValueError as e:
             failed[name] = str(e)
             print(f"error: {name}: {e}", file=sys.stderr, flush=True)
@@ -180,21 +184,25 @@ def main(argv: list[str] | None = None) -> int:
     if not results:
         return 2
     mean = sum(r["value"] for r in results.values()) / len(results)
-    out = Path(args.output_dir)
-    summary = {
-        "backbone": str(args.backbone),
-        "args": vars(args),
-        "protocol": protocol(args),
-        "results": results,
-        "mean": mean,
-        "failed": failed,
-    }
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    table = markdown(results, mean) + f"\n{summary['protocol']['note']}\n"
+    summary = Results(
+        task="fine_grained",
+        backbone=args.backbone,
+        protocol=protocol(args),
+        metrics={**{metric_name(n, r): r["value"] for n, r in results.items()}, mean_name(len(results)): mean},
+        unreadable_images={f"{n} {split}": len(p) for n, r in results.items() for split, p in r["dropped"].items()},
+        timings=timer.timings(),
+        details={"datasets": results, "failed": failed},
+    )
+    write_results(args.output_dir, summary)
+    table = markdown(results, mean) + f"\n{summary.protocol['note']}\n"
     table += "".join(f"\nFAILED {name}: {why}\n" for name, why in failed.items())
-    (out / "results.md").write_text(table)
+    atomic_write_text(table, Path(args.output_dir) / "results.md")
     print(table, end="")
     return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(fine_grained, get_args_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

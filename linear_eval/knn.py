@@ -17,21 +17,26 @@ import torch
 import torch.nn.functional as F
 
 from common import distributed as dist_utils
-from common.cli import HelpFormatter
+from common.cli import HelpFormatter, check_positive, evaluation_parser, run, start
 from common.features import cached_features, frozen_backbone, image_counts
 from common.io import prepare_output_dir
-from common.results import print_table, topk_correct, write_results
+from common.results import Results, Timer, print_table, topk_correct, write_results
 
-from . import cli
-from .data import load_splits, val_transform
+from .data import LAYOUT, load_splits, val_transform
 
 SIMILARITY_BUDGET = 2**27  # similarity-matrix elements per query chunk (512 MiB in fp32)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Proteus kNN eval", formatter_class=HelpFormatter)
-    cli.add_common_args(p, output_dir="output/knn")
+    parent = evaluation_parser(
+        data_path=f"ImageNet, {LAYOUT}",
+        output_dir="output/knn",
+        loader=(128, 10),
+        cache_dir="no cache; train_features.pth and val_features.pth",
+    )
+    p = argparse.ArgumentParser("Proteus kNN eval", parents=[parent], formatter_class=HelpFormatter)
     a = p.add_argument
+    a("--input-size", type=int, default=224, help="crop size; images are resized to input-size * 256/224 first")
     a(
         "--nb-knn",
         type=int,
@@ -40,7 +45,6 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="the k values to report; a k above the number of readable train images is lowered to it (one warning)",
     )
     a("--temperature", type=float, default=0.07, help="votes are weighted by exp(similarity / T)")
-    a("--cache-dir", help="cache train/val features here (train_features.pth, val_features.pth) and reuse them")
     return p
 
 
@@ -87,7 +91,7 @@ def knn_accuracy(
 
 
 def prepare(args: argparse.Namespace, device: torch.device) -> dict:
-    cli.check_positive(args, "batch_size", "input_size")
+    check_positive(args, "batch_size", "input_size")
     if args.temperature <= 0:
         raise ValueError(f"--temperature must be positive, got {args.temperature}")
     if args.cache_dir:
@@ -115,7 +119,7 @@ def prepare(args: argparse.Namespace, device: torch.device) -> dict:
 
     train_features, val_features = features("train", train), features("val", val)
     ks = usable_ks(args.nb_knn, len(train_features["targets"]))
-    return dict(args=args, device=device, train=train_features, val=val_features, num_classes=len(train.classes), ks=ks)
+    return dict(train=train_features, val=val_features, num_classes=len(train.classes), ks=ks)
 
 
 def usable_ks(requested: list[int], bank: int) -> list[int]:
@@ -131,27 +135,37 @@ def usable_ks(requested: list[int], bank: int) -> list[int]:
     return sorted({min(k, bank) for k in requested})
 
 
-def execute(
-    args: argparse.Namespace, device: torch.device, train: dict, val: dict, num_classes: int, ks: list[int]
-) -> None:
-    scores = knn_accuracy(train, val, num_classes, ks, args.temperature, device)
+def knn(args: argparse.Namespace) -> None:
+    timer = Timer()
+    device = start(args)
+    with timer.phase("features"):
+        state = prepare(args, device)
+    train, val, ks = state["train"], state["val"], state["ks"]
+    with timer.phase("evaluation"):
+        scores = knn_accuracy(train, val, state["num_classes"], ks, args.temperature, device)
     if not dist_utils.is_main():
         return
     print_table(["k", "top1", "top5"], [[str(k), f"{s['top1']:.2f}", f"{s['top5']:.2f}"] for k, s in scores.items()])
-    results = {
-        "protocol": "weighted kNN on final-norm CLS (PROTOCOLS B)",
-        "backbone": str(Path(args.backbone).resolve()),
-        "data_path": str(Path(args.data_path).resolve()),
-        "images": {"train": image_counts(train), "val": image_counts(val)},
-        "temperature": args.temperature,
-        "nb_knn_requested": args.nb_knn,
-        "knn": {str(k): s for k, s in scores.items()},
-    }
+    results = Results(
+        task="knn",
+        backbone=args.backbone,
+        protocol={
+            "name": "weighted kNN on final-norm CLS (PROTOCOLS B)",
+            "data_path": str(Path(args.data_path).resolve()),
+            "input_size": args.input_size,
+            "temperature": args.temperature,
+            "nb_knn_requested": args.nb_knn,
+        },
+        metrics={f"top-{n} k={k}": s[f"top{n}"] for k, s in scores.items() for n in (1, 5)},
+        unreadable_images={"train": len(train["dropped"]), "val": len(val["dropped"])},
+        timings=timer.timings(),
+        details={"images": {"train": image_counts(train), "val": image_counts(val)}},
+    )
     print(f"results in {write_results(args.output_dir, results)}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.run(get_args_parser().parse_args(argv), prepare, execute)
+    return run(knn, get_args_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -15,25 +15,31 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from common import distributed as dist_utils
-from common.cli import HelpFormatter
+from common.cli import HelpFormatter, OldSwitch, check_positive, evaluation_parser, run, start
 from common.features import Progress, cached_features, file_identity, frozen_backbone, image_counts
 from common.images import seed_worker
-from common.io import atomic_save
-from common.results import print_table, topk_correct, write_results
+from common.io import atomic_save, prepare_output_dir
+from common.results import Results, Timer, print_table, topk_correct, write_results
 from common.schedule import warmup_cosine
 from models import ViT, safe_load
 
-from . import cli
 from .classifiers import AllClassifiers, classifier_grid, linear_features
-from .data import load_splits, split_holdout, train_transform, val_transform
+from .data import LAYOUT, load_splits, split_holdout, train_transform, val_transform
 
 CHECKPOINT = "checkpoint.pth"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Proteus linear probing", formatter_class=HelpFormatter)
-    cli.add_common_args(p, output_dir="output/linear")
+    parent = evaluation_parser(
+        data_path=f"ImageNet, {LAYOUT}",
+        output_dir="output/linear",
+        loader=(128, 10),
+        resume=True,
+        cache_dir="no cache; the val (and held-out) features go to features_<split>.pth",
+    )
+    p = argparse.ArgumentParser("Proteus linear probing", parents=[parent], formatter_class=HelpFormatter)
     a = p.add_argument
+    a("--input-size", type=int, default=224, help="crop size; val is resized to input-size * 256/224 first")
     a("--epochs", type=int, default=10, help="cosine to 0 over epochs x epoch length")
     a(
         "--epoch-length",
@@ -42,16 +48,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         "2502 for ImageNet at global batch 512, the PROTOCOLS B recipe)",
     )
     a("--val-from-train", type=float, help="select the classifier on this seeded fraction of train (held out)")
-    a("--cache-features", action="store_true", help="cache the frozen eval features in <output-dir> and reuse them")
-    a("--resume", help="checkpoint to resume from (default: <output-dir>/checkpoint.pth when present)")
+    a("--cache-features", action=OldSwitch, new="--cache-dir <output-dir>")
     a("--seed", type=int, default=0, help="shuffle, augmentations, classifier init and the --val-from-train split")
     a("--print-freq", type=int, default=50, help="iterations between progress lines")
     return p
 
 
-def prepare(args: argparse.Namespace, device: torch.device) -> dict:
+def prepare(args: argparse.Namespace, device: torch.device, timer: Timer) -> dict:
     """Load and check everything, and extract the eval features, before the first training step."""
-    cli.check_positive(args, "epochs", "batch_size", "input_size", "print_freq")
+    check_positive(args, "epochs", "batch_size", "input_size", "print_freq")
     backbone = frozen_backbone(args.backbone, device, args.input_size)
     if len(backbone.blocks) < 4:
         raise ValueError(f"the backbone has {len(backbone.blocks)} blocks; the protocol reads the last 4")
@@ -76,7 +81,7 @@ def prepare(args: argparse.Namespace, device: torch.device) -> dict:
         args.epoch_length = len(sampler) // args.batch_size
         if args.epoch_length < 1:
             raise ValueError(f"{len(sampler)} train images per process cannot fill a batch of {args.batch_size}")
-    cli.check_positive(args, "epoch_length")
+    check_positive(args, "epoch_length")
 
     torch.manual_seed(args.seed)  # the same classifier init on every rank
     global_batch = args.batch_size * world
@@ -86,7 +91,8 @@ def prepare(args: argparse.Namespace, device: torch.device) -> dict:
     start_epoch = resume(args, classifiers, optimizer)
 
     eval_sets = {"val": val} if holdout is None else {"holdout": holdout, "val": val}
-    eval_features = {name: eval_set_features(args, backbone, ds, name, device) for name, ds in eval_sets.items()}
+    with timer.phase("features"):
+        eval_features = {name: eval_set_features(args, backbone, ds, name, device) for name, ds in eval_sets.items()}
     return dict(
         args=args,
         device=device,
@@ -105,8 +111,8 @@ def eval_set_features(
     args: argparse.Namespace, backbone: ViT, dataset: Dataset, name: str, device: torch.device
 ) -> dict[str, torch.Tensor]:
     """Compact (N, 5D) features of an eval split (unreadable images left out), from
-    <output-dir>/features_<name>.pth when cached."""
-    path = Path(args.output_dir) / f"features_{name}.pth" if args.cache_features else None
+    <cache-dir>/features_<name>.pth when cached."""
+    path = Path(args.cache_dir) / f"features_{name}.pth" if args.cache_dir else None
     fn = lambda x: linear_features(backbone, x)
     desc = f"{name} features"
     kind = "linear probe: last-4-block CLS + avgpool"
@@ -238,6 +244,7 @@ def report(
     classifiers: AllClassifiers,
     scores: dict[str, dict[str, dict[str, float]]],
     eval_features: dict[str, dict],
+    timer: Timer,
 ) -> None:
     select_on = "holdout" if "holdout" in scores else "val"
     best = max(classifiers.specs, key=lambda s: scores[select_on][s.name]["top1"])  # first of equals wins
@@ -254,42 +261,63 @@ def report(
         }
         for s in classifiers.specs
     }
-    results = {
-        "protocol": "DINOv2 linear probe (PROTOCOLS B)",
-        "backbone": str(Path(args.backbone).resolve()),
-        "data_path": str(Path(args.data_path).resolve()),
-        "images": {name: image_counts(data) for name, data in eval_features.items()},
-        "selection": "train holdout (--val-from-train)" if select_on == "holdout" else "val (as the reference)",
-        "global_batch": args.batch_size * dist_utils.world_size(),
-        "epochs": args.epochs,
-        "epoch_length": args.epoch_length,
-        "classifiers": table,
-        "best": {"name": best.name, **table[best.name]},
-    }
+    selection = "train holdout (--val-from-train)" if select_on == "holdout" else "val (as the reference)"
     columns = [k for k in table[best.name] if k.endswith(("top1", "top5"))]
     print_table(
         ["classifier", "lr", *columns],
         [[("* " if s is best else "  ") + s.name, f"{s.lr:.3g}", *(f"{table[s.name][c]:.2f}" for c in columns)]
          for s in classifiers.specs],
     )  # fmt: skip
+    results = Results(
+        task="linear",
+        backbone=args.backbone,
+        protocol={
+            "name": "DINOv2 linear probe (PROTOCOLS B)",
+            "data_path": str(Path(args.data_path).resolve()),
+            "input_size": args.input_size,
+            "global_batch": args.batch_size * dist_utils.world_size(),
+            "epochs": args.epochs,
+            "epoch_length": args.epoch_length,
+            "selection": selection,
+        },
+        metrics={"top-1": table[best.name]["top1"], "top-5": table[best.name]["top5"]},
+        metric_notes={"top-1": best.name, "top-5": best.name},
+        unreadable_images={name: len(data["dropped"]) for name, data in eval_features.items()},
+        timings=timer.timings(),
+        details={
+            "best": {"name": best.name, **table[best.name]},
+            "classifiers": table,
+            "images": {name: image_counts(data) for name, data in eval_features.items()},
+        },
+    )
     path = write_results(args.output_dir, results)
     print(
-        f"best ({results['selection']}): {best.name} val top-1 {table[best.name]['top1']:.2f} "
+        f"best ({selection}): {best.name} val top-1 {table[best.name]['top1']:.2f} "
         f"top-5 {table[best.name]['top5']:.2f}; all numbers in {path}",
         flush=True,
     )
 
 
-def execute(args: argparse.Namespace, device: torch.device, eval_features: dict, **training) -> None:
-    train(args, device, **training)
-    classifiers = training["classifiers"]
-    scores = {name: evaluate(classifiers, data, device, args.batch_size) for name, data in eval_features.items()}
+def linear_eval(args: argparse.Namespace) -> None:
+    timer = Timer()
+    if getattr(args, "cache_features", False):  # the old switch: the cache in the output folder, as it was
+        args.cache_dir = args.cache_dir or args.output_dir
+    device = start(args)
+    if args.cache_dir:
+        prepare_output_dir(args.cache_dir)  # unwritable: fail now, not after the extraction
+    state = prepare(args, device, timer)
+    eval_features = state.pop("eval_features")
+    with timer.phase("training"):
+        train(**state)
+    classifiers = state["classifiers"]
+    with timer.phase("evaluation"):
+        scores = {name: evaluate(classifiers, data, device, args.batch_size) for name, data in eval_features.items()}
     if dist_utils.is_main():
-        report(args, classifiers, scores, eval_features)
+        report(args, classifiers, scores, eval_features, timer)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.run(get_args_parser().parse_args(argv), prepare, execute)
+    return run(linear_eval, get_args_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -9,21 +9,22 @@ Each task runs in its own subprocess (`python -m linear_eval.main`, `linear_eval
 <output-dir>/<task>/. A task whose dataset folder is missing is skipped with one line; the others
 still run (no task with data at all is an error). Dense tasks use the config of the backbone's size
 (ViT-S/B/L from its embed dim; a DINOv3-layout backbone or DINOv3 teacher file: the `*_dinov3.py`
-configs, DINOv3's dense setting), the paper's probes by default (ADE20K: 1x1 conv; NYU: the DPT head
-on the frozen backbone), `--dense-head full`: UperNet / DPT fine-tuned, `--dense-head 1x1`: 1x1-conv
-probes. Dense tasks run the paper's setup: its global batch (4 GPUs x the config's per-GPU batch),
-spread over the visible GPUs under torchrun (the largest GPU count up to them that divides it; on
-one GPU or CPU, one process with the whole batch, as SyncBN over 4 GPUs normalises over it too), and
-the reference's positional embedding (`--reference-pos-embed`). Dense rows come twice: the final
-figure and the best evaluation during training (on the test split). The paper's figure sits on the
-row of the reference's selection (ADE20K: final, it kept no best; NYU: best on test, its
-`save_best='rmse'`), and only when results.json's `protocol` is the paper's (global batch, iterations,
-evaluation interval, positional embedding, fp32); otherwise n/a, and that row's name says why. The
-summary goes to <output-dir>/results.md (task, metric, ours, the paper's number for this model size
-where PROTOCOLS gives one, else n/a; the images each task left out as unreadable), results.png (one
-panel per kind of number, the paper's figures as markers, failed tasks marked) and results.json.
-While a task runs, its latest log line is printed every 30 s. Exit code 1 if a task that had data
-failed, 2 on bad arguments.
+configs, DINOv3's dense setting, and no paper figure in any task), the paper's probes by default
+(ADE20K: 1x1 conv; NYU: the DPT head on the frozen backbone), `--dense-head full`: UperNet / DPT
+fine-tuned, `--dense-head 1x1`: 1x1-conv probes. Dense tasks run the paper's setup: its global batch
+(4 GPUs x the config's per-GPU batch), spread over the visible GPUs under torchrun (the largest GPU
+count up to them that divides it; on one GPU or CPU, one process with the whole batch, as SyncBN
+over 4 GPUs normalises over it too), and the reference's positional embedding
+(`--reference-pos-embed`). Dense rows come twice: the final figure and the best evaluation during
+training (on the test split). The paper's figure sits on the row of the reference's selection
+(ADE20K: final, it kept no best; NYU: best on test, its `save_best='rmse'`), and only when
+results.json's `protocol` is the paper's (global batch, iterations, evaluation interval, positional
+embedding, fp32); otherwise n/a, and that row's name says why. The summary goes to
+<output-dir>/results.md (task, metric, ours, the paper's number for this model size where PROTOCOLS
+gives one, else n/a; the images each task left out as unreadable), results.png (one panel per kind
+of number, the paper's figures as markers, failed tasks marked) and results.json. While a task runs,
+its latest log line is printed every 30 s. Exit code 1 if a task that had data failed, 2 on bad
+arguments.
 """
 
 from __future__ import annotations
@@ -35,100 +36,146 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 import models
-from common.cli import HelpFormatter
+from common.cli import HelpFormatter, evaluation_parser, run
 from common.distributed import resolve_device
-from common.io import prepare_output_dir
+from common.io import atomic_write_json, atomic_write_text, prepare_output_dir
 from fine_grained.datasets import DATASETS
+from fine_grained.main import PAPER_PROTOCOL as FINE_GRAINED_PAPER_PROTOCOL
 from models.architectures import DINOV3_SUFFIX
 from models.checkpoints import backbone_name
 from models.dinov3 import DinoV3ViT
 
 ROOT = Path(__file__).resolve().parents[1]
-TASKS = ("linear", "knn", "fine_grained", "ade20k", "nyu")
 SIZES = {384: "small", 768: "base", 1024: "large"}  # embed dim -> the configs' model size
 PAPER_FINE_GRAINED_S = {
     "aircraft": 65.5, "caltech101": 95.1, "cars": 77.0, "cifar10": 97.8, "cifar100": 87.3, "dtd": 78.4,
     "flowers102": 99.0, "food101": 87.9, "pets": 95.7, "sun397": 71.7, "voc2007": 87.1, "cub200": 86.7,
-    "mean": 85.8,
 }  # fmt: skip
+PAPER_GPUS = 4  # the reference's dense runs (its eval/dense_prediction/run.sh: dist_train.sh CONFIG 4)
+BEST = "best on test"  # the dense tasks' metrics: "<name> final" and "<name> best on test"
 
 
 @dataclass(frozen=True)
-class DenseProtocol:
+class DenseHead:
+    """One --dense-head of a dense task: its config, its name in the tables, the paper's figures."""
+
     config: str  # from the repository root; {} = the model size
-    label: str  # its name in the tables
+    label: str
     paper: dict[str, dict[str, float]]  # model size -> {metric: the paper's figure}; PROTOCOLS D and E
 
 
-ADE_LINEAR = DenseProtocol("segmentation/configs/linear_vit_{}.py", "linear", {"small": {"mIoU": 41.8}})
-DENSE = {  # (task, --dense-head) -> protocol
-    ("ade20k", "linear"): ADE_LINEAR,
-    ("ade20k", "1x1"): ADE_LINEAR,  # ADE20K's linear probe is a 1x1 conv
-    ("ade20k", "full"): DenseProtocol(
-        "segmentation/configs/upernet_vit_{}.py",
-        "UperNet",
-        {"small": {"mIoU": 50.0}, "base": {"mIoU": 54.4}, "large": {"mIoU": 57.7}},
-    ),
-    # the paper's "linear" NYU figure is the DPT head on a frozen backbone
-    ("nyu", "linear"): DenseProtocol("depth/configs/dpt_probe_vit_{}.py", "DPT probe", {"small": {"rmse": 0.404}}),
-    ("nyu", "1x1"): DenseProtocol("depth/configs/linear_vit_{}.py", "1x1 probe", {}),
-    ("nyu", "full"): DenseProtocol(
-        "depth/configs/dpt_vit_{}.py",
-        "DPT",
-        {"small": {"rmse": 0.350}, "base": {"rmse": 0.303}, "large": {"rmse": 0.240}},
-    ),
-}
-DENSE_KEYS = {"ade20k": ("mIoU",), "nyu": ("rmse", "abs_rel", "d1")}
-# which evaluation the reference published: ADE20K's configs keep no best checkpoint (no save_best in
-# eval/dense_prediction/configs/mae/*proteus*.py), so the final one; NYU's keep the best RMSE on the
-# test split (dpt/*proteus*.py: save_best='rmse', rule='less')
-PUBLISHED = {"ade20k": "final", "nyu": "best_on_test"}
-PAPER_GPUS = 4  # the reference's dense runs (its eval/dense_prediction/run.sh: dist_train.sh CONFIG 4)
+@dataclass(frozen=True)
+class Task:
+    """One evaluation as evaluate_all runs and reports it. What it reads back is the task's results.json
+    (common.results' schema, the same for every task): `metrics` by name, `metric_notes`, `protocol`
+    (compared with the settings behind the paper's figures) and `unreadable_images`."""
+
+    module: str  # python -m
+    data: str  # evaluate_all's flag of its dataset root
+    needed: tuple[str, ...]  # folders that root must hold
+    quick: tuple[str, ...]  # --quick's arguments: SMOKE TESTS ONLY, the numbers mean nothing
+    report: tuple[str, ...] = ()  # the metrics in the table, by name prefix, in this order (empty: all)
+    paper: dict[str, dict[str, float]] = field(default_factory=dict)  # model size -> {metric: figure}
+    paper_protocol: dict = field(default_factory=dict)  # the `protocol` settings behind those figures
+    decimals: int = 2
+    unreadable: str = "none"  # the unreadable-images table's text when the task records no split
+    heads: dict[str, DenseHead] = field(default_factory=dict)  # dense tasks: --dense-head -> config
 
 
-def paper_protocol(config: Path) -> dict:
+ADE_LINEAR = DenseHead("segmentation/configs/linear_vit_{}.py", "linear", {"small": {"mIoU final": 41.8}})
+QUICK_DENSE = (
+    "--cfg-options", "train_cfg.max_iters=2", "train_cfg.val_interval=2", "default_hooks.checkpoint.interval=2",
+    "train_dataloader.batch_size=2", "train_dataloader.num_workers=0", "train_dataloader.persistent_workers=False",
+    "val_dataloader.num_workers=0", "val_dataloader.persistent_workers=False",
+    "test_dataloader.num_workers=0", "test_dataloader.persistent_workers=False",
+)  # fmt: skip
+NO_UNREADABLE = "none: an unreadable image stops mmsegmentation (every file is checked before it starts)"
+# The paper's dense figure is of the evaluation the reference published: ADE20K's configs keep no best
+# checkpoint (no save_best in eval/dense_prediction/configs/mae/*proteus*.py), so the final one; NYU's
+# keep the best RMSE on the test split (dpt/*proteus*.py: save_best='rmse', rule='less').
+TASKS = {
+    "linear": Task(
+        "linear_eval.main", "--data-imagenet", ("train", "val"),
+        ("--epochs", "1", "--batch-size", "4", "--num-workers", "0"), report=("top-1",),
+    ),
+    "knn": Task(
+        "linear_eval.knn", "--data-imagenet", ("train", "val"),
+        ("--batch-size", "4", "--num-workers", "0", "--nb-knn", "10", "20"), report=("top-1 ",),
+    ),
+    "fine_grained": Task(
+        "fine_grained.main", "--data-fine-grained", (),
+        ("--max-iter", "20", "--batch-size", "16", "--num-workers", "0"),
+        paper={"small": {**{f"{n} {DATASETS[n].metric}": v for n, v in PAPER_FINE_GRAINED_S.items()}, "mean": 85.8}},
+        paper_protocol=FINE_GRAINED_PAPER_PROTOCOL,
+    ),
+    "ade20k": Task(
+        "segmentation.main", "--data-ade20k", ("images/training", "images/validation"), QUICK_DENSE,
+        report=("mIoU final", f"mIoU {BEST}"), unreadable=NO_UNREADABLE,
+        heads={
+            "linear": ADE_LINEAR,
+            "1x1": ADE_LINEAR,  # ADE20K's linear probe is a 1x1 conv
+            "full": DenseHead("segmentation/configs/upernet_vit_{}.py", "UperNet",
+                              {"small": {"mIoU final": 50.0}, "base": {"mIoU final": 54.4},
+                               "large": {"mIoU final": 57.7}}),
+        },
+    ),
+    "nyu": Task(
+        "depth.main", "--data-nyu", ("images/train", "images/test"), QUICK_DENSE,
+        report=tuple(f"{k} {at}" for k in ("rmse", "abs_rel", "d1") for at in ("final", BEST)), decimals=3,
+        unreadable=NO_UNREADABLE,
+        heads={  # the paper's "linear" NYU figure is the DPT head on a frozen backbone
+            "linear": DenseHead("depth/configs/dpt_probe_vit_{}.py", "DPT probe", {"small": {f"rmse {BEST}": 0.404}}),
+            "1x1": DenseHead("depth/configs/linear_vit_{}.py", "1x1 probe", {}),
+            "full": DenseHead("depth/configs/dpt_vit_{}.py", "DPT",
+                              {"small": {f"rmse {BEST}": 0.350}, "base": {f"rmse {BEST}": 0.303},
+                               "large": {f"rmse {BEST}": 0.240}}),
+        },
+    ),
+}  # fmt: skip
+
+
+def paper_protocol(config: Path, best_of_n: bool = True) -> dict:
     """The settings behind the paper's figures of one config, in the keys of results.json's `protocol`:
-    4 GPUs x the config's per-GPU batch, its schedule, the reference's positional embedding, fp32."""
+    4 GPUs x the config's per-GPU batch, its schedule, the reference's positional embedding, fp32; the
+    evaluation interval only for a best-of-N figure (it sets N)."""
     from mmengine.config import Config
 
     cfg = Config.fromfile(str(config), import_custom_modules=False)
-    return {
+    setup = {
         "global_batch": PAPER_GPUS * cfg.train_dataloader.batch_size,
         "max_iters": cfg.train_cfg.max_iters,
         "val_interval": cfg.train_cfg.val_interval,
         "reference_pos_embed": True,
         "amp": False,
     }
+    if not best_of_n:
+        del setup["val_interval"]
+    return setup
 
 
-def not_the_papers(task: str, run: dict | None, paper: dict) -> str:
-    """Why a dense run's figure cannot stand next to the paper's ('' when it can)."""
+def paper_reference(name: str, size: str | None, head: str) -> tuple[dict[str, float], dict]:
+    """The paper's figures of a task for this model size (and dense head), and the protocol behind them."""
+    task = TASKS[name]
+    if not task.heads:
+        return task.paper.get(size, {}), task.paper_protocol
+    dense = task.heads[head]
+    figures = dense.paper.get(size, {})
+    if not figures:
+        return {}, {}
+    return figures, paper_protocol(ROOT / dense.config.format(size), any(k.endswith(BEST) for k in figures))
+
+
+def not_the_papers(run: dict | None, paper: dict) -> str:
+    """Why a run's figure cannot stand next to the paper's ('' when it can)."""
     if run is None:
         return "its results.json does not record the run's protocol"
-    keys = [k for k in paper if k != "val_interval" or PUBLISHED[task] == "best_on_test"]  # best-of-N needs N
-    return ", ".join(f"{k} {run.get(k)} (paper {paper[k]})" for k in keys if run.get(k) != paper[k])
-
-
-# --quick: SMOKE TESTS ONLY (tiny data, checks the plumbing; the numbers mean nothing)
-QUICK_DENSE = [
-    "--cfg-options", "train_cfg.max_iters=2", "train_cfg.val_interval=2", "default_hooks.checkpoint.interval=2",
-    "train_dataloader.batch_size=2", "train_dataloader.num_workers=0", "train_dataloader.persistent_workers=False",
-    "val_dataloader.num_workers=0", "val_dataloader.persistent_workers=False",
-    "test_dataloader.num_workers=0", "test_dataloader.persistent_workers=False",
-]  # fmt: skip
-QUICK = {
-    "linear": ["--epochs", "1", "--batch-size", "4", "--num-workers", "0"],
-    "knn": ["--batch-size", "4", "--num-workers", "0", "--nb-knn", "10", "20"],
-    "fine_grained": ["--max-iter", "20", "--batch-size", "16", "--num-workers", "0"],
-    "ade20k": QUICK_DENSE,
-    "nyu": QUICK_DENSE,
-}
+    return ", ".join(f"{k} {run.get(k)} (paper {v})" for k, v in paper.items() if run.get(k) != v)
 
 
 @dataclass
@@ -140,10 +187,9 @@ class Row:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Proteus: all evaluations", formatter_class=HelpFormatter)
+    parent = evaluation_parser(data_path=None, output_dir=None)
+    p = argparse.ArgumentParser("Proteus: all evaluations", parents=[parent], formatter_class=HelpFormatter)
     a = p.add_argument
-    a("--backbone", required=True, help="anything models.load_backbone reads")
-    a("--output-dir", required=True, help="<task>/ outputs and logs, results.md, results.png, results.json")
     a("--tasks", default=",".join(TASKS), help="comma-separated subset of: " + ", ".join(TASKS))
     a("--data-imagenet", help="ImageNet root with train/ and val/ (linear, knn)")
     a("--data-fine-grained", help="root with one folder per dataset; the datasets present are evaluated")
@@ -184,21 +230,19 @@ def parse_extra(items: list[str]) -> dict[str, list[str]]:
     return extra
 
 
-def missing_data(task: str, args: argparse.Namespace) -> str | None:
+def data_root(name: str, args: argparse.Namespace) -> str | None:
+    return getattr(args, TASKS[name].data.lstrip("-").replace("-", "_"))
+
+
+def missing_data(name: str, args: argparse.Namespace) -> str | None:
     """Why a task cannot run on this machine, or None when its data folders are there."""
-    flag, root, needed = {
-        "linear": ("--data-imagenet", args.data_imagenet, ("train", "val")),
-        "knn": ("--data-imagenet", args.data_imagenet, ("train", "val")),
-        "fine_grained": ("--data-fine-grained", args.data_fine_grained, ()),
-        "ade20k": ("--data-ade20k", args.data_ade20k, ("images/training", "images/validation")),
-        "nyu": ("--data-nyu", args.data_nyu, ("images/train", "images/test")),
-    }[task]
+    root = data_root(name, args)
     if not root:
-        return f"no {flag} given"
-    for sub in ("", *needed):
+        return f"no {TASKS[name].data} given"
+    for sub in ("", *TASKS[name].needed):
         if not (Path(root) / sub).is_dir():
             return f"{Path(root) / sub} does not exist"
-    if task == "fine_grained" and not present_fine_grained(root):
+    if name == "fine_grained" and not present_fine_grained(root):
         return f"none of the dataset folders ({', '.join(DATASETS)}) is in {root}"
     return None
 
@@ -207,28 +251,24 @@ def present_fine_grained(root: str) -> list[str]:
     return [name for name in DATASETS if (Path(root) / name).is_dir()]
 
 
-def command(task: str, args: argparse.Namespace, size: str, out: Path) -> list[str]:
+def command(name: str, args: argparse.Namespace, size: str, out: Path) -> list[str]:
     """`python -m` arguments of one task (without the quick and extra arguments)."""
-    device = ["--device", args.device] if args.device else []
-    if task in ("linear", "knn"):
-        module = "linear_eval.main" if task == "linear" else "linear_eval.knn"
-        data = ["--data-path", args.data_imagenet]
-        return [module, *data, "--backbone", args.backbone, "--output-dir", str(out), *device]
-    if task == "fine_grained":
-        names = ",".join(present_fine_grained(args.data_fine_grained))
-        # the paper's protocol (CLIP mean/std), so the table can stand next to its numbers; --extra may override
-        return ["fine_grained.main", "--backbone", args.backbone, "--data-root", args.data_fine_grained,
-                "--datasets", names, "--output-dir", str(out), "--normalization", "clip", *device]  # fmt: skip
-    config = ROOT / DENSE[(task, args.dense_head)].config.format(size)
-    module, data = ("segmentation.main", args.data_ade20k) if task == "ade20k" else ("depth.main", args.data_nyu)
+    task, root = TASKS[name], data_root(name, args)
+    shared = ["--backbone", args.backbone, "--data-path", root, "--output-dir", str(out)]
+    if not task.heads:
+        device = ["--device", args.device] if args.device else []
+        # fine_grained: the datasets present, in the paper's protocol (CLIP mean/std; --extra may override)
+        fine_grained = ["--datasets", ",".join(present_fine_grained(root)), "--normalization", "clip"]
+        return [task.module, *shared, *device, *(fine_grained if name == "fine_grained" else [])]
+    config = ROOT / task.heads[args.dense_head].config.format(size)
     # the paper's global batch over the visible GPUs (later --cfg-options, --quick's or --extra's, override it)
     batch = paper_protocol(config)["global_batch"]
     nproc = max(n for n in range(1, max(torch.cuda.device_count(), 1) + 1) if batch % n == 0)
     launch = ["torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"] if nproc > 1 else []
     # the reference's positional embedding; a DINOv3 backbone has none (RoPE)
     pos_embed = [] if size.endswith(DINOV3_SUFFIX) else ["--reference-pos-embed"]
-    return [*launch, module, str(config), "--backbone", args.backbone, "--data-root", data, "--work-dir", str(out),
-            *pos_embed, "--cfg-options", f"train_dataloader.batch_size={batch // nproc}"]  # fmt: skip
+    return [*launch, task.module, str(config), *shared, *pos_embed,
+            "--cfg-options", f"train_dataloader.batch_size={batch // nproc}"]  # fmt: skip
 
 
 PROGRESS_EVERY = 30.0  # seconds between the running task's progress lines
@@ -279,52 +319,32 @@ def run_task(task: str, argv: list[str], out: Path) -> str | None:
     return f"exit {rc}, see {log}"
 
 
-def rows_of(task: str, results: dict, size: str | None, head: str) -> list[Row]:
-    """The reported numbers of one task's results.json, with the paper's for this size and head."""
-    if task == "linear":
-        return [Row(task, f"top-1 ({results['best']['name']})", results["best"]["top1"], None)]
-    if task == "knn":
-        return [Row(task, f"top-1 k={k}", s["top1"], None) for k, s in results["knn"].items()]
-    if task == "fine_grained":
-        comparable = size == "small" and results.get("protocol", {}).get("paper_protocol", False)
-        paper = PAPER_FINE_GRAINED_S if comparable else {}
-        rows = [Row(task, f"{n} {r['metric']}", r["value"], paper.get(n)) for n, r in results["results"].items()]
-        all_twelve = len(results["results"]) == len(DATASETS)
-        return [*rows, Row(task, "mean", results["mean"], paper.get("mean") if all_twelve else None)]
-    protocol = DENSE[(task, head)]
-    paper, final, best = protocol.paper.get(size, {}), results["final"], results["best_on_test"]
-    setup = paper_protocol(ROOT / protocol.config.format(size)) if paper else {}
-    why = not_the_papers(task, results.get("protocol"), setup) if paper else ""
+def rows_of(name: str, results: dict, size: str | None, head: str) -> list[Row]:
+    """The reported numbers of one task's results.json, with the paper's for this size and head: a paper
+    figure stands next to ours only when the run's `protocol` is the paper's, else the row says why not."""
+    task = TASKS[name]
+    figures, setup = paper_reference(name, size, head)
+    why = not_the_papers(results.get("protocol"), setup) if figures else ""
+    metrics, notes = results["metrics"], results.get("metric_notes", {})
+    names = dict.fromkeys(m for prefix in task.report or ("",) for m in metrics if m.startswith(prefix))
     rows = []
-    for k in DENSE_KEYS[task]:
-        for selection, r in (("final", final), ("best_on_test", best)):
-            if not r:  # no best: the config keeps none
-                continue
-            name = "final" if selection == "final" else f"best on test, iter {r['iter']}"
-            published = paper.get(k) if selection == PUBLISHED[task] else None
-            note = f"; paper n/a: {why}" if published is not None and why else ""
-            rows.append(Row(task, f"{k} ({protocol.label}, {name}{note})", r["metrics"][k], None if why else published))
+    for metric in names:
+        paper = figures.get(metric)
+        about = ", ".join(filter(None, [task.heads[head].label if task.heads else "", notes.get(metric)]))
+        about = "; ".join(filter(None, [about, f"paper n/a: {why}" if paper is not None and why else ""]))
+        rows.append(Row(name, f"{metric} ({about})" if about else metric, metrics[metric], None if why else paper))
     return rows
 
 
 def fmt(row: Row, value: float | None) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.3f}" if row.task == "nyu" else f"{value:.2f}"
+    return "n/a" if value is None else f"{value:.{TASKS[row.task].decimals}f}"
 
 
-def unreadable_images(task: str, results: dict) -> tuple[int, str]:
-    """How many images a task left out as unreadable (from its results.json), and where."""
-    if task in ("linear", "knn"):  # linear: the evaluated splits; its training batches read the next image instead
-        splits = results.get("images", {})
-        where = [f"{name} {s['dropped']} of {s['evaluated'] + s['dropped']}" for name, s in splits.items()]
-        return sum(s["dropped"] for s in splits.values()), ", ".join(where)
-    if task == "fine_grained":
-        counts = {f"{name} {split}": len(paths) for name, r in results["results"].items()
-                  for split, paths in r.get("dropped", {}).items()}  # fmt: skip
-        where = [f"{k} {n}" for k, n in counts.items() if n]
-        return sum(counts.values()), ", ".join(where) or f"none in {', '.join(results['results'])}"
-    return 0, "none: an unreadable image stops mmsegmentation"
+def unreadable_images(name: str, results: dict) -> tuple[int, str]:
+    """How many images a task left out as unreadable (its results.json's `unreadable_images`), and where."""
+    counts = results["unreadable_images"]
+    where = ", ".join(f"{split} {n}" for split, n in counts.items() if n)
+    return sum(counts.values()), where or (f"none in {', '.join(counts)}" if counts else TASKS[name].unreadable)
 
 
 def markdown(
@@ -429,30 +449,27 @@ def bar_chart(rows: list[Row], path: Path, title: str, failed: dict[str, str]) -
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+def evaluate_all(args: argparse.Namespace) -> int:
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise ValueError(f"unknown task(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(TASKS)}")
+    extra = parse_extra(args.extra)
     try:
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        unknown = [t for t in tasks if t not in TASKS]
-        if unknown or not tasks:
-            raise ValueError(f"unknown task(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(TASKS)}")
-        extra = parse_extra(args.extra)
-        try:
-            vit = models.load_backbone(args.backbone)
-        except Exception as e:  # any unreadable file: one clear line, before any task starts
-            raise ValueError(f"cannot read backbone {args.backbone}: {e}") from None
-        if args.device:
-            resolve_device(args.device)  # a typo fails here, not once per task
-        if all(missing_data(task, args) for task in tasks):
-            why = "; ".join(f"{task}: {missing_data(task, args)}" for task in tasks)
-            raise ValueError(f"no task has its data ({why})")
-        out = prepare_output_dir(args.output_dir)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        vit = models.load_backbone(args.backbone)
+    except Exception as e:  # any unreadable file: one clear line, before any task starts
+        raise ValueError(f"cannot read backbone {args.backbone}: {e}") from None
+    if args.device:
+        resolve_device(args.device)  # a typo fails here, not once per task
+    if all(missing_data(task, args) for task in tasks):
+        why = "; ".join(f"{task}: {missing_data(task, args)}" for task in tasks)
+        raise ValueError(f"no task has its data ({why})")
+    out = prepare_output_dir(args.output_dir)
     embed_dim = vit.embed_dim
     size = SIZES.get(embed_dim)
-    model = f"ViT-{size[0].upper()}" if size else f"embed dim {embed_dim}"
+    # DINOv3 layout: its own dense configs (`<size>_dinov3`), no paper figure (the paper's students are DINOv2-layout)
+    layout = DINOV3_SUFFIX if isinstance(vit, DinoV3ViT) else ""
+    model = (f"ViT-{size[0].upper()}" if size else f"embed dim {embed_dim}") + (" DINOv3 layout" if layout else "")
     if size is None:
         print(f"note: no configs for embed dim {embed_dim}; dense tasks use the ViT-S ones (adapt with --extra)")
     rows: list[Row] = []
@@ -466,24 +483,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{task}] skipped: {why}", flush=True)
             continue
         task_out = out / task
-        # DINOv3 layout: its own dense configs (`<size>_dinov3`), and no paper figure (the paper's are DINOv2-layout)
-        dinov3 = DINOV3_SUFFIX if task in DENSE_KEYS and isinstance(vit, DinoV3ViT) else ""
-        argv = [*command(task, args, (size or "small") + dinov3, task_out), *(QUICK[task] if args.quick else [])]
-        argv += extra[task]
+        quick = TASKS[task].quick if args.quick else ()
+        argv = [*command(task, args, (size or "small") + layout, task_out), *quick, *extra[task]]
         error = run_task(task, argv, task_out)
         if error:
             failed[task] = error
             continue
         results = json.loads((task_out / "results.json").read_text())
-        rows += rows_of(task, results, size and size + dinov3, args.dense_head)
+        rows += rows_of(task, results, size and size + layout, args.dense_head)
         unreadable[task] = unreadable_images(task, results)
-    (out / "results.md").write_text(markdown(args.backbone, model, rows, skipped, failed, unreadable))
+    atomic_write_text(markdown(args.backbone, model, rows, skipped, failed, unreadable), out / "results.md")
     bar_chart(rows, out / "results.png", f"{backbone_name(args.backbone)} ({model})", failed)
     summary = {"backbone": args.backbone, "model": model, "rows": [asdict(r) for r in rows]}
     summary["unreadable_images"] = {task: n for task, (n, _) in unreadable.items()}
-    (out / "results.json").write_text(json.dumps({**summary, "skipped": skipped, "failed": failed}, indent=2) + "\n")
+    atomic_write_json({**summary, "skipped": skipped, "failed": failed}, out / "results.json")
     print((out / "results.md").read_text(), end="", flush=True)
     return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(evaluate_all, get_args_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 each panel under its name (the backbone's folder and file name).
 
 python -m scripts.visualize_pca --backbone out/s/backbone.pth --backbone dinov2_vitb14_pretrain.pth \
-    --images photos/ --out pca/
+    --images photos/ --output-dir pca/
 
 Each image is resized (bicubic) to --input-size on its short side, the long side keeping the aspect
 ratio, both rounded to a multiple of the patch size; the final-norm patch tokens are reduced as in
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import models
-from common.cli import HelpFormatter
+from common.cli import BACKBONE_HELP, HelpFormatter, Store, run
 from common.distributed import resolve_device
 from common.io import prepare_output_dir
 from models.checkpoints import backbone_name
@@ -33,9 +33,9 @@ EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("Proteus PCA pictures", formatter_class=HelpFormatter)
     a = p.add_argument
-    a("--backbone", action="append", required=True, help="anything models.load_backbone reads; repeat to compare")
+    a("--backbone", action="append", required=True, metavar="FILE", help=f"{BACKBONE_HELP}; repeat to compare")
     a("--images", required=True, help="an image, or a folder of images (jpg, jpeg, png, bmp, webp)")
-    a("--out", required=True, help="one PNG per image goes here")
+    a("--output-dir", "--out", action=Store, old=("--out",), required=True, metavar="DIR", help="one PNG per image")
     a(
         "--input-size",
         type=int,
@@ -68,34 +68,31 @@ def load_backbones(paths: list[str], input_size: int, device: torch.device) -> l
             net = models.load_backbone(path)
         except Exception as e:  # any unreadable file: one clear line, not a traceback
             raise ValueError(f"cannot read backbone {path}: {e}") from None
-        patch = net.patch_embed.patch_size[0]
+        patch = net.patch_size
         if input_size % patch:
             raise ValueError(f"--input-size {input_size} is not a multiple of {path}'s patch size {patch}")
         nets.append(net.to(device).eval())
     return nets
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        if args.input_size < 1:
-            raise ValueError("--input-size must be positive")
-        if not 0 <= args.threshold < 1:
-            raise ValueError(f"--threshold {args.threshold}: the first component is scaled to [0, 1]; use 0 <= t < 1")
-        images = list_images(args.images)
-        device = resolve_device(args.device)
-        nets = load_backbones(args.backbone, args.input_size, device)
-        out = prepare_output_dir(args.out)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def visualize(args: argparse.Namespace) -> None:
+    if args.input_size < 1:
+        raise ValueError("--input-size must be positive")
+    if not 0 <= args.threshold < 1:
+        raise ValueError(f"--threshold {args.threshold}: the first component is scaled to [0, 1]; use 0 <= t < 1")
+    images = list_images(args.images)
+    device = resolve_device(args.device)
+    nets = load_backbones(args.backbone, args.input_size, device)
+    out = prepare_output_dir(args.output_dir)
     names = [backbone_name(b) for b in args.backbone]
     done = write_pictures(images, nets, names, out, args.input_size, device, args.threshold)
     if not done:
-        print(f"error: none of the {len(images)} images is readable", file=sys.stderr)
-        return 2
+        raise ValueError(f"none of the {len(images)} images is readable")
     print(f"{done} pictures (input | {' | '.join(names)}) in {out}", flush=True)
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(visualize, get_args_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

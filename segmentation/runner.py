@@ -3,9 +3,11 @@
 Why a wrapper and not mmseg's tools/train.py: the backbone comes from `--backbone` (any file
 `models.load_backbone` accepts, no conversion step), bad input fails with one line before mmengine
 starts, SyncBN becomes BN outside torchrun, `--amp` really switches the optimizer wrapper (the
-reference's amp flags were ignored), and `<work-dir>/results.json` holds the final figure, named
-as such the best of the evaluations during training (on the test split, NYU's published selection),
-and the settings that define the figures (`protocol`: world size, per-GPU and global batch, ...).
+reference's amp flags were ignored), and `<output-dir>/results.json` (common.results' schema) holds
+the final figures, those of the best evaluation during training (on the test split, NYU's published
+selection), and the settings that define them (`protocol`: world size, per-GPU and global batch, ...).
+`--output-dir` is mmseg's work dir (`--work-dir` is accepted too); a run continues from the last
+checkpoint there, as every evaluation does (common.cli), when it is of the same backbone (RUN).
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -24,21 +25,30 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 import models
-from common.io import prepare_output_dir
+from common.cli import HelpFormatter, MissingDependency, evaluation_parser, run
+from common.io import atomic_write_json, file_sha256, prepare_output_dir
+from common.results import Results, Timer, write_results
+
+RUN = "run.json"  # in the work dir: the backbone (sha256) its checkpoints were trained from
 
 
 def get_args_parser(task: str) -> argparse.ArgumentParser:
     from mmengine.config import DictAction
 
-    p = argparse.ArgumentParser(f"Proteus {task} (mmsegmentation)")
+    parent = evaluation_parser(
+        data_path="overrides the config's data_root",
+        data_required=False,
+        output_dir=None,
+        output_default="work_dirs/<config name>",
+        resume=True,
+        renamed={"--data-root": "--data-path"},
+        aliases={"--output-dir": ("--work-dir",)},
+    )
+    p = argparse.ArgumentParser(f"Proteus {task} (mmsegmentation)", parents=[parent], formatter_class=HelpFormatter)
     a = p.add_argument
     a("config", help=f"an mmseg config, e.g. {task}/configs/*.py")
-    a("--backbone", required=True, help="student checkpoint/export, reference checkpoint or DINOv2 weights")
-    a("--work-dir", help="checkpoints, logs and results.json (default: work_dirs/<config name>)")
-    a("--data-root", help="dataset root, overriding the config's data_root")
     a("--eval-only", action="store_true", help="evaluate --checkpoint (default: the work dir's last) and stop")
     a("--checkpoint", help="with --eval-only: a trained segmentor checkpoint")
-    a("--resume", action="store_true", help="resume from the last checkpoint in the work dir")
     a("--amp", action="store_true", help="bf16 autocast (AmpOptimWrapper; GPU only)")
     a(
         "--reference-pos-embed",
@@ -52,24 +62,19 @@ def get_args_parser(task: str) -> argparse.ArgumentParser:
     return p
 
 
-def _fail(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
-
-
 def _import_mmseg() -> None:
     try:
         import segmentation.mmseg_ext  # noqa: F401 - registers ProteusViT and friends
     except ImportError as e:
-        raise ImportError(
+        raise MissingDependency(
             f"mmsegmentation is not usable ({e}); install it with `make mmseg` "
             "(builds mmcv 2.1.0 against your torch, see segmentation/README.md)"
         ) from None
 
 
-def trust_checkpoints_in(work_dir: Path) -> None:
+def trust_checkpoints_in(*work_dirs: Path) -> None:
     """mmengine checkpoints pickle its message hub (bound methods included), which torch >= 2.6
-    refuses with weights_only=True. Unpickle fully only the checkpoints this work dir's runs wrote
+    refuses with weights_only=True. Unpickle fully only the checkpoints these work dirs' runs wrote
     (mmseg_ext.DenseRunner records each by name and sha256); read every other file with
     weights_only=True (a pickle with code is refused, never run)."""
     from mmengine.runner.checkpoint import CheckpointLoader
@@ -78,7 +83,7 @@ def trust_checkpoints_in(work_dir: Path) -> None:
 
     @CheckpointLoader.register_scheme(prefixes="", force=True)
     def load_local(filename: str, map_location=None):
-        if is_own_checkpoint(work_dir, filename):
+        if any(is_own_checkpoint(work_dir, filename) for work_dir in work_dirs):
             return torch.load(filename, map_location=map_location, weights_only=False)
         return models.safe_load(filename)
 
@@ -89,15 +94,15 @@ def build_config(args: argparse.Namespace, task: str):
     if not Path(args.config).is_file():
         raise FileNotFoundError(f"config not found: {args.config}")
     if args.checkpoint and not args.eval_only:  # it would be ignored: training starts from --backbone
-        raise ValueError("--checkpoint goes with --eval-only; to continue a training run use --resume")
+        raise ValueError("--checkpoint goes with --eval-only; a training run continues by itself (or --resume FILE)")
     cfg = Config.fromfile(args.config)
     vit = models.load_backbone(args.backbone)  # readable, a ViT: fail here, not inside mmengine
     cfg.model.backbone.checkpoint = str(args.backbone)
     if args.reference_pos_embed:
         cfg.model.backbone.reference_pos_embed = True
-    if args.data_root:
+    if args.data_path:
         for split in ("train_dataloader", "val_dataloader", "test_dataloader"):
-            cfg[split].dataset.data_root = args.data_root
+            cfg[split].dataset.data_root = args.data_path
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
     for split in ("train_dataloader", "test_dataloader"):
@@ -109,7 +114,7 @@ def build_config(args: argparse.Namespace, task: str):
                     f"{task} data missing: {folder} ({key}) does not exist; expected layout in {task}/README.md"
                 )
     check_backbone_fits(cfg, vit, args)
-    cfg.work_dir = args.work_dir or str(Path("work_dirs") / Path(args.config).stem)
+    cfg.work_dir = args.output_dir or str(Path("work_dirs") / Path(args.config).stem)
     cfg.launcher = args.launcher or ("pytorch" if "RANK" in os.environ else "none")
     # mmengine keys its logger, message hub and visualizer by name: one name per run, so two runs in
     # one process (tests, notebooks) never write into each other's folders
@@ -121,9 +126,9 @@ def build_config(args: argparse.Namespace, task: str):
             raise ValueError("--amp needs a GPU: mmengine's AmpOptimWrapper does not run on CPU")
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.dtype = "bfloat16"
-    if args.resume:
+    if not args.eval_only:  # continue from --resume, else from the work dir's last checkpoint if any
         cfg.resume = True
-        check_resumable(Path(cfg.work_dir))
+        cfg.load_from = check_resumable(Path(cfg.work_dir), args.resume, args.backbone)
     if args.eval_only:
         ckpt = args.checkpoint or _last_checkpoint(Path(cfg.work_dir))
         if not ckpt or not Path(ckpt).is_file():
@@ -145,17 +150,35 @@ def _only_own(work_dir: Path) -> str:
     return f"only checkpoints this work dir's runs wrote (name and sha256 in {manifest}) are unpickled in full"
 
 
-def check_resumable(work_dir: Path) -> None:
-    """--resume reads the whole mmengine checkpoint (optimizer, message hub): only one of our own."""
+def check_resumable(work_dir: Path, resume: str | None, backbone: str) -> str | None:
+    """The checkpoint to continue from (None: start afresh): --resume FILE, else the work dir's last.
+    Resuming reads the whole mmengine checkpoint (optimizer, message hub): only one a run of ours wrote,
+    recorded in its work dir's manifest, and of the same --backbone (a finished run of another backbone
+    in the default work dir would otherwise be reported as this one's)."""
     from .mmseg_ext import is_own_checkpoint
 
-    ckpt = _last_checkpoint(work_dir)
-    if ckpt is None:
-        return  # mmengine starts afresh
-    if not Path(ckpt).is_file():
-        raise FileNotFoundError(f"--resume: {work_dir / 'last_checkpoint'} names {ckpt}, which does not exist")
-    if not is_own_checkpoint(work_dir, ckpt):
-        raise ValueError(f"--resume: {ckpt} (named in last_checkpoint) is refused: {_only_own(work_dir)}")
+    if resume:
+        if not Path(resume).is_file():
+            raise FileNotFoundError(f"--resume {resume}: no such file")
+        if not is_own_checkpoint(Path(resume).parent, resume):
+            raise ValueError(f"--resume {resume} is refused: {_only_own(Path(resume).parent)}")
+        origin = Path(resume).parent
+    else:
+        resume = _last_checkpoint(work_dir)
+        if resume is None:
+            return None  # mmengine starts afresh
+        if not Path(resume).is_file():
+            raise FileNotFoundError(f"resuming: {work_dir / 'last_checkpoint'} names {resume}, which does not exist")
+        if not is_own_checkpoint(work_dir, resume):
+            raise ValueError(f"resuming: {resume} (named in last_checkpoint) is refused: {_only_own(work_dir)}")
+        origin = work_dir
+    recorded = json.loads((origin / RUN).read_text())["backbone"] if (origin / RUN).is_file() else None
+    if recorded and recorded["sha256"] != file_sha256(backbone):
+        raise ValueError(
+            f"{resume} was trained from the backbone {recorded['path']}, not {backbone}: "
+            "use another --output-dir (or remove its checkpoints to start afresh)"
+        )
+    return resume
 
 
 def check_evaluable(work_dir: Path, ckpt: str) -> None:
@@ -176,11 +199,11 @@ def check_evaluable(work_dir: Path, ckpt: str) -> None:
 
 
 def prepare_output_dirs(cfg, args: argparse.Namespace) -> None:
-    """An unwritable --work-dir or --show-dir would fail inside mmengine (a traceback), the show dir
+    """An unwritable --output-dir or --show-dir would fail inside mmengine (a traceback), the show dir
     after the whole training; also removes the temp files of a save killed mid-write."""
     from .mmseg_ext import stale_saves
 
-    for flag, folder in (("--work-dir", cfg.work_dir), ("--show-dir", args.show_dir)):
+    for flag, folder in (("--output-dir", cfg.work_dir), ("--show-dir", args.show_dir)):
         try:
             if folder:
                 prepare_output_dir(folder)
@@ -332,49 +355,58 @@ def run_protocol(cfg, amp: bool) -> dict:
     }
 
 
-def main(task: str, argv: list[str] | None = None) -> int:
-    try:
-        _import_mmseg()
-        args = get_args_parser(task).parse_args(argv)
-        cfg = build_config(args, task)
-        trust_checkpoints_in(Path(cfg.work_dir))
-    except (ImportError, ValueError, FileNotFoundError) as e:
-        return _fail(str(e))
-    from common.distributed import exit_on_preemption
-
+def dense(task: str, argv: list[str] | None) -> None:
+    timer = Timer()
+    _import_mmseg()
+    args = get_args_parser(task).parse_args(argv)
+    cfg = build_config(args, task)
+    work_dir = Path(cfg.work_dir)
+    trust_checkpoints_in(work_dir, *([Path(cfg.load_from).parent] if cfg.load_from else []))
     from .mmseg_ext import DenseRunner
 
-    exit_on_preemption()  # slurm's warning signal: exit 75; the requeued job resumes (--resume)
     _join_cpu_process_group(cfg)
     runner = DenseRunner.from_cfg(cfg)
     if torch.distributed.is_initialized():
         world, backend = torch.distributed.get_world_size(), torch.distributed.get_backend()
         runner.logger.info(f"distributed: {world} processes, backend {backend}")
-    from .mmseg_ext import CheckpointMismatchError
-
-    try:
-        if not args.eval_only:
+    backbone = {"path": str(Path(args.backbone).resolve()), "sha256": file_sha256(args.backbone)}
+    if not args.eval_only:
+        if runner.rank == 0:
+            atomic_write_json({"backbone": backbone, "config": str(args.config)}, work_dir / RUN)
+        with timer.phase("training"):
             runner.train()
-        metrics = runner.test()
-    except CheckpointMismatchError as e:
-        return _fail(str(e))
-    work_dir = Path(cfg.work_dir)
-    results = {
-        "config": args.config,
-        "backbone": str(args.backbone),
-        # the trained model at the end (iter None: --eval-only of cfg.load_from)
-        "final": {
-            "iter": None if args.eval_only else runner.iter,
-            "metrics": {k: float(v) for k, v in metrics.items()},
+    with timer.phase("testing"):
+        final = {k: float(v) for k, v in runner.test().items()}
+    if runner.rank != 0:
+        return
+    best = best_on_test(work_dir, cfg.default_hooks.checkpoint)
+    metrics = {f"{k} final": v for k, v in final.items()}
+    notes = {}
+    if best:
+        metrics |= {f"{k} best on test": v for k, v in best["metrics"].items()}
+        notes = {f"{k} best on test": f"iter {best['iter']}" for k in best["metrics"]}
+    results = Results(
+        task=task,
+        backbone=args.backbone,
+        protocol={"config": str(args.config), **run_protocol(cfg, args.amp)},
+        metrics=metrics,
+        metric_notes=notes,
+        unreadable_images={},  # none: every file is checked before mmengine starts (check_dataset_files)
+        timings=timer.timings(),
+        details={
+            # the trained model at the end (iter None: --eval-only of `checkpoint`)
+            "final": {"iter": None if args.eval_only else runner.iter, "metrics": final},
+            "best_on_test": best,
+            "checkpoint": cfg.load_from if args.eval_only else None,
         },
-        "best_on_test": best_on_test(work_dir, cfg.default_hooks.checkpoint),
-        "protocol": run_protocol(cfg, args.amp),
-    }
-    if args.eval_only:
-        results["checkpoint"] = cfg.load_from
-    if runner.rank == 0:
-        out = work_dir / "results.json"
-        out.write_text(json.dumps(results, indent=2))
-        print(json.dumps({k: results[k] for k in ("final", "best_on_test", "protocol")}, indent=2))
-        print(f"results: {out}")
-    return 0
+    )
+    out = write_results(work_dir, results)
+    print(json.dumps({k: v for k, v in results.details.items() if k != "checkpoint"} | {"protocol": results.protocol},
+                     indent=2))  # fmt: skip
+    print(f"results: {out}")
+
+
+def main(task: str, argv: list[str] | None = None) -> int:
+    """segmentation.main and depth.main: common.cli.run's contract (bad input and CheckpointMismatchError: one
+    `error:` line, exit 2; SIGUSR1/SIGTERM: exit 75, the requeued job continues from the last checkpoint)."""
+    return run(dense, task, argv)

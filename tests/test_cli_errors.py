@@ -1,14 +1,18 @@
-"""The error contract of every entry point, for mistakes any of them can meet: an output folder that is
-a file, a device that does not exist here. One `error:` line and exit code 2, before any work."""
+"""The error contract of every entry point (common.cli.run), for mistakes any of them can meet: an output
+folder that is a file, a device that does not exist here, a --backbone file that is not there. One
+`error:` line and exit code 2, before any work. Old flag spellings still work, each saying so in one line."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 import models
+from common import cli
+from fine_grained import benchmark as fg_benchmark
 from fine_grained import main as fg_main
 from linear_eval import knn as knn_main
 from linear_eval import main as linear_main
@@ -35,8 +39,8 @@ def entry_points(backbone: Path, tmp: Path) -> dict:
                                           "--teacher", "dinov2_vits14"], "--output-dir"),
         "linear": (linear_main.main, ["--data-path", str(tmp), "--backbone", str(backbone)], "--output-dir"),
         "knn": (knn_main.main, ["--data-path", str(tmp), "--backbone", str(backbone)], "--output-dir"),
-        "fine_grained": (fg_main.main, ["--data-root", str(tmp), "--backbone", str(backbone)], "--output-dir"),
-        "visualize_pca": (visualize_pca.main, ["--images", str(images), "--backbone", str(backbone)], "--out"),
+        "fine_grained": (fg_main.main, ["--data-path", str(tmp), "--backbone", str(backbone)], "--output-dir"),
+        "visualize_pca": (visualize_pca.main, ["--images", str(images), "--backbone", str(backbone)], "--output-dir"),
         "evaluate_all": (evaluate_all.main, ["--backbone", str(backbone), "--data-imagenet", str(tmp)], "--output-dir"),
     }  # fmt: skip
 
@@ -70,7 +74,9 @@ def test_unknown_or_missing_device(name, device, backbone, tmp_path, capsys):
     assert err[-1].startswith(f"error: --device {device}") and "Traceback" not in "\n".join(err)
 
 
-@pytest.mark.parametrize("module", [pretrain_main, linear_main, knn_main, fg_main, evaluate_all, visualize_pca])
+@pytest.mark.parametrize(
+    "module", [pretrain_main, linear_main, knn_main, fg_main, evaluate_all, visualize_pca, fg_benchmark]
+)
 def test_help_shows_each_default_once(module):
     parser = module.get_args_parser()
     text = " ".join(parser.format_help().split())
@@ -79,3 +85,94 @@ def test_help_shows_each_default_once(module):
         if action.option_strings and action.default not in (None, False, "==SUPPRESS=="):
             helped = " ".join(parser._get_formatter()._expand_help(action).split())
             assert helped.count("default") == 1, (action.option_strings, helped)  # said once, never missing
+
+
+def dense_main(task: str):
+    """segmentation.main / depth.main (mmsegmentation installed), else skip."""
+    pytest.importorskip("mmseg")
+    from segmentation import runner
+
+    return lambda argv: runner.main(task, argv)
+
+
+def backbone_missing(name: str, tmp: Path) -> tuple:
+    """(main, argv) of an entry point given a --backbone that does not exist, all else in order."""
+    gone = str(tmp / "gone.pth")
+    out = ["--output-dir", str(tmp / "out")]
+    if name in ("segmentation", "depth"):
+        config = Path(__file__).resolve().parents[1] / name / "configs" / "linear_vit_small.py"
+        return dense_main(name), [str(config), "--backbone", gone, *out]
+    if name == "visualize_pca":
+        (tmp / "a.jpg").write_bytes(b"")
+        return visualize_pca.main, ["--images", str(tmp / "a.jpg"), "--backbone", gone, *out]
+    if name == "evaluate_all":
+        return evaluate_all.main, ["--backbone", gone, "--data-imagenet", str(tmp), *out]
+    main = {"linear": linear_main.main, "knn": knn_main.main, "fine_grained": fg_main.main}[name]
+    return main, ["--data-path", str(tmp), "--backbone", gone, *out]
+
+
+@pytest.mark.parametrize(
+    "name", ["linear", "knn", "fine_grained", "segmentation", "depth", "evaluate_all", "visualize_pca"]
+)
+def test_missing_backbone_file_is_one_error_line(name, tmp_path, capsys):
+    """Every evaluation entry point answers bad input through common.cli.run: rc 2, one `error:` line."""
+    main, argv = backbone_missing(name, tmp_path)
+    assert main(argv) == cli.EXIT_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and str(tmp_path / "gone.pth") in err[0], err
+
+
+def test_the_runner_maps_exits():
+    """The contract itself: bad input -> 2 (one line), a full disk -> 1, preemption -> 75, a bug keeps its traceback."""
+    from common.io import DiskFullError
+
+    def raising(e: BaseException):
+        raise e
+
+    assert cli.run(lambda: 3) == 3 and cli.run(lambda: None) == 0
+    assert cli.run(raising, ValueError("x")) == 2 and cli.run(raising, FileNotFoundError("x")) == 2
+    assert cli.run(raising, cli.MissingDependency("no sklearn")) == 2
+    assert cli.run(raising, DiskFullError(28, "no space")) == 1
+    assert cli.run(raising, SystemExit(75)) == 75
+    with pytest.raises(RuntimeError):
+        cli.run(raising, RuntimeError("a bug"))
+
+
+def deprecated_cases(backbone: Path, tmp: Path) -> dict:
+    """old spelling -> (parser, argv with it, attribute, value it must give)."""
+    images = tmp / "images"
+    return {
+        "--data-root": (fg_main.get_args_parser(), ["--backbone", str(backbone), "--data-root", str(tmp)],
+                        "data_path", str(tmp)),
+        "--out": (visualize_pca.get_args_parser(), ["--backbone", str(backbone), "--images", str(images),
+                                                    "--out", str(tmp / "pca")], "output_dir", str(tmp / "pca")),
+        "--cache-features": (linear_main.get_args_parser(), ["--backbone", str(backbone), "--data-path", str(tmp),
+                                                             "--cache-features"], "cache_features", True),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("old", ["--data-root", "--out", "--cache-features"])
+def test_deprecated_flags_still_work_with_one_warning(old, backbone, tmp_path, capsys):
+    parser, argv, attr, value = deprecated_cases(backbone, tmp_path)[old]
+    args = parser.parse_args(argv)
+    assert getattr(args, attr) == value
+    new = {"--data-root": "--data-path", "--out": "--output-dir", "--cache-features": "--cache-dir <output-dir>"}[old]
+    assert capsys.readouterr().err.splitlines() == [f"warning: {old} is deprecated, use {new}"]
+    assert not re.search(rf"{old}(?![\w-])", parser.format_help())  # not advertised
+
+
+def test_dense_flags_old_and_new(backbone, tmp_path, capsys):
+    """--data-root (deprecated) and mmseg's --work-dir (an alias, no warning) land in --data-path/--output-dir;
+    a bare --resume (the old switch) is what the default does now, said in one line."""
+    pytest.importorskip("mmseg")
+    from segmentation import runner
+
+    parser = runner.get_args_parser("segmentation")
+    args = parser.parse_args(["cfg.py", "--backbone", "b", "--data-root", "d", "--work-dir", "w", "--resume"])
+    assert (args.data_path, args.output_dir, args.resume) == ("d", "w", None)
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: --data-root is deprecated, use --data-path",
+        "warning: --resume without a file is deprecated: the last checkpoint in --output-dir is resumed by default",
+    ]
+    assert parser.parse_args(["cfg.py", "--backbone", "b", "--resume", "x.pth"]).resume == "x.pth"
+    assert "--work-dir" in parser.format_help() and "--data-root" not in parser.format_help()

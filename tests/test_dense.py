@@ -91,26 +91,26 @@ def test_config_trains_and_evaluates(config, backbone, ade, nyu, tmp_path):
     task = config.split("/")[0]
     data = ade if task == "segmentation" else nyu
     work = tmp_path / "work"
-    base = [str(ROOT / config), "--backbone", str(backbone), "--data-root", str(data), "--work-dir", str(work)]
+    base = [str(ROOT / config), "--backbone", str(backbone), "--data-path", str(data), "--output-dir", str(work)]
     overrides = ["--cfg-options", *TINY, *HEADS[config]]
     assert runner.main(task, [*base, "--show-dir", str(tmp_path / "show"), *overrides]) == 0
     out = json.loads((work / "results.json").read_text())
-    results = out["final"]["metrics"]
+    results = out["details"]["final"]["metrics"]
     keys = ("mIoU",) if task == "segmentation" else ("rmse", "abs_rel", "d1")
     for k in keys:
         assert k in results and np.isfinite(results[k]), (k, results)
-    assert out["final"]["iter"] == 2
+    assert out["details"]["final"]["iter"] == 2
     # the one evaluation during training (iteration 2 of 2) saw the final weights: best = final
-    best = out["best_on_test"]
+    best = out["details"]["best_on_test"]
     assert best["iter"] == 2 and best["metric"] == keys[0]
     assert best["metrics"] == pytest.approx(results, rel=1e-5)
     assert len(list((tmp_path / "show").rglob("*.png"))) >= 2
     # --eval-only on the trained checkpoint (the work dir's last) gives the same numbers
     assert runner.main(task, [*base, "--eval-only", *overrides]) == 0
     again = json.loads((work / "results.json").read_text())
-    assert again["final"]["iter"] is None and again["checkpoint"] == str(work / "iter_2.pth")
+    assert again["details"]["final"]["iter"] is None and again["details"]["checkpoint"] == str(work / "iter_2.pth")
     for k in keys:
-        assert again["final"]["metrics"][k] == pytest.approx(results[k], rel=1e-5)
+        assert again["details"]["final"]["metrics"][k] == pytest.approx(results[k], rel=1e-5)
 
 
 def _cfg(path: str):
@@ -159,7 +159,7 @@ def test_amp_trains_on_gpu(config, backbone, ade, nyu, tmp_path):
     assert runner.main(task, argv) == 0
     logs = "\n".join(p.read_text() for p in work.rglob("*.log"))
     assert "AmpOptimWrapper" in logs and "bfloat16" in logs
-    metrics = json.loads((work / "results.json").read_text())["final"]["metrics"]
+    metrics = json.loads((work / "results.json").read_text())["details"]["final"]["metrics"]
     assert all(np.isfinite(v) for v in metrics.values()), metrics
 
 
@@ -285,7 +285,8 @@ def test_reference_pos_embed_flag(backbone, ade, tmp_path, capsys):
     assert state["backbone.vit.pos_embed"].shape == (1, 1 + 37 * 37, DIM)  # 518 / 14 = 37
     # results.json says how the figures were made (scripts.evaluate_all compares it with the paper's)
     protocol = json.loads((work / "results.json").read_text())["protocol"]
-    assert protocol == {"world_size": 1, "batch_per_gpu": 2, "global_batch": 2, "max_iters": 2, "val_interval": 2,
+    assert protocol == {"config": str(ROOT / config), "world_size": 1,
+                        "batch_per_gpu": 2, "global_batch": 2, "max_iters": 2, "val_interval": 2,
                         "reference_pos_embed": True, "amp": False}  # fmt: skip
     assert runner.main("segmentation", _tiny_argv(config, backbone, ade, work, "--eval-only")) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -542,7 +543,7 @@ def test_clear_errors(backbone, tmp_path, capsys):
     cfg = str(ROOT / "segmentation/configs/linear_vit_small.py")
     assert runner.main("segmentation", [cfg, "--backbone", str(tmp_path / "nope.pth")]) == 2
     assert "not found" in capsys.readouterr().err
-    assert runner.main("segmentation", [cfg, "--backbone", str(backbone), "--data-root", str(tmp_path)]) == 2
+    assert runner.main("segmentation", [cfg, "--backbone", str(backbone), "--data-path", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "segmentation data missing" in err and "images/training" in err
     ckpt = tmp_path / "seg.pth"
@@ -563,7 +564,7 @@ def test_backbone_of_another_size_is_one_line(config, backbone, ade, nyu, tmp_pa
     """A width-64 backbone with a ViT-S/B config: refused before mmengine starts, not a conv2d traceback."""
     task = config.split("/")[0]
     data = ade if task == "segmentation" else nyu
-    argv = [str(ROOT / config), "--backbone", str(backbone), "--data-root", str(data), "--work-dir", str(tmp_path)]
+    argv = [str(ROOT / config), "--backbone", str(backbone), "--data-path", str(data), "--output-dir", str(tmp_path)]
     assert runner.main(task, argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"4 blocks of width {DIM}" in err[0] and "takes blocks [3, 5, 7, 11]" in err[0]
@@ -575,7 +576,7 @@ def test_backbone_of_another_size_is_one_line(config, backbone, ade, nyu, tmp_pa
 
 
 def _tiny_argv(config: str, backbone: Path, data: Path, work: Path, *extra: str, options=()) -> list[str]:
-    base = [str(ROOT / config), "--backbone", str(backbone), "--data-root", str(data), "--work-dir", str(work)]
+    base = [str(ROOT / config), "--backbone", str(backbone), "--data-path", str(data), "--output-dir", str(work)]
     return [*base, *extra, "--cfg-options", *TINY, *HEADS[config], *options]
 
 
@@ -586,7 +587,7 @@ def test_resume_continues_from_the_last_checkpoint(backbone, ade, tmp_path):
     history = work / "evaluations.jsonl"
     with open(history, "a") as f:  # as if the job had evaluated at 3 and died before checkpointing
         f.write(json.dumps({"iter": 3, "metrics": {"mIoU": 99.0}}) + "\n")
-    argv = _tiny_argv(config, backbone, ade, work, "--resume")
+    argv = _tiny_argv(config, backbone, ade, work)  # the same command: it continues
     argv[argv.index("train_cfg.max_iters=2")] = "train_cfg.max_iters=4"
     assert runner.main("segmentation", argv) == 0
     assert (work / "iter_4.pth").is_file()
@@ -600,8 +601,30 @@ def test_resume_continues_from_the_last_checkpoint(backbone, ade, tmp_path):
     assert [e["iter"] for e in entries] == [2, 4]
     results = json.loads((work / "results.json").read_text())
     best = max(entries, key=lambda e: (e["metrics"]["mIoU"], -e["iter"]))
-    assert results["best_on_test"]["iter"] == best["iter"] and results["final"]["iter"] == 4
-    assert results["final"]["metrics"] == pytest.approx(entries[1]["metrics"], rel=1e-5)
+    assert results["details"]["best_on_test"]["iter"] == best["iter"] and results["details"]["final"]["iter"] == 4
+    assert results["details"]["final"]["metrics"] == pytest.approx(entries[1]["metrics"], rel=1e-5)
+    assert results["metric_notes"] == {f"{k} best on test": f"iter {best['iter']}" for k in best["metrics"]}
+
+
+def test_resume_is_of_the_same_backbone_and_takes_a_file(backbone, ade, tmp_path, capsys):
+    """A run continues from the work dir's last checkpoint only when it is of the same --backbone (another
+    backbone's finished run would be reported as this one's); --resume FILE continues from one of our own."""
+    config = "segmentation/configs/linear_vit_small.py"
+    work, other = tmp_path / "work", tmp_path / "other.pth"
+    assert runner.main("segmentation", _tiny_argv(config, backbone, ade, work)) == 0
+    torch.manual_seed(1)
+    torch.save(models.to_dinov2(models.ViT(img_size=28, patch_size=14, embed_dim=DIM, depth=DEPTH, num_heads=1)), other)
+    capsys.readouterr()
+    assert runner.main("segmentation", _tiny_argv(config, other, ade, work)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"was trained from the backbone {backbone}, not {other}" in err[0], err
+    argv = _tiny_argv(config, backbone, ade, tmp_path / "fresh", "--resume", str(work / "iter_2.pth"))
+    argv[argv.index("train_cfg.max_iters=2")] = "train_cfg.max_iters=4"
+    assert runner.main("segmentation", argv) == 0
+    logs = "\n".join(p.read_text() for p in (tmp_path / "fresh").rglob("*.log"))
+    assert "resumed epoch: 0, iter: 2" in logs and (tmp_path / "fresh" / "iter_4.pth").is_file()
+    assert runner.main("segmentation", _tiny_argv(config, backbone, ade, tmp_path / "x", "--resume", str(other))) == 2
+    assert "is refused" in capsys.readouterr().err
 
 
 def _torchrun(config: str, backbone: Path, data: Path, work: Path, nproc: int, cuda: bool, options=()) -> str:
@@ -641,10 +664,10 @@ def test_torchrun_two_processes_gloo(config, backbone, ade, nyu, tmp_path):
     results = json.loads((work / "results.json").read_text())
     assert [results["protocol"][k] for k in ("world_size", "batch_per_gpu", "global_batch")] == [2, 2, 4]
     assert results["protocol"]["reference_pos_embed"] is False
-    two = results["final"]["metrics"]
+    two = results["details"]["final"]["metrics"]
     if task == "depth":
         assert runner.main(task, _tiny_argv(config, backbone, nyu, work, "--eval-only", options=options)) == 0
-        one = json.loads((work / "results.json").read_text())["final"]["metrics"]
+        one = json.loads((work / "results.json").read_text())["details"]["final"]["metrics"]
         for k in ("rmse", "abs_rel", "d1"):
             assert two[k] == pytest.approx(one[k], rel=1e-5)
     else:  # SyncBN became per-process BN (SyncBN needs CUDA), so the ranks' BN statistics differ
@@ -659,7 +682,7 @@ def test_torchrun_on_gpus_nccl(backbone, ade, tmp_path):
     work = tmp_path / "work"
     logs = _torchrun(config, backbone, ade, work, nproc=min(torch.cuda.device_count(), 2), cuda=True)
     assert _norm_types(logs) == {"SyncBN"}
-    assert np.isfinite(json.loads((work / "results.json").read_text())["final"]["metrics"]["mIoU"])
+    assert np.isfinite(json.loads((work / "results.json").read_text())["details"]["final"]["metrics"]["mIoU"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -702,7 +725,7 @@ def test_only_checkpoints_this_work_dir_wrote_are_unpickled(backbone, ade, tmp_p
     work = tmp_path / "work"
     run = lambda *extra: runner.main("segmentation", _tiny_argv(config, backbone, ade, work, *extra))  # noqa: E731
     assert run() == 0
-    metrics = json.loads((work / "results.json").read_text())["final"]["metrics"]
+    metrics = json.loads((work / "results.json").read_text())["details"]["final"]["metrics"]
     own, marker, evil = work / "iter_2.pth", tmp_path / "code_ran", work / "evil.pth"
     digest = hashlib.sha256(own.read_bytes()).hexdigest()
     assert f"{digest}  iter_2.pth" in (work / proteus_mmseg.MANIFEST).read_text().splitlines()
@@ -721,7 +744,7 @@ def test_only_checkpoints_this_work_dir_wrote_are_unpickled(backbone, ade, tmp_p
     last = (work / "last_checkpoint").read_text()
     (work / "last_checkpoint").write_text(str(evil))
     assert proteus_mmseg.MANIFEST in refused("--eval-only")
-    assert "--resume" in refused("--resume") and (work / "iter_2.pth").is_file()
+    assert "resuming: " in refused() and (work / "iter_2.pth").is_file()
     with pytest.raises(ValueError, match="refused"):  # the loader mmengine calls, past the runner's checks
         CheckpointLoader.load_checkpoint(str(evil))
     assert not marker.exists()
@@ -733,11 +756,13 @@ def test_only_checkpoints_this_work_dir_wrote_are_unpickled(backbone, ade, tmp_p
     plain = tmp_path / "plain.pth"
     torch.save({"state_dict": torch.load(own, weights_only=False)["state_dict"]}, plain)
     assert run("--eval-only", "--checkpoint", str(plain)) == 0
-    assert json.loads((work / "results.json").read_text())["final"]["metrics"] == pytest.approx(metrics, rel=1e-5)
+    assert json.loads((work / "results.json").read_text())["details"]["final"]["metrics"] == pytest.approx(
+        metrics, rel=1e-5
+    )
     capsys.readouterr()
     shutil.copy(evil, own)  # the manifest's name, another file: its hash differs
     assert "iter_2.pth" in refused("--eval-only")
-    assert "--resume" in refused("--resume")
+    assert "resuming: " in refused()
 
 
 def test_checkpoint_must_cover_the_model(backbone, ade, tmp_path, capsys):
@@ -824,7 +849,7 @@ def test_unusable_output_dirs_are_one_line(backbone, ade, tmp_path, capsys):
         cases[ro] = f"output folder {ro} is not writable"
     for work, expected in cases.items():
         assert runner.main("segmentation", _tiny_argv(LINEAR, backbone, ade, work)) == 2
-        assert capsys.readouterr().err.strip().splitlines() == [f"error: --work-dir: {expected}"]
+        assert capsys.readouterr().err.strip().splitlines() == [f"error: --output-dir: {expected}"]
     argv = _tiny_argv(LINEAR, backbone, ade, tmp_path / "work", "--show-dir", str(blocker))
     assert runner.main("segmentation", argv) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"error: --show-dir: {cases[blocker]}"]

@@ -187,7 +187,7 @@ def test_visualize_pca_next_to_a_patch14_student_at_the_default_size(files, tmp_
     torch.save(models.to_dinov2(models.ViT(img_size=28, patch_size=14, embed_dim=32, depth=1, num_heads=2)), dinov2)
     argv = ["--images", str(images), "--device", "cpu", "--backbone", str(dinov2)]
     argv += [a for kind in KINDS for a in ("--backbone", str(files[kind][0]))]
-    assert visualize_pca.main([*argv, "--out", str(tmp_path / "out")]) == 0
+    assert visualize_pca.main([*argv, "--output-dir", str(tmp_path / "out")]) == 0
     pic = np.asarray(Image.open(tmp_path / "out" / "photo.png"))
     top, step = pca.label_height(448), 448 + pca.GAP  # each panel under its name strip, a gap between panels
     assert pic.shape == (top + 448, 4 * step - pca.GAP, 3)
@@ -205,7 +205,7 @@ def test_visualize_pca_next_to_a_patch14_student_at_the_default_size(files, tmp_
         assert np.mean(np.abs(panel.astype(float) - expected) <= 1) > 0.99, kind
     # 434 = 31 x 14 is no multiple of 16: one line naming the DINOv3 file
     capsys.readouterr()
-    assert visualize_pca.main([*argv, "--out", str(tmp_path / "bad"), "--input-size", "434"]) == 2
+    assert visualize_pca.main([*argv, "--output-dir", str(tmp_path / "bad"), "--input-size", "434"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{files['student'][0]}'s patch size 16" in err[0]
 

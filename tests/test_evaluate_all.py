@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 
 import models
+from common.io import file_sha256
+from common.results import SCHEMA
 from scripts import evaluate_all
 from tests.test_fine_grained import make_cub
 from tests.test_linear_eval import make_splits, tiny_vit
@@ -65,34 +67,42 @@ def test_all_tasks_on_tiny_data(backbone, imagenet, fine_grained, ade, nyu, tmp_
             "--extra", "nyu=" + dense_extra("depth/configs/dpt_probe_vit_small.py")]  # fmt: skip
     assert evaluate_all.main(argv) == 0, capsys.readouterr().out
     rows = table(out / "results.md")
-    linear = json.loads((out / "linear" / "results.json").read_text())["best"]
-    assert rows[("linear", f"top-1 ({linear['name']})")] == (f"{linear['top1']:.2f}", "n/a")
-    knn = json.loads((out / "knn" / "results.json").read_text())["knn"]
+    results = {task: json.loads((out / task / "results.json").read_text()) for task in evaluate_all.TASKS}
+    for task, res in results.items():  # one schema for every task
+        assert tuple(res) == SCHEMA, task
+        assert res["backbone"] == {"path": str(backbone.resolve()), "sha256": file_sha256(backbone)}
+        assert res["timings"]["total"] > 0 and all(isinstance(v, float) for v in res["metrics"].values())
+    assert [res["task"] for res in results.values()] == ["linear", "knn", "fine_grained", "segmentation", "depth"]
+    linear = results["linear"]
+    best = linear["details"]["best"]
+    assert linear["metrics"]["top-1"] == best["top1"] and linear["metric_notes"]["top-1"] == best["name"]
+    assert rows[("linear", f"top-1 ({best['name']})")] == (f"{best['top1']:.2f}", "n/a")
+    knn = results["knn"]["metrics"]
     assert [m for t, m in rows if t == "knn"] == ["top-1 k=10", "top-1 k=20"]
-    assert rows[("knn", "top-1 k=20")] == (f"{knn['20']['top1']:.2f}", "n/a")
-    fg = json.loads((out / "fine_grained" / "results.json").read_text())
-    assert list(fg["results"]) == ["cub200"] and fg["protocol"]["normalization"]["name"] == "clip"  # the paper's
-    assert rows[("fine_grained", "cub200 acc")] == (f"{fg['results']['cub200']['value']:.2f}", "n/a")
-    assert rows[("fine_grained", "mean")] == (f"{fg['mean']:.2f}", "n/a")
+    assert rows[("knn", "top-1 k=20")] == (f"{knn['top-1 k=20']:.2f}", "n/a")
+    fg = results["fine_grained"]
+    assert list(fg["metrics"]) == ["cub200 acc", "mean (1 of 12)"] and fg["protocol"]["normalization"] == "clip"
+    assert rows[("fine_grained", "cub200 acc")] == (f"{fg['metrics']['cub200 acc']:.2f}", "n/a")
+    assert rows[("fine_grained", "mean (1 of 12)")] == (f"{fg['metrics']['mean (1 of 12)']:.2f}", "n/a")
     # dense: the final figure and the best evaluation during training (--quick: one, at iteration 2)
-    seg = json.loads((out / "ade20k" / "results.json").read_text())
-    assert seg["config"].endswith("segmentation/configs/linear_vit_small.py")
+    seg = results["ade20k"]
+    assert seg["protocol"]["config"].endswith("segmentation/configs/linear_vit_small.py")
     # --quick's batch 2 overrode the paper's global batch 32 that evaluate_all set; the pos-embed is the paper's
     quick = {"world_size": 1, "batch_per_gpu": 2, "global_batch": 2, "max_iters": 2, "val_interval": 2}
-    assert seg["protocol"] == {**quick, "reference_pos_embed": True, "amp": False}
-    assert rows[("ade20k", "mIoU (linear, final)")] == (f"{seg['final']['metrics']['mIoU']:.2f}", "n/a")
-    best = seg["best_on_test"]["metrics"]["mIoU"]
-    assert rows[("ade20k", "mIoU (linear, best on test, iter 2)")] == (f"{best:.2f}", "n/a")  # no paper for dim 64
-    depth = json.loads((out / "nyu" / "results.json").read_text())
-    assert depth["config"].endswith("depth/configs/dpt_probe_vit_small.py")  # the paper's NYU "linear"
+    assert seg["protocol"] == {"config": seg["protocol"]["config"], **quick, "reference_pos_embed": True, "amp": False}
+    assert rows[("ade20k", "mIoU final (linear)")] == (f"{seg['metrics']['mIoU final']:.2f}", "n/a")
+    best = seg["metrics"]["mIoU best on test"]
+    assert rows[("ade20k", "mIoU best on test (linear, iter 2)")] == (f"{best:.2f}", "n/a")  # no paper for dim 64
+    depth = results["nyu"]
+    assert depth["protocol"]["config"].endswith("depth/configs/dpt_probe_vit_small.py")  # the paper's NYU "linear"
     for k in ("rmse", "abs_rel", "d1"):
-        assert rows[("nyu", f"{k} (DPT probe, final)")] == (f"{depth['final']['metrics'][k]:.3f}", "n/a")
-        best = depth["best_on_test"]["metrics"][k]
-        assert rows[("nyu", f"{k} (DPT probe, best on test, iter 2)")] == (f"{best:.3f}", "n/a")
+        assert rows[("nyu", f"{k} final (DPT probe)")] == (f"{depth['metrics'][f'{k} final']:.3f}", "n/a")
+        best = depth["metrics"][f"{k} best on test"]
+        assert rows[("nyu", f"{k} best on test (DPT probe, iter 2)")] == (f"{best:.3f}", "n/a")
     assert len(rows) == 1 + 2 + 2 + 2 + 6
     unreadable = re.findall(r"^\| (\w+) \| (\d+) \| ([^|]+) \|$", (out / "results.md").read_text(), re.M)
     assert [(t, n) for t, n, _ in unreadable] == [(t, "0") for t in evaluate_all.TASKS]
-    assert unreadable[1][2].strip() == "train 0 of 21, val 0 of 9"  # knn: from its results.json
+    assert unreadable[1][2].strip() == "none in train, val"  # knn: from its results.json
     summary = json.loads((out / "results.json").read_text())
     assert summary["unreadable_images"] == dict.fromkeys(evaluate_all.TASKS, 0)
     png = out / "results.png"
@@ -180,9 +190,11 @@ PAPER_RUN = {"world_size": 4, "global_batch": 32, "max_iters": 60000, "val_inter
 
 
 def _dense(final: dict, best: dict | None, it: int = 12000, **protocol) -> dict:
+    """A dense task's results.json (the parts evaluate_all reads)."""
     run = {**PAPER_RUN, "batch_per_gpu": PAPER_RUN["global_batch"] // PAPER_RUN["world_size"], **protocol}
-    return {"final": {"iter": 60000, "metrics": final}, "best_on_test": best and {"iter": it, "metrics": best},
-            "protocol": run}  # fmt: skip
+    metrics = {f"{k} final": v for k, v in final.items()} | {f"{k} best on test": v for k, v in (best or {}).items()}
+    notes = {f"{k} best on test": f"iter {it}" for k in best or {}}
+    return {"metrics": metrics, "metric_notes": notes, "protocol": run}
 
 
 def test_paper_numbers_follow_size_head_and_the_published_selection():
@@ -192,23 +204,25 @@ def test_paper_numbers_follow_size_head_and_the_published_selection():
     seg = _dense({"mIoU": 40.0}, {"mIoU": 41.0})
     rows = evaluate_all.rows_of("ade20k", seg, "small", "linear")
     assert [(r.metric, r.ours, r.paper) for r in rows] == [
-        ("mIoU (linear, final)", 40.0, 41.8),
-        ("mIoU (linear, best on test, iter 12000)", 41.0, None),
+        ("mIoU final (linear)", 40.0, 41.8),
+        ("mIoU best on test (linear, iter 12000)", 41.0, None),
     ]
     large = _dense({"mIoU": 40.0}, None, global_batch=8, max_iters=160000, val_interval=16000)
     assert [(r.metric, r.paper) for r in evaluate_all.rows_of("ade20k", large, "large", "full")] == [
-        ("mIoU (UperNet, final)", 57.7)
+        ("mIoU final (UperNet)", 57.7)
     ]
     assert evaluate_all.rows_of("ade20k", seg, "base", "linear")[0].paper is None  # no paper figure for B
     nyu_run = dict(global_batch=16, max_iters=25000, val_interval=1000)
     nyu = _dense({"rmse": 0.45, "abs_rel": 0.1, "d1": 0.9}, {"rmse": 0.4, "abs_rel": 0.1, "d1": 0.9}, **nyu_run)
     nyu_rows = evaluate_all.rows_of("nyu", nyu, "base", "full")
     assert [r.paper for r in nyu_rows] == [None, 0.303, None, None, None, None]
-    assert nyu_rows[1].metric == "rmse (DPT, best on test, iter 12000)" and nyu_rows[1].ours == 0.4
+    assert nyu_rows[1].metric == "rmse best on test (DPT, iter 12000)" and nyu_rows[1].ours == 0.4
     probe = evaluate_all.rows_of("nyu", nyu, "small", "linear")
-    assert probe[1].metric == "rmse (DPT probe, best on test, iter 12000)" and probe[1].paper == 0.404
+    assert probe[1].metric == "rmse best on test (DPT probe, iter 12000)" and probe[1].paper == 0.404
     one_by_one = evaluate_all.rows_of("nyu", nyu, "small", "1x1")
-    assert one_by_one[1].metric.startswith("rmse (1x1 probe, ") and all(r.paper is None for r in one_by_one)
+    assert one_by_one[1].metric.startswith("rmse best on test (1x1 probe, ") and all(
+        r.paper is None for r in one_by_one
+    )
     args = evaluate_all.get_args_parser().parse_args(["--backbone", "b", "--output-dir", "o", "--data-nyu", "n"])
     for head, config in (
         ("linear", "dpt_probe_vit_base.py"),
@@ -219,15 +233,18 @@ def test_paper_numbers_follow_size_head_and_the_published_selection():
         argv = evaluate_all.command("nyu", args, "base", Path("o"))
         assert argv[:2] == ["depth.main", str(evaluate_all.ROOT / "depth/configs" / config)], argv
         assert Path(argv[1]).is_file()
-    paper = {"protocol": {"paper_protocol": True}}
-    full = {"results": {n: {"metric": "acc", "value": 80.0} for n in evaluate_all.DATASETS}, "mean": 80.0, **paper}
+    paper = {"protocol": {"normalization": "clip", "caltech_split": "reference"}}
+    names = [f"{n} {spec.metric}" for n, spec in evaluate_all.DATASETS.items()]
+    full = {"metrics": {**dict.fromkeys(names, 80.0), "mean": 80.0}, **paper}
     rows = evaluate_all.rows_of("fine_grained", full, "small", "linear")
     assert rows[-1].paper == 85.8 and rows[0].paper == 65.5
-    part = {"results": {"cub200": {"metric": "acc", "value": 80.0}}, "mean": 80.0, **paper}
+    part = {"metrics": {"cub200 acc": 80.0, "mean (1 of 12)": 80.0}, **paper}  # a mean of 1 is not the paper's
     assert [r.paper for r in evaluate_all.rows_of("fine_grained", part, "small", "linear")] == [86.7, None]
-    # ImageNet-normalised inputs are not the paper's protocol: no paper column
-    ours = {**full, "protocol": {"paper_protocol": False}}
-    assert {r.paper for r in evaluate_all.rows_of("fine_grained", ours, "small", "linear")} == {None}
+    # ImageNet-normalised inputs are not the paper's protocol: no paper column, and the rows say why
+    ours = {**full, "protocol": {"normalization": "imagenet", "caltech_split": "reference"}}
+    rows = evaluate_all.rows_of("fine_grained", ours, "small", "linear")
+    assert {r.paper for r in rows} == {None}
+    assert rows[0].metric == f"{names[0]} (paper n/a: normalization imagenet (paper clip))"
 
 
 @pytest.mark.parametrize(
@@ -242,10 +259,10 @@ def test_dense_paper_figure_only_for_the_papers_protocol(run, why):
     """A run whose batch, schedule, positional embedding or precision is not the paper's gets n/a, and
     the row's name says why; ADE20K's best-of-N does not depend on the evaluation interval, NYU's does."""
     rows = evaluate_all.rows_of("ade20k", _dense({"mIoU": 40.0}, {"mIoU": 41.0}, **run), "small", "linear")
-    assert rows[0].paper is None and rows[0].metric.startswith(f"mIoU (linear, final; paper n/a: {why}")
-    assert rows[1].metric == "mIoU (linear, best on test, iter 12000)"  # no paper figure there to explain
+    assert rows[0].paper is None and rows[0].metric.startswith(f"mIoU final (linear; paper n/a: {why}")
+    assert rows[1].metric == "mIoU best on test (linear, iter 12000)"  # no paper figure there to explain
     old = _dense({"mIoU": 40.0}, None)
-    del old["protocol"]  # a results.json from before the runner recorded it
+    del old["protocol"]  # a results.json that does not record it
     assert (
         "paper n/a: its results.json does not record"
         in evaluate_all.rows_of("ade20k", old, "small", "linear")[0].metric
@@ -409,15 +426,14 @@ def test_chart_one_panel_per_kind_values_on_bars_paper_as_marker_failed_shown():
 
 
 def test_unreadable_images_per_task_in_results_md():
-    split = lambda n, dropped: {"evaluated": n - dropped, "dropped": dropped, "unreadable": ["p"] * dropped}  # noqa: E731
-    knn = {"images": {"train": split(18, 1), "val": split(9, 0)}}
-    assert evaluate_all.unreadable_images("knn", knn) == (1, "train 1 of 18, val 0 of 9")
-    linear = {"images": {"holdout": split(4, 0), "val": split(9, 2)}}
-    assert evaluate_all.unreadable_images("linear", linear) == (2, "holdout 0 of 4, val 2 of 9")
-    fg = {"results": {"cub200": {"dropped": {"train": ["a", "b"], "test": []}}, "dtd": {"dropped": {"test": ["c"]}}}}
+    """The table reads every task's `unreadable_images` the same way (common.results' schema)."""
+    counts = lambda **n: {"unreadable_images": {k.replace("_", " "): v for k, v in n.items()}}  # noqa: E731
+    assert evaluate_all.unreadable_images("knn", counts(train=1, val=0)) == (1, "train 1")
+    assert evaluate_all.unreadable_images("linear", counts(holdout=0, val=2)) == (2, "val 2")
+    fg = counts(cub200_train=2, cub200_test=0, dtd_test=1)
     assert evaluate_all.unreadable_images("fine_grained", fg) == (3, "cub200 train 2, dtd test 1")
-    none = {"results": {"cub200": {"dropped": {"train": [], "test": []}}}}
-    assert evaluate_all.unreadable_images("fine_grained", none) == (0, "none in cub200")
-    assert evaluate_all.unreadable_images("ade20k", {}) == (0, "none: an unreadable image stops mmsegmentation")
-    md = evaluate_all.markdown("b.pth", "ViT-S", [], {}, {}, {"knn": (1, "train 1 of 18, val 0 of 9")})
-    assert "| knn | 1 | train 1 of 18, val 0 of 9 |" in md.splitlines()
+    none = counts(cub200_train=0, cub200_test=0)
+    assert evaluate_all.unreadable_images("fine_grained", none) == (0, "none in cub200 train, cub200 test")
+    assert evaluate_all.unreadable_images("ade20k", counts()) == (0, evaluate_all.NO_UNREADABLE)
+    md = evaluate_all.markdown("b.pth", "ViT-S", [], {}, {}, {"knn": (1, "train 1")})
+    assert "| knn | 1 | train 1 |" in md.splitlines()

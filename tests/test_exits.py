@@ -88,7 +88,7 @@ def test_a_crashed_evaluation_with_workers_exits(tmp_path, backbone, module):
     out = ["--output-dir", str(tmp_path / "o")]
     if module == "fine_grained.main":
         make_cub(tmp_path / "fg")
-        argv = ["--backbone", str(backbone), "--data-root", str(tmp_path / "fg"), "--datasets", "cub200",
+        argv = ["--backbone", str(backbone), "--data-path", str(tmp_path / "fg"), "--datasets", "cub200",
                 "--input-size", "28", "--batch-size", "2", "--device", "cpu", "--num-workers", "2", *out]  # fmt: skip
     else:
         data = make_splits(tmp_path / "data", train=8)

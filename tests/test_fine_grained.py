@@ -292,7 +292,7 @@ def test_torchvision_layouts_and_pets_80_20(tmp_path):
 
 @pytest.mark.parametrize("name", list(DATASETS))
 def test_missing_folder_names_expected_layout(tmp_path, name):
-    with pytest.raises(ValueError, match=f"expected <data-root>/{name}/"):
+    with pytest.raises(ValueError, match=f"expected <data-path>/{name}/"):
         build_split(DATASETS[name], tmp_path, "train", None)
 
 
@@ -434,7 +434,7 @@ def data_root(tmp_path_factory):
 
 
 def run(checkpoint, data_root, out, *extra):
-    argv = ["--backbone", str(checkpoint), "--data-root", str(data_root), "--output-dir", str(out)]
+    argv = ["--backbone", str(checkpoint), "--data-path", str(data_root), "--output-dir", str(out)]
     return fg_main.main([*argv, "--input-size", "28", "--device", "cpu", "--num-workers", "0", *extra])
 
 
@@ -446,20 +446,24 @@ def test_end_to_end_on_pretrain_checkpoint(checkpoint, data_root, tmp_path, caps
     )
     assert run(checkpoint, data_root, tmp_path / "o", "--datasets", "caltech101,voc2007,cub200") == 0
     res = json.loads((tmp_path / "o" / "results.json").read_text())
-    assert list(res["results"]) == ["caltech101", "voc2007", "cub200"]
-    cal, voc = res["results"]["caltech101"], res["results"]["voc2007"]
+    assert list(res["details"]["datasets"]) == ["caltech101", "voc2007", "cub200"]
+    cal, voc = res["details"]["datasets"]["caltech101"], res["details"]["datasets"]["voc2007"]
     n_test = 96 - len(set(reference_caltech_draw([c for c, n in enumerate(CALTECH_COUNTS) for _ in range(n)])[0]))
     assert cal["metric"] == "mean_per_class_acc" and (cal["n_train"], cal["n_val"], cal["n_test"]) == (72, 18, n_test)
     assert voc["metric"] == "map11" and (voc["n_train"], voc["n_val"], voc["n_test"]) == (6, 6, 6)
     assert cal["best_C"] in logreg.C_GRID and 0 <= cal["value"] <= 100
     # train/val standardised with train statistics, trainval/test with trainval statistics
     assert calls[:2] == [(72, 18), (90, n_test)] and calls[2:4] == [(6, 6), (12, 6)]
-    assert res["mean"] == pytest.approx(sum(r["value"] for r in res["results"].values()) / 3)
+    values = [r["value"] for r in res["details"]["datasets"].values()]
+    assert res["metrics"]["mean (3 of 12)"] == pytest.approx(sum(values) / 3)
+    assert list(res["metrics"]) == ["caltech101 mean_per_class_acc", "voc2007 map11", "cub200 acc", "mean (3 of 12)"]
+    splits = {"caltech101": ("train", "test"), "voc2007": ("train", "val", "test"), "cub200": ("train", "test")}
+    assert res["unreadable_images"] == {f"{n} {split}": 0 for n, ss in splits.items() for split in ss}
     table = (tmp_path / "o" / "results.md").read_text()
     out = capsys.readouterr().out
     assert table.count("\n") == 8 and "| **mean** |" in table and table in out
     # the default is not the paper's protocol (ImageNet mean/std): said in results.json and the table
-    assert res["protocol"]["paper_protocol"] is False and res["protocol"]["normalization"]["name"] == "imagenet"
+    assert res["protocol"]["paper_protocol"] is False and res["protocol"]["normalization"] == "imagenet"
     assert res["protocol"]["caltech_split"] == "reference" and "--normalization clip" in table
     # the tiny sets have fewer classes than the protocol's: said, so nobody compares them to the paper
     assert "warning: caltech101: 3 classes in the data, the protocol has 102" in out
@@ -474,10 +478,10 @@ def test_reference_layout_checkpoint_and_clip_normalisation(data_root, tmp_path)
     torch.save({"model": sd, "args": argparse.Namespace(model="vit_small")}, ref)
     assert run(ref, data_root, tmp_path / "o", "--datasets", "cub200", "--normalization", "clip") == 0
     summary = json.loads((tmp_path / "o" / "results.json").read_text())
-    res = summary["results"]["cub200"]
+    res = summary["details"]["datasets"]["cub200"]
     assert (res["n_train"], res["n_val"], res["n_test"]) == (8, 1, 6)
     protocol = summary["protocol"]
-    assert protocol["paper_protocol"] is True and protocol["normalization"]["mean"] == list(OPENAI_CLIP_MEAN)
+    assert protocol["paper_protocol"] is True and protocol["mean"] == list(OPENAI_CLIP_MEAN)
     assert "the paper's protocol" in (tmp_path / "o" / "results.md").read_text()
 
 
@@ -485,7 +489,10 @@ def test_caltech_split_flag_reaches_the_reader(checkpoint, data_root, tmp_path):
     assert run(checkpoint, data_root, tmp_path / "o", "--datasets", "caltech101", "--caltech-split", "distinct",
                "--max-iter", "20") == 0  # fmt: skip
     summary = json.loads((tmp_path / "o" / "results.json").read_text())
-    assert summary["results"]["caltech101"]["n_test"] == 6 and summary["protocol"]["caltech_split"] == "distinct"
+    assert (
+        summary["details"]["datasets"]["caltech101"]["n_test"] == 6
+        and summary["protocol"]["caltech_split"] == "distinct"
+    )
     assert summary["protocol"]["paper_protocol"] is False
 
 
@@ -499,7 +506,7 @@ def test_feature_cache_reused_and_invalidated_by_a_new_backbone(data_root, tmp_p
     assert run(bb, data_root, tmp_path / "o", *args) == 0 and len(calls) == 2
     first = json.loads((tmp_path / "o" / "results.json").read_text())
     assert run(bb, data_root, tmp_path / "o", *args) == 0 and len(calls) == 2  # both splits from the cache
-    assert json.loads((tmp_path / "o" / "results.json").read_text())["results"] == first["results"]
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["details"] == first["details"]
     vit2 = models.ViT(img_size=28, patch_size=14, embed_dim=64, depth=1, num_heads=1, init_values=1.0)
     torch.save(models.to_dinov2(vit2), bb)
     os.utime(bb, ns=(1, 1))  # a different file identity even if size and mtime were to coincide
@@ -527,7 +534,7 @@ def test_feature_cache_invalidated_by_a_changed_image_list(checkpoint, tmp_path,
     capsys.readouterr()
     assert run(checkpoint, tmp_path / "d", tmp_path / "o", *args) == 0 and len(calls) == 4
     assert "cub200_train.pth was written for a different image list; recomputing" in capsys.readouterr().out
-    res = json.loads((tmp_path / "o" / "results.json").read_text())["results"]["cub200"]
+    res = json.loads((tmp_path / "o" / "results.json").read_text())["details"]["datasets"]["cub200"]
     assert (res["n_train"] + res["n_val"], res["n_test"]) == (10, 5)
 
 
@@ -543,8 +550,10 @@ def test_corrupt_jpeg_is_reported_dropped_and_counted(checkpoint, tmp_path, caps
     assert run(checkpoint, tmp_path / "d", tmp_path / "o", *args, "--num-workers", "2") == 0
     out = capsys.readouterr().out
     assert f"warning: unreadable image {bad}" in out and "cub200 train features: 1 of 9 images unreadable" in out
-    res = json.loads((tmp_path / "o" / "results.json").read_text())["results"]["cub200"]
+    summary = json.loads((tmp_path / "o" / "results.json").read_text())
+    res = summary["details"]["datasets"]["cub200"]
     assert (res["n_train"] + res["n_val"], res["n_test"]) == (8, 6) and res["dropped"] == {"train": [bad], "test": []}
+    assert summary["unreadable_images"] == {"cub200 train": 1, "cub200 test": 0}
 
 
 def test_a_failing_dataset_keeps_the_finished_ones(checkpoint, tmp_path, capsys):
@@ -556,7 +565,7 @@ def test_a_failing_dataset_keeps_the_finished_ones(checkpoint, tmp_path, capsys)
     assert run(checkpoint, tmp_path / "d", tmp_path / "o", "--datasets", "caltech101,cub200", "--max-iter", "30") == 1
     assert "error: cub200: cub200 train features: none of the 9 images is readable" in capsys.readouterr().err
     res = json.loads((tmp_path / "o" / "results.json").read_text())
-    assert list(res["results"]) == ["caltech101"] and list(res["failed"]) == ["cub200"]
+    assert list(res["details"]["datasets"]) == ["caltech101"] and list(res["details"]["failed"]) == ["cub200"]
     assert "FAILED cub200" in (tmp_path / "o" / "results.md").read_text()
     assert not list((tmp_path / "o" / "features").glob("cub200_*"))  # unreadable images: nothing cached
 
@@ -581,7 +590,7 @@ def test_missing_listed_file_fails_before_any_extraction(checkpoint, tmp_path, c
     rc = run(checkpoint, tmp_path / "d", tmp_path / "o", "--datasets", "caltech101,cub200", "--max-iter", "30")
     err = capsys.readouterr().err
     assert rc == 2 and calls == [] and len(err.strip().splitlines()) == 1, err
-    assert err.startswith("error: cub200: ") and str(gone) in err and "expected <data-root>/cub200/CUB_200_2011/" in err
+    assert err.startswith("error: cub200: ") and str(gone) in err and "expected <data-path>/cub200/CUB_200_2011/" in err
 
 
 @pytest.mark.parametrize(
@@ -589,7 +598,7 @@ def test_missing_listed_file_fails_before_any_extraction(checkpoint, tmp_path, c
     [
         (["--datasets", "imagenet"], "unknown dataset(s) imagenet"),
         (["--datasets", "cub200,pets"], "pets: "),
-        (["--datasets", "sun397"], "expected <data-root>/sun397/"),
+        (["--datasets", "sun397"], "expected <data-path>/sun397/"),
     ],
 )
 def test_bad_input_is_one_line_error(data_root, tmp_path, capsys, extra, message, checkpoint):

@@ -186,11 +186,15 @@ def test_learnable_problem_reaches_high_accuracy(data, backbone, tmp_path, capsy
     assert linear_main.main([*argv, "--print-freq", "40"]) == 0
     stdout = capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
-    assert len(res["classifiers"]) == 52 and res["global_batch"] == 6 and res["selection"].startswith("val")
-    best = res["best"]
-    assert best["top1"] == 100.0 and best["top1"] == max(c["top1"] for c in res["classifiers"].values())
+    assert (
+        len(res["details"]["classifiers"]) == 52
+        and res["protocol"]["global_batch"] == 6
+        and res["protocol"]["selection"].startswith("val")
+    )
+    best = res["details"]["best"]
+    assert best["top1"] == 100.0 and best["top1"] == max(c["top1"] for c in res["details"]["classifiers"].values())
     assert f"* {best['name']}" in stdout and "best (val" in stdout and "eta" in stdout
-    for c in res["classifiers"].values():
+    for c in res["details"]["classifiers"].values():
         assert c["top5"] == 100.0 and is_ninths(c["top1"])
     assert models.safe_load(out / "checkpoint.pth")["scheduler"]["iteration"] == 80
 
@@ -225,7 +229,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(data, backbone, tmp
     for k in a["classifiers"]:
         torch.testing.assert_close(a["classifiers"][k], b["classifiers"][k], rtol=0, atol=0)
     ra, rb = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("straight", "killed"))
-    assert ra["classifiers"] == rb["classifiers"]
+    assert ra["details"]["classifiers"] == rb["details"]["classifiers"]
     # another schedule in the same folder is refused, not silently mixed
     assert run(tmp_path / "killed", "--epoch-length", "4") == 2
     assert "was run with epoch_length 3, not 4" in capsys.readouterr().err
@@ -241,12 +245,12 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(data, backbone, tmp
 
 def test_val_from_train_selects_on_holdout_and_caches_eval_features(data, backbone, tmp_path, capsys):
     out = tmp_path / "lin"
-    argv = [*base_args(data, backbone, out), "--epochs", "1", "--epoch-length", "2", "--cache-features"]
+    argv = [*base_args(data, backbone, out), "--epochs", "1", "--epoch-length", "2", "--cache-dir", str(out)]
     assert linear_main.main([*argv, "--val-from-train", "0.34"]) == 0
     res = json.loads((out / "results.json").read_text())
-    assert res["selection"].startswith("train holdout")
-    best = max(res["classifiers"].values(), key=lambda c: c["holdout_top1"])
-    assert res["best"]["holdout_top1"] == best["holdout_top1"] and "top1" in res["best"]
+    assert res["protocol"]["selection"].startswith("train holdout")
+    best = max(res["details"]["classifiers"].values(), key=lambda c: c["holdout_top1"])
+    assert res["details"]["best"]["holdout_top1"] == best["holdout_top1"] and "top1" in res["details"]["best"]
     cache = models.safe_load(out / "features_holdout.pth")
     assert cache["features"].shape == (6, 320)  # round(18 * 0.34) held out, 12 train
     val_cache = models.safe_load(out / "features_val.pth")
@@ -300,9 +304,10 @@ def test_corrupt_eval_images_are_dropped_reported_and_counted(backbone, tmp_path
     stdout = capsys.readouterr().out
     assert f"warning: unreadable image {bad_val}" in stdout and "val features: 1 of 9 images unreadable" in stdout
     res = json.loads((tmp_path / "lin" / "results.json").read_text())
-    assert res["images"]["val"] == {"evaluated": 8, "dropped": 1, "unreadable": [str(bad_val)]}
-    assert res["data_path"] == str(root.resolve())
-    for c in res["classifiers"].values():  # every kept image counted once: multiples of 100 / 8
+    assert res["details"]["images"]["val"] == {"evaluated": 8, "dropped": 1, "unreadable": [str(bad_val)]}
+    assert res["unreadable_images"] == {"val": 1}
+    assert res["protocol"]["data_path"] == str(root.resolve())
+    for c in res["details"]["classifiers"].values():  # every kept image counted once: multiples of 100 / 8
         assert c["top1"] * 8 / 100 == pytest.approx(round(c["top1"] * 8 / 100))
     cache = tmp_path / "cache"
     argv = [*base_args(root, backbone, tmp_path / "knn"), "--nb-knn", "1", "--cache-dir", str(cache)]
@@ -310,13 +315,14 @@ def test_corrupt_eval_images_are_dropped_reported_and_counted(backbone, tmp_path
     stdout = capsys.readouterr().out
     assert f"warning: unreadable image {bad_train}" in stdout and f"warning: unreadable image {bad_val}" in stdout
     res = json.loads((tmp_path / "knn" / "results.json").read_text())
-    assert res["images"]["train"]["dropped"] == 1 and res["images"]["train"]["evaluated"] == 17
-    assert res["images"]["val"]["evaluated"] == 8 and res["data_path"] == str(root.resolve())
+    assert res["unreadable_images"] == {"train": 1, "val": 1} and res["details"]["images"]["train"]["evaluated"] == 17
+    assert res["details"]["images"]["val"]["evaluated"] == 8 and res["protocol"]["data_path"] == str(root.resolve())
     # a split with unreadable images is not cached (an I/O hiccup must not be frozen in); a rerun redoes it
     assert "not cached, since 1 images were unreadable" in stdout and not (cache / "val_features.pth").exists()
     assert knn_main.main(argv) == 0
     assert "val features: 1 of 9 images unreadable" in capsys.readouterr().out
-    assert json.loads((tmp_path / "knn" / "results.json").read_text()) == res
+    again = json.loads((tmp_path / "knn" / "results.json").read_text())
+    assert {**again, "timings": None} == {**res, "timings": None}
 
 
 def test_knn_cache_is_keyed_on_the_images_and_the_backbone_file(backbone, tmp_path, capsys):
@@ -336,8 +342,8 @@ def test_knn_cache_is_keyed_on_the_images_and_the_backbone_file(backbone, tmp_pa
     )
     knn(b, tmp_path / "fresh")  # no cache
     assert (
-        json.loads((tmp_path / "o" / "results.json").read_text())["knn"]
-        == json.loads((tmp_path / "fresh" / "results.json").read_text())["knn"]
+        json.loads((tmp_path / "o" / "results.json").read_text())["metrics"]
+        == json.loads((tmp_path / "fresh" / "results.json").read_text())["metrics"]
     )
     x = torch.stack([val_transform(28)(Image.open(b / "val" / "class0" / "0.png").convert("RGB"))])
     vit = models.load_backbone(bb).eval()
@@ -401,9 +407,12 @@ def test_end_to_end_on_a_pretrain_checkpoint(data, tmp_path, capsys):
     assert pretrain_main.main(["--data-path", str(pre_data), "--output-dir", str(pre), "--epochs", "1", *TINY_RUN]) == 0
     ckpt = pre / "checkpoint.pth"
     assert linear_main.main([*base_args(data, ckpt, tmp_path / "lin"), "--epochs", "1", "--epoch-length", "1"]) == 0
-    assert json.loads((tmp_path / "lin" / "results.json").read_text())["best"]["name"]
+    res = json.loads((tmp_path / "lin" / "results.json").read_text())
+    assert res["metric_notes"]["top-1"] == res["details"]["best"]["name"]
     assert knn_main.main([*base_args(data, ckpt, tmp_path / "knn"), "--nb-knn", "1", "5"]) == 0
-    assert set(json.loads((tmp_path / "knn" / "results.json").read_text())["knn"]) == {"1", "5"}
+    assert set(json.loads((tmp_path / "knn" / "results.json").read_text())["metrics"]) == {
+        "top-1 k=1", "top-5 k=1", "top-1 k=5", "top-5 k=5"
+    }  # fmt: skip
 
 
 def test_end_to_end_on_a_reference_layout_checkpoint(data, tmp_path, capsys):
@@ -418,7 +427,9 @@ def test_end_to_end_on_a_reference_layout_checkpoint(data, tmp_path, capsys):
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
     assert warnings == ["warning: --nb-knn 20, 100, 200 exceeds the 18 readable train images; using k=18 instead"]
     res = json.loads((tmp_path / "knn" / "results.json").read_text())
-    assert list(res["knn"]) == ["10", "18"] and res["nb_knn_requested"] == [10, 20, 100, 200]
+    assert list(res["metrics"]) == ["top-1 k=10", "top-5 k=10", "top-1 k=18", "top-5 k=18"] and res["protocol"][
+        "nb_knn_requested"
+    ] == [10, 20, 100, 200]
     assert knn_main.main([*base_args(data, ref, tmp_path / "knn"), "--nb-knn", "0"]) == 2
     assert "--nb-knn values must be positive, got [0]" in capsys.readouterr().err
     assert knn_main.main([*base_args(data, ref, tmp_path / "knn"), "--cache-dir", str(cache), "--nb-knn", "3"]) == 0
@@ -429,8 +440,8 @@ def test_end_to_end_on_a_reference_layout_checkpoint(data, tmp_path, capsys):
     ref_scores = brute_force_knn(train["features"], train["targets"], val["features"], 3, 3, 0.07)
     hits = topk_correct(ref_scores, val["targets"]) * 100 / 9
     res = json.loads((tmp_path / "knn" / "results.json").read_text())
-    assert [res["knn"]["3"]["top1"], res["knn"]["3"]["top5"]] == pytest.approx(hits.tolist())
-    assert res["temperature"] == 0.07
+    assert [res["metrics"]["top-1 k=3"], res["metrics"]["top-5 k=3"]] == pytest.approx(hits.tolist())
+    assert res["protocol"]["temperature"] == 0.07
 
 
 # --- torchrun --------------------------------------------------------------------------------------
@@ -450,14 +461,13 @@ def test_torchrun_two_processes_gloo(data, backbone, tmp_path):
     stdout, res = torchrun(data, backbone, "linear_eval.main", tmp_path / "lin", "--epochs", "2")
     # 18 images over 2 ranks -> 9 per rank -> 2 iterations of 4 per epoch
     assert "world 2, global batch 8" in stdout and "2 it/epoch" in stdout and "epoch 1 [2/2]" in stdout
-    assert res["global_batch"] == 8 and len(res["classifiers"]) == 52
-    assert all(is_ninths(c["top1"]) for c in res["classifiers"].values())
+    assert res["protocol"]["global_batch"] == 8 and len(res["details"]["classifiers"]) == 52
+    assert all(is_ninths(c["top1"]) for c in res["details"]["classifiers"].values())
     assert models.safe_load(tmp_path / "lin" / "checkpoint.pth")["epoch"] == 1
     _, res = torchrun(data, backbone, "linear_eval.knn", tmp_path / "knn", "--nb-knn", "1", "3")
     assert knn_main.main([*base_args(data, backbone, tmp_path / "knn1"), "--nb-knn", "1", "3"]) == 0
     single = json.loads((tmp_path / "knn1" / "results.json").read_text())
-    for k in ("1", "3"):
-        assert res["knn"][k] == pytest.approx(single["knn"][k])
+    assert res["metrics"] == pytest.approx(single["metrics"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -466,10 +476,11 @@ def test_torchrun_on_gpus_nccl(data, backbone, tmp_path):
     nproc = min(torch.cuda.device_count(), 2)
     run = dict(nproc=nproc, device="cuda")
     stdout, res = torchrun(data, backbone, "linear_eval.main", tmp_path / "lin", "--epochs", "2", **run)
-    assert f"world {nproc}, global batch {4 * nproc}" in stdout and len(res["classifiers"]) == 52
-    assert all(is_ninths(c["top1"]) for c in res["classifiers"].values())
+    assert f"world {nproc}, global batch {4 * nproc}" in stdout and len(res["details"]["classifiers"]) == 52
+    assert all(is_ninths(c["top1"]) for c in res["details"]["classifiers"].values())
     _, res = torchrun(data, backbone, "linear_eval.knn", tmp_path / "knn", "--nb-knn", "1", "3", **run)
-    assert set(res["knn"]) == {"1", "3"} and all(is_ninths(v["top1"]) for v in res["knn"].values())
+    assert set(res["metrics"]) == {"top-1 k=1", "top-5 k=1", "top-1 k=3", "top-5 k=3"}
+    assert all(is_ninths(v) for name, v in res["metrics"].items() if name.startswith("top-1"))
 
 
 def test_preemption_signal_exits_75_and_the_rerun_resumes(data, backbone, tmp_path):

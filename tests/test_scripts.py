@@ -266,7 +266,7 @@ def test_fine_grained(slurm):
     env = dict(BACKBONE="out/b/backbone.pth", DATA_ROOT="/fg", SLURM_CPUS_PER_TASK="6")
     cmd = last_command(run("slurm/fine_grained.sh", "--datasets", "dtd", env=slurm, DRY_RUN="1", **env))
     assert cmd[:3] == ["python", "-m", "fine_grained.main"]
-    assert flag(cmd, "--data-root") == "/fg" and flag(cmd, "--output-dir") == "out/b/fine_grained"
+    assert flag(cmd, "--data-path") == "/fg" and flag(cmd, "--output-dir") == "out/b/fine_grained"
     assert flag(cmd, "--device") == "cuda" and flag(cmd, "--num-workers") == "6"
     assert cmd[-2:] == ["--datasets", "dtd"]
 
@@ -288,8 +288,8 @@ def test_dense(slurm, task, config, data_root, work_dir, batch):
     cmd = last_command(run(f"slurm/{task}.sh", "--amp", env=slurm, DRY_RUN="1", **env))
     m = cmd.index("-m")
     assert cmd[m : m + 3] == ["-m", f"{task}.main", config] and (ROOT / config).exists()
-    assert flag(cmd, "--data-root") == data_root and flag(cmd, "--work-dir") == f"out/b/{work_dir}"
-    assert "--resume" in cmd and "--amp" in cmd
+    assert flag(cmd, "--data-path") == data_root and flag(cmd, "--output-dir") == f"out/b/{work_dir}"
+    assert "--resume" not in cmd and "--amp" in cmd  # a re-run continues from the last checkpoint by itself
     # the paper's global batch (4 GPUs x per-GPU batch) at 4 GPUs; ours last among the overrides
     assert cmd[cmd.index("--cfg-options") :] == ["--cfg-options", "a=1", "b=2", f"train_dataloader.batch_size={batch}"]
     small = last_command(run(f"slurm/{task}.sh", env=slurm, DRY_RUN="1", **{**env, "SLURM_GPUS_ON_NODE": "1"}))

@@ -60,7 +60,7 @@ def setup(tmp_path_factory):
 
 
 def run(images, backbones, out, *extra) -> int:
-    argv = ["--images", str(images), "--out", str(out), "--input-size", "56", "--device", "cpu", *extra]
+    argv = ["--images", str(images), "--output-dir", str(out), "--input-size", "56", "--device", "cpu", *extra]
     for b in backbones:
         argv += ["--backbone", str(b)]
     return visualize_pca.main(argv)

@@ -99,8 +99,8 @@ print(4 * Config.fromfile(sys.argv[1], import_custom_modules=False).train_datalo
 }
 
 # segmentation.main / depth.main: run_dense TASK CONFIG DATA_ROOT WORK_DIR GLOBAL_BATCH [flags...]
-# --resume continues from the work dir's last checkpoint after a requeue (from scratch when there
-# is none). The configs' batch is per GPU: ours goes last in the one --cfg-options (argparse
+# A requeued job continues from the work dir's last checkpoint (the runner's default; from scratch
+# when there is none). The configs' batch is per GPU: ours goes last in the one --cfg-options (argparse
 # keeps the last occurrence), with CFG_OPTIONS="key=value ..." for further overrides.
 run_dense() {
     local task=$1 config=$2 data_root=$3 work_dir=$4 batch extra=()
@@ -108,6 +108,6 @@ run_dense() {
     shift 5
     read -ra extra <<<"${CFG_OPTIONS:-}"
     run_per_node "$PROTEUS_ROOT/scripts/torchrun.sh" -m "$task.main" "$config" \
-        --backbone "$BACKBONE" --data-root "$data_root" --work-dir "$work_dir" --resume "$@" \
+        --backbone "$BACKBONE" --data-path "$data_root" --output-dir "$work_dir" "$@" \
         --cfg-options "${extra[@]}" "train_dataloader.batch_size=$batch"
 }

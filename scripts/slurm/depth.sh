@@ -6,7 +6,7 @@
 # Env: BACKBONE (required), CONFIG (depth/configs/dpt_vit_base.py; any of depth/configs/*.py), DATA_ROOT (data/nyu),
 # WORK_DIR (<backbone dir>/nyu_<config name>), GLOBAL_BATCH (the paper's: 4 GPUs x the config's per-GPU batch;
 # split over the GPUs) or BATCH (per GPU), CFG_OPTIONS ("key=value ..." for the config; not --cfg-options).
-# A requeued job continues from the work dir's last checkpoint (--resume). Results:
+# A requeued job continues from the work dir's last checkpoint (as any re-run does). Results:
 # WORK_DIR/results.json.
 #
 # Resources (sbatch command-line options override these). Remove one "#" to set a partition.

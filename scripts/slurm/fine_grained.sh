@@ -31,5 +31,5 @@ PROTEUS_ROOT=${PROTEUS_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
 
 # shellcheck source=common.sh
 source "$PROTEUS_ROOT/scripts/slurm/common.sh"
-run_single "$PYTHON" -m fine_grained.main --backbone "$BACKBONE" --data-root "$DATA_ROOT" \
+run_single "$PYTHON" -m fine_grained.main --backbone "$BACKBONE" --data-path "$DATA_ROOT" \
     --output-dir "$OUT" --device "$DEVICE" --num-workers "${SLURM_CPUS_PER_TASK:-8}" "$@"
