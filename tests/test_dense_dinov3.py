@@ -49,7 +49,7 @@ def official(tmp_path_factory) -> Path:
 
 
 def argv(config: str, backbone: Path, data: Path, work: Path, *extra: str) -> list[str]:
-    base = [str(ROOT / config), "--backbone", str(backbone), "--data-root", str(data), "--work-dir", str(work)]
+    base = [str(ROOT / config), "--backbone", str(backbone), "--data-path", str(data), "--output-dir", str(work)]
     return [*base, *extra, "--cfg-options", *TINY, *HEADS[dinov2_config(config)]]
 
 

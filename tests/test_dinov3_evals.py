@@ -125,11 +125,9 @@ def test_linear_probe_and_knn(files, kind, imagenet, tmp_path, capsys):
     path, ref = files[kind][0], reference(files, kind)
     argv = ["--data-path", str(imagenet), "--backbone", str(path), *RUN]
     out = tmp_path / "linear"
-    assert (
-        linear_main.main([*argv, "--output-dir", str(out), "--input-size", "32", "--epochs", "1", "--cache-features"])
-        == 0
-    )
-    res = json.loads((out / "results.json").read_text())
+    linear = [*argv, "--output-dir", str(out), "--input-size", "32", "--epochs", "1", "--cache-dir", str(out)]
+    assert linear_main.main(linear) == 0
+    res = json.loads((out / "results.json").read_text())["details"]
     assert len(res["classifiers"]) == 52 and res["images"]["val"] == {"evaluated": 9, "dropped": 0, "unreadable": []}
     # the cached eval features are FAIR's, image by image, at 32 (a 2x2 grid)
     cached = models.safe_load(out / "features_val.pth")
@@ -142,7 +140,7 @@ def test_linear_probe_and_knn(files, kind, imagenet, tmp_path, capsys):
     assert (
         knn_main.main([*argv, "--output-dir", str(tmp_path / "knn"), "--cache-dir", str(cache), "--nb-knn", "3"]) == 0
     )
-    assert json.loads((tmp_path / "knn" / "results.json").read_text())["knn"]["3"]["top1"] >= 0
+    assert json.loads((tmp_path / "knn" / "results.json").read_text())["metrics"]["top-1 k=3"] >= 0
     cached = models.safe_load(cache / "val_features.pth")
     with torch.no_grad():
         expected = ref.forward_features(
@@ -162,9 +160,9 @@ def test_linear_probe_and_knn(files, kind, imagenet, tmp_path, capsys):
 def test_fine_grained_at_the_default_224(files, kind, fine_grained, tmp_path):
     path, ref = files[kind][0], reference(files, kind)
     out = tmp_path / "fg"
-    argv = ["--backbone", str(path), "--data-root", str(fine_grained), "--output-dir", str(out), "--datasets", "cub200"]
+    argv = ["--backbone", str(path), "--data-path", str(fine_grained), "--output-dir", str(out), "--datasets", "cub200"]
     assert fg_main.main([*argv, *RUN, "--max-iter", "20"]) == 0
-    res = json.loads((out / "results.json").read_text())["results"]["cub200"]
+    res = json.loads((out / "results.json").read_text())["details"]["datasets"]["cub200"]
     assert (res["n_train"], res["n_val"], res["n_test"]) == (8, 1, 6) and 0 <= res["value"] <= 100
     cached = models.safe_load(out / "features" / "cub200_test.pth")
     transform = eval_transform(224, 224, *fg_main.NORMALIZATION["imagenet"])
@@ -220,11 +218,12 @@ def test_evaluate_all_on_a_dinov3_teacher_file(files, imagenet, fine_grained, tm
             "--extra", "knn=--input-size 32", "--extra", "fine_grained=--input-size 32"]  # fmt: skip
     assert evaluate_all.main(argv) == 0, capsys.readouterr().out
     md = (out / "results.md").read_text()
-    assert md.startswith(f"# Evaluation of `{files['teacher'][0]}` (ViT-S)")
-    rows = dict(re.findall(r"^\| (?:linear|knn|fine_grained) \| ([^|]+?) \| ([^|]+?) \|", md, re.M))
-    linear = json.loads((out / "linear" / "results.json").read_text())["best"]
-    knn = json.loads((out / "knn" / "results.json").read_text())["knn"]
-    fg = json.loads((out / "fine_grained" / "results.json").read_text())
+    assert md.startswith(f"# Evaluation of `{files['teacher'][0]}` (ViT-S DINOv3 layout)")
+    results = md.split("\n\n")[1]  # the results table, not the unreadable-images one
+    rows = dict(re.findall(r"^\| (?:linear|knn|fine_grained) \| ([^|]+?) \| ([^|]+?) \| n/a \|", results, re.M))
+    linear = json.loads((out / "linear" / "results.json").read_text())["details"]["best"]
+    knn = json.loads((out / "knn" / "results.json").read_text())["metrics"]
+    fg = json.loads((out / "fine_grained" / "results.json").read_text())["metrics"]
     assert rows[f"top-1 ({linear['name']})"] == f"{linear['top1']:.2f}"
-    assert rows["top-1 k=20"] == f"{knn['20']['top1']:.2f}" and rows["mean"] == f"{fg['mean']:.2f}"
-    assert len(rows) == 1 + 2 + 2
+    assert rows["top-1 k=20"] == f"{knn['top-1 k=20']:.2f}" and rows["mean (1 of 12)"] == f"{fg['mean (1 of 12)']:.2f}"
+    assert len(rows) == 1 + 2 + 2  # no paper column for a DINOv3-layout backbone
