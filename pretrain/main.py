@@ -57,8 +57,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--teacher-dtype",
         choices=tuple(TEACHER_DTYPES),
         default="auto",
-        help="the teacher's weights; auto = bf16 for teachers over 1B parameters (the DINOv3 7B, DINOv2's ViT-g), "
-        "fp32 otherwise (the reference ran ViT-g in fp32)",
+        help="the teacher's weights; auto = bf16 for teachers over 2B parameters (the DINOv3 7B), fp32 otherwise "
+        "(DINOv2's ViT-g too, as the reference ran it)",
     )
     a(
         "--teacher-input-size",

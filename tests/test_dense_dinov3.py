@@ -73,7 +73,9 @@ def test_dinov3_export_trains_and_evaluates(config, export, ade, nyu, tmp_path):
     assert runner.main(task, argv(config, export, ade if task == "segmentation" else nyu, work)) == 0
     out = json.loads((work / "results.json").read_text())
     keys = ("mIoU",) if task == "segmentation" else ("rmse", "abs_rel", "d1")
-    assert out["final"]["iter"] == 2 and all(np.isfinite(out["final"]["metrics"][k]) for k in keys), out
+    assert out["details"]["final"]["iter"] == 2 and all(
+        np.isfinite(out["details"]["final"]["metrics"][k]) for k in keys
+    ), out
     assert out["protocol"]["reference_pos_embed"] is False
 
 
@@ -82,7 +84,7 @@ def test_official_dinov3_file_as_backbone(official, nyu, tmp_path):  # noqa: F81
     probe, so a teacher's figures can stand beside its students'."""
     work = tmp_path / "work"
     assert runner.main("depth", argv("depth/configs/dpt_probe_vit_small_dinov3.py", official, nyu, work)) == 0
-    assert np.isfinite(json.loads((work / "results.json").read_text())["final"]["metrics"]["rmse"])
+    assert np.isfinite(json.loads((work / "results.json").read_text())["details"]["final"]["metrics"]["rmse"])
     state = torch.load(work / "iter_2.pth", map_location="cpu", weights_only=False)["state_dict"]
     assert "backbone.vit.reg_token" in state and "backbone.vit.blocks.0.mlp.fc1_g.weight" in state
 

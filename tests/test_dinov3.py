@@ -338,6 +338,7 @@ def test_7b_teacher_on_the_meta_device():
     assert {"local_cls_norm.weight", "blocks.39.mlp.w3.weight", "rope_embed.periods"} <= set(official)
     assert default_dtype("dinov3_vit7b16") == torch.bfloat16 == default_dtype("dinov3_vit7b16_sat")
     assert default_dtype("dinov3_vits16") == torch.float32 == default_dtype("dinov3_vith16plus")
+    assert default_dtype("dinov2_vitg14") == torch.float32  # 1.1B: fp32, as the reference ran it
 
 
 def test_bf16_teacher(shallow, tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
 # NYU DPT probe, ViT-L (PROTOCOLS E): the DPT head of dpt_vit_large.py on a FROZEN backbone; the
-# paper's "linear" NYU number (the reference's `..._proteus_probing.py`). Frozen: no drop path.
+# paper's "linear" NYU number (the reference's `..._proteus_probing.py`).
+# Frozen: the inherited drop path never acts (the backbone stays in eval mode).
 _base_ = ["./dpt_vit_large.py"]
 model = dict(backbone=dict(frozen=True))
