@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import distributed as dist_utils
-from common.cli import HelpFormatter
+from common.cli import HelpFormatter, run
 from models import LAYOUTS, STUDENT_ARCHS, TEACHERS, create_student, create_teacher
 
 from .data import build_dataset
@@ -375,22 +375,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        if args.teacher not in TEACHERS or args.student not in STUDENT_ARCHS:
-            raise ValueError(f"--teacher is one of {', '.join(TEACHERS)}; --student one of {', '.join(STUDENT_ARCHS)}")
-        dist_utils.resolve_device(args.device)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def benchmark(args: argparse.Namespace) -> None:
+    if args.teacher not in TEACHERS or args.student not in STUDENT_ARCHS:
+        raise ValueError(f"--teacher is one of {', '.join(TEACHERS)}; --student one of {', '.join(STUDENT_ARCHS)}")
+    dist_utils.resolve_device(args.device)
+    if args.pipeline and args.pipeline_dir and not (Path(args.pipeline_dir) / "train").is_dir():
+        raise FileNotFoundError(f"--pipeline-dir {args.pipeline_dir}: no train/ folder (an ImageFolder root)")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.pipeline:
         pipeline_benchmark(args)
     else:
         step_benchmark(args)
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(benchmark, get_args_parser().parse_args(argv), during="the benchmark")
 
 
 if __name__ == "__main__":
