@@ -5,7 +5,8 @@ python -m pretrain.benchmark --pipeline --workers 0,2,4
 
 The step benchmark uses synthetic images already on the device and a RANDOM-weight teacher: the
 step's speed does not depend on the weights, and no download is needed. "Ours" is the trainer's own
-step (engine.forward_losses + engine.backward_and_step on a Distiller, optimizer as main.build).
+step (engine.forward_losses + engine.backward_and_step on a Distiller, optimizer as main.build); its
+breakdown times the same engine code in three parts. The reference keeps its own two-pass step.
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import distributed as dist_utils
-from common.cli import HelpFormatter
+from common.cli import HelpFormatter, run
 from models import LAYOUTS, STUDENT_ARCHS, TEACHERS, create_student, create_teacher
 
 from .data import build_dataset
 from .distiller import Distiller, Views, compile_student, param_groups
-from .engine import AMP, backward_and_step, forward_losses
+from .engine import AMP, backward, backward_and_step, forward_losses, student_losses, teacher_targets, update
 from .masking import make_masks
 
 MATMUL_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -162,23 +163,20 @@ class Setup:
         return loss.detach()
 
     def breakdown(self) -> tuple[float, float, float]:
-        """Seconds of (teacher forward, student forward + backward, optimizer step), each synchronised."""
-        holder: dict = {}
-        enabled = self.amp is not None
+        """Seconds of the step's three parts (engine's own code), each synchronised: teacher forward, student
+        forward + backward, optimizer step."""
+        images, teacher_images = self.views.resized(self.images)
+        targets: dict = {}
 
         def teacher() -> None:
-            with torch.autocast(self.device.type, dtype=self.amp, enabled=enabled):
-                holder["t"] = self.teacher.targets(self.images, self.views.grid)
+            targets.update(teacher_targets(self.teacher, teacher_images, self.amp, self.views))
 
         def student() -> None:
-            with torch.autocast(self.device.type, dtype=self.amp, enabled=enabled):
-                loss = self.distiller(self.images, self.masks, holder["t"])["total"]
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
+            loss = student_losses(self.distiller, images, self.masks, targets, self.amp)["total"]
+            backward(loss, self.optimizer, self.scaler)
 
         def optimizer() -> None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            update(self.distiller, self.optimizer, self.scaler)
 
         return timed(teacher, self.device), timed(student, self.device), timed(optimizer, self.device)
 
@@ -193,7 +191,7 @@ class Setup:
         """FlopCounterMode over one forward + backward (teacher forward, student forward/backward); no update."""
         with FlopCounterMode(display=False) as counter:
             losses = forward_losses(self.distiller, self.teacher, self.images, self.masks, self.amp, self.views)
-            losses["total"].backward()
+            backward(losses["total"], self.optimizer, self.scaler)
         self.optimizer.zero_grad(set_to_none=True)
         return counter.get_total_flops()
 
@@ -377,22 +375,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        if args.teacher not in TEACHERS or args.student not in STUDENT_ARCHS:
-            raise ValueError(f"--teacher is one of {', '.join(TEACHERS)}; --student one of {', '.join(STUDENT_ARCHS)}")
-        dist_utils.resolve_device(args.device)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def benchmark(args: argparse.Namespace) -> None:
+    if args.teacher not in TEACHERS or args.student not in STUDENT_ARCHS:
+        raise ValueError(f"--teacher is one of {', '.join(TEACHERS)}; --student one of {', '.join(STUDENT_ARCHS)}")
+    dist_utils.resolve_device(args.device)
+    if args.pipeline and args.pipeline_dir and not (Path(args.pipeline_dir) / "train").is_dir():
+        raise FileNotFoundError(f"--pipeline-dir {args.pipeline_dir}: no train/ folder (an ImageFolder root)")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.pipeline:
         pipeline_benchmark(args)
     else:
         step_benchmark(args)
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(benchmark, get_args_parser().parse_args(argv), during="the benchmark")
 
 
 if __name__ == "__main__":

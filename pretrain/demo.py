@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 import models
+from common.cli import run
 from common.io import prepare_output_dir
 from models.checkpoints import backbone_name
 from models.teachers import TEACHERS, download
@@ -66,17 +67,15 @@ def official_teacher(teacher: str) -> Path | None:
         return None
 
 
-def main() -> int:
+def demo() -> int:
     teacher = os.environ.get("TEACHER") or "dinov2_vits14"
     if teacher not in TEACHERS:
-        print(f"error: unknown TEACHER '{teacher}'; choose from {', '.join(TEACHERS)}", file=sys.stderr)
-        return 2
+        raise ValueError(f"unknown TEACHER '{teacher}'; choose from {', '.join(TEACHERS)}")
     photos = OUT / "data" / "train"
     try:
         write_photos(photos)
     except (ImportError, OSError) as e:
-        print(f"error: cannot write the demo's photos under {OUT / 'data'}: {e}", file=sys.stderr)
-        return 2
+        raise ValueError(f"cannot write the demo's photos under {OUT / 'data'}: {e}") from None
     checkpoint = os.environ.get("TEACHER_CHECKPOINT") or official_teacher(teacher)
     out = OUT / f"{teacher}_to_vit_tiny"
     argv = ["--data-path", str(OUT / "data"), "--teacher", teacher, *TRAINING, "--output-dir", str(out)]
@@ -85,7 +84,8 @@ def main() -> int:
         argv += ["--teacher-checkpoint", str(checkpoint)]
     else:
         argv += ["--random-teacher"]
-    rc = pretrain_main.main(argv, fresh=True)  # always anew; the last run is replaced once inputs are checked
+    # always anew; the last run is replaced once inputs are checked
+    rc = pretrain_main.distil(pretrain_main.get_args_parser().parse_args(argv), fresh=True)
     if rc:
         return rc
     epochs = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
@@ -110,6 +110,10 @@ def main() -> int:
     write_pictures(images, nets, names, pictures, PCA_SIZE, torch.device("cpu"), THRESHOLD)
     print(f"PCA pictures (input | {' | '.join(names)}), one per photo: {pictures}")
     return 0
+
+
+def main() -> int:
+    return run(demo, during="the demo")
 
 
 if __name__ == "__main__":

@@ -58,17 +58,42 @@ def forward_losses(
     amp_dtype: torch.dtype | None,
     views: Views,
 ) -> dict[str, torch.Tensor]:
-    """Teacher targets and the student's loss under autocast: the step's forward, shared with pretrain.benchmark."""
+    """The step's forward: teacher targets, then the student's losses (the Distiller's, by name)."""
     images, teacher_images = views.resized(images)
+    targets = teacher_targets(teacher, teacher_images, amp_dtype, views)
+    return student_losses(model, images, masks, targets, amp_dtype)
+
+
+def teacher_targets(
+    teacher: Teacher, images: torch.Tensor, amp_dtype: torch.dtype | None, views: Views
+) -> dict[str, torch.Tensor]:
+    """The teacher's part of the forward (its own resize of the crops), under autocast; pretrain.benchmark
+    times it alone."""
     with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        targets = teacher.targets(teacher_images, views.grid)
+        return teacher.targets(images, views.grid)
+
+
+def student_losses(
+    model, images: torch.Tensor, masks: torch.Tensor | None, targets: dict, amp_dtype: torch.dtype | None
+) -> dict[str, torch.Tensor]:
+    """The student's part of the forward, under autocast; pretrain.benchmark times it alone."""
+    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         return model(images, masks, targets)
 
 
 def backward_and_step(model, loss: torch.Tensor, optimizer, scaler, clip_grad: float | None = None) -> None:
-    """The step's backward and optimizer update, shared with pretrain.benchmark."""
+    """The step's backward and optimizer update."""
+    backward(loss, optimizer, scaler)
+    update(model, optimizer, scaler, clip_grad)
+
+
+def backward(loss: torch.Tensor, optimizer, scaler) -> None:
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+
+
+def update(model, optimizer, scaler, clip_grad: float | None = None) -> None:
+    """Gradient clipping (unscaled first) and the optimizer step; the scaler skips it on inf/NaN gradients."""
     if clip_grad:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)

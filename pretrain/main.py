@@ -3,8 +3,8 @@
 python -m pretrain.main --data-path /imagenet --teacher dinov2_vitl14 --student vit_base
 torchrun --nproc_per_node=4 -m pretrain.main --data-path /imagenet ...
 
-main: resolve_args (every check) -> build (a state.Run, resumed when a checkpoint exists) -> train (the
-epochs, engine.train_one_epoch each, a checkpoint after each) -> export_backbones.
+main -> common.cli.run(distil): resolve_args (every check) -> build (a state.Run, resumed when a checkpoint
+exists) -> train (the epochs, engine.train_one_epoch each, a checkpoint after each) -> export_backbones.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from timm.data.distributed_sampler import RepeatAugSampler
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
+from common import cli
 from common import distributed as dist_utils
 from common.cli import HelpFormatter
-from common.io import DiskFullError, prepare_output_dir
+from common.io import prepare_output_dir
 from common.schedule import warmup_cosine
 from models import (
     LAYOUTS,
@@ -363,41 +364,37 @@ def export_backbones(run: Run, trained: bool) -> None:
     run.out.save(to_reference(run.ema.module, layout), "backbone_ema.pth")
 
 
-def main(argv: list[str] | None = None, fresh: bool = False) -> int:
-    """fresh: start at epoch 0 even if --output-dir holds a checkpoint.pth (the demo's re-runs); the old
-    files are replaced only once every input is checked."""
-    args = get_args_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    dist_utils.exit_on_preemption("set-up (checks, teacher, data, model; nothing trained or written yet)")
-    try:
-        args = resolve_args(args)
-        prepare_output_dir(args.output_dir)
-        device, _, world = dist_utils.init_distributed(args.device)
-        out = Output(args.output_dir, main=dist_utils.is_main())
-        out.remove_stale_temp_files((CHECKPOINT, "backbone.pth", "backbone_ema.pth"))
-        run = build(args, device, world, out, fresh)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        dist_utils.cleanup()
-        return 2
+SET_UP = "set-up (checks, teacher, data, model; nothing trained or written yet)"  # what a SIGTERM then interrupts
+
+
+def distil(args: argparse.Namespace, fresh: bool = False) -> int:
+    """The run, under common.cli.run (bad input: `error:` and 2; a full disk: 1); 0 when done, 3 when the
+    loss turns non-finite, EXIT_REQUEUE (75) when stopped by SIGUSR1/SIGTERM after its checkpoint.
+    fresh: start at epoch 0 even if --output-dir holds a checkpoint.pth (the demo's re-runs); the old files
+    are replaced only once every input is checked."""
+    args = resolve_args(args)
+    prepare_output_dir(args.output_dir)
+    device, _, world = dist_utils.init_distributed(args.device)
+    out = Output(args.output_dir, main=dist_utils.is_main())
+    out.remove_stale_temp_files((CHECKPOINT, "backbone.pth", "backbone_ema.pth"))
+    run = build(args, device, world, out, fresh)
     try:
         with run.control:
             train(run)
     except NonFiniteLoss as e:
         ckpt = out.folder / CHECKPOINT
         kept = f"the last good checkpoint {ckpt} is untouched" if ckpt.exists() else "no checkpoint was written"
-        print(f"error: {e}; stopping, {kept}", file=sys.stderr)
+        print(f"error: {e}; stopping, {kept}", file=sys.stderr, flush=True)
         return 3
-    except DiskFullError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     except Preempted as e:
         dist_utils.barrier()  # no rank exits (and gets its peers killed by torchrun) before rank 0 has written
         out.print(f"{e}: wrote {out.folder / CHECKPOINT}, exiting {EXIT_REQUEUE} (requeue)")
         return EXIT_REQUEUE
-    finally:
-        dist_utils.cleanup()
     return 0
+
+
+def main(argv: list[str] | None = None, fresh: bool = False) -> int:
+    return cli.run(distil, get_args_parser().parse_args(argv), fresh, during=SET_UP)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import models
 from common import cli
@@ -16,6 +17,8 @@ from fine_grained import benchmark as fg_benchmark
 from fine_grained import main as fg_main
 from linear_eval import knn as knn_main
 from linear_eval import main as linear_main
+from pretrain import benchmark as pretrain_benchmark
+from pretrain import demo
 from pretrain import main as pretrain_main
 from scripts import evaluate_all, visualize_pca
 
@@ -95,8 +98,9 @@ def dense_main(task: str):
     return lambda argv: runner.main(task, argv)
 
 
-def backbone_missing(name: str, tmp: Path) -> tuple:
-    """(main, argv) of an entry point given a --backbone that does not exist, all else in order."""
+def backbone_missing(name: str, tmp: Path, monkeypatch) -> tuple:
+    """(main, argv) of an entry point given a weight file that does not exist (--backbone; pretraining's and the
+    demo's teacher checkpoint) or, for the benchmark, an input folder that does not, all else in order."""
     gone = str(tmp / "gone.pth")
     out = ["--output-dir", str(tmp / "out")]
     if name in ("segmentation", "depth"):
@@ -107,16 +111,29 @@ def backbone_missing(name: str, tmp: Path) -> tuple:
         return visualize_pca.main, ["--images", str(tmp / "a.jpg"), "--backbone", gone, *out]
     if name == "evaluate_all":
         return evaluate_all.main, ["--backbone", gone, "--data-imagenet", str(tmp), *out]
+    if name == "pretrain":
+        Image.new("RGB", (32, 32)).save(tmp / "a.jpg")
+        teacher = ["--teacher", "dinov2_vits14", "--teacher-checkpoint", gone]
+        return pretrain_main.main, ["--single-image", str(tmp / "a.jpg"), *teacher, "--device", "cpu", *out]
+    if name == "benchmark":
+        return pretrain_benchmark.main, ["--pipeline", "--pipeline-dir", gone, "--device", "cpu"]
+    if name == "demo":
+        monkeypatch.chdir(tmp)  # demo_output/ goes here
+        monkeypatch.delenv("TEACHER", raising=False)
+        monkeypatch.setenv("TEACHER_CHECKPOINT", gone)
+        return lambda argv: demo.main(), []
     main = {"linear": linear_main.main, "knn": knn_main.main, "fine_grained": fg_main.main}[name]
     return main, ["--data-path", str(tmp), "--backbone", gone, *out]
 
 
 @pytest.mark.parametrize(
-    "name", ["linear", "knn", "fine_grained", "segmentation", "depth", "evaluate_all", "visualize_pca"]
-)
-def test_missing_backbone_file_is_one_error_line(name, tmp_path, capsys):
-    """Every evaluation entry point answers bad input through common.cli.run: rc 2, one `error:` line."""
-    main, argv = backbone_missing(name, tmp_path)
+    "name",
+    ["linear", "knn", "fine_grained", "segmentation", "depth", "evaluate_all", "visualize_pca", "pretrain",
+     "benchmark", "demo"],
+)  # fmt: skip
+def test_missing_backbone_file_is_one_error_line(name, tmp_path, monkeypatch, capsys):
+    """Every entry point answers bad input through common.cli.run: rc 2, one `error:` line."""
+    main, argv = backbone_missing(name, tmp_path, monkeypatch)
     assert main(argv) == cli.EXIT_INPUT
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and str(tmp_path / "gone.pth") in err[0], err
