@@ -20,7 +20,6 @@ Configs load it with `custom_imports = dict(imports=["segmentation.mmseg_ext"])`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -40,6 +39,7 @@ from mmseg.models.utils import resize
 from mmseg.registry import HOOKS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS
 from torch import nn
 
+from common.io import file_sha256
 from models.architectures import create_student
 from models.checkpoints import few_names, load_backbone
 from models.dinov3 import DinoV3ViT
@@ -251,11 +251,6 @@ class EvaluationHistoryHook(Hook):
         entry = {"iter": runner.iter, "metrics": {k: float(v) for k, v in metrics.items()}}
         with open(Path(runner.work_dir) / EVALUATIONS, "a") as f:
             f.write(json.dumps(entry) + "\n")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _manifest(work_dir: Path) -> dict[str, str]:
