@@ -19,7 +19,7 @@ import models
 from pretrain import demo
 from pretrain import main as pretrain_main
 from pretrain.pca import GAP
-from tests.test_pretrain import TINY_RUN, make_image_folder
+from tests.helpers import TINY_RUN, make_image_folder
 
 URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth"
 NO_NETWORK = URLError(socket.gaierror(-2, "Name or service not known"))

@@ -14,85 +14,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import models
 
 mmseg = pytest.importorskip("mmseg", reason="mmsegmentation not installed: `make mmseg`")
 import segmentation.mmseg_ext as proteus_mmseg  # noqa: E402
-from scripts.evaluate_all import QUICK_DENSE  # noqa: E402
 from segmentation import runner  # noqa: E402
-from tests.procs import ROOT, child_env  # noqa: E402
-
-DIM, DEPTH = 64, 4
+from tests.helpers import DENSE_HEADS, DENSE_TINY, DEPTH, DIM, ROOT, child_env, optimizer_groups  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def backbone(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    vit = models.ViT(img_size=28, patch_size=14, embed_dim=DIM, depth=DEPTH, num_heads=1)
-    path = tmp_path_factory.mktemp("bb") / "backbone.pth"
-    torch.save(models.to_dinov2(vit), path)
-    return path
-
-
-def _img(rng, h=48, w=64):
-    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
-
-
-def _dense_layout(root: Path, splits: tuple, stem: str, hw: tuple[int, int], annotation) -> Path:
-    """images/<split>/*.jpg and annotations/<split>/*.png, as ADE20K and our NYU layout keep them."""
-    rng = np.random.default_rng(0)
-    for split, n in splits:
-        (root / "images" / split).mkdir(parents=True)
-        (root / "annotations" / split).mkdir(parents=True)
-        for i in range(n):
-            name = stem.format(split=split, i=i)
-            _img(rng, *hw).save(root / "images" / split / f"{name}.jpg")
-            Image.fromarray(annotation(rng, hw)).save(root / "annotations" / split / f"{name}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def ade(tmp_path_factory) -> Path:
-    labels = lambda rng, hw: rng.integers(0, 151, hw, dtype=np.uint8)  # noqa: E731
-    return _dense_layout(tmp_path_factory.mktemp("ade"), (("training", 3), ("validation", 2)),
-                         "ADE_{split}_{i:08d}", (48, 64), labels)  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def nyu(tmp_path_factory) -> Path:
-    depth_mm = lambda rng, hw: rng.integers(500, 9000, hw).astype(np.uint16)  # noqa: E731
-    return _dense_layout(tmp_path_factory.mktemp("nyu"), (("train", 3), ("test", 2)), "bedroom_{i:05d}", (60, 80),
-                         depth_mm)  # fmt: skip
-
-
-TINY = [*QUICK_DENSE[1:], "model.backbone.out_indices=[0,1,2,3]"]  # 2 iterations, no workers, tiny backbone
-HEADS = {
-    "segmentation/configs/linear_vit_small.py": [f"model.decode_head.in_channels=[{DIM},{DIM},{DIM},{DIM}]",
-                                                 f"model.decode_head.channels={4 * DIM}"],
-    "segmentation/configs/upernet_vit_small.py": [f"model.neck.embed_dim={DIM}",
-                                                  f"model.decode_head.in_channels=[{DIM},{DIM},{DIM},{DIM}]",
-                                                  f"model.decode_head.channels={DIM}",
-                                                  f"model.auxiliary_head.in_channels={DIM}",
-                                                  f"optim_wrapper.paramwise_cfg.num_layers={DEPTH}"],
-    "depth/configs/linear_vit_small.py": [f"model.decode_head.in_channels=[{DIM},{DIM},{DIM},{DIM}]",
-                                          f"model.decode_head.channels={4 * DIM}"],
-    "depth/configs/dpt_vit_small.py": [f"model.decode_head.in_channels=[{DIM},{DIM},{DIM},{DIM}]",
-                                       f"model.decode_head.embed_dims={DIM}",
-                                       "model.decode_head.post_process_channels=[8,16,32,64]",
-                                       "model.decode_head.channels=16"],
-}  # fmt: skip
-HEADS["depth/configs/dpt_probe_vit_small.py"] = HEADS["depth/configs/dpt_vit_small.py"]
-
-
-@pytest.mark.parametrize("config", list(HEADS))
+@pytest.mark.parametrize("config", list(DENSE_HEADS))
 def test_config_trains_and_evaluates(config, backbone, ade, nyu, tmp_path):
     task = config.split("/")[0]
     data = ade if task == "segmentation" else nyu
     work = tmp_path / "work"
     base = [str(ROOT / config), "--backbone", str(backbone), "--data-path", str(data), "--output-dir", str(work)]
-    overrides = ["--cfg-options", *TINY, *HEADS[config]]
+    overrides = ["--cfg-options", *DENSE_TINY, *DENSE_HEADS[config]]
     assert runner.main(task, [*base, "--show-dir", str(tmp_path / "show"), *overrides]) == 0
     out = json.loads((work / "results.json").read_text())
     results = out["details"]["final"]["metrics"]
@@ -169,25 +106,12 @@ def _tiny_cfg(config: str, backbone: Path, data: Path, *extra: str):
     return runner.build_config(runner.get_args_parser(config.split("/")[0]).parse_args(argv), config.split("/")[0])
 
 
-def _optimizer_groups(cfg) -> tuple[dict[str, tuple[float, float]], torch.nn.Module]:
-    """{name: (lr, weight decay)} of every parameter the config's optimizer trains, and the model."""
-    from mmengine.optim import build_optim_wrapper
-    from mmseg.registry import MODELS
-    from mmseg.utils import register_all_modules
-
-    register_all_modules()  # mmseg's default scope, also when a test runs alone
-    model = MODELS.build(cfg.model)
-    optim = build_optim_wrapper(model, cfg.optim_wrapper).optimizer
-    by_id = {id(p): (g["lr"], g["weight_decay"]) for g in optim.param_groups for p in g["params"]}
-    return {n: by_id[id(p)] for n, p in model.named_parameters() if id(p) in by_id}, model
-
-
 def test_layer_wise_lr_decay_reaches_every_block(backbone, ade):
     """Each backbone parameter gets lr * 0.65 ** (L + 1 - layer_id), heads the base lr: the reference's
     multipliers (mmseg's LayerDecayOptimizerConstructor: 0.65 ** (L + 1 - id) with id 0 for the
     embeddings, i + 1 for block i, L + 1 for the rest). pos_embed and cls_token decayed as there."""
     cfg = _tiny_cfg("segmentation/configs/upernet_vit_small.py", backbone, ade)
-    groups, model = _optimizer_groups(cfg)
+    groups, model = optimizer_groups(cfg)
     lr = {n: g[0] for n, g in groups.items()}
     wd = {n: g[1] for n, g in groups.items()}
     base = 1e-4
@@ -205,12 +129,12 @@ def test_layer_wise_lr_decay_reaches_every_block(backbone, ade):
     named = dict(model.named_parameters())
     assert not named["backbone.vit.norm.weight"].requires_grad and not named["backbone.vit.mask_token"].requires_grad
     cfg.model.backbone.out_indices = [0, 1]
-    frozen = {n for n, p in _optimizer_groups(cfg)[1].named_parameters() if not p.requires_grad}
+    frozen = {n for n, p in optimizer_groups(cfg)[1].named_parameters() if not p.requires_grad}
     assert "backbone.vit.blocks.1.attn.qkv.weight" not in frozen and "backbone.vit.blocks.2.attn.qkv.weight" in frozen
     # our fix, by name: the tokens without weight decay, as the reference's check meant
     cfg = _tiny_cfg("segmentation/configs/upernet_vit_small.py", backbone, ade)
     cfg.optim_wrapper.paramwise_cfg.token_weight_decay = False
-    wd = {n: g[1] for n, g in _optimizer_groups(cfg)[0].items()}
+    wd = {n: g[1] for n, g in optimizer_groups(cfg)[0].items()}
     assert wd["backbone.vit.pos_embed"] == wd["backbone.vit.cls_token"] == 0.0
     assert wd["backbone.vit.blocks.0.attn.qkv.weight"] == 0.05
 
@@ -228,7 +152,7 @@ def test_dpt_optimizer_groups_are_the_references(config, backbone, nyu):
     """mmengine applies the longest custom key a name contains: the tokens at the full lr without
     weight decay, the rest of the backbone (norms too: "backbone" outranks "norm") at lr x 0.1 with
     decay; the head (its BN layers are named "bn") at the base lr with decay. The probe trains the head only."""
-    groups, model = _optimizer_groups(_tiny_cfg(config, backbone, nyu))
+    groups, model = optimizer_groups(_tiny_cfg(config, backbone, nyu))
     base, wd = 4e-4, 0.01
     head = {
         "decode_head.conv_seg.weight": (base, wd),
@@ -577,7 +501,7 @@ def test_backbone_of_another_size_is_one_line(config, backbone, ade, nyu, tmp_pa
 
 def _tiny_argv(config: str, backbone: Path, data: Path, work: Path, *extra: str, options=()) -> list[str]:
     base = [str(ROOT / config), "--backbone", str(backbone), "--data-path", str(data), "--output-dir", str(work)]
-    return [*base, *extra, "--cfg-options", *TINY, *HEADS[config], *options]
+    return [*base, *extra, "--cfg-options", *DENSE_TINY, *DENSE_HEADS[config], *options]
 
 
 def test_resume_continues_from_the_last_checkpoint(backbone, ade, tmp_path):

@@ -1,5 +1,5 @@
 """Dense evaluations on DINOv3 backbones (issue 14; PROTOCOLS G): a DINOv3-layout export and an
-official DINOv3 file through every head on the tiny ADE20K/NYU folders of test_dense, the `*_dinov3.py`
+official DINOv3 file through every head on the tiny ADE20K/NYU folders (conftest), the `*_dinov3.py`
 configs against DINOv3's dense setting and their DINOv2-layout configs, the backbone's patch map
 (RoPE, storage tokens left out), layer-wise lr decay and the token groups on DINOv3's names."""
 
@@ -19,9 +19,7 @@ mmseg = pytest.importorskip("mmseg", reason="mmsegmentation not installed: `make
 import segmentation.mmseg_ext as proteus_mmseg  # noqa: E402
 from scripts import evaluate_all  # noqa: E402
 from segmentation import runner  # noqa: E402
-from tests.procs import ROOT  # noqa: E402
-from tests.test_dense import DEPTH, DIM, HEADS, TINY, _optimizer_groups, ade, nyu  # noqa: E402, F401 - fixtures
-from tests.test_dinov3 import official_sd  # noqa: E402
+from tests.helpers import DENSE_HEADS, DENSE_TINY, DEPTH, DIM, ROOT, official_sd, optimizer_groups  # noqa: E402
 
 N_PREFIX = 5  # cls + 4 storage tokens
 
@@ -50,7 +48,7 @@ def official(tmp_path_factory) -> Path:
 
 def argv(config: str, backbone: Path, data: Path, work: Path, *extra: str) -> list[str]:
     base = [str(ROOT / config), "--backbone", str(backbone), "--data-path", str(data), "--output-dir", str(work)]
-    return [*base, *extra, "--cfg-options", *TINY, *HEADS[dinov2_config(config)]]
+    return [*base, *extra, "--cfg-options", *DENSE_TINY, *DENSE_HEADS[dinov2_config(config)]]
 
 
 def tiny_cfg(config: str, backbone: Path, data: Path):
@@ -67,7 +65,7 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_dinov3_export_trains_and_evaluates(config, export, ade, nyu, tmp_path):  # noqa: F811
+def test_dinov3_export_trains_and_evaluates(config, export, ade, nyu, tmp_path):
     task = config.split("/")[0]
     work = tmp_path / "work"
     assert runner.main(task, argv(config, export, ade if task == "segmentation" else nyu, work)) == 0
@@ -79,7 +77,7 @@ def test_dinov3_export_trains_and_evaluates(config, export, ade, nyu, tmp_path):
     assert out["protocol"]["reference_pos_embed"] is False
 
 
-def test_official_dinov3_file_as_backbone(official, nyu, tmp_path):  # noqa: F811
+def test_official_dinov3_file_as_backbone(official, nyu, tmp_path):
     """A teacher file exactly as FAIR releases it (here S+-like: SwiGLU, local_cls_norm) under the DPT
     probe, so a teacher's figures can stand beside its students'."""
     work = tmp_path / "work"
@@ -115,7 +113,7 @@ def test_patch_map_is_dinov3s_at_any_size(export, official):
     assert named["vit.reg_token"].requires_grad and named["vit.blocks.3.attn.q_bias"].requires_grad
 
 
-def test_reference_pos_embed_is_one_clear_error(export, ade, tmp_path, capsys):  # noqa: F811
+def test_reference_pos_embed_is_one_clear_error(export, ade, tmp_path, capsys):
     expected = "--reference-pos-embed (reference_pos_embed) resizes a learned positional-embedding table once"
     with pytest.raises(ValueError, match=r"this DINOv3 backbone has none \(its RoPE takes any input size\)"):
         proteus_mmseg.ProteusViT(checkpoint=str(export), out_indices=(3,), reference_pos_embed=True)
@@ -126,12 +124,12 @@ def test_reference_pos_embed_is_one_clear_error(export, ade, tmp_path, capsys): 
     assert not list(tmp_path.rglob("*.log"))  # mmengine never started
 
 
-def test_layer_decay_reaches_every_dinov3_block(export, ade):  # noqa: F811
+def test_layer_decay_reaches_every_dinov3_block(export, ade):
     """DINOv3's names (gamma_1, attn.q_bias, reg_token, ...) in the layer-wise lr decay: block i at
     lr * 0.65 ** (L - i), the tokens and patch embedding at layer 0 with cls_token's weight decay;
     no backbone parameter falls through to the heads' full lr."""
     cfg = tiny_cfg("segmentation/configs/upernet_vit_small_dinov3.py", export, ade)
-    groups, model = _optimizer_groups(cfg)
+    groups, model = optimizer_groups(cfg)
     base = 1e-4
     backbone = {n: g for n, g in groups.items() if n.startswith("backbone.")}
     trainable = {n for n, p in model.backbone.named_parameters(prefix="backbone") if p.requires_grad}
@@ -146,13 +144,13 @@ def test_layer_decay_reaches_every_dinov3_block(export, ade):  # noqa: F811
     assert backbone["backbone.vit.blocks.0.attn.q_bias"][1] == backbone["backbone.vit.blocks.0.gamma_2"][1] == 0.0
     assert groups["decode_head.conv_seg.weight"][0] == pytest.approx(base)
     cfg.optim_wrapper.paramwise_cfg.token_weight_decay = False
-    wd = {n: g[1] for n, g in _optimizer_groups(cfg)[0].items()}
+    wd = {n: g[1] for n, g in optimizer_groups(cfg)[0].items()}
     assert wd["backbone.vit.reg_token"] == wd["backbone.vit.cls_token"] == 0.0
     assert wd["backbone.vit.blocks.0.attn.qkv.weight"] == 0.05
 
 
-def test_dpt_gives_storage_tokens_cls_tokens_groups(export, nyu):  # noqa: F811
-    groups, _ = _optimizer_groups(tiny_cfg("depth/configs/dpt_vit_small_dinov3.py", export, nyu))
+def test_dpt_gives_storage_tokens_cls_tokens_groups(export, nyu):
+    groups, _ = optimizer_groups(tiny_cfg("depth/configs/dpt_vit_small_dinov3.py", export, nyu))
     base, wd = 4e-4, 0.01
     assert groups["backbone.vit.reg_token"] == groups["backbone.vit.cls_token"] == pytest.approx((base, 0.0))
     for name in ("blocks.0.attn.qkv.weight", "blocks.0.attn.v_bias", "blocks.3.gamma_2", "patch_embed.proj.weight"):
@@ -206,7 +204,7 @@ def test_dinov3_configs_follow_dinov3_dense_setting(config):
     assert ours.pop("dinov3_dense") and ours == theirs
 
 
-def test_evaluate_all_picks_the_dinov3_configs(export, ade, nyu, tmp_path, monkeypatch):  # noqa: F811
+def test_evaluate_all_picks_the_dinov3_configs(export, ade, nyu, tmp_path, monkeypatch):
     """A DINOv3 backbone gets the `*_dinov3.py` configs without --reference-pos-embed, and no paper figure
     (the paper's are DINOv2-layout students at 518); a DINOv2-layout one keeps its configs and the flag."""
     ran = {}

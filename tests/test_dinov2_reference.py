@@ -12,10 +12,7 @@ import pytest
 import torch
 
 import models
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+from tests.helpers import TINY_RUN, make_image_folder, rel_err
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +95,6 @@ def test_export_of_a_non_224_run_loads_strictly_at_its_recorded_img_size(tmp_pat
     """A student trained at --input-size 56 has a 4x4 position table: backbone.pth records img_size 56,
     and the official model built with it (not with 224) takes the file strictly and gives our outputs."""
     from pretrain import main as pretrain_main
-    from tests.test_pretrain import TINY_RUN, make_image_folder
 
     data, out = make_image_folder(tmp_path / "data"), tmp_path / "run"
     argv = ["--data-path", str(data), "--output-dir", str(out), *TINY_RUN, "--input-size", "56"]

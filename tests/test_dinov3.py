@@ -1,10 +1,8 @@
 """DINOv3 teachers and DINOv3-layout students (PROTOCOLS G; issue 14, models level).
 
-The reference here is independent of models/ and of timm: `FairViT` re-states FAIR's
-DinoVisionTransformer from PROTOCOLS G (and a reading of facebookresearch/dinov3's
-models/vision_transformer.py, layers/rope_position_encoding.py, attention.py, ffn_layers.py) with
-FAIR's parameter names, so an official file loads into it with strict=True. Real widths and head
-dims, small depths; the 7B only on the meta device.
+The reference here is independent of models/ and of timm: `tests.helpers.FairViT` re-states FAIR's
+DinoVisionTransformer with FAIR's parameter names, so an official file (`official_sd`) loads into it
+with strict=True. Real widths and head dims, small depths; the 7B only on the meta device.
 """
 
 from __future__ import annotations
@@ -17,7 +15,6 @@ import re
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from timm.models.eva import checkpoint_filter_fn as timm_eva_filter
 from torch import nn
 
@@ -25,148 +22,7 @@ import models
 from models.dinov3 import DinoV3ViT
 from models.teachers import TEACHERS, default_dtype
 from pretrain.distiller import Distiller
-
-N_STORAGE = 4
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-# --- FAIR's DinoVisionTransformer, re-stated ---------------------------------------------------
-def swiglu_width(dim: int, ratio: float, align: int) -> int:
-    d = int(int(dim * ratio) * 2 / 3)
-    return d + (-d % align)
-
-
-class FairViT(nn.Module):
-    """FAIR's DINOv3 ViT at eval: keys, shapes and forward as released (norm eps 1e-5, 4 storage tokens,
-    masked k bias, axial RoPE on the patch tokens, LayerScale, one final norm over every token)."""
-
-    def __init__(self, dim, depth, heads, hidden, swiglu=False, qkv_bias=True, local_cls_norm=False, patch=16):
-        super().__init__()
-        self.dim, self.heads, self.patch = dim, heads, patch
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.storage_tokens = nn.Parameter(torch.zeros(1, N_STORAGE, dim))
-        self.mask_token = nn.Parameter(torch.zeros(1, dim))
-        self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(3, dim, patch, patch)
-        self.rope_embed = nn.Module()
-        self.rope_embed.register_buffer("periods", torch.zeros(dim // heads // 4))
-        self.blocks = nn.ModuleList()
-        for _ in range(depth):
-            b = nn.Module()
-            b.norm1, b.norm2 = nn.LayerNorm(dim, eps=1e-5), nn.LayerNorm(dim, eps=1e-5)
-            b.attn = nn.Module()
-            b.attn.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-            if qkv_bias:
-                b.attn.qkv.register_buffer("bias_mask", torch.full((3 * dim,), math.nan))
-            b.attn.proj = nn.Linear(dim, dim)
-            b.mlp = nn.Module()
-            if swiglu:
-                b.mlp.w1, b.mlp.w2, b.mlp.w3 = nn.Linear(dim, hidden), nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-            else:
-                b.mlp.fc1, b.mlp.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-            b.ls1, b.ls2 = nn.Module(), nn.Module()
-            b.ls1.gamma, b.ls2.gamma = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
-            self.blocks.append(b)
-        self.norm = nn.LayerNorm(dim, eps=1e-5)
-        if local_cls_norm:
-            self.local_cls_norm = nn.LayerNorm(dim, eps=1e-5)
-
-    def rope(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ys = torch.arange(0.5, h) / h
-        xs = torch.arange(0.5, w) / w
-        coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).reshape(h * w, 2) * 2 - 1  # [HW, 2]
-        angles = 2 * math.pi * coords[:, :, None] / self.rope_embed.periods  # [HW, 2, Dh/4]
-        angles = angles.reshape(h * w, -1).repeat(1, 2)  # [HW, Dh]
-        return angles.sin(), angles.cos()
-
-    def attention(self, b: nn.Module, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-        B, N, D = x.shape
-        bias = b.attn.qkv.bias * b.attn.qkv.bias_mask if b.attn.qkv.bias is not None else None
-        q, k, v = F.linear(x, b.attn.qkv.weight, bias).reshape(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-
-        def rotate(t):  # rotate-half RoPE on the patch tokens only
-            half = t.shape[-1] // 2
-            p = t[:, :, 1 + N_STORAGE :]
-            p = p * cos + torch.cat((-p[..., half:], p[..., :half]), -1) * sin
-            return torch.cat((t[:, :, : 1 + N_STORAGE], p), dim=2)
-
-        q, k = rotate(q), rotate(k)
-        attn = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)
-        return b.attn.proj((attn @ v).transpose(1, 2).reshape(B, N, D))
-
-    def mlp(self, b: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(b.mlp, "w1"):
-            return b.mlp.w3(F.silu(b.mlp.w1(x)) * b.mlp.w2(x))
-        return b.mlp.fc2(F.gelu(b.mlp.fc1(x)))
-
-    def blocks_out(self, x: torch.Tensor, masks=None) -> list[torch.Tensor]:
-        h, w = x.shape[2] // self.patch, x.shape[3] // self.patch
-        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
-        if masks is not None:
-            x = torch.where(masks.unsqueeze(-1), self.mask_token.unsqueeze(0), x)
-        B = x.shape[0]
-        x = torch.cat((self.cls_token.expand(B, -1, -1), self.storage_tokens.expand(B, -1, -1), x), 1)
-        sin, cos = self.rope(h, w)
-        outs = []
-        for b in self.blocks:
-            x = x + b.ls1.gamma * self.attention(b, b.norm1(x), sin, cos)
-            x = x + b.ls2.gamma * self.mlp(b, b.norm2(x))
-            outs.append(x)
-        return outs
-
-    def forward_features(self, x, masks=None) -> dict:
-        x = self.blocks_out(x, masks)[-1]
-        n = self.norm(x)
-        return {"x_norm_clstoken": n[:, 0], "x_storage_tokens": n[:, 1:5], "x_norm_patchtokens": n[:, 5:]}
-
-    def get_intermediate_layers(self, x, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        outs = [self.norm(o) for o in self.blocks_out(x)[-n:]]
-        return [(o[:, 1 + N_STORAGE :], o[:, 0]) for o in outs]
-
-
-def official_sd(dim, depth, heads, hidden, swiglu=False, qkv_bias=True, local_cls_norm=False, seed=0):
-    """Random weights in exactly the keys/shapes of an official DINOv3 file: non-zero q, k and v biases
-    (k masked), LayerScale of order 1, and RoPE periods off the formula (stored in bf16, as released)."""
-    g = torch.Generator().manual_seed(seed)
-    ref = FairViT(dim, depth, heads, hidden, swiglu, qkv_bias, local_cls_norm)
-    sd = {}
-    for k, v in ref.state_dict().items():
-        r = torch.randn(v.shape, generator=g)
-        if k.endswith("bias_mask"):
-            r = torch.ones_like(v)
-            r[dim : 2 * dim] = 0
-        elif k == "rope_embed.periods":
-            dh = dim // heads
-            formula = 100.0 ** (2 * torch.arange(dh // 4) / (dh // 2))
-            r = (formula * (1 + 0.1 * r.clamp(-1, 1))).bfloat16().float()
-        elif re.search(r"(norm\w*)\.weight$|gamma$", k):
-            r = 1 + 0.2 * r
-        elif v.ndim >= 2 and k not in ("cls_token", "storage_tokens", "mask_token"):
-            r = r * v[0].numel() ** -0.5
-        else:
-            r = 0.5 * r
-        sd[k] = r
-    return sd
-
-
-def fair(sd: dict, dim, depth, heads, hidden, swiglu=False, qkv_bias=True, local_cls_norm=False) -> FairViT:
-    ref = FairViT(dim, depth, heads, hidden, swiglu, qkv_bias, local_cls_norm)
-    ref.load_state_dict(sd, strict=True)
-    return ref.eval()
-
-
-def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Our student with official-like random weights (LayerScale 1e-5 would make the blocks invisible)."""
-    official = models.to_reference(model, "dinov3")
-    dim, heads = model.embed_dim, model.blocks[0].attn.num_heads
-    hidden = official["blocks.0.mlp.fc1.weight"].shape[0]
-    sd = official_sd(dim, len(model.blocks), heads, hidden, seed=seed)
-    sd["rope_embed.periods"] = official["rope_embed.periods"]  # keep the formula: timm's own models use it
-    models.checkpoints.load_dinov3(model, sd, "random")
-    return model
+from tests.helpers import fair, make_image_folder, official_sd, official_weights_, rel_err, swiglu_width
 
 
 # --- teachers ----------------------------------------------------------------------------------
@@ -423,7 +279,7 @@ def test_student_init_is_fairs():
 
 def test_student_rope_rescale_only_in_training():
     torch.manual_seed(0)
-    m = randomize_(models.create_student("vit_tiny_dinov3"))
+    m = official_weights_(models.create_student("vit_tiny_dinov3"))
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         m.eval()
@@ -437,7 +293,7 @@ def test_student_rope_rescale_only_in_training():
 @pytest.fixture(scope="module")
 def student():
     torch.manual_seed(0)
-    return randomize_(models.create_student("vit_small_dinov3")).eval()
+    return official_weights_(models.create_student("vit_small_dinov3")).eval()
 
 
 def test_export_loads_into_fair_and_timm(student):
@@ -538,7 +394,6 @@ def test_pretraining_from_an_official_dinov3_file_resumes_and_exports(shallow, t
     teacher's family): resumes, exports a backbone.pth that load_backbone reads back, and trains with the teacher
     at a larger --teacher-input-size (its 3x3 patch map resampled to the student's 2x2 grid)."""
     from pretrain import main as pretrain_main
-    from tests.test_pretrain import make_image_folder
 
     arch = shallow("dinov3_vits16", depth=1)
     torch.save(official_sd(**arch), tmp_path / "dinov3_vits16.pth")

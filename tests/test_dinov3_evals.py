@@ -1,7 +1,7 @@
 """Every non-dense evaluation on DINOv3 files as they are (issue 14): a DINOv3-layout student's
 `backbone.pth` (models.to_reference(student, "dinov3")) and an official-format DINOv3 teacher file given
 as `--backbone dinov3_vits16.pth`. The features each eval computes are checked against
-tests.test_dinov3.FairViT, the independent re-statement of FAIR's network, so counting the 4 storage
+tests.helpers.FairViT, the independent re-statement of FAIR's network, so counting the 4 storage
 tokens as patches, reading the wrong blocks or norm, or a RoPE grid of the wrong size fails here.
 """
 
@@ -30,9 +30,7 @@ from models.dinov3 import DinoV3ViT
 from pretrain import pca
 from pretrain.pca import pca_rgb
 from scripts import evaluate_all, visualize_pca
-from tests.test_dinov3 import N_STORAGE, FairViT, fair, official_sd, randomize_, rel_err
-from tests.test_fine_grained import make_cub
-from tests.test_linear_eval import make_splits
+from tests.helpers import N_STORAGE, FairViT, fair, official_sd, official_weights_, rel_err
 
 TEACHER = dict(dim=384, depth=4, heads=6, hidden=1536)  # dinov3_vits16's width, heads and MLP; 4 blocks
 STUDENT = dict(dim=192, depth=12, heads=3, hidden=768)  # vit_tiny_dinov3
@@ -45,7 +43,7 @@ def files(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
     """{kind: (file, FairViT arguments)}: the student's export and the teacher's official file."""
     root = tmp_path_factory.mktemp("dinov3_files")
     torch.manual_seed(0)
-    student = randomize_(models.create_student("vit_tiny_dinov3"), seed=1)  # LayerScale ~1: blocks matter
+    student = official_weights_(models.create_student("vit_tiny_dinov3"), seed=1)  # LayerScale ~1: blocks matter
     (root / "student").mkdir()
     torch.save(models.to_reference(student, "dinov3"), root / "student" / "backbone.pth")
     torch.save(official_sd(**TEACHER, seed=2), root / "dinov3_vits16.pth")
@@ -55,18 +53,6 @@ def files(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
 def reference(files: dict, kind: str) -> FairViT:
     path, arch = files[kind]
     return fair(torch.load(path, weights_only=True), **arch)
-
-
-@pytest.fixture(scope="module")
-def imagenet(tmp_path_factory) -> Path:
-    return make_splits(tmp_path_factory.mktemp("imagenet"), classes=3, train=7, val=3)  # 21 train: kNN k=20 fits
-
-
-@pytest.fixture(scope="module")
-def fine_grained(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("fg")
-    make_cub(root)
-    return root
 
 
 def fair_linear_features(ref: FairViT, x: torch.Tensor) -> torch.Tensor:

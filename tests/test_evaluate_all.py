@@ -15,39 +15,19 @@ import models
 from common.io import file_sha256
 from common.results import SCHEMA
 from scripts import evaluate_all
-from tests.test_fine_grained import make_cub
-from tests.test_linear_eval import make_splits, tiny_vit
+from tests.helpers import DENSE_HEADS, make_splits
 
-try:  # the dense layouts and the overrides a 64-dim, 4-block backbone needs in the ViT-S configs
-    from tests.test_dense import DIM, HEADS, ade, nyu  # noqa: F401 - ade, nyu are fixtures
-except BaseException:  # pytest.importorskip's Skipped: mmsegmentation is not installed
-    HEADS = None
+try:  # the dense tasks
+    import mmseg
+except ImportError:
+    mmseg = None
 
 SMALL = "--input-size 28"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module")
-def backbone(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("backbone") / "backbone.pth"
-    torch.save(models.to_dinov2(tiny_vit()), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def imagenet(tmp_path_factory) -> Path:
-    return make_splits(tmp_path_factory.mktemp("imagenet"), classes=3, train=7, val=3)
-
-
-@pytest.fixture(scope="module")
-def fine_grained(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("fg")
-    make_cub(root)
-    return root
-
-
 def dense_extra(config: str) -> str:
-    return " ".join(["--cfg-options", "model.backbone.out_indices=[0,1,2,3]", *HEADS[config]])
+    return " ".join(["--cfg-options", "model.backbone.out_indices=[0,1,2,3]", *DENSE_HEADS[config]])
 
 
 def table(path: Path) -> dict[tuple[str, str], tuple[str, str]]:
@@ -56,8 +36,8 @@ def table(path: Path) -> dict[tuple[str, str], tuple[str, str]]:
     return {(t, m.strip()): (o.strip(), p.strip()) for t, m, o, p in rows if t != "task"}
 
 
-@pytest.mark.skipif(HEADS is None, reason="mmsegmentation not installed: `make mmseg`")
-def test_all_tasks_on_tiny_data(backbone, imagenet, fine_grained, ade, nyu, tmp_path, capsys):  # noqa: F811
+@pytest.mark.skipif(mmseg is None, reason="mmsegmentation not installed: `make mmseg`")
+def test_all_tasks_on_tiny_data(backbone, imagenet, fine_grained, ade, nyu, tmp_path, capsys):
     out = tmp_path / "eval"
     argv = ["--backbone", str(backbone), "--output-dir", str(out), "--quick", "--device", "cpu",
             "--data-imagenet", str(imagenet), "--data-fine-grained", str(fine_grained),
@@ -310,7 +290,7 @@ def entry_point_parsers() -> dict:
 
     parsers = {m.__name__: m.get_args_parser() for m in (pretrain_main, pretrain_benchmark, linear_main, knn_main,
                                                           fg_main, evaluate_all, visualize_pca)}  # fmt: skip
-    if HEADS is not None:  # the dense parsers need mmengine
+    if mmseg is not None:  # the dense parsers need mmengine
         from segmentation import runner
 
         parsers |= {f"{task}.main": runner.get_args_parser(task) for task in ("segmentation", "depth")}
@@ -385,7 +365,7 @@ def test_every_help_example_runs(backbone, imagenet, tmp_path, capsys):
     assert found <= set(checks), f"help examples without a check in this test: {found - set(checks)}"
     assert "linear=--input-size 112" in found
     for example in sorted(found):
-        if example.startswith("ade20k=") and HEADS is None:
+        if example.startswith("ade20k=") and mmseg is None:
             continue  # mmsegmentation not installed
         checks[example](example)
 

@@ -11,13 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-import models
-from tests.procs import ROOT, child_env
-from tests.test_fine_grained import make_cub
-from tests.test_linear_eval import make_splits, tiny_vit
-from tests.test_pretrain import TINY_RUN, make_image_folder
+from tests.helpers import ROOT, TINY_RUN, child_env, make_cub, make_image_folder, make_splits
 
 CRASH = """# {token}
 import runpy, sys
@@ -56,13 +51,6 @@ def run_crashing(module: str, argv: list[str], token: str, in_pretraining: bool 
     code = CRASH.format(token=token, in_pretraining=in_pretraining, module=module, argv=argv)
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True,
                           timeout=120)  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def backbone(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("backbone") / "backbone.pth"
-    torch.save(models.to_dinov2(tiny_vit()), path)
-    return path
 
 
 def check_ended(proc, token: str) -> None:

@@ -11,7 +11,6 @@ import re
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from timm.data import OPENAI_CLIP_MEAN
 
 import models
@@ -29,27 +28,14 @@ from fine_grained.datasets import (
 )
 from fine_grained.metrics import accuracy, average_precision_11point, mean_per_class_accuracy
 from pretrain import main as pretrain_main
-from tests.test_pretrain import TINY_RUN, make_image_folder
-
-RNG = np.random.default_rng(0)
-
-
-def img(path, size=16, value=None):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    a = RNG.integers(0, 255, (size, size, 3), dtype=np.uint8) if value is None else np.full((size, size, 3), value)
-    Image.fromarray(a.astype(np.uint8)).save(path)
-
-
-def write(path, lines):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{line}\n" for line in lines))
+from tests.helpers import TINY_RUN, img, make_cub, make_image_folder, write
 
 
 def ids(ds):
     return [os.path.basename(str(p)) for p, _ in ds.samples]
 
 
-# --- on-disk layouts the tests build -------------------------------------------------------------
+# --- on-disk layouts the tests build (CUB-200's is tests.helpers.make_cub, shared) ---------------
 def make_caltech(root, per_class=(32, 33, 31)):
     names = ["BACKGROUND_Google", "accordion", "airplanes"]
     for c, n in zip(names, per_class):
@@ -89,23 +75,6 @@ def make_voc(root, n_per_split=6):
             write(base / "ImageSets" / "Main" / f"{c}_{split}.txt", [f"{i} {v:2d}" for i, v in zip(split_ids, lab)])
             labels[(split, k)] = lab
     return labels
-
-
-def make_cub(root, classes=3, per_class=5):
-    base = root / "cub200" / "CUB_200_2011"
-    images, labels, split = [], [], []
-    n = 0
-    for c in range(classes):
-        for i in range(per_class):
-            n += 1
-            rel = f"{c + 1:03d}.Bird_{c}/Bird_{c}_{i}.jpg"
-            img(base / "images" / rel, value=60 * c + 20)
-            images.append(f"{n} {rel}")
-            labels.append(f"{n} {c + 1}")
-            split.append(f"{n} {int(i < 3)}")
-    write(base / "images.txt", images)
-    write(base / "image_class_labels.txt", labels)
-    write(base / "train_test_split.txt", split)
 
 
 def make_dtd(root):

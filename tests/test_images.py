@@ -16,7 +16,7 @@ from linear_eval.data import image_folder
 from pretrain import main as pretrain_main
 from pretrain import pca
 from pretrain.data import build_dataset
-from tests.test_pretrain import TINY_RUN
+from tests.helpers import TINY_RUN
 
 GRADIENT = (np.arange(40 * 48, dtype=np.uint32).reshape(40, 48) * 34).astype(np.uint16)  # 0 .. 65246
 

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,42 +24,15 @@ from linear_eval.classifiers import LEARNING_RATES, AllClassifiers, classifier_g
 from linear_eval.data import load_splits, val_transform
 from models import ViT
 from pretrain import main as pretrain_main
-from tests.procs import ROOT, child_env
-from tests.test_pretrain import TINY_RUN, make_image_folder
+from tests.helpers import ROOT, TINY_RUN, child_env, make_image_folder, make_splits, tiny_vit
 
 ENV = child_env()
 RUN = ["--input-size", "28", "--batch-size", "4", "--num-workers", "0", "--device", "cpu"]
-COLOURS = [(220, 30, 30), (30, 200, 40), (40, 40, 230), (200, 200, 40)]
-
-
-def make_splits(root: Path, classes: int = 3, train: int = 6, val: int = 3, seed: int = 0) -> Path:
-    """train/ and val/ ImageFolders whose classes are noisy solid colours: easy to separate."""
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", train), ("val", val)):
-        for c in range(classes):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                img = np.clip(np.array(COLOURS[c]) + rng.normal(0, 10, (32, 32, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(d / f"{i}.png")
-    return root
-
-
-def tiny_vit() -> ViT:
-    torch.manual_seed(0)
-    return ViT(img_size=28, patch_size=14, embed_dim=64, depth=4, num_heads=1)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return make_splits(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
-def backbone(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("backbone") / "backbone.pth"
-    torch.save(models.to_dinov2(tiny_vit()), path)
-    return path
 
 
 def is_ninths(percent: float) -> bool:
@@ -90,7 +62,7 @@ def test_grid_names_dims_lrs_and_init():
 
 
 def test_each_classifier_reads_the_dinov2_linear_input():
-    vit = tiny_vit().eval()
+    vit = tiny_vit(dim=64, depth=4, heads=1).eval()
     x = torch.randn(3, 3, 28, 28)
     feats = linear_features(vit, x)
     layers = vit.get_intermediate_layers(x, n=4, return_class_token=True, norm=True)
@@ -261,7 +233,7 @@ def test_val_from_train_selects_on_holdout_and_caches_eval_features(data, backbo
     assert "val features [" not in capsys.readouterr().out
     assert (out / "features_val.pth").stat().st_mtime_ns == stamp
     other = tmp_path / "other.pth"
-    vit = tiny_vit()
+    vit = tiny_vit(dim=64, depth=4, heads=1)
     torch.save(models.to_dinov2(vit), other)
     argv[argv.index("--backbone") + 1] = str(other)
     (out / "checkpoint.pth").unlink()
@@ -350,7 +322,7 @@ def test_knn_cache_is_keyed_on_the_images_and_the_backbone_file(backbone, tmp_pa
     torch.testing.assert_close(val["features"][:1], vit(x), rtol=1e-4, atol=1e-5)
     stdout, _ = knn(b, tmp_path / "o", "--cache-dir", str(cache))
     assert "recomputing" not in stdout and "val features [" not in stdout  # same key: reused
-    other = tiny_vit()
+    other = tiny_vit(dim=64, depth=4, heads=1)
     torch.nn.init.normal_(other.cls_token)
     torch.save(models.to_dinov2(other), bb)  # re-written at the same path
     os.utime(bb, ns=(1, 1))
@@ -416,7 +388,7 @@ def test_end_to_end_on_a_pretrain_checkpoint(data, tmp_path, capsys):
 
 
 def test_end_to_end_on_a_reference_layout_checkpoint(data, tmp_path, capsys):
-    vit = tiny_vit().eval()
+    vit = tiny_vit(dim=64, depth=4, heads=1).eval()
     ref = tmp_path / "ref_checkpoint.pth"
     state = {f"student.backbone.{k}": v for k, v in models.to_dinov2(vit).items()}
     torch.save({"model": state, "args": argparse.Namespace(arch="vit_tiny")}, ref)

@@ -10,7 +10,6 @@ All networks are tiny (dim <= 128, depth <= 4) so that the file runs in seconds 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 import re
@@ -26,31 +25,12 @@ from torch import nn
 import models
 from common.io import atomic_save
 from models import ViT
-from models.teachers import TEACHERS, TeacherSpec
+from tests.helpers import randomize_, rel_err, tiny_spec, tiny_vit
 
 # torch.jit is deprecated in torch 2.14 but OpenAI's CLIP files are TorchScript archives.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 
 PATCH = 14
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every parameter a non-trivial value (no zero biases, no unit norms, no zero mask token)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if p.ndim >= 2 and p.shape[0] > 1 and p[0].numel() > 1 and not name.endswith(("token", "pos_embed")):
-                p.copy_(r * p[0].numel() ** -0.5)  # a weight matrix / conv kernel
-            elif re.search(r"(norm\w*|ln_\w+)\.weight$|gamma$", name):
-                p.copy_(1 + 0.2 * r)
-            else:
-                p.copy_(0.5 * r)
-    return module
 
 
 # --- the official DINOv2 layout, written out ------------------------------------------------------
@@ -160,24 +140,6 @@ def dinov2_interpolate(pos_embed: torch.Tensor, h0: int, w0: int, reg: bool) -> 
     return torch.cat((pos_embed[:, :1], patch_pos), dim=1).to(pos_embed.dtype)
 
 
-def tiny_spec(spec: TeacherSpec, dim: int, depth: int, heads: int, **changes) -> TeacherSpec:
-    """A teacher spec at another width, depth and heads; its FFN rule (ratio, SwiGLU) kept."""
-    config = dataclasses.replace(spec.config, embed_dim=dim, depth=depth, num_heads=heads)
-    return dataclasses.replace(spec, config=config, **changes)
-
-
-def tiny_vit(dim=64, depth=2, heads=1, grid=4, patch=PATCH, reg=0, seed=0) -> ViT:
-    m = ViT(
-        img_size=grid * patch,
-        patch_size=patch,
-        embed_dim=dim,
-        depth=depth,
-        num_heads=heads,
-        num_register_tokens=reg,
-    )
-    return randomize_(m, seed).eval()
-
-
 # ================================================================================================
 # 1. Student contracts
 # ================================================================================================
@@ -258,7 +220,7 @@ def test_student_forward_224_contract(vit_tiny_student):
 
 @pytest.mark.parametrize("reg", [0, 4])
 def test_forward_features_any_multiple_of_patch(reg):
-    m = tiny_vit(reg=reg)
+    m = tiny_vit(dim=64, heads=1, grid=4, reg=reg, randomize=True)
     x = torch.randn(2, 3, 112, 140)
     with torch.no_grad():
         out = m.forward_features(x)
@@ -273,7 +235,7 @@ def test_forward_features_any_multiple_of_patch(reg):
 
 @pytest.mark.parametrize("hw", [(225, 225), (224, 225), (225, 224), (13, 14)])
 def test_input_not_multiple_of_patch_raises(hw):
-    m = tiny_vit()
+    m = tiny_vit(dim=64, heads=1, grid=4, randomize=True)
     x = torch.randn(1, 3, *hw)
     with pytest.raises(ValueError, match=rf"{hw[0]}x{hw[1]}.*multiple of the patch size 14"):
         m.forward_features(x)
@@ -283,7 +245,7 @@ def test_input_not_multiple_of_patch_raises(hw):
 
 @pytest.mark.parametrize("reg", [0, 4])
 def test_mask_token_replaces_patch_embedding_before_pos_embed(reg):
-    m = tiny_vit(reg=reg)
+    m = tiny_vit(dim=64, heads=1, grid=4, reg=reg, randomize=True)
     b, gh, gw = 3, 4, 5
     x = torch.randn(b, 3, gh * PATCH, gw * PATCH)
     masks = torch.rand(b, gh * gw) < 0.5
@@ -315,7 +277,7 @@ def test_mask_token_replaces_patch_embedding_before_pos_embed(reg):
 
 @pytest.mark.parametrize("reg", [0, 4])
 def test_get_intermediate_layers_dinov2_semantics(reg):
-    m = tiny_vit(depth=3, reg=reg)
+    m = tiny_vit(dim=64, depth=3, heads=1, grid=4, reg=reg, randomize=True)
     gh, gw = 3, 5  # non-square so that a transposed reshape would be caught
     x = torch.randn(2, 3, gh * PATCH, gw * PATCH)
     with torch.no_grad():
@@ -386,7 +348,7 @@ def _interp_model(kind: str) -> ViT:
         m = m.to_empty(device="cpu")
     else:  # the teacher specs as configured for the official DINOv2 files (518 px, 37x37 grid)
         name = "dinov2_vits14_reg" if kind == "reg" else "dinov2_vits14"
-        m = tiny_spec(TEACHERS[name], dim=48, depth=1, heads=1).build()
+        m = tiny_spec(name, dim=48, depth=1, heads=1).build()
     with torch.no_grad():
         m.pos_embed.normal_()
     return m.eval()
@@ -503,7 +465,7 @@ def test_to_dinov2_export_is_official_layout_and_loads_into_timm(dinov2_file):
 
 
 def test_to_dinov2_student_keys_are_official():
-    m = tiny_vit(dim=64, depth=3, grid=16)
+    m = tiny_vit(dim=64, depth=3, heads=1, grid=16, randomize=True)
     assert set(models.to_dinov2(m)) == set(official_dinov2_sd(64, 3, 16))
     exported = models.to_dinov2(m)
     assert all(not v.requires_grad for v in exported.values())
@@ -515,18 +477,6 @@ def test_to_dinov2_student_keys_are_official():
 # ================================================================================================
 # 4. Every teacher family from its official file format
 # ================================================================================================
-@pytest.fixture
-def tiny_teacher(monkeypatch):
-    """Replace a full-size TEACHERS spec by a tiny one of the same family/format."""
-
-    def patch(name, dim=64, depth=2, heads=1, grid=4):
-        spec = tiny_spec(TEACHERS[name], dim, depth, heads, img_size=grid * TEACHERS[name].patch_size)
-        monkeypatch.setitem(TEACHERS, name, spec)
-        return spec
-
-    return patch
-
-
 def assert_frozen_eval(teacher: models.Teacher, family: str) -> ViT:
     """A frozen Teacher of `family`, which stays in eval mode; returns its backbone."""
     assert isinstance(teacher, models.Teacher) and teacher.family == family
@@ -853,7 +803,7 @@ def _assert_same_weights(model: ViT, expected: dict[str, torch.Tensor]):
 
 @pytest.mark.parametrize("patch,dim,depth", [(14, 128, 2), (16, 192, 1)])
 def test_load_backbone_exported_flat(tmp_path, patch, dim, depth):
-    m = tiny_vit(dim=dim, depth=depth, heads=dim // 64, grid=4, patch=patch)
+    m = tiny_vit(dim=dim, depth=depth, heads=dim // 64, grid=4, patch=patch, randomize=True)
     atomic_save(models.to_dinov2(m), tmp_path / "backbone.pth")
     loaded = models.load_backbone(tmp_path / "backbone.pth").eval()
     assert loaded.embed_dim == dim and len(loaded.blocks) == depth

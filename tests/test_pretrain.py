@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 
@@ -15,52 +14,17 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_M
 
 import models
 from common.schedule import warmup_cosine
-from models import ViT
 from pretrain import main as pretrain_main
 from pretrain.data import SingleImageDataset, build_dataset, subset_samples, train_transform
 from pretrain.distiller import Distiller, Views, param_groups, resize
 from pretrain.masking import make_masks
 from pretrain.output import Output
-
-TINY_RUN = [
-    "--teacher",
-    "dinov2_vits14",
-    "--random-teacher",
-    "--student",
-    "vit_tiny",
-    "--input-size",
-    "28",
-    "--batch-size",
-    "4",
-    "--num-workers",
-    "0",
-    "--device",
-    "cpu",
-    "--print-freq",
-    "1",
-    "--precision",
-    "fp32",
-]
-
-
-def make_image_folder(root, classes=2, per_class=6, size=(40, 48), seed=0):
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        d = root / "train" / f"class{c}"
-        d.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(d / f"{i}.jpg")
-    return root
+from tests.helpers import TINY_RUN, make_image_folder, tiny_spec, tiny_vit
 
 
 @pytest.fixture
 def data(tmp_path):
     return make_image_folder(tmp_path / "data")
-
-
-def tiny_vit(**kw) -> ViT:
-    torch.manual_seed(0)
-    return ViT(img_size=28, patch_size=14, embed_dim=32, depth=2, num_heads=2, **kw)
 
 
 # --- masking -------------------------------------------------------------------------------------
@@ -141,12 +105,6 @@ def test_token_only_distiller_has_no_unused_parameters():
     unused = [n for n, p in d.named_parameters() if p.requires_grad and p.grad is None]
     assert unused == []
     assert float(losses["patch"]) == 0.0 and float(losses["fea"]) == 0.0
-
-
-def tiny_spec(name: str, dim: int = 32, depth: int = 1) -> models.teachers.TeacherSpec:
-    """`name`'s spec (family, patch, FFN rule, normalisation) at a tiny width and depth, one head."""
-    spec = models.TEACHERS[name]
-    return dataclasses.replace(spec, config=dataclasses.replace(spec.config, embed_dim=dim, depth=depth, num_heads=1))
 
 
 def tiny_teacher(name: str, **kwargs) -> models.Teacher:

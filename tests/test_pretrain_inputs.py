@@ -18,8 +18,7 @@ import torch
 import models
 from common.io import DiskFullError, atomic_save
 from pretrain import main as pretrain_main
-from tests.procs import ROOT, child_env
-from tests.test_pretrain import TINY_RUN, make_image_folder
+from tests.helpers import ROOT, TINY_RUN, child_env, make_image_folder
 
 
 def run(data, out, *extra):

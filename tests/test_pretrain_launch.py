@@ -8,21 +8,14 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 import models
-from tests.procs import ROOT, child_env
-from tests.test_pretrain import TINY_RUN, make_image_folder
+from tests.helpers import ROOT, TINY_RUN, child_env, epochs_logged, make_image_folder
 
 ENV = child_env()
-
-
-def epochs_logged(out: Path) -> list[int]:
-    log = out / "log.txt"
-    return [json.loads(line)["epoch"] for line in log.read_text().splitlines()] if log.exists() else []
 
 
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -13,8 +13,9 @@ import pytest
 
 import models
 from pretrain.main import EXIT_REQUEUE
-from tests.test_pretrain import TINY_RUN, make_image_folder
-from tests.test_pretrain_launch import ENV, ROOT, epochs_logged
+from tests.helpers import ROOT, TINY_RUN, child_env, epochs_logged, make_image_folder
+
+ENV = child_env()
 
 ITERS = 12  # per epoch; 12 images in batches of 4 -> the sampler goes round 4 times an epoch
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -15,6 +13,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 import models
 from models import TEACHERS, ViT
 from pretrain import main as pretrain_main
+from tests.helpers import tiny_spec
 
 SIZE = 28  # sklearn's 8x8 digits upsampled to a 2x2 grid of 14-pixel patches
 NUM_TRAIN = 1200  # the rest of the 1797 digits are held out: no model ever trains on them
@@ -89,9 +88,7 @@ def test_distilled_student_learns_from_a_teacher_without_labels(tmp_path, monkey
         Image.fromarray(images[i]).convert("RGB").save(folder / f"{i}.png")
     x = normalise(images)
 
-    spec = TEACHERS[TEACHER]
-    config = dataclasses.replace(spec.config, embed_dim=64, depth=2, num_heads=1)
-    spec = dataclasses.replace(spec, config=config, img_size=SIZE)
+    spec = tiny_spec(TEACHER, dim=64, depth=2, heads=1, img_size=SIZE)
     monkeypatch.setitem(TEACHERS, TEACHER, spec)
     torch.manual_seed(0)
     teacher = spec.build()

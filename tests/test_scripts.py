@@ -23,8 +23,7 @@ import pytest
 import models
 from models import TEACHERS
 from pretrain import main as pretrain_main
-from tests.procs import ROOT, child_env
-from tests.test_pretrain import TINY_RUN, make_image_folder
+from tests.helpers import ROOT, TINY_RUN, child_env, make_image_folder
 
 SCRIPTS = ROOT / "scripts"
 ALL_SCRIPTS = sorted(SCRIPTS.glob("*.sh")) + sorted(SCRIPTS.glob("slurm/*.sh"))

@@ -34,8 +34,7 @@ from linear_eval.classifiers import linear_features
 from models import LAYOUTS, ViT
 from pretrain import main as pretrain_main
 from pretrain.output import Output
-from tests.test_models import randomize_, rel_err, tiny_teacher  # noqa: F401 (tiny_teacher is a fixture)
-from tests.test_pretrain import TINY_RUN, make_image_folder
+from tests.helpers import TINY_RUN, make_image_folder, randomize_, rel_err, tiny_vit
 
 PATCH, GRID, DIM, DEPTH, HEADS = 14, 4, 128, 2, 2  # 2 heads: the MultiheadAttention <-> qkv head split is exercised
 
@@ -101,9 +100,7 @@ def shapes(sd: dict[str, torch.Tensor]) -> dict[str, tuple]:
 
 
 def tiny_student(layout: str, seed: int = 0, dim: int = DIM, depth: int = DEPTH) -> ViT:
-    kw = LAYOUTS[layout].vit_kwargs
-    m = ViT(img_size=GRID * PATCH, patch_size=PATCH, embed_dim=dim, depth=depth, num_heads=dim // 64, **kw)
-    return randomize_(m, seed).eval()
+    return tiny_vit(dim, depth, dim // 64, GRID, PATCH, seed=seed, randomize=True, **LAYOUTS[layout].vit_kwargs)
 
 
 def independent(layout: str, export: dict[str, torch.Tensor], dim: int = DIM):
@@ -334,7 +331,7 @@ def test_export_and_our_checkpoint_load_back_identically(tmp_path, layout):
 
 
 @pytest.mark.parametrize("mask", ["[1,D]", "[1,1,D]", "none"])
-def test_synclr_teacher_file_loads_with_any_mask_token(tiny_teacher, tmp_path, mask):  # noqa: F811
+def test_synclr_teacher_file_loads_with_any_mask_token(tiny_teacher, tmp_path, mask):
     """Does the official SynCLR file hold a mask_token, and of which shape? The code cannot tell for
     sure, so every case must load:
     - the reference builds its SynCLR teacher as models_synclr.MaskedTransformer(mask_style='ibot'),
@@ -409,7 +406,7 @@ def test_checkpoint_from_before_layouts_resumes_as_dinov2(tmp_path, capsys):
     assert pretrain_main.main([*base, "--epochs", "2"]) == 0
 
 
-def test_clip_teacher_run_trains_a_clip_student_as_the_reference(tiny_teacher, tmp_path, capsys):  # noqa: F811
+def test_clip_teacher_run_trains_a_clip_student_as_the_reference(tiny_teacher, tmp_path, capsys):
     """Default layout from the family; only token_head (token loss); class_embedding (1-d in the
     reference, so never decayed by timm's optimizer) is kept out of weight decay."""
     tiny_teacher("clip_vitl14", dim=DIM, depth=DEPTH, heads=HEADS)

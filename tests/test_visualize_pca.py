@@ -11,6 +11,7 @@ import models
 from pretrain import pca
 from pretrain.pca import foreground_mask, pca_rgb
 from scripts import visualize_pca
+from tests.helpers import TINY_RUN, make_image_folder
 
 
 def synthetic_tokens(grid: int = 6, dim: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,7 +154,6 @@ def test_pretraining_logs_pca_pictures_to_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from pretrain import main as pretrain_main
-    from tests.test_pretrain import TINY_RUN, make_image_folder
 
     data = make_image_folder(tmp_path / "data", classes=2, per_class=4)
     out = tmp_path / "run"
