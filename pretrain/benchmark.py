@@ -1,11 +1,14 @@
 """Speed of one pretraining step (ours vs the reference's step) and of the input pipeline.
 
 python -m pretrain.benchmark --teacher dinov2_vitl14 --student vit_base --batch-size 128 --reference
+python -m pretrain.benchmark --teacher dinov2_vitg14 --student vit_small,vit_base   # teacher sharing
 python -m pretrain.benchmark --pipeline --workers 0,2,4
 
 The step benchmark uses synthetic images already on the device and a RANDOM-weight teacher: the
 step's speed does not depend on the weights, and no download is needed. "Ours" is the trainer's own
-step (engine.forward_losses + engine.backward_and_step on a Distiller, optimizer as main.build).
+step (engine.forward_losses + engine.backward_and_step on a Distiller, optimizer as main.build). With
+several students, the joint step (the teacher once, then each student on its targets, as the trainer's
+step) is timed against each student's separate step (teacher + that student).
 """
 
 from __future__ import annotations
@@ -28,11 +31,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common import distributed as dist_utils
 from common.cli import HelpFormatter
-from models import LAYOUTS, STUDENT_ARCHS, TEACHERS, create_student, create_teacher
+from models import LAYOUTS, STUDENT_ARCHS, TEACHERS, Teacher, create_student, create_teacher
 
 from .data import build_dataset
 from .distiller import Distiller, Views, compile_student, param_groups
-from .engine import AMP, backward_and_step, forward_losses
+from .engine import AMP, backward_and_step, forward_losses, student_losses, teacher_targets
 from .masking import make_masks
 
 MATMUL_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -133,12 +136,13 @@ def single_process_group(device: torch.device) -> bool:
 class Setup:
     """Teacher, Distiller, optimizer and scaler as main.build makes them, plus one fixed synthetic batch."""
 
-    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
+    def __init__(self, args: argparse.Namespace, device: torch.device, teacher: Teacher | None = None) -> None:
+        """teacher: another Setup's, shared (the teacher-sharing benchmark); else a random one is made."""
         torch.manual_seed(args.seed)
         self.device, self.precision = device, args.precision
         token_only = TEACHERS[args.teacher].token_only
         with torch.device(device):  # a random teacher is initialised where it runs (the 7B: on the GPU, in seconds)
-            self.teacher = create_teacher(args.teacher, pretrained=False)
+            self.teacher = teacher if teacher is not None else create_teacher(args.teacher, pretrained=False)
         layout = args.student_layout or self.teacher.family
         student = create_student(args.student, img_size=args.input_size, layout=layout)
         self.views = Views(args.input_size, args.input_size, (args.input_size // student.patch_size,) * 2)
@@ -304,6 +308,52 @@ def step_benchmark(args: argparse.Namespace) -> float:
     return ref / ours
 
 
+def sharing_benchmark(args: argparse.Namespace) -> float:
+    """Several students of one teacher: the joint step (the teacher once, then each student on its targets)
+    and each student's separate step (teacher + that student), in one process on one batch. Prints and
+    returns the teacher-sharing speedup: the sum of the separate step times / the joint step time."""
+    device = torch.device(args.device)
+    names = args.student.split(",")
+    setups = [Setup(argparse.Namespace(**{**vars(args), "student": names[0]}), device)]
+    for name in names[1:]:
+        setups.append(Setup(argparse.Namespace(**{**vars(args), "student": name}), device, setups[0].teacher))
+    first = setups[0]
+    for s in setups[1:]:
+        s.images = first.images  # one batch for all
+    print(
+        f"teacher {args.teacher} (RANDOM weights, {str(first.teacher.dtype).removeprefix('torch.')}) -> students "
+        f"{', '.join(names)}, batch {args.batch_size}, input {args.input_size}, {args.precision}, {device}, "
+        f"compile {args.compile}, synthetic batch on device, warmup {args.warmup}, steps {args.steps}, "
+        f"torch {torch.__version__}"
+    )
+    if args.compile:
+        for s in setups:
+            compile_student(s.distiller.student)
+
+    def joint() -> torch.Tensor:
+        targets = teacher_targets(first.teacher, first.images, first.amp, first.views.teacher)
+        total = first.images.new_zeros(())
+        for s in setups:
+            loss = student_losses(s.distiller, s.teacher, s.images, s.masks, targets, s.amp, s.views)["total"]
+            backward_and_step(s.distiller, loss, s.optimizer, s.scaler)
+            total = total + loss.detach()
+        return total
+
+    separate = []
+    for name, s in zip(names, setups):
+        times, _ = run_steps(s.step, device, args.warmup, args.steps)
+        separate.append(statistics.median(times))
+        print(f"separate: {name} step {separate[-1] * 1e3:.1f} ms (teacher + {name}, median of {len(times)})")
+    times, _ = run_steps(joint, device, args.warmup, args.steps)
+    together = statistics.median(times)
+    print(
+        f"joint: step {together * 1e3:.1f} ms (teacher once + {len(names)} students, median of {len(times)}), "
+        f"peak memory {peak_memory_mib(device):.0f} MiB"
+    )
+    print(f"teacher-sharing speedup: {sum(separate) / together:.2f}")
+    return sum(separate) / together
+
+
 def generate_jpegs(folder: Path, n: int, size: tuple[int, int] = (500, 375), seed: int = 0) -> Path:
     """`n` ImageNet-like JPEGs (quality 90) cropped from scikit-image's sample photos, in folder/train/photos/."""
     import numpy as np
@@ -352,7 +402,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("Proteus pretraining benchmark", formatter_class=HelpFormatter)
     a = p.add_argument
     a("--teacher", default="dinov2_vits14", help=f"one of: {', '.join(TEACHERS)} (random weights)")
-    a("--student", default="vit_tiny", help="vit_tiny, vit_small, vit_base or vit_large")
+    a(
+        "--student",
+        default="vit_tiny",
+        help="vit_tiny, vit_small, vit_base or vit_large; a comma list times the teacher-sharing step",
+    )
     a("--student-layout", choices=tuple(LAYOUTS), help="as pretrain.main (default: the teacher's family)")
     a("--batch-size", type=int, default=8, help="images per step")
     a("--input-size", type=int, default=224, help="square crop side")
@@ -380,8 +434,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
-        if args.teacher not in TEACHERS or args.student not in STUDENT_ARCHS:
+        names = args.student.split(",")
+        if args.teacher not in TEACHERS or not set(names) <= set(STUDENT_ARCHS):
             raise ValueError(f"--teacher is one of {', '.join(TEACHERS)}; --student one of {', '.join(STUDENT_ARCHS)}")
+        if len(names) > 1 and args.reference:
+            raise ValueError("--reference times one student's step; give one --student")
         dist_utils.resolve_device(args.device)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -390,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.pipeline:
         pipeline_benchmark(args)
+    elif "," in args.student:
+        sharing_benchmark(args)
     else:
         step_benchmark(args)
     return 0
