@@ -1,12 +1,15 @@
 """Speed of one pretraining step (ours vs the reference's step) and of the input pipeline.
 
 python -m pretrain.benchmark --teacher dinov2_vitl14 --student vit_base --batch-size 128 --reference
+python -m pretrain.benchmark --teacher dinov2_vitg14 --student vit_small,vit_base   # teacher sharing
 python -m pretrain.benchmark --pipeline --workers 0,2,4
 
 The step benchmark uses synthetic images already on the device and a RANDOM-weight teacher: the
 step's speed does not depend on the weights, and no download is needed. "Ours" is the trainer's own
 step (engine.forward_losses + engine.backward_and_step on a Distiller, optimizer as main.build); its
-breakdown times the same engine code in three parts. The reference keeps its own two-pass step.
+breakdown times the same engine code in three parts. The reference keeps its own two-pass step. With
+several students, the joint step (the teacher once, then each student on its targets, as the trainer's
+step) is timed against each student's separate step (teacher + that student).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common import distributed as dist_utils
 from common.cli import HelpFormatter, run
-from models import LAYOUTS, STUDENT_ARCHS, TEACHERS, create_student, create_teacher
+from models import LAYOUTS, STUDENT_ARCHS, TEACHERS, Teacher, create_student, create_teacher
 
 from .data import build_dataset
 from .distiller import Distiller, Views, compile_student, param_groups
@@ -134,12 +137,13 @@ def single_process_group(device: torch.device) -> bool:
 class Setup:
     """Teacher, Distiller, optimizer and scaler as main.build makes them, plus one fixed synthetic batch."""
 
-    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
+    def __init__(self, args: argparse.Namespace, device: torch.device, teacher: Teacher | None = None) -> None:
+        """teacher: another Setup's, shared (the teacher-sharing benchmark); else a random one is made."""
         torch.manual_seed(args.seed)
         self.device, self.precision = device, args.precision
         token_only = TEACHERS[args.teacher].token_only
         with torch.device(device):  # a random teacher is initialised where it runs (the 7B: on the GPU, in seconds)
-            self.teacher = create_teacher(args.teacher, pretrained=False)
+            self.teacher = teacher if teacher is not None else create_teacher(args.teacher, pretrained=False)
         layout = args.student_layout or self.teacher.family
         student = create_student(args.student, img_size=args.input_size, layout=layout)
         self.views = Views(args.input_size, args.input_size, (args.input_size // student.patch_size,) * 2)
@@ -165,15 +169,16 @@ class Setup:
     def breakdown(self) -> tuple[float, float, float]:
         """Seconds of the step's three parts (engine's own code), each synchronised: teacher forward, student
         forward + backward, optimizer step."""
-        images, teacher_images = self.views.resized(self.images)
         targets: dict = {}
 
         def teacher() -> None:
-            targets.update(teacher_targets(self.teacher, teacher_images, self.amp, self.views))
+            targets.update(teacher_targets(self.teacher, self.images, self.amp, self.views.teacher))
 
         def student() -> None:
-            loss = student_losses(self.distiller, images, self.masks, targets, self.amp)["total"]
-            backward(loss, self.optimizer, self.scaler)
+            losses = student_losses(
+                self.distiller, self.teacher, self.images, self.masks, targets, self.amp, self.views
+            )
+            backward(losses["total"], self.optimizer, self.scaler)
 
         def optimizer() -> None:
             update(self.distiller, self.optimizer, self.scaler)
@@ -302,6 +307,52 @@ def step_benchmark(args: argparse.Namespace) -> float:
     return ref / ours
 
 
+def sharing_benchmark(args: argparse.Namespace) -> float:
+    """Several students of one teacher: the joint step (the teacher once, then each student on its targets)
+    and each student's separate step (teacher + that student), in one process on one batch. Prints and
+    returns the teacher-sharing speedup: the sum of the separate step times / the joint step time."""
+    device = torch.device(args.device)
+    names = args.student.split(",")
+    setups = [Setup(argparse.Namespace(**{**vars(args), "student": names[0]}), device)]
+    for name in names[1:]:
+        setups.append(Setup(argparse.Namespace(**{**vars(args), "student": name}), device, setups[0].teacher))
+    first = setups[0]
+    for s in setups[1:]:
+        s.images = first.images  # one batch for all
+    print(
+        f"teacher {args.teacher} (RANDOM weights, {str(first.teacher.dtype).removeprefix('torch.')}) -> students "
+        f"{', '.join(names)}, batch {args.batch_size}, input {args.input_size}, {args.precision}, {device}, "
+        f"compile {args.compile}, synthetic batch on device, warmup {args.warmup}, steps {args.steps}, "
+        f"torch {torch.__version__}"
+    )
+    if args.compile:
+        for s in setups:
+            compile_student(s.distiller.student)
+
+    def joint() -> torch.Tensor:
+        targets = teacher_targets(first.teacher, first.images, first.amp, first.views.teacher)
+        total = first.images.new_zeros(())
+        for s in setups:
+            loss = student_losses(s.distiller, s.teacher, s.images, s.masks, targets, s.amp, s.views)["total"]
+            backward_and_step(s.distiller, loss, s.optimizer, s.scaler)
+            total = total + loss.detach()
+        return total
+
+    separate = []
+    for name, s in zip(names, setups):
+        times, _ = run_steps(s.step, device, args.warmup, args.steps)
+        separate.append(statistics.median(times))
+        print(f"separate: {name} step {separate[-1] * 1e3:.1f} ms (teacher + {name}, median of {len(times)})")
+    times, _ = run_steps(joint, device, args.warmup, args.steps)
+    together = statistics.median(times)
+    print(
+        f"joint: step {together * 1e3:.1f} ms (teacher once + {len(names)} students, median of {len(times)}), "
+        f"peak memory {peak_memory_mib(device):.0f} MiB"
+    )
+    print(f"teacher-sharing speedup: {sum(separate) / together:.2f}")
+    return sum(separate) / together
+
+
 def generate_jpegs(folder: Path, n: int, size: tuple[int, int] = (500, 375), seed: int = 0) -> Path:
     """`n` ImageNet-like JPEGs (quality 90) cropped from scikit-image's sample photos, in folder/train/photos/."""
     import numpy as np
@@ -350,7 +401,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("Proteus pretraining benchmark", formatter_class=HelpFormatter)
     a = p.add_argument
     a("--teacher", default="dinov2_vits14", help=f"one of: {', '.join(TEACHERS)} (random weights)")
-    a("--student", default="vit_tiny", help="vit_tiny, vit_small, vit_base or vit_large")
+    a(
+        "--student",
+        default="vit_tiny",
+        help="vit_tiny, vit_small, vit_base or vit_large; a comma list times the teacher-sharing step",
+    )
     a("--student-layout", choices=tuple(LAYOUTS), help="as pretrain.main (default: the teacher's family)")
     a("--batch-size", type=int, default=8, help="images per step")
     a("--input-size", type=int, default=224, help="square crop side")
@@ -376,8 +431,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def benchmark(args: argparse.Namespace) -> None:
-    if args.teacher not in TEACHERS or args.student not in STUDENT_ARCHS:
+    names = args.student.split(",")
+    if args.teacher not in TEACHERS or not set(names) <= set(STUDENT_ARCHS):
         raise ValueError(f"--teacher is one of {', '.join(TEACHERS)}; --student one of {', '.join(STUDENT_ARCHS)}")
+    if len(names) > 1 and args.reference:
+        raise ValueError("--reference times one student's step; give one --student")
     dist_utils.resolve_device(args.device)
     if args.pipeline and args.pipeline_dir and not (Path(args.pipeline_dir) / "train").is_dir():
         raise FileNotFoundError(f"--pipeline-dir {args.pipeline_dir}: no train/ folder (an ImageFolder root)")
@@ -385,6 +443,8 @@ def benchmark(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     if args.pipeline:
         pipeline_benchmark(args)
+    elif len(names) > 1:
+        sharing_benchmark(args)
     else:
         step_benchmark(args)
 

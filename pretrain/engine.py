@@ -1,4 +1,5 @@
-"""One training epoch: teacher targets, batched student views, loss, step, EMA, logging, stop/save requests."""
+"""One training epoch: the teacher's targets once per step, then each student's batched views, loss, step and
+EMA on them; logging, stop/save requests."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ from collections.abc import Iterator
 import torch
 
 from common import distributed as dist_utils
-from models import Teacher
+from models import Teacher, resample_patches
 
 from .data import derive_seed
-from .distiller import LOSSES, Views
+from .distiller import LOSSES, Views, resize
 from .masking import make_masks
 from .output import log_keys
-from .state import Run
+from .state import Run, Student
 
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -50,6 +51,33 @@ def cycle_batches(loader, sampler, epoch: int, num_epochs: int, n: int, start: i
         k, skip = k + 1, 0
 
 
+def teacher_targets(
+    teacher: Teacher, images: torch.Tensor, amp_dtype: torch.dtype | None, size: int
+) -> dict[str, torch.Tensor]:
+    """The teacher's targets for a batch of crops, on its own token grid: computed once per step and shared
+    by every student (each resamples the patch map to its own grid in student_losses)."""
+    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        return teacher.targets(resize(images, size))
+
+
+def student_losses(
+    model,
+    teacher: Teacher,
+    images: torch.Tensor,
+    masks: torch.Tensor | None,
+    targets: dict[str, torch.Tensor],
+    amp_dtype: torch.dtype | None,
+    views: Views,
+) -> dict[str, torch.Tensor]:
+    """One student's losses under autocast on the shared targets, the teacher's patch map resampled to the
+    student's grid when the two differ (as Teacher.targets(images, grid) does)."""
+    own = (views.teacher // teacher.patch_size,) * 2
+    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        if tuple(views.grid) != own:
+            targets = {**targets, "patches": resample_patches(targets["patches"], own, tuple(views.grid))}
+        return model(resize(images, views.student), masks, targets)
+
+
 def forward_losses(
     model,
     teacher: Teacher,
@@ -58,31 +86,13 @@ def forward_losses(
     amp_dtype: torch.dtype | None,
     views: Views,
 ) -> dict[str, torch.Tensor]:
-    """The step's forward: teacher targets, then the student's losses (the Distiller's, by name)."""
-    images, teacher_images = views.resized(images)
-    targets = teacher_targets(teacher, teacher_images, amp_dtype, views)
-    return student_losses(model, images, masks, targets, amp_dtype)
-
-
-def teacher_targets(
-    teacher: Teacher, images: torch.Tensor, amp_dtype: torch.dtype | None, views: Views
-) -> dict[str, torch.Tensor]:
-    """The teacher's part of the forward (its own resize of the crops), under autocast; pretrain.benchmark
-    times it alone."""
-    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        return teacher.targets(images, views.grid)
-
-
-def student_losses(
-    model, images: torch.Tensor, masks: torch.Tensor | None, targets: dict, amp_dtype: torch.dtype | None
-) -> dict[str, torch.Tensor]:
-    """The student's part of the forward, under autocast; pretrain.benchmark times it alone."""
-    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        return model(images, masks, targets)
+    """Teacher targets and one student's losses: the step's forward for one student (pretrain.benchmark)."""
+    targets = teacher_targets(teacher, images, amp_dtype, views.teacher)
+    return student_losses(model, teacher, images, masks, targets, amp_dtype, views)
 
 
 def backward_and_step(model, loss: torch.Tensor, optimizer, scaler, clip_grad: float | None = None) -> None:
-    """The step's backward and optimizer update."""
+    """The step's backward and optimizer update, shared with pretrain.benchmark."""
     backward(loss, optimizer, scaler)
     update(model, optimizer, scaler, clip_grad)
 
@@ -101,68 +111,89 @@ def update(model, optimizer, scaler, clip_grad: float | None = None) -> None:
     scaler.update()
 
 
-def check_after_update(model, teacher, images, masks, amp_dtype, views: Views, where: str) -> None:
-    """Before a checkpoint is written: the loss of this batch under the UPDATED weights must be finite
-    (all ranks agree). A diverging step (e.g. too high an lr) can leave finite but huge weights whose
+def student_step(run: Run, s: Student, images: torch.Tensor, targets: dict, it: int) -> tuple[torch.Tensor, ...]:
+    """Student `s`'s share of global iteration `it`: its masks, forward on the shared targets, backward,
+    update and EMA; its graph is freed before the next student runs. Returns (its losses in LOSSES order,
+    detached, its masks). Masks and drop path are seeded by (seed, rank, iteration) for each student, so
+    every student draws what it would draw alone."""
+    args = run.args
+    torch.manual_seed(derive_seed(args.seed, dist_utils.rank(), it))
+    for group in s.optimizer.param_groups:
+        group["lr"] = run.schedule[it]
+    masks = None
+    if args.lambda_patch:
+        batch_size, num_patches = images.shape[0], s.views.grid[0] * s.views.grid[1]
+        masks = make_masks(batch_size, num_patches, args.mask_probability, args.mask_ratio)
+        masks = masks[: int(args.mask_probability * batch_size)].to(run.device, non_blocking=True)
+    losses = student_losses(s.model, run.teacher, images, masks, targets, AMP[args.precision], s.views)
+    backward_and_step(s.model, losses["total"], s.optimizer, s.scaler, args.clip_grad)
+    s.ema.update(
+        s.distiller.student
+    )  # constant decay: with a step, ModelEmaV3 copies the student at iterations 0 and 1
+    return torch.stack([losses[name].detach() for name in LOSSES]).float(), masks
+
+
+def check_after_update(run: Run, images, targets, masks: list, where: str) -> None:
+    """Before a checkpoint is written: every student's loss of this batch under its UPDATED weights must be
+    finite (all ranks agree). A diverging step (e.g. too high an lr) can leave finite but huge weights whose
     own loss was still finite; they must never replace the last good checkpoint."""
+    amp_dtype = AMP[run.args.precision]
     with torch.no_grad():
-        loss = forward_losses(model, teacher, images, masks, amp_dtype, views)["total"]
-    loss = dist_utils.all_reduce_mean(loss.detach().float().reshape(1)).cpu()
-    if not torch.isfinite(loss).all():
-        raise NonFiniteLoss(f"the update of {where} made the loss non-finite ({loss.item():.4g}): the weights diverged")
+        values = [
+            student_losses(s.model, run.teacher, images, m, targets, amp_dtype, s.views)["total"]
+            for s, m in zip(run.students, masks)
+        ]
+    values = dist_utils.all_reduce_mean(torch.stack(values).detach().float()).cpu()
+    for s, loss in zip(run.students, values.tolist()):
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(
+                f"the update of {where}{run.of(s)} made the loss non-finite ({loss:.4g}): the weights diverged"
+            )
 
 
-def train_one_epoch(run: Run) -> dict[str, float]:
-    """The rest of the epoch `run.position` stands in; returns the epoch's log.txt line.
+def train_one_epoch(run: Run) -> list[dict[str, float]]:
+    """The rest of the epoch `run.position` stands in; returns each student's log.txt line of the epoch.
 
-    Every random draw is a function of (seed, rank, global iteration) or, in the data, of (seed,
-    rank, epoch, position), so a resumed run repeats the uninterrupted one. On a stop or save
-    request every rank checkpoints the run where it stands; a stop then raises Preempted.
+    Each step runs the teacher once and then the students one after another on its targets. Every
+    random draw is a function of (seed, rank, global iteration) or, in the data, of (seed, rank, epoch,
+    position), so a resumed run repeats the uninterrupted one. On a stop or save request every rank
+    checkpoints the run where it stands; a stop then raises Preempted.
     """
-    args, out, control, pos = run.args, run.out, run.control, run.position
+    args, control, pos = run.args, run.control, run.position
     epoch, start, iters = pos.epoch, pos.iteration, run.iters_per_epoch
-    model, teacher, student = run.model, run.teacher, run.distiller.student
-    model.train()  # the teacher stays in eval mode (models.Teacher)
-    num_patches = (args.input_size // student.patch_size) ** 2
+    for s in run.students:
+        s.model.train()  # the teacher stays in eval mode (models.Teacher)
     amp_dtype = AMP[args.precision]
-    rank = dist_utils.rank()
     start_time = last = time.time()
     batch_size = None
     batches = cycle_batches(run.loader, run.sampler, epoch, args.epochs, iters, start)
     for i, (images, _) in enumerate(batches, start):
         it = epoch * iters + i
         lr = run.schedule[it]
-        torch.manual_seed(derive_seed(args.seed, rank, it))  # masks and drop-path
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
         images = images.to(run.device, non_blocking=True)
         batch_size = images.shape[0]
-        masks = None
-        if args.lambda_patch:
-            masks = make_masks(batch_size, num_patches, args.mask_probability, args.mask_ratio)
-            masks = masks[: int(args.mask_probability * batch_size)].to(run.device, non_blocking=True)
+        targets = teacher_targets(run.teacher, images, amp_dtype, args.teacher_input_size)
+        values, masks = zip(*(student_step(run, s, images, targets, it) for s in run.students))
 
-        losses = forward_losses(model, teacher, images, masks, amp_dtype, run.views)
-
-        # the mean over ranks, with this rank's [stop, save] flags riding along
-        values = torch.stack([losses[name].detach() for name in LOSSES]).float()
-        values = dist_utils.all_reduce_mean(torch.cat([values, control.flags().to(values.device)])).cpu()
-        stop, save = (values[len(LOSSES) :] > 0).tolist()
-        mean = dict(zip(LOSSES, values[: len(LOSSES)].tolist()))
-        if not all(math.isfinite(v) for v in mean.values()):
-            raise NonFiniteLoss(
-                f"non-finite loss at epoch {epoch} iteration {i} (total {mean['total']:.4g}, "
-                f"token {mean['token']:.4g}, patch {mean['patch']:.4g}, feature {mean['fea']:.4g})"
-            )
-        backward_and_step(model, losses["total"], run.optimizer, run.scaler, args.clip_grad)
-        run.ema.update(student)  # constant decay: with a step, ModelEmaV3 copies the student at iterations 0 and 1
-        for name, v in mean.items():
-            pos.sums[name] += v
+        # the means over ranks of every student's losses, with this rank's [stop, save] flags riding along
+        values = torch.cat([*values, control.flags().to(run.device)])
+        values = dist_utils.all_reduce_mean(values).cpu()
+        stop, save = (values[-2:] > 0).tolist()
+        means = [dict(zip(LOSSES, v)) for v in values[:-2].reshape(len(run.students), len(LOSSES)).tolist()]
+        for s, mean in zip(run.students, means):
+            if not all(math.isfinite(v) for v in mean.values()):
+                raise NonFiniteLoss(
+                    f"non-finite loss{run.of(s)} at epoch {epoch} iteration {i} (total {mean['total']:.4g}, "
+                    f"token {mean['token']:.4g}, patch {mean['patch']:.4g}, feature {mean['fea']:.4g})"
+                )
         pos.iteration = done = i + 1
-        out.iteration(epoch, it, mean, lr)
+        for s, mean in zip(run.students, means):
+            for name, v in mean.items():
+                s.sums[name] += v
+            s.out.iteration(epoch, it, mean, lr)
 
         if stop or save or done == iters:  # a checkpoint follows: only of weights that still work
-            check_after_update(model, teacher, images, masks, amp_dtype, run.views, f"epoch {epoch} iteration {i}")
+            check_after_update(run, images, targets, masks, f"epoch {epoch} iteration {i}")
         if stop or save:
             control.signalled |= stop  # every rank agrees now; at the epoch's end main.py stops after its checkpoint
             if done < iters:
@@ -174,17 +205,20 @@ def train_one_epoch(run: Run) -> dict[str, float]:
             now = time.time()
             eta = (now - start_time) / (done - start) * (iters - done)
             ips = batch_size * dist_utils.world_size() * (done - start) / (now - start_time)
-            out.print(
-                f"epoch {epoch} [{done}/{iters}] loss {mean['total']:.4f} (token {mean['token']:.4f} "
-                f"patch {mean['patch']:.4f} fea {mean['fea']:.4f}) lr {lr:.3e} {ips:.1f} img/s "
-                f"eta {datetime.timedelta(seconds=int(eta))}"
-            )
-            out.scalars("train", {**log_keys(mean), "lr": lr, "images_per_sec": ips}, it)
+            for s, mean in zip(run.students, means):
+                run.out.print(
+                    f"epoch {epoch} [{done}/{iters}]{run.of(s, ' ')} loss {mean['total']:.4f} (token "
+                    f"{mean['token']:.4f} patch {mean['patch']:.4f} fea {mean['fea']:.4f}) lr {lr:.3e} {ips:.1f} "
+                    f"img/s eta {datetime.timedelta(seconds=int(eta))}"
+                )
+                s.out.scalars("train", {**log_keys(mean), "lr": lr, "images_per_sec": ips}, it)
             last = now
     elapsed = max(last - start_time, 1e-9)
-    return {
-        **{f"train_{key}": s / max(iters, 1) for key, s in log_keys(pos.sums).items()},
+    shared = {
         "lr": run.schedule[(epoch + 1) * iters - 1],
         "images_per_sec": (batch_size or 0) * dist_utils.world_size() * (iters - start) / elapsed,
         "epoch_time_sec": elapsed,
     }
+    return [
+        {**{f"train_{key}": v / max(iters, 1) for key, v in log_keys(s.sums).items()}, **shared} for s in run.students
+    ]

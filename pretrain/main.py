@@ -3,6 +3,8 @@
 python -m pretrain.main --data-path /imagenet --teacher dinov2_vitl14 --student vit_base
 torchrun --nproc_per_node=4 -m pretrain.main --data-path /imagenet ...
 
+python -m pretrain.main ... --student vit_tiny,vit_small,vit_base   # one teacher pass, three students
+
 main -> common.cli.run(distil): resolve_args (every check) -> build (a state.Run, resumed when a checkpoint
 exists) -> train (the epochs, engine.train_one_epoch each, a checkpoint after each) -> export_backbones.
 """
@@ -35,12 +37,13 @@ from models import (
     create_teacher,
     to_reference,
 )
+from models.architectures import DINOV3_SUFFIX
 
 from .data import PositionSampler, SeededDataset, build_dataset, worker_init
 from .distiller import Distiller, Views, compile_student, param_groups
 from .engine import NonFiniteLoss, Preempted, train_one_epoch
 from .output import CHECKPOINT, Output
-from .state import Position, Run, StopControl
+from .state import Run, StopControl, Student
 
 log = logging.getLogger("pretrain")
 TEACHER_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}  # auto: models.default_dtype
@@ -74,12 +77,17 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="what the teacher sees: reference = the ImageNet-normalised crops, as the paper's runs (CLIP too); "
         "teacher = re-normalised with the teacher's own mean/std (differs for CLIP only)",
     )
-    a("--student", default="vit_base", help=f"one of: {', '.join(STUDENT_ARCHS)}")
+    a(
+        "--student",
+        default="vit_base",
+        help=f"one of: {', '.join(STUDENT_ARCHS)} (a {DINOV3_SUFFIX} suffix: in the dinov3 layout); a comma list "
+        "trains several students from one teacher pass, each into <output-dir>/<student>/",
+    )
     a(
         "--student-layout",
         choices=tuple(LAYOUTS),
-        help="the student's architecture and export key names, as the reference's per teacher family "
-        "(default: the teacher's family)",
+        help="the students' architecture and export key names, as the reference's per teacher family "
+        f"(default: the teacher's family; a name's {DINOV3_SUFFIX} suffix says dinov3)",
     )
     a("--input-size", type=int, default=224, help="the student's crop side; a multiple of its patch size")
     a("--batch-size", type=int, default=128, help="per process; lr scales with the global batch")
@@ -105,7 +113,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--compile", action="store_true", help="torch.compile the student's forward (distiller.compile_student)")
     a("--precision", choices=("bf16", "fp16", "fp32"), default="bf16", help="autocast dtype; fp16 adds GradScaler")
     a("--output-dir", default="output/pretrain", help="checkpoint.pth, log.txt, tensorboard/, backbone*.pth")
-    a("--resume", help="checkpoint to resume from (default: <output-dir>/checkpoint.pth when present)")
+    a(
+        "--resume",
+        help="checkpoint to resume from (default: <output-dir>/checkpoint.pth when present); with several students "
+        "the folder holding their <student>/checkpoint.pth",
+    )
     a("--save-every-minutes", type=float, help="also write checkpoint.pth mid-epoch this often (default: per epoch)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="under torchrun: cuda:LOCAL_RANK")
     a("--num-workers", type=int, default=10, help="data loader processes per GPU")
@@ -156,13 +168,23 @@ def check_ranges(args: argparse.Namespace) -> None:
                     args.warmup_epochs, args.epochs)  # fmt: skip
 
 
+def students_of(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(name, layout) of each --student: the dinov3 layout for a name with its suffix, else --student-layout."""
+    names = args.student.split(",")
+    return [(n, "dinov3" if n.endswith(DINOV3_SUFFIX) else args.student_layout) for n in names]
+
+
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill family defaults and check everything that can be checked before training starts."""
     check_ranges(args)
     if args.random_teacher and args.teacher_checkpoint:
         raise ValueError("--random-teacher and --teacher-checkpoint exclude each other: which teacher do you want?")
-    if args.student not in STUDENT_ARCHS:
-        raise ValueError(f"unknown student '{args.student}'; choose from {', '.join(STUDENT_ARCHS)}")
+    names = args.student.split(",")
+    for name in names:
+        if name.removesuffix(DINOV3_SUFFIX) not in STUDENT_ARCHS:
+            raise ValueError(f"unknown student '{name}'; choose from {', '.join(STUDENT_ARCHS)}")
+    if len(set(names)) < len(names):
+        raise ValueError(f"--student {args.student} names a student twice: each needs its own output folder")
     if args.teacher not in TEACHERS:
         raise ValueError(f"unknown teacher '{args.teacher}'; choose from {', '.join(TEACHERS)}")
     spec = TEACHERS[args.teacher]
@@ -177,9 +199,12 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, name, default)
     if not (args.lambda_token or args.lambda_patch or args.lambda_fea):
         raise ValueError("all loss weights are 0: nothing to train")
-    patch = LAYOUTS[args.student_layout].patch_size
-    if args.input_size % patch:
-        raise ValueError(f"--input-size {args.input_size} is not a multiple of the student's patch size {patch}")
+    students = students_of(args)
+    patches = [LAYOUTS[layout].patch_size for _, layout in students]
+    for (name, _), patch in zip(students, patches):
+        if args.input_size % patch:
+            whose = f"{name}'s" if len(students) > 1 else "the student's"
+            raise ValueError(f"--input-size {args.input_size} is not a multiple of {whose} patch size {patch}")
     if args.teacher_input_size % spec.patch_size:
         raise ValueError(
             f"the teacher's input size {args.teacher_input_size} (--teacher-input-size, default --input-size) is not "
@@ -193,7 +218,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         ratio *= 2
     if len(ratio) == 2 and ratio[0] > ratio[1]:
         raise ValueError(f"--mask-ratio {args.mask_ratio}: the range must be 'lo,hi' with lo <= hi")
-    num_patches = (args.input_size // patch) ** 2
+    num_patches = (args.input_size // max(patches)) ** 2  # the fewest of any student
     if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1] < 1 or int(num_patches * ratio[0]) < 1:
         raise ValueError(f"--mask-ratio {args.mask_ratio} must mask at least one of {num_patches} patches and not all")
     args.mask_ratio = tuple(ratio)
@@ -229,18 +254,12 @@ def build(args: argparse.Namespace, device: torch.device, world: int, out: Outpu
     ).to(device)
     if args.teacher_normalization == "reference":  # the crops as they are (ImageNet mean/std), as the reference
         teacher.mean, teacher.std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-    student = create_student(
-        args.student, img_size=args.input_size, drop_path_rate=args.drop_path, layout=args.student_layout
-    )
-    grid = (args.input_size // student.patch_size,) * 2
-    views = Views(args.input_size, args.teacher_input_size, grid)
-    teacher_grid = args.teacher_input_size // teacher.patch_size
-    if (args.lambda_patch or args.lambda_fea) and (teacher_grid,) * 2 != grid:
-        out.print(
-            f"the teacher's {teacher_grid}x{teacher_grid} patch tokens ({args.teacher} at {args.teacher_input_size} "
-            f"px) are resampled to the student's {grid[0]}x{grid[1]} grid (bilinear, antialiased when shrinking)"
+    distillers = []  # made in --student order, so the first student's init is that of a run of it alone
+    for name, layout in students_of(args):
+        student = create_student(name, img_size=args.input_size, drop_path_rate=args.drop_path, layout=layout)
+        distillers.append(
+            Distiller(student, teacher.embed_dim, args.lambda_token, args.lambda_patch, args.lambda_fea).to(device)
         )
-    distiller = Distiller(student, teacher.embed_dim, args.lambda_token, args.lambda_patch, args.lambda_fea).to(device)
 
     # Repeated augmentation under DDP (3 repeats, DeiT's floor(N/256)*256 samples); one plain
     # seeded shuffle per epoch in a single process.
@@ -280,24 +299,45 @@ def build(args: argparse.Namespace, device: torch.device, world: int, out: Outpu
             *(lr, args.lr, global_batch, args.min_lr),
         )
     schedule = warmup_cosine(lr, args.min_lr, args.epochs * iters, int(args.warmup_epochs * iters), args.warmup_lr)
-    no_decay = tuple(f"student.{n}" for n in LAYOUTS[args.student_layout].no_weight_decay)
-    optimizer = torch.optim.AdamW(
-        param_groups(distiller, args.weight_decay, no_decay),
-        lr=lr,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        fused=device.type == "cuda",
-    )
+    several = len(distillers) > 1
+    teacher_grid = args.teacher_input_size // teacher.patch_size
+    students = []
+    for (name, layout), distiller in zip(students_of(args), distillers):
+        grid = (args.input_size // distiller.student.patch_size,) * 2
+        if (args.lambda_patch or args.lambda_fea) and (teacher_grid,) * 2 != grid:
+            out.print(
+                f"the teacher's {teacher_grid}x{teacher_grid} patch tokens ({args.teacher} at "
+                f"{args.teacher_input_size} px) are resampled to {name if several else 'the student'}'s "
+                f"{grid[0]}x{grid[1]} grid (bilinear, antialiased when shrinking)"
+            )
+        no_decay = tuple(f"student.{n}" for n in LAYOUTS[layout].no_weight_decay)
+        optimizer = torch.optim.AdamW(
+            param_groups(distiller, args.weight_decay, no_decay),
+            lr=lr,
+            betas=(0.9, 0.999),
+            eps=1e-8,
+            fused=device.type == "cuda",
+        )
+        student_out = out.sub(name) if several else out
+        student_out.remove_stale_temp_files((CHECKPOINT, "backbone.pth", "backbone_ema.pth"))
+        students.append(
+            Student(
+                name=name,
+                layout=layout,
+                distiller=distiller,
+                model=distiller,
+                views=Views(args.input_size, args.teacher_input_size, grid),
+                optimizer=optimizer,
+                scaler=torch.amp.GradScaler(device.type, enabled=args.precision == "fp16"),
+                ema=ModelEmaV3(distiller.student, decay=args.ema_decay),
+                out=student_out,
+            )
+        )
     run = Run(
         args=args,
         device=device,
-        distiller=distiller,
-        model=distiller,
         teacher=teacher,
-        views=views,
-        optimizer=optimizer,
-        scaler=torch.amp.GradScaler(device.type, enabled=args.precision == "fp16"),
-        ema=ModelEmaV3(student, decay=args.ema_decay),
+        students=students,
         schedule=schedule,
         loader=loader,
         sampler=sampler,
@@ -306,62 +346,67 @@ def build(args: argparse.Namespace, device: torch.device, world: int, out: Outpu
         control=StopControl(args.save_every_minutes),
     )
     run.resume(fresh)
-    if args.compile:  # after the EMA copy and the resume: both see the plain module
-        compile_student(student)
-    if world > 1:
-        run.model = torch.nn.parallel.DistributedDataParallel(
-            distiller, device_ids=[device.index] if device.type == "cuda" else None
-        )
+    for s in students:
+        if args.compile:  # after the EMA copy and the resume: both see the plain module
+            compile_student(s.distiller.student)
+        if world > 1:  # one process group; each student its own DDP wrapper
+            s.model = torch.nn.parallel.DistributedDataParallel(
+                s.distiller, device_ids=[device.index] if device.type == "cuda" else None
+            )
     return run
 
 
 def train(run: Run) -> None:
     """Epochs from where the run stands to --epochs, a checkpoint after each, then the exports."""
-    args, out, student = run.args, run.out, run.distiller.student
+    args, out = run.args, run.out
     start_epoch, world = run.position.epoch, dist_utils.world_size()
     if start_epoch >= args.epochs:
         out.print(f"{out.folder} already holds all {args.epochs} epochs; raise --epochs to train longer")
     else:
-        n_params = sum(p.numel() for p in student.parameters()) / 1e6
-        out.print(
-            f"distilling {args.teacher} ({str(run.teacher.dtype).removeprefix('torch.')}) -> {args.student} "
-            f"({args.student_layout} layout, {n_params:.1f}M params) "
-            f"on {run.device}, world {world}, global batch {args.batch_size * world}, "
-            f"peak lr {max(run.schedule):.3e}, {run.iters_per_epoch} it/epoch, epochs {start_epoch}..{args.epochs - 1}"
-        )
-    # PCA pictures of the dataset's first 4 images (eval transform): the teacher's once, the student's every N epochs
+        for s in run.students:
+            n_params = sum(p.numel() for p in s.distiller.student.parameters()) / 1e6
+            out.print(
+                f"distilling {args.teacher} ({str(run.teacher.dtype).removeprefix('torch.')}) -> {s.name} "
+                f"({s.layout} layout, {n_params:.1f}M params) "
+                f"on {run.device}, world {world}, global batch {args.batch_size * world}, peak lr "
+                f"{max(run.schedule):.3e}, {run.iters_per_epoch} it/epoch, epochs {start_epoch}..{args.epochs - 1}"
+            )
+    # PCA pictures of the dataset's first 4 images (eval transform): the teacher's once, each student's every N epochs
     if args.pca_every > 0:
-        out.load_pictures(run.loader.dataset, args.input_size, run.device)
-        out.picture("pca/teacher", run.teacher, start_epoch)
+        for s in run.students:
+            s.out.load_pictures(run.loader.dataset, args.input_size, run.device)
+            s.out.picture("pca/teacher", run.teacher, start_epoch)
 
     for epoch in range(start_epoch, args.epochs):
         stats = train_one_epoch(run)
         run.save_checkpoint()
-        out.epoch(epoch, stats)
-        if args.pca_every > 0 and (epoch + 1) % args.pca_every == 0:
-            out.picture("pca/student", student, epoch)
-        out.flush()
+        for s, line in zip(run.students, stats):
+            s.out.epoch(epoch, line)
+            if args.pca_every > 0 and (epoch + 1) % args.pca_every == 0:
+                s.out.picture("pca/student", s.distiller.student, epoch)
+            s.out.flush()
         dist_utils.barrier()
         if run.control.signalled and epoch + 1 < args.epochs:
             raise Preempted(f"stopped after epoch {epoch}")
-        run.position = Position(epoch + 1)
-    export_backbones(run, trained=start_epoch < args.epochs)
-    out.close()
-    out.print(
-        f"done: {out.folder / 'backbone.pth'} ({args.student_layout} layout), {out.folder / 'backbone_ema.pth'}, "
-        f"trained at img_size {args.input_size}; tensorboard logs in {out.folder / 'tensorboard'}"
-    )
+        run.next_epoch()
+    for s in run.students:
+        export_backbones(s, trained=start_epoch < args.epochs)
+        s.out.close()
+        out.print(
+            f"done: {s.out.folder / 'backbone.pth'} ({s.layout} layout), {s.out.folder / 'backbone_ema.pth'}, "
+            f"trained at img_size {args.input_size}; tensorboard logs in {s.out.folder / 'tensorboard'}"
+        )
 
 
-def export_backbones(run: Run, trained: bool) -> None:
-    """backbone.pth and backbone_ema.pth in the reference's layout of --student-layout. A finished run
+def export_backbones(s: Student, trained: bool) -> None:
+    """Student `s`'s backbone.pth and backbone_ema.pth in the reference's layout of its layout. A finished run
     re-run keeps the files it finds: a new mtime would void the evaluations' feature caches."""
-    folder, layout = run.out.folder, run.args.student_layout
+    folder = s.out.folder
     kept = not trained and (folder / "backbone.pth").is_file() and (folder / "backbone_ema.pth").is_file()
-    if kept or not run.out.main:  # only rank 0 writes: the others skip the copies too
+    if kept or not s.out.main:  # only rank 0 writes: the others skip the copies too
         return
-    run.out.save(to_reference(run.distiller.student, layout), "backbone.pth")
-    run.out.save(to_reference(run.ema.module, layout), "backbone_ema.pth")
+    s.out.save(to_reference(s.distiller.student, s.layout), "backbone.pth")
+    s.out.save(to_reference(s.ema.module, s.layout), "backbone_ema.pth")
 
 
 SET_UP = "set-up (checks, teacher, data, model; nothing trained or written yet)"  # what a SIGTERM then interrupts
@@ -369,26 +414,23 @@ SET_UP = "set-up (checks, teacher, data, model; nothing trained or written yet)"
 
 def distil(args: argparse.Namespace, fresh: bool = False) -> int:
     """The run, under common.cli.run (bad input: `error:` and 2; a full disk: 1); 0 when done, 3 when the
-    loss turns non-finite, EXIT_REQUEUE (75) when stopped by SIGUSR1/SIGTERM after its checkpoint.
+    loss turns non-finite, EXIT_REQUEUE (75) when stopped by SIGUSR1/SIGTERM after its checkpoints.
     fresh: start at epoch 0 even if --output-dir holds a checkpoint.pth (the demo's re-runs); the old files
     are replaced only once every input is checked."""
     args = resolve_args(args)
     prepare_output_dir(args.output_dir)
     device, _, world = dist_utils.init_distributed(args.device)
     out = Output(args.output_dir, main=dist_utils.is_main())
-    out.remove_stale_temp_files((CHECKPOINT, "backbone.pth", "backbone_ema.pth"))
     run = build(args, device, world, out, fresh)
     try:
         with run.control:
             train(run)
     except NonFiniteLoss as e:
-        ckpt = out.folder / CHECKPOINT
-        kept = f"the last good checkpoint {ckpt} is untouched" if ckpt.exists() else "no checkpoint was written"
-        print(f"error: {e}; stopping, {kept}", file=sys.stderr, flush=True)
+        print(f"error: {e}; stopping, {run.kept()}", file=sys.stderr, flush=True)
         return 3
     except Preempted as e:
         dist_utils.barrier()  # no rank exits (and gets its peers killed by torchrun) before rank 0 has written
-        out.print(f"{e}: wrote {out.folder / CHECKPOINT}, exiting {EXIT_REQUEUE} (requeue)")
+        out.print(f"{e}: wrote {', '.join(map(str, run.checkpoints()))}, exiting {EXIT_REQUEUE} (requeue)")
         return EXIT_REQUEUE
     return 0
 

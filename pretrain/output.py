@@ -53,6 +53,12 @@ class Output:
         if not main:
             logging.getLogger().setLevel(logging.WARNING)
 
+    def sub(self, name: str) -> Output:
+        """The Output of the subfolder `name` (each student's when a run has several), made on rank 0."""
+        if self.main:
+            (self.folder / name).mkdir(exist_ok=True)
+        return Output(self.folder / name, self.main)
+
     @property
     def tensorboard(self):
         """The SummaryWriter, made at the first write; imported here, so pretrain.benchmark never loads tensorboard."""

@@ -24,14 +24,16 @@ from .output import CHECKPOINT, Output
 log = logging.getLogger("pretrain")
 
 
+def zero_sums() -> dict[str, float]:
+    return dict.fromkeys(LOSSES, 0.0)
+
+
 @dataclass
 class Position:
-    """`iteration` iterations of `epoch` are trained; `sums` are their loss sums, so that a resumed epoch's
-    log.txt line still averages the whole epoch."""
+    """`iteration` iterations of `epoch` are trained (by every student: they step together)."""
 
     epoch: int = 0
     iteration: int = 0
-    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LOSSES, 0.0))
 
 
 class StopControl:
@@ -69,57 +71,130 @@ class StopControl:
 
 
 @dataclass
-class Run:
-    """Everything a pretraining run holds; main.build makes it, engine.train_one_epoch advances it."""
+class Student:
+    """One student of the run and everything that is its own; the teacher, the data and the schedule are
+    the run's. `sums` are the loss sums of the epoch's iterations so far, so that a resumed epoch's log.txt
+    line still averages the whole epoch."""
 
-    args: argparse.Namespace
-    device: torch.device
+    name: str  # as --student lists it; its folder under --output-dir when there are several
+    layout: str
     distiller: Distiller  # the student and its loss heads
-    model: torch.nn.Module  # what the step calls: the distiller, under DDP when there are several processes
-    teacher: Teacher
-    views: Views  # what the student and the teacher see of each batch
+    model: torch.nn.Module  # what the step calls: the distiller, under its own DDP wrapper with several processes
+    views: Views  # what it and the teacher see of each batch
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     ema: ModelEmaV3  # of the student
+    out: Output  # its checkpoint, logs, tensorboard and exports
+    sums: dict[str, float] = field(default_factory=zero_sums)
+
+
+@dataclass
+class Run:
+    """Everything a pretraining run holds; main.build makes it, engine.train_one_epoch advances it.
+
+    One teacher, one or several students (--student a,b): one student writes into --output-dir itself,
+    several each into <output-dir>/<name>/. They save, resume and stop together."""
+
+    args: argparse.Namespace
+    device: torch.device
+    teacher: Teacher
+    students: list[Student]
     schedule: list[float]  # the lr of every global iteration
     loader: DataLoader
     sampler: PositionSampler
     iters_per_epoch: int
-    out: Output
+    out: Output  # --output-dir and the console
     control: StopControl
     position: Position = field(default_factory=Position)
 
-    def state_dict(self) -> dict:
-        """checkpoint.pth: "epoch" is the last finished epoch (as the reference's), "iteration_in_epoch" counts
-        the iterations of the next one already trained."""
+    def of(self, s: Student, sep: str = " of ") -> str:
+        """How messages name a student: not at all when it is the only one."""
+        return f"{sep}{s.name}" if len(self.students) > 1 else ""
+
+    def checkpoints(self) -> list[Path]:
+        return [s.out.folder / CHECKPOINT for s in self.students]
+
+    def kept(self) -> str:
+        """What a stopped run says it leaves on disk: its last good checkpoints (never written after a failure)."""
+        kept = [str(p) for p in self.checkpoints() if p.exists()]
+        if not kept:
+            return "no checkpoint was written"
+        return f"the last good checkpoint{'s' if len(kept) > 1 else ''} {', '.join(kept)} " + (
+            "are untouched" if len(kept) > 1 else "is untouched"
+        )
+
+    def next_epoch(self) -> None:
+        self.position = Position(self.position.epoch + 1)
+        for s in self.students:
+            s.sums = zero_sums()
+
+    def state_dict(self, s: Student) -> dict:
+        """Student `s`'s checkpoint.pth: "epoch" is the last finished epoch (as the reference's),
+        "iteration_in_epoch" counts the iterations of the next one already trained."""
         pos, iters = self.position, self.iters_per_epoch
         finished = pos.iteration == iters
         return {
-            "student": self.distiller.student.state_dict(),
-            "heads": self.distiller.heads_state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "student": s.distiller.student.state_dict(),
+            "heads": s.distiller.heads_state_dict(),
+            "optimizer": s.optimizer.state_dict(),
             "scheduler": {"iteration": pos.epoch * iters + pos.iteration, "iters_per_epoch": iters},
-            "scaler": self.scaler.state_dict(),
-            "ema": self.ema.module.state_dict(),
+            "scaler": s.scaler.state_dict(),
+            "ema": s.ema.module.state_dict(),
             "epoch": pos.epoch if finished else pos.epoch - 1,
             "iteration_in_epoch": pos.iteration % iters,
-            "epoch_loss_sums": None if finished else [pos.sums[k] for k in LOSSES],
+            "epoch_loss_sums": None if finished else [s.sums[k] for k in LOSSES],
             "world_size": dist_utils.world_size(),
             "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self.args).items()},
         }
 
     def save_checkpoint(self) -> None:
-        self.out.save(self.state_dict(), CHECKPOINT)
-        self.out.flush()
+        for s in self.students:
+            s.out.save(self.state_dict(s), CHECKPOINT)
+            s.out.flush()
         self.control.last_save = time.monotonic()
 
     def resume(self, fresh: bool = False) -> None:
-        """Load --resume, else <output-dir>/checkpoint.pth if present and not `fresh`, and stand where it stood."""
-        args, out = self.args, self.out
-        path = args.resume or (out.folder / CHECKPOINT)
-        if not args.resume and (fresh or not Path(path).exists()):
-            out.truncate_logs(0, 0)  # a fresh run in an old output dir: its logs start anew, not appended to
+        """Load every student's checkpoint: --resume (a file; with several students the folder holding
+        <name>/checkpoint.pth), else their checkpoint.pth in the output folders if present and not `fresh`;
+        and stand where they stood, which must be one place."""
+        args = self.args
+        several = len(self.students) > 1
+        if args.resume:
+            paths = [Path(args.resume) / s.name / CHECKPOINT if several else Path(args.resume) for s in self.students]
+        else:
+            paths = self.checkpoints()
+        if not args.resume and (fresh or not any(p.exists() for p in paths)):
+            for s in self.students:  # a fresh run in an old output dir: its logs start anew, not appended to
+                s.out.truncate_logs(0, 0)
             return
+        ckpts = [self.load_checkpoint(s, p) for s, p in zip(self.students, paths)]  # one missing: a clear error
+        if len({(c["epoch"], c.get("iteration_in_epoch", 0)) for c in ckpts}) > 1:
+            places = ", ".join(
+                f"{p} after epoch {c['epoch']} + {c.get('iteration_in_epoch', 0)} it" for p, c in zip(paths, ckpts)
+            )
+            raise ValueError(f"the students' checkpoints stand at different places ({places}); they resume together")
+        ckpt = ckpts[0]
+        path = Path(args.resume or self.out.folder) if several else paths[0]  # how messages name what was resumed
+        if ckpt["args"]["precision"] != args.precision:
+            log.warning("%s was trained with --precision %s, now %s", path, ckpt["args"]["precision"], args.precision)
+        epoch, done = ckpt["epoch"] + 1, ckpt.get("iteration_in_epoch", 0)
+        if ckpt["args"]["epochs"] != args.epochs and epoch < args.epochs:
+            log.warning("%s was trained with --epochs %d, now %d: the lr follows the cosine of a %d-epoch run from "
+                        "here", path, ckpt["args"]["epochs"], args.epochs, args.epochs)  # fmt: skip
+        world = dist_utils.world_size()
+        if done and ckpt["world_size"] != world:
+            log.warning("%s was written by %d processes, not %d: the rest of epoch %d differs from the uninterrupted "
+                        "run", path, ckpt["world_size"], world, epoch)  # fmt: skip
+        for s, c in zip(self.students, ckpts):
+            s.out.truncate_logs(epoch, c["scheduler"]["iteration"])
+            s.sums = dict(zip(LOSSES, c["epoch_loss_sums"])) if done else zero_sums()
+        where = f", at iteration {done} of epoch {epoch}" if done else ""
+        self.out.print(f"resumed from {path} after epoch {ckpt['epoch']}{where}")
+        self.position = Position(epoch, done)
+
+    def load_checkpoint(self, s: Student, path: Path) -> dict:
+        """Student `s` as `path` holds it (weights, heads, optimizer, scaler, EMA); returns the checkpoint."""
+        args = self.args
         ckpt = safe_load(path)
         if not isinstance(ckpt, dict) or not {"student", "heads", "optimizer", "args"} <= set(ckpt):
             keys = sorted(map(str, ckpt))[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
@@ -132,30 +207,16 @@ class Run:
             if trained[key] != getattr(args, key):
                 flag = "--" + key.replace("_", "-")
                 raise ValueError(f"{path} was trained with {flag} {trained[key]}, not {getattr(args, key)}")
-        self.distiller.student.load_state_dict(ckpt["student"])
-        heads = self.distiller.load_state_dict(ckpt["heads"], strict=False)  # the student is loaded above
+        s.distiller.student.load_state_dict(ckpt["student"])
+        heads = s.distiller.load_state_dict(ckpt["heads"], strict=False)  # the student is loaded above
         missing = [k for k in heads.missing_keys if not k.startswith("student.")]
         if missing or heads.unexpected_keys:
             raise ValueError(
                 f"{path} has other loss heads than this run (were --lambda-* changed?): "
                 f"missing {missing}, unexpected {heads.unexpected_keys}"
             )
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        s.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt["scaler"]:  # empty unless that run used fp16; a fresh fp16 scaler then starts at its initial scale
-            self.scaler.load_state_dict(ckpt["scaler"])
-        if ckpt["args"]["precision"] != args.precision:
-            log.warning("%s was trained with --precision %s, now %s", path, ckpt["args"]["precision"], args.precision)
-        self.ema.module.load_state_dict(ckpt["ema"])
-        epoch, done = ckpt["epoch"] + 1, ckpt.get("iteration_in_epoch", 0)
-        if ckpt["args"]["epochs"] != args.epochs and epoch < args.epochs:
-            log.warning("%s was trained with --epochs %d, now %d: the lr follows the cosine of a %d-epoch run from "
-                        "here", path, ckpt["args"]["epochs"], args.epochs, args.epochs)  # fmt: skip
-        world = dist_utils.world_size()
-        if done and ckpt["world_size"] != world:
-            log.warning("%s was written by %d processes, not %d: the rest of epoch %d differs from the uninterrupted "
-                        "run", path, ckpt["world_size"], world, epoch)  # fmt: skip
-        out.truncate_logs(epoch, ckpt["scheduler"]["iteration"])
-        where = f", at iteration {done} of epoch {epoch}" if done else ""
-        out.print(f"resumed from {path} after epoch {ckpt['epoch']}{where}")
-        sums = dict(zip(LOSSES, ckpt["epoch_loss_sums"])) if done else dict.fromkeys(LOSSES, 0.0)
-        self.position = Position(epoch, done, sums)
+            s.scaler.load_state_dict(ckpt["scaler"])
+        s.ema.module.load_state_dict(ckpt["ema"])
+        return ckpt

@@ -4,8 +4,8 @@
 # NCCL), the other CUDA tests (our step's losses vs the reference's, pretraining, linear probe and
 # kNN under torchrun on NCCL), then the figures of docs/benchmarks.md: the pretraining step (B<-L
 # and S<-B at batch 128, bf16, ours vs the reference, eager and compiled; the DINOv3 recipes B<-L/16
-# and S<-7B/16, ours only, the 7B teacher in bf16), the input pipeline per worker count, and the
-# logistic regression on CUDA.
+# and S<-7B/16, ours only, the 7B teacher in bf16; S and B from one DINOv2 g pass, the teacher-sharing
+# speedup), the input pipeline per worker count, and the logistic regression on CUDA.
 # Each log goes to $OUT (default ./gpu_checks) as it runs, so a run cut short keeps what finished.
 #
 #   bash scripts/gpu_checks.sh                 # everything
@@ -52,5 +52,7 @@ run s_b "${step[@]}" --teacher dinov2_vitb14 --student vit_small --reference
 run s_b_compile "${step[@]}" --teacher dinov2_vitb14 --student vit_small --compile
 run b_l_dinov3 "${step[@]}" --teacher dinov3_vitl16 --student vit_base
 run s_7b_dinov3 "${step[@]}" --teacher dinov3_vit7b16 --student vit_small
+# one DINOv2 g pass for S and B (--student a,b): the joint step vs each student's own; teacher-sharing speedup
+run sb_g_shared "${step[@]}" --teacher dinov2_vitg14 --student vit_small,vit_base
 run pipeline "$PYTHON" -m pretrain.benchmark --pipeline --images 512 --workers 1,4,8,15
 run logreg "$PYTHON" -m fine_grained.benchmark --device cuda

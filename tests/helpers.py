@@ -10,6 +10,10 @@ import json
 import math
 import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -356,3 +360,45 @@ def official_weights_(model: nn.Module, seed: int = 0) -> nn.Module:
     sd["rope_embed.periods"] = official["rope_embed.periods"]  # keep the formula: timm's own models use it
     models.checkpoints.load_dinov3(model, sd, "random")
     return model
+
+
+# --- pretraining runs in a child process (resume and multi-student tests) ---------------------------------
+
+ITERS = 12  # per epoch; 12 images in batches of 4 -> the sampler goes round 4 times an epoch
+
+
+def command(data: Path, out: Path, workers: int = 0, *extra: str) -> list[str]:
+    argv = [*TINY_RUN, "--data-path", str(data), "--output-dir", str(out), "--epochs", "2"]
+    argv[argv.index("--num-workers") + 1] = str(workers)
+    return [sys.executable, "-m", "pretrain.main", *argv, "--epoch-length", str(ITERS), *extra]
+
+
+def iterations(out: Path) -> list[dict]:
+    path = out / "iterations.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def epoch_losses(out: Path) -> list[dict]:
+    """log.txt's loss averages per epoch (timings aside): a resumed epoch's line averages the whole epoch."""
+    lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if k.startswith("train_loss")} for line in lines]
+
+
+def run_ok(cmd: list[str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def interrupt(cmd: list[str], out: Path, sig: int, after: int = 5) -> int:
+    """Start `cmd`, send `sig` once `after` iterations are logged; returns the exit status."""
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 120
+    while len(iterations(out)) < after and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode in (75, -signal.SIGKILL), err[-3000:]
+    return proc.returncode

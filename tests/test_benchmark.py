@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 
 import pytest
 
@@ -103,3 +104,23 @@ def test_bad_names_and_device_are_one_line(capsys):
     assert capsys.readouterr().err.startswith("error: --teacher is one of dinov2_vits14")
     assert benchmark.main(["--device", "gpu"]) == 2
     assert capsys.readouterr().err.strip() == "error: --device gpu: not a torch device (e.g. cpu, cuda, cuda:1)"
+
+
+def test_teacher_sharing_times_the_joint_and_the_separate_steps(capsys, monkeypatch):
+    """--student a,b: each student's separate step (teacher + it) and the joint step (the teacher once) on one
+    batch; the teacher runs once per joint step, and the speedup is the sum of the separate times / the joint."""
+    calls = []
+    real_targets = benchmark.Teacher.targets
+    monkeypatch.setattr(benchmark.Teacher, "targets", lambda self, *a: calls.append(1) or real_targets(self, *a))
+    assert benchmark.main([*TINY, "--student", "vit_tiny,vit_small"]) == 0
+    out = capsys.readouterr().out
+    assert len(calls) == 3 * 4  # (2 warm-up + 2 timed steps) x (2 separate + 1 joint)
+    assert "-> students vit_tiny, vit_small" in out
+    separate = [float(ms) for ms in re.findall(r"^separate: vit_\w+ step ([\d.]+) ms", out, re.M)]
+    joint = float(re.search(r"^joint: step ([\d.]+) ms", out, re.M).group(1))
+    assert len(separate) == 2 and all(v > 0 for v in separate) and joint > 0
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("teacher-sharing speedup: ")
+    assert float(last.split()[-1]) == pytest.approx(sum(separate) / joint, rel=0.05)  # from the rounded ms
+    assert benchmark.main([*TINY, "--student", "vit_tiny,vit_small", "--reference"]) == 2
+    assert "--reference times one student's step" in capsys.readouterr().err

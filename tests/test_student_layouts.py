@@ -415,7 +415,7 @@ def test_clip_teacher_run_trains_a_clip_student_as_the_reference(tiny_teacher, t
     args = pretrain_main.resolve_args(pretrain_main.get_args_parser().parse_args([*argv, "--epochs", "1"]))
     assert args.student_layout == "clip" and (args.lambda_patch, args.lambda_fea) == (0.0, 0.0)
     run = pretrain_main.build(args, torch.device("cpu"), 1, Output(tmp_path / "run", main=True))
-    distiller, optimizer = run.distiller, run.optimizer
+    distiller, optimizer = run.students[0].distiller, run.students[0].optimizer
     assert distiller.patch_head is None and distiller.fea_head is None and distiller.token_head is not None
     named = dict(distiller.named_parameters())
     decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
