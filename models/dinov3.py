@@ -22,6 +22,8 @@ from timm.models.eva import Eva
 from timm.models.eva import checkpoint_filter_fn as timm_checkpoint_filter
 from torch import nn
 
+from .vision_transformer import block_indices
+
 StateDict = dict[str, torch.Tensor]
 
 NUM_STORAGE_TOKENS = 4
@@ -188,10 +190,7 @@ class DinoV3ViT(Eva):
         norm: bool = True,
     ) -> tuple:
         """FAIR's semantics: the last `n` blocks (int) or the listed block indices; extra = storage tokens."""
-        total = len(self.blocks)
-        take = set(range(total - n, total) if isinstance(n, int) else n)
-        if not take or min(take) < 0 or max(take) >= total:
-            raise ValueError(f"block indices {sorted(take)} out of range for {total} blocks")
+        take = block_indices(n, len(self.blocks))
         height, width = x.shape[-2:]
         x, rope = self.prepare_tokens(x)
         outputs = []

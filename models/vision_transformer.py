@@ -20,6 +20,14 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 
+def block_indices(n: int | Sequence[int], total: int) -> set[int]:
+    """get_intermediate_layers' `n` (DINOv2 and DINOv3 alike): the last n blocks, or the listed indices."""
+    take = set(range(total - n, total) if isinstance(n, int) else n)
+    if not take or min(take) < 0 or max(take) >= total:
+        raise ValueError(f"block indices {sorted(take)} out of range for {total} blocks")
+    return take
+
+
 class ViT(VisionTransformer):
     """A ViT whose `forward_features(x, masks)` returns DINOv2's output dict.
 
@@ -165,10 +173,7 @@ class ViT(VisionTransformer):
         norm: bool = True,
     ) -> tuple:
         """DINOv2 semantics: last `n` blocks (int) or the listed block indices, prefix removed."""
-        total = len(self.blocks)
-        take = set(range(total - n, total) if isinstance(n, int) else n)
-        if not take or min(take) < 0 or max(take) >= total:
-            raise ValueError(f"block indices {sorted(take)} out of range for {total} blocks")
+        take = block_indices(n, len(self.blocks))
         height, width = x.shape[-2:]
         x = self.prepare_tokens(x)
         outputs = []
