@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import signal
+import threading
 
 import torch
 import torch.distributed as dist
@@ -115,15 +116,51 @@ def exit_on_preemption(during: str = "") -> None:
     re-run resumes from there. Pretraining uses this during its set-up (`during` says what was
     interrupted) and checkpoints mid-epoch once training runs (pretrain.state.StopControl).
     """
+    handled = threading.Event()
 
     def stop(signum, frame):
+        if handled.is_set():  # a second delivery (see _redeliver_unhandled) while the first one unwinds
+            return
+        handled.set()
         where = f" during {during}" if during else ""
         print(f"received {signal.Signals(signum).name}{where}: exiting {EXIT_REQUEUE}, re-run to resume", flush=True)
         raise SystemExit(EXIT_REQUEUE)
 
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, stop)
+    _redeliver_unhandled(stop, handled)
     end_workers_at_exit()  # every entry point calls this first: no exit path waits on a worker
+
+
+_watched: list = []  # [handler, Event]: the stop handler the watcher thread re-delivers signals for
+
+
+def _redeliver_unhandled(handler, handled: threading.Event) -> None:
+    """A signal that lands between Python's last check and a blocking system call (a read of a pipe, a
+    socket, an NFS file) is noted by the interpreter but its handler never runs: the call is not
+    interrupted, and the process neither stops nor says so. A watcher thread, woken through
+    signal.set_wakeup_fd, sends the signal to the main thread again until the handler has run."""
+    if _watched:
+        _watched[:] = [handler, handled]
+        return
+    _watched[:] = [handler, handled]
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    main = threading.main_thread().ident
+
+    def watch() -> None:
+        while True:
+            signum = os.read(read_end, 1)[0]
+            if signum not in (signal.SIGUSR1, signal.SIGTERM):
+                continue
+            for _ in range(30):
+                handler, handled = _watched
+                if handled.wait(1.0) or signal.getsignal(signum) is not handler:
+                    break  # handled, or pretraining's StopControl (which only sets a flag) took over
+                signal.pthread_kill(main, signum)
+
+    threading.Thread(target=watch, name="signal-watcher", daemon=True).start()
 
 
 def collective_device() -> torch.device:

@@ -105,3 +105,27 @@ raise RuntimeError("injected failure mid-epoch")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True,
                           timeout=120)  # fmt: skip
     check_ended(proc, token)
+
+
+SIGNAL_TO_ANOTHER_THREAD = """
+import os, signal, threading
+from common import cli
+def main():
+    read_end, _ = os.pipe()
+    side = threading.Thread(target=threading.Event().wait, daemon=True)
+    side.start()
+    # the handler's C part runs in the side thread: the interpreter notes the signal, the main thread's read()
+    # is not interrupted and would block for good
+    threading.Timer(0.5, signal.pthread_kill, (side.ident, signal.SIGTERM)).start()
+    os.read(read_end, 1)
+raise SystemExit(cli.run(main, during="the read"))
+"""
+
+
+def test_a_signal_noted_during_a_blocking_call_still_stops_the_run():
+    """A SIGTERM whose handler cannot run (the main thread sits in a blocking system call it did not
+    interrupt) is re-delivered to the main thread (common.distributed): exit 75 and the line, not a hang."""
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_TO_ANOTHER_THREAD], cwd=ROOT, env=child_env(),
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 75, proc.stdout + proc.stderr
+    assert "received SIGTERM during the read: exiting 75" in proc.stdout
