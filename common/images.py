@@ -12,6 +12,8 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from . import distributed
+
 log = logging.getLogger(__name__)
 
 IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # what PIL raises on a bad file
@@ -41,26 +43,36 @@ def load_rgb(path: str | Path) -> Image.Image:
 
 
 class SkipCorruptImageFolder(ImageFolder):
-    """ImageFolder that reports an unreadable image by path and serves the next one instead."""
+    """ImageFolder that reports an unreadable image by path and serves the next one instead.
+
+    `skipped` flags each sample found unreadable; it lies in shared memory, so the flags that the
+    data-loader workers set are seen by the main process, which counts them (skipped_paths)."""
 
     max_skips = 50
 
     def __init__(self, root: str, transform=None) -> None:
         super().__init__(root, transform=transform, loader=load_rgb)
-        self.reported: set[str] = set()
+        self.skipped = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
 
     def __getitem__(self, index: int):
         for attempt in range(self.max_skips):
-            path, target = self.samples[(index + attempt) % len(self.samples)]
+            i = (index + attempt) % len(self.samples)
+            path, target = self.samples[i]
             try:
                 img = self.loader(path)
             except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError...
-                if path not in self.reported:
-                    self.reported.add(path)
+                if not self.skipped[i]:
+                    self.skipped[i] = 1
                     log.warning("skipping corrupt image %s (%s)", path, e)
                 continue
             return (self.transform(img) if self.transform else img), target
         raise RuntimeError(f"{self.max_skips} consecutive unreadable images from {self.samples[index][0]}")
+
+
+def skipped_paths(ds: SkipCorruptImageFolder) -> list[str]:
+    """The paths of the images `ds` skipped as unreadable on any rank (each once, in sample order)."""
+    flags = distributed.sum_across_ranks(ds.skipped.int())
+    return [ds.samples[i][0] for i in flags.nonzero().flatten().tolist()]
 
 
 def read_image_folder(root: Path, transform) -> SkipCorruptImageFolder:

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from common import distributed as dist_utils
 from common.cli import HelpFormatter, OldSwitch, check_positive, evaluation_parser, run, start
 from common.features import Progress, cached_features, file_identity, frozen_backbone, image_counts
-from common.images import seed_worker
+from common.images import seed_worker, skipped_paths
 from common.io import atomic_save, prepare_output_dir
 from common.results import Results, Timer, print_table, topk_correct, write_results
 from common.schedule import warmup_cosine
@@ -61,6 +61,7 @@ def prepare(args: argparse.Namespace, device: torch.device, timer: Timer) -> dic
     if len(backbone.blocks) < 4:
         raise ValueError(f"the backbone has {len(backbone.blocks)} blocks; the protocol reads the last 4")
     train, val = load_splits(args.data_path, train_transform(args.input_size), val_transform(args.input_size))
+    train_images = train  # the folder whose unreadable images training skips (counted at the end)
     num_classes = len(train.classes)
     holdout = None
     if args.val_from_train is not None:
@@ -104,6 +105,7 @@ def prepare(args: argparse.Namespace, device: torch.device, timer: Timer) -> dic
         sampler=sampler,
         start_epoch=start_epoch,
         eval_features=eval_features,
+        train_images=train_images,
     )
 
 
@@ -244,6 +246,7 @@ def report(
     classifiers: AllClassifiers,
     scores: dict[str, dict[str, dict[str, float]]],
     eval_features: dict[str, dict],
+    train_skipped: list[str],
     timer: Timer,
 ) -> None:
     select_on = "holdout" if "holdout" in scores else "val"
@@ -268,6 +271,10 @@ def report(
         [[("* " if s is best else "  ") + s.name, f"{s.lr:.3g}", *(f"{table[s.name][c]:.2f}" for c in columns)]
          for s in classifiers.specs],
     )  # fmt: skip
+    images = {
+        "train": {"dropped": len(train_skipped), "unreadable": train_skipped},  # skipped in this run's epochs
+        **{name: image_counts(data) for name, data in eval_features.items()},
+    }
     results = Results(
         task="linear",
         backbone=args.backbone,
@@ -282,12 +289,12 @@ def report(
         },
         metrics={"top-1": table[best.name]["top1"], "top-5": table[best.name]["top5"]},
         metric_notes={"top-1": best.name, "top-5": best.name},
-        unreadable_images={name: len(data["dropped"]) for name, data in eval_features.items()},
+        unreadable_images={split: counts["dropped"] for split, counts in images.items()},
         timings=timer.timings(),
         details={
             "best": {"name": best.name, **table[best.name]},
             "classifiers": table,
-            "images": {name: image_counts(data) for name, data in eval_features.items()},
+            "images": images,
         },
     )
     path = write_results(args.output_dir, results)
@@ -306,14 +313,15 @@ def linear_eval(args: argparse.Namespace) -> None:
     if args.cache_dir:
         prepare_output_dir(args.cache_dir)  # unwritable: fail now, not after the extraction
     state = prepare(args, device, timer)
-    eval_features = state.pop("eval_features")
+    eval_features, train_images = state.pop("eval_features"), state.pop("train_images")
     with timer.phase("training"):
         train(**state)
+    train_skipped = skipped_paths(train_images)  # on every rank: a collective
     classifiers = state["classifiers"]
     with timer.phase("evaluation"):
         scores = {name: evaluate(classifiers, data, device, args.batch_size) for name, data in eval_features.items()}
     if dist_utils.is_main():
-        report(args, classifiers, scores, eval_features, timer)
+        report(args, classifiers, scores, eval_features, train_skipped, timer)
 
 
 def main(argv: list[str] | None = None) -> int:

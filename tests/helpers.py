@@ -97,6 +97,17 @@ def tiny_vit(dim=32, depth=2, heads=2, grid=2, patch=14, reg=0, seed=0, randomiz
     return randomize_(m, seed).eval() if randomize else m
 
 
+@torch.no_grad()
+def block_outputs(model: ViT, x: torch.Tensor) -> list[torch.Tensor]:
+    """Every block's output tokens (unnormed), by running the blocks one by one: what the models' own
+    intermediate-layer readers are checked against."""
+    t, out = model.prepare_tokens(x), []
+    for blk in model.blocks:
+        t = blk(t)
+        out.append(t)
+    return out
+
+
 def tiny_spec(name: str, dim: int = 32, depth: int = 1, heads: int = 1, **changes) -> models.teachers.TeacherSpec:
     """Teacher `name`'s spec (family, patch, FFN rule, normalisation) at a tiny width, depth and heads."""
     spec = models.TEACHERS[name]

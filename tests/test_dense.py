@@ -449,6 +449,61 @@ def test_every_size_follows_the_protocol(pattern):
             assert cfg.optim_wrapper.paramwise_cfg.custom_keys == REFERENCE_DPT_KEYS
 
 
+# Every runnable config's built settings, as sha256 of its canonical dict (the 16 first hex digits).
+# Recorded before the shared parts moved into the bases (runtime.py: the backbone, the train loop); a
+# refactor of the configs must keep them. A deliberate protocol change updates its line here.
+BUILT_CONFIGS = {
+    "segmentation/configs/linear_vit_base.py": "3bc6fe3bb2f1fff0",
+    "segmentation/configs/linear_vit_base_dinov3.py": "e116b603636fb01e",
+    "segmentation/configs/linear_vit_large.py": "422714d5a54a652f",
+    "segmentation/configs/linear_vit_large_dinov3.py": "f119e2e49d7169ee",
+    "segmentation/configs/linear_vit_small.py": "b529fcc503b61774",
+    "segmentation/configs/linear_vit_small_dinov3.py": "8b22d6f8672dfd0f",
+    "segmentation/configs/upernet_vit_base.py": "7701eb0e0fd7e5fb",
+    "segmentation/configs/upernet_vit_base_dinov3.py": "5474f1408d72710f",
+    "segmentation/configs/upernet_vit_large.py": "2d599ba09c957ef8",
+    "segmentation/configs/upernet_vit_large_dinov3.py": "b644e31cd59f322d",
+    "segmentation/configs/upernet_vit_small.py": "0691fc8dba590cd7",
+    "segmentation/configs/upernet_vit_small_dinov3.py": "4417a5b3395f2acf",
+    "depth/configs/dpt_probe_vit_base.py": "ab5653aba8a5d06c",
+    "depth/configs/dpt_probe_vit_base_dinov3.py": "66b47cc341cc1eeb",
+    "depth/configs/dpt_probe_vit_large.py": "47deac80d1c989b1",
+    "depth/configs/dpt_probe_vit_large_dinov3.py": "22433ea46eaf16d4",
+    "depth/configs/dpt_probe_vit_small.py": "b48db081047baf2a",
+    "depth/configs/dpt_probe_vit_small_dinov3.py": "4a2e1950cfb80f94",
+    "depth/configs/dpt_vit_base.py": "ff45592172c73a51",
+    "depth/configs/dpt_vit_base_dinov3.py": "5b61e0daef01ec22",
+    "depth/configs/dpt_vit_large.py": "27517e47d674e516",
+    "depth/configs/dpt_vit_large_dinov3.py": "31dae53ac60d73f2",
+    "depth/configs/dpt_vit_small.py": "6488cd7840effcd2",
+    "depth/configs/dpt_vit_small_dinov3.py": "e4d2979615284e17",
+    "depth/configs/linear_vit_base.py": "1a5968a7504cff3f",
+    "depth/configs/linear_vit_base_dinov3.py": "3e499ba7d751100d",
+    "depth/configs/linear_vit_large.py": "2d661e85661005ba",
+    "depth/configs/linear_vit_large_dinov3.py": "2aa38d1645b012f4",
+    "depth/configs/linear_vit_small.py": "5545e2c4e28c2d77",
+    "depth/configs/linear_vit_small_dinov3.py": "016447f8cc141411",
+}
+
+
+def _canonical(value):
+    """Dicts by sorted key, lists and tuples kept apart, leaves by repr: equal exactly when the configs are."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _canonical(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_canonical(v) for v in value))
+    return repr(value)
+
+
+def test_configs_build_the_recorded_settings():
+    configs = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("*/configs/*.py"))
+    bases = ("runtime.py", "ade20k_base.py", "nyu_base.py", "dinov3_ade20k.py", "dinov3_nyu.py")
+    assert sorted(BUILT_CONFIGS) == [c for c in configs if not c.endswith(bases)]
+    for config, recorded in BUILT_CONFIGS.items():
+        built = hashlib.sha256(repr(_canonical(_cfg(config).to_dict())).encode()).hexdigest()[:16]
+        assert built == recorded, f"{config} builds other settings than recorded"
+
+
 def test_dpt_head_normalises_where_the_reference_does(backbone, nyu):
     """BN (SyncBN under torchrun) in every fusion residual unit and the projection conv, none in the
     reassemble and post-process convs; dropout 0.1 before the output conv."""

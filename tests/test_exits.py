@@ -5,6 +5,8 @@ SIGTERM), holding a cluster allocation until its time limit."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -12,7 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, TINY_RUN, child_env, make_cub, make_image_folder, make_splits
+from tests.helpers import (
+    DENSE_HEADS,
+    DENSE_TINY,
+    ROOT,
+    TINY_RUN,
+    child_env,
+    make_ade,
+    make_cub,
+    make_image_folder,
+    make_nyu,
+    make_splits,
+)
 
 CRASH = """# {token}
 import runpy, sys
@@ -86,6 +99,45 @@ def test_a_crashed_evaluation_with_workers_exits(tmp_path, backbone, module):
         argv += ["--nb-knn", "5"]
     proc = run_crashing(module, argv, token)
     check_ended(proc, token)
+
+
+@pytest.mark.parametrize("config", ["segmentation/configs/linear_vit_small.py", "depth/configs/linear_vit_small.py"])
+def test_a_dense_run_whose_worker_fails_mid_training_exits(tmp_path, backbone, config):
+    """mmengine's persistent train workers: a training annotation that opens (the check before training
+    reads headers only) but cannot be decoded fails in a worker at iteration 3; the run ends, workers too."""
+    pytest.importorskip("mmseg", reason="mmsegmentation not installed: `make mmseg`")
+    task = config.split("/")[0]
+    data = (make_ade if task == "segmentation" else make_nyu)(tmp_path / "data")
+    bad = sorted((data / "annotations" / ("training" if task == "segmentation" else "train")).iterdir())[1]
+    bad.write_bytes(bad.read_bytes()[:60])  # the PNG header, no pixel data
+    work = tmp_path / f"crash-token-{task}"  # in the command line of the run and of its forked workers
+    workers = ["train_dataloader.num_workers=2", "train_dataloader.persistent_workers=True"]
+    run = ["train_cfg.max_iters=50", "train_dataloader.batch_size=1", "randomness.seed=0",  # the 3rd image is bad
+           "default_hooks.logger.interval=1"]  # fmt: skip
+    options = [*DENSE_TINY, *DENSE_HEADS[config], *workers, *run]
+    cmd = [sys.executable, "-m", f"{task}.main", str(ROOT / config), "--backbone", str(backbone), "--data-path",
+           str(data), "--output-dir", str(work), "--cfg-options", *options]  # fmt: skip
+    log = tmp_path / "output.txt"
+    error = "in DataLoader worker process"  # the main process's traceback: "Caught OSError in DataLoader worker ..."
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.time() + 300  # mmengine's start on 2 busy cores
+        while error not in log.read_text() and time.time() < deadline:
+            time.sleep(0.2)
+            if proc.poll() is not None:
+                break
+        proc.wait(timeout=60)  # from the error's traceback to the end of the process
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        pytest.fail(f"the run did not end within 60 s of its error:\n{log.read_text()[-3000:]}")
+    output = log.read_text()
+    assert proc.returncode == 1, output[-3000:]
+    assert "Iter(train) [ 2/50]" in output and error in output, output[-3000:]
+    time.sleep(0.5)
+    assert processes_with(str(work)) == [], "data-loader workers outlived their run"
 
 
 def test_a_loader_kept_alive_at_exit_does_not_hang(tmp_path):

@@ -277,7 +277,7 @@ def test_corrupt_eval_images_are_dropped_reported_and_counted(backbone, tmp_path
     assert f"warning: unreadable image {bad_val}" in stdout and "val features: 1 of 9 images unreadable" in stdout
     res = json.loads((tmp_path / "lin" / "results.json").read_text())
     assert res["details"]["images"]["val"] == {"evaluated": 8, "dropped": 1, "unreadable": [str(bad_val)]}
-    assert res["unreadable_images"] == {"val": 1}
+    assert res["unreadable_images"] == {"train": 1, "val": 1}  # the 8 training images drawn include bad_train
     assert res["protocol"]["data_path"] == str(root.resolve())
     for c in res["details"]["classifiers"].values():  # every kept image counted once: multiples of 100 / 8
         assert c["top1"] * 8 / 100 == pytest.approx(round(c["top1"] * 8 / 100))
@@ -295,6 +295,20 @@ def test_corrupt_eval_images_are_dropped_reported_and_counted(backbone, tmp_path
     assert "val features: 1 of 9 images unreadable" in capsys.readouterr().out
     again = json.loads((tmp_path / "knn" / "results.json").read_text())
     assert {**again, "timings": None} == {**res, "timings": None}
+
+
+def test_corrupt_train_jpeg_skipped_by_workers_is_counted(backbone, tmp_path):
+    """Training serves the next image for an unreadable one; the data-loader workers that skip it tell the
+    main process (shared flags), so results.json counts it like the eval splits' dropped images."""
+    root = make_image_folder(tmp_path / "d", classes=3, per_class=6, val=3)  # noise JPEGs
+    bad = corrupt(root / "train" / "class1" / "2.jpg")
+    out = tmp_path / "lin"
+    # 18 train images in batches of 6: the one epoch reads every index, the corrupt one in a worker
+    argv = [*base_args(root, backbone, out), "--batch-size", "6", "--num-workers", "2", "--epochs", "1"]
+    assert linear_main.main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["unreadable_images"] == {"train": 1, "val": 0}
+    assert res["details"]["images"]["train"] == {"dropped": 1, "unreadable": [str(bad)]}
 
 
 def test_knn_cache_is_keyed_on_the_images_and_the_backbone_file(backbone, tmp_path, capsys):
@@ -440,6 +454,21 @@ def test_torchrun_two_processes_gloo(data, backbone, tmp_path):
     assert knn_main.main([*base_args(data, backbone, tmp_path / "knn1"), "--nb-knn", "1", "3"]) == 0
     single = json.loads((tmp_path / "knn1" / "results.json").read_text())
     assert res["metrics"] == pytest.approx(single["metrics"])
+
+
+def test_torchrun_counts_a_train_image_only_rank_1_skipped(backbone, tmp_path):
+    """The train skips are summed over ranks: the corrupt image is one that only rank 1 draws."""
+    root = make_image_folder(tmp_path / "d", classes=3, per_class=6, val=3)
+    samples = load_splits(str(root), None, None)[0].samples
+    only_rank_1 = set(range(len(samples)))
+    for epoch in (0, 1):  # linear_main.epoch_batches' shuffles: 9 images a rank, all read in batches of 3
+        sampler = torch.utils.data.DistributedSampler(samples, num_replicas=2, rank=0, shuffle=True, seed=0)
+        sampler.set_epoch(epoch * 1000)
+        only_rank_1 -= set(sampler)
+    bad = corrupt(Path(samples[min(only_rank_1)][0]))
+    _, res = torchrun(root, backbone, "linear_eval.main", tmp_path / "lin", "--batch-size", "3", "--epochs", "2")
+    assert res["unreadable_images"] == {"train": 1, "val": 0}
+    assert res["details"]["images"]["train"]["unreadable"] == [str(bad)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

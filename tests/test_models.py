@@ -25,7 +25,7 @@ from torch import nn
 import models
 from common.io import atomic_save
 from models import ViT
-from tests.helpers import randomize_, rel_err, tiny_spec, tiny_vit
+from tests.helpers import block_outputs, randomize_, rel_err, tiny_spec, tiny_vit
 
 # torch.jit is deprecated in torch 2.14 but OpenAI's CLIP files are TorchScript archives.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
@@ -119,6 +119,15 @@ def timm_outputs(tm: VisionTransformer, x: torch.Tensor) -> tuple[torch.Tensor, 
     with torch.no_grad():
         out = tm.forward_features(x)
     return out[:, 0], out[:, tm.num_prefix_tokens :]
+
+
+def timm_rel_err(model: nn.Module, tm: VisionTransformer, x: torch.Tensor) -> float:
+    """The larger relative error of our forward_features' normed CLS and patch tokens against timm's model."""
+    with torch.no_grad():
+        out = model.forward_features(x)
+    t_cls, t_patch = timm_outputs(tm, x)
+    assert out["x_norm_clstoken"].shape == t_cls.shape and out["x_norm_patchtokens"].shape == t_patch.shape
+    return max(rel_err(out["x_norm_clstoken"], t_cls), rel_err(out["x_norm_patchtokens"], t_patch))
 
 
 def dinov2_interpolate(pos_embed: torch.Tensor, h0: int, w0: int, reg: bool) -> torch.Tensor:
@@ -280,12 +289,8 @@ def test_get_intermediate_layers_dinov2_semantics(reg):
     m = tiny_vit(dim=64, depth=3, heads=1, grid=4, reg=reg, randomize=True)
     gh, gw = 3, 5  # non-square so that a transposed reshape would be caught
     x = torch.randn(2, 3, gh * PATCH, gw * PATCH)
+    per_block = block_outputs(m, x)
     with torch.no_grad():
-        t = m.prepare_tokens(x)
-        per_block = []
-        for blk in m.blocks:
-            t = blk(t)
-            per_block.append(t)
         p = 1 + reg
 
         def patches(i, norm=True):
@@ -423,14 +428,11 @@ def test_load_backbone_matches_timm_dinov2_native(dinov2_file):
     assert torch.equal(ours.mask_token, sd["mask_token"])
     tm = timm_dinov2(sd, DIM, DEPTH, HEADS, GRID, reg=reg)
     x = torch.randn(2, 3, GRID * PATCH, GRID * PATCH)
-    with torch.no_grad():
-        out = ours.forward_features(x)
-    t_cls, t_patch = timm_outputs(tm, x)
-    assert out["x_norm_patchtokens"].shape == t_patch.shape == (2, GRID * GRID, DIM)
-    assert rel_err(out["x_norm_clstoken"], t_cls) < 1e-4
-    assert rel_err(out["x_norm_patchtokens"], t_patch) < 1e-4
+    assert timm_outputs(tm, x)[1].shape == (2, GRID * GRID, DIM)
+    assert timm_rel_err(ours, tm, x) < 1e-4
     if reg:
-        assert rel_err(out["x_norm_regtokens"], tm.forward_features(x)[:, 1:5].detach()) < 1e-4
+        with torch.no_grad():
+            assert rel_err(ours.forward_features(x)["x_norm_regtokens"], tm.forward_features(x)[:, 1:5]) < 1e-4
 
 
 def test_load_backbone_matches_timm_dinov2_other_size(dinov2_file):
@@ -438,10 +440,7 @@ def test_load_backbone_matches_timm_dinov2_other_size(dinov2_file):
     ours = models.load_backbone(path).eval()
     tm = timm_dinov2(sd, DIM, DEPTH, HEADS, GRID, reg=reg)
     x = torch.randn(2, 3, 4 * PATCH, 6 * PATCH)
-    with torch.no_grad():
-        out = ours.forward_features(x)
-    t_cls, t_patch = timm_outputs(tm, x)
-    err = max(rel_err(out["x_norm_clstoken"], t_cls), rel_err(out["x_norm_patchtokens"], t_patch))
+    err = timm_rel_err(ours, tm, x)
     if reg:  # timm's antialiased resample to size == DINOv2's reg formula
         assert err < 1e-4
     else:  # DINOv2's plain formula (offset 0.1, no antialias) is not timm's
@@ -456,12 +455,7 @@ def test_to_dinov2_export_is_official_layout_and_loads_into_timm(dinov2_file):
     for k, v in sd.items():
         assert torch.equal(exported[k], v), k
     tm = timm_dinov2(exported, DIM, DEPTH, HEADS, GRID, reg=reg)  # strict load through timm's converter
-    x = torch.randn(2, 3, GRID * PATCH, GRID * PATCH)
-    with torch.no_grad():
-        out = ours.forward_features(x)
-    t_cls, t_patch = timm_outputs(tm, x)
-    assert rel_err(out["x_norm_clstoken"], t_cls) < 1e-4
-    assert rel_err(out["x_norm_patchtokens"], t_patch) < 1e-4
+    assert timm_rel_err(ours, tm, torch.randn(2, 3, GRID * PATCH, GRID * PATCH)) < 1e-4
 
 
 def test_to_dinov2_student_keys_are_official():
@@ -515,12 +509,8 @@ def test_dinov2_teacher_official_file(tiny_teacher, tmp_path, name, dim, heads, 
     exported = models.to_dinov2(teacher)  # and back to the official layout (w12/w3 for ViT-g)
     assert set(exported) == set(sd) and all(torch.equal(exported[k], v) for k, v in sd.items())
 
-    x = torch.randn(2, 3, 4 * PATCH, 4 * PATCH)
-    with torch.no_grad():
-        out = teacher.forward_features(x)
-    t_cls, t_patch = timm_outputs(timm_dinov2(sd, dim, depth, heads, 4, reg=reg, swiglu=swiglu), x)
-    assert rel_err(out["x_norm_clstoken"], t_cls) < 1e-4
-    assert rel_err(out["x_norm_patchtokens"], t_patch) < 1e-4
+    tm = timm_dinov2(sd, dim, depth, heads, 4, reg=reg, swiglu=swiglu)
+    assert timm_rel_err(teacher, tm, torch.randn(2, 3, 4 * PATCH, 4 * PATCH)) < 1e-4
     if swiglu:  # DINOv2's SwiGLUFFN by hand: x1, x2 = w12(x).chunk(2); w3(silu(x1) * x2)
         z = torch.randn(3, 5, dim)
         x1, x2 = F.linear(z, sd["blocks.0.mlp.w12.weight"], sd["blocks.0.mlp.w12.bias"]).chunk(2, dim=-1)
@@ -694,12 +684,7 @@ def test_synclr_teacher_official_file(tiny_teacher, tmp_path, name, wrapper, pre
         assert torch.equal(ours[k], v), k
     assert isinstance(teacher.blocks[0].ls1, nn.Identity)  # no LayerScale
 
-    x = torch.randn(2, 3, grid * patch, grid * patch)
-    with torch.no_grad():
-        out = teacher.forward_features(x)
-    t_cls, t_patch = timm_outputs(ref, x)
-    assert rel_err(out["x_norm_clstoken"], t_cls) < 1e-4
-    assert rel_err(out["x_norm_patchtokens"], t_patch) < 1e-4
+    assert timm_rel_err(teacher, ref, torch.randn(2, 3, grid * patch, grid * patch)) < 1e-4
 
 
 @pytest.mark.parametrize("shape", [None, (1, 1, 64), (1, 64)], ids=["none", "timm-1x1xD", "1xD"])
@@ -720,10 +705,7 @@ def test_synclr_teacher_mask_token_optional(tiny_teacher, tmp_path, shape):
     teacher = models.create_teacher("synclr_vitl14", checkpoint=tmp_path / "synclr.pth").backbone
     expected = torch.zeros(1, 64) if token is None else token.reshape(1, 64)  # none: our zeros, never used
     assert torch.equal(teacher.mask_token, expected)
-    x = torch.randn(2, 3, 56, 56)
-    with torch.no_grad():
-        out = teacher.forward_features(x)
-    assert rel_err(out["x_norm_patchtokens"], timm_outputs(ref, x)[1]) < 1e-4
+    assert timm_rel_err(teacher, ref, torch.randn(2, 3, 56, 56)) < 1e-4
     inner["module.visual.mask_token"] = torch.randn(1, 1, 128)
     torch.save({"model": inner}, tmp_path / "wide.pth")
     with pytest.raises(ValueError, match=r"shape mismatch.*mask_token"):

@@ -34,7 +34,7 @@ from linear_eval.classifiers import linear_features
 from models import LAYOUTS, ViT
 from pretrain import main as pretrain_main
 from pretrain.output import Output
-from tests.helpers import TINY_RUN, make_image_folder, randomize_, rel_err, tiny_vit
+from tests.helpers import TINY_RUN, block_outputs, make_image_folder, randomize_, rel_err, tiny_vit
 
 PATCH, GRID, DIM, DEPTH, HEADS = 14, 4, 128, 2, 2  # 2 heads: the MultiheadAttention <-> qkv head split is exercised
 
@@ -439,12 +439,8 @@ def test_evaluation_features_on_layout_backbones(tmp_path, layout):
     backbone = frozen_backbone(str(path), torch.device("cpu"), 2 * PATCH)
     x = torch.randn(3, 3, 2 * PATCH, 2 * PATCH)
     feats = linear_features(backbone, x)  # the linear probe's input: 4 CLS + avgpool of the last patches
+    per_block = block_outputs(ours, x)
     with torch.no_grad():
-        t = ours.prepare_tokens(x)
-        per_block = []
-        for blk in ours.blocks:
-            t = blk(t)
-            per_block.append(t)
         cls = [ours.norm(b[:, 0]) for b in per_block]
         last = per_block[-1][:, 1:] if layout == "clip" else ours.norm(per_block[-1][:, 1:])  # CLIP: un-normed
         torch.testing.assert_close(feats, torch.cat([*cls, last.mean(dim=1)], dim=-1), rtol=1e-5, atol=1e-5)

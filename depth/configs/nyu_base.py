@@ -73,8 +73,6 @@ data_preprocessor = dict(
 model = dict(
     type="DepthEstimator",
     data_preprocessor=data_preprocessor,
-    # checkpoint: set from --backbone by segmentation.main / depth.main
-    backbone=dict(type="ProteusViT", checkpoint=None, img_size=518, out_indices=(3, 5, 7, 11), final_norm=False),
     decode_head=dict(
         num_classes=1,
         out_channels=1,
@@ -94,6 +92,6 @@ param_scheduler = [
 ]
 # as the reference: evaluated on the test split every 1000 iterations, checkpoints every 2000, the
 # best RMSE kept (`save_best`; the paper's figure is that best-of-25, results.json names it)
-train_cfg = dict(type="IterBasedTrainLoop", max_iters=iters, val_interval=1000)
+train_cfg = dict(max_iters=iters, val_interval=1000)
 default_hooks = dict(checkpoint=dict(interval=2000, save_best="rmse", rule="less"))
 visualizer = dict(alpha=1.0)

@@ -54,8 +54,6 @@ data_preprocessor = dict(
 model = dict(
     type="EncoderDecoder",
     data_preprocessor=data_preprocessor,
-    # checkpoint: set from --backbone by segmentation.main / depth.main
-    backbone=dict(type="ProteusViT", checkpoint=None, img_size=518, out_indices=(3, 5, 7, 11), final_norm=False),
     train_cfg=dict(),
     test_cfg=dict(mode="slide", crop_size=crop_size, stride=(345, 345)),
 )
@@ -69,5 +67,5 @@ param_scheduler = [
 # as the reference: evaluated on val (the test split) and checkpointed every 2000 iterations. The
 # reference kept no best checkpoint for ADE20K (no save_best), so its published figure is the final
 # one; we also keep the best mIoU, reported as such (results.json's best_on_test), never as the paper's
-train_cfg = dict(type="IterBasedTrainLoop", max_iters=iters, val_interval=2000)
+train_cfg = dict(max_iters=iters, val_interval=2000)
 default_hooks = dict(checkpoint=dict(interval=2000, save_best="mIoU", rule="greater"))

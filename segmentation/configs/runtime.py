@@ -1,11 +1,17 @@
-# Runtime shared by every ADE20K and NYU config: loops, hooks, logging, visualisation.
+# Runtime shared by every ADE20K and NYU config: the backbone, loops, hooks, logging, visualisation.
 custom_imports = dict(imports=["segmentation.mmseg_ext"], allow_failed_imports=False)
+# the backbone of every task (ViT-S/B block indices; the large configs set theirs); its checkpoint is set
+# from --backbone by segmentation.main / depth.main. The task bases add the data preprocessor and heads.
+model = dict(
+    backbone=dict(type="ProteusViT", checkpoint=None, img_size=518, out_indices=(3, 5, 7, 11), final_norm=False)
+)
 # loaders: the task bases add batch_size (per GPU) and the dataset
 train_dataloader = dict(num_workers=8, persistent_workers=True, sampler=dict(type="InfiniteSampler", shuffle=True))
 val_dataloader = dict(
     batch_size=1, num_workers=4, persistent_workers=True, sampler=dict(type="DefaultSampler", shuffle=False)
 )
 test_dataloader = val_dataloader
+train_cfg = dict(type="IterBasedTrainLoop")  # the task bases set max_iters and val_interval
 val_cfg = dict(type="ValLoop")
 test_cfg = dict(type="TestLoop")
 default_scope = "mmseg"
