@@ -67,17 +67,24 @@ def hadamard(n: int) -> torch.Tensor:
 
 class Standardizer(nn.Module):
     """Standardises one kind of a teacher's tokens (its CLS, or its patches) with statistics estimated once
-    and then frozen (buffers: saved in checkpoints and adaptors.pth). kind "none" is the identity."""
+    and then frozen (buffers: saved in checkpoints and adaptors.pth). kind "none" is the identity and has no
+    buffers, so a one-teacher run's checkpoint holds what it held before standardisation existed."""
 
     def __init__(self, dim: int, kind: str) -> None:
         super().__init__()
         if kind not in STANDARDIZATIONS:
             raise ValueError(f"unknown standardization {kind!r}; choose from {', '.join(STANDARDIZATIONS)}")
         self.kind = kind
-        self.register_buffer("fitted", torch.tensor(kind == "none"))
-        self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("scale", torch.ones(dim))  # zscore: per-channel std; phi-s: alpha in every channel
-        self.register_buffer("rotation", torch.eye(dim) if kind == "phi-s" else torch.zeros(0))  # H U^T
+        if kind != "none":
+            self.register_buffer("estimated", torch.tensor(False))
+            self.register_buffer("mean", torch.zeros(dim))
+            self.register_buffer("scale", torch.ones(dim))  # zscore: per-channel std; phi-s: alpha in every channel
+            if kind == "phi-s":
+                self.register_buffer("rotation", torch.eye(dim))  # H U^T
+
+    @property
+    def fitted(self) -> bool:
+        return self.kind == "none" or bool(self.estimated)
 
     def fit(self, count: float, total: torch.Tensor, outer: torch.Tensor) -> None:
         """From the moments of `count` tokens: their sum [D] and the sum of their outer products [D, D] (float64)."""
@@ -90,7 +97,7 @@ class Standardizer(nn.Module):
             self.rotation.copy_(hadamard(cov.shape[0]) @ eigenvectors.T)
             self.scale.fill_(eigenvalues.clamp_min(0).mean().clamp_min(1e-24).sqrt().item())
         self.mean.copy_(mean)
-        self.fitted.fill_(True)
+        self.estimated.fill_(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "none":

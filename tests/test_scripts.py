@@ -211,7 +211,7 @@ def test_recipe_single_node(slurm, recipe):
     assert (flag(cmd, "--teacher"), flag(cmd, "--student")) == RECIPES[recipe]
     assert flag(cmd, "--data-path") == "/in" and flag(cmd, "--output-dir") == f"out/{recipe}"
     args = pretrain_main.resolve_args(pretrain_main.get_args_parser().parse_args(cmd[5:]))  # a valid run
-    assert args.student_layout == TEACHERS[args.teacher].family and args.teacher_input_size == args.input_size == 224
+    assert args.student_layout == TEACHERS[args.teacher].family and args.teacher_input_size == [args.input_size] == [224]
     assert flag(cmd, "--batch-size") == "128"  # 4 x 128 = 512
     assert cmd[-2:] == ["--epochs", "3"]
 
