@@ -88,6 +88,8 @@ class Standardizer(nn.Module):
 
     def fit(self, count: float, total: torch.Tensor, outer: torch.Tensor) -> None:
         """From the moments of `count` tokens: their sum [D] and the sum of their outer products [D, D] (float64)."""
+        if self.kind == "none":
+            return
         mean = total / count
         cov = outer / count - torch.outer(mean, mean)
         if self.kind == "zscore":

@@ -252,8 +252,6 @@ def targets_of(args: argparse.Namespace) -> list[TeacherTarget]:
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill family defaults and check everything that can be checked before training starts."""
     check_ranges(args)
-    if args.random_teacher and args.teacher_checkpoint:
-        raise ValueError("--random-teacher and --teacher-checkpoint exclude each other: which teacher do you want?")
     teachers = args.teacher.split(",")
     for name in teachers:
         if name not in TEACHERS:
@@ -265,6 +263,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             f"--teacher-checkpoint names {len(args.teacher_checkpoint.split(','))} files for {len(teachers)} "
             f"teachers ({args.teacher}): give one per teacher, in order (an empty entry downloads that one)"
         )
+    if args.random_teacher and args.teacher_checkpoint:
+        raise ValueError("--random-teacher and --teacher-checkpoint exclude each other: which teacher do you want?")
     sizes = per_teacher(args.teacher_input_size, teachers, "--teacher-input-size", int, args.input_size)
     for size in sizes:
         if size < 1:
