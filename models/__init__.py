@@ -1,5 +1,6 @@
 """Every network and weight format of the project."""
 
+from .adaptors import Adaptors, TeacherTarget, load_adaptors
 from .architectures import (
     LAYOUTS,
     STUDENT_ARCHS,
@@ -23,6 +24,9 @@ from .teachers import TEACHERS, Teacher, create_teacher, default_dtype, resample
 from .vision_transformer import ViT
 
 __all__ = [
+    "Adaptors",
+    "TeacherTarget",
+    "load_adaptors",
     "DinoV3ViT",
     "LAYOUTS",
     "STUDENT_ARCHS",

@@ -32,10 +32,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common import distributed as dist_utils
 from common.cli import HelpFormatter, run
-from models import LAYOUTS, STUDENT_ARCHS, TEACHERS, Teacher, create_student, create_teacher
+from models import LAYOUTS, STUDENT_ARCHS, TEACHERS, Teacher, TeacherTarget, create_student, create_teacher
 
 from .data import build_dataset
-from .distiller import Distiller, Views, compile_student, param_groups
+from .distiller import Distiller, TeacherInput, Views, compile_student, param_groups
 from .engine import AMP, backward, backward_and_step, forward_losses, student_losses, teacher_targets, update
 from .masking import make_masks
 
@@ -97,11 +97,9 @@ class ReferenceDistiller(nn.Module):
         self.token_head = copy.deepcopy(distiller.token_head)
         self.patch_head = copy.deepcopy(distiller.patch_head)
         self.fea_head = copy.deepcopy(distiller.fea_head)
-        self.lambda_token, self.lambda_patch, self.lambda_fea = (
-            distiller.lambda_token,
-            distiller.lambda_patch,
-            distiller.lambda_fea,
-        )
+        (target,) = (a.target for a in distiller.adaptors.values())  # the reference had one teacher
+        self.lambda_token = target.lambda_token
+        self.lambda_patch, self.lambda_fea = target.lambda_patch, target.lambda_fea
         disable_fused_attention(self.student)
 
     def forward(
@@ -146,9 +144,11 @@ class Setup:
             self.teacher = teacher if teacher is not None else create_teacher(args.teacher, pretrained=False)
         layout = args.student_layout or self.teacher.family
         student = create_student(args.student, img_size=args.input_size, layout=layout)
-        self.views = Views(args.input_size, args.input_size, (args.input_size // student.patch_size,) * 2)
-        lambdas = (1.0, 0.0, 0.0) if token_only else (1.0, 1.0, 1.0)
-        self.distiller = Distiller(student, self.teacher.embed_dim, *lambdas).to(device).train()
+        self.teachers = [TeacherInput(self.teacher, args.input_size)]
+        self.views = Views(args.input_size, (args.input_size // student.patch_size,) * 2)
+        level = 0.0 if token_only else 1.0
+        target = TeacherTarget(args.teacher, self.teacher.embed_dim, lambda_patch=level, lambda_fea=level)
+        self.distiller = Distiller(student, [target]).to(device).train()
         self.optimizer = torch.optim.AdamW(
             param_groups(self.distiller, 0.05), lr=1e-4, eps=1e-8, fused=device.type == "cuda"
         )
@@ -162,7 +162,7 @@ class Setup:
         self.amp = AMP[args.precision]
 
     def step(self) -> torch.Tensor:
-        loss = forward_losses(self.distiller, self.teacher, self.images, self.masks, self.amp, self.views)["total"]
+        loss = forward_losses(self.distiller, self.teachers, self.images, self.masks, self.amp, self.views)["total"]
         backward_and_step(self.distiller, loss, self.optimizer, self.scaler)
         return loss.detach()
 
@@ -172,11 +172,11 @@ class Setup:
         targets: dict = {}
 
         def teacher() -> None:
-            targets.update(teacher_targets(self.teacher, self.images, self.amp, self.views.teacher))
+            targets.update(teacher_targets(self.teachers, self.images, self.amp))
 
         def student() -> None:
             losses = student_losses(
-                self.distiller, self.teacher, self.images, self.masks, targets, self.amp, self.views
+                self.distiller, self.teachers, self.images, self.masks, targets, self.amp, self.views
             )
             backward(losses["total"], self.optimizer, self.scaler)
 
@@ -195,7 +195,7 @@ class Setup:
     def flops(self) -> int:
         """FlopCounterMode over one forward + backward (teacher forward, student forward/backward); no update."""
         with FlopCounterMode(display=False) as counter:
-            losses = forward_losses(self.distiller, self.teacher, self.images, self.masks, self.amp, self.views)
+            losses = forward_losses(self.distiller, self.teachers, self.images, self.masks, self.amp, self.views)
             backward(losses["total"], self.optimizer, self.scaler)
         self.optimizer.zero_grad(set_to_none=True)
         return counter.get_total_flops()
@@ -330,10 +330,10 @@ def sharing_benchmark(args: argparse.Namespace) -> float:
             compile_student(s.distiller.student)
 
     def joint() -> torch.Tensor:
-        targets = teacher_targets(first.teacher, first.images, first.amp, first.views.teacher)
+        targets = teacher_targets(first.teachers, first.images, first.amp)
         total = first.images.new_zeros(())
         for s in setups:
-            loss = student_losses(s.distiller, s.teacher, s.images, s.masks, targets, s.amp, s.views)["total"]
+            loss = student_losses(s.distiller, s.teachers, s.images, s.masks, targets, s.amp, s.views)["total"]
             backward_and_step(s.distiller, loss, s.optimizer, s.scaler)
             total = total + loss.detach()
         return total

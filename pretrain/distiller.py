@@ -1,4 +1,4 @@
-"""The Proteus objective: one meta-architecture for every teacher (PROTOCOLS A, "Losses")."""
+"""The Proteus objective: one meta-architecture for every teacher (PROTOCOLS A, "Losses"), and for several."""
 
 from __future__ import annotations
 
@@ -9,28 +9,36 @@ import torch.nn.functional as F
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
-from models import DinoV3ViT, ViT
+from models import Adaptors, DinoV3ViT, Teacher, TeacherTarget, ViT
+from models.adaptors import Adaptor
 
-LOSSES = ("total", "token", "patch", "fea")  # the Distiller's losses by name, in every log and checkpoint
-
-
-def head(dim_in: int, dim_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.LayerNorm(dim_in, eps=1e-5), nn.Linear(dim_in, dim_out))
+LOSSES = ("total", "token", "patch", "fea")  # a one-teacher Distiller's losses by name, in every log and checkpoint
+LEVELS = ("token", "patch", "fea")
 
 
 @dataclass(frozen=True)
 class Views:
-    """What each network sees of a batch of crops: the student's and the teacher's input side (the crop
-    resized when it differs; --teacher-input-size) and the student's token grid, to which the teacher's
-    patch tokens are resampled when its own differs (models.resample_patches)."""
+    """What a student sees of a batch of crops: its input side (the crop resized when it differs) and its token
+    grid, to which every teacher's patch tokens are resampled when the teacher's own differs."""
 
     student: int
-    teacher: int
     grid: tuple[int, int]
 
-    def resized(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the student's images, the teacher's images) from one batch of crops."""
-        return resize(images, self.student), resize(images, self.teacher)
+
+@dataclass(frozen=True)
+class TeacherInput:
+    """A teacher of the run and the side of the crops it sees (--teacher-input-size)."""
+
+    teacher: Teacher
+    size: int
+
+    @property
+    def name(self) -> str:
+        return self.teacher.name
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.size // self.teacher.patch_size,) * 2
 
 
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -42,39 +50,49 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class Distiller(nn.Module):
-    """Student + the three LayerNorm/Linear heads; forward returns the losses by name (LOSSES): the weighted
-    "total" and its parts.
+    """Student + per teacher the three LayerNorm/Linear heads (models.Adaptor); forward returns the losses by
+    name (`loss_names`): the weighted "total" and its parts.
 
+    One teacher: the parts are token, patch and fea (LOSSES) and the heads keep their names (token_head, ...).
+    Several: the parts are <teacher>_<level>, and the total sums each teacher's lambda-weighted losses times
+    its --teacher-weights entry. Each teacher's targets go through its Standardizer (the identity unless
+    --teacher-standardization says otherwise) before the MSE.
     Only heads of active losses exist, so DDP never waits for an unused parameter. The masked and
     clean views go through the student in one batched pass: [masked samples ; all samples clean].
     """
 
-    def __init__(
-        self,
-        student: ViT | DinoV3ViT,
-        teacher_dim: int,
-        lambda_token: float = 1.0,
-        lambda_patch: float = 1.0,
-        lambda_fea: float = 1.0,
-    ) -> None:
+    def __init__(self, student: ViT | DinoV3ViT, targets: list[TeacherTarget]) -> None:
         super().__init__()
         self.student = student
-        self.lambda_token, self.lambda_patch, self.lambda_fea = lambda_token, lambda_patch, lambda_fea
-        d = student.embed_dim
-        self.token_head = head(d, teacher_dim) if (lambda_token or lambda_fea) else None
-        self.patch_head = head(d, teacher_dim) if lambda_patch else None
-        self.fea_head = head(d, teacher_dim) if lambda_fea else None
-        if not lambda_patch:  # no masked view: the mask token never gets a gradient
+        self.adaptors = {t.name: Adaptor(student.embed_dim, t) for t in targets}  # registered below
+        if len(targets) == 1:  # the heads at the top, named as before several teachers existed
+            (adaptor,) = self.adaptors.values()
+            for name in ("token_head", "patch_head", "fea_head", "cls_std", "patch_std"):
+                setattr(self, name, getattr(adaptor, name))  # None for a head of an unused level
+            self.loss_names = LOSSES
+        else:
+            self.teachers = nn.ModuleDict(self.adaptors)
+            self.loss_names = ("total", *(f"{t.name}_{level}" for t in targets for level in LEVELS))
+        self.masked = any(t.lambda_patch for t in targets)
+        if not self.masked:  # no masked view: the mask token never gets a gradient
             student.mask_token.requires_grad_(False)
 
     def heads_state_dict(self) -> dict:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("student.")}
 
+    def export_adaptors(self, student: dict, teachers: dict[str, dict]) -> dict:
+        """adaptors.pth's content: the heads and standardisers of every teacher (models.load_adaptors)."""
+        adaptors = Adaptors(self.student.embed_dim, [a.target for a in self.adaptors.values()], teachers)
+        for name, a in self.adaptors.items():
+            adaptors.adaptors[name].load_state_dict(a.state_dict())
+        return adaptors.export(student)
+
     def forward(
-        self, images: torch.Tensor, masks: torch.Tensor | None, targets: dict[str, torch.Tensor]
+        self, images: torch.Tensor, masks: torch.Tensor | None, targets: dict[str, dict[str, torch.Tensor]]
     ) -> dict[str, torch.Tensor]:
-        """`masks` (M, N) bool covers the first M samples of the batch (M may be 0 or None)."""
-        n_masked = masks.shape[0] if masks is not None and self.lambda_patch else 0
+        """`masks` (M, N) bool covers the first M samples of the batch (M may be 0 or None); `targets` are each
+        teacher's {"cls", "patches"} on the student's grid, by teacher name."""
+        n_masked = masks.shape[0] if masks is not None and self.masked else 0
         if n_masked:
             x = torch.cat((images[:n_masked], images))
             view_masks = torch.cat((masks, masks.new_zeros(images.shape[0], masks.shape[1])))
@@ -83,21 +101,36 @@ class Distiller(nn.Module):
             out = self.student.forward_features(images)
         cls = out["x_norm_clstoken"][n_masked:]
         patches = out["x_norm_patchtokens"]
-        t_cls, t_patches = targets["cls"].float(), targets["patches"].float()
+        losses = {"total": images.new_zeros((), dtype=torch.float32)}
+        for name, a in self.adaptors.items():
+            parts = teacher_losses(a, cls, patches, masks if n_masked else None, targets[name])
+            t = a.target
+            total = t.lambda_token * parts["token"] + t.lambda_patch * parts["patch"] + t.lambda_fea * parts["fea"]
+            losses["total"] = losses["total"] + t.weight * total
+            losses.update(parts if len(self.adaptors) == 1 else {f"{name}_{k}": v for k, v in parts.items()})
+        return losses
 
-        zero = images.new_zeros((), dtype=torch.float32)
-        parts = {"token": zero, "patch": zero, "fea": zero}
-        token_pred = self.token_head(cls).float() if self.token_head is not None else None
-        if self.lambda_token:
-            parts["token"] = F.mse_loss(token_pred, t_cls)
-        if self.lambda_fea:
-            pred = torch.cat((token_pred.unsqueeze(1), self.fea_head(patches[n_masked:]).float()), dim=1)
-            parts["fea"] = F.mse_loss(pred, torch.cat((t_cls.unsqueeze(1), t_patches), dim=1))
-        if n_masked:
-            pred = self.patch_head(patches[:n_masked][masks]).float()
-            parts["patch"] = F.mse_loss(pred, t_patches[:n_masked][masks])
-        total = self.lambda_token * parts["token"] + self.lambda_patch * parts["patch"] + self.lambda_fea * parts["fea"]
-        return {"total": total, **parts}
+
+def teacher_losses(
+    a: Adaptor, cls: torch.Tensor, patches: torch.Tensor, masks: torch.Tensor | None, target: dict
+) -> dict[str, torch.Tensor]:
+    """One teacher's token, patch and fea MSE in its standardised space (0 for a level it does not use).
+    `patches` holds the masked samples' tokens first when `masks` is given, then every sample's clean ones."""
+    n_masked = masks.shape[0] if masks is not None else 0
+    t_cls, t_patches = a.cls_std(target["cls"].float()), a.patch_std(target["patches"].float())
+    t = a.target
+    zero = cls.new_zeros((), dtype=torch.float32)
+    parts = {"token": zero, "patch": zero, "fea": zero}
+    token_pred = a.token_head(cls).float() if a.token_head is not None else None
+    if t.lambda_token:
+        parts["token"] = F.mse_loss(token_pred, t_cls)
+    if t.lambda_fea:
+        pred = torch.cat((token_pred.unsqueeze(1), a.fea_head(patches[n_masked:]).float()), dim=1)
+        parts["fea"] = F.mse_loss(pred, torch.cat((t_cls.unsqueeze(1), t_patches), dim=1))
+    if n_masked and t.lambda_patch:
+        pred = a.patch_head(patches[:n_masked][masks]).float()
+        parts["patch"] = F.mse_loss(pred, t_patches[:n_masked][masks])
+    return parts
 
 
 def param_groups(model: nn.Module, weight_decay: float, no_decay_names: tuple[str, ...] = ()) -> list[dict]:

@@ -11,12 +11,12 @@ from collections.abc import Iterator
 import torch
 
 from common import distributed as dist_utils
-from models import Teacher, resample_patches
+from models import resample_patches
 
 from .data import derive_seed
-from .distiller import LOSSES, Views, resize
+from .distiller import TeacherInput, Views, resize
 from .masking import make_masks
-from .output import log_keys
+from .output import describe, log_keys
 from .state import Run, Student
 
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -52,43 +52,73 @@ def cycle_batches(loader, sampler, epoch: int, num_epochs: int, n: int, start: i
 
 
 def teacher_targets(
-    teacher: Teacher, images: torch.Tensor, amp_dtype: torch.dtype | None, size: int
-) -> dict[str, torch.Tensor]:
-    """The teacher's targets for a batch of crops, on its own token grid: computed once per step and shared
-    by every student (each resamples the patch map to its own grid in student_losses)."""
+    teachers: list[TeacherInput], images: torch.Tensor, amp_dtype: torch.dtype | None
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Every teacher's targets for a batch of crops, by name, each on its own token grid: computed once per
+    step and shared by every student (each resamples the patch maps to its own grid in student_losses)."""
     with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        return teacher.targets(resize(images, size))
+        return {t.name: t.teacher.targets(resize(images, t.size)) for t in teachers}
 
 
 def student_losses(
     model,
-    teacher: Teacher,
+    teachers: list[TeacherInput],
     images: torch.Tensor,
     masks: torch.Tensor | None,
-    targets: dict[str, torch.Tensor],
+    targets: dict[str, dict[str, torch.Tensor]],
     amp_dtype: torch.dtype | None,
     views: Views,
 ) -> dict[str, torch.Tensor]:
-    """One student's losses under autocast on the shared targets, the teacher's patch map resampled to the
+    """One student's losses under autocast on the shared targets, each teacher's patch map resampled to the
     student's grid when the two differ (as Teacher.targets(images, grid) does)."""
-    own = (views.teacher // teacher.patch_size,) * 2
     with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        if tuple(views.grid) != own:
-            targets = {**targets, "patches": resample_patches(targets["patches"], own, tuple(views.grid))}
-        return model(resize(images, views.student), masks, targets)
+        on_grid = {}
+        for t in teachers:
+            on_grid[t.name] = targets[t.name]
+            if t.grid != tuple(views.grid):
+                patches = resample_patches(targets[t.name]["patches"], t.grid, tuple(views.grid))
+                on_grid[t.name] = {**targets[t.name], "patches": patches}
+        return model(resize(images, views.student), masks, on_grid)
 
 
 def forward_losses(
     model,
-    teacher: Teacher,
+    teachers: list[TeacherInput],
     images: torch.Tensor,
     masks: torch.Tensor | None,
     amp_dtype: torch.dtype | None,
     views: Views,
 ) -> dict[str, torch.Tensor]:
     """Teacher targets and one student's losses: the step's forward for one student (pretrain.benchmark)."""
-    targets = teacher_targets(teacher, images, amp_dtype, views.teacher)
-    return student_losses(model, teacher, images, masks, targets, amp_dtype, views)
+    targets = teacher_targets(teachers, images, amp_dtype)
+    return student_losses(model, teachers, images, masks, targets, amp_dtype, views)
+
+
+def estimate_statistics(run: Run) -> None:
+    """Each teacher's target statistics (CLS and patch tokens apart) on the first --teacher-stats-batches
+    batches of epoch 0, summed over all ranks, then frozen in every student's Standardizers (saved with the
+    heads). Skipped when there is nothing to estimate (one teacher; a resumed run). The teachers only run
+    forward and the data's randomness is a function of its position, so training sees what it would have."""
+    pending = {t.name for t in run.teachers if not run.students[0].distiller.adaptors[t.name].cls_std.fitted}
+    if not pending:
+        return
+    args = run.args
+    n = args.teacher_stats_batches
+    run.out.print(f"estimating the target statistics of {', '.join(sorted(pending))} on {n} batches per process")
+    moments: dict[str, list[torch.Tensor]] = {}
+    for images, _ in cycle_batches(run.loader, run.sampler, 0, args.epochs, n):
+        targets = teacher_targets(run.teachers, images.to(run.device, non_blocking=True), AMP[args.precision])
+        for name in pending:
+            for kind in ("cls", "patches"):
+                x = targets[name][kind].flatten(0, -2).double()
+                m = [torch.tensor([float(x.shape[0])], dtype=torch.float64), x.sum(0).cpu(), (x.T @ x).cpu()]
+                moments[name + kind] = [a + b for a, b in zip(moments.get(name + kind, [0, 0, 0]), m)]
+    for s in run.students:
+        for name in pending:
+            a = s.distiller.adaptors[name]
+            for kind, std in (("cls", a.cls_std), ("patches", a.patch_std)):
+                count, total, outer = (dist_utils.sum_across_ranks(m) for m in moments[name + kind])
+                std.fit(count.item(), total, outer)
 
 
 def backward_and_step(model, loss: torch.Tensor, optimizer, scaler, clip_grad: float | None = None) -> None:
@@ -113,24 +143,24 @@ def update(model, optimizer, scaler, clip_grad: float | None = None) -> None:
 
 def student_step(run: Run, s: Student, images: torch.Tensor, targets: dict, it: int) -> tuple[torch.Tensor, ...]:
     """Student `s`'s share of global iteration `it`: its masks, forward on the shared targets, backward,
-    update and EMA; its graph is freed before the next student runs. Returns (its losses in LOSSES order,
-    detached, its masks). Masks and drop path are seeded by (seed, rank, iteration) for each student, so
-    every student draws what it would draw alone."""
+    update and EMA; its graph is freed before the next student runs. Returns (its losses in
+    `run.loss_names` order, detached, its masks). Masks and drop path are seeded by (seed, rank, iteration)
+    for each student, so every student draws what it would draw alone."""
     args = run.args
     torch.manual_seed(derive_seed(args.seed, dist_utils.rank(), it))
     for group in s.optimizer.param_groups:
         group["lr"] = run.schedule[it]
     masks = None
-    if args.lambda_patch:
+    if s.distiller.masked:
         batch_size, num_patches = images.shape[0], s.views.grid[0] * s.views.grid[1]
         masks = make_masks(batch_size, num_patches, args.mask_probability, args.mask_ratio)
         masks = masks[: int(args.mask_probability * batch_size)].to(run.device, non_blocking=True)
-    losses = student_losses(s.model, run.teacher, images, masks, targets, AMP[args.precision], s.views)
+    losses = student_losses(s.model, run.teachers, images, masks, targets, AMP[args.precision], s.views)
     backward_and_step(s.model, losses["total"], s.optimizer, s.scaler, args.clip_grad)
     s.ema.update(
         s.distiller.student
     )  # constant decay: with a step, ModelEmaV3 copies the student at iterations 0 and 1
-    return torch.stack([losses[name].detach() for name in LOSSES]).float(), masks
+    return torch.stack([losses[name].detach() for name in run.loss_names]).float(), masks
 
 
 def check_after_update(run: Run, images, targets, masks: list, where: str) -> None:
@@ -140,7 +170,7 @@ def check_after_update(run: Run, images, targets, masks: list, where: str) -> No
     amp_dtype = AMP[run.args.precision]
     with torch.no_grad():
         values = [
-            student_losses(s.model, run.teacher, images, m, targets, amp_dtype, s.views)["total"]
+            student_losses(s.model, run.teachers, images, m, targets, amp_dtype, s.views)["total"]
             for s, m in zip(run.students, masks)
         ]
     values = dist_utils.all_reduce_mean(torch.stack(values).detach().float()).cpu()
@@ -172,19 +202,19 @@ def train_one_epoch(run: Run) -> list[dict[str, float]]:
         lr = run.schedule[it]
         images = images.to(run.device, non_blocking=True)
         batch_size = images.shape[0]
-        targets = teacher_targets(run.teacher, images, amp_dtype, args.teacher_input_size)
+        targets = teacher_targets(run.teachers, images, amp_dtype)
         values, masks = zip(*(student_step(run, s, images, targets, it) for s in run.students))
 
         # the means over ranks of every student's losses, with this rank's [stop, save] flags riding along
         values = torch.cat([*values, control.flags().to(run.device)])
         values = dist_utils.all_reduce_mean(values).cpu()
         stop, save = (values[-2:] > 0).tolist()
-        means = [dict(zip(LOSSES, v)) for v in values[:-2].reshape(len(run.students), len(LOSSES)).tolist()]
+        names = run.loss_names
+        means = [dict(zip(names, v)) for v in values[:-2].reshape(len(run.students), len(names)).tolist()]
         for s, mean in zip(run.students, means):
             if not all(math.isfinite(v) for v in mean.values()):
                 raise NonFiniteLoss(
-                    f"non-finite loss{run.of(s)} at epoch {epoch} iteration {i} (total {mean['total']:.4g}, "
-                    f"token {mean['token']:.4g}, patch {mean['patch']:.4g}, feature {mean['fea']:.4g})"
+                    f"non-finite loss{run.of(s)} at epoch {epoch} iteration {i} ({describe(mean, ', ', '{:.4g}')})"
                 )
         pos.iteration = done = i + 1
         for s, mean in zip(run.students, means):
@@ -207,8 +237,8 @@ def train_one_epoch(run: Run) -> list[dict[str, float]]:
             ips = batch_size * dist_utils.world_size() * (done - start) / (now - start_time)
             for s, mean in zip(run.students, means):
                 run.out.print(
-                    f"epoch {epoch} [{done}/{iters}]{run.of(s, ' ')} loss {mean['total']:.4f} (token "
-                    f"{mean['token']:.4f} patch {mean['patch']:.4f} fea {mean['fea']:.4f}) lr {lr:.3e} {ips:.1f} "
+                    f"epoch {epoch} [{done}/{iters}]{run.of(s, ' ')} loss {mean['total']:.4f} "
+                    f"({describe(mean, ' ', '{:.4f}', total=False)}) lr {lr:.3e} {ips:.1f} "
                     f"img/s eta {datetime.timedelta(seconds=int(eta))}"
                 )
                 s.out.scalars("train", {**log_keys(mean), "lr": lr, "images_per_sec": ips}, it)

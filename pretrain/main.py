@@ -4,6 +4,7 @@ python -m pretrain.main --data-path /imagenet --teacher dinov2_vitl14 --student 
 torchrun --nproc_per_node=4 -m pretrain.main --data-path /imagenet ...
 
 python -m pretrain.main ... --student vit_tiny,vit_small,vit_base   # one teacher pass, three students
+python -m pretrain.main ... --teacher dinov2_vitl14,clip_vitl14      # one student, two teachers (adaptors.pth)
 
 main -> common.cli.run(distil): resolve_args (every check) -> build (a state.Run, resumed when a checkpoint
 exists) -> train (the epochs, engine.train_one_epoch each, a checkpoint after each) -> export_backbones.
@@ -33,15 +34,17 @@ from models import (
     LAYOUTS,
     STUDENT_ARCHS,
     TEACHERS,
+    TeacherTarget,
     create_student,
     create_teacher,
     to_reference,
 )
+from models.adaptors import STANDARDIZATIONS, hadamard
 from models.architectures import DINOV3_SUFFIX
 
 from .data import PositionSampler, SeededDataset, build_dataset, worker_init
-from .distiller import Distiller, Views, compile_student, param_groups
-from .engine import NonFiniteLoss, Preempted, train_one_epoch
+from .distiller import Distiller, TeacherInput, Views, compile_student, param_groups
+from .engine import NonFiniteLoss, Preempted, estimate_statistics, train_one_epoch
 from .output import CHECKPOINT, Output
 from .state import Run, StopControl, Student
 
@@ -54,8 +57,36 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("Proteus distillation pretraining", formatter_class=HelpFormatter)
     a = p.add_argument
     a("--data-path", help="ImageNet root holding train/ in ImageFolder layout")
-    a("--teacher", default="dinov2_vitl14", help=f"one of: {', '.join(TEACHERS)}")
-    a("--teacher-checkpoint", help="the teacher's official weight file; downloaded from the official URL if omitted")
+    a(
+        "--teacher",
+        default="dinov2_vitl14",
+        help=f"one of: {', '.join(TEACHERS)}; a comma list distils from several teachers at once (each its own "
+        "heads, input normalisation and size, standardised targets; adaptors.pth holds the heads)",
+    )
+    a(
+        "--teacher-checkpoint",
+        help="the teacher's official weight file, downloaded from the official URL if omitted; several teachers: "
+        "a comma list in --teacher order (an empty entry downloads that teacher's)",
+    )
+    a(
+        "--teacher-weights",
+        help="several teachers: the weight of each one's loss in the total, a comma list (default: 1 each)",
+    )
+    a(
+        "--teacher-standardization",
+        choices=("auto", *STANDARDIZATIONS),
+        default="auto",
+        help="how each teacher's targets are standardised before the MSE: phi-s = PCA + Hadamard rotation + one "
+        "scale (PHI-S, as AM-RADIO v2.5), zscore = per channel, none; auto = phi-s with several teachers, none "
+        "with one (the paper's)",
+    )
+    a(
+        "--teacher-stats-batches",
+        type=int,
+        default=64,
+        help="batches per process on which the target statistics are estimated, once, before training (then "
+        "frozen and saved with the heads)",
+    )
     a("--random-teacher", action="store_true", help="random teacher weights: smoke tests and demos only")
     a(
         "--teacher-dtype",
@@ -66,9 +97,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     a(
         "--teacher-input-size",
-        type=int,
         help="side of the teacher's resize of each crop (default: --input-size); its patch tokens are resampled "
-        "to the student's grid",
+        "to the student's grid. Several teachers: one value for all, or a comma list in --teacher order",
     )
     a(
         "--teacher-normalization",
@@ -106,8 +136,17 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="fraction of patches masked: a value, or a range 'lo,hi' (one stratum of it per masked sample, as DINOv2)",
     )
     a("--lambda-token", type=float, help="weight of the CLS loss (default 1)")
-    a("--lambda-patch", type=float, help="weight of the masked-patch loss (default 1; 0 for CLIP teachers)")
-    a("--lambda-fea", type=float, help="weight of the all-token feature loss (default 1; 0 for CLIP teachers)")
+    a(
+        "--lambda-patch",
+        type=float,
+        help="weight of the masked-patch loss (default 1; 0 for CLIP teachers); given, it holds for every teacher",
+    )
+    a(
+        "--lambda-fea",
+        type=float,
+        help="weight of the all-token feature loss (default 1; 0 for CLIP teachers); given, it holds for every "
+        "teacher (a CLIP teacher's patch map then resampled to the student's grid where they differ)",
+    )
     a("--ema-decay", type=float, default=0.99996, help="EMA of the student, per iteration")
     a("--clip-grad", type=float, help="max gradient norm (default: no clipping)")
     a("--compile", action="store_true", help="torch.compile the student's forward (distiller.compile_student)")
@@ -136,7 +175,7 @@ FLAG_RANGES = (
     ("epochs", lambda v: v >= 1, "a positive integer"),
     ("epoch_length", lambda v: v >= 1, "a positive number of iterations"),
     ("input_size", lambda v: v >= 1, "a positive number of pixels"),
-    ("teacher_input_size", lambda v: v >= 1, "a positive number of pixels"),
+    ("teacher_stats_batches", lambda v: v >= 1, "a positive number of batches"),
     ("warmup_epochs", lambda v: v >= 0, ">= 0"),
     ("lr", lambda v: v >= 0, ">= 0 (0: the weights stay as initialised)"),
     ("warmup_lr", lambda v: v >= 0, ">= 0"),
@@ -174,42 +213,98 @@ def students_of(args: argparse.Namespace) -> list[tuple[str, str]]:
     return [(n, "dinov3" if n.endswith(DINOV3_SUFFIX) else args.student_layout) for n in names]
 
 
+def per_teacher(value: str | None, teachers: list[str], flag: str, kind: type, default) -> list:
+    """A per-teacher flag: one value for all teachers or a comma list in --teacher order."""
+    if value is None:
+        return [default] * len(teachers)
+    items = str(value).split(",")
+    if len(items) == 1:
+        items *= len(teachers)
+    if len(items) != len(teachers):
+        raise ValueError(f"{flag} {value}: {len(items)} values for {len(teachers)} teachers ({', '.join(teachers)})")
+    try:
+        return [kind(v) for v in items]
+    except ValueError:
+        raise ValueError(f"{flag} {value}: expected {kind.__name__} values, one per teacher") from None
+
+
+def targets_of(args: argparse.Namespace) -> list[TeacherTarget]:
+    """What the students learn from each teacher (a resolved args): its width, weight, loss levels (a CLIP
+    teacher's token-only default unless --lambda-patch/--lambda-fea say otherwise) and standardisation."""
+    targets = []
+    for name, weight in zip(args.teacher.split(","), args.teacher_weights):
+        spec = TEACHERS[name]
+        level = 0.0 if spec.token_only else 1.0
+        targets.append(
+            TeacherTarget(
+                name,
+                spec.config.embed_dim,
+                weight,
+                1.0 if args.lambda_token is None else args.lambda_token,
+                level if args.lambda_patch is None else args.lambda_patch,
+                level if args.lambda_fea is None else args.lambda_fea,
+                args.teacher_standardization,
+            )
+        )
+    return targets
+
+
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill family defaults and check everything that can be checked before training starts."""
     check_ranges(args)
+    teachers = args.teacher.split(",")
+    for name in teachers:
+        if name not in TEACHERS:
+            raise ValueError(f"unknown teacher '{name}'; choose from {', '.join(TEACHERS)}")
+    if len(set(teachers)) < len(teachers):
+        raise ValueError(f"--teacher {args.teacher} names a teacher twice")
+    if args.teacher_checkpoint is not None and len(args.teacher_checkpoint.split(",")) != len(teachers):
+        raise ValueError(
+            f"--teacher-checkpoint names {len(args.teacher_checkpoint.split(','))} files for {len(teachers)} "
+            f"teachers ({args.teacher}): give one per teacher, in order (an empty entry downloads that one)"
+        )
     if args.random_teacher and args.teacher_checkpoint:
         raise ValueError("--random-teacher and --teacher-checkpoint exclude each other: which teacher do you want?")
+    sizes = per_teacher(args.teacher_input_size, teachers, "--teacher-input-size", int, args.input_size)
+    for size in sizes:
+        if size < 1:
+            raise ValueError(f"--teacher-input-size {args.teacher_input_size}: must be a positive number of pixels")
+    args.teacher_input_size = sizes
+    args.teacher_weights = per_teacher(args.teacher_weights, teachers, "--teacher-weights", float, 1.0)
+    if any(not (math.isfinite(w) and w >= 0) for w in args.teacher_weights) or not any(args.teacher_weights):
+        raise ValueError(f"--teacher-weights {args.teacher_weights}: must be >= 0 and not all 0")
+    if args.teacher_standardization == "auto":
+        args.teacher_standardization = "phi-s" if len(teachers) > 1 else "none"
+    if args.teacher_standardization == "phi-s":
+        for name in teachers:
+            hadamard(TEACHERS[name].config.embed_dim)  # a width without a Hadamard matrix: one clear line
     names = args.student.split(",")
     for name in names:
         if name.removesuffix(DINOV3_SUFFIX) not in STUDENT_ARCHS:
             raise ValueError(f"unknown student '{name}'; choose from {', '.join(STUDENT_ARCHS)}")
     if len(set(names)) < len(names):
         raise ValueError(f"--student {args.student} names a student twice: each needs its own output folder")
-    if args.teacher not in TEACHERS:
-        raise ValueError(f"unknown teacher '{args.teacher}'; choose from {', '.join(TEACHERS)}")
-    spec = TEACHERS[args.teacher]
-    args.student_layout = args.student_layout or spec.family
-    args.teacher_input_size = args.teacher_input_size or args.input_size
-    for name, default in (
-        ("lambda_token", 1.0),
-        ("lambda_patch", 0.0 if spec.token_only else 1.0),
-        ("lambda_fea", 0.0 if spec.token_only else 1.0),
-    ):
-        if getattr(args, name) is None:
-            setattr(args, name, default)
-    if not (args.lambda_token or args.lambda_patch or args.lambda_fea):
-        raise ValueError("all loss weights are 0: nothing to train")
+    args.student_layout = args.student_layout or TEACHERS[teachers[0]].family
+    targets = targets_of(args)
+    if len(targets) == 1:  # the flags as the run uses them (one teacher: in log.txt's args as before)
+        t = targets[0]
+        args.lambda_token, args.lambda_patch, args.lambda_fea = t.lambda_token, t.lambda_patch, t.lambda_fea
+    for t in targets:
+        if not (t.lambda_token or t.lambda_patch or t.lambda_fea):
+            whose = f" of {t.name}" if len(targets) > 1 else ""
+            raise ValueError(f"all loss weights{whose} are 0: nothing to train")
     students = students_of(args)
     patches = [LAYOUTS[layout].patch_size for _, layout in students]
     for (name, _), patch in zip(students, patches):
         if args.input_size % patch:
             whose = f"{name}'s" if len(students) > 1 else "the student's"
             raise ValueError(f"--input-size {args.input_size} is not a multiple of {whose} patch size {patch}")
-    if args.teacher_input_size % spec.patch_size:
-        raise ValueError(
-            f"the teacher's input size {args.teacher_input_size} (--teacher-input-size, default --input-size) is not "
-            f"a multiple of {args.teacher}'s patch size {spec.patch_size}"
-        )
+    for name, size in zip(teachers, sizes):
+        if size % TEACHERS[name].patch_size:
+            raise ValueError(
+                f"the teacher's input size {size} (--teacher-input-size, default --input-size) is not "
+                f"a multiple of {name}'s patch size {TEACHERS[name].patch_size}"
+            )
     try:
         ratio = [float(v) for v in str(args.mask_ratio).split(",")]
     except ValueError:
@@ -222,7 +317,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1] < 1 or int(num_patches * ratio[0]) < 1:
         raise ValueError(f"--mask-ratio {args.mask_ratio} must mask at least one of {num_patches} patches and not all")
     args.mask_ratio = tuple(ratio)
-    if args.lambda_patch and int(args.mask_probability * args.batch_size) < 1:
+    if any(t.lambda_patch for t in targets) and int(args.mask_probability * args.batch_size) < 1:
         raise ValueError(
             f"--mask-probability {args.mask_probability} masks no sample of a batch of {args.batch_size}; "
             "the patch loss needs masked samples (or set --lambda-patch 0)"
@@ -238,7 +333,7 @@ def build(args: argparse.Namespace, device: torch.device, world: int, out: Outpu
     torch.manual_seed(seed)
 
     # one crop per sample, at the larger of the two input sizes; each network gets its own resize (Views)
-    crop_size = max(args.input_size, args.teacher_input_size)
+    crop_size = max(args.input_size, *args.teacher_input_size)
     dataset = build_dataset(
         args.data_path, crop_size, args.single_image, args.subset_classes, args.subset_images_per_class
     )
@@ -246,20 +341,21 @@ def build(args: argparse.Namespace, device: torch.device, world: int, out: Outpu
         log.warning(
             "RANDOM TEACHER: %s has random weights; this run distils noise (demo/smoke test only)", args.teacher
         )
-    teacher = create_teacher(
-        args.teacher,
-        args.teacher_checkpoint,
-        pretrained=not args.random_teacher,
-        dtype=TEACHER_DTYPES[args.teacher_dtype],
-    ).to(device)
-    if args.teacher_normalization == "reference":  # the crops as they are (ImageNet mean/std), as the reference
-        teacher.mean, teacher.std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    names = args.teacher.split(",")
+    files = args.teacher_checkpoint.split(",") if args.teacher_checkpoint else [""] * len(names)
+    teachers = []
+    for name, file, size in zip(names, files, args.teacher_input_size):
+        teacher = create_teacher(
+            name, file or None, pretrained=not args.random_teacher, dtype=TEACHER_DTYPES[args.teacher_dtype]
+        ).to(device)
+        if args.teacher_normalization == "reference":  # the crops as they are (ImageNet mean/std), as the reference
+            teacher.mean, teacher.std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        teachers.append(TeacherInput(teacher, size))
+    targets = targets_of(args)
     distillers = []  # made in --student order, so the first student's init is that of a run of it alone
     for name, layout in students_of(args):
         student = create_student(name, img_size=args.input_size, drop_path_rate=args.drop_path, layout=layout)
-        distillers.append(
-            Distiller(student, teacher.embed_dim, args.lambda_token, args.lambda_patch, args.lambda_fea).to(device)
-        )
+        distillers.append(Distiller(student, targets).to(device))
 
     # Repeated augmentation under DDP (3 repeats, DeiT's floor(N/256)*256 samples); one plain
     # seeded shuffle per epoch in a single process.
@@ -300,16 +396,16 @@ def build(args: argparse.Namespace, device: torch.device, world: int, out: Outpu
         )
     schedule = warmup_cosine(lr, args.min_lr, args.epochs * iters, int(args.warmup_epochs * iters), args.warmup_lr)
     several = len(distillers) > 1
-    teacher_grid = args.teacher_input_size // teacher.patch_size
     students = []
     for (name, layout), distiller in zip(students_of(args), distillers):
         grid = (args.input_size // distiller.student.patch_size,) * 2
-        if (args.lambda_patch or args.lambda_fea) and (teacher_grid,) * 2 != grid:
-            out.print(
-                f"the teacher's {teacher_grid}x{teacher_grid} patch tokens ({args.teacher} at "
-                f"{args.teacher_input_size} px) are resampled to {name if several else 'the student'}'s "
-                f"{grid[0]}x{grid[1]} grid (bilinear, antialiased when shrinking)"
-            )
+        for t, target in zip(teachers, targets):
+            if (target.lambda_patch or target.lambda_fea) and t.grid != grid:
+                out.print(
+                    f"the teacher's {t.grid[0]}x{t.grid[1]} patch tokens ({t.name} at {t.size} px) are resampled "
+                    f"to {name if several else 'the student'}'s {grid[0]}x{grid[1]} grid (bilinear, antialiased "
+                    "when shrinking)"
+                )
         no_decay = tuple(f"student.{n}" for n in LAYOUTS[layout].no_weight_decay)
         optimizer = torch.optim.AdamW(
             param_groups(distiller, args.weight_decay, no_decay),
@@ -319,14 +415,14 @@ def build(args: argparse.Namespace, device: torch.device, world: int, out: Outpu
             fused=device.type == "cuda",
         )
         student_out = out.sub(name) if several else out
-        student_out.remove_stale_temp_files((CHECKPOINT, "backbone.pth", "backbone_ema.pth"))
+        student_out.remove_stale_temp_files((CHECKPOINT, *EXPORTS))
         students.append(
             Student(
                 name=name,
                 layout=layout,
                 distiller=distiller,
                 model=distiller,
-                views=Views(args.input_size, args.teacher_input_size, grid),
+                views=Views(args.input_size, grid),
                 optimizer=optimizer,
                 scaler=torch.amp.GradScaler(device.type, enabled=args.precision == "fp16"),
                 ema=ModelEmaV3(distiller.student, decay=args.ema_decay),
@@ -336,7 +432,7 @@ def build(args: argparse.Namespace, device: torch.device, world: int, out: Outpu
     run = Run(
         args=args,
         device=device,
-        teacher=teacher,
+        teachers=teachers,
         students=students,
         schedule=schedule,
         loader=loader,
@@ -346,6 +442,7 @@ def build(args: argparse.Namespace, device: torch.device, world: int, out: Outpu
         control=StopControl(args.save_every_minutes),
     )
     run.resume(fresh)
+    estimate_statistics(run)  # several teachers, a fresh run: before any student sees a target
     for s in students:
         if args.compile:  # after the EMA copy and the resume: both see the plain module
             compile_student(s.distiller.student)
@@ -365,8 +462,9 @@ def train(run: Run) -> None:
     else:
         for s in run.students:
             n_params = sum(p.numel() for p in s.distiller.student.parameters()) / 1e6
+            teachers = ", ".join(f"{t.name} ({str(t.teacher.dtype).removeprefix('torch.')})" for t in run.teachers)
             out.print(
-                f"distilling {args.teacher} ({str(run.teacher.dtype).removeprefix('torch.')}) -> {s.name} "
+                f"distilling {teachers} -> {s.name} "
                 f"({s.layout} layout, {n_params:.1f}M params) "
                 f"on {run.device}, world {world}, global batch {args.batch_size * world}, peak lr "
                 f"{max(run.schedule):.3e}, {run.iters_per_epoch} it/epoch, epochs {start_epoch}..{args.epochs - 1}"
@@ -375,7 +473,9 @@ def train(run: Run) -> None:
     if args.pca_every > 0:
         for s in run.students:
             s.out.load_pictures(run.loader.dataset, args.input_size, run.device)
-            s.out.picture("pca/teacher", run.teacher, start_epoch)
+            for t in run.teachers:
+                tag = "pca/teacher" + (f"/{t.name}" if len(run.teachers) > 1 else "")
+                s.out.picture(tag, t.teacher, start_epoch, t.size)
 
     for epoch in range(start_epoch, args.epochs):
         stats = train_one_epoch(run)
@@ -390,23 +490,37 @@ def train(run: Run) -> None:
             raise Preempted(f"stopped after epoch {epoch}")
         run.next_epoch()
     for s in run.students:
-        export_backbones(s, trained=start_epoch < args.epochs)
+        export(run, s, trained=start_epoch < args.epochs)
         s.out.close()
         out.print(
             f"done: {s.out.folder / 'backbone.pth'} ({s.layout} layout), {s.out.folder / 'backbone_ema.pth'}, "
-            f"trained at img_size {args.input_size}; tensorboard logs in {s.out.folder / 'tensorboard'}"
+            f"{s.out.folder / 'adaptors.pth'}, trained at img_size {args.input_size}; tensorboard logs in "
+            f"{s.out.folder / 'tensorboard'}"
         )
 
 
-def export_backbones(s: Student, trained: bool) -> None:
-    """Student `s`'s backbone.pth and backbone_ema.pth in the reference's layout of its layout. A finished run
-    re-run keeps the files it finds: a new mtime would void the evaluations' feature caches."""
-    folder = s.out.folder
-    kept = not trained and (folder / "backbone.pth").is_file() and (folder / "backbone_ema.pth").is_file()
-    if kept or not s.out.main:  # only rank 0 writes: the others skip the copies too
+EXPORTS = ("backbone.pth", "backbone_ema.pth", "adaptors.pth")
+
+
+def export(run: Run, s: Student, trained: bool) -> None:
+    """Student `s`'s backbone.pth and backbone_ema.pth in the reference's layout of its layout, and adaptors.pth
+    (its heads per teacher and their target statistics: models.load_adaptors). A finished run re-run keeps
+    the files it finds: a new mtime would void the evaluations' feature caches."""
+    if not s.out.main:  # only rank 0 writes
         return
-    s.out.save(to_reference(s.distiller.student, s.layout), "backbone.pth")
-    s.out.save(to_reference(s.ema.module, s.layout), "backbone_ema.pth")
+    for name in EXPORTS:
+        if not trained and (s.out.folder / name).is_file():
+            continue
+        if name == "adaptors.pth":
+            teachers = {
+                t.name: {"family": t.teacher.family, "patch_size": t.teacher.patch_size, "input_size": t.size,
+                         "mean": list(t.teacher.mean), "std": list(t.teacher.std)}
+                for t in run.teachers
+            }  # fmt: skip
+            student = {"name": s.name, "layout": s.layout, "img_size": run.args.input_size}
+            s.out.save(s.distiller.export_adaptors(student, teachers), name)
+        else:
+            s.out.save(to_reference(s.distiller.student if name == "backbone.pth" else s.ema.module, s.layout), name)
 
 
 SET_UP = "set-up (checks, teacher, data, model; nothing trained or written yet)"  # what a SIGTERM then interrupts

@@ -15,6 +15,7 @@ import torch
 from common.io import atomic_save, remove_stale_temp_files
 
 from . import pca
+from .distiller import resize
 
 log = logging.getLogger("pretrain")
 CHECKPOINT = "checkpoint.pth"
@@ -25,6 +26,19 @@ ITERATION_LOG = "iterations.jsonl"  # one JSON line per iteration: epoch, iterat
 def log_keys(losses: dict[str, float]) -> dict[str, float]:
     """The Distiller's loss names as the logs name them: total -> loss, token -> loss_token, ..."""
     return {("loss" if name == "total" else f"loss_{name}"): v for name, v in losses.items()}
+
+
+def describe(losses: dict[str, float], sep: str, fmt: str, total: bool = True) -> str:
+    """The losses as a line shows them: "token 0.1 patch 0.2 fea 0.3"; with several teachers grouped by
+    teacher, "dinov2_vitl14: token 0.1 patch ...; clip_vitl14: token ...". `total`: lead with the total."""
+    parts = [f"total {fmt.format(losses['total'])}"] if total else []
+    groups: dict[str, list[str]] = {}
+    for name, v in losses.items():
+        if name != "total":
+            teacher, _, level = name.rpartition("_")
+            groups.setdefault(teacher, []).append(f"{level} {fmt.format(v)}")
+    parts += [f"{t}: {sep.join(g)}" if t else sep.join(g) for t, g in groups.items()]
+    return (sep if "" in groups else "; ").join(parts)
 
 
 def truncate_log(path: Path, key: str, end: int) -> None:
@@ -109,9 +123,11 @@ class Output:
             else:
                 self.pictures = images.to(device)
 
-    def picture(self, tag: str, model: torch.nn.Module, step: int) -> None:
+    def picture(self, tag: str, model: torch.nn.Module, step: int, size: int | None = None) -> None:
+        """The PCA picture of `model`'s patch tokens on the pictures, resized to `size` (a teacher's input side)."""
         if self.pictures is not None:
-            self.tensorboard.add_image(tag, pca.pca_grid(model, self.pictures), step)
+            images = self.pictures if size is None else resize(self.pictures, size)
+            self.tensorboard.add_image(tag, pca.pca_grid(model, images), step)
 
     def save(self, obj: object, name: str) -> None:
         """torch.save, atomically, into the output folder."""

@@ -15,17 +15,13 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 from common import distributed as dist_utils
-from models import Teacher, safe_load
+from models import safe_load
 
 from .data import PositionSampler
-from .distiller import LOSSES, Distiller, Views
+from .distiller import Distiller, TeacherInput, Views
 from .output import CHECKPOINT, Output
 
 log = logging.getLogger("pretrain")
-
-
-def zero_sums() -> dict[str, float]:
-    return dict.fromkeys(LOSSES, 0.0)
 
 
 @dataclass
@@ -85,19 +81,22 @@ class Student:
     scaler: torch.amp.GradScaler
     ema: ModelEmaV3  # of the student
     out: Output  # its checkpoint, logs, tensorboard and exports
-    sums: dict[str, float] = field(default_factory=zero_sums)
+    sums: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.sums = self.sums or dict.fromkeys(self.distiller.loss_names, 0.0)
 
 
 @dataclass
 class Run:
     """Everything a pretraining run holds; main.build makes it, engine.train_one_epoch advances it.
 
-    One teacher, one or several students (--student a,b): one student writes into --output-dir itself,
-    several each into <output-dir>/<name>/. They save, resume and stop together."""
+    One or several teachers (--teacher a,b), one or several students (--student a,b): one student writes
+    into --output-dir itself, several each into <output-dir>/<name>/. They save, resume and stop together."""
 
     args: argparse.Namespace
     device: torch.device
-    teacher: Teacher
+    teachers: list[TeacherInput]
     students: list[Student]
     schedule: list[float]  # the lr of every global iteration
     loader: DataLoader
@@ -106,6 +105,11 @@ class Run:
     out: Output  # --output-dir and the console
     control: StopControl
     position: Position = field(default_factory=Position)
+
+    @property
+    def loss_names(self) -> tuple[str, ...]:
+        """Every student's losses by name (they learn from the same teachers)."""
+        return self.students[0].distiller.loss_names
 
     def of(self, s: Student, sep: str = " of ") -> str:
         """How messages name a student: not at all when it is the only one."""
@@ -126,7 +130,7 @@ class Run:
     def next_epoch(self) -> None:
         self.position = Position(self.position.epoch + 1)
         for s in self.students:
-            s.sums = zero_sums()
+            s.sums = dict.fromkeys(self.loss_names, 0.0)
 
     def state_dict(self, s: Student) -> dict:
         """Student `s`'s checkpoint.pth: "epoch" is the last finished epoch (as the reference's),
@@ -142,7 +146,7 @@ class Run:
             "ema": s.ema.module.state_dict(),
             "epoch": pos.epoch if finished else pos.epoch - 1,
             "iteration_in_epoch": pos.iteration % iters,
-            "epoch_loss_sums": None if finished else [s.sums[k] for k in LOSSES],
+            "epoch_loss_sums": None if finished else [s.sums[k] for k in self.loss_names],
             "world_size": dist_utils.world_size(),
             "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self.args).items()},
         }
@@ -187,7 +191,7 @@ class Run:
                         "run", path, ckpt["world_size"], world, epoch)  # fmt: skip
         for s, c in zip(self.students, ckpts):
             s.out.truncate_logs(epoch, c["scheduler"]["iteration"])
-            s.sums = dict(zip(LOSSES, c["epoch_loss_sums"])) if done else zero_sums()
+            s.sums = dict(zip(self.loss_names, c["epoch_loss_sums"])) if done else dict.fromkeys(self.loss_names, 0.0)
         where = f", at iteration {done} of epoch {epoch}" if done else ""
         self.out.print(f"resumed from {path} after epoch {ckpt['epoch']}{where}")
         self.position = Position(epoch, done)

@@ -5,6 +5,7 @@
 #
 #   RECIPE         ti_dinov2s | s_dinov2b | b_dinov2l | l_dinov2g | b_synclrl | b_clipl
 #                  ti_dinov3s | s_dinov3b | b_dinov3l | l_dinov3hplus | s_dinov3_7b | b_dinov3_7b
+#                  b_dinov2l_clipl | s_dinov3b_clipb16 (one student, two teachers)
 #   DATA           ImageNet root holding train/<class>/<image>      default /data/imagenet
 #   OUT            output dir (checkpoint.pth, log.txt, tensorboard/) default out/RECIPE
 #   NPROC, NNODES, NODE_RANK, RDZV_ENDPOINT, RDZV_ID, DRY_RUN: see scripts/torchrun.sh
@@ -20,7 +21,7 @@ set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-RECIPES="ti_dinov2s s_dinov2b b_dinov2l l_dinov2g b_synclrl b_clipl ti_dinov3s s_dinov3b b_dinov3l l_dinov3hplus s_dinov3_7b b_dinov3_7b"
+RECIPES="ti_dinov2s s_dinov2b b_dinov2l l_dinov2g b_synclrl b_clipl ti_dinov3s s_dinov3b b_dinov3l l_dinov3hplus s_dinov3_7b b_dinov3_7b b_dinov2l_clipl s_dinov3b_clipb16"
 RECIPE=${1:?usage: scripts/pretrain.sh RECIPE [pretrain.main flags...]; RECIPE: $RECIPES}
 shift
 DATA=${DATA:-/data/imagenet}
@@ -34,6 +35,11 @@ GLOBAL_BATCH=${GLOBAL_BATCH:-512}
 # (PROTOCOLS G) keep every other setting of PROTOCOLS A; the student takes the teacher's DINOv3
 # layout (patch 16, so the token grids match at any size) and the 7B runs in bf16
 # (--teacher-dtype auto). DINOv3 files are gated: pass --teacher-checkpoint PATH after the recipe.
+# The two-teacher recipes (issue 15) standardise each teacher's targets with PHI-S (the default with
+# several teachers) and write adaptors.pth next to backbone.pth. B <- DINOv2 L + CLIP L keeps CLIP
+# token-only; S <- DINOv3 B + CLIP B/16 also distils CLIP's patch map (--lambda-patch/--lambda-fea 1),
+# resampled to the student's grid wherever the grids differ (e.g. with --student-layout dinov2, patch 14).
+levels=()
 case "$RECIPE" in
     ti_dinov2s) teacher=dinov2_vits14 student=vit_tiny ;;
     s_dinov2b) teacher=dinov2_vitb14 student=vit_small ;;
@@ -47,6 +53,8 @@ case "$RECIPE" in
     l_dinov3hplus) teacher=dinov3_vith16plus student=vit_large ;;
     s_dinov3_7b) teacher=dinov3_vit7b16 student=vit_small ;;
     b_dinov3_7b) teacher=dinov3_vit7b16 student=vit_base ;;
+    b_dinov2l_clipl) teacher=dinov2_vitl14,clip_vitl14 student=vit_base ;;
+    s_dinov3b_clipb16) teacher=dinov3_vitb16,clip_vitb16 student=vit_small levels=(--lambda-patch 1 --lambda-fea 1) ;;
     *)
         echo "error: unknown recipe '$RECIPE'; one of: $RECIPES" >&2
         exit 2
@@ -58,4 +66,4 @@ BATCH=${BATCH:-$(split_batch "$GLOBAL_BATCH" $((NPROC * NNODES)))}
 export NPROC NNODES
 exec "$(dirname "${BASH_SOURCE[0]}")/torchrun.sh" -m pretrain.main \
     --data-path "$DATA" --teacher "$teacher" --student "$student" \
-    --batch-size "$BATCH" --output-dir "$OUT" "$@"
+    --batch-size "$BATCH" --output-dir "$OUT" ${levels[@]+"${levels[@]}"} "$@"

@@ -413,3 +413,11 @@ def interrupt(cmd: list[str], out: Path, sig: int, after: int = 5) -> int:
     _, err = proc.communicate(timeout=120)
     assert proc.returncode in (75, -signal.SIGKILL), err[-3000:]
     return proc.returncode
+
+
+def one_teacher_distiller(student, dim: int, token: float = 1.0, patch: float = 1.0, fea: float = 1.0):
+    """A Distiller of one teacher named "teacher" (its targets: {"teacher": {"cls", "patches"}})."""
+    from models import TeacherTarget
+    from pretrain.distiller import Distiller
+
+    return Distiller(student, [TeacherTarget("teacher", dim, 1.0, token, patch, fea)])

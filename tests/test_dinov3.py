@@ -21,8 +21,15 @@ from torch import nn
 import models
 from models.dinov3 import DinoV3ViT
 from models.teachers import TEACHERS, default_dtype
-from pretrain.distiller import Distiller
-from tests.helpers import fair, make_image_folder, official_sd, official_weights_, rel_err, swiglu_width
+from tests.helpers import (
+    fair,
+    make_image_folder,
+    official_sd,
+    official_weights_,
+    one_teacher_distiller,
+    rel_err,
+    swiglu_width,
+)
 
 
 # --- teachers ----------------------------------------------------------------------------------
@@ -378,11 +385,11 @@ def test_distiller_trains_a_dinov3_student_from_a_dinov3_teacher(shallow, tmp_pa
     teacher = models.create_teacher("dinov3_vits16", tmp_path / "f.pth")
     torch.manual_seed(0)
     student = models.create_student("vit_tiny_dinov3").train()
-    distiller = Distiller(student, teacher.embed_dim)
+    distiller = one_teacher_distiller(student, teacher.embed_dim)
     images = torch.randn(2, 3, 64, 64)
     masks = torch.zeros(1, 16, dtype=torch.bool)
     masks[0, :8] = True
-    losses = distiller(images, masks, teacher.targets(images))
+    losses = distiller(images, masks, {"teacher": teacher.targets(images)})
     losses["total"].backward()
     assert torch.isfinite(losses["total"]) and all(v > 0 for v in losses.values())
     assert student.mask_token.grad is not None and torch.count_nonzero(student.mask_token.grad) > 0

@@ -16,10 +16,10 @@ import models
 from common.schedule import warmup_cosine
 from pretrain import main as pretrain_main
 from pretrain.data import SingleImageDataset, build_dataset, subset_samples, train_transform
-from pretrain.distiller import Distiller, Views, param_groups, resize
+from pretrain.distiller import Distiller, param_groups, resize
 from pretrain.masking import make_masks
 from pretrain.output import Output
-from tests.helpers import TINY_RUN, make_image_folder, tiny_spec, tiny_vit
+from tests.helpers import TINY_RUN, make_image_folder, one_teacher_distiller, tiny_spec, tiny_vit
 
 
 @pytest.fixture
@@ -76,11 +76,11 @@ def plain_losses(distiller, images, masks, t_cls, t_patches):
 
 def test_losses_match_hand_computation_and_two_pass_reference():
     student = tiny_vit()
-    d = Distiller(student, teacher_dim=24, lambda_token=1.0, lambda_patch=0.5, lambda_fea=2.0).eval()
+    d = one_teacher_distiller(student, 24, token=1.0, patch=0.5, fea=2.0).eval()
     images = torch.randn(6, 3, 28, 28)
     masks = make_masks(6, 4, 0.5, (0.5, 0.5))[:3]
     t = {"cls": torch.randn(6, 24), "patches": torch.randn(6, 4, 24)}
-    losses = d(images, masks, t)
+    losses = d(images, masks, {"teacher": t})
     assert list(losses) == ["total", "token", "patch", "fea"]  # pretrain.distiller.LOSSES
     token, patch, fea = plain_losses(d, images, masks, t["cls"], t["patches"])
     torch.testing.assert_close(losses["token"], token, rtol=1e-5, atol=1e-6)
@@ -98,9 +98,10 @@ def test_losses_match_hand_computation_and_two_pass_reference():
 
 
 def test_token_only_distiller_has_no_unused_parameters():
-    d = Distiller(tiny_vit(), teacher_dim=8, lambda_token=1.0, lambda_patch=0.0, lambda_fea=0.0)
+    d = one_teacher_distiller(tiny_vit(), 8, token=1.0, patch=0.0, fea=0.0)
     assert d.patch_head is None and d.fea_head is None
-    losses = d(torch.randn(2, 3, 28, 28), None, {"cls": torch.randn(2, 8), "patches": torch.randn(2, 4, 8)})
+    targets = {"teacher": {"cls": torch.randn(2, 8), "patches": torch.randn(2, 4, 8)}}
+    losses = d(torch.randn(2, 3, 28, 28), None, targets)
     losses["total"].backward()
     unused = [n for n, p in d.named_parameters() if p.requires_grad and p.grad is None]
     assert unused == []
@@ -144,10 +145,9 @@ def test_resampled_targets_equal_interpolate_on_the_patch_map(grid):
     assert torch.equal(teacher.targets(images, (3, 3))["patches"], own)
 
 
-def test_views_resize_one_crop_for_each_network():
+def test_each_network_gets_its_own_resize_of_one_crop():
     crops = torch.randn(2, 3, 48, 48)
-    student, teacher = Views(32, 48, (2, 2)).resized(crops)
-    assert teacher is crops  # the crop as it is
+    student = resize(crops, 32)
     want = F.interpolate(crops, size=(32, 32), mode="bicubic", align_corners=False, antialias=True)
     torch.testing.assert_close(student, want, rtol=0, atol=0)
     assert resize(crops, 48) is crops
@@ -213,7 +213,7 @@ def test_schedule_per_iteration_warmup_then_cosine():
 
 
 def test_no_weight_decay_on_biases_norms_and_layerscale():
-    d = Distiller(tiny_vit(), teacher_dim=8)
+    d = one_teacher_distiller(tiny_vit(), 8)
     decay, no_decay = param_groups(d, 0.05)
     names = {id(p): n for n, p in d.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
@@ -229,7 +229,7 @@ def test_param_groups_through_timm_are_the_groups_of_before(weight_decay, layout
     """timm's param_groups_weight_decay decides; the groups (members, order, weight decay) are the ones our own
     rule made before, so checkpoints' optimizer states still load: [decay, no decay], both even at 0."""
     student = models.create_student("vit_tiny", img_size=28, layout=layout)
-    d = Distiller(student, 8, *lambdas)
+    d = one_teacher_distiller(student, 8, *lambdas)
     no_decay_names = tuple(f"student.{n}" for n in models.LAYOUTS[layout].no_weight_decay)
     trained = [(n, p) for n, p in d.named_parameters() if p.requires_grad]
     before = [  # the rule as main.param_groups wrote it
@@ -438,11 +438,11 @@ def test_clip_teachers_default_to_token_only_and_others_to_all_three():
     assert ranged.mask_ratio == (0.1, 0.5)
     # a B/16 teacher with a patch-14 student: its patch tokens are resampled, no loss is turned off
     b16 = pretrain_main.resolve_args(parse(["--teacher", "synclr_vitb16"]))
-    assert (b16.lambda_token, b16.lambda_patch, b16.lambda_fea) == (1.0, 1.0, 1.0) and b16.teacher_input_size == 224
+    assert (b16.lambda_token, b16.lambda_patch, b16.lambda_fea) == (1.0, 1.0, 1.0) and b16.teacher_input_size == [224]
     clip16 = pretrain_main.resolve_args(parse(["--teacher", "clip_vitb16", "--lambda-fea", "1"]))
     assert (clip16.lambda_token, clip16.lambda_patch, clip16.lambda_fea) == (1.0, 0.0, 1.0)
     dinov3 = pretrain_main.resolve_args(parse(["--teacher", "dinov3_vitb16", "--input-size", "208"]))  # 13 x 16
-    assert dinov3.student_layout == "dinov3" and dinov3.teacher_input_size == 208
+    assert dinov3.student_layout == "dinov3" and dinov3.teacher_input_size == [208]
 
 
 def test_compiled_run_trains_and_matches_the_eager_loss(data, tmp_path, capsys):
@@ -483,5 +483,5 @@ def test_clip_teacher_sees_the_references_imagenet_crops_by_default(data, tmp_pa
     argv += ["--student", "vit_tiny", "--batch-size", "4", "--num-workers", "0", "--device", "cpu"]
     argv += ["--lambda-patch", "0", "--lambda-fea", "0"] + (["--teacher-normalization", choice] if choice else [])
     args = pretrain_main.resolve_args(pretrain_main.get_args_parser().parse_args(argv))
-    teacher = pretrain_main.build(args, torch.device("cpu"), 1, Output(tmp_path, main=True)).teacher
+    teacher = pretrain_main.build(args, torch.device("cpu"), 1, Output(tmp_path, main=True)).teachers[0].teacher
     assert teacher.mean == tuple(mean)

@@ -80,3 +80,30 @@ def test_kill_then_rerun_continues_where_it_stopped(tmp_path):
     final = models.safe_load(out / "checkpoint.pth")
     assert final["epoch"] == 3 and final["scheduler"]["iteration"] == 100
     assert not torch.equal(final["student"]["norm.weight"], saved["student"]["norm.weight"])
+
+
+def test_torchrun_two_students_two_teachers(tmp_path):
+    """2 processes on gloo: two students (each its own DDP wrapper in one process group) from two teachers
+    whose target statistics are estimated on both ranks' batches and summed; every student's folder gets its
+    checkpoint, backbone and adaptors.pth, with the same frozen statistics."""
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=8)
+    out = tmp_path / "ddp"
+    argv = list(TINY_RUN)
+    argv[argv.index("--teacher") + 1] = "dinov2_vits14,dinov3_vits16"
+    argv[argv.index("--student") + 1] = "vit_tiny,vit_small"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pretrain.main",
+        "--data-path", str(data), "--output-dir", str(out), "--epochs", "1", *argv,
+        "--teacher-input-size", "28,32", "--teacher-stats-batches", "2",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world 2" in proc.stdout and "estimating the target statistics" in proc.stdout
+    stats = []
+    for student in ("vit_tiny", "vit_small"):
+        assert epochs_logged(out / student) == [0]
+        adaptors = models.load_adaptors(out / student / "adaptors.pth")
+        std = adaptors.adaptors["dinov3_vits16"].patch_std
+        assert std.kind == "phi-s" and bool(std.estimated)
+        stats.append(torch.cat([std.mean, std.scale]))
+    assert torch.equal(*stats)

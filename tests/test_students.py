@@ -15,7 +15,15 @@ from pretrain import main as pretrain_main
 from pretrain.distiller import Distiller
 from tests.helpers import TINY_RUN, command, epoch_losses, interrupt, iterations, make_image_folder, run_ok, tiny_spec
 
-FILES = ["backbone.pth", "backbone_ema.pth", "checkpoint.pth", "iterations.jsonl", "log.txt", "tensorboard"]
+FILES = [
+    "adaptors.pth",
+    "backbone.pth",
+    "backbone_ema.pth",
+    "checkpoint.pth",
+    "iterations.jsonl",
+    "log.txt",
+    "tensorboard",
+]
 TWO = ["--student", "vit_tiny,vit_small"]
 
 

@@ -1,0 +1,204 @@
+"""A student's adaptors: per teacher, the LayerNorm+Linear heads that map student tokens to that teacher's
+width, and the standardisation of that teacher's targets (PHI-S, per-channel z-score or none).
+
+With several teachers the summed loss is dominated by whichever has the largest features unless each
+teacher's targets are standardised. PHI-S (Ranzinger et al., "PHI-S: Distribution Balancing for
+Label-Free Multi-Teacher Distillation", used by AM-RADIO v2.5) rotates the centred features into
+their principal axes, then by a normalised Hadamard matrix, which spreads the variance equally over
+every channel, and divides by one scalar: y = H U^T (x - mean) / alpha. Being a rotation and one
+scale, it is inverted exactly, so `Adaptors` gives each teacher's features in its original space.
+
+`adaptors.pth` (written by pretraining next to backbone.pth) holds the heads and statistics; `load_adaptors`
+reads it (weights_only) and `Adaptors(backbone, images)` predicts every teacher's CLS and patch features.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+STANDARDIZATIONS = ("phi-s", "zscore", "none")
+FORMAT = "proteus-adaptors"
+
+
+def head(dim_in: int, dim_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.LayerNorm(dim_in, eps=1e-5), nn.Linear(dim_in, dim_out))
+
+
+def _is_prime(q: int) -> bool:
+    return q > 1 and all(q % k for k in range(2, math.isqrt(q) + 1))
+
+
+def _paley(q: int) -> torch.Tensor:
+    """Paley's construction I: a Hadamard matrix of order q + 1 for a prime q = 3 (mod 4)."""
+    residues = {(k * k) % q for k in range(1, q)}
+    chi = lambda a: 0 if a % q == 0 else (1 if a % q in residues else -1)  # noqa: E731
+    h = torch.ones(q + 1, q + 1, dtype=torch.float64)
+    for i in range(q):
+        for j in range(q):
+            h[i + 1, j + 1] = chi(j - i) + (i == j)
+    h[1:, 0] = -1
+    return h
+
+
+def hadamard(n: int) -> torch.Tensor:
+    """An n x n Hadamard matrix scaled to be orthogonal (entries +-1/sqrt(n)), float64: Sylvester's doubling
+    of 1 or of a Paley matrix. Covers every ViT width in use (384 = 12*32, 768 = 12*64, 1024, 1280 = 20*64,
+    1536, 4096, ...); other widths raise ValueError."""
+    for k in range(n.bit_length(), -1, -1):
+        m = n >> k
+        if m << k != n:
+            continue
+        if m == 1:
+            h = torch.ones(1, 1, dtype=torch.float64)
+        elif m % 4 == 0 and _is_prime(m - 1):
+            h = _paley(m - 1)
+        else:
+            continue
+        for _ in range(k):
+            h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+        return h / math.sqrt(n)
+    raise ValueError(f"no Hadamard matrix of order {n} is constructed here: use --teacher-standardization zscore")
+
+
+class Standardizer(nn.Module):
+    """Standardises one kind of a teacher's tokens (its CLS, or its patches) with statistics estimated once
+    and then frozen (buffers: saved in checkpoints and adaptors.pth). kind "none" is the identity and has no
+    buffers, so a one-teacher run's checkpoint holds what it held before standardisation existed."""
+
+    def __init__(self, dim: int, kind: str) -> None:
+        super().__init__()
+        if kind not in STANDARDIZATIONS:
+            raise ValueError(f"unknown standardization {kind!r}; choose from {', '.join(STANDARDIZATIONS)}")
+        self.kind = kind
+        if kind != "none":
+            self.register_buffer("estimated", torch.tensor(False))
+            self.register_buffer("mean", torch.zeros(dim))
+            self.register_buffer("scale", torch.ones(dim))  # zscore: per-channel std; phi-s: alpha in every channel
+            if kind == "phi-s":
+                self.register_buffer("rotation", torch.eye(dim))  # H U^T
+
+    @property
+    def fitted(self) -> bool:
+        return self.kind == "none" or bool(self.estimated)
+
+    def fit(self, count: float, total: torch.Tensor, outer: torch.Tensor) -> None:
+        """From the moments of `count` tokens: their sum [D] and the sum of their outer products [D, D] (float64)."""
+        if self.kind == "none":
+            return
+        mean = total / count
+        cov = outer / count - torch.outer(mean, mean)
+        if self.kind == "zscore":
+            self.scale.copy_(cov.diagonal().clamp_min(1e-12).sqrt())
+        elif self.kind == "phi-s":
+            eigenvalues, eigenvectors = torch.linalg.eigh(cov)
+            self.rotation.copy_(hadamard(cov.shape[0]) @ eigenvectors.T)
+            self.scale.fill_(eigenvalues.clamp_min(0).mean().clamp_min(1e-24).sqrt().item())
+        self.mean.copy_(mean)
+        self.estimated.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "none":
+            return x
+        x = x.float() - self.mean
+        if self.kind == "phi-s":
+            x = x @ self.rotation.T
+        return x / self.scale
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        if self.kind == "none":
+            return y
+        y = y.float() * self.scale
+        if self.kind == "phi-s":
+            y = y @ self.rotation
+        return y + self.mean
+
+
+@dataclass(frozen=True)
+class TeacherTarget:
+    """What a student learns from one teacher: its width, the weight of its loss in the total, its loss
+    levels' weights (a head exists only for a level in use) and how its targets are standardised."""
+
+    name: str
+    dim: int
+    weight: float = 1.0
+    lambda_token: float = 1.0
+    lambda_patch: float = 1.0
+    lambda_fea: float = 1.0
+    standardization: str = "none"
+
+
+class Adaptor(nn.Module):
+    """One teacher's heads and target standardisers. The heads predict standardised targets; `predict`
+    returns them in the teacher's own space."""
+
+    def __init__(self, student_dim: int, target: TeacherTarget) -> None:
+        super().__init__()
+        self.target = target
+        dim = target.dim
+        self.token_head = head(student_dim, dim) if (target.lambda_token or target.lambda_fea) else None
+        self.patch_head = head(student_dim, dim) if target.lambda_patch else None
+        self.fea_head = head(student_dim, dim) if target.lambda_fea else None
+        self.cls_std = Standardizer(dim, target.standardization)
+        self.patch_std = Standardizer(dim, target.standardization)
+
+    def predict(self, cls: torch.Tensor, patches: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The teacher's {"cls", "patches"} predicted from the student's final-norm tokens: CLS by the token
+        head, patches by the all-token (fea) head, else the masked-patch head; de-standardised."""
+        out = {}
+        if self.token_head is not None:
+            out["cls"] = self.cls_std.inverse(self.token_head(cls))
+        patch_head = self.fea_head if self.fea_head is not None else self.patch_head
+        if patch_head is not None:
+            out["patches"] = self.patch_std.inverse(patch_head(patches))
+        return out
+
+
+class Adaptors(nn.Module):
+    """Every teacher's adaptor of one student, as `load_adaptors` reads them from adaptors.pth."""
+
+    def __init__(self, student_dim: int, targets: list[TeacherTarget], teachers: dict | None = None) -> None:
+        super().__init__()
+        self.student_dim = student_dim
+        self.adaptors = nn.ModuleDict({t.name: Adaptor(student_dim, t) for t in targets})
+        self.teachers = teachers or {}  # per teacher: family, patch size, input size, mean, std (informative)
+
+    def forward(self, backbone: nn.Module, images: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        """{teacher: {"cls": [B, D_t], "patches": [B, N, D_t]}} for `images` normalised as the student's input
+        (ImageNet mean/std), the patches on the student's grid."""
+        out = backbone.forward_features(images)
+        cls, patches = out["x_norm_clstoken"], out["x_norm_patchtokens"]
+        return {name: a.predict(cls, patches) for name, a in self.adaptors.items()}
+
+    def export(self, student: dict) -> dict:
+        """adaptors.pth's content (plain tensors and Python values: readable with weights_only=True)."""
+        return {
+            "format": FORMAT,
+            "student": {**student, "dim": self.student_dim},
+            "teachers": {
+                name: {**asdict(a.target), **self.teachers.get(name, {}), "state_dict": a.state_dict()}
+                for name, a in self.adaptors.items()
+            },
+        }
+
+
+def load_adaptors(path: str | Path) -> Adaptors:
+    """adaptors.pth (pretraining's export) -> Adaptors, strictly; a clear ValueError for any other file."""
+    from .checkpoints import safe_load
+
+    data = safe_load(path)
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an adaptors.pth written by pretraining (no 'format': '{FORMAT}')")
+    fields = TeacherTarget.__dataclass_fields__
+    targets, teachers = [], {}
+    for name, entry in data["teachers"].items():
+        targets.append(TeacherTarget(**{k: v for k, v in entry.items() if k in fields}))
+        teachers[name] = {k: v for k, v in entry.items() if k not in fields and k != "state_dict"}
+    adaptors = Adaptors(data["student"]["dim"], targets, teachers)
+    for name, entry in data["teachers"].items():
+        adaptors.adaptors[name].load_state_dict(entry["state_dict"])
+    return adaptors.eval()

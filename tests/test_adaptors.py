@@ -1,0 +1,71 @@
+"""models.adaptors: Hadamard matrices, target standardisation (PHI-S, z-score) and adaptors.pth."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.adaptors import Adaptors, Standardizer, TeacherTarget, hadamard, load_adaptors
+
+
+@pytest.mark.parametrize("n", [1, 2, 12, 20, 48, 384, 768, 1024, 1280, 1536])
+def test_hadamard_is_orthogonal_with_equal_magnitudes(n):
+    h = hadamard(n)
+    assert torch.allclose(h @ h.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(h.abs(), torch.full((n, n), n**-0.5, dtype=torch.float64))
+
+
+def test_no_hadamard_order_is_a_clear_error():
+    with pytest.raises(ValueError, match="order 28.*zscore"):
+        hadamard(28)
+
+
+def moments(x: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+    x = x.double()
+    return x.shape[0], x.sum(0), x.T @ x
+
+
+@pytest.mark.parametrize("kind", ["phi-s", "zscore"])
+def test_standardized_targets_have_unit_variance_and_invert_exactly(kind):
+    g = torch.Generator().manual_seed(0)
+    # anisotropic, correlated, off-centre features on two very different scales
+    x = (torch.randn(4000, 12, generator=g) @ torch.randn(12, 12, generator=g)) * 100 + 7
+    s = Standardizer(12, kind)
+    assert not s.fitted
+    s.fit(*moments(x))
+    y = s(x)
+    assert s.fitted and y.mean(0).abs().max() < 1e-3
+    if kind == "zscore":
+        assert torch.allclose(y.var(0, unbiased=False), torch.ones(12), atol=1e-3)
+    else:  # isotropic: every channel has the mean eigenvalue's variance, i.e. 1 after the one scale
+        assert torch.allclose(y.var(0, unbiased=False), torch.ones(12), atol=1e-3)
+        assert y.var(0).sum() == pytest.approx(12, rel=1e-3)
+    assert torch.allclose(s.inverse(y), x, rtol=1e-4, atol=1e-2)
+
+
+def test_none_is_the_identity():
+    x = torch.randn(3, 8)
+    assert Standardizer(8, "none")(x) is x
+
+
+def test_adaptors_file_round_trip(tmp_path):
+    """adaptors.pth holds plain tensors and values (weights_only) and reloads to the same predictions."""
+    targets = [TeacherTarget("a", 12, standardization="phi-s"), TeacherTarget("b", 8, lambda_patch=0, lambda_fea=0)]
+    adaptors = Adaptors(16, targets, {"a": {"family": "dinov2"}})
+    a = adaptors.adaptors["a"]
+    a.cls_std.fit(*moments(torch.randn(100, 12) * 3))
+    a.patch_std.fit(*moments(torch.randn(100, 12) + 2))
+    torch.save(adaptors.export({"name": "vit_tiny"}), tmp_path / "adaptors.pth")
+    loaded = load_adaptors(tmp_path / "adaptors.pth")
+    assert loaded.teachers["a"] == {"family": "dinov2"} and loaded.adaptors["b"].target == targets[1]
+    cls, patches = torch.randn(2, 16), torch.randn(2, 4, 16)
+    want, got = a.predict(cls, patches), loaded.adaptors["a"].predict(cls, patches)
+    assert want.keys() == got.keys() == {"cls", "patches"}
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert set(loaded.adaptors["b"].predict(cls, patches)) == {"cls"}  # token-only: no patch head
+
+
+def test_load_adaptors_refuses_other_files(tmp_path):
+    torch.save({"student": {}}, tmp_path / "backbone.pth")
+    with pytest.raises(ValueError, match="not an adaptors.pth"):
+        load_adaptors(tmp_path / "backbone.pth")

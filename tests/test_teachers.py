@@ -1,0 +1,142 @@
+"""Several teachers, one student (issue 15): per-teacher heads and standardised targets, their statistics
+estimated once and saved, per-teacher logs, adaptors.pth, and the flags' errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import models
+from models import TeacherTarget, load_adaptors, load_backbone
+from pretrain import main as pretrain_main
+from pretrain.distiller import Distiller
+from tests.helpers import TINY_RUN, make_image_folder, tiny_vit
+
+TEACHERS = "dinov2_vits14,clip_vitb16"
+
+
+def moments(x: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+    x = x.flatten(0, -2).double()
+    return x.shape[0], x.sum(0), x.T @ x
+
+
+def loss_shares(standardization: str) -> float:
+    """The ratio of two teachers' losses at initialisation when one's features are 100x the other's."""
+    torch.manual_seed(0)
+    targets = {}
+    for name, dim, scale in (("small", 12, 1.0), ("large", 20, 100.0)):
+        mixing = torch.randn(dim, dim)
+        targets[name] = {
+            "cls": (torch.randn(16, dim) @ mixing + 3) * scale,
+            "patches": (torch.randn(16, 4, dim) @ mixing - 1) * scale,
+        }
+    d = Distiller(tiny_vit(), [TeacherTarget(n, t["cls"].shape[1], standardization=standardization)
+                               for n, t in targets.items()])  # fmt: skip
+    for name, t in targets.items():
+        d.adaptors[name].cls_std.fit(*moments(t["cls"]))
+        d.adaptors[name].patch_std.fit(*moments(t["patches"]))
+    with torch.no_grad():
+        losses = d(torch.randn(16, 3, 28, 28), torch.rand(8, 4) < 0.5, targets)
+    share = {n: sum(float(losses[f"{n}_{level}"]) for level in ("token", "patch", "fea")) for n in targets}
+    return share["large"] / share["small"]
+
+
+@pytest.mark.parametrize("standardization", ["phi-s", "zscore"])
+def test_standardised_teachers_of_100x_scale_share_the_loss(standardization):
+    assert 0.5 <= loss_shares(standardization) <= 2.0
+    assert loss_shares("none") > 1000  # without standardisation one teacher is the whole loss
+
+
+def test_one_teacher_keeps_its_head_names_and_loss_names():
+    d = Distiller(tiny_vit(), [TeacherTarget("dinov2_vits14", 8)])
+    assert d.loss_names == ("total", "token", "patch", "fea")
+    assert {k.split(".")[0] for k in d.heads_state_dict()} == {"token_head", "patch_head", "fea_head"}
+
+
+@pytest.fixture
+def two_teachers(tiny_teacher):
+    tiny_teacher("dinov2_vits14", dim=48, depth=1)
+    tiny_teacher("clip_vitb16", dim=32, depth=1)
+
+
+def run(data, out, *extra) -> int:
+    base = list(TINY_RUN)
+    base[base.index("--teacher") + 1] = TEACHERS
+    return pretrain_main.main([*base, "--data-path", str(data), "--output-dir", str(out), "--epoch-length", "2",
+                               "--teacher-stats-batches", "2", *extra])  # fmt: skip
+
+
+def test_two_teachers_with_resampled_grids_train_resume_and_export(two_teachers, tmp_path, capsys):
+    """DINOv2 at 42 px (3x3) and CLIP with its patch map at 48 px (3x3), both resampled to the student's 2x2.
+    Statistics are estimated on a fresh run, saved with the heads and reloaded (not re-estimated) on resume;
+    log lines carry each teacher's levels; adaptors.pth predicts each teacher's features in its own space."""
+    data, out = make_image_folder(tmp_path / "data"), tmp_path / "o"
+    sizes = ["--teacher-input-size", "42,48", "--lambda-fea", "1", "--teacher-weights", "1,0.5"]
+    assert run(data, out, "--epochs", "1", *sizes) == 0
+    printed = capsys.readouterr().out
+    assert "3x3 patch tokens (dinov2_vits14 at 42 px) are resampled to the student's 2x2 grid" in printed
+    assert "3x3 patch tokens (clip_vitb16 at 48 px) are resampled to the student's 2x2 grid" in printed
+    assert "estimating the target statistics of clip_vitb16, dinov2_vits14 on 2 batches" in printed
+    first = torch.load(out / "checkpoint.pth", weights_only=True)["heads"]
+    assert first["teachers.dinov2_vits14.cls_std.estimated"] and first["teachers.clip_vitb16.patch_std.estimated"]
+    assert first["teachers.clip_vitb16.cls_std.rotation"].shape == (32, 32)
+    assert "teachers.clip_vitb16.patch_head.1.weight" not in first  # CLIP's patch level stays off: token + fea
+
+    assert run(data, out, "--epochs", "2", *sizes) == 0
+    printed = capsys.readouterr().out
+    assert "resumed from" in printed and "estimating" not in printed
+    last = torch.load(out / "checkpoint.pth", weights_only=True)["heads"]
+    for key in (k for k in first if "_std." in k):  # frozen: the statistics never change
+        assert torch.equal(first[key], last[key]), key
+    line = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    for teacher in TEACHERS.split(","):
+        assert {f"train_loss_{teacher}_{level}" for level in ("token", "patch", "fea")} <= set(line)
+    total = sum(w * line[f"train_loss_{t}_{lvl}"] for t, w in (("dinov2_vits14", 1), ("clip_vitb16", 0.5))
+                for lvl in ("token", "patch", "fea"))  # fmt: skip
+    assert line["train_loss"] == pytest.approx(total, rel=1e-5)
+
+    adaptors = load_adaptors(out / "adaptors.pth")
+    assert (
+        adaptors.teachers["clip_vitb16"]["family"] == "clip" and adaptors.teachers["dinov2_vits14"]["input_size"] == 42
+    )
+    backbone = load_backbone(out / "backbone.pth").eval()
+    images = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        predicted = adaptors(backbone, images)
+        tokens = backbone.forward_features(images)
+    clip = adaptors.adaptors["clip_vitb16"]
+    assert predicted["dinov2_vits14"]["patches"].shape == (2, 4, 48) and predicted["clip_vitb16"]["cls"].shape == (
+        2,
+        32,
+    )
+    std = clip.cls_std
+    with torch.no_grad():
+        want = std.mean + (clip.token_head(tokens["x_norm_clstoken"]) * std.scale) @ std.rotation
+    torch.testing.assert_close(predicted["clip_vitb16"]["cls"], want)  # de-standardised: the teacher's own space
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--teacher-input-size", "28,28,28"], "--teacher-input-size 28,28,28: 3 values for 2 teachers"),
+        (["--teacher-weights", "1,x"], "--teacher-weights 1,x: expected float values"),
+        (["--teacher-weights", "0,0"], "must be >= 0 and not all 0"),
+        (["--teacher-checkpoint", "a.pth"], "--teacher-checkpoint names 1 files for 2 teachers"),
+        (["--teacher-input-size", "28,30"], "not a multiple of clip_vitb16's patch size 16"),
+    ],
+)
+def test_teacher_flags_are_checked_per_teacher(tmp_path, capsys, extra, message):
+    assert run(tmp_path, tmp_path / "o", *extra) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_teacher_named_twice_or_without_a_hadamard_width_is_one_line(tiny_teacher, tmp_path, capsys):
+    base = [*TINY_RUN, "--data-path", str(tmp_path), "--output-dir", str(tmp_path / "o")]
+    assert pretrain_main.main([*base, "--teacher", "dinov2_vits14,dinov2_vits14"]) == 2
+    assert "names a teacher twice" in capsys.readouterr().err
+    tiny_teacher("clip_vitb16", dim=28)
+    assert pretrain_main.main([*base, "--teacher", TEACHERS]) == 2
+    assert "no Hadamard matrix of order 28" in capsys.readouterr().err
+    assert models.TEACHERS["clip_vitb16"].config.embed_dim == 28
