@@ -179,17 +179,23 @@ TEACHERS: dict[str, TeacherSpec] = {
 }
 
 
+def openai_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """An OpenAI CLIP release file's whole state dict (visual and text towers, OpenAI's key names): the
+    TorchScript archive OpenAI ships, or a state dict (under 'state_dict' or not) read with weights_only."""
+    if is_torchscript_archive(path):
+        raw = torch.jit.load(str(path), map_location="cpu").state_dict()
+    else:
+        raw = safe_load(path)
+        raw = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
+    if not isinstance(raw, dict) or not any(k.startswith("visual.") for k in raw):
+        raise ValueError(f"{path} is not an OpenAI CLIP checkpoint: no 'visual.' keys")
+    return dict(raw)
+
+
 def teacher_state_dict(spec: TeacherSpec, path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read an official release file and convert it to our key layout (visual tower only)."""
     if spec.family == "clip":
-        if is_torchscript_archive(path):  # OpenAI ships TorchScript archives
-            raw = torch.jit.load(str(path), map_location="cpu").state_dict()
-        else:
-            raw = safe_load(path)
-            raw = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
-        if not isinstance(raw, dict) or not any(k.startswith("visual.") for k in raw):
-            raise ValueError(f"{path} is not an OpenAI CLIP checkpoint: no 'visual.' keys")
-        sd = strip_prefix(raw, ("visual.",))  # the text tower is left out
+        sd = strip_prefix(openai_clip_state_dict(path), ("visual.",))  # the text tower is left out
         sd.pop("proj", None)  # CLIP's projection: we distil ln_post(CLS) before it
         return from_reference(sd)
     raw = safe_load(path)

@@ -2,13 +2,15 @@
 
 python -m scripts.evaluate_all --backbone out/s/backbone.pth --output-dir out/s/eval \
     --data-imagenet /data/imagenet --data-fine-grained /data/fine_grained \
-    --data-ade20k data/ade/ADEChallengeData2016 --data-nyu data/nyu
+    --data-ade20k data/ade/ADEChallengeData2016 --data-nyu data/nyu \
+    --adaptors out/s/adaptors.pth --clip-checkpoint ViT-L-14.pt
 
 Each task runs in its own subprocess (`python -m linear_eval.main`, `linear_eval.knn`,
-`fine_grained.main`, `segmentation.main CONFIG`, `depth.main CONFIG`) with its output and log in
-<output-dir>/<task>/. A task whose dataset folder is missing is skipped with one line; the others
-still run (no task with data at all is an error). Dense tasks use the config of the backbone's size
-(ViT-S/B/L from its embed dim; a DINOv3-layout backbone or DINOv3 teacher file: the `*_dinov3.py`
+`linear_eval.zeroshot`, `fine_grained.main`, `segmentation.main CONFIG`, `depth.main CONFIG`) with its
+output and log in <output-dir>/<task>/. A task whose dataset folder is missing is skipped with one line;
+so is the zero-shot row without --adaptors and --clip-checkpoint, or when the adaptors hold no CLIP
+teacher; the others still run (no task with data at all is an error). Dense tasks use the config of the
+backbone's size (ViT-S/B/L from its embed dim; a DINOv3-layout backbone or DINOv3 teacher file: the `*_dinov3.py`
 configs, DINOv3's dense setting, and no paper figure in any task), the paper's probes by default
 (ADE20K: 1x1 conv; NYU: the DPT head on the frozen backbone), `--dense-head full`: UperNet / DPT
 fine-tuned, `--dense-head 1x1`: 1x1-conv probes. Dense tasks run the paper's setup: its global batch
@@ -47,6 +49,7 @@ from common.distributed import resolve_device
 from common.io import atomic_write_json, atomic_write_text, prepare_output_dir
 from fine_grained.datasets import DATASETS
 from fine_grained.main import PAPER_PROTOCOL as FINE_GRAINED_PAPER_PROTOCOL
+from linear_eval import zeroshot
 from models.architectures import DINOV3_SUFFIX
 from models.checkpoints import backbone_name
 from models.dinov3 import DinoV3ViT
@@ -80,6 +83,7 @@ class Task:
     data: str  # evaluate_all's flag of its dataset root
     needed: tuple[str, ...]  # folders that root must hold
     quick: tuple[str, ...]  # --quick's arguments: SMOKE TESTS ONLY, the numbers mean nothing
+    inputs: tuple[str, ...] = ()  # further files it needs: evaluate_all's flags, passed on under the same names
     report: tuple[str, ...] = ()  # the metrics in the table, by name prefix, in this order (empty: all)
     paper: dict[str, dict[str, float]] = field(default_factory=dict)  # model size -> {metric: figure}
     paper_protocol: dict = field(default_factory=dict)  # the `protocol` settings behind those figures
@@ -107,6 +111,10 @@ TASKS = {
     "knn": Task(
         "linear_eval.knn", "--data-imagenet", ("train", "val"),
         ("--batch-size", "4", "--num-workers", "0", "--nb-knn", "10", "20"), report=("top-1 ",),
+    ),
+    "zeroshot": Task(
+        "linear_eval.zeroshot", "--data-imagenet", ("val",), ("--batch-size", "4", "--num-workers", "0"),
+        inputs=("--adaptors", "--clip-checkpoint"),
     ),
     "fine_grained": Task(
         "fine_grained.main", "--data-fine-grained", (),
@@ -195,6 +203,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--data-fine-grained", help="root with one folder per dataset; the datasets present are evaluated")
     a("--data-ade20k", help="ADEChallengeData2016 root (images/, annotations/)")
     a("--data-nyu", help="NYU-Depth V2 root (images/, annotations/)")
+    a("--adaptors", metavar="FILE", help="the student's adaptors.pth (zeroshot, when it holds a CLIP teacher's)")
+    a("--clip-checkpoint", metavar="FILE", help="OpenAI's file of that CLIP teacher (zeroshot)")
     a(
         "--dense-head",
         choices=("linear", "full", "1x1"),
@@ -202,7 +212,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="linear: the paper's probes (ade20k 1x1 conv, nyu DPT head, frozen backbone); full: UperNet (ade20k), "
         "DPT (nyu) fine-tuned; 1x1: 1x1-conv probes (nyu's has no paper figure)",
     )
-    a("--device", help="linear, knn, fine_grained (default: theirs); dense tasks use CUDA when present")
+    a("--device", help="linear, knn, zeroshot, fine_grained (default: theirs); dense tasks use CUDA when present")
     a(
         "--quick",
         action="store_true",
@@ -230,8 +240,12 @@ def parse_extra(items: list[str]) -> dict[str, list[str]]:
     return extra
 
 
+def flag_value(flag: str, args: argparse.Namespace) -> str | None:
+    return getattr(args, flag.lstrip("-").replace("-", "_"))
+
+
 def data_root(name: str, args: argparse.Namespace) -> str | None:
-    return getattr(args, TASKS[name].data.lstrip("-").replace("-", "_"))
+    return flag_value(TASKS[name].data, args)
 
 
 def missing_data(name: str, args: argparse.Namespace) -> str | None:
@@ -244,6 +258,11 @@ def missing_data(name: str, args: argparse.Namespace) -> str | None:
             return f"{Path(root) / sub} does not exist"
     if name == "fine_grained" and not present_fine_grained(root):
         return f"none of the dataset folders ({', '.join(DATASETS)}) is in {root}"
+    for flag in TASKS[name].inputs:
+        if not flag_value(flag, args):
+            return f"no {flag} given"
+    if name == "zeroshot" and not zeroshot.clip_teachers(models.load_adaptors(args.adaptors)):
+        return f"{args.adaptors} holds no CLIP teacher's adaptor"
     return None
 
 
@@ -259,7 +278,8 @@ def command(name: str, args: argparse.Namespace, size: str, out: Path) -> list[s
         device = ["--device", args.device] if args.device else []
         # fine_grained: the datasets present, in the paper's protocol (CLIP mean/std; --extra may override)
         fine_grained = ["--datasets", ",".join(present_fine_grained(root)), "--normalization", "clip"]
-        return [task.module, *shared, *device, *(fine_grained if name == "fine_grained" else [])]
+        inputs = [x for flag in task.inputs for x in (flag, flag_value(flag, args))]
+        return [task.module, *shared, *device, *inputs, *(fine_grained if name == "fine_grained" else [])]
     config = ROOT / task.heads[args.dense_head].config.format(size)
     # the paper's global batch over the visible GPUs (later --cfg-options, --quick's or --extra's, override it)
     batch = paper_protocol(config)["global_batch"]
@@ -367,7 +387,7 @@ def markdown(
 
 
 PANELS = (  # (title, tasks, metric prefixes or None for all): one panel per kind of number
-    ("accuracy (%)\nhigher is better", ("linear", "knn", "fine_grained"), None),
+    ("accuracy (%)\nhigher is better", ("linear", "knn", "zeroshot", "fine_grained"), None),
     ("ADE20K mIoU (%)\nhigher is better", ("ade20k",), None),
     ("NYU RMSE (m), abs rel\nlower is better", ("nyu",), ("rmse", "abs_rel")),
     ("NYU d1 (fraction)\nhigher is better", ("nyu",), ("d1",)),
@@ -461,6 +481,8 @@ def evaluate_all(args: argparse.Namespace) -> int:
         raise ValueError(f"cannot read backbone {args.backbone}: {e}") from None
     if args.device:
         resolve_device(args.device)  # a typo fails here, not once per task
+    if args.adaptors and "zeroshot" in tasks:
+        models.load_adaptors(args.adaptors)  # an unreadable file fails here, not between two tasks
     if all(missing_data(task, args) for task in tasks):
         why = "; ".join(f"{task}: {missing_data(task, args)}" for task in tasks)
         raise ValueError(f"no task has its data ({why})")

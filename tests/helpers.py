@@ -172,6 +172,41 @@ def make_cub(root, classes=3, per_class=5):
     write(base / "train_test_split.txt", split)
 
 
+# --- OpenAI CLIP files and a student's adaptors (zero-shot) -----------------------------------------
+def write_openai_clip(path: Path, width: int = 64, embed_dim: int = 32, patch: int = 16, image: int = 32, seed=0):
+    """A random tiny CLIP ViT saved as OpenAI's state dict: open_clip's CLIP with QuickGELU has OpenAI's key
+    names, and its linear/conv/attention weights and projections are stored in fp16 as OpenAI's are. Width 64:
+    OpenAI's files imply 64-wide heads; vocabulary 49408 and context 77: what CLIP's tokenizer gives. Returns
+    the fp32 model the file holds (eval mode)."""
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg, convert_weights_to_lp
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionCfg(layers=1, width=width, patch_size=patch, image_size=image)
+    text = CLIPTextCfg(context_length=77, vocab_size=49408, width=width, heads=width // 64, layers=1)
+    clip = open_clip.CLIP(embed_dim, vision_cfg=vision, text_cfg=text, quick_gelu=True).eval()
+    convert_weights_to_lp(clip)
+    torch.save(clip.state_dict(), path)
+    return clip.float()
+
+
+def student_adaptors(student_dim: int, teachers: dict[str, tuple[int, str]], seed: int = 0) -> models.Adaptors:
+    """A student's adaptors as pretraining exports them, for {name: (teacher width, family)}: a CLIP teacher's
+    token-only (the reference's CLIP loss), the others with patch heads; z-score statistics fitted, random heads."""
+    torch.manual_seed(seed)
+    token_only = dict(lambda_patch=0, lambda_fea=0)
+    targets = [
+        models.TeacherTarget(name, dim, standardization="zscore", **(token_only if f == "clip" else {}))
+        for name, (dim, f) in teachers.items()
+    ]
+    adaptors = models.Adaptors(student_dim, targets, {name: {"family": f} for name, (_, f) in teachers.items()})
+    for a in adaptors.adaptors.values():
+        x = (torch.randn(256, a.target.dim) * torch.rand(a.target.dim) * 5 + torch.randn(a.target.dim)).double()
+        for std in (a.cls_std, a.patch_std):
+            std.fit(len(x), x.sum(0), x.T @ x)
+    return adaptors
+
+
 # --- dense layouts (ADE20K, our NYU) and the mmseg settings for the tiny backbone -----------------
 DIM, DEPTH = 64, 4  # conftest's `backbone` (tiny_vit(DIM, DEPTH)): DENSE_HEADS size the ViT-S configs' heads for it
 DENSE_TINY = [*QUICK_DENSE[1:], "model.backbone.out_indices=[0,1,2,3]"]  # 2 iterations, no workers, tiny backbone

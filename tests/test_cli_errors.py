@@ -17,6 +17,7 @@ from fine_grained import benchmark as fg_benchmark
 from fine_grained import main as fg_main
 from linear_eval import knn as knn_main
 from linear_eval import main as linear_main
+from linear_eval import zeroshot
 from pretrain import benchmark as pretrain_benchmark
 from pretrain import demo
 from pretrain import main as pretrain_main
@@ -42,13 +43,15 @@ def entry_points(backbone: Path, tmp: Path) -> dict:
                                           "--teacher", "dinov2_vits14"], "--output-dir"),
         "linear": (linear_main.main, ["--data-path", str(tmp), "--backbone", str(backbone)], "--output-dir"),
         "knn": (knn_main.main, ["--data-path", str(tmp), "--backbone", str(backbone)], "--output-dir"),
+        "zeroshot": (zeroshot.main, ["--data-path", str(tmp), "--backbone", str(backbone), "--adaptors", str(backbone),
+                                     "--clip-checkpoint", str(backbone)], "--output-dir"),
         "fine_grained": (fg_main.main, ["--data-path", str(tmp), "--backbone", str(backbone)], "--output-dir"),
         "visualize_pca": (visualize_pca.main, ["--images", str(images), "--backbone", str(backbone)], "--output-dir"),
         "evaluate_all": (evaluate_all.main, ["--backbone", str(backbone), "--data-imagenet", str(tmp)], "--output-dir"),
     }  # fmt: skip
 
 
-NAMES = ["pretrain", "linear", "knn", "fine_grained", "visualize_pca", "evaluate_all"]
+NAMES = ["pretrain", "linear", "knn", "zeroshot", "fine_grained", "visualize_pca", "evaluate_all"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -78,7 +81,7 @@ def test_unknown_or_missing_device(name, device, backbone, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "module", [pretrain_main, linear_main, knn_main, fg_main, evaluate_all, visualize_pca, fg_benchmark]
+    "module", [pretrain_main, linear_main, knn_main, zeroshot, fg_main, evaluate_all, visualize_pca, fg_benchmark]
 )
 def test_help_shows_each_default_once(module):
     parser = module.get_args_parser()
@@ -122,13 +125,17 @@ def backbone_missing(name: str, tmp: Path, monkeypatch) -> tuple:
         monkeypatch.delenv("TEACHER", raising=False)
         monkeypatch.setenv("TEACHER_CHECKPOINT", gone)
         return lambda argv: demo.main(), []
+    if name == "zeroshot":  # the other files are there: the backbone is read first
+        (tmp / "adaptors.pth").write_bytes(b"")
+        files = ["--adaptors", str(tmp / "adaptors.pth"), "--clip-checkpoint", str(tmp / "adaptors.pth")]
+        return zeroshot.main, ["--data-path", str(tmp), "--backbone", gone, *files, *out]
     main = {"linear": linear_main.main, "knn": knn_main.main, "fine_grained": fg_main.main}[name]
     return main, ["--data-path", str(tmp), "--backbone", gone, *out]
 
 
 @pytest.mark.parametrize(
     "name",
-    ["linear", "knn", "fine_grained", "segmentation", "depth", "evaluate_all", "visualize_pca", "pretrain",
+    ["linear", "knn", "zeroshot", "fine_grained", "segmentation", "depth", "evaluate_all", "visualize_pca", "pretrain",
      "benchmark", "demo"],
 )  # fmt: skip
 def test_missing_backbone_file_is_one_error_line(name, tmp_path, monkeypatch, capsys):

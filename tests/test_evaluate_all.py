@@ -15,7 +15,7 @@ import models
 from common.io import file_sha256
 from common.results import SCHEMA
 from scripts import evaluate_all
-from tests.helpers import DENSE_HEADS, make_splits
+from tests.helpers import DENSE_HEADS, DIM, make_splits, student_adaptors, write_openai_clip
 
 try:  # the dense tasks
     import mmseg
@@ -30,6 +30,19 @@ def dense_extra(config: str) -> str:
     return " ".join(["--cfg-options", "model.backbone.out_indices=[0,1,2,3]", *DENSE_HEADS[config]])
 
 
+@pytest.fixture(scope="module")
+def zeroshot_inputs(tmp_path_factory) -> dict[str, Path]:
+    """A tiny CLIP in OpenAI's format, and the backbone's adaptors with and without a CLIP teacher's."""
+    root = tmp_path_factory.mktemp("zeroshot")
+    files = {"clip": root / "ViT-T-16.pt"}
+    write_openai_clip(files["clip"])
+    for name, teachers in (("with clip", {"clip_tiny": (64, "clip"), "dinov2_vits14": (48, "dinov2")}),
+                           ("without clip", {"dinov2_vits14": (48, "dinov2")})):  # fmt: skip
+        files[name] = root / f"{name.replace(' ', '_')}.pth"
+        torch.save(student_adaptors(DIM, teachers).export({"name": "vit_tiny"}), files[name])
+    return files
+
+
 def table(path: Path) -> dict[tuple[str, str], tuple[str, str]]:
     """{(task, metric): (ours, paper)} from results.md."""
     rows = re.findall(r"^\| (\w+) \| ([^|]+) \| ([^|]+) \| ([^|]+) \|$", path.read_text(), re.M)
@@ -37,12 +50,14 @@ def table(path: Path) -> dict[tuple[str, str], tuple[str, str]]:
 
 
 @pytest.mark.skipif(mmseg is None, reason="mmsegmentation not installed: `make mmseg`")
-def test_all_tasks_on_tiny_data(backbone, imagenet, fine_grained, ade, nyu, tmp_path, capsys):
+def test_all_tasks_on_tiny_data(backbone, imagenet, fine_grained, ade, nyu, zeroshot_inputs, tmp_path, capsys):
     out = tmp_path / "eval"
     argv = ["--backbone", str(backbone), "--output-dir", str(out), "--quick", "--device", "cpu",
             "--data-imagenet", str(imagenet), "--data-fine-grained", str(fine_grained),
             "--data-ade20k", str(ade), "--data-nyu", str(nyu),
-            "--extra", f"linear={SMALL}", "--extra", f"knn={SMALL}", "--extra", f"fine_grained={SMALL}",
+            "--adaptors", str(zeroshot_inputs["with clip"]), "--clip-checkpoint", str(zeroshot_inputs["clip"]),
+            "--extra", f"linear={SMALL}", "--extra", f"knn={SMALL}", "--extra", f"zeroshot={SMALL}",
+            "--extra", f"fine_grained={SMALL}",
             "--extra", "ade20k=" + dense_extra("segmentation/configs/linear_vit_small.py"),
             "--extra", "nyu=" + dense_extra("depth/configs/dpt_probe_vit_small.py")]  # fmt: skip
     assert evaluate_all.main(argv) == 0, capsys.readouterr().out
@@ -52,7 +67,8 @@ def test_all_tasks_on_tiny_data(backbone, imagenet, fine_grained, ade, nyu, tmp_
         assert tuple(res) == SCHEMA, task
         assert res["backbone"] == {"path": str(backbone.resolve()), "sha256": file_sha256(backbone)}
         assert res["timings"]["total"] > 0 and all(isinstance(v, float) for v in res["metrics"].values())
-    assert [res["task"] for res in results.values()] == ["linear", "knn", "fine_grained", "segmentation", "depth"]
+    tasks = ["linear", "knn", "zeroshot", "fine_grained", "segmentation", "depth"]
+    assert [res["task"] for res in results.values()] == tasks
     linear = results["linear"]
     best = linear["details"]["best"]
     assert linear["metrics"]["top-1"] == best["top1"] and linear["metric_notes"]["top-1"] == best["name"]
@@ -60,6 +76,10 @@ def test_all_tasks_on_tiny_data(backbone, imagenet, fine_grained, ade, nyu, tmp_
     knn = results["knn"]["metrics"]
     assert [m for t, m in rows if t == "knn"] == ["top-1 k=10", "top-1 k=20"]
     assert rows[("knn", "top-1 k=20")] == (f"{knn['top-1 k=20']:.2f}", "n/a")
+    zs, note = results["zeroshot"]["metrics"], results["zeroshot"]["metric_notes"]
+    assert list(zs) == ["top-1", "teacher top-1"]  # 3 classes: no top-5
+    for metric in zs:
+        assert rows[("zeroshot", f"{metric} ({note[metric]})")] == (f"{zs[metric]:.2f}", "n/a")
     fg = results["fine_grained"]
     assert list(fg["metrics"]) == ["cub200 acc", "mean (1 of 12)"] and fg["protocol"]["normalization"] == "clip"
     assert rows[("fine_grained", "cub200 acc")] == (f"{fg['metrics']['cub200 acc']:.2f}", "n/a")
@@ -79,7 +99,7 @@ def test_all_tasks_on_tiny_data(backbone, imagenet, fine_grained, ade, nyu, tmp_
         assert rows[("nyu", f"{k} final (DPT probe)")] == (f"{depth['metrics'][f'{k} final']:.3f}", "n/a")
         best = depth["metrics"][f"{k} best on test"]
         assert rows[("nyu", f"{k} best on test (DPT probe, iter 2)")] == (f"{best:.3f}", "n/a")
-    assert len(rows) == 1 + 2 + 2 + 2 + 6
+    assert len(rows) == 1 + 2 + 2 + 2 + 2 + 6
     unreadable = re.findall(r"^\| (\w+) \| (\d+) \| ([^|]+) \|$", (out / "results.md").read_text(), re.M)
     assert [(t, n) for t, n, _ in unreadable] == [(t, "0") for t in evaluate_all.TASKS]
     assert unreadable[1][2].strip() == "none in train, val"  # knn: from its results.json
@@ -113,6 +133,34 @@ def test_missing_data_is_skipped_and_a_failing_task_fails_the_run(backbone, imag
     assert "- FAILED knn: exit 2" in md and md.count("- skipped") == 1
     assert [t for t, _ in table(out / "results.md")] == ["linear"]
     assert (out / "results.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_zeroshot_only_with_adaptors_of_a_clip_teacher(backbone, imagenet, zeroshot_inputs, tmp_path, capsys):
+    """The zero-shot row needs --adaptors and --clip-checkpoint, and adaptors holding a CLIP teacher's; else it
+    is skipped saying why (alone here, so no task has its data: one error line). Given them, it runs."""
+    out = tmp_path / "eval"
+    base = ["--backbone", str(backbone), "--output-dir", str(out), "--quick", "--device", "cpu", "--tasks", "zeroshot",
+            "--data-imagenet", str(imagenet), "--extra", f"zeroshot={SMALL}"]  # fmt: skip
+    clip, with_clip, without = (str(zeroshot_inputs[k]) for k in ("clip", "with clip", "without clip"))
+    for given, why in (
+        ([], "no --adaptors given"),
+        (["--adaptors", with_clip], "no --clip-checkpoint given"),
+        (["--adaptors", without, "--clip-checkpoint", clip], f"{without} holds no CLIP teacher's adaptor"),
+    ):
+        assert evaluate_all.main([*base, *given]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"error: no task has its data (zeroshot: {why})"]
+    assert evaluate_all.main([*base, "--adaptors", str(backbone), "--clip-checkpoint", clip]) == 2  # not adaptors
+    assert "is not an adaptors.pth" in capsys.readouterr().err and not out.exists()
+
+    assert evaluate_all.main([*base, "--adaptors", with_clip, "--clip-checkpoint", clip]) == 0, capsys.readouterr()
+    assert f"--adaptors {with_clip} --clip-checkpoint {clip}" in capsys.readouterr().out
+    results = json.loads((out / "zeroshot" / "results.json").read_text())
+    assert results["protocol"]["teacher"] == "clip_tiny"
+    rows = table(out / "results.md")
+    assert [m.split(" (")[0] for t, m in rows] == ["top-1", "teacher top-1"]
+    assert rows[("zeroshot", "teacher top-1 (CLIP's own visual tower (ViT-T-16.pt))")][0] == (
+        f"{results['metrics']['teacher top-1']:.2f}"
+    )
 
 
 def test_quick_knn_on_a_folder_smaller_than_its_k(backbone, tmp_path, capsys):
