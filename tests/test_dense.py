@@ -823,9 +823,12 @@ def test_unusable_output_dirs_are_one_line(backbone, ade, tmp_path, capsys):
         blocker: f"output folder {blocker} exists and is not a folder",
         blocker / "work": f"cannot create output folder {blocker / 'work'}: Not a directory",
     }
-    if os.geteuid() != 0:  # root writes into read-only folders
+    if os.geteuid() != 0:
         ro.mkdir(mode=0o500)
-        cases[ro] = f"output folder {ro} is not writable"
+    else:  # root writes into chmod-ed folders, but no one into /proc/1
+        ro = Path("/proc/1")
+    assert ro.is_dir() and not os.access(ro, os.W_OK)
+    cases[ro] = f"output folder {ro} is not writable"
     for work, expected in cases.items():
         assert runner.main("segmentation", _tiny_argv(LINEAR, backbone, ade, work)) == 2
         assert capsys.readouterr().err.strip().splitlines() == [f"error: --output-dir: {expected}"]
