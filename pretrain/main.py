@@ -102,10 +102,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     a(
         "--teacher-normalization",
-        choices=("reference", "teacher"),
-        default="reference",
-        help="what the teacher sees: reference = the ImageNet-normalised crops, as the paper's runs (CLIP too); "
-        "teacher = re-normalised with the teacher's own mean/std (differs for CLIP only)",
+        choices=("auto", "reference", "teacher"),
+        default="auto",
+        help="what the teachers see: reference = the ImageNet-normalised crops, as the paper's runs (CLIP too); "
+        "teacher = re-normalised with each teacher's own mean/std (differs for CLIP only); auto = reference with "
+        "one teacher, teacher with several",
     )
     a(
         "--student",
@@ -273,6 +274,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     args.teacher_weights = per_teacher(args.teacher_weights, teachers, "--teacher-weights", float, 1.0)
     if any(not (math.isfinite(w) and w >= 0) for w in args.teacher_weights) or not any(args.teacher_weights):
         raise ValueError(f"--teacher-weights {args.teacher_weights}: must be >= 0 and not all 0")
+    if args.teacher_normalization == "auto":
+        args.teacher_normalization = "reference" if len(teachers) == 1 else "teacher"
     if args.teacher_standardization == "auto":
         args.teacher_standardization = "phi-s" if len(teachers) > 1 else "none"
     if args.teacher_standardization == "phi-s":

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from timm.data import OPENAI_CLIP_MEAN
 
 import models
 from models import TeacherTarget, load_adaptors, load_backbone
@@ -98,6 +99,7 @@ def test_two_teachers_with_resampled_grids_train_resume_and_export(two_teachers,
     assert line["train_loss"] == pytest.approx(total, rel=1e-5)
 
     adaptors = load_adaptors(out / "adaptors.pth")
+    assert adaptors.teachers["clip_vitb16"]["mean"] == list(OPENAI_CLIP_MEAN)  # several teachers: each its own
     assert (
         adaptors.teachers["clip_vitb16"]["family"] == "clip" and adaptors.teachers["dinov2_vits14"]["input_size"] == 42
     )
