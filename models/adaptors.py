@@ -104,18 +104,20 @@ class Standardizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "none":
             return x
-        x = x.float() - self.mean
-        if self.kind == "phi-s":
-            x = x @ self.rotation.T
-        return x / self.scale
+        with torch.autocast(x.device.type, enabled=False):  # in float32 under the step's bf16 autocast too
+            x = x.float() - self.mean
+            if self.kind == "phi-s":
+                x = x @ self.rotation.T
+            return x / self.scale
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         if self.kind == "none":
             return y
-        y = y.float() * self.scale
-        if self.kind == "phi-s":
-            y = y @ self.rotation
-        return y + self.mean
+        with torch.autocast(y.device.type, enabled=False):
+            y = y.float() * self.scale
+            if self.kind == "phi-s":
+                y = y @ self.rotation
+            return y + self.mean
 
 
 @dataclass(frozen=True)

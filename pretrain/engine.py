@@ -113,11 +113,12 @@ def estimate_statistics(run: Run) -> None:
                 x = targets[name][kind].flatten(0, -2).double()
                 m = [torch.tensor([float(x.shape[0])], dtype=torch.float64), x.sum(0).cpu(), (x.T @ x).cpu()]
                 moments[name + kind] = [a + b for a, b in zip(moments.get(name + kind, [0, 0, 0]), m)]
+    summed = {key: [dist_utils.sum_across_ranks(m) for m in value] for key, value in sorted(moments.items())}
     for s in run.students:
         for name in pending:
             a = s.distiller.adaptors[name]
             for kind, std in (("cls", a.cls_std), ("patches", a.patch_std)):
-                count, total, outer = (dist_utils.sum_across_ranks(m) for m in moments[name + kind])
+                count, total, outer = summed[name + kind]
                 std.fit(count.item(), total, outer)
 
 

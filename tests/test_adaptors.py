@@ -69,3 +69,12 @@ def test_load_adaptors_refuses_other_files(tmp_path):
     torch.save({"student": {}}, tmp_path / "backbone.pth")
     with pytest.raises(ValueError, match="not an adaptors.pth"):
         load_adaptors(tmp_path / "backbone.pth")
+
+
+def test_standardisation_stays_float32_under_bf16_autocast():
+    s = Standardizer(12, "phi-s")
+    s.fit(*moments(torch.randn(500, 12) * 5))
+    x = torch.randn(4, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = s(x)
+    assert y.dtype == torch.float32 and torch.equal(y, s(x))
