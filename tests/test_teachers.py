@@ -4,6 +4,7 @@ estimated once and saved, per-teacher logs, adaptors.pth, and the flags' errors.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -142,3 +143,16 @@ def test_a_teacher_named_twice_or_without_a_hadamard_width_is_one_line(tiny_teac
     assert pretrain_main.main([*base, "--teacher", TEACHERS]) == 2
     assert "no Hadamard matrix of order 28" in capsys.readouterr().err
     assert models.TEACHERS["clip_vitb16"].config.embed_dim == 28
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_two_teachers_on_cuda_in_bf16(two_teachers, tmp_path):
+    """The statistics (moments summed on the CPU, fitted into buffers on the GPU) and the standardisation in
+    float32 under bf16 autocast, on CUDA: finite losses, estimated standardisers in the export."""
+    data, out = make_image_folder(tmp_path / "data"), tmp_path / "o"
+    extra = ["--epochs", "1", "--device", "cuda", "--precision", "bf16", "--teacher-input-size", "42,48"]
+    assert run(data, out, *extra) == 0
+    line = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert all(math.isfinite(v) for k, v in line.items() if k.startswith("train_loss"))
+    adaptors = load_adaptors(out / "adaptors.pth")
+    assert all(bool(a.cls_std.estimated) and bool(a.patch_std.estimated) for a in adaptors.adaptors.values())
