@@ -22,7 +22,7 @@ from timm.models.eva import Eva
 from timm.models.eva import checkpoint_filter_fn as timm_checkpoint_filter
 from torch import nn
 
-from .vision_transformer import block_indices
+from .vision_transformer import block_indices, layer_outputs
 
 StateDict = dict[str, torch.Tensor]
 
@@ -198,17 +198,8 @@ class DinoV3ViT(Eva):
             x = self.run_block(blk, x, rope)
             if i in take:
                 outputs.append(self.norm(x) if norm else x)
-        s = self.num_prefix_tokens
-        class_tokens = [o[:, 0] for o in outputs]
-        extra_tokens = [o[:, 1:s] for o in outputs]
-        outputs = [o[:, s:] for o in outputs]
-        if reshape:
-            b, gh, gw = x.shape[0], height // self.patch_size, width // self.patch_size
-            outputs = [o.reshape(b, gh, gw, -1).permute(0, 3, 1, 2).contiguous() for o in outputs]
-        parts = [outputs]
-        parts += [class_tokens] if return_class_token else []
-        parts += [extra_tokens] if return_extra_tokens else []
-        return tuple(zip(*parts)) if len(parts) > 1 else tuple(outputs)
+        grid = (height // self.patch_size, width // self.patch_size) if reshape else None
+        return layer_outputs(outputs, self.num_prefix_tokens, grid, return_class_token, return_extra_tokens)
 
 
 # --- FAIR's key layout -------------------------------------------------------------------------

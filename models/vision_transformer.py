@@ -28,6 +28,25 @@ def block_indices(n: int | Sequence[int], total: int) -> set[int]:
     return take
 
 
+def layer_outputs(
+    outputs: list[torch.Tensor],
+    prefix: int,
+    grid: tuple[int, int] | None,
+    class_token: bool = False,
+    extra_tokens: bool = False,
+) -> tuple:
+    """get_intermediate_layers' return value (DINOv2 and DINOv3 alike) from each chosen block's whole token
+    sequence: its patch tokens ([B, D, h, w] maps with `grid`), paired with its class token and with the
+    tokens between the two (registers, storage tokens) when asked."""
+    patches = [o[:, prefix:] for o in outputs]
+    if grid is not None:
+        patches = [p.reshape(p.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous() for p in patches]
+    parts = [patches]
+    parts += [[o[:, 0] for o in outputs]] if class_token else []
+    parts += [[o[:, 1:prefix] for o in outputs]] if extra_tokens else []
+    return tuple(zip(*parts)) if len(parts) > 1 else tuple(patches)
+
+
 class ViT(VisionTransformer):
     """A ViT whose `forward_features(x, masks)` returns DINOv2's output dict.
 
@@ -183,12 +202,5 @@ class ViT(VisionTransformer):
                 outputs.append(x)
         if norm:
             outputs = [self.output_norm(o) for o in outputs]
-        class_tokens = [o[:, 0] for o in outputs]
-        outputs = [o[:, self.num_prefix_tokens :] for o in outputs]
-        if reshape:
-            b = outputs[0].shape[0]
-            gh, gw = height // self.patch_size, width // self.patch_size
-            outputs = [o.reshape(b, gh, gw, -1).permute(0, 3, 1, 2).contiguous() for o in outputs]
-        if return_class_token:
-            return tuple(zip(outputs, class_tokens))
-        return tuple(outputs)
+        grid = (height // self.patch_size, width // self.patch_size) if reshape else None
+        return layer_outputs(outputs, self.num_prefix_tokens, grid, return_class_token)
