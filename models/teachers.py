@@ -50,8 +50,15 @@ class TeacherSpec:
     num_register_tokens: int = 0
     mean: tuple = IMAGENET_DEFAULT_MEAN
     std: tuple = IMAGENET_DEFAULT_STD
-    token_only: bool = False  # the reference distilled it with the CLS loss alone (CLIP)
+    token_only: bool = False  # the reference distilled it with the CLS loss alone (CLIP), see dense_level
     vit_kwargs: dict = field(default_factory=dict)
+
+    def dense_level(self, input_size: int, student_grid: int) -> float:
+        """The default weight of its patch and feature losses for a student whose token grid is `student_grid`
+        when it sees `input_size` pixels: 1, except for a token-only teacher (CLIP) whose patch map matches the
+        student's grid, which the reference distils with the CLS loss alone. A CLIP map resampled to another
+        grid (S/14 <- CLIP B/16, the two-teacher recipes) keeps its dense levels, as every other teacher."""
+        return 0.0 if self.token_only and input_size // self.patch_size == student_grid else 1.0
 
     def build(self) -> ViT | DinoV3ViT:
         return self.config.build(

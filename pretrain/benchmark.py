@@ -128,7 +128,7 @@ def single_process_group(device: torch.device) -> bool:
     if dist.is_initialized():
         return False
     store = dist.FileStore(tempfile.mktemp(prefix="proteus_bench_store_"), 1)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=0, world_size=1)
+    dist.init_process_group(dist_utils.backend(device), store=store, rank=0, world_size=1)
     return True
 
 
@@ -139,14 +139,14 @@ class Setup:
         """teacher: another Setup's, shared (the teacher-sharing benchmark); else a random one is made."""
         torch.manual_seed(args.seed)
         self.device, self.precision = device, args.precision
-        token_only = TEACHERS[args.teacher].token_only
         with torch.device(device):  # a random teacher is initialised where it runs (the 7B: on the GPU, in seconds)
             self.teacher = teacher if teacher is not None else create_teacher(args.teacher, pretrained=False)
         layout = args.student_layout or self.teacher.family
         student = create_student(args.student, img_size=args.input_size, layout=layout)
         self.teachers = [TeacherInput(self.teacher, args.input_size)]
-        self.views = Views(args.input_size, (args.input_size // student.patch_size,) * 2)
-        level = 0.0 if token_only else 1.0
+        grid = args.input_size // student.patch_size
+        self.views = Views(args.input_size, (grid, grid))
+        level = TEACHERS[args.teacher].dense_level(args.input_size, grid)  # 0: the CLS loss alone (CLIP)
         target = TeacherTarget(args.teacher, self.teacher.embed_dim, lambda_patch=level, lambda_fea=level)
         self.distiller = Distiller(student, [target]).to(device).train()
         self.optimizer = torch.optim.AdamW(
@@ -155,10 +155,9 @@ class Setup:
         self.scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
         b = args.batch_size
         self.images = torch.randn(b, 3, args.input_size, args.input_size, device=device)
-        n = (args.input_size // student.patch_size) ** 2
-        full = make_masks(b, n, 0.5, (0.5, 0.5), torch.Generator().manual_seed(args.seed)).to(device)
-        self.masks_full = None if token_only else full  # the reference's (B, N) masks
-        self.masks = None if token_only else full[: int(0.5 * b)]  # ours: the masked samples only
+        full = make_masks(b, grid**2, 0.5, (0.5, 0.5), torch.Generator().manual_seed(args.seed)).to(device)
+        self.masks_full = full if level else None  # the reference's (B, N) masks
+        self.masks = full[: int(0.5 * b)] if level else None  # ours: the masked samples only
         self.amp = AMP[args.precision]
 
     def step(self) -> torch.Tensor:

@@ -140,13 +140,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     a(
         "--lambda-patch",
         type=float,
-        help="weight of the masked-patch loss (default 1; 0 for CLIP teachers); given, it holds for every teacher",
+        help="weight of the masked-patch loss (default 1; 0 for a CLIP teacher on the student's grid); given, it holds "
+        "for every teacher",
     )
     a(
         "--lambda-fea",
         type=float,
-        help="weight of the all-token feature loss (default 1; 0 for CLIP teachers); given, it holds for every "
-        "teacher (a CLIP teacher's patch map then resampled to the student's grid where they differ)",
+        help="weight of the all-token feature loss (default 1; 0 for a CLIP teacher on the student's grid, 1 when its "
+        "patch map is resampled to another grid); given, it holds for every teacher",
     )
     a("--ema-decay", type=float, default=0.99996, help="EMA of the student, per iteration")
     a("--clip-grad", type=float, help="max gradient norm (default: no clipping)")
@@ -229,13 +230,14 @@ def per_teacher(value: str | None, teachers: list[str], flag: str, kind: type, d
         raise ValueError(f"{flag} {value}: expected {kind.__name__} values, one per teacher") from None
 
 
-def targets_of(args: argparse.Namespace) -> list[TeacherTarget]:
-    """What the students learn from each teacher (a resolved args): its width, weight, loss levels (a CLIP
-    teacher's token-only default unless --lambda-patch/--lambda-fea say otherwise) and standardisation."""
+def targets_of(args: argparse.Namespace, grid: int) -> list[TeacherTarget]:
+    """What a student whose token grid is `grid` learns from each teacher (a resolved args): its width, weight,
+    loss levels (`TeacherSpec.dense_level`'s defaults unless --lambda-patch/--lambda-fea say otherwise) and
+    standardisation."""
     targets = []
-    for name, weight in zip(args.teacher.split(","), args.teacher_weights):
+    for name, weight, size in zip(args.teacher.split(","), args.teacher_weights, args.teacher_input_size):
         spec = TEACHERS[name]
-        level = 0.0 if spec.token_only else 1.0
+        level = spec.dense_level(size, grid)
         targets.append(
             TeacherTarget(
                 name,
@@ -248,6 +250,11 @@ def targets_of(args: argparse.Namespace) -> list[TeacherTarget]:
             )
         )
     return targets
+
+
+def grid_of(args: argparse.Namespace, layout: str) -> int:
+    """The token grid side of a student in `layout` at --input-size."""
+    return args.input_size // LAYOUTS[layout].patch_size
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -288,14 +295,6 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if len(set(names)) < len(names):
         raise ValueError(f"--student {args.student} names a student twice: each needs its own output folder")
     args.student_layout = args.student_layout or TEACHERS[teachers[0]].family
-    targets = targets_of(args)
-    if len(targets) == 1:  # the flags as the run uses them (one teacher: in log.txt's args as before)
-        t = targets[0]
-        args.lambda_token, args.lambda_patch, args.lambda_fea = t.lambda_token, t.lambda_patch, t.lambda_fea
-    for t in targets:
-        if not (t.lambda_token or t.lambda_patch or t.lambda_fea):
-            whose = f" of {t.name}" if len(targets) > 1 else ""
-            raise ValueError(f"all loss weights{whose} are 0: nothing to train")
     students = students_of(args)
     patches = [LAYOUTS[layout].patch_size for _, layout in students]
     for (name, _), patch in zip(students, patches):
@@ -308,6 +307,14 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
                 f"the teacher's input size {size} (--teacher-input-size, default --input-size) is not "
                 f"a multiple of {name}'s patch size {TEACHERS[name].patch_size}"
             )
+    targets = [t for _, layout in students for t in targets_of(args, grid_of(args, layout))]
+    levels = {(t.lambda_token, t.lambda_patch, t.lambda_fea) for t in targets}
+    if len(teachers) == 1 and len(levels) == 1:  # the flags as the run uses them (in log.txt's args as before)
+        args.lambda_token, args.lambda_patch, args.lambda_fea = levels.pop()
+    for t in targets:
+        if not (t.lambda_token or t.lambda_patch or t.lambda_fea):
+            whose = f" of {t.name}" if len(teachers) > 1 else ""
+            raise ValueError(f"all loss weights{whose} are 0: nothing to train")
     try:
         ratio = [float(v) for v in str(args.mask_ratio).split(",")]
     except ValueError:
@@ -354,11 +361,10 @@ def build(args: argparse.Namespace, device: torch.device, world: int, out: Outpu
         if args.teacher_normalization == "reference":  # the crops as they are (ImageNet mean/std), as the reference
             teacher.mean, teacher.std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
         teachers.append(TeacherInput(teacher, size))
-    targets = targets_of(args)
     distillers = []  # made in --student order, so the first student's init is that of a run of it alone
     for name, layout in students_of(args):
         student = create_student(name, img_size=args.input_size, drop_path_rate=args.drop_path, layout=layout)
-        distillers.append(Distiller(student, targets).to(device))
+        distillers.append(Distiller(student, targets_of(args, grid_of(args, layout))).to(device))
 
     # Repeated augmentation under DDP (3 repeats, DeiT's floor(N/256)*256 samples); one plain
     # seeded shuffle per epoch in a single process.
@@ -402,7 +408,8 @@ def build(args: argparse.Namespace, device: torch.device, world: int, out: Outpu
     students = []
     for (name, layout), distiller in zip(students_of(args), distillers):
         grid = (args.input_size // distiller.student.patch_size,) * 2
-        for t, target in zip(teachers, targets):
+        for t, adaptor in zip(teachers, distiller.adaptors.values()):
+            target = adaptor.target
             if (target.lambda_patch or target.lambda_fea) and t.grid != grid:
                 out.print(
                     f"the teacher's {t.grid[0]}x{t.grid[1]} patch tokens ({t.name} at {t.size} px) are resampled "

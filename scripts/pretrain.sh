@@ -36,10 +36,10 @@ GLOBAL_BATCH=${GLOBAL_BATCH:-512}
 # layout (patch 16, so the token grids match at any size) and the 7B runs in bf16
 # (--teacher-dtype auto). DINOv3 files are gated: pass --teacher-checkpoint PATH after the recipe.
 # The two-teacher recipes (issue 15) standardise each teacher's targets with PHI-S (the default with
-# several teachers) and write adaptors.pth next to backbone.pth. B <- DINOv2 L + CLIP L keeps CLIP
-# token-only; S <- DINOv3 B + CLIP B/16 also distils CLIP's patch map (--lambda-patch/--lambda-fea 1),
-# resampled to the student's grid wherever the grids differ (e.g. with --student-layout dinov2, patch 14).
-levels=()
+# several teachers) and write adaptors.pth next to backbone.pth. B/14 <- DINOv2 L + CLIP L: CLIP on the
+# student's 16x16 grid, token-only. S/14 <- DINOv3 B + CLIP B/16 (resampled): a patch-14 student in the
+# DINOv2 layout, both teachers' 14x14 maps resampled to its 16x16 grid, so CLIP's patch map is distilled too.
+options=()
 case "$RECIPE" in
     ti_dinov2s) teacher=dinov2_vits14 student=vit_tiny ;;
     s_dinov2b) teacher=dinov2_vitb14 student=vit_small ;;
@@ -54,7 +54,7 @@ case "$RECIPE" in
     s_dinov3_7b) teacher=dinov3_vit7b16 student=vit_small ;;
     b_dinov3_7b) teacher=dinov3_vit7b16 student=vit_base ;;
     b_dinov2l_clipl) teacher=dinov2_vitl14,clip_vitl14 student=vit_base ;;
-    s_dinov3b_clipb16) teacher=dinov3_vitb16,clip_vitb16 student=vit_small levels=(--lambda-patch 1 --lambda-fea 1) ;;
+    s_dinov3b_clipb16) teacher=dinov3_vitb16,clip_vitb16 student=vit_small options=(--student-layout dinov2) ;;
     *)
         echo "error: unknown recipe '$RECIPE'; one of: $RECIPES" >&2
         exit 2
@@ -66,4 +66,4 @@ BATCH=${BATCH:-$(split_batch "$GLOBAL_BATCH" $((NPROC * NNODES)))}
 export NPROC NNODES
 exec "$(dirname "${BASH_SOURCE[0]}")/torchrun.sh" -m pretrain.main \
     --data-path "$DATA" --teacher "$teacher" --student "$student" \
-    --batch-size "$BATCH" --output-dir "$OUT" ${levels[@]+"${levels[@]}"} "$@"
+    --batch-size "$BATCH" --output-dir "$OUT" ${options[@]+"${options[@]}"} "$@"

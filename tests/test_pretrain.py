@@ -439,8 +439,20 @@ def test_clip_teachers_default_to_token_only_and_others_to_all_three():
     # a B/16 teacher with a patch-14 student: its patch tokens are resampled, no loss is turned off
     b16 = pretrain_main.resolve_args(parse(["--teacher", "synclr_vitb16"]))
     assert (b16.lambda_token, b16.lambda_patch, b16.lambda_fea) == (1.0, 1.0, 1.0) and b16.teacher_input_size == [224]
-    clip16 = pretrain_main.resolve_args(parse(["--teacher", "clip_vitb16", "--lambda-fea", "1"]))
+    on_its_grid = ["--teacher", "clip_vitb16", "--student", "vit_small_dinov3"]  # 14x14 both
+    clip16 = pretrain_main.resolve_args(parse(on_its_grid))
+    assert (clip16.lambda_token, clip16.lambda_patch, clip16.lambda_fea) == (1.0, 0.0, 0.0)
+    clip16 = pretrain_main.resolve_args(parse([*on_its_grid, "--lambda-fea", "1"]))
     assert (clip16.lambda_token, clip16.lambda_patch, clip16.lambda_fea) == (1.0, 0.0, 1.0)
+    # CLIP's own grid resampled (B/16 at 224 -> a patch-14 student's 16x16, or a --teacher-input-size): dense levels on
+    for argv in (["--teacher", "clip_vitb16"], ["--teacher", "clip_vitl14", "--teacher-input-size", "448"]):
+        resampled = pretrain_main.resolve_args(parse(argv))
+        assert (resampled.lambda_token, resampled.lambda_patch, resampled.lambda_fea) == (1.0, 1.0, 1.0)
+    # one CLIP teacher, one student on its grid and one resampled: levels per student, no single flag value
+    mixed = pretrain_main.resolve_args(parse(["--teacher", "clip_vitb16", "--student", "vit_tiny,vit_small_dinov3"]))
+    assert mixed.lambda_patch is None
+    grids = [pretrain_main.grid_of(mixed, layout) for layout in ("clip", "dinov3")]
+    assert [t.lambda_patch for grid in grids for t in pretrain_main.targets_of(mixed, grid)] == [1.0, 0.0]
     dinov3 = pretrain_main.resolve_args(parse(["--teacher", "dinov3_vitb16", "--input-size", "208"]))  # 13 x 16
     assert dinov3.student_layout == "dinov3" and dinov3.teacher_input_size == [208]
 

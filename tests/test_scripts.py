@@ -213,8 +213,9 @@ def test_recipe_single_node(slurm, recipe):
     assert (flag(cmd, "--teacher"), flag(cmd, "--student")) == RECIPES[recipe]
     assert flag(cmd, "--data-path") == "/in" and flag(cmd, "--output-dir") == f"out/{recipe}"
     args = pretrain_main.resolve_args(pretrain_main.get_args_parser().parse_args(cmd[5:]))  # a valid run
-    assert args.student_layout == TEACHERS[args.teacher.split(",")[0]].family
-    assert args.teacher_input_size == [args.input_size] * len(pretrain_main.targets_of(args)) and args.input_size == 224
+    first = TEACHERS[args.teacher.split(",")[0]].family
+    assert args.student_layout == ("dinov2" if recipe == "s_dinov3b_clipb16" else first)  # a patch-14 student
+    assert args.teacher_input_size == [args.input_size] * len(args.teacher.split(",")) and args.input_size == 224
     assert flag(cmd, "--batch-size") == "128"  # 4 x 128 = 512
     assert cmd[-2:] == ["--epochs", "3"]
 
@@ -341,13 +342,14 @@ def test_gpu_checks_runs_only_the_named_steps(tmp_path):
 
 
 def test_two_teacher_recipes_standardise_and_set_their_levels(slurm):
-    """B <- DINOv2 L + CLIP L: CLIP token-only; S <- DINOv3 B + CLIP B/16: CLIP's patch map too. PHI-S both."""
+    """B <- DINOv2 L + CLIP L: CLIP token-only on the student's grid; S/14 <- DINOv3 B + CLIP B/16: CLIP's map
+    resampled from 14x14 to 16x16, so its dense levels stay on by default. PHI-S both."""
     levels = {}
     for recipe in ("b_dinov2l_clipl", "s_dinov3b_clipb16"):
         cmd = last_command(run("pretrain.sh", recipe, env=slurm, DRY_RUN="1", DATA="/in"))
         args = pretrain_main.resolve_args(pretrain_main.get_args_parser().parse_args(cmd[5:]))
         assert args.teacher_standardization == "phi-s"
-        targets = pretrain_main.targets_of(args)
+        targets = pretrain_main.targets_of(args, pretrain_main.grid_of(args, args.student_layout))
         levels[recipe] = {t.name: (t.lambda_token, t.lambda_patch, t.lambda_fea) for t in targets}
     assert levels == {
         "b_dinov2l_clipl": {"dinov2_vitl14": (1.0, 1.0, 1.0), "clip_vitl14": (1.0, 0.0, 0.0)},

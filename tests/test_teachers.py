@@ -3,11 +3,14 @@ estimated once and saved, per-teacher logs, adaptors.pth, and the flags' errors.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import re
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from timm.data import OPENAI_CLIP_MEAN
 
 import models
@@ -71,11 +74,12 @@ def run(data, out, *extra) -> int:
 
 
 def test_two_teachers_with_resampled_grids_train_resume_and_export(two_teachers, tmp_path, capsys):
-    """DINOv2 at 42 px (3x3) and CLIP with its patch map at 48 px (3x3), both resampled to the student's 2x2.
-    Statistics are estimated on a fresh run, saved with the heads and reloaded (not re-estimated) on resume;
-    log lines carry each teacher's levels; adaptors.pth predicts each teacher's features in its own space."""
+    """DINOv2 at 42 px (3x3) and CLIP with its patch map at 48 px (3x3), both resampled to the student's 2x2
+    (so CLIP's patch and feature levels are on by default). Statistics are estimated on a fresh run, saved with
+    the heads and reloaded (not re-estimated) on resume; the console, log.txt and tensorboard carry each
+    teacher's levels; adaptors.pth predicts each teacher's features in its own space."""
     data, out = make_image_folder(tmp_path / "data"), tmp_path / "o"
-    sizes = ["--teacher-input-size", "42,48", "--lambda-fea", "1", "--teacher-weights", "1,0.5"]
+    sizes = ["--teacher-input-size", "42,48", "--teacher-weights", "1,0.5"]
     assert run(data, out, "--epochs", "1", *sizes) == 0
     printed = capsys.readouterr().out
     assert "3x3 patch tokens (dinov2_vits14 at 42 px) are resampled to the student's 2x2 grid" in printed
@@ -84,11 +88,19 @@ def test_two_teachers_with_resampled_grids_train_resume_and_export(two_teachers,
     first = torch.load(out / "checkpoint.pth", weights_only=True)["heads"]
     assert first["teachers.dinov2_vits14.cls_std.estimated"] and first["teachers.clip_vitb16.patch_std.estimated"]
     assert first["teachers.clip_vitb16.cls_std.rotation"].shape == (32, 32)
-    assert "teachers.clip_vitb16.patch_head.1.weight" not in first  # CLIP's patch level stays off: token + fea
+    assert "teachers.clip_vitb16.patch_head.1.weight" in first  # resampled: CLIP's patch level is on
 
     assert run(data, out, "--epochs", "2", *sizes) == 0
     printed = capsys.readouterr().out
     assert "resumed from" in printed and "estimating" not in printed
+    progress = re.search(r"epoch 1 \[2/2\] loss \S+ \((.*)\) lr", printed).group(1)
+    levels = r"token \S+ patch \S+ fea \S+"
+    assert re.fullmatch(f"dinov2_vits14: {levels}; clip_vitb16: {levels}", progress)
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for teacher, level in itertools.product(TEACHERS.split(","), ("token", "patch", "fea")):
+        assert {f"train/loss_{teacher}_{level}", f"epoch/train_loss_{teacher}_{level}"} <= tags
     last = torch.load(out / "checkpoint.pth", weights_only=True)["heads"]
     for key in (k for k in first if "_std." in k):  # frozen: the statistics never change
         assert torch.equal(first[key], last[key]), key
