@@ -8,7 +8,7 @@ import datetime
 import hashlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -72,37 +72,21 @@ def _base_index(dataset: Dataset, i: int) -> int:
     return i
 
 
-def _paths(base: Dataset) -> tuple[Sequence, Sequence] | None:
-    """(image paths, targets) of a file-backed dataset: ImageFolder/ImageList `samples` and the lists
-    torchvision's file datasets keep; None for an in-memory one (CIFAR)."""
-    for attr in ("samples", "_samples"):  # DatasetFolder, ImageList; StanfordCars
-        if hasattr(base, attr):
-            pairs = getattr(base, attr)
-            return [p for p, _ in pairs], [t for _, t in pairs]
-    for attr in ("_image_files", "_images"):  # DTD, Flowers102, Food101, FGVCAircraft; OxfordIIITPet
-        if hasattr(base, attr) and hasattr(base, "_labels"):
-            return getattr(base, attr), base._labels
-    return None
-
-
 def sample_list(dataset: Dataset) -> list[tuple[str, object]] | None:
-    """The ordered (image path, target) pairs the dataset reads (Subsets resolved); None when in memory."""
+    """The ordered (image path, target) pairs the dataset reads (Subsets resolved): ImageFolder's `samples`,
+    which every file-backed dataset here has (fine_grained.datasets gives torchvision's theirs); None when
+    in memory (CIFAR)."""
     if isinstance(dataset, Subset):
         inner = sample_list(dataset.dataset)
         return None if inner is None else [inner[i] for i in dataset.indices]
-    found = _paths(dataset)
-    return None if found is None else [(str(p), t) for p, t in zip(*found)]
+    samples = getattr(dataset, "samples", None)
+    return None if samples is None else [(str(p), t) for p, t in samples]
 
 
 def _path_of(base: Dataset, i: int) -> str:
-    """The image path of sample i of an unwrapped dataset (as _paths, without building the lists)."""
-    for attr in ("samples", "_samples"):
-        if hasattr(base, attr):
-            return str(getattr(base, attr)[i][0])
-    for attr in ("_image_files", "_images"):
-        if hasattr(base, attr):
-            return str(getattr(base, attr)[i])
-    return f"sample {i} of {type(base).__name__}"
+    """The image path of sample i of an unwrapped dataset (as sample_list, without building the list)."""
+    samples = getattr(base, "samples", None)
+    return f"sample {i} of {type(base).__name__}" if samples is None else str(samples[i][0])
 
 
 def _reason(e: BaseException) -> str:

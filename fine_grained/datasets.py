@@ -207,17 +207,35 @@ def _ours(reader: Callable[[Path, str, str, SplitOptions], list], name: str, lay
     return build
 
 
+def file_samples(ds: Dataset) -> list[tuple[str, object]] | None:
+    """(path, label) of every sample of a torchvision file dataset, read from where each class keeps them
+    (StanfordCars `_samples`; DTD, Flowers102, Food101, FGVCAircraft `_image_files` and OxfordIIITPet
+    `_images`, each beside `_labels`); None for an in-memory one (CIFAR). torchvision publishes no such
+    list, so this is the one place that reads its private names."""
+    if hasattr(ds, "_samples"):
+        return [(str(p), t) for p, t in ds._samples]
+    for attr in ("_image_files", "_images"):
+        if hasattr(ds, attr):
+            return [(str(p), t) for p, t in zip(getattr(ds, attr), ds._labels)]
+    return None
+
+
 def _torchvision(cls: Callable[..., Dataset], name: str, layout: str, marker: str, **fixed):
-    """torchvision class; `fixed` maps our split name to its keyword arguments via {split}."""
+    """torchvision class; `fixed` maps our split name to its keyword arguments via {split}. A file dataset
+    gets ImageFolder's `samples` (file_samples), which common.features reads for paths and cache keys."""
 
     def build(root: Path, split: str, transform: Transform, download: bool, options: SplitOptions) -> Dataset:
         if not download and not (root / marker).exists():
             raise layout_error(name, layout, f"{root / marker} does not exist (or pass --download)")
         kwargs = {k: (v(split) if callable(v) else v) for k, v in fixed.items()}
         try:
-            return cls(str(root), transform=transform, download=download, **kwargs)
+            ds = cls(str(root), transform=transform, download=download, **kwargs)
         except (RuntimeError, OSError, KeyError, IndexError) as e:
             raise layout_error(name, layout, f"cannot read {root} ({type(e).__name__}: {e})") from None
+        samples = file_samples(ds)
+        if samples is not None:
+            ds.samples = samples
+        return ds
 
     return build
 

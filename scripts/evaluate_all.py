@@ -38,6 +38,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -90,6 +91,29 @@ class Task:
     decimals: int = 2
     unreadable: str = "none"  # the unreadable-images table's text when the task records no split
     heads: dict[str, DenseHead] = field(default_factory=dict)  # dense tasks: --dense-head -> config
+    # why it cannot run though its folders and inputs are there (None: it can), from (data root, args)
+    unready: Callable[[str, argparse.Namespace], str | None] = lambda root, args: None
+    arguments: Callable[[str], list[str]] = lambda root: []  # further arguments, from its data root
+
+
+def present_fine_grained(root: str) -> list[str]:
+    return [name for name in DATASETS if (Path(root) / name).is_dir()]
+
+
+def no_fine_grained_dataset(root: str, args: argparse.Namespace) -> str | None:
+    return None if present_fine_grained(root) else f"none of the dataset folders ({', '.join(DATASETS)}) is in {root}"
+
+
+def fine_grained_arguments(root: str) -> list[str]:
+    """The datasets present, in the paper's protocol (CLIP mean/std; --extra may override)."""
+    return ["--datasets", ",".join(present_fine_grained(root)), "--normalization", "clip"]
+
+
+def no_clip_adaptor(root: str, args: argparse.Namespace) -> str | None:
+    """Zero-shot reads CLIP's side of the adaptors (an unreadable file is an error here, before any task runs)."""
+    if zeroshot.clip_teachers(models.load_adaptors(args.adaptors)):
+        return None
+    return f"{args.adaptors} holds no CLIP teacher's adaptor"
 
 
 ADE_LINEAR = DenseHead("segmentation/configs/linear_vit_{}.py", "linear", {"small": {"mIoU final": 41.8}})
@@ -114,13 +138,13 @@ TASKS = {
     ),
     "zeroshot": Task(
         "linear_eval.zeroshot", "--data-imagenet", ("val",), ("--batch-size", "4", "--num-workers", "0"),
-        inputs=("--adaptors", "--clip-checkpoint"),
+        inputs=("--adaptors", "--clip-checkpoint"), unready=no_clip_adaptor,
     ),
     "fine_grained": Task(
         "fine_grained.main", "--data-fine-grained", (),
         ("--max-iter", "20", "--batch-size", "16", "--num-workers", "0"),
         paper={"small": {**{f"{n} {DATASETS[n].metric}": v for n, v in PAPER_FINE_GRAINED_S.items()}, "mean": 85.8}},
-        paper_protocol=FINE_GRAINED_PAPER_PROTOCOL,
+        paper_protocol=FINE_GRAINED_PAPER_PROTOCOL, unready=no_fine_grained_dataset, arguments=fine_grained_arguments,
     ),
     "ade20k": Task(
         "segmentation.main", "--data-ade20k", ("images/training", "images/validation"), QUICK_DENSE,
@@ -256,18 +280,10 @@ def missing_data(name: str, args: argparse.Namespace) -> str | None:
     for sub in ("", *TASKS[name].needed):
         if not (Path(root) / sub).is_dir():
             return f"{Path(root) / sub} does not exist"
-    if name == "fine_grained" and not present_fine_grained(root):
-        return f"none of the dataset folders ({', '.join(DATASETS)}) is in {root}"
     for flag in TASKS[name].inputs:
         if not flag_value(flag, args):
             return f"no {flag} given"
-    if name == "zeroshot" and not zeroshot.clip_teachers(models.load_adaptors(args.adaptors)):
-        return f"{args.adaptors} holds no CLIP teacher's adaptor"
-    return None
-
-
-def present_fine_grained(root: str) -> list[str]:
-    return [name for name in DATASETS if (Path(root) / name).is_dir()]
+    return TASKS[name].unready(root, args)
 
 
 def command(name: str, args: argparse.Namespace, size: str, out: Path) -> list[str]:
@@ -276,10 +292,8 @@ def command(name: str, args: argparse.Namespace, size: str, out: Path) -> list[s
     shared = ["--backbone", args.backbone, "--data-path", root, "--output-dir", str(out)]
     if not task.heads:
         device = ["--device", args.device] if args.device else []
-        # fine_grained: the datasets present, in the paper's protocol (CLIP mean/std; --extra may override)
-        fine_grained = ["--datasets", ",".join(present_fine_grained(root)), "--normalization", "clip"]
         inputs = [x for flag in task.inputs for x in (flag, flag_value(flag, args))]
-        return [task.module, *shared, *device, *inputs, *(fine_grained if name == "fine_grained" else [])]
+        return [task.module, *shared, *device, *inputs, *task.arguments(root)]
     config = ROOT / task.heads[args.dense_head].config.format(size)
     # the paper's global batch over the visible GPUs (later --cfg-options, --quick's or --extra's, override it)
     batch = paper_protocol(config)["global_batch"]
@@ -481,10 +495,9 @@ def evaluate_all(args: argparse.Namespace) -> int:
         raise ValueError(f"cannot read backbone {args.backbone}: {e}") from None
     if args.device:
         resolve_device(args.device)  # a typo fails here, not once per task
-    if args.adaptors and "zeroshot" in tasks:
-        models.load_adaptors(args.adaptors)  # an unreadable file fails here, not between two tasks
-    if all(missing_data(task, args) for task in tasks):
-        why = "; ".join(f"{task}: {missing_data(task, args)}" for task in tasks)
+    missing = {task: missing_data(task, args) for task in tasks}  # every input file read before any task runs
+    if all(missing.values()):
+        why = "; ".join(f"{task}: {why}" for task, why in missing.items())
         raise ValueError(f"no task has its data ({why})")
     out = prepare_output_dir(args.output_dir)
     embed_dim = vit.embed_dim
@@ -499,7 +512,7 @@ def evaluate_all(args: argparse.Namespace) -> int:
     skipped: dict[str, str] = {}
     failed: dict[str, str] = {}
     for task in tasks:
-        why = missing_data(task, args)
+        why = missing[task]
         if why:
             skipped[task] = why
             print(f"[{task}] skipped: {why}", flush=True)

@@ -98,19 +98,25 @@ def test_a_failed_download_is_one_line_with_its_reason(tmp_path, monkeypatch, ca
     )
 
 
-def test_the_official_file_in_torch_hubs_cache_is_used_without_downloading(tiny_demo, tmp_path, downloads, capsys):
-    cached = tmp_path / "torch" / "hub" / "checkpoints" / "dinov2_vits14_pretrain.pth"
-    cached.parent.mkdir(parents=True)
+@pytest.mark.parametrize("where", ["torch hub's cache", "TEACHER_CHECKPOINT"])
+def test_the_official_file_is_used_without_downloading(tiny_demo, tmp_path, monkeypatch, downloads, capsys, where):
+    """The official ViT-S/14 file in torch hub's cache, or a TEACHER_CHECKPOINT given as is (the cache empty)."""
+    if where == "TEACHER_CHECKPOINT":
+        official = tmp_path / "weights" / "dinov2_vits14_pretrain.pth"
+        monkeypatch.setenv("TEACHER_CHECKPOINT", str(official))
+    else:
+        official = tmp_path / "torch" / "hub" / "checkpoints" / "dinov2_vits14_pretrain.pth"
+    official.parent.mkdir(parents=True)
     torch.manual_seed(0)
-    torch.save(models.to_dinov2(models.TEACHERS["dinov2_vits14"].build()), cached)  # the official ViT-S/14 layout
+    torch.save(models.to_dinov2(models.TEACHERS["dinov2_vits14"].build()), official)  # the official ViT-S/14 layout
     assert demo.main() == 0
     out = capsys.readouterr().out
     assert downloads == [] and "RANDOM" not in out
-    assert f"teacher: dinov2_vits14 from {cached}\n" in out
+    assert f"teacher: dinov2_vits14 from {official}\n" in out
     run = tiny_demo / "dinov2_vits14_to_vit_tiny"
     args = models.safe_load(run / "checkpoint.pth")["args"]
-    assert (args["teacher_checkpoint"], args["random_teacher"]) == (str(cached), False)
-    names = "checkpoints/dinov2_vits14_pretrain.pth | dinov2_vits14_to_vit_tiny/backbone.pth"
+    assert (args["teacher_checkpoint"], args["random_teacher"]) == (str(official), False)
+    names = f"{official.parent.name}/dinov2_vits14_pretrain.pth | dinov2_vits14_to_vit_tiny/backbone.pth"
     assert out.strip().endswith(f"PCA pictures (input | {names}), one per photo: {demo.OUT / 'pca'}")
     assert panels(tiny_demo) == 3  # input | teacher | student
 

@@ -15,6 +15,7 @@ from timm.data import OPENAI_CLIP_MEAN
 
 import models
 from common import features as features_module
+from common.images import load_rgb
 from fine_grained import logreg
 from fine_grained import main as fg_main
 from fine_grained.datasets import (
@@ -244,6 +245,11 @@ def test_torchvision_layouts_and_pets_80_20(tmp_path):
         spec = DATASETS[name]
         sets = {s: build_split(spec, tmp_path, s, None) for s in spec.splits}
         assert all(len(d) == n for d in sets.values()), name
+        for d in sets.values():  # ImageFolder's `samples`: what common.features keys, caches and reports by
+            assert [t for _, t in d.samples] == [d[i][1] for i in range(n)]
+            assert features_module.sample_list(d) == d.samples
+            pixels = [np.asarray(load_rgb(p)).tolist() for p, _ in d.samples]
+            assert pixels == [np.asarray(d[i][0]).tolist() for i in range(n)]
     assert DATASETS["dtd"].official_val and DATASETS["aircraft"].official_val and not DATASETS["pets"].official_val
     pets = build_split(DATASETS["pets"], tmp_path, "train", None)  # torchvision's trainval
     y = torch.tensor([pets[i][1] for i in range(len(pets))])

@@ -51,13 +51,21 @@ def test_warmup_longer_than_the_run_warns(caplog):
     assert "--warmup-epochs 5 is longer than the run (--epochs 3)" in caplog.text
 
 
-def test_resume_from_a_backbone_is_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("other", ["backbone.pth", "linear probe checkpoint.pth"])
+def test_resume_from_another_file_is_one_line(tmp_path, capsys, other):
+    """A backbone.pth or linear_eval's checkpoint.pth (its keys, `args` included) is not a pretraining checkpoint."""
     data = make_image_folder(tmp_path / "data")
-    backbone = tmp_path / "backbone.pth"
-    torch.save(models.to_dinov2(models.create_student("vit_tiny", img_size=28)), backbone)
-    assert run(data, tmp_path / "o", "--resume", str(backbone)) == 2
+    path = tmp_path / other.replace(" ", "_")
+    if other == "backbone.pth":
+        torch.save(models.to_dinov2(models.create_student("vit_tiny", img_size=28)), path)
+    else:
+        probe = torch.nn.Linear(4, 2)
+        optimizer = torch.optim.SGD(probe.parameters(), lr=0.1)
+        torch.save({"classifiers": probe.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 0,
+                    "args": {"epochs": 10}}, path)  # fmt: skip
+    assert run(data, tmp_path / "o", "--resume", str(path)) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"{backbone} is not a pretraining checkpoint.pth" in err[0], err
+    assert len(err) == 1 and f"{path} is not a pretraining checkpoint.pth" in err[0], err
 
 
 def test_fresh_run_starts_its_logs_anew_and_removes_stale_temp_files(tmp_path):
