@@ -13,10 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import (
     DENSE_HEADS,
     DENSE_TINY,
+    DIM,
     ROOT,
     TINY_RUN,
     child_env,
@@ -25,6 +27,8 @@ from tests.helpers import (
     make_image_folder,
     make_nyu,
     make_splits,
+    student_adaptors,
+    write_openai_clip,
 )
 
 CRASH = """# {token}
@@ -83,10 +87,15 @@ def test_a_crashed_pretraining_run_with_workers_exits(tmp_path):
     check_ended(proc, token)
 
 
-@pytest.mark.parametrize("module", ["linear_eval.main", "linear_eval.knn", "fine_grained.main"])
+@pytest.mark.parametrize("module", ["linear_eval.main", "linear_eval.knn", "linear_eval.zeroshot", "fine_grained.main"])
 def test_a_crashed_evaluation_with_workers_exits(tmp_path, backbone, module):
     token = f"crash-token-{module}-{tmp_path.name}"
     out = ["--output-dir", str(tmp_path / "o")]
+    if module == "linear_eval.zeroshot":  # a tiny CLIP in OpenAI's format and the student's CLIP adaptor
+        write_openai_clip(tmp_path / "clip.pt")
+        adaptors = student_adaptors(DIM, {"clip_tiny": (64, "clip")}).export({"name": "vit_tiny"})
+        torch.save(adaptors, tmp_path / "adaptors.pth")
+        out += ["--clip-checkpoint", str(tmp_path / "clip.pt"), "--adaptors", str(tmp_path / "adaptors.pth")]
     if module == "fine_grained.main":
         make_cub(tmp_path / "fg")
         argv = ["--backbone", str(backbone), "--data-path", str(tmp_path / "fg"), "--datasets", "cub200",
