@@ -59,14 +59,22 @@ def run(main: Callable[..., int | None], *args, during: str = "") -> int:
     - ValueError, FileNotFoundError, NotADirectoryError, MissingDependency: `error: <message>` on stderr
       and EXIT_INPUT (2), never a traceback; checks come before the work, so nothing is half done;
     - a full disk (common.io.DiskFullError): `error: ...` and 1, the last atomic write intact;
-    - SIGUSR1/SIGTERM: common.distributed.exit_on_preemption, EXIT_REQUEUE (75); `during` names the phase;
+    - SIGUSR1/SIGTERM: common.distributed.exit_on_preemption, EXIT_REQUEUE (75) whatever the unwinding raises;
+      `during` names the phase;
     - data-loader workers are ended at any exit, and the process group is left at the end.
     Any other exception is a bug and keeps its traceback.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     distributed.exit_on_preemption(during)
     try:
-        return main(*args) or 0
+        try:
+            return main(*args) or 0
+        except BaseException:
+            # the stop handler's SystemExit is raised wherever the main thread is; a library that was writing
+            # may replace it while unwinding (torch.save's zip writer: "unexpected pos"): still a preemption
+            if distributed.preempted():
+                return distributed.EXIT_REQUEUE
+            raise
     except INPUT_ERRORS as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_INPUT

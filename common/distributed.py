@@ -146,6 +146,11 @@ def exit_on_preemption(during: str = "") -> None:
 _watched: list = []  # [handler, Event]: the stop handler the watcher thread re-delivers signals for
 
 
+def preempted() -> bool:
+    """Whether exit_on_preemption's handler has run: the process is stopping with EXIT_REQUEUE."""
+    return bool(_watched) and _watched[1].is_set()
+
+
 def _redeliver_unhandled(handler, handled: threading.Event) -> None:
     """A signal that lands between Python's last check and a blocking system call (a read of a pipe, a
     socket, an NFS file) is noted by the interpreter but its handler never runs: the call is not

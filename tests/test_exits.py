@@ -190,3 +190,42 @@ def test_a_signal_noted_during_a_blocking_call_still_stops_the_run():
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 75, proc.stdout + proc.stderr
     assert "received SIGTERM during the read: exiting 75" in proc.stdout
+
+
+SIGNAL_DURING_A_SAVE = """
+import os, signal, sys, torch
+from common import cli, io
+path = sys.argv[1]
+class SignalledFile:  # SIGUSR1 arrives while torch's zip writer is inside one of its writes
+    def __init__(self, f):
+        self.f, self.writes = f, 0
+    def write(self, data):
+        self.writes += 1
+        if self.writes == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return self.f.write(data)
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        return self.f.__exit__(*exc)
+def main():
+    io.atomic_save({"epoch": 0}, path)
+    fdopen = os.fdopen
+    io.os.fdopen = lambda *args: SignalledFile(fdopen(*args))
+    io.atomic_save({"epoch": 1, "weights": torch.zeros(1000)}, path)
+raise SystemExit(cli.run(main))
+"""
+
+
+def test_a_signal_during_a_checkpoint_write_still_exits_75(tmp_path):
+    """The stop handler's SystemExit raised inside torch.save is replaced by torch's own RuntimeError
+    ("unexpected pos") as its zip writer closes: still exit 75 and no traceback (slurm requeues on 75), the
+    last checkpoint intact and no temp file left."""
+    path = tmp_path / "checkpoint.pth"
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_DURING_A_SAVE, str(path)], cwd=ROOT, env=child_env(),
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 75, proc.stdout + proc.stderr
+    assert "received SIGUSR1: exiting 75" in proc.stdout and "Traceback" not in proc.stderr
+    assert torch.load(path, weights_only=True) == {"epoch": 0} and [p.name for p in tmp_path.iterdir()] == [path.name]
