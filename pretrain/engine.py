@@ -95,10 +95,11 @@ def forward_losses(
 
 
 def estimate_statistics(run: Run) -> None:
-    """Each teacher's target statistics (CLS and patch tokens apart) on the first --teacher-stats-batches
-    batches of epoch 0, summed over all ranks, then frozen in every student's Standardizers (saved with the
-    heads). Skipped when there is nothing to estimate (one teacher; a resumed run). The teachers only run
-    forward and the data's randomness is a function of its position, so training sees what it would have."""
+    """Each teacher's target statistics (CLS and patch tokens apart) on --teacher-stats-batches batches in
+    epoch 0's order (round the data again in fresh orders when an epoch is shorter), summed over all ranks,
+    then frozen in every student's Standardizers (saved with the heads). Skipped when there is nothing to
+    estimate (one teacher; a resumed run). The teachers only run forward and the data's randomness is a
+    function of its position, so training sees what it would have."""
     pending = {t.name for t in run.teachers if not run.students[0].distiller.adaptors[t.name].cls_std.fitted}
     if not pending:
         return

@@ -70,7 +70,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     a(
         "--teacher-weights",
-        help="several teachers: the weight of each one's loss in the total, a comma list (default: 1 each)",
+        help="several teachers: the weight of each one's loss in the total, a comma list in --teacher order or one "
+        "value for every teacher (default: 1 each)",
     )
     a(
         "--teacher-standardization",

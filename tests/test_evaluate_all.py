@@ -15,7 +15,7 @@ import models
 from common.io import file_sha256
 from common.results import SCHEMA
 from scripts import evaluate_all
-from tests.helpers import DENSE_HEADS, DIM, make_splits, student_adaptors, write_openai_clip
+from tests.helpers import DENSE_HEADS, DIM, make_ade, make_nyu, make_splits, student_adaptors, write_openai_clip
 
 try:  # the dense tasks
     import mmseg
@@ -356,6 +356,15 @@ def help_examples() -> set[str]:
     return found
 
 
+def parses_with(example: str) -> None:
+    """The example's arguments are accepted by its task's own parser and set what they name."""
+    task, _, extra = example.partition("=")
+    parser = entry_point_parsers()[f"{task}.main"]  # fine_grained.main
+    args = parser.parse_args(["--backbone", "b.pth", "--data-path", "d", "--output-dir", "o", *extra.split()])
+    flag, value = extra.split()
+    assert getattr(args, flag.lstrip("-").replace("-", "_")) == value
+
+
 def run_linear_example(example: str, backbone, imagenet, tmp_path, capsys) -> None:
     """evaluate_all --quick with the example on the tiny ImageNet: the linear probe ran at that input size."""
     out = tmp_path / "linear_example"
@@ -367,37 +376,42 @@ def run_linear_example(example: str, backbone, imagenet, tmp_path, capsys) -> No
     assert (out / "linear" / "results.json").is_file()
 
 
-def dry_run_ade20k_example(example: str, tmp_path) -> None:
-    """The example's overrides on the config evaluate_all picks for a ViT-Ti: the segmentor builds and
-    runs a forward pass (a wrong head width fails in mmseg's constructor)."""
+DENSE_EXAMPLES = {  # task: (data flag, data maker, entry point, output channels)
+    "ade20k": ("--data-ade20k", make_ade, "segmentation", 150),
+    "nyu": ("--data-nyu", make_nyu, "depth", 1),
+}
+
+
+def dry_run_dense_example(example: str, tmp_path) -> None:
+    """The example's overrides on the config evaluate_all picks for a ViT-Ti: the model builds and runs a
+    forward pass (a wrong head width fails in mmseg's constructor or forward)."""
     from mmseg.registry import MODELS
     from mmseg.utils import register_all_modules
 
     from segmentation import runner
 
     register_all_modules()  # mmseg's default scope, also when this test runs alone
+    task = example.partition("=")[0]
+    flag, make_data, entry, channels = DENSE_EXAMPLES[task]
     torch.manual_seed(0)
     vit = models.ViT(img_size=28, patch_size=14, embed_dim=192, depth=12, num_heads=3)
-    path = tmp_path / "vit_ti" / "backbone.pth"
+    path = tmp_path / f"vit_ti_{task}" / "backbone.pth"
     path.parent.mkdir()
     torch.save(models.to_dinov2(vit), path)
-    data = tmp_path / "ade"
-    for split in ("training", "validation"):  # one image each: the runner checks the data before building
-        for sub, mode, suffix in (("images", "RGB", ".jpg"), ("annotations", "L", ".png")):
-            (data / sub / split).mkdir(parents=True)
-            Image.new(mode, (56, 56)).save(data / sub / split / f"a{suffix}")
+    data = make_data(tmp_path / f"data_{task}")
+    out = tmp_path / f"o_{task}"
     args = evaluate_all.get_args_parser().parse_args(
-        ["--backbone", str(path), "--output-dir", str(tmp_path / "o"), "--data-ade20k", str(data), "--extra", example]
+        ["--backbone", str(path), "--output-dir", str(out), flag, str(data), "--extra", example]
     )
     assert evaluate_all.SIZES.get(192) is None  # so evaluate_all takes the ViT-S configs
-    extra = evaluate_all.parse_extra(args.extra)["ade20k"]
-    argv = [*evaluate_all.command("ade20k", args, "small", tmp_path / "o"), *extra]
-    assert argv[0] == "segmentation.main"
-    cfg = runner.build_config(runner.get_args_parser("segmentation").parse_args(argv[1:]), "segmentation")
+    extra = evaluate_all.parse_extra(args.extra)[task]
+    argv = [*evaluate_all.command(task, args, "small", out), *extra]
+    assert argv[0] == f"{entry}.main"
+    cfg = runner.build_config(runner.get_args_parser(entry).parse_args(argv[1:]), entry)
     model = MODELS.build(cfg.model).eval()
     with torch.no_grad():
-        logits = model(torch.zeros(1, 3, 56, 56), mode="tensor")
-    assert logits.shape[:2] == (1, 150)
+        out = model(torch.zeros(1, 3, 56, 56), mode="tensor")
+    assert out.shape[:2] == (1, channels)
 
 
 def test_every_help_example_runs(backbone, imagenet, tmp_path, capsys):
@@ -406,14 +420,21 @@ def test_every_help_example_runs(backbone, imagenet, tmp_path, capsys):
     checks = {
         "linear=--input-size 112": lambda ex: run_linear_example(ex, backbone, imagenet, tmp_path, capsys),
         "ade20k=--cfg-options model.decode_head.in_channels=[192,192,192,192] model.decode_head.channels=768": (
-            lambda ex: dry_run_ade20k_example(ex, tmp_path)
+            lambda ex: dry_run_dense_example(ex, tmp_path)
         ),
+        "nyu=--cfg-options model.decode_head.in_channels=[192,192,192,192] model.decode_head.embed_dims=192": (
+            lambda ex: dry_run_dense_example(ex, tmp_path)
+        ),
+        "fine_grained=--normalization imagenet": parses_with,
     }
     found = help_examples()
     assert found <= set(checks), f"help examples without a check in this test: {found - set(checks)}"
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())  # examples span lines
+    in_readme = set(re.findall(r"--extra '([^']+)'", readme))
+    assert in_readme and in_readme <= set(checks), f"README --extra examples without a check: {in_readme - set(checks)}"
     assert "linear=--input-size 112" in found
     for example in sorted(found):
-        if example.startswith("ade20k=") and mmseg is None:
+        if example.startswith(("ade20k=", "nyu=")) and mmseg is None:
             continue  # mmsegmentation not installed
         checks[example](example)
 

@@ -147,6 +147,13 @@ def test_teacher_flags_are_checked_per_teacher(tmp_path, capsys, extra, message)
     assert message in capsys.readouterr().err
 
 
+def test_one_value_of_a_per_teacher_flag_applies_to_every_teacher():
+    teachers = ["dinov2_vits14", "clip_vitb16", "synclr_vitb16"]
+    assert pretrain_main.per_teacher("0.5", teachers, "--teacher-weights", float, 1.0) == [0.5, 0.5, 0.5]
+    assert pretrain_main.per_teacher("1,2,3", teachers, "--teacher-weights", float, 1.0) == [1.0, 2.0, 3.0]
+    assert pretrain_main.per_teacher(None, teachers, "--teacher-weights", float, 1.0) == [1.0, 1.0, 1.0]
+
+
 def test_a_teacher_named_twice_or_without_a_hadamard_width_is_one_line(tiny_teacher, tmp_path, capsys):
     base = [*TINY_RUN, "--data-path", str(tmp_path), "--output-dir", str(tmp_path / "o")]
     assert pretrain_main.main([*base, "--teacher", "dinov2_vits14,dinov2_vits14"]) == 2
