@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -173,6 +174,27 @@ def test_learnable_problem_reaches_high_accuracy(data, backbone, tmp_path, capsy
 
 class Interrupted(Exception):
     pass
+
+
+def test_a_checkpoint_of_another_run_is_refused_in_one_line(data, backbone, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = [*base_args(data, backbone, out), "--epochs", "1", "--epoch-length", "2"]
+    assert linear_main.main(base) == 0
+    saved = (out / "checkpoint.pth").read_bytes()
+    other_data = shutil.copytree(data, tmp_path / "data_copy")
+    changes = [
+        (["--epochs", "2"], "epochs 1, not 2"),
+        (["--epoch-length", "3"], "epoch_length 2, not 3"),
+        (["--batch-size", "3"], "batch_size_global 4, not 3"),
+        (["--val-from-train", "0.5"], "val_from_train None, not 0.5"),
+        (["--data-path", str(other_data)], f"data_path {Path(data).resolve()}, not {other_data.resolve()}"),
+    ]
+    capsys.readouterr()
+    for change, message in changes:
+        assert linear_main.main([*base, *change]) == 2, change
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"was run with {message}; use another --output-dir" in err[0], (change, err)
+    assert (out / "checkpoint.pth").read_bytes() == saved
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_result(data, backbone, tmp_path, monkeypatch, capsys):

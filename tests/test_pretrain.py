@@ -300,10 +300,11 @@ def test_bad_arguments_fail_before_training(data, tmp_path, capsys, extra, messa
 
 def test_missing_and_empty_data_dir(tmp_path, capsys):
     rc, err = run_main(["--data-path", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "o"), *TINY_RUN], capsys)
-    assert rc == 2 and "no train/ folder" in err
+    assert rc == 2 and "no train/ folder" in err and len(err.strip().splitlines()) == 1
     (tmp_path / "empty" / "train").mkdir(parents=True)
     rc, err = run_main(["--data-path", str(tmp_path / "empty"), "--output-dir", str(tmp_path / "o"), *TINY_RUN], capsys)
-    assert rc == 2 and "no images in" in err
+    assert rc == 2 and "no images in" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o" / "checkpoint.pth").exists()
 
 
 def test_teacher_file_of_another_model(data, tmp_path, capsys):
@@ -321,6 +322,7 @@ def test_teacher_file_of_another_model(data, tmp_path, capsys):
     argv.remove("--random-teacher")
     rc, err = run_main(argv, capsys)
     assert rc == 2 and "do not match" in err and "missing keys: blocks.2.attn.proj.bias" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o" / "checkpoint.pth").exists()
 
 
 # --- main: a run ---------------------------------------------------------------------------------
@@ -383,6 +385,18 @@ def test_rerun_resumes_after_last_epoch(data, tmp_path, capsys, caplog):
     assert pretrain_main.main([*base, "--epochs", "3", "--lambda-patch", "0"]) == 2
     err = capsys.readouterr().err
     assert "other loss heads than this run" in err and "unexpected ['patch_head." in err
+    # another student or teacher cannot continue this run either; the checkpoint stays as it was
+    saved = (out / "checkpoint.pth").read_bytes()
+    for flag, other, trained in (
+        ("--student", "vit_small", "vit_tiny"),
+        ("--teacher", "dinov2_vitb14", "dinov2_vits14"),
+    ):
+        argv = [*base, "--epochs", "3"]
+        argv[argv.index(flag) + 1] = other
+        assert pretrain_main.main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"was trained with {flag} {trained}, not {other}" in err and len(err.strip().splitlines()) == 1
+    assert (out / "checkpoint.pth").read_bytes() == saved
 
 
 @pytest.mark.parametrize("first, then", [("bf16", "fp16"), ("fp16", "fp32")])

@@ -156,8 +156,20 @@ def test_student_and_teacher_zero_shot_match_the_recipe(backbone, clip, data, tm
     ids=["no-clip-teacher", "width-mismatch", "ambiguous", "not-clip"],
 )  # fmt: skip
 def test_bad_adaptors_are_one_error_line(teachers, extra, message, backbone, clip, data, tmp_path, capsys):
+    check_one_error_line(
+        DIM, teachers, extra, message=message, backbone=backbone, clip=clip, data=data, tmp_path=tmp_path, capsys=capsys
+    )
+
+
+def test_adaptors_of_a_student_of_another_width_are_one_error_line(backbone, clip, data, tmp_path, capsys):
+    message = f"is {DIM} wide but {tmp_path / 'adaptors.pth'} adapts a {2 * DIM}-wide student"
+    fixtures = dict(backbone=backbone, clip=clip, data=data, tmp_path=tmp_path, capsys=capsys)
+    check_one_error_line(2 * DIM, {"clip_tiny": (64, "clip")}, [], message=message, **fixtures)
+
+
+def check_one_error_line(dim, teachers, extra, *, message, backbone, clip, data, tmp_path, capsys):
     path = tmp_path / "adaptors.pth"
-    torch.save(student_adaptors(DIM, teachers).export({"name": "vit_tiny"}), path)
+    torch.save(student_adaptors(dim, teachers).export({"name": "vit_tiny"}), path)
     argv = ["--backbone", str(backbone), "--adaptors", str(path), "--clip-checkpoint", str(clip[0]),
             "--data-path", str(data), "--input-size", str(INPUT), "--device", "cpu", "--num-workers", "0",
             "--output-dir", str(tmp_path / "out"), *extra]  # fmt: skip
