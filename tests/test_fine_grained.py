@@ -566,6 +566,18 @@ def test_missing_listed_file_fails_before_any_extraction(checkpoint, tmp_path, c
     err = capsys.readouterr().err
     assert rc == 2 and calls == [] and len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: cub200: ") and str(gone) in err and "expected <data-path>/cub200/CUB_200_2011/" in err
+    assert "lists 1 image(s) not on disk" in err
+
+
+def test_an_empty_split_stops_the_run_before_any_extraction(checkpoint, tmp_path, capsys, monkeypatch):
+    make_cub(tmp_path / "d")
+    split_file = tmp_path / "d" / "cub200" / "CUB_200_2011" / "train_test_split.txt"
+    split_file.write_text(split_file.read_text().replace(" 1\n", " 0\n"))
+    calls = count_extractions(monkeypatch)
+    rc = run(checkpoint, tmp_path / "d", tmp_path / "o", "--datasets", "cub200", "--max-iter", "30")
+    err = capsys.readouterr().err
+    assert rc == 2 and calls == [] and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: cub200: the train split is empty") and "expected <data-path>/cub200/" in err
 
 
 @pytest.mark.parametrize(

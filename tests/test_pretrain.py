@@ -399,6 +399,19 @@ def test_rerun_resumes_after_last_epoch(data, tmp_path, capsys, caplog):
     assert (out / "checkpoint.pth").read_bytes() == saved
 
 
+def test_a_mid_epoch_checkpoint_of_another_world_size_resumes_with_a_warning(data, tmp_path, caplog):
+    out = tmp_path / "run"
+    base = ["--data-path", str(data), "--output-dir", str(out), *TINY_RUN, "--epochs", "1", "--epoch-length", "2"]
+    assert pretrain_main.main(base) == 0
+    ckpt = models.safe_load(out / "checkpoint.pth")  # as if 2 processes had stopped after 1 iteration
+    ckpt |= {"epoch": -1, "iteration_in_epoch": 1, "world_size": 2, "epoch_loss_sums": [0.0] * 4}
+    ckpt["scheduler"]["iteration"] = 1
+    torch.save(ckpt, out / "checkpoint.pth")
+    assert pretrain_main.main(base) == 0
+    assert "was written by 2 processes, not 1: the rest of epoch 0 differs from the uninterrupted run" in caplog.text
+    assert models.safe_load(out / "checkpoint.pth")["epoch"] == 0
+
+
 @pytest.mark.parametrize("first, then", [("bf16", "fp16"), ("fp16", "fp32")])
 def test_resume_with_another_precision(data, tmp_path, caplog, first, then):
     """A bf16/fp32 checkpoint holds no loss-scaler state: switching to fp16 (after bf16 NaNs, or on a GPU
