@@ -46,6 +46,19 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._format_action_invocation(action)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """Every entry point's parser: a flag mistake is one `error:` line and exit 2, like any other bad input
+    (argparse's own form repeats the whole usage block first); the flags' defaults in --help (HelpFormatter)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        print(f"error: {message} (--help lists every flag)", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INPUT)
+
+
 class MissingDependency(ImportError):
     """An optional package a task needs (mmsegmentation, scikit-learn) is not installed: bad input, not a bug."""
 

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from common.cli import HelpFormatter, MissingDependency, run
+from common.cli import ArgumentParser, MissingDependency, run
 from common.distributed import resolve_device
 
 from . import logreg
@@ -29,7 +29,7 @@ def synthetic(n: int, dim: int, classes: int, seed: int = 0) -> tuple[torch.Tens
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("fine-grained logistic regression benchmark", formatter_class=HelpFormatter)
+    p = ArgumentParser("fine-grained logistic regression benchmark")
     p.add_argument("--n", type=int, default=5000, help="samples (4/5 train, 1/5 test)")
     p.add_argument("--dim", type=int, default=384, help="feature width (ViT-S: 384)")
     p.add_argument("--classes", type=int, default=100, help="classes of the synthetic problem")

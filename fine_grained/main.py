@@ -14,7 +14,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from common import distributed as dist_utils
-from common.cli import HelpFormatter, check_positive, evaluation_parser, run
+from common.cli import ArgumentParser, check_positive, evaluation_parser, run
 from common.features import cached_features, eval_transform, frozen_backbone
 from common.io import atomic_write_text, prepare_output_dir
 from common.results import Results, Timer, write_results
@@ -37,7 +37,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         cache_dir="<output-dir>/features",
         renamed={"--data-root": "--data-path"},
     )
-    p = argparse.ArgumentParser("Proteus fine-grained evaluation", parents=[parent], formatter_class=HelpFormatter)
+    p = ArgumentParser("Proteus fine-grained evaluation", parents=[parent])
     a = p.add_argument
     a("--datasets", default=",".join(DATASETS), help="comma-separated subset of the 12 datasets")
     a(

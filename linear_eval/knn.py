@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from common import distributed as dist_utils
-from common.cli import HelpFormatter, check_positive, evaluation_parser, run, start
+from common.cli import ArgumentParser, check_positive, evaluation_parser, run, start
 from common.features import cached_features, frozen_backbone, image_counts
 from common.io import prepare_output_dir
 from common.results import Results, Timer, print_table, topk_correct, write_results
@@ -34,7 +34,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         loader=(128, 10),
         cache_dir="no cache; train_features.pth and val_features.pth",
     )
-    p = argparse.ArgumentParser("Proteus kNN eval", parents=[parent], formatter_class=HelpFormatter)
+    p = ArgumentParser("Proteus kNN eval", parents=[parent])
     a = p.add_argument
     a("--input-size", type=int, default=224, help="crop size; images are resized to input-size * 256/224 first")
     a(

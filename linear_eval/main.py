@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from common import distributed as dist_utils
-from common.cli import HelpFormatter, OldSwitch, check_positive, evaluation_parser, run, start
+from common.cli import ArgumentParser, OldSwitch, check_positive, evaluation_parser, run, start
 from common.features import Progress, cached_features, file_identity, frozen_backbone, image_counts
 from common.images import seed_worker, skipped_paths
 from common.io import atomic_save, prepare_output_dir
@@ -37,7 +37,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         resume=True,
         cache_dir="no cache; the val (and held-out) features go to features_<split>.pth",
     )
-    p = argparse.ArgumentParser("Proteus linear probing", parents=[parent], formatter_class=HelpFormatter)
+    p = ArgumentParser("Proteus linear probing", parents=[parent])
     a = p.add_argument
     a("--input-size", type=int, default=224, help="crop size; val is resized to input-size * 256/224 first")
     a("--epochs", type=int, default=10, help="cosine to 0 over epochs x epoch length")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageNetInfo
 
 from common import distributed as dist_utils
-from common.cli import HelpFormatter, MissingDependency, check_positive, evaluation_parser, run, start
+from common.cli import ArgumentParser, MissingDependency, check_positive, evaluation_parser, run, start
 from common.features import eval_transform, extract_features, frozen_backbone, image_counts
 from common.results import Results, Timer, print_table, topk_correct, write_results
 from models import TEACHERS, Adaptors, load_adaptors
@@ -43,7 +43,7 @@ DATA_HELP = (
 
 def get_args_parser() -> argparse.ArgumentParser:
     parent = evaluation_parser(data_path=DATA_HELP, output_dir="output/zeroshot", loader=(128, 10))
-    p = argparse.ArgumentParser("Proteus zero-shot eval", parents=[parent], formatter_class=HelpFormatter)
+    p = ArgumentParser("Proteus zero-shot eval", parents=[parent])
     a = p.add_argument
     a("--adaptors", required=True, metavar="FILE", help="adaptors.pth, exported by pretraining with --backbone")
     a(

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import distributed as dist_utils
-from common.cli import HelpFormatter, run
+from common.cli import ArgumentParser, run
 from models import LAYOUTS, STUDENT_ARCHS, TEACHERS, Teacher, TeacherTarget, create_student, create_teacher
 
 from .data import build_dataset
@@ -397,7 +397,7 @@ def pipeline_benchmark(args: argparse.Namespace) -> dict[int, float]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Proteus pretraining benchmark", formatter_class=HelpFormatter)
+    p = ArgumentParser("Proteus pretraining benchmark")
     a = p.add_argument
     a("--teacher", default="dinov2_vits14", help=f"one of: {', '.join(TEACHERS)} (random weights)")
     a(

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from common import cli
 from common import distributed as dist_utils
-from common.cli import HelpFormatter
+from common.cli import ArgumentParser
 from common.io import prepare_output_dir
 from common.schedule import warmup_cosine
 from models import (
@@ -54,7 +54,7 @@ EXIT_REQUEUE = dist_utils.EXIT_REQUEUE  # SIGUSR1/SIGTERM: checkpoint written mi
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Proteus distillation pretraining", formatter_class=HelpFormatter)
+    p = ArgumentParser("Proteus distillation pretraining")
     a = p.add_argument
     a("--data-path", help="ImageNet root holding train/ in ImageFolder layout")
     a(

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 import models
-from common.cli import HelpFormatter, evaluation_parser, run
+from common.cli import ArgumentParser, evaluation_parser, run
 from common.distributed import resolve_device
 from common.io import atomic_write_json, atomic_write_text, prepare_output_dir
 from fine_grained.datasets import DATASETS
@@ -220,7 +220,7 @@ class Row:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parent = evaluation_parser(data_path=None, output_dir=None)
-    p = argparse.ArgumentParser("Proteus: all evaluations", parents=[parent], formatter_class=HelpFormatter)
+    p = ArgumentParser("Proteus: all evaluations", parents=[parent])
     a = p.add_argument
     a("--tasks", default=",".join(TASKS), help="comma-separated subset of: " + ", ".join(TASKS))
     a("--data-imagenet", help="ImageNet root with train/ and val/ (linear, knn)")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import models
-from common.cli import BACKBONE_HELP, HelpFormatter, Store, run
+from common.cli import BACKBONE_HELP, ArgumentParser, Store, run
 from common.distributed import resolve_device
 from common.io import prepare_output_dir
 from models.checkpoints import backbone_name
@@ -31,7 +31,7 @@ EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Proteus PCA pictures", formatter_class=HelpFormatter)
+    p = ArgumentParser("Proteus PCA pictures")
     a = p.add_argument
     a("--backbone", action="append", required=True, metavar="FILE", help=f"{BACKBONE_HELP}; repeat to compare")
     a("--images", required=True, help="an image, or a folder of images (jpg, jpeg, png, bmp, webp)")

@@ -25,7 +25,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 import models
-from common.cli import HelpFormatter, MissingDependency, evaluation_parser, run
+from common.cli import ArgumentParser, MissingDependency, evaluation_parser, run
 from common.io import atomic_write_json, file_sha256, prepare_output_dir
 from common.results import Results, Timer, write_results
 
@@ -44,7 +44,7 @@ def get_args_parser(task: str) -> argparse.ArgumentParser:
         renamed={"--data-root": "--data-path"},
         aliases={"--output-dir": ("--work-dir",)},
     )
-    p = argparse.ArgumentParser(f"Proteus {task} (mmsegmentation)", parents=[parent], formatter_class=HelpFormatter)
+    p = ArgumentParser(f"Proteus {task} (mmsegmentation)", parents=[parent])
     a = p.add_argument
     a("config", help=f"an mmseg config, e.g. {task}/configs/*.py")
     a("--eval-only", action="store_true", help="evaluate --checkpoint (default: the work dir's last) and stop")

@@ -54,6 +54,30 @@ def entry_points(backbone: Path, tmp: Path) -> dict:
 NAMES = ["pretrain", "linear", "knn", "zeroshot", "fine_grained", "visualize_pca", "evaluate_all"]
 
 
+def parsers() -> dict:
+    """Every entry point's parser, the dense ones when mmsegmentation is installed."""
+    found = {m.__name__: m.get_args_parser() for m in (pretrain_main, pretrain_benchmark, linear_main, knn_main,
+             zeroshot, fg_main, fg_benchmark, evaluate_all, visualize_pca)}  # fmt: skip
+    try:
+        from segmentation import runner
+    except ImportError:
+        return found
+    return found | {f"{task}.main": runner.get_args_parser(task) for task in ("segmentation", "depth")}
+
+
+@pytest.mark.parametrize("argv", [["--no-such-flag"], ["--batch-size"]], ids=["unknown", "no-value"])
+def test_a_flag_mistake_is_one_line(argv, capsys):
+    for name, parser in parsers().items():
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), (name, err)
+        assert err[0].endswith("(--help lists every flag)"), (name, err)
+    with pytest.raises(SystemExit):
+        pretrain_main.get_args_parser().parse_args(argv)  # it requires no flag, so the mistake itself is named
+    assert argv[0] in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_output_folder_that_is_a_file(name, backbone, tmp_path, capsys):
     main, argv, flag = entry_points(backbone, tmp_path)[name]
