@@ -942,6 +942,29 @@ def test_atomic_save_crash_keeps_previous_file(tmp_path, monkeypatch, exc):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]  # no temp file left behind
 
 
+def one_teacher_per_family() -> list[str]:
+    """The first registered teacher of each family."""
+    return list({spec.family: name for name, spec in reversed(models.TEACHERS.items())}.values())
+
+
+@pytest.mark.parametrize("reader", ["teacher", "adaptors"])
+def test_every_reader_of_a_weight_file_refuses_code(reader, tiny_teacher, tmp_path, monkeypatch):
+    """A pickle with code given as a teacher file (every family) or as adaptors.pth: one line, never run."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"x": _System()}}, path)
+    names = one_teacher_per_family() if reader == "teacher" else ["adaptors"]
+    for name in names:
+        with pytest.raises(ValueError, match="refused, code in a weight file is never run") as e:
+            if reader == "teacher":
+                tiny_teacher(name)
+                models.create_teacher(name, path)
+            else:
+                models.load_adaptors(path)
+        assert str(path) in str(e.value) and "\n" not in str(e.value), (name, str(e.value))
+    assert not (tmp_path / "never-run").exists()
+
+
 def test_no_model_of_ours_is_registered_with_timm():
     """Our ViTs' forward_features returns DINOv2's dict, not timm's tensor, so timm's contract
     (forward_head(forward_features(x))) does not hold for them: none is in timm's registry."""
