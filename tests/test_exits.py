@@ -235,7 +235,7 @@ def test_a_signal_during_a_checkpoint_write_still_exits_75(tmp_path):
 @pytest.fixture
 def stop_handlers():
     """The process's handlers of the stop signals, as they were before the test installed its own."""
-    previous = {sig: signal.getsignal(sig) for sig in distributed.STOP_SIGNALS}
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
     yield
     for sig, handler in previous.items():
         signal.signal(sig, handler)
