@@ -18,12 +18,13 @@ import argparse
 import copy
 import logging
 import sys
+import threading
 from collections.abc import Callable
 
 import torch
 
 from . import distributed
-from .io import DiskFullError, prepare_output_dir
+from .io import DiskFullError, disk_full_cause, prepare_output_dir
 
 EXIT_INPUT = 2  # bad input: one `error:` line, nothing done (argparse's own status for a bad flag)
 
@@ -71,14 +72,16 @@ def run(main: Callable[..., int | None], *args, during: str = "") -> int:
 
     - ValueError, FileNotFoundError, NotADirectoryError, MissingDependency: `error: <message>` on stderr
       and EXIT_INPUT (2), never a traceback; checks come before the work, so nothing is half done;
-    - a full disk (common.io.DiskFullError): `error: ...` and 1, the last atomic write intact;
-    - SIGUSR1/SIGTERM: common.distributed.exit_on_preemption, EXIT_REQUEUE (75) whatever the unwinding raises;
+    - a full disk or quota: `error: ...` and 1, the last atomic write intact (common.io.DiskFullError; also
+      when a library's own writer, tensorboard's say, reports it, wrapped or not);
+    - SIGUSR1/SIGTERM/SIGINT: common.distributed.exit_on_preemption, EXIT_REQUEUE (75) whatever the unwinding raises;
       `during` names the phase;
     - data-loader workers are ended at any exit, and the process group is left at the end.
     Any other exception is a bug and keeps its traceback.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     distributed.exit_on_preemption(during)
+    _quiet_disk_full_in_threads()
     try:
         try:
             return main(*args) or 0
@@ -94,12 +97,35 @@ def run(main: Callable[..., int | None], *args, during: str = "") -> int:
     except DiskFullError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
+    except Exception as e:
+        full = disk_full_cause(e)
+        if full is None:
+            raise
+        where = f" writing {full.filename}" if full.filename else ""
+        print(f"error: {full.strerror}{where}; files written atomically (checkpoints, results) keep their last "
+              "good version", file=sys.stderr, flush=True)  # fmt: skip
+        return 1
     except SystemExit as e:  # exit_on_preemption's handler: returned, so in-process callers see it too
         if e.code == distributed.EXIT_REQUEUE:
             return distributed.EXIT_REQUEUE
         raise
     finally:
         distributed.cleanup()
+
+
+def _quiet_disk_full_in_threads() -> None:
+    """A writer thread that dies of a full disk (tensorboard's) prints no traceback: its writer raises the error
+    again in the main thread, which reports it in one line."""
+    hook = threading.excepthook
+    if getattr(hook, "quiet_disk_full", False):
+        return
+
+    def quiet(args: threading.ExceptHookArgs) -> None:
+        if args.exc_value is None or disk_full_cause(args.exc_value) is None:
+            hook(args)
+
+    quiet.quiet_disk_full = True
+    threading.excepthook = quiet
 
 
 def start(args: argparse.Namespace) -> torch.device:

@@ -98,6 +98,8 @@ def cleanup() -> None:
 
 
 EXIT_REQUEUE = 75  # "checkpointed, re-run me": the slurm scripts requeue the job on this status (EX_TEMPFAIL)
+# what stops a run: slurm's warning (--signal USR1), its time limit or scancel (TERM), Ctrl-C (INT)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 def end_workers_at_exit() -> None:
@@ -120,7 +122,7 @@ def end_workers_at_exit() -> None:
 
 
 def exit_on_preemption(during: str = "") -> None:
-    """Evaluations: SIGUSR1/SIGTERM end the process with EXIT_REQUEUE at once.
+    """Evaluations: SIGUSR1/SIGTERM/SIGINT (STOP_SIGNALS) end the process with EXIT_REQUEUE at once.
 
     They only write atomically at safe points (epoch checkpoints, feature caches, mmengine
     checkpoints), so stopping anywhere loses at most the work since the last one; the same command
@@ -137,7 +139,7 @@ def exit_on_preemption(during: str = "") -> None:
         print(f"received {signal.Signals(signum).name}{where}: exiting {EXIT_REQUEUE}, re-run to resume", flush=True)
         raise SystemExit(EXIT_REQUEUE)
 
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, stop)
     _redeliver_unhandled(stop, handled)
     end_workers_at_exit()  # every entry point calls this first: no exit path waits on a worker
@@ -155,7 +157,11 @@ def _redeliver_unhandled(handler, handled: threading.Event) -> None:
     """A signal that lands between Python's last check and a blocking system call (a read of a pipe, a
     socket, an NFS file) is noted by the interpreter but its handler never runs: the call is not
     interrupted, and the process neither stops nor says so. A watcher thread, woken through
-    signal.set_wakeup_fd, sends the signal to the main thread again until the handler has run."""
+    signal.set_wakeup_fd, sends the signal to the main thread again until the handler has run.
+
+    Only while `handler` is the one installed: a signal that pretraining's StopControl received (a flag) needs
+    no second delivery, and the stop handler may be back by the time this thread looks (StopControl keeps its
+    own after a stop it honoured, so that it never is)."""
     if _watched:
         _watched[:] = [handler, handled]
         return
@@ -168,13 +174,14 @@ def _redeliver_unhandled(handler, handled: threading.Event) -> None:
     def watch() -> None:
         while True:
             signum = os.read(read_end, 1)[0]
-            if signum not in (signal.SIGUSR1, signal.SIGTERM):
+            if signum not in STOP_SIGNALS:
                 continue
             for _ in range(30):
                 handler, handled = _watched
-                if handled.wait(1.0) or signal.getsignal(signum) is not handler:
-                    break  # handled, or pretraining's StopControl (which only sets a flag) took over
-                signal.pthread_kill(main, signum)
+                if signal.getsignal(signum) is not handler or handled.wait(1.0):
+                    break  # another handler (StopControl's flag) took it, or the stop handler ran
+                if signal.getsignal(signum) is handler:
+                    signal.pthread_kill(main, signum)
 
     threading.Thread(target=watch, name="signal-watcher", daemon=True).start()
 

@@ -7,6 +7,8 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,31 +35,86 @@ class DiskFullError(OSError):
         return self.strerror
 
 
-def atomic_save(obj: object, path: str | os.PathLike) -> None:
-    """Write to a temp file in the same folder, then rename: a crash never leaves half a file."""
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_cause(exc: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT OSError anywhere in `exc`'s __cause__/__context__ chain, else None. Libraries wrap it:
+    torch's zip writer raises RuntimeError("unexpected pos") with the OSError only in __context__."""
+    pending, seen, ours = [exc], set(), None
+    while pending:
+        e = pending.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, DiskFullError):  # ours, whose strerror is a message: look for the system's below it
+            ours = ours or e
+        elif isinstance(e, OSError) and e.errno in DISK_FULL:
+            return e
+        pending += [e.__cause__, e.__context__]
+    return ours
+
+
+def raise_if_disk_full(exc: BaseException, path: str | os.PathLike, *more: str | os.PathLike) -> None:
+    """Raise DiskFullError (one line: the folder, the cause, what is kept) when a full disk or quota caused `exc`
+    while `path` (and `more`) were being replaced; otherwise return, and the caller re-raises `exc`. Call it
+    in the except block, after removing the temp files."""
+    full = disk_full_cause(exc)
+    if full is None:
+        return
+    paths = [Path(p) for p in (path, *more)]
+    folder = Path(os.path.commonpath([p.parent for p in paths]))
+    names = ", ".join(str(p.relative_to(folder)) for p in paths)
+    if all(p.exists() for p in paths):
+        kept = f"the last {names} {'are' if len(paths) > 1 else 'is'} intact"
+    else:
+        kept = f"{names} {'were' if len(paths) > 1 else 'was'} not written"
+    raise DiskFullError(full.errno, f"no space left on {folder} ({full.strerror}); {kept}") from None
+
+
+@contextmanager
+def atomic_replace(path: str | os.PathLike) -> Iterator[Path]:
+    """`with atomic_replace(path) as tmp: write(tmp)`: the body writes a temp file in path's folder, which then
+    replaces `path` (fsynced, readable by the group like any file), so a crash or kill -9 never leaves half a
+    file. On any failure the temp file is removed and `path` is untouched; a full disk or quota is
+    DiskFullError, one line."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        yield Path(tmp)
+        _fsync(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; others on the cluster must read checkpoints
         os.replace(tmp, path)
     except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            kept = f"the last {path.name} is intact" if path.exists() else f"{path.name} was not written"
-            raise DiskFullError(e.errno, f"no space left on {path.parent} ({e.strerror}); {kept}") from None
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise_if_disk_full(e, path)
         raise
 
 
+def _fsync(path: str | os.PathLike) -> None:
+    """Flush a file's (or a folder's entries') data to the disk: a late ENOSPC (NFS, quotas) surfaces here."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: object, path: str | os.PathLike) -> None:
+    """torch.save through atomic_replace. torch writes to a Python file object, so that a full disk is an
+    OSError it wraps (a file name would give a C++ error that hides the cause)."""
+    with atomic_replace(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+
+
 def remove_stale_temp_files(directory: str | os.PathLike, names: tuple[str, ...]) -> list[Path]:
-    """Delete the temp files atomic_save leaves when killed (-9) mid-write, for the given file names."""
+    """Delete the temp files atomic_replace leaves when killed (-9) mid-write, for the given file names."""
     stale = [p for name in names for p in Path(directory).glob(f".{name}.*.tmp")]
     for p in stale:
         p.unlink(missing_ok=True)
@@ -65,17 +122,77 @@ def remove_stale_temp_files(directory: str | os.PathLike, names: tuple[str, ...]
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
-    """Text (results.json) written the same way: temp file in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+    """Text (results.json, results.md) written through atomic_replace."""
+    with atomic_replace(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
 
 
 def atomic_write_json(obj: object, path: str | os.PathLike) -> Path:
     return atomic_write_text(json.dumps(obj, indent=2) + "\n", path)
+
+
+def append_text(text: str, path: str | os.PathLike) -> None:
+    """Append to a log (one write); a failure cuts the file back to what it held, so no half line is left, and a
+    full disk is DiskFullError, one line."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    size = os.fstat(fd).st_size
+    try:
+        data = memoryview(text.encode())
+        while data:
+            data = data[os.write(fd, data) :]
+    except BaseException as e:
+        os.ftruncate(fd, size)
+        raise_if_disk_full(e, path)
+        raise
+    finally:
+        os.close(fd)
+
+
+def atomic_save_all(objs: dict[Path, object], journal: Path) -> None:
+    """torch.save several files as one unit (the checkpoints of a run's students): after any kill,
+    finish_saves(journal, ...) leaves either all the old files or all the new ones. A redo log: each new file
+    is written in full beside its target (`.<name>.next`, atomic_save), then the journal naming them is written
+    atomically (the commit point), then each is renamed onto its target and the journal removed."""
+    folder = journal.parent
+    staged = {path: _staged(path) for path in objs}
+    try:
+        for path, obj in objs.items():
+            atomic_save(obj, staged[path])
+        _fsync(folder)
+        moves = [[os.path.relpath(staged[p], folder), os.path.relpath(p, folder)] for p in objs]
+        atomic_write_json({"replace": moves}, journal)
+    except BaseException as e:  # before the commit point: the old files stand
+        for p in staged.values():
+            p.unlink(missing_ok=True)
+        raise_if_disk_full(e, *objs)
+        raise
+    finish_saves(journal, list(objs))
+
+
+def finish_saves(journal: Path, paths: list[Path]) -> None:
+    """Complete an atomic_save_all of `paths` that a kill interrupted: past its commit point (the journal is
+    there), the staged files replace their targets; before it, they are removed (and their temp files)."""
+    folder = journal.parent
+    if journal.exists():
+        try:
+            moves = json.loads(journal.read_text())["replace"]
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{journal} is damaged: it is written atomically, so something else wrote it") from None
+        for staged, target in moves:
+            if (folder / staged).exists():  # a kill in the middle of the renames left the rest to do
+                os.replace(folder / staged, folder / target)
+        for d in {(folder / target).parent for _, target in moves}:
+            _fsync(d)  # the renames reach the disk before the journal's removal does
+        journal.unlink()
+    remove_stale_temp_files(folder, (journal.name,))
+    for path in paths:
+        _staged(path).unlink(missing_ok=True)
+        remove_stale_temp_files(path.parent, (_staged(path).name,))
+
+
+def _staged(path: Path) -> Path:
+    return path.with_name(f".{path.name}.next")
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -197,7 +197,9 @@ def train(
         model = torch.nn.parallel.DistributedDataParallel(
             classifiers, device_ids=[device.index] if device.type == "cuda" else None
         )
-    if dist_utils.is_main():
+    if dist_utils.is_main() and start_epoch >= args.epochs:
+        print(f"linear probe: all {args.epochs} epochs are trained, nothing left to train: evaluating", flush=True)
+    elif dist_utils.is_main():
         global_batch = args.batch_size * dist_utils.world_size()
         print(
             f"linear probe: {len(classifiers.specs)} classifiers, world {dist_utils.world_size()}, global batch "

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from common.io import atomic_save, remove_stale_temp_files
+from common.io import append_text, atomic_save, atomic_write_text, remove_stale_temp_files
 
 from . import pca
 from .distiller import resize
@@ -54,7 +54,7 @@ def truncate_log(path: Path, key: str, end: int) -> None:
         lines = path.read_text().splitlines(keepends=True)
         keep = [line for line in lines if line.endswith("\n") and before(line)]
         if len(keep) < len(lines):
-            path.write_text("".join(keep))
+            atomic_write_text("".join(keep), path)
 
 
 class Output:
@@ -94,13 +94,14 @@ class Output:
     def truncate_logs(self, epoch: int, iteration: int) -> None:
         """Logs end before `epoch` / global `iteration`: where the resumed checkpoint stands (0, 0: a fresh run)."""
         if self.main:
+            remove_stale_temp_files(self.folder, (EPOCH_LOG, ITERATION_LOG))  # of a truncation killed mid-write
             truncate_log(self.folder / EPOCH_LOG, "epoch", epoch)
             truncate_log(self.folder / ITERATION_LOG, "iteration", iteration)
 
     def iteration(self, epoch: int, iteration: int, losses: dict[str, float], lr: float) -> None:
         if self.main:
-            with open(self.folder / ITERATION_LOG, "a") as f:
-                f.write(json.dumps({"epoch": epoch, "iteration": iteration, **log_keys(losses), "lr": lr}) + "\n")
+            line = {"epoch": epoch, "iteration": iteration, **log_keys(losses), "lr": lr}
+            append_text(json.dumps(line) + "\n", self.folder / ITERATION_LOG)
 
     def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
         if self.main:
@@ -110,8 +111,7 @@ class Output:
     def epoch(self, epoch: int, stats: dict[str, float]) -> None:
         """The epoch's log.txt line and its tensorboard scalars (epoch/<key>)."""
         if self.main:
-            with open(self.folder / EPOCH_LOG, "a") as f:
-                f.write(json.dumps({"epoch": epoch, **stats}) + "\n")
+            append_text(json.dumps({"epoch": epoch, **stats}) + "\n", self.folder / EPOCH_LOG)
             self.scalars("epoch", stats, epoch)
 
     def load_pictures(self, dataset, input_size: int, device: torch.device) -> None:

@@ -15,11 +15,14 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 from common import distributed as dist_utils
+from common.io import atomic_save_all, finish_saves
 from models import safe_load
 
 from .data import PositionSampler
 from .distiller import Distiller, TeacherInput, Views
 from .output import CHECKPOINT, Output
+
+COMMIT = ".checkpoint.commit"  # the journal of a checkpoint being written (common.io.atomic_save_all)
 
 log = logging.getLogger("pretrain")
 
@@ -33,13 +36,15 @@ class Position:
 
 
 class StopControl:
-    """SIGUSR1/SIGTERM and --save-every-minutes as per-iteration flags; a context manager restores the old handlers.
+    """SIGUSR1/SIGTERM/SIGINT and --save-every-minutes as per-iteration flags; a context manager restores the old
+    handlers, unless it stopped the run: the process is then exiting 75 with its checkpoint written, and a later
+    stop signal (slurm's TERM after its USR1, a re-delivery by common.distributed's watcher) has nothing to do.
 
     The flags ride on the loss all_reduce, so every rank stops (or saves) after the same iteration;
     the save clock is rank 0's alone for the same reason.
     """
 
-    signals = (signal.SIGUSR1, signal.SIGTERM)
+    signals = dist_utils.STOP_SIGNALS
 
     def __init__(self, save_every_minutes: float | None = None) -> None:
         self.signalled = False
@@ -54,6 +59,8 @@ class StopControl:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.signalled:
+            return
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
@@ -152,10 +159,23 @@ class Run:
         }
 
     def save_checkpoint(self) -> None:
+        """Every student's checkpoint.pth, written as one unit: a kill at any moment leaves them all at one place
+        (finish_saves completes or undoes an interrupted save when the run starts again)."""
+        if self.out.main:
+            atomic_save_all({p: self.state_dict(s) for s, p in zip(self.students, self.checkpoints())}, self.journal())
         for s in self.students:
-            s.out.save(self.state_dict(s), CHECKPOINT)
             s.out.flush()
         self.control.last_save = time.monotonic()
+
+    def journal(self, folder: Path | None = None) -> Path:
+        return (folder or self.out.folder) / COMMIT
+
+    def finish_saves(self, folder: Path, paths: list[Path]) -> None:
+        """Complete (or undo) a save of `paths` (the run in `folder`) a kill interrupted, on rank 0 before any
+        rank reads them."""
+        if self.out.main:
+            finish_saves(self.journal(folder), paths)
+        dist_utils.barrier()
 
     def resume(self, fresh: bool = False) -> None:
         """Load every student's checkpoint: --resume (a file; with several students the folder holding
@@ -165,8 +185,10 @@ class Run:
         several = len(self.students) > 1
         if args.resume:
             paths = [Path(args.resume) / s.name / CHECKPOINT if several else Path(args.resume) for s in self.students]
+            self.finish_saves(Path(args.resume) if several else paths[0].parent, paths)
         else:
             paths = self.checkpoints()
+            self.finish_saves(self.out.folder, paths)
         if not args.resume and (fresh or not any(p.exists() for p in paths)):
             for s in self.students:  # a fresh run in an old output dir: its logs start anew, not appended to
                 s.out.truncate_logs(0, 0)
@@ -192,8 +214,8 @@ class Run:
         for s, c in zip(self.students, ckpts):
             s.out.truncate_logs(epoch, c["scheduler"]["iteration"])
             s.sums = dict(zip(self.loss_names, c["epoch_loss_sums"])) if done else dict.fromkeys(self.loss_names, 0.0)
-        where = f", at iteration {done} of epoch {epoch}" if done else ""
-        self.out.print(f"resumed from {path} after epoch {ckpt['epoch']}{where}")
+        where = f"at iteration {done} of epoch {epoch}" if done else f"after epoch {ckpt['epoch']}"
+        self.out.print(f"resumed from {path} {where}")
         self.position = Position(epoch, done)
 
     def load_checkpoint(self, s: Student, path: Path) -> dict:

@@ -224,6 +224,9 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(data, backbone, tmp
         torch.testing.assert_close(a["classifiers"][k], b["classifiers"][k], rtol=0, atol=0)
     ra, rb = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("straight", "killed"))
     assert ra["details"]["classifiers"] == rb["details"]["classifiers"]
+    assert run(tmp_path / "killed") == 0  # nothing left: said so, not "epochs 2..1"
+    stdout = capsys.readouterr().out
+    assert "all 2 epochs are trained, nothing left to train" in stdout and "epochs 2..1" not in stdout
     # another schedule in the same folder is refused, not silently mixed
     assert run(tmp_path / "killed", "--epoch-length", "4") == 2
     assert "was run with epoch_length 3, not 4" in capsys.readouterr().err

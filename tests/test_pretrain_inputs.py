@@ -1,6 +1,6 @@
 """Pretraining's guards on what a user gives it and on where it writes: numeric flag ranges, --resume
 with a file that is not a pretraining checkpoint, a fresh run in an old output dir, temp files of a
-killed save, a full disk, and a signal during set-up. Each is one line and loses nothing."""
+killed save, and a signal during set-up (a full disk: test_disk_full.py). Each is one line and loses nothing."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import pytest
 import torch
 
 import models
-from common.io import DiskFullError, atomic_save
 from pretrain import main as pretrain_main
 from tests.helpers import ROOT, TINY_RUN, child_env, make_image_folder
 
@@ -85,30 +84,6 @@ def test_fresh_run_starts_its_logs_anew_and_removes_stale_temp_files(tmp_path):
     assert not stale.exists() and keep.exists()
 
 
-def test_disk_full_is_one_line_and_the_last_checkpoint_is_intact(tmp_path, capsys, monkeypatch):
-    data = make_image_folder(tmp_path / "data")
-    out = tmp_path / "o"
-    assert run(data, out, "--epochs", "1", "--epoch-length", "1") == 0
-    before = (out / "checkpoint.pth").read_bytes()
-    capsys.readouterr()
-    real_fdopen = os.fdopen
-
-    def full_disk(fd, mode="r", *args, **kwargs):  # every atomic_save writes to /dev/full: ENOSPC from torch.save
-        if mode == "wb":
-            os.close(fd)
-            return open("/dev/full", "wb")
-        return real_fdopen(fd, mode, *args, **kwargs)
-
-    monkeypatch.setattr(os, "fdopen", full_disk)
-    assert run(data, out, "--epochs", "2", "--epoch-length", "1") == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: no space left on {out} (No space left on device); the last checkpoint.pth is intact"]
-    assert (out / "checkpoint.pth").read_bytes() == before and not list(out.glob(".*.tmp"))
-    with pytest.raises(DiskFullError) as e:
-        atomic_save({"x": torch.zeros(3)}, tmp_path / "new.pth")
-    assert e.value.errno == errno.ENOSPC and "new.pth was not written" in str(e.value)
-
-
 def test_sigterm_during_set_up_says_what_was_interrupted(tmp_path):
     """The run blocks in set-up reading --single-image from a FIFO; SIGTERM then exits 75 with one line.
 
@@ -157,3 +132,28 @@ def test_a_diverging_update_never_replaces_the_last_good_checkpoint(tmp_path, ca
     assert saved["epoch"] == 0 and all(
         torch.isfinite(v).all() and v.abs().max() < 1e3 for v in saved["student"].values()
     )
+
+
+def test_ctrl_c_checkpoints_like_sigterm_and_the_rerun_says_where_it_resumes(tmp_path, capsys, monkeypatch):
+    """SIGINT mid-epoch 0 (Ctrl-C): the iteration ends, the checkpoint is written, exit 75, no traceback; the
+    re-run resumes "at iteration 2 of epoch 0" (not "after epoch -1")."""
+    data = make_image_folder(tmp_path / "data")
+    out = tmp_path / "o"
+    real_iteration = pretrain_main.Output.iteration
+
+    def ctrl_c(self, epoch, iteration, *args):
+        real_iteration(self, epoch, iteration, *args)
+        if iteration == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(pretrain_main.Output, "iteration", ctrl_c)
+    try:
+        assert run(data, out, "--epochs", "1", "--epoch-length", "3", "--pca-every", "0") == 75
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert "stopped after iteration 2/3 of epoch 0" in capsys.readouterr().out
+    assert models.safe_load(out / "checkpoint.pth")["iteration_in_epoch"] == 2  # the flag is read at the next iteration
+    monkeypatch.undo()
+    assert run(data, out, "--epochs", "1", "--epoch-length", "3", "--pca-every", "0") == 0
+    printed = capsys.readouterr().out
+    assert f"resumed from {out / 'checkpoint.pth'} at iteration 2 of epoch 0" in printed and "-1" not in printed

@@ -4,11 +4,14 @@ writes its own outputs, they resume exactly together, and a NaN in one stops the
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 
 import pytest
 import torch
 
+import common.io
 import models
 from models import ViTConfig
 from pretrain import main as pretrain_main
@@ -146,3 +149,89 @@ def test_bad_student_lists_are_one_line(data, tmp_path, capsys, students, messag
     assert pretrain_main.main(base(data, tmp_path / "o", "--student", students)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def saved_under_a_kill(tmp_path, kill_at: int) -> tuple[list, list]:
+    """atomic_save_all of two new files over two old ones in a child process that dies (os._exit, no clean-up)
+    at its `kill_at`-th rename or removal; then finish_saves, as the next run's start does. Returns the
+    files' contents and every name left in the folders."""
+    paths = [tmp_path / "a" / "checkpoint.pth", tmp_path / "b" / "checkpoint.pth"]
+    for p in paths:
+        p.parent.mkdir(exist_ok=True)
+        torch.save({"at": "old"}, p)
+    journal = tmp_path / ".checkpoint.commit"
+    pid = os.fork()
+    if pid == 0:  # the child: every rename or removal counts; the kill_at-th never happens
+        calls = [0]
+
+        def killing(real):
+            def call(*args, **kwargs):
+                calls[0] += 1
+                if calls[0] == kill_at:
+                    os._exit(0)
+                return real(*args, **kwargs)
+
+            return call
+
+        os.replace, os.unlink = killing(os.replace), killing(os.unlink)
+        common.io.atomic_save_all({p: {"at": "new"} for p in paths}, journal)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    common.io.finish_saves(journal, paths)
+    names = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    return [torch.load(p, weights_only=True)["at"] for p in paths], names
+
+
+def test_a_kill_at_any_step_of_a_save_leaves_the_students_together(tmp_path):
+    """Each .next file written (a temp file renamed), the journal (the commit point), two renames, the journal's
+    removal: killed before any of these, the files are all old or all new, and nothing else is left."""
+    seen = []
+    for kill_at in range(1, 9):
+        folder = tmp_path / str(kill_at)
+        folder.mkdir()
+        contents, names = saved_under_a_kill(folder, kill_at)
+        assert len(set(contents)) == 1, (kill_at, contents)
+        assert names == ["a", "a/checkpoint.pth", "b", "b/checkpoint.pth"], (kill_at, names)
+        seen.append(contents[0])
+    assert seen == ["old"] * 3 + ["new"] * 5  # the journal's rename is the commit point
+
+
+@pytest.mark.parametrize("kill", ["before the commit", "between the renames"])
+def test_a_run_killed_while_saving_resumes_with_the_same_command(data, tmp_path, capsys, monkeypatch, kill):
+    """The epoch-1 save of two students dies after the first student's new file is in place (or before the
+    journal): the same command completes (or undoes) that save and resumes both students at one place."""
+    out = tmp_path / "run"
+    argv = base(data, out, *TWO, "--epochs", "2", "--epoch-length", "1", "--pca-every", "0")
+    saves = []
+    real_save, real_finish = common.io.atomic_save, common.io.finish_saves
+
+    def dying_save(obj, path):
+        real_save(obj, path)
+        saves.append(path)
+        if kill == "before the commit" and len(saves) == 3:  # the second save's first student is written
+            shutil.copy(path, tmp_path / "left")  # what a kill leaves; the failed save's clean-up removes it
+            raise SystemError("killed")
+
+    def dying_finish(journal, paths):
+        if kill == "between the renames" and len(saves) == 4:
+            first = paths[0]
+            os.replace(first.with_name(f".{first.name}.next"), first)
+            raise SystemError("killed")
+        real_finish(journal, paths)
+
+    monkeypatch.setattr(common.io, "atomic_save", dying_save)
+    monkeypatch.setattr(common.io, "finish_saves", dying_finish)
+    with pytest.raises(SystemError, match="killed"):
+        pretrain_main.main(argv)
+    monkeypatch.undo()
+    if kill == "before the commit":
+        shutil.move(tmp_path / "left", saves[-1])
+    capsys.readouterr()
+    assert pretrain_main.main(argv) == 0
+    printed = capsys.readouterr().out
+    epoch = 0 if kill == "before the commit" else 1
+    assert f"resumed from {out} after epoch {epoch}" in printed
+    for name in ("vit_tiny", "vit_small"):
+        assert models.safe_load(out / name / "checkpoint.pth")["epoch"] == 1
+        assert not [p.name for p in (out / name).iterdir() if p.name.startswith(".")]
+    assert not (out / ".checkpoint.commit").exists()
