@@ -175,14 +175,20 @@ def finish_saves(journal: Path, paths: list[Path]) -> None:
     there), the staged files replace their targets; before it, they are removed (and their temp files)."""
     folder = journal.parent
     if journal.exists():
+        # the journal only says that the save was committed: the files it may move are `paths`' own staged
+        # files, so a journal written by anyone else can never rename other files of the folder
+        expected = sorted([os.path.relpath(_staged(p), folder), os.path.relpath(p, folder)] for p in paths)
         try:
-            moves = json.loads(journal.read_text())["replace"]
+            moves = sorted(json.loads(journal.read_text())["replace"])
         except (ValueError, KeyError, TypeError):
-            raise ValueError(f"{journal} is damaged: it is written atomically, so something else wrote it") from None
-        for staged, target in moves:
-            if (folder / staged).exists():  # a kill in the middle of the renames left the rest to do
-                os.replace(folder / staged, folder / target)
-        for d in {(folder / target).parent for _, target in moves}:
+            moves = None
+        if moves != expected:
+            raise ValueError(f"{journal} is not the journal of this run's checkpoints {', '.join(map(str, paths))}: "
+                             "it is written atomically, so something else wrote it; remove it to continue")  # fmt: skip
+        for path in paths:
+            if _staged(path).exists():  # a kill in the middle of the renames left the rest to do
+                os.replace(_staged(path), path)
+        for d in {path.parent for path in paths}:
             _fsync(d)  # the renames reach the disk before the journal's removal does
         journal.unlink()
     remove_stale_temp_files(folder, (journal.name,))

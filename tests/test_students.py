@@ -196,6 +196,19 @@ def test_a_kill_at_any_step_of_a_save_leaves_the_students_together(tmp_path):
     assert seen == ["old"] * 3 + ["new"] * 5  # the journal's rename is the commit point
 
 
+def test_a_journal_naming_other_files_moves_nothing(tmp_path):
+    """A journal that travels with a folder cannot rename any file but the run's own staged checkpoints."""
+    paths = [tmp_path / "a" / "checkpoint.pth"]
+    paths[0].parent.mkdir()
+    torch.save({"at": "old"}, paths[0])
+    (tmp_path / "payload").write_text("x")
+    journal = tmp_path / ".checkpoint.commit"
+    journal.write_text(json.dumps({"replace": [["payload", "a/checkpoint.pth"]]}))
+    with pytest.raises(ValueError, match="is not the journal of this run's checkpoints"):
+        common.io.finish_saves(journal, paths)
+    assert torch.load(paths[0], weights_only=True)["at"] == "old" and (tmp_path / "payload").is_file()
+
+
 @pytest.mark.parametrize("kill", ["before the commit", "between the renames"])
 def test_a_run_killed_while_saving_resumes_with_the_same_command(data, tmp_path, capsys, monkeypatch, kill):
     """The epoch-1 save of two students dies after the first student's new file is in place (or before the
