@@ -174,7 +174,11 @@ class Run:
         """Complete (or undo) a save of `paths` (the run in `folder`) a kill interrupted, on rank 0 before any
         rank reads them."""
         if self.out.main:
-            finish_saves(self.journal(folder), paths)
+            try:
+                finish_saves(self.journal(folder), paths)
+            except PermissionError as e:
+                raise ValueError(f"cannot complete the save a kill interrupted in {folder} ({e.strerror}: "
+                                 f"{e.filename}): the folder must be writable to resume from it") from None  # fmt: skip
         dist_utils.barrier()
 
     def resume(self, fresh: bool = False) -> None:

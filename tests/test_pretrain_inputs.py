@@ -144,7 +144,7 @@ def test_ctrl_c_checkpoints_like_sigterm_and_the_rerun_says_where_it_resumes(tmp
     def ctrl_c(self, epoch, iteration, *args):
         real_iteration(self, epoch, iteration, *args)
         if iteration == 0:
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)  # to this thread: handled before the next flag read
 
     monkeypatch.setattr(pretrain_main.Output, "iteration", ctrl_c)
     try:
