@@ -133,6 +133,8 @@ class SkipCorruptImageFolder(LinkSafeImageFolder):
     def _unflagged_from(self, start: int) -> int | None:
         """The first sample at or after `start`, wrapping around, not yet found unreadable (None: none)."""
         flags = self.skipped.numpy()[: len(self.samples)]  # a subset may have shortened `samples`
+        if start < len(flags) and not flags[start]:
+            return start  # the usual case, without a scan of the flags
         for lo, hi in ((start, len(flags)), (0, start)):
             if lo < hi:
                 j = lo + int(flags[lo:hi].argmin())  # the first 0 in [lo, hi), if any
