@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from . import distributed
 
@@ -42,31 +43,104 @@ def load_rgb(path: str | Path) -> Image.Image:
         return to_rgb(img, path)
 
 
-class SkipCorruptImageFolder(ImageFolder):
-    """ImageFolder that reports an unreadable image by path and serves the next one instead.
+def walk_once(root: str, tops: list[str]) -> list[list[tuple[str, list[str]]]]:
+    """For each folder of `tops` (under `root`), (folder, file names) of every folder under it, as
+    os.walk(top, followlinks=True), but reading each real folder once: every top's own tree first, then
+    each symlinked folder whose real path has not been read yet (`root` counts as read). A link back up
+    the tree (a cycle, which os.walk follows ~40 levels deep) or a second way into a folder would
+    otherwise repeat its images; it is left out with a warning naming the link."""
+    found: list[list[tuple[str, list[str]]]] = [[] for _ in tops]
+    seen = {os.path.realpath(root)}
+    pending = list(enumerate(tops))  # the links found are queued behind every top's own tree
+    while pending:
+        k, start = pending.pop(0)
+        for folder, subfolders, files in os.walk(start):  # links are listed, not followed
+            real = os.path.realpath(folder)
+            if real in seen:
+                log.warning("not following %s: it leads to %s, whose images are already read", folder, real)
+                subfolders.clear()
+                continue
+            seen.add(real)
+            found[k].append((folder, files))
+            links = [os.path.join(folder, s) for s in subfolders if os.path.islink(os.path.join(folder, s))]
+            pending += [(k, link) for link in sorted(links)]
+    return found
+
+
+class LinkSafeImageFolder(ImageFolder):
+    """torchvision's ImageFolder (classes and files sorted by name) whose folders are scanned by
+    `walk_once`: a symlink cycle or a second link to a folder does not repeat its images."""
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        valid = is_valid_file or (lambda path: has_file_allowed_extension(path, extensions))
+        classes = sorted(class_to_idx)
+        samples = []
+        for name, walked in zip(classes, walk_once(directory, [os.path.join(directory, c) for c in classes])):
+            for folder, files in sorted(walked):
+                paths = (os.path.join(folder, f) for f in sorted(files))
+                samples += [(path, class_to_idx[name]) for path in paths if valid(path)]
+        found = {t for _, t in samples}
+        empty = [name for name in classes if class_to_idx[name] not in found]
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}")
+        return samples
+
+
+class NoReadableImage(ValueError):
+    """Not one image of a folder can be read: bad input, one line. A DataLoader re-raises a worker's exception
+    as its type built from one string, "Caught ... in DataLoader worker" and the worker's whole traceback;
+    keeping that string's last line, the original message, keeps the error one line in the main process."""
+
+    def __init__(self, message: str) -> None:
+        last = message.strip().splitlines()[-1] if message.strip() else message
+        super().__init__(last.removeprefix(f"{__name__}.{type(self).__qualname__}: "))
+
+
+class SkipCorruptImageFolder(LinkSafeImageFolder):
+    """ImageFolder that reports an unreadable image by path and serves the next readable one instead,
+    however many unreadable images follow each other.
 
     `skipped` flags each sample found unreadable; it lies in shared memory, so the flags that the
-    data-loader workers set are seen by the main process, which counts them (skipped_paths)."""
-
-    max_skips = 50
+    data-loader workers set are seen by the main process, which counts them (skipped_paths), and every
+    worker passes over a flagged image without reading it again (a run of R bad files would otherwise
+    cost R reads for each of them)."""
 
     def __init__(self, root: str, transform=None) -> None:
         super().__init__(root, transform=transform, loader=load_rgb)
         self.skipped = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
 
     def __getitem__(self, index: int):
-        for attempt in range(self.max_skips):
-            i = (index + attempt) % len(self.samples)
+        img, target = self.read(index)
+        return (self.transform(img) if self.transform else img), target
+
+    def read(self, index: int) -> tuple[Image.Image, int]:
+        """The first readable image from sample `index` on, wrapping around the folder once; NoReadableImage
+        naming the folder when none is left."""
+        i = index
+        while (i := self._unflagged_from(i)) is not None:
             path, target = self.samples[i]
             try:
-                img = self.loader(path)
+                return self.loader(path), target
             except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError...
-                if not self.skipped[i]:
-                    self.skipped[i] = 1
-                    log.warning("skipping corrupt image %s (%s)", path, e)
-                continue
-            return (self.transform(img) if self.transform else img), target
-        raise RuntimeError(f"{self.max_skips} consecutive unreadable images from {self.samples[index][0]}")
+                self.skipped[i] = 1
+                log.warning("skipping corrupt image %s (%s)", path, e)
+        raise NoReadableImage(
+            f"no readable image in {self.root}: all {len(self.samples)} images failed to load "
+            f"(first: {self.samples[0][0]}; the reasons are in the warnings above)"
+        )
+
+    def _unflagged_from(self, start: int) -> int | None:
+        """The first sample at or after `start`, wrapping around, not yet found unreadable (None: none)."""
+        flags = self.skipped.numpy()[: len(self.samples)]  # a subset may have shortened `samples`
+        if start < len(flags) and not flags[start]:
+            return start  # the usual case, without a scan of the flags
+        for lo, hi in ((start, len(flags)), (0, start)):
+            if lo < hi:
+                j = lo + int(flags[lo:hi].argmin())  # the first 0 in [lo, hi), if any
+                if not flags[j]:
+                    return j
+        return None
 
 
 def skipped_paths(ds: SkipCorruptImageFolder) -> list[str]:
@@ -94,16 +168,10 @@ def read_image_folder(root: Path, transform) -> SkipCorruptImageFolder:
 
 
 def check_readable(ds: SkipCorruptImageFolder) -> None:
-    """Fail before training when the first images are all unreadable (a dataset of corrupt files), with the
-    first path, instead of a worker's RuntimeError mid-epoch."""
-    for path, _ in ds.samples[: ds.max_skips]:
-        try:
-            load_rgb(path)
-            return
-        except Exception:  # noqa: BLE001 - what SkipCorruptImageFolder skips
-            continue
-    n = min(len(ds.samples), ds.max_skips)
-    raise ValueError(f"none of the first {n} images of {ds.root} is readable (first: {ds.samples[0][0]})")
+    """Fail before training, in one line naming the folder, when no image of it is readable (a dataset of
+    corrupt files), instead of a data-loader worker's error mid-epoch. Reads up to the first readable image;
+    those found unreadable on the way are flagged and counted like any other."""
+    ds.read(0)
 
 
 def seed_worker(worker_id: int) -> None:

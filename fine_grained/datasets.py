@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 
 from common.features import sample_list
-from common.images import load_rgb
+from common.images import LinkSafeImageFolder, load_rgb
 
 Transform = Callable[[Image.Image], torch.Tensor]
 VOC_CLASSES = (
@@ -118,11 +118,12 @@ def per_class_split(
 
 # --- our readers ---------------------------------------------------------------------------------
 def read_caltech101(root: Path, split: str, layout: str, options: SplitOptions) -> list[tuple[Path, int]]:
-    """All 102 folders of 101_ObjectCategories (BACKGROUND_Google included), listed by torchvision's
-    ImageFolder as the reference did (classes and files sorted by name), split by `options.caltech`."""
+    """All 102 folders of 101_ObjectCategories (BACKGROUND_Google included), listed as torchvision's
+    ImageFolder listed them for the reference (classes and files sorted by name; a symlinked folder is read
+    once, common.images.walk_once), split by `options.caltech`."""
     base = root / "101_ObjectCategories"
     try:
-        samples = [(Path(p), c) for p, c in tvd.ImageFolder(str(base)).samples]
+        samples = [(Path(p), c) for p, c in LinkSafeImageFolder(str(base)).samples]
     except (FileNotFoundError, OSError) as e:
         raise layout_error("caltech101", layout, f"no class folders with images in {base} ({e})") from None
     train, test = per_class_split([t for _, t in samples], CALTECH_TRAIN_PER_CLASS, options.caltech)

@@ -24,9 +24,13 @@ results.json's `protocol` is the paper's (global batch, iterations, evaluation i
 embedding, fp32); otherwise n/a, and that row's name says why. The summary goes to
 <output-dir>/results.md (task, metric, ours, the paper's number for this model size where PROTOCOLS
 gives one, else n/a; the images each task left out as unreadable), results.png (one panel per kind
-of number, the paper's figures as markers, failed tasks marked) and results.json. While a task runs,
-its latest log line is printed every 30 s. Exit code 1 if a task that had data failed, 2 on bad
-arguments.
+of number, the paper's figures as markers, failed tasks marked) and results.json. Run again on the same
+output folder (say `--tasks nyu` alone), the three hold each task's newest outcome: a task run now
+replaces its earlier rows (or failure), a task not run keeps them. They merge only for the same backbone
+file (results.json records its sha256): another backbone in that folder is an error before any task runs,
+as are unreadable --adaptors and --clip-checkpoint files (read here, as the zero-shot task reads them).
+While a task runs, its latest log line is printed every 30 s. Exit code 1 if a task that had data failed
+in this run, 2 on bad arguments.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ import torch
 import models
 from common.cli import ArgumentParser, evaluation_parser, run
 from common.distributed import resolve_device
-from common.io import atomic_write_json, atomic_write_text, prepare_output_dir
+from common.io import atomic_write_json, atomic_write_text, file_sha256, prepare_output_dir
 from fine_grained.datasets import DATASETS
 from fine_grained.main import PAPER_PROTOCOL as FINE_GRAINED_PAPER_PROTOCOL
 from linear_eval import zeroshot
@@ -110,10 +114,15 @@ def fine_grained_arguments(root: str) -> list[str]:
 
 
 def no_clip_adaptor(root: str, args: argparse.Namespace) -> str | None:
-    """Zero-shot reads CLIP's side of the adaptors (an unreadable file is an error here, before any task runs)."""
-    if zeroshot.clip_teachers(models.load_adaptors(args.adaptors)):
-        return None
-    return f"{args.adaptors} holds no CLIP teacher's adaptor"
+    """Zero-shot reads CLIP's side of the adaptors and OpenAI's CLIP file the way the task does: an unreadable
+    one is an error here, before any task runs, not a failed row after the others."""
+    if not zeroshot.clip_teachers(models.load_adaptors(args.adaptors)):
+        return f"{args.adaptors} holds no CLIP teacher's adaptor"
+    try:
+        zeroshot.load_clip(args.clip_checkpoint)
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"--clip-checkpoint: {e}") from None
+    return None
 
 
 ADE_LINEAR = DenseHead("segmentation/configs/linear_vit_{}.py", "linear", {"small": {"mIoU final": 41.8}})
@@ -485,6 +494,62 @@ def bar_chart(rows: list[Row], path: Path, title: str, failed: dict[str, str]) -
     plt.close(fig)
 
 
+SUMMARY = "results.json"
+SUMMARY_OUTCOMES = ("unreadable_images", "unreadable_where", "skipped", "failed")  # task -> ..., besides `rows`
+
+
+def earlier_summary(out: Path, backbone: str, sha256: str) -> dict | None:
+    """The results.json an earlier run left in `out`, when there is one, to merge this run's tasks into. It must
+    be of the same backbone file (the same sha256; a summary written before the hash was recorded: the same
+    --backbone): rows of two models in one table would read as one model's, so another backbone is an error
+    here, before any task runs."""
+    path = out / SUMMARY
+    if not path.is_file():
+        return None
+    try:
+        earlier = json.loads(path.read_text())
+        rows = [Row(**r) for r in earlier["rows"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"cannot read the earlier results {path} to merge into ({e}); delete it to start over"
+        ) from None
+    same = earlier.get("backbone_sha256") == sha256 if "backbone_sha256" in earlier else earlier["backbone"] == backbone
+    if not same:
+        raise ValueError(
+            f"{path} holds the results of another backbone ({earlier.get('backbone')}), not of {backbone}: give "
+            f"another --output-dir, or delete {path} to start it over"
+        )
+    return {**earlier, "rows": rows, **{key: earlier.get(key, {}) for key in SUMMARY_OUTCOMES}}
+
+
+def merge(earlier: dict, now: dict) -> dict:
+    """Each task's newest outcome: this run's for a task it ran (its rows, or its failure), the earlier one for
+    a task it did not run (skipped now, or not in --tasks); a task skipped now with no earlier result stays
+    skipped. A row belongs to its task, so a task's rows all come from one run."""
+    ran = set(now["unreadable_images"]) | set(now["failed"])  # a task that ran records its unreadable count
+    done = {r.task for r in earlier["rows"]} | set(earlier["unreadable_images"]) | set(earlier["failed"])
+    kept = done - ran
+    if kept:
+        print(f"kept the earlier results of {', '.join(t for t in TASKS if t in kept)} (same backbone)", flush=True)
+    rows = [r for r in earlier["rows"] if r.task in kept] + now["rows"]
+    merged = {**now, "rows": sorted(rows, key=lambda r: list(TASKS).index(r.task))}
+    for key in SUMMARY_OUTCOMES:
+        entries = {t: v for t, v in earlier[key].items() if t not in ran} | now[key]
+        merged[key] = {t: entries[t] for t in TASKS if t in entries and (key != "skipped" or t not in kept)}
+    return merged
+
+
+def write_summary(summary: dict, out: Path) -> None:
+    """results.md, results.png and results.json of the summary's rows, skipped and failed tasks; results.md printed."""
+    rows, failed = summary["rows"], summary["failed"]
+    unreadable = {t: (n, summary["unreadable_where"].get(t, "")) for t, n in summary["unreadable_images"].items()}
+    md = markdown(summary["backbone"], summary["model"], rows, summary["skipped"], failed, unreadable)
+    atomic_write_text(md, out / "results.md")
+    bar_chart(rows, out / "results.png", f"{backbone_name(summary['backbone'])} ({summary['model']})", failed)
+    atomic_write_json({**summary, "rows": [asdict(r) for r in rows]}, out / SUMMARY)
+    print(md, end="", flush=True)
+
+
 def evaluate_all(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
@@ -501,6 +566,8 @@ def evaluate_all(args: argparse.Namespace) -> int:
     if all(missing.values()):
         why = "; ".join(f"{task}: {why}" for task, why in missing.items())
         raise ValueError(f"no task has its data ({why})")
+    sha256 = file_sha256(args.backbone)
+    earlier = earlier_summary(Path(args.output_dir), args.backbone, sha256)
     out = prepare_output_dir(args.output_dir)
     embed_dim = vit.embed_dim
     size = SIZES.get(embed_dim)
@@ -529,12 +596,11 @@ def evaluate_all(args: argparse.Namespace) -> int:
         results = json.loads((task_out / "results.json").read_text())
         rows += rows_of(task, results, size and size + layout, args.dense_head)
         unreadable[task] = unreadable_images(task, results)
-    atomic_write_text(markdown(args.backbone, model, rows, skipped, failed, unreadable), out / "results.md")
-    bar_chart(rows, out / "results.png", f"{backbone_name(args.backbone)} ({model})", failed)
-    summary = {"backbone": args.backbone, "model": model, "rows": [asdict(r) for r in rows]}
-    summary["unreadable_images"] = {task: n for task, (n, _) in unreadable.items()}
-    atomic_write_json({**summary, "skipped": skipped, "failed": failed}, out / "results.json")
-    print((out / "results.md").read_text(), end="", flush=True)
+    now = {"backbone": args.backbone, "backbone_sha256": sha256, "model": model, "rows": rows}
+    now["unreadable_images"] = {task: n for task, (n, _) in unreadable.items()}
+    now["unreadable_where"] = {task: where for task, (_, where) in unreadable.items()}
+    summary = {**now, "skipped": skipped, "failed": failed}
+    write_summary(merge(earlier, summary) if earlier else summary, out)
     return 1 if failed else 0
 
 

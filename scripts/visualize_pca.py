@@ -5,7 +5,11 @@ python -m scripts.visualize_pca --backbone out/s/backbone.pth --backbone dinov2_
     --images photos/ --output-dir pca/
 
 Each image is resized (bicubic) to --input-size on its short side, the long side keeping the aspect
-ratio, both rounded to a multiple of the patch size; the final-norm patch tokens are reduced as in
+ratio, both rounded to a multiple of the patch size; an image more elongated than MAX_ASPECT:1 is drawn
+smaller, its long side at most MAX_ASPECT x --input-size (a 10000x10 image would otherwise ask for a
+448000-pixel-long input, gigabytes), with a note. The picture of `x.jpg` is `<output-dir>/x.png`: two
+images that would share that name (x.jpg and x.png) are refused before anything runs, rather than one
+picture silently overwriting the other. The final-norm patch tokens are reduced as in
 `pretrain/pca.py`, which draws the picture for this script and the demo (first component thresholded
 for the foreground, the minority side; 3-component PCA of the foreground as RGB; background black)
 and upsampled (nearest) to the input size.
@@ -15,19 +19,23 @@ Deterministic: the same inputs give byte-identical PNGs.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 import models
 from common.cli import BACKBONE_HELP, ArgumentParser, Store, run
 from common.distributed import resolve_device
+from common.images import IMAGE_ERRORS
 from common.io import prepare_output_dir
 from models.checkpoints import backbone_name
-from pretrain.pca import THRESHOLD, write_pictures
+from pretrain.pca import THRESHOLD, input_shape, write_pictures
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+MAX_ASPECT = 4  # the long side drawn is at most this many times --input-size
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -41,7 +49,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=int,
         default=448,
         help="the input's short side, a multiple of every backbone's patch size (448: 14 and 16; the long side "
-        "keeps the aspect ratio, rounded to a multiple of the patch size)",
+        f"keeps the aspect ratio, rounded to a multiple of the patch size, and is at most {MAX_ASPECT} x this: a more "
+        "elongated image is drawn smaller)",
     )
     a("--threshold", type=float, default=THRESHOLD, help="foreground: first component (scaled to [0, 1]) above this")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the backbones run")
@@ -57,7 +66,37 @@ def list_images(folder: str | Path) -> list[Path]:
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in EXTENSIONS)
     if not paths:
         raise FileNotFoundError(f"no images ({', '.join(EXTENSIONS)}) in {folder}")
+    check_output_names(paths)
     return paths
+
+
+def check_output_names(paths: list[Path]) -> None:
+    """Each picture is saved as <image stem>.png (pretrain.pca.write_pictures): images whose pictures would
+    share a name (x.jpg and x.png; X.png too, on a case-insensitive disk) are refused, naming them."""
+    by_name: dict[str, list[Path]] = {}
+    for p in paths:
+        by_name.setdefault(f"{p.stem}.png".casefold(), []).append(p)
+    clashes = [group for group in by_name.values() if len(group) > 1]
+    if clashes:
+        shown = "; ".join(" and ".join(p.name for p in group) + f" -> {group[0].stem}.png" for group in clashes[:3])
+        more = f" and {len(clashes) - 3} more" if len(clashes) > 3 else ""
+        raise ValueError(f"pictures would overwrite each other in --output-dir ({shown}{more}): rename one of each")
+
+
+def drawn_size(path: Path, size: int, multiple: int) -> int:
+    """The short side `path` is drawn at: `size`, or less when its long side would pass MAX_ASPECT x `size`
+    (said in a note). An unreadable header is left to write_pictures, which reports the image."""
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+    except IMAGE_ERRORS:
+        return size
+    short = min(size, max(1, size * MAX_ASPECT * min(width, height) // max(width, height)))
+    if short < size:
+        w, h = input_shape(width, height, short, multiple)
+        print(f"note: {path} is {width}x{height}: drawn at {w}x{h}, the long side at most {MAX_ASPECT} x "
+              f"--input-size", flush=True)  # fmt: skip
+    return short
 
 
 def load_backbones(paths: list[str], input_size: int, device: torch.device) -> list[torch.nn.Module]:
@@ -85,7 +124,11 @@ def visualize(args: argparse.Namespace) -> None:
     nets = load_backbones(args.backbone, args.input_size, device)
     out = prepare_output_dir(args.output_dir)
     names = [backbone_name(b) for b in args.backbone]
-    done = write_pictures(images, nets, names, out, args.input_size, device, args.threshold)
+    multiple = math.lcm(*(net.patch_size for net in nets))
+    done = sum(
+        write_pictures([p], nets, names, out, drawn_size(p, args.input_size, multiple), device, args.threshold)
+        for p in images
+    )
     if not done:
         raise ValueError(f"none of the {len(images)} images is readable")
     print(f"{done} pictures (input | {' | '.join(names)}) in {out}", flush=True)

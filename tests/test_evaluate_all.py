@@ -486,3 +486,71 @@ def test_unreadable_images_per_task_in_results_md():
     assert evaluate_all.unreadable_images("ade20k", counts()) == (0, evaluate_all.NO_UNREADABLE)
     md = evaluate_all.markdown("b.pth", "ViT-S", [], {}, {}, {"knn": (1, "train 1")})
     assert "| knn | 1 | train 1 |" in md.splitlines()
+
+
+# --- an output folder run again: merged per task, inputs checked first ----------------------------
+def fake_tasks(monkeypatch, values: dict[str, float]) -> list[str]:
+    """run_task replaced by one that writes a task's results.json at once with `values[task]` as its metric;
+    returns the list of tasks it ran."""
+    ran = []
+
+    def run_task(task: str, argv: list[str], out: Path) -> None:
+        ran.append(task)
+        out.mkdir(parents=True, exist_ok=True)
+        metric = {"linear": "top-1", "knn": "top-1 k=10"}[task]
+        (out / "results.json").write_text(json.dumps({"metrics": {metric: values[task]}, "unreadable_images": {}}))
+
+    monkeypatch.setattr(evaluate_all, "run_task", run_task)
+    return ran
+
+
+def test_a_second_run_merges_its_tasks_with_the_earlier_rows(backbone, imagenet, tmp_path, monkeypatch, capsys):
+    """`--tasks knn` on a folder that holds linear and knn: knn's rows are replaced, linear's kept (newest per
+    task); the same folder given another backbone is refused before any task runs, the results untouched."""
+    values = {"linear": 50.0, "knn": 40.0}
+    ran = fake_tasks(monkeypatch, values)
+    out = tmp_path / "eval"
+    base = ["--backbone", str(backbone), "--output-dir", str(out), "--data-imagenet", str(imagenet)]
+    assert evaluate_all.main([*base, "--tasks", "linear,knn"]) == 0
+    values["knn"] = 42.0
+    assert evaluate_all.main([*base, "--tasks", "knn"]) == 0
+    assert "kept the earlier results of linear (same backbone)" in capsys.readouterr().out
+    expect = {("linear", "top-1"): ("50.00", "n/a"), ("knn", "top-1 k=10"): ("42.00", "n/a")}
+    assert table(out / "results.md") == expect
+    summary = json.loads((out / "results.json").read_text())
+    assert [(r["task"], r["ours"]) for r in summary["rows"]] == [("linear", 50.0), ("knn", 42.0)]
+    assert summary["unreadable_images"] == {"linear": 0, "knn": 0} and summary["backbone_sha256"] == file_sha256(
+        backbone
+    )
+    # every task asked for, only ImageNet given: the others are skipped, linear and knn run again
+    assert evaluate_all.main(base) == 0 and ran == ["linear", "knn", "knn", "linear", "knn"]
+    assert (
+        table(out / "results.md") == expect and "- skipped nyu: no --data-nyu given" in (out / "results.md").read_text()
+    )
+
+    other = tmp_path / "other.pth"
+    weights = models.load_backbone(backbone).state_dict()
+    torch.save({k: v + 1 if k == "cls_token" else v for k, v in weights.items()}, other)  # another model
+    before = {name: (out / name).read_bytes() for name in ("results.json", "results.md", "results.png")}
+    assert evaluate_all.main([*base[2:], "--backbone", str(other), "--tasks", "knn"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: {out / 'results.json'} holds the results of another backbone ({backbone}), not of {other}: give "
+        f"another --output-dir, or delete {out / 'results.json'} to start it over"
+    ]
+    assert {name: (out / name).read_bytes() for name in before} == before and len(ran) == 5
+
+
+def test_a_bad_clip_checkpoint_is_refused_before_any_task(backbone, imagenet, zeroshot_inputs, tmp_path, monkeypatch,
+                                                          capsys):  # fmt: skip
+    """--clip-checkpoint is read up front like --adaptors, not by the zero-shot task after the others ran."""
+    ran = fake_tasks(monkeypatch, {"linear": 50.0})
+    junk = tmp_path / "ViT-B-16.pt"
+    junk.write_bytes(b"PK\x03\x04 not a whole archive")
+    base = ["--backbone", str(backbone), "--output-dir", str(tmp_path / "o"), "--data-imagenet", str(imagenet),
+            "--tasks", "linear,zeroshot", "--adaptors", str(zeroshot_inputs["with clip"])]  # fmt: skip
+    for clip, why in ((tmp_path / "missing.pt", "checkpoint file not found"), (junk, "cannot read checkpoint")):
+        assert evaluate_all.main([*base, "--clip-checkpoint", str(clip)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: --clip-checkpoint: {why}") and str(clip) in err[0]
+    assert ran == [] and not (tmp_path / "o").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 
@@ -200,6 +201,19 @@ def test_caltech101_distinct_split_option(tmp_path):
     expect_train, _ = per_class_split([c for c, n in enumerate(CALTECH_COUNTS) for _ in range(n)], 30, "distinct")
     assert [f"{p.parent.name}/{p.name}" for p, _ in train.samples] == [caltech_files(names)[i] for i in expect_train]
     assert len(set(p for p, _ in train.samples)) == 90 and len(test) == 6
+
+
+def test_caltech101_symlink_cycle_is_read_once(tmp_path, caplog):
+    """A link back up 101_ObjectCategories is not followed (os.walk would, ~40 levels deep): the same split."""
+    names = make_caltech(tmp_path)
+    spec = DATASETS["caltech101"]
+    splits = lambda: [build_split(spec, tmp_path, split, None).samples for split in ("train", "test")]  # noqa: E731
+    before = splits()
+    base = tmp_path / "caltech101" / "101_ObjectCategories"
+    (base / names[1] / "up").symlink_to("..", target_is_directory=True)
+    with caplog.at_level(logging.WARNING):
+        assert splits() == before
+    assert f"not following {base / names[1] / 'up'}" in caplog.text
 
 
 def test_sun397_partition_files(tmp_path):

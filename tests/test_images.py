@@ -5,12 +5,15 @@ that cannot train (an empty class folder, no readable image)."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from torch.utils.data import DataLoader
 
-from common.images import load_rgb, read_image_folder
+from common import cli
+from common.images import load_rgb, read_image_folder, skipped_paths
 from fine_grained.datasets import ImageList
 from linear_eval.data import image_folder
 from pretrain import main as pretrain_main
@@ -101,7 +104,74 @@ def test_pretraining_on_unreadable_images_is_one_line(tmp_path, capsys):
     rc = pretrain_main.main(["--data-path", str(tmp_path), "--output-dir", str(tmp_path / "o"), *TINY_RUN])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1, err
-    assert err[0].startswith("error: none of the first 6 images of ") and "0.jpg" in err[0]
+    assert err[0].startswith(f"error: no readable image in {tmp_path / 'train'}: all 6 images failed to load")
+    assert "a/0.jpg" in err[0]
+
+
+def run_of_corrupt_files(root, bad=60, good=2):
+    """root/a/ holds `bad` unreadable JPEGs, root/b/ `good` readable PNGs: a run longer than any limit."""
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+    for i in range(bad):
+        (root / "a" / f"{i:03d}.jpg").write_bytes(b"\xff\xd8 truncated")
+    for i in range(good):
+        Image.fromarray(np.full((8, 8, 3), 9 * i, np.uint8)).save(root / "b" / f"{i}.png")
+    return root
+
+
+def targets(ds, workers):
+    loader = DataLoader(ds, batch_size=16, num_workers=workers, collate_fn=lambda batch: [t for _, t in batch])
+    return [t for batch in loader for t in batch]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_long_run_of_unreadable_images_is_skipped_and_counted(tmp_path, workers):
+    """60 unreadable images in a row: each is served by the next readable one and counted, in the main
+    process as in a data-loader worker; the start-up check looks past them too."""
+    root = run_of_corrupt_files(tmp_path / "train")
+    ds = read_image_folder(root, None)
+    assert targets(ds, workers) == [1] * 62
+    assert skipped_paths(ds) == [str(root / "a" / f"{i:03d}.jpg") for i in range(60)]
+    build_dataset(str(tmp_path), 28)  # pretraining's check before training finds the readable images
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_no_readable_image_left_is_one_line_naming_the_folder(tmp_path, capsys, workers):
+    """Images that turn unreadable after the start-up check (a lost mount): one line, exit 2, also when the
+    error is raised in a data-loader worker and re-raised with its traceback in the main process."""
+    root = run_of_corrupt_files(tmp_path / "train", bad=3, good=2)
+    ds = read_image_folder(root, None)
+    for path, _ in ds.samples:
+        Path(path).write_bytes(b"gone")
+    assert cli.run(targets, ds, workers) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: no readable image in {root}: all 5 images failed to load (first: {root / 'a' / '000.jpg'}; "
+        "the reasons are in the warnings above)"
+    ]
+
+
+def test_a_symlink_cycle_or_a_second_link_is_read_once(tmp_path, caplog):
+    """Every image folder listing (pretraining, linear probe, kNN, the PCA pictures' first images) reads each
+    real folder once: a link back up the tree is not followed ~40 levels deep, nor a second link to a folder."""
+    root = tmp_path / "data"
+    for c in ("a", "b"):
+        (root / "train" / c).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "train" / c / "0.png")
+    (root / "train" / "a" / "up").symlink_to("..", target_is_directory=True)  # a cycle through train/
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(extra / "1.png")
+    for name in ("x", "y"):  # two ways into one folder outside the tree
+        (root / "train" / "b" / name).symlink_to(extra, target_is_directory=True)
+    with caplog.at_level(logging.WARNING):
+        pretrain_ds = build_dataset(str(root), 28)
+        linear_ds = image_folder(str(root), "train", None)
+    expect = [(str(root / "train" / "a" / "0.png"), 0), (str(root / "train" / "b" / "0.png"), 1),
+              (str(root / "train" / "b" / "x" / "1.png"), 1)]  # fmt: skip
+    assert pretrain_ds.samples == linear_ds.samples == expect
+    assert f"not following {root / 'train' / 'a' / 'up'}: it leads to {root / 'train'}" in caplog.text
+    assert f"not following {root / 'train' / 'b' / 'y'}: it leads to {extra}" in caplog.text
 
 
 def test_an_empty_class_folder_is_named(tmp_path):

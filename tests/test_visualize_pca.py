@@ -181,3 +181,32 @@ def test_single_image_and_corrupt_images_skipped(setup, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["im0.png"]
     assert run(mixed / "broken.jpg", backbones[:1], tmp_path / "b") == 2
     assert capsys.readouterr().err.strip().endswith("error: none of the 1 images is readable")
+
+
+def test_images_whose_pictures_would_share_a_name_are_refused(setup, tmp_path, capsys):
+    """x.png and x.jpg both give x.png: refused in one line naming them, before any picture is drawn."""
+    images, backbones = setup
+    same = tmp_path / "same"
+    same.mkdir()
+    for name in ("im0.png", "im0.jpg", "im1.png"):
+        Image.open(images / "im0.png").convert("RGB").save(same / name)
+    assert run(same, backbones[:1], tmp_path / "o") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: pictures would overwrite each other in --output-dir (im0.jpg and im0.png -> im0.png): "
+        "rename one of each"
+    ]
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_extreme_aspect_ratio_is_drawn_bounded(setup, tmp_path, capsys):
+    """A 1000x5 image at --input-size 56 would be 11200 px long; its long side is held to 4 x 56, with a note."""
+    _, backbones = setup
+    (tmp_path / "in").mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (5, 1000, 3), dtype=np.uint8)).save(
+        tmp_path / "in" / "strip.png"
+    )
+    assert run(tmp_path / "in", backbones[:1], tmp_path / "o") == 0
+    pic = np.asarray(Image.open(tmp_path / "o" / "strip.png"))
+    assert pic.shape == (pca.label_height(1) + 14, 2 * 196 + pca.GAP, 3)  # 196 <= 4 x 56
+    assert "strip.png is 1000x5: drawn at 196x14, the long side at most 4 x --input-size" in capsys.readouterr().out
