@@ -17,7 +17,15 @@ from torch import nn
 
 from . import dinov3
 from .architectures import VIT_CONFIGS, ViTConfig
-from .checkpoints import from_reference, is_torchscript_archive, load_dinov3, load_strict, safe_load, strip_prefix
+from .checkpoints import (
+    from_reference,
+    is_torchscript_archive,
+    load_dinov3,
+    load_strict,
+    safe_load,
+    strip_prefix,
+    torchscript_state_dict,
+)
 from .dinov3 import DinoV3ViT
 from .vision_transformer import ViT
 
@@ -188,9 +196,10 @@ TEACHERS: dict[str, TeacherSpec] = {
 
 def openai_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """An OpenAI CLIP release file's whole state dict (visual and text towers, OpenAI's key names): the
-    TorchScript archive OpenAI ships, or a state dict (under 'state_dict' or not) read with weights_only."""
+    TorchScript archive OpenAI ships (read as data, its code never run), or a state dict (under 'state_dict' or
+    not) read with weights_only."""
     if is_torchscript_archive(path):
-        raw = torch.jit.load(str(path), map_location="cpu").state_dict()
+        raw = torchscript_state_dict(path)
     else:
         raw = safe_load(path)
         raw = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
