@@ -6,9 +6,11 @@ dtype, and gives the distillation targets; `TEACHERS` says how each one is built
 
 from __future__ import annotations
 
+import http.client
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.error import URLError
 
 import torch
 import torch.nn.functional as F
@@ -224,14 +226,33 @@ def teacher_state_dict(spec: TeacherSpec, path: str | os.PathLike) -> dict[str, 
     return from_reference(raw)
 
 
+class DownloadError(FileNotFoundError):
+    """An official file is not in torch hub's cache and cannot be fetched (no network, an HTTP error): bad input,
+    said in one line with where to put the file instead. `reason` is the failure alone."""
+
+    def __init__(self, url: str, dst: Path, reason: str) -> None:
+        super().__init__(
+            f"cannot download {url} ({reason}): without network, fetch it where there is some (python -m "
+            f"scripts.fetch_teachers NAME, e.g. on a login node) or put the file at {dst} yourself, or pass "
+            "the file with --teacher-checkpoint"
+        )
+        self.url, self.dst, self.reason = url, dst, reason
+
+
 def download(url: str) -> Path:
-    """Fetch an official file once into torch hub's cache (real network code; tests never call it)."""
+    """Fetch an official file once into torch hub's cache (real network code; tests never call it). A failure
+    is a DownloadError and leaves nothing in the cache (torch writes to a temporary file and renames it)."""
     name = url.split("/")[-1].split("?")[0]
     dst = Path(torch.hub.get_dir()) / "checkpoints" / name
     if not dst.is_file():
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        print(f"downloading {url} -> {dst}", flush=True)
-        torch.hub.download_url_to_file(url, str(dst), progress=True)
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            print(f"downloading {url} -> {dst}", flush=True)
+            torch.hub.download_url_to_file(url, str(dst), progress=True)
+        except (OSError, http.client.HTTPException) as e:
+            dst.unlink(missing_ok=True)  # it was not there before: whatever is there now is incomplete
+            reason = e.reason if type(e) is URLError else e  # URLError's own text wraps it in <urlopen error>
+            raise DownloadError(url, dst, str(reason) or type(e).__name__) from None
     return dst
 
 

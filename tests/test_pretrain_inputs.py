@@ -8,9 +8,11 @@ import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from urllib.error import HTTPError, URLError
 
 import pytest
 import torch
@@ -107,6 +109,43 @@ def test_disk_full_is_one_line_and_the_last_checkpoint_is_intact(tmp_path, capsy
     with pytest.raises(DiskFullError) as e:
         atomic_save({"x": torch.zeros(3)}, tmp_path / "new.pth")
     assert e.value.errno == errno.ENOSPC and "new.pth was not written" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "error, reason, teachers",
+    [
+        (URLError(socket.gaierror(-2, "Name or service not known")), "[Errno -2] Name or service not known", []),
+        (HTTPError("url", 403, "Forbidden", None, None), "HTTP Error 403: Forbidden", []),
+        (ConnectionResetError(104, "Connection reset by peer"), "[Errno 104] Connection reset by peer",
+         ["--teacher", "dinov2_vits14,clip_vitb16", "--teacher-input-size", "28,32",
+          "--teacher-checkpoint", ",clip.pt"]),  # an empty entry downloads that teacher
+    ],
+    ids=["offline", "http-error", "reset-in-a-list"],
+)  # fmt: skip
+def test_a_failed_teacher_download_is_one_line_and_leaves_no_file(
+    tmp_path, monkeypatch, capsys, error, reason, teachers
+):
+    """The README's commands without --teacher-checkpoint on a node without network: one line naming the URL, where
+    to put the file and the flag; nothing half-written in torch hub's cache. No test downloads."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def offline(url, dst, *args, **kwargs):
+        with open(dst, "wb") as f:
+            f.write(b"the first bytes")  # a downloader that writes in place, then fails
+        raise error
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    argv = [a for a in TINY_RUN if a != "--random-teacher"] + ["--data-path", str(data), "--output-dir", str(tmp_path)]
+    assert pretrain_main.main([*argv, *teachers]) == 2
+    url = models.TEACHERS["dinov2_vits14"].url
+    dst = tmp_path / "torch" / "hub" / "checkpoints" / "dinov2_vits14_pretrain.pth"
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: cannot download {url} ({reason}): without network, fetch it where there is some (python -m "
+        f"scripts.fetch_teachers NAME, e.g. on a login node) or put the file at {dst} yourself, or pass the file "
+        "with --teacher-checkpoint"
+    ]
+    assert list(dst.parent.iterdir()) == []
 
 
 def test_sigterm_during_set_up_says_what_was_interrupted(tmp_path):
