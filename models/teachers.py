@@ -122,6 +122,11 @@ class Teacher(nn.Module):
     def patch_size(self) -> int:
         return self.backbone.patch_size
 
+    def non_finite(self) -> list[str]:
+        """The names of its weights (parameters and buffers) holding NaN or inf: a damaged file, whose targets
+        would be NaN."""
+        return [k for k, v in self.backbone.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Crops normalised with CROP_MEAN/CROP_STD -> normalised with the teacher's mean/std."""
         if self.mean == tuple(CROP_MEAN) and self.std == tuple(CROP_STD):

@@ -148,6 +148,42 @@ def test_a_failed_teacher_download_is_one_line_and_leaves_no_file(
     assert list(dst.parent.iterdir()) == []
 
 
+def teacher_file(path, name: str, value: float | None = None) -> str:
+    """A tiny official-layout DINOv2 file for `name` (patched by tiny_teacher), one weight set to `value`."""
+    sd = models.to_dinov2(models.TEACHERS[name].build())
+    if value is not None:
+        sd["blocks.0.mlp.fc1.weight"][0] = value
+    torch.save(sd, path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "value, teachers, message",
+    [
+        (float("nan"), 1, "the weights of teacher dinov2_vits14 are not all finite (blocks.0.mlp.fc1.weight)"),
+        (3e38, 1, "non-finite loss at epoch 0 iteration 0"),
+        (3e38, 2, "the targets of teacher dinov2_vits14 are not finite on the statistics batches"),
+    ],
+    ids=["nan-weight", "overflowing-targets", "overflowing-targets-statistics"],
+)
+def test_non_finite_teachers_are_the_non_finite_exit(tiny_teacher, tmp_path, capsys, caplog, value, teachers, message):
+    """NaN in a teacher's file, or finite weights whose features overflow: exit 3 in one line, as a non-finite
+    loss; the PCA picture (default --pca-every) of NaN features is skipped with a warning, never a crash."""
+    tiny_teacher("dinov2_vits14", dim=32, depth=1)
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    argv = [a for a in TINY_RUN if a != "--random-teacher"] + ["--data-path", str(data), "--output-dir", str(tmp_path)]
+    files = [teacher_file(tmp_path / "s.pth", "dinov2_vits14", value)]
+    if teachers == 2:
+        tiny_teacher("dinov2_vitb14", dim=32, depth=1)
+        files.append(teacher_file(tmp_path / "b.pth", "dinov2_vitb14"))
+        argv += ["--teacher", "dinov2_vits14,dinov2_vitb14", "--teacher-stats-batches", "1"]
+    assert pretrain_main.main([*argv, "--teacher-checkpoint", ",".join(files), "--epoch-length", "1"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {message}"), err
+    if teachers == 1 and value > 0:
+        assert "PCA picture: the features are not finite" in caplog.text
+
+
 def test_sigterm_during_set_up_says_what_was_interrupted(tmp_path):
     """The run blocks in set-up reading --single-image from a FIFO; SIGTERM then exits 75 with one line.
 
