@@ -70,47 +70,6 @@ def test_resume_from_another_file_is_one_line(tmp_path, capsys, other):
     assert len(err) == 1 and f"{path} is not a pretraining checkpoint.pth" in err[0], err
 
 
-def test_fresh_run_starts_its_logs_anew_and_removes_stale_temp_files(tmp_path):
-    data = make_image_folder(tmp_path / "data")
-    out = tmp_path / "o"
-    out.mkdir()
-    (out / "log.txt").write_text('{"epoch": 0}\n{"epoch": 1}\n{"epoch": 2}\n')  # an old run's, no checkpoint
-    (out / "iterations.jsonl").write_text('{"epoch": 2, "iteration": 9}\n')
-    stale = out / ".checkpoint.pth.k1ll3d.tmp"  # what kill -9 during a save leaves
-    stale.write_bytes(b"half a checkpoint")
-    keep = out / ".notes.tmp"  # not one of this run's files
-    keep.write_text("mine")
-    assert run(data, out, "--epochs", "1", "--epoch-length", "1") == 0
-    assert [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()] == [0]
-    iterations = [json.loads(line) for line in (out / "iterations.jsonl").read_text().splitlines()]
-    assert [(i["epoch"], i["iteration"]) for i in iterations] == [(0, 0)]
-    assert not stale.exists() and keep.exists()
-
-
-def test_disk_full_is_one_line_and_the_last_checkpoint_is_intact(tmp_path, capsys, monkeypatch):
-    data = make_image_folder(tmp_path / "data")
-    out = tmp_path / "o"
-    assert run(data, out, "--epochs", "1", "--epoch-length", "1") == 0
-    before = (out / "checkpoint.pth").read_bytes()
-    capsys.readouterr()
-    real_fdopen = os.fdopen
-
-    def full_disk(fd, mode="r", *args, **kwargs):  # every atomic_save writes to /dev/full: ENOSPC from torch.save
-        if mode == "wb":
-            os.close(fd)
-            return open("/dev/full", "wb")
-        return real_fdopen(fd, mode, *args, **kwargs)
-
-    monkeypatch.setattr(os, "fdopen", full_disk)
-    assert run(data, out, "--epochs", "2", "--epoch-length", "1") == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: no space left on {out} (No space left on device); the last checkpoint.pth is intact"]
-    assert (out / "checkpoint.pth").read_bytes() == before and not list(out.glob(".*.tmp"))
-    with pytest.raises(DiskFullError) as e:
-        atomic_save({"x": torch.zeros(3)}, tmp_path / "new.pth")
-    assert e.value.errno == errno.ENOSPC and "new.pth was not written" in str(e.value)
-
-
 @pytest.mark.parametrize(
     "error, reason, teachers",
     [
@@ -182,6 +141,47 @@ def test_non_finite_teachers_are_the_non_finite_exit(tiny_teacher, tmp_path, cap
     assert len(err) == 1 and err[0].startswith(f"error: {message}"), err
     if teachers == 1 and value > 0:
         assert "PCA picture: the features are not finite" in caplog.text
+
+
+def test_fresh_run_starts_its_logs_anew_and_removes_stale_temp_files(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "log.txt").write_text('{"epoch": 0}\n{"epoch": 1}\n{"epoch": 2}\n')  # an old run's, no checkpoint
+    (out / "iterations.jsonl").write_text('{"epoch": 2, "iteration": 9}\n')
+    stale = out / ".checkpoint.pth.k1ll3d.tmp"  # what kill -9 during a save leaves
+    stale.write_bytes(b"half a checkpoint")
+    keep = out / ".notes.tmp"  # not one of this run's files
+    keep.write_text("mine")
+    assert run(data, out, "--epochs", "1", "--epoch-length", "1") == 0
+    assert [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()] == [0]
+    iterations = [json.loads(line) for line in (out / "iterations.jsonl").read_text().splitlines()]
+    assert [(i["epoch"], i["iteration"]) for i in iterations] == [(0, 0)]
+    assert not stale.exists() and keep.exists()
+
+
+def test_disk_full_is_one_line_and_the_last_checkpoint_is_intact(tmp_path, capsys, monkeypatch):
+    data = make_image_folder(tmp_path / "data")
+    out = tmp_path / "o"
+    assert run(data, out, "--epochs", "1", "--epoch-length", "1") == 0
+    before = (out / "checkpoint.pth").read_bytes()
+    capsys.readouterr()
+    real_fdopen = os.fdopen
+
+    def full_disk(fd, mode="r", *args, **kwargs):  # every atomic_save writes to /dev/full: ENOSPC from torch.save
+        if mode == "wb":
+            os.close(fd)
+            return open("/dev/full", "wb")
+        return real_fdopen(fd, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fdopen", full_disk)
+    assert run(data, out, "--epochs", "2", "--epoch-length", "1") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: no space left on {out} (No space left on device); the last checkpoint.pth is intact"]
+    assert (out / "checkpoint.pth").read_bytes() == before and not list(out.glob(".*.tmp"))
+    with pytest.raises(DiskFullError) as e:
+        atomic_save({"x": torch.zeros(3)}, tmp_path / "new.pth")
+    assert e.value.errno == errno.ENOSPC and "new.pth was not written" in str(e.value)
 
 
 def test_sigterm_during_set_up_says_what_was_interrupted(tmp_path):
