@@ -83,7 +83,7 @@ def choose_teacher(adaptors: Adaptors, requested: str | None, path: str) -> str:
 
 
 def load_clip(path: str):
-    """open_clip's CLIP from OpenAI's file (read with weights_only, or as OpenAI's TorchScript archive), fp32."""
+    """open_clip's CLIP from OpenAI's file (read with weights_only, or its TorchScript archive read as data), fp32."""
     try:
         from open_clip.model import build_model_from_openai_state_dict
     except ImportError:

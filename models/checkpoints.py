@@ -1,15 +1,20 @@
 """Reading and writing weights: safe loading, official layouts, atomic saves, load_backbone.
 
 Every file a user hands us is read with `torch.load(weights_only=True)`; the only extra global
-allowed is `argparse.Namespace`, which the reference release pickles into its checkpoints.
+allowed is `argparse.Namespace`, which the reference release pickles into its checkpoints. OpenAI's
+TorchScript archives are read as data (`torchscript_state_dict`): their code is never run.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import io
 import os
+import pickle
 import pickletools
 import re
+import sys
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -35,6 +40,8 @@ def safe_load(path: str | os.PathLike) -> object:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if is_torchscript_archive(path):  # torch.load refuses it too, after a warning that names torch.jit.load
+        raise ValueError(f"cannot read checkpoint {path}: {_TORCHSCRIPT}")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -42,6 +49,10 @@ def safe_load(path: str | os.PathLike) -> object:
         raise ValueError(f"cannot read checkpoint {path}: {_describe(path, e)}") from None
 
 
+_TORCHSCRIPT = (
+    "it is a TorchScript archive (OpenAI CLIP's .pt format), which only the clip_* teachers and --clip-checkpoint "
+    "read (its tensors, as data; its code is never run)"
+)
 # What a weight file may import when unpickled (what torch's weights_only loader allows, plus our Namespace).
 _SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "argparse.Namespace", "builtins.set")
 
@@ -66,8 +77,6 @@ def _describe(path: Path, e: Exception) -> str:
     """Why a file is not a weight file we read, from what it is (never torch's advice to set
     weights_only=False, which would run any code the file holds)."""
     head = path.read_bytes()[:64]
-    if is_torchscript_archive(path):
-        return "it is a TorchScript archive (OpenAI CLIP's .pt format), which only the clip_* teachers read"
     pickles = []
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
@@ -94,6 +103,157 @@ def is_torchscript_archive(path: str | os.PathLike) -> bool:
             return any(n.endswith("constants.pkl") for n in zf.namelist())
     except (zipfile.BadZipFile, OSError):
         return False
+
+
+# --- TorchScript archives, read as data ----------------------------------------------------------
+# An archive is a zip of <root>/data.pkl (a pickle of the module objects, of the archive's own
+# `__torch__.*` classes, whose state holds the tensors), <root>/data/<key> (the tensors' storages) and
+# <root>/code/ (the classes, which torch.jit.load compiles and runs: __setstate__ and the like). Here the
+# pickle may import only what its tensors and attributes need; the archive's classes become inert
+# records, and which of their tensors are parameters and buffers is read from the `__parameters__` and
+# `__buffers__` lines of their definitions as text.
+class _Unreadable(Exception):
+    """Why an archive cannot be read as data, in words."""
+
+
+class _ScriptObject:
+    """An object of one of the archive's classes: it keeps the state the pickle gives it, and nothing runs."""
+
+    module, name, state = "", "", None
+
+    def __new__(cls, *args):
+        return object.__new__(cls)
+
+    def __setstate__(self, state: object) -> None:
+        self.state = state
+
+
+def _same(value: object, *_: object) -> object:
+    return value
+
+
+def _archive_globals() -> dict[str, object]:
+    """What an archive's pickle may import: the tensor rebuild functions and storage types that torch's
+    weights_only unpickler allows, OrderedDict, and TorchScript's list/dict tags (which only return their value)."""
+    from torch import _weights_only_unpickler
+
+    allowed = {
+        k: v
+        for k, v in _weights_only_unpickler._get_allowed_globals().items()
+        if k.startswith("torch._utils._rebuild_") or isinstance(v, torch.serialization.StorageType)
+    }
+    allowed["collections.OrderedDict"] = OrderedDict
+    for tag in ("build_intlist", "build_doublelist", "build_boollist", "build_tensorlist", "restore_type_tag"):
+        allowed[f"torch.jit._pickle.{tag}"] = _same
+    return allowed
+
+
+class _ArchiveUnpickler(pickle.Unpickler):
+    def __init__(self, archive: _Archive) -> None:
+        super().__init__(io.BytesIO(archive.read("data.pkl")))
+        self.archive, self.allowed, self.classes = archive, _archive_globals(), {}
+
+    def find_class(self, module: str, name: str) -> object:
+        if module == "__torch__" or module.startswith("__torch__."):
+            key = (module, name)
+            if key not in self.classes:
+                self.classes[key] = type(name, (_ScriptObject,), {"module": module, "name": name})
+            return self.classes[key]
+        if f"{module}.{name}" in self.allowed:
+            return self.allowed[f"{module}.{name}"]
+        raise _Unreadable(f"its pickle imports {module}.{name}, which a module's weights never need: refused")
+
+    def persistent_load(self, pid: object) -> torch.storage.TypedStorage:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise _Unreadable(f"its pickle refers to {str(pid)[:60]}, not to a tensor storage")
+        _, storage_type, key, _, numel = pid
+        return self.archive.storage(str(key), storage_type.dtype, int(numel))
+
+
+class _Archive:
+    """A TorchScript archive's records (by name under its root folder) and tensor storages."""
+
+    def __init__(self, zf: zipfile.ZipFile) -> None:
+        roots = [n[: -len("/data.pkl")] for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+        if len(roots) != 1:
+            raise _Unreadable("it holds no <folder>/data.pkl")
+        self.zf, self.root, self.storages, self.sources = zf, roots[0], {}, {}
+        self.swap = self.read("byteorder").decode() != sys.byteorder if self.has("byteorder") else False
+
+    def has(self, name: str) -> bool:
+        return f"{self.root}/{name}" in self.zf.NameToInfo
+
+    def read(self, name: str) -> bytes:
+        if not self.has(name):
+            raise _Unreadable(f"it has no {name}")
+        return self.zf.read(f"{self.root}/{name}")
+
+    def storage(self, key: str, dtype: torch.dtype, numel: int) -> torch.storage.TypedStorage:
+        if key not in self.storages:
+            data = bytearray(self.read(f"data/{key}"))
+            nbytes = numel * dtype.itemsize
+            if len(data) < nbytes:
+                raise _Unreadable(f"its storage data/{key} holds {len(data)} bytes, not {nbytes}")
+            untyped = torch.frombuffer(data, dtype=torch.uint8).untyped_storage() if data else torch.UntypedStorage(0)
+            if self.swap:
+                untyped.byteswap(dtype)
+            self.storages[key] = torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+        return self.storages[key]
+
+    def declared(self, obj: _ScriptObject) -> dict[str, list[str]] | None:
+        """{"__parameters__": [...], "__buffers__": [...]} of a module's class, from its definition's text
+        (code/<module path>.py); None for a class that is no module."""
+        path = f"code/{obj.module.replace('.', '/')}.py"
+        if path not in self.sources:
+            self.sources[path] = self.read(path).decode("utf-8").splitlines()
+        lines = self.sources[path]
+        start = next((i for i, line in enumerate(lines) if line.startswith(f"class {obj.name}(Module):")), None)
+        if start is None:
+            return None
+        found = {}
+        for line in lines[start + 1 :]:
+            if not line[:1].isspace():
+                break
+            key, _, value = line.strip().partition(" = ")
+            if key in ("__parameters__", "__buffers__"):
+                found[key] = ast.literal_eval(value)
+        return found
+
+    def tensors(self, obj: _ScriptObject, prefix: str = "") -> StateDict:
+        """Module `obj`'s parameters, buffers and then its submodules' (recursively), named and ordered as
+        torch.jit.load(...).state_dict() names them."""
+        declared = self.declared(obj)
+        if not isinstance(obj.state, dict):
+            raise _Unreadable(
+                f"its {obj.module}.{obj.name} sets its state with the archive's own code (__setstate__), "
+                "which is never run, so its weights cannot be read as data"
+            )
+        out = {}
+        for kind in ("__parameters__", "__buffers__"):
+            names = set(declared.get(kind, ()))
+            out.update({prefix + k: v.detach() for k, v in obj.state.items() if k in names and torch.is_tensor(v)})
+        for k, v in obj.state.items():
+            if isinstance(v, _ScriptObject) and self.declared(v) is not None:
+                out.update(self.tensors(v, f"{prefix}{k}."))
+        return out
+
+
+def torchscript_state_dict(path: str | os.PathLike) -> StateDict:
+    """A TorchScript archive's parameters and buffers (OpenAI CLIP's .pt files), as
+    `torch.jit.load(path).state_dict()` gives them, read as data: nothing of the archive is compiled or run,
+    and a damaged or forged archive is a ValueError."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            archive = _Archive(zf)
+            root = _ArchiveUnpickler(archive).load()
+            if not isinstance(root, _ScriptObject) or archive.declared(root) is None:
+                raise _Unreadable(f"its data.pkl holds a {type(root).__name__}, not a module")
+            return archive.tensors(root)
+    except _Unreadable as e:
+        raise ValueError(f"cannot read TorchScript archive {path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a damaged zip, pickle or code file raises many types
+        why = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot read TorchScript archive {path}: it is damaged ({why})") from None
 
 
 def load_strict(model: nn.Module, state_dict: StateDict, source: str, optional: tuple[str, ...] = ()) -> None:

@@ -6,9 +6,11 @@ dtype, and gives the distillation targets; `TEACHERS` says how each one is built
 
 from __future__ import annotations
 
+import http.client
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.error import URLError
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +19,15 @@ from torch import nn
 
 from . import dinov3
 from .architectures import VIT_CONFIGS, ViTConfig
-from .checkpoints import from_reference, is_torchscript_archive, load_dinov3, load_strict, safe_load, strip_prefix
+from .checkpoints import (
+    from_reference,
+    is_torchscript_archive,
+    load_dinov3,
+    load_strict,
+    safe_load,
+    strip_prefix,
+    torchscript_state_dict,
+)
 from .dinov3 import DinoV3ViT
 from .vision_transformer import ViT
 
@@ -112,6 +122,11 @@ class Teacher(nn.Module):
     def patch_size(self) -> int:
         return self.backbone.patch_size
 
+    def non_finite(self) -> list[str]:
+        """The names of its weights (parameters and buffers) holding NaN or inf: a damaged file, whose targets
+        would be NaN."""
+        return [k for k, v in self.backbone.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Crops normalised with CROP_MEAN/CROP_STD -> normalised with the teacher's mean/std."""
         if self.mean == tuple(CROP_MEAN) and self.std == tuple(CROP_STD):
@@ -188,9 +203,10 @@ TEACHERS: dict[str, TeacherSpec] = {
 
 def openai_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """An OpenAI CLIP release file's whole state dict (visual and text towers, OpenAI's key names): the
-    TorchScript archive OpenAI ships, or a state dict (under 'state_dict' or not) read with weights_only."""
+    TorchScript archive OpenAI ships (read as data, its code never run), or a state dict (under 'state_dict' or
+    not) read with weights_only."""
     if is_torchscript_archive(path):
-        raw = torch.jit.load(str(path), map_location="cpu").state_dict()
+        raw = torchscript_state_dict(path)
     else:
         raw = safe_load(path)
         raw = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
@@ -215,14 +231,33 @@ def teacher_state_dict(spec: TeacherSpec, path: str | os.PathLike) -> dict[str, 
     return from_reference(raw)
 
 
+class DownloadError(FileNotFoundError):
+    """An official file is not in torch hub's cache and cannot be fetched (no network, an HTTP error): bad input,
+    said in one line with where to put the file instead. `reason` is the failure alone."""
+
+    def __init__(self, url: str, dst: Path, reason: str) -> None:
+        super().__init__(
+            f"cannot download {url} ({reason}): without network, fetch it where there is some (python -m "
+            f"scripts.fetch_teachers NAME, e.g. on a login node) or put the file at {dst} yourself, or pass "
+            "the file with --teacher-checkpoint"
+        )
+        self.url, self.dst, self.reason = url, dst, reason
+
+
 def download(url: str) -> Path:
-    """Fetch an official file once into torch hub's cache (real network code; tests never call it)."""
+    """Fetch an official file once into torch hub's cache (real network code; tests never call it). A failure
+    is a DownloadError and leaves nothing in the cache (torch writes to a temporary file and renames it)."""
     name = url.split("/")[-1].split("?")[0]
     dst = Path(torch.hub.get_dir()) / "checkpoints" / name
     if not dst.is_file():
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        print(f"downloading {url} -> {dst}", flush=True)
-        torch.hub.download_url_to_file(url, str(dst), progress=True)
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            print(f"downloading {url} -> {dst}", flush=True)
+            torch.hub.download_url_to_file(url, str(dst), progress=True)
+        except (OSError, http.client.HTTPException) as e:
+            dst.unlink(missing_ok=True)  # it was not there before: whatever is there now is incomplete
+            reason = e.reason if type(e) is URLError else e  # URLError's own text wraps it in <urlopen error>
+            raise DownloadError(url, dst, str(reason) or type(e).__name__) from None
     return dst
 
 

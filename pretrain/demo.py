@@ -9,12 +9,10 @@ that fails is the teacher random, and the run says why.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import sys
 from pathlib import Path
-from urllib.error import URLError
 
 import torch
 from PIL import Image
@@ -23,7 +21,7 @@ import models
 from common.cli import run
 from common.io import prepare_output_dir
 from models.checkpoints import backbone_name
-from models.teachers import TEACHERS, download
+from models.teachers import TEACHERS, DownloadError, download
 
 from . import main as pretrain_main
 from .pca import THRESHOLD, write_pictures
@@ -57,10 +55,9 @@ def official_teacher(teacher: str) -> Path | None:
     url = TEACHERS[teacher].url
     try:
         return download(url)  # says "downloading <url> -> <file>" when it fetches
-    except (OSError, http.client.HTTPException) as e:
-        reason = e.reason if type(e) is URLError else e  # URLError's own text wraps the reason in <urlopen error>
+    except DownloadError as e:
         print(
-            f"WARNING: no TEACHER_CHECKPOINT and the download of {url} failed ({reason}): using a RANDOM {teacher}; "
+            f"WARNING: no TEACHER_CHECKPOINT and the download of {url} failed ({e.reason}): using a RANDOM {teacher}; "
             "the student learns nothing meaningful",
             flush=True,
         )

@@ -23,7 +23,7 @@ AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """Non-finite numbers where training needs finite ones (a loss, a teacher's weights or targets): exit 3."""
 
 
 class Preempted(Exception):
@@ -115,6 +115,12 @@ def estimate_statistics(run: Run) -> None:
                 m = [torch.tensor([float(x.shape[0])], dtype=torch.float64), x.sum(0).cpu(), (x.T @ x).cpu()]
                 moments[name + kind] = [a + b for a, b in zip(moments.get(name + kind, [0, 0, 0]), m)]
     summed = {key: [dist_utils.sum_across_ranks(m) for m in value] for key, value in sorted(moments.items())}
+    for name in sorted(pending):
+        if not all(m.isfinite().all() for kind in ("cls", "patches") for m in summed[name + kind]):
+            raise NonFiniteLoss(
+                f"the targets of teacher {name} are not finite on the statistics batches (its features overflow "
+                f"at --precision {args.precision}, or its file is damaged)"
+            )
     for s in run.students:
         for name in pending:
             a = s.distiller.adaptors[name]

@@ -41,6 +41,7 @@ from models import (
 )
 from models.adaptors import STANDARDIZATIONS, hadamard
 from models.architectures import DINOV3_SUFFIX
+from models.checkpoints import few_names
 
 from .data import PositionSampler, SeededDataset, build_dataset, worker_init
 from .distiller import Distiller, TeacherInput, Views, compile_student, param_groups
@@ -359,6 +360,9 @@ def build(args: argparse.Namespace, device: torch.device, world: int, out: Outpu
         teacher = create_teacher(
             name, file or None, pretrained=not args.random_teacher, dtype=TEACHER_DTYPES[args.teacher_dtype]
         ).to(device)
+        if bad := teacher.non_finite():  # its NaN targets would fail the PCA picture or the statistics first
+            where = file or "its file in torch hub's cache"
+            raise NonFiniteLoss(f"the weights of teacher {name} are not all finite ({few_names(bad)}) in {where}")
         if args.teacher_normalization == "reference":  # the crops as they are (ImageNet mean/std), as the reference
             teacher.mean, teacher.std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
         teachers.append(TeacherInput(teacher, size))
@@ -546,7 +550,11 @@ def distil(args: argparse.Namespace, fresh: bool = False) -> int:
     prepare_output_dir(args.output_dir)
     device, _, world = dist_utils.init_distributed(args.device)
     out = Output(args.output_dir, main=dist_utils.is_main())
-    run = build(args, device, world, out, fresh)
+    try:
+        run = build(args, device, world, out, fresh)
+    except NonFiniteLoss as e:
+        print(f"error: {e}; stopping before training", file=sys.stderr, flush=True)
+        return 3
     try:
         with run.control:
             train(run)

@@ -77,7 +77,8 @@ def pca_rgb(tokens: torch.Tensor, grid: tuple[int, int], threshold: float = THRE
 def pca_images(model: torch.nn.Module, images: torch.Tensor, threshold: float = THRESHOLD) -> torch.Tensor:
     """[B, 3, H, W] PCA pictures (float in [0, 1], nearest-upsampled to the input size) of a
     DINOv2-API ViT's or a models.Teacher's final-norm patch tokens, from ImageNet-normalised images (a
-    Teacher re-normalises them as in training); run in eval mode, mode restored."""
+    Teacher re-normalises them as in training); run in eval mode, mode restored. Non-finite features give black
+    pictures and a warning."""
     was_training = model.training
     model.eval()
     if isinstance(model, Teacher):
@@ -86,6 +87,9 @@ def pca_images(model: torch.nn.Module, images: torch.Tensor, threshold: float = 
         tokens = model.forward_features(images)["x_norm_patchtokens"]
     tokens = tokens.float().cpu()
     model.train(was_training)
+    if not torch.isfinite(tokens).all():  # the SVD would fail; a run stops on non-finite numbers elsewhere, not here
+        log.warning("PCA picture: the features are not finite (NaN or inf); the picture is left black")
+        return torch.zeros(images.shape[0], 3, *images.shape[-2:])
     patch = model.patch_size
     h, w = images.shape[-2] // patch, images.shape[-1] // patch
     small = torch.stack([pca_rgb(t, (h, w), threshold) for t in tokens])

@@ -658,6 +658,67 @@ def test_clip_teacher_official_file(tiny_teacher, tmp_path, name, archive):
     torch.testing.assert_close(teacher.norm.weight, raw["visual.ln_post.weight"], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("make", ["script", "trace"])
+def test_torchscript_archives_are_read_as_data_as_torch_jit_reads_them(tmp_path, monkeypatch, make):
+    """OpenAI's .pt files are TorchScript archives: their parameters and buffers are taken from the archive as
+    data, key for key, value for value and dtype for dtype what torch.jit.load(...).state_dict() gives,
+    without torch.jit ever loading it."""
+    ref = randomize_(CLIPStandIn(16, 8, 32, 1, 1), seed=3).eval()
+    ref.visual.register_buffer("steps", torch.arange(3))  # an integer buffer
+    ref.transformer.half()  # OpenAI's files hold fp16 weights beside fp32 ones
+    path = tmp_path / "ViT-B-16.pt"
+    module = torch.jit.script(ref) if make == "script" else torch.jit.trace(ref, torch.zeros(1, 3, 16, 16))
+    torch.jit.save(module, str(path))
+    expected = torch.jit.load(str(path), map_location="cpu").state_dict()
+
+    def never(*args, **kwargs):
+        raise AssertionError("torch.jit.load ran the archive's code")
+
+    monkeypatch.setattr(torch.jit, "load", never)
+    got = models.teachers.openai_clip_state_dict(path)
+    assert list(got) == list(expected) and "visual.steps" in got
+    for k, v in expected.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+    assert got["transformer.resblocks.0.ln_1.weight"].dtype == torch.float16
+
+
+class SetsItsOwnState(nn.Module):
+    """A module whose archive runs its own code when torch.jit.load restores it: it prints a marker."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.w
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[torch.Tensor, bool]:
+        return (self.w, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[torch.Tensor, bool]) -> None:
+        print("the archive's code ran")
+        self.w = state[0]
+        self.training = state[1]
+
+
+def test_code_in_a_torchscript_archive_is_never_run(tmp_path, capfd):
+    ref = CLIPStandIn(16, 8, 32, 1, 1)
+    ref.visual.marked = SetsItsOwnState()
+    path = tmp_path / "ViT-B-16.pt"
+    torch.jit.save(torch.jit.script(ref), str(path))
+    torch.jit.load(str(path))
+    assert "the archive's code ran" in capfd.readouterr().out  # what loading it with torch.jit does
+    with pytest.raises(ValueError) as e:
+        models.teachers.openai_clip_state_dict(path)
+    assert str(e.value) == (
+        f"cannot read TorchScript archive {path}: its __torch__.tests.test_models.SetsItsOwnState sets its state "
+        "with the archive's own code (__setstate__), which is never run, so its weights cannot be read as data"
+    )
+    assert "the archive's code ran" not in capfd.readouterr().out
+
+
 # --- SynCLR: timm ViT names under (module.)visual., checkpoint['model'] or ['state_dict'] -------
 @pytest.mark.parametrize(
     "name,wrapper,prefix", [("synclr_vitb16", "model", "module.visual."), ("synclr_vitl14", "state_dict", "visual.")]
@@ -1002,7 +1063,8 @@ def test_unreadable_weight_files_say_what_they_are(tmp_path):
         "legacy_code.pth": f"it is a pickle that imports {os.system.__module__}.system: refused",
         "zip_code.pth": f"it is a pickle that imports {os.system.__module__}.system: refused",
         "plain.pth": "it is a plain Python pickle, not a torch checkpoint",
-        "archive.pt": "it is a TorchScript archive (OpenAI CLIP's .pt format), which only the clip_* teachers read",
+        "archive.pt": "it is a TorchScript archive (OpenAI CLIP's .pt format), which only the clip_* teachers and "
+        "--clip-checkpoint read (its tensors, as data; its code is never run)",
         "truncated.pth": "it is a truncated or damaged torch checkpoint",
     }
     for name, message in expected.items():

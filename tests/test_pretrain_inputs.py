@@ -8,9 +8,11 @@ import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from urllib.error import HTTPError, URLError
 
 import pytest
 import torch
@@ -65,6 +67,79 @@ def test_resume_from_another_file_is_one_line(tmp_path, capsys, other):
     assert run(data, tmp_path / "o", "--resume", str(path)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{path} is not a pretraining checkpoint.pth" in err[0], err
+
+
+@pytest.mark.parametrize(
+    "error, reason, teachers",
+    [
+        (URLError(socket.gaierror(-2, "Name or service not known")), "[Errno -2] Name or service not known", []),
+        (HTTPError("url", 403, "Forbidden", None, None), "HTTP Error 403: Forbidden", []),
+        (ConnectionResetError(104, "Connection reset by peer"), "[Errno 104] Connection reset by peer",
+         ["--teacher", "dinov2_vits14,clip_vitb16", "--teacher-input-size", "28,32",
+          "--teacher-checkpoint", ",clip.pt"]),  # an empty entry downloads that teacher
+    ],
+    ids=["offline", "http-error", "reset-in-a-list"],
+)  # fmt: skip
+def test_a_failed_teacher_download_is_one_line_and_leaves_no_file(
+    tmp_path, monkeypatch, capsys, error, reason, teachers
+):
+    """The README's commands without --teacher-checkpoint on a node without network: one line naming the URL, where
+    to put the file and the flag; nothing half-written in torch hub's cache. No test downloads."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def offline(url, dst, *args, **kwargs):
+        with open(dst, "wb") as f:
+            f.write(b"the first bytes")  # a downloader that writes in place, then fails
+        raise error
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    argv = [a for a in TINY_RUN if a != "--random-teacher"] + ["--data-path", str(data), "--output-dir", str(tmp_path)]
+    assert pretrain_main.main([*argv, *teachers]) == 2
+    url = models.TEACHERS["dinov2_vits14"].url
+    dst = tmp_path / "torch" / "hub" / "checkpoints" / "dinov2_vits14_pretrain.pth"
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: cannot download {url} ({reason}): without network, fetch it where there is some (python -m "
+        f"scripts.fetch_teachers NAME, e.g. on a login node) or put the file at {dst} yourself, or pass the file "
+        "with --teacher-checkpoint"
+    ]
+    assert list(dst.parent.iterdir()) == []
+
+
+def teacher_file(path, name: str, value: float | None = None) -> str:
+    """A tiny official-layout DINOv2 file for `name` (patched by tiny_teacher), one weight set to `value`."""
+    sd = models.to_dinov2(models.TEACHERS[name].build())
+    if value is not None:
+        sd["blocks.0.mlp.fc1.weight"][0] = value
+    torch.save(sd, path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "value, teachers, message",
+    [
+        (float("nan"), 1, "the weights of teacher dinov2_vits14 are not all finite (blocks.0.mlp.fc1.weight)"),
+        (3e38, 1, "non-finite loss at epoch 0 iteration 0"),
+        (3e38, 2, "the targets of teacher dinov2_vits14 are not finite on the statistics batches"),
+    ],
+    ids=["nan-weight", "overflowing-targets", "overflowing-targets-statistics"],
+)
+def test_non_finite_teachers_are_the_non_finite_exit(tiny_teacher, tmp_path, capsys, caplog, value, teachers, message):
+    """NaN in a teacher's file, or finite weights whose features overflow: exit 3 in one line, as a non-finite
+    loss; the PCA picture (default --pca-every) of NaN features is skipped with a warning, never a crash."""
+    tiny_teacher("dinov2_vits14", dim=32, depth=1)
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    argv = [a for a in TINY_RUN if a != "--random-teacher"] + ["--data-path", str(data), "--output-dir", str(tmp_path)]
+    files = [teacher_file(tmp_path / "s.pth", "dinov2_vits14", value)]
+    if teachers == 2:
+        tiny_teacher("dinov2_vitb14", dim=32, depth=1)
+        files.append(teacher_file(tmp_path / "b.pth", "dinov2_vitb14"))
+        argv += ["--teacher", "dinov2_vits14,dinov2_vitb14", "--teacher-stats-batches", "1"]
+    assert pretrain_main.main([*argv, "--teacher-checkpoint", ",".join(files), "--epoch-length", "1"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {message}"), err
+    if teachers == 1 and value > 0:
+        assert "PCA picture: the features are not finite" in caplog.text
 
 
 def test_fresh_run_starts_its_logs_anew_and_removes_stale_temp_files(tmp_path):

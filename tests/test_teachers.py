@@ -175,3 +175,31 @@ def test_two_teachers_on_cuda_in_bf16(two_teachers, tmp_path):
     assert all(math.isfinite(v) for k, v in line.items() if k.startswith("train_loss"))
     adaptors = load_adaptors(out / "adaptors.pth")
     assert all(bool(a.cls_std.estimated) and bool(a.patch_std.estimated) for a in adaptors.adaptors.values())
+
+
+def test_fetch_teachers_puts_them_where_pretraining_looks(tmp_path, monkeypatch, capsys):
+    """`python -m scripts.fetch_teachers NAME ...` on a login node fills torch hub's cache, which a run without
+    --teacher-checkpoint then reads; a file already there is kept; an unknown name is one line. No test downloads."""
+    from scripts import fetch_teachers
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    fetched = []
+
+    def fake_download(url, dst, *args, **kwargs):
+        fetched.append(url)
+        with open(dst, "wb") as f:
+            f.write(b"weights")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    assert fetch_teachers.main(["dinov2_vits14", "clip_vitb16"]) == 0
+    assert fetch_teachers.main(["clip_vitb16"]) == 0  # already there
+    assert fetched == [models.TEACHERS["dinov2_vits14"].url, models.TEACHERS["clip_vitb16"].url]
+    lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("downloading")]
+    assert lines == [
+        f"dinov2_vits14: {cache / 'dinov2_vits14_pretrain.pth'}",
+        f"clip_vitb16: {cache / 'ViT-B-16.pt'}",
+        f"clip_vitb16: {cache / 'ViT-B-16.pt'}",
+    ]
+    assert fetch_teachers.main(["dinov2_vits14", "dino"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown teacher dino; choose from dinov2_vits14, ")

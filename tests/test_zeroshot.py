@@ -6,6 +6,7 @@ towers, our own averaging and preprocessing), then compared with what the script
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -177,6 +178,33 @@ def check_one_error_line(dim, teachers, extra, *, message, backbone, clip, data,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message.format(clip=clip[0]) in err[0], err
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "short-storage"])
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # OpenAI's CLIP files are TorchScript archives
+def test_a_damaged_torchscript_clip_is_one_error_line(damage, backbone, data, tmp_path, capsys):
+    """OpenAI's files are TorchScript archives: one whose pickle is garbage, or whose tensor data is cut short,
+    is one line and exit 2 (a file cut short is no zip: test_models' unreadable weight files)."""
+    path = tmp_path / "ViT-B-16.pt"
+    if damage == "garbage":
+        records = {"ViT-B-16/constants.pkl": b"\x80\x02).", "ViT-B-16/data.pkl": b"not a pickle"}
+        message = f"cannot read TorchScript archive {path}: it is damaged ("
+    else:
+        torch.jit.save(torch.jit.trace(torch.nn.Linear(2, 2), torch.zeros(1, 2)), str(path))
+        with zipfile.ZipFile(path) as zf:
+            records = {n: zf.read(n)[:4] if n.endswith("/data/0") else zf.read(n) for n in zf.namelist()}
+        message = f"cannot read TorchScript archive {path}: its storage data/0 holds 4 bytes, not 16"
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, content in records.items():
+            zf.writestr(name, content)
+    adaptors = tmp_path / "adaptors.pth"
+    torch.save(student_adaptors(DIM, {"clip_tiny": (64, "clip")}).export({"name": "vit_tiny"}), adaptors)
+    argv = ["--backbone", str(backbone), "--adaptors", str(adaptors), "--clip-checkpoint", str(path),
+            "--data-path", str(data), "--input-size", str(INPUT), "--device", "cpu", "--num-workers", "0",
+            "--output-dir", str(tmp_path / "out")]  # fmt: skip
+    assert zeroshot.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {message}"), err
 
 
 def test_class_names_and_clip_teachers():
