@@ -238,6 +238,13 @@ class _Archive:
         return out
 
 
+# what to do with an archive that cannot be read as data but is trusted: its state dict, which is read as data
+CONVERT = (
+    'if you trust it, convert it: python -c "import sys, torch; torch.save(torch.jit.load(sys.argv[1], '
+    "map_location='cpu').state_dict(), sys.argv[2])\" FILE.pt FILE.pth, and pass FILE.pth"
+)
+
+
 def torchscript_state_dict(path: str | os.PathLike) -> StateDict:
     """A TorchScript archive's parameters and buffers (OpenAI CLIP's .pt files), as
     `torch.jit.load(path).state_dict()` gives them, read as data: nothing of the archive is compiled or run,
@@ -250,7 +257,7 @@ def torchscript_state_dict(path: str | os.PathLike) -> StateDict:
                 raise _Unreadable(f"its data.pkl holds a {type(root).__name__}, not a module")
             return archive.tensors(root)
     except _Unreadable as e:
-        raise ValueError(f"cannot read TorchScript archive {path}: {e}") from None
+        raise ValueError(f"cannot read TorchScript archive {path}: {e}; {CONVERT}") from None
     except Exception as e:  # noqa: BLE001 - a damaged zip, pickle or code file raises many types
         why = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
         raise ValueError(f"cannot read TorchScript archive {path}: it is damaged ({why})") from None

@@ -714,9 +714,13 @@ def test_code_in_a_torchscript_archive_is_never_run(tmp_path, capfd):
         models.teachers.openai_clip_state_dict(path)
     assert str(e.value) == (
         f"cannot read TorchScript archive {path}: its __torch__.tests.test_models.SetsItsOwnState sets its state "
-        "with the archive's own code (__setstate__), which is never run, so its weights cannot be read as data"
+        "with the archive's own code (__setstate__), which is never run, so its weights cannot be read as data; "
+        + models.checkpoints.CONVERT
     )
     assert "the archive's code ran" not in capfd.readouterr().out
+    torch.save(torch.jit.load(str(path), map_location="cpu").state_dict(), tmp_path / "converted.pth")  # the advice
+    converted = models.teachers.openai_clip_state_dict(tmp_path / "converted.pth")
+    assert converted.keys() == ref.state_dict().keys()
 
 
 # --- SynCLR: timm ViT names under (module.)visual., checkpoint['model'] or ['state_dict'] -------
