@@ -13,23 +13,28 @@ Configs load it with `custom_imports = dict(imports=["segmentation.mmseg_ext"])`
   no output activation, SiLog loss on `gt_depth_map`).
 - `EvaluationHistoryHook`: every evaluation during training, one JSON line each in
   `<work_dir>/evaluations.jsonl`, from which the runner reports the best-on-test figure.
-- `DenseRunner`: mmengine's Runner, writing checkpoints atomically and recording each by name and
-  sha256 in `<work_dir>/checkpoints.sha256` (the only files later unpickled in full), and refusing a
-  loaded checkpoint that does not cover the model.
+- `DenseRunner`: mmengine's Runner, writing checkpoints atomically and as plain data (tensors,
+  numbers, strings, containers), so that `read_checkpoint` loads every checkpoint with
+  `weights_only=True`, and refusing a loaded checkpoint that does not cover the model.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
+import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from mmengine.dist import is_main_process, master_only
 from mmengine.hooks import Hook
+from mmengine.logging import HistoryBuffer
 from mmengine.model import BaseModule, is_model_wrapper
 from mmengine.optim import DefaultOptimWrapperConstructor
 from mmengine.runner import Runner
@@ -39,14 +44,12 @@ from mmseg.models.utils import resize
 from mmseg.registry import HOOKS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS
 from torch import nn
 
-from common.io import file_sha256
+from common.io import DiskFullError
 from models.architectures import create_student
-from models.checkpoints import few_names, load_backbone
+from models.checkpoints import few_names, load_backbone, safe_load
 from models.dinov3 import DinoV3ViT
 
 EVALUATIONS = "evaluations.jsonl"  # in the work dir, written by EvaluationHistoryHook
-# in the work dir, written by DenseRunner: `<sha256>  <name>` per checkpoint (the format `sha256sum -c` reads)
-MANIFEST = "checkpoints.sha256"
 
 
 class CheckpointMismatchError(ValueError):
@@ -253,23 +256,6 @@ class EvaluationHistoryHook(Hook):
             f.write(json.dumps(entry) + "\n")
 
 
-def _manifest(work_dir: Path) -> dict[str, str]:
-    """{name relative to the work dir: sha256} of the checkpoints its runs wrote."""
-    path = work_dir / MANIFEST
-    if not path.is_file():
-        return {}
-    pairs = (line.partition("  ") for line in path.read_text().splitlines())
-    return {name: digest for digest, _, name in pairs if name}
-
-
-def is_own_checkpoint(work_dir: str | os.PathLike, path: str | os.PathLike) -> bool:
-    """Written by a run in this work dir: recorded in its manifest under this name with this content.
-    A file put there by anyone else, or replaced since, is not (its pickle may run code)."""
-    work_dir, path = Path(work_dir).resolve(), Path(path).resolve()
-    digest = _manifest(work_dir).get(os.path.relpath(path, work_dir))
-    return digest is not None and path.is_file() and file_sha256(path) == digest
-
-
 def stale_saves(work_dir: Path) -> list[Path]:
     """The temp files of saves killed mid-write (DenseRunner.save_checkpoint's names)."""
     return list(work_dir.glob(".*.pth.*.tmp"))
@@ -300,11 +286,111 @@ def check_covers(model: nn.Module, checkpoint: dict, source: str, revise_keys) -
 REVISE_KEYS = ((r"^module.", ""),)  # Runner.load_checkpoint's default: DDP's prefix
 
 
+# What a checkpoint holds besides containers and tensors: torch.load(weights_only=True) reads these as they are.
+_PLAIN = (str, int, float, bool, bytes, type(None), torch.dtype, torch.Size, torch.device)
+
+
+def _as_data(value, where: str):
+    """`value` as weights_only=True reads it back: numpy numbers as Python's, numpy arrays as tensors.
+    Anything else (an object, a function) is a TypeError naming its place in the checkpoint, at the save
+    that would write it, not at the resume that could not read it."""
+    if isinstance(value, torch.Tensor) or type(value) in _PLAIN:
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    if type(value) in (dict, OrderedDict):
+        return type(value)((k, _as_data(v, f"{where}.{k}")) for k, v in value.items())
+    if type(value) in (list, tuple):
+        return type(value)(_as_data(v, f"{where}[{i}]") for i, v in enumerate(value))
+    kind = f"{type(value).__module__}.{type(value).__qualname__}"
+    raise TypeError(f"checkpoint entry {where} is a {kind}: DenseRunner saves only plain data")
+
+
+def _names_checkpoint(key: str) -> bool:
+    """The message hub's entries that CheckpointHook resumes as paths (and deletes when superseded)."""
+    return key == "last_ckpt" or key.startswith("best_ckpt")
+
+
+def _hub_as_data(state: dict, work_dir: Path) -> dict:
+    """mmengine pickles each HistoryBuffer with its statistics functions (getattr on the class), which a
+    weights_only load refuses and no allow-list may admit: keep the buffers' numbers instead. The
+    checkpoint paths become relative to the work dir, so a moved or copied work dir resumes with its own
+    files (an absolute path would make CheckpointHook delete a best checkpoint in the old folder)."""
+    scalars = OrderedDict(
+        (k, {"log_history": b.data[0], "count_history": b.data[1], "max_length": b.max_length})
+        for k, b in state["log_scalars"].items()
+    )
+    info = OrderedDict(
+        (k, (_relative(v, work_dir) or v) if _names_checkpoint(k) else v) for k, v in state["runtime_info"].items()
+    )
+    return {"log_scalars": scalars, "runtime_info": info, "resumed_keys": state["resumed_keys"]}
+
+
+def _relative(path, folder: Path) -> str | None:
+    """`path` relative to `folder` when it is an absolute path inside it."""
+    if not isinstance(path, str) or not os.path.isabs(path):
+        return None
+    path, folder = Path(path).resolve(), folder.resolve()
+    return str(path.relative_to(folder)) if path.is_relative_to(folder) else None
+
+
+def _hub_from_data(state: dict, work_dir: Path) -> dict:
+    """_hub_as_data undone: the HistoryBuffers rebuilt, relative checkpoint paths in this work dir."""
+    scalars = OrderedDict(
+        (k, HistoryBuffer(v["log_history"].numpy(), v["count_history"].numpy(), v["max_length"]))
+        for k, v in state["log_scalars"].items()
+    )
+    info = OrderedDict(
+        (k, str(work_dir / v) if _names_checkpoint(k) and isinstance(v, str) and not os.path.isabs(v) else v)
+        for k, v in state["runtime_info"].items()
+    )
+    return {"log_scalars": scalars, "runtime_info": info, "resumed_keys": state["resumed_keys"]}
+
+
+OLDER_FORMAT = (
+    "{path} is a checkpoint of the older format, whose message hub pickles function references, and is "
+    "not unpickled (code in a checkpoint is never run): train afresh (another --output-dir, or remove its "
+    "checkpoints), or keep its weights for --eval-only as segmentation/README.md (Checkpoints) shows"
+)
+
+
+def read_checkpoint(path: str | os.PathLike) -> object:
+    """Every dense checkpoint, whoever wrote it, is read as data (weights_only=True), never unpickled in
+    full: DenseRunner saves nothing else, and a pickle with code is refused in one line."""
+    try:
+        return safe_load(path)
+    except ValueError:
+        if _pickles_history_buffers(Path(path)):
+            raise ValueError(OLDER_FORMAT.format(path=path)) from None
+        raise
+
+
+def _pickles_history_buffers(path: Path) -> bool:
+    """Whether the file is mmengine's own format (HistoryBuffer objects), read without unpickling."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(b"HistoryBuffer" in zf.read(n) for n in zf.namelist() if n.endswith("data.pkl"))
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 class DenseRunner(Runner):
-    """mmengine's Runner with three changes: a checkpoint is written to a temp file and renamed (a
-    kill mid-save leaves the previous one whole), each is recorded by name and sha256 in the work
-    dir's manifest (segmentation.runner unpickles in full only those), and a loaded checkpoint must
-    cover the model."""
+    """mmengine's Runner with three changes: a checkpoint is written to a temp file and renamed (a kill
+    mid-save leaves the previous one whole), as plain data (read back with weights_only=True, so no
+    checkpoint file can run code), and a loaded checkpoint must cover the model."""
+
+    def call_hook(self, fn_name: str, **kwargs) -> None:
+        if fn_name == "after_load_checkpoint":  # before any hook or the resume reads it
+            checkpoint = kwargs["checkpoint"]
+            if isinstance(checkpoint.get("message_hub"), dict):
+                checkpoint["message_hub"] = _hub_from_data(checkpoint["message_hub"], Path(self.work_dir))
+        super().call_hook(fn_name, **kwargs)
+        if fn_name == "before_save_checkpoint":  # after every hook has added its part
+            checkpoint = kwargs["checkpoint"]
+            checkpoint["message_hub"] = _hub_as_data(checkpoint["message_hub"], Path(self.work_dir))
+            checkpoint.update(_as_data(checkpoint, "checkpoint"))
 
     @master_only
     def save_checkpoint(self, out_dir: str, filename: str, *args, **kwargs) -> None:
@@ -314,17 +400,14 @@ class DenseRunner(Runner):
             super().save_checkpoint(str(final.parent), tmp.name, *args, **kwargs)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
-            digest = file_sha256(tmp)
             os.replace(tmp, final)
+        except OSError as e:  # mmengine writes the pickled bytes with a plain open().write()
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                kept = f"{final.name} was not written, the checkpoints saved before are intact"
+                raise DiskFullError(e.errno, f"no space left on {final.parent} ({e.strerror}); {kept}") from None
+            raise
         finally:
             tmp.unlink(missing_ok=True)
-        work_dir = Path(self.work_dir).resolve()
-        entries = {name: d for name, d in _manifest(work_dir).items() if (work_dir / name).is_file()}
-        entries[os.path.relpath(final, work_dir)] = digest
-        manifest = work_dir / MANIFEST
-        tmp_manifest = manifest.with_name(f".{MANIFEST}.tmp")
-        tmp_manifest.write_text("".join(f"{d}  {name}\n" for name, d in entries.items()))
-        os.replace(tmp_manifest, manifest)
 
     def load_checkpoint(self, filename: str, map_location="cpu", strict: bool = False, revise_keys=REVISE_KEYS):
         checkpoint = super().load_checkpoint(filename, map_location, strict, list(revise_keys))

@@ -72,20 +72,16 @@ def _import_mmseg() -> None:
         ) from None
 
 
-def trust_checkpoints_in(*work_dirs: Path) -> None:
-    """mmengine checkpoints pickle its message hub (bound methods included), which torch >= 2.6
-    refuses with weights_only=True. Unpickle fully only the checkpoints these work dirs' runs wrote
-    (mmseg_ext.DenseRunner records each by name and sha256); read every other file with
-    weights_only=True (a pickle with code is refused, never run)."""
+def read_checkpoints_as_data() -> None:
+    """Every file mmengine's CheckpointLoader reads for us (resume, --eval-only's load_from) goes through
+    mmseg_ext.read_checkpoint (weights_only=True): nothing in a checkpoint or beside it can run code."""
     from mmengine.runner.checkpoint import CheckpointLoader
 
-    from .mmseg_ext import is_own_checkpoint
+    from .mmseg_ext import read_checkpoint
 
     @CheckpointLoader.register_scheme(prefixes="", force=True)
     def load_local(filename: str, map_location=None):
-        if any(is_own_checkpoint(work_dir, filename) for work_dir in work_dirs):
-            return torch.load(filename, map_location=map_location, weights_only=False)
-        return models.safe_load(filename)
+        return read_checkpoint(filename)  # on the CPU: mmengine moves the weights and optimizer state
 
 
 def build_config(args: argparse.Namespace, task: str):
@@ -104,6 +100,7 @@ def build_config(args: argparse.Namespace, task: str):
         for split in ("train_dataloader", "val_dataloader", "test_dataloader"):
             cfg[split].dataset.data_root = args.data_path
     if args.cfg_options:
+        check_overrides(cfg, args.cfg_options)
         cfg.merge_from_dict(args.cfg_options)
     for split in ("train_dataloader", "test_dataloader"):
         ds = cfg[split].dataset
@@ -133,7 +130,7 @@ def build_config(args: argparse.Namespace, task: str):
         ckpt = args.checkpoint or _last_checkpoint(Path(cfg.work_dir))
         if not ckpt or not Path(ckpt).is_file():
             raise FileNotFoundError(f"--eval-only needs --checkpoint or a checkpoint in {cfg.work_dir}")
-        check_evaluable(Path(cfg.work_dir), ckpt)
+        check_evaluable(ckpt)
         cfg.load_from = str(ckpt)
     if args.show_dir:
         cfg.default_hooks.visualization.update(draw=True, interval=1)
@@ -143,34 +140,50 @@ def build_config(args: argparse.Namespace, task: str):
     return cfg
 
 
-def _only_own(work_dir: Path) -> str:
-    from .mmseg_ext import MANIFEST
+_KINDS = {bool: ("True or False", (bool,)), int: ("an integer", (int,)), float: ("a number", (int, float))}
 
-    manifest = work_dir / MANIFEST
-    return f"only checkpoints this work dir's runs wrote (name and sha256 in {manifest}) are unpickled in full"
+
+def check_overrides(cfg, options: dict) -> None:
+    """A --cfg-options value of another kind than the config's own for that key (a number or a flag:
+    `train_cfg.max_iters=abc`) would fail deep inside mmengine without naming the key; None (unset)
+    and keys the config lacks are mmengine's to judge."""
+    for key, value in options.items():
+        current = _config_value(cfg, key)
+        if type(current) not in _KINDS or value is None:
+            continue
+        expected, kinds = _KINDS[type(current)]
+        if type(value) not in kinds:
+            raise ValueError(f"--cfg-options {key}={value}: expected {expected} (the config's value is {current!r})")
+
+
+def _config_value(cfg, key: str):
+    """The config's value at a dotted key (list items by index), or None where it has none."""
+    node = cfg
+    for part in key.split("."):
+        if isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif not isinstance(node, (list, tuple)) and hasattr(node, "get") and part in node:
+            node = node.get(part)
+        else:
+            return None
+    return node
 
 
 def check_resumable(work_dir: Path, resume: str | None, backbone: str) -> str | None:
     """The checkpoint to continue from (None: start afresh): --resume FILE, else the work dir's last.
-    Resuming reads the whole mmengine checkpoint (optimizer, message hub): only one a run of ours wrote,
-    recorded in its work dir's manifest, and of the same --backbone (a finished run of another backbone
-    in the default work dir would otherwise be reported as this one's)."""
-    from .mmseg_ext import is_own_checkpoint
-
+    It must be of the same --backbone (a finished run of another backbone in the default work dir would
+    otherwise be reported as this one's) and a dense run's checkpoint, read as data."""
     if resume:
         if not Path(resume).is_file():
             raise FileNotFoundError(f"--resume {resume}: no such file")
-        if not is_own_checkpoint(Path(resume).parent, resume):
-            raise ValueError(f"--resume {resume} is refused: {_only_own(Path(resume).parent)}")
         origin = Path(resume).parent
     else:
         resume = _last_checkpoint(work_dir)
         if resume is None:
             return None  # mmengine starts afresh
         if not Path(resume).is_file():
-            raise FileNotFoundError(f"resuming: {work_dir / 'last_checkpoint'} names {resume}, which does not exist")
-        if not is_own_checkpoint(work_dir, resume):
-            raise ValueError(f"resuming: {resume} (named in last_checkpoint) is refused: {_only_own(work_dir)}")
+            marker, name = work_dir / "last_checkpoint", Path(resume).name
+            raise FileNotFoundError(f"resuming: {marker} names {name}, which is not in {work_dir}")
         origin = work_dir
     recorded = json.loads((origin / RUN).read_text())["backbone"] if (origin / RUN).is_file() else None
     if recorded and recorded["sha256"] != file_sha256(backbone):
@@ -178,21 +191,28 @@ def check_resumable(work_dir: Path, resume: str | None, backbone: str) -> str | 
             f"{resume} was trained from the backbone {recorded['path']}, not {backbone}: "
             "use another --output-dir (or remove its checkpoints to start afresh)"
         )
+    check_training_state(resume)
     return resume
 
 
-def check_evaluable(work_dir: Path, ckpt: str) -> None:
-    """--eval-only: our own checkpoint is unpickled in full; any other file (a --checkpoint from
-    elsewhere, a file put into the work dir or replaced there) must load with weights_only=True and
-    hold a state dict (whether it covers the model is checked when mmengine loads it)."""
-    from .mmseg_ext import is_own_checkpoint
+def check_training_state(path: str) -> None:
+    """A resume reads the checkpoint's meta and message hub (a KeyError inside mmengine without them)."""
+    from .mmseg_ext import read_checkpoint
 
-    if is_own_checkpoint(work_dir, ckpt):
-        return
-    try:
-        obj = models.safe_load(ckpt)
-    except ValueError as e:
-        raise ValueError(f"{e}; {_only_own(work_dir)}") from None
+    state = read_checkpoint(path)
+    if not isinstance(state, dict) or not {"meta", "state_dict", "message_hub"} <= state.keys():
+        raise ValueError(
+            f"{path} holds no training state (meta, message hub, optimizer) to resume from: "
+            "evaluate it with --eval-only --checkpoint, or train afresh"
+        )
+
+
+def check_evaluable(ckpt: str) -> None:
+    """--eval-only: the checkpoint, ours or from elsewhere, is read as data and holds a state dict
+    (whether it covers the model is checked when mmengine loads it)."""
+    from .mmseg_ext import read_checkpoint
+
+    obj = read_checkpoint(ckpt)
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint {ckpt} holds no state dict (a dict of tensors, or one under 'state_dict')")
@@ -318,8 +338,10 @@ def check_backbone_fits(cfg, vit: torch.nn.Module, args: argparse.Namespace) -> 
 
 
 def _last_checkpoint(work_dir: Path) -> str | None:
+    """The checkpoint `last_checkpoint` names, by its file name in this work dir: mmengine writes the
+    file beside its checkpoints but with an absolute path, which a moved or copied work dir outgrows."""
     marker = work_dir / "last_checkpoint"
-    return marker.read_text().strip() if marker.is_file() else None
+    return str(work_dir / Path(marker.read_text().strip()).name) if marker.is_file() else None
 
 
 def best_on_test(work_dir: Path, checkpoint_hook: dict) -> dict | None:
@@ -361,7 +383,7 @@ def dense(task: str, argv: list[str] | None) -> None:
     args = get_args_parser(task).parse_args(argv)
     cfg = build_config(args, task)
     work_dir = Path(cfg.work_dir)
-    trust_checkpoints_in(work_dir, *([Path(cfg.load_from).parent] if cfg.load_from else []))
+    read_checkpoints_as_data()
     from .mmseg_ext import DenseRunner
 
     _join_cpu_process_group(cfg)

@@ -529,6 +529,37 @@ def test_clear_errors(backbone, tmp_path, capsys):
     ckpt.write_bytes(b"")
     assert runner.main("segmentation", [cfg, "--backbone", str(backbone), "--checkpoint", str(ckpt)]) == 2
     assert "--checkpoint goes with --eval-only" in capsys.readouterr().err
+    # an override of another kind than the config's value: named before mmengine starts
+    for option, expected in [
+        ("train_cfg.max_iters=abc", "expected an integer (the config's value is 60000)"),
+        ("train_cfg.max_iters=2.5", "expected an integer (the config's value is 60000)"),
+        ("optim_wrapper.optimizer.lr=fast", "expected a number (the config's value is 0.0008)"),
+        ("model.backbone.frozen=maybe", "expected True or False (the config's value is True)"),
+    ]:
+        assert runner.main("segmentation", [cfg, "--backbone", str(backbone), "--cfg-options", option]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"error: --cfg-options {option}: {expected}"]
+
+
+def test_full_disk_while_saving_a_checkpoint_is_one_line(tmp_path, monkeypatch):
+    """mmengine writes the checkpoint's bytes with open().write(): ENOSPC there is common.io's DiskFullError
+    (one line, exit 1), and no temp file is left."""
+    import errno
+
+    from mmengine.runner import Runner
+
+    from common.io import DiskFullError
+
+    def full_disk(self, out_dir: str, filename: str, *args, **kwargs) -> None:
+        (Path(out_dir) / filename).write_bytes(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Runner, "save_checkpoint", full_disk)
+    dense = object.__new__(proteus_mmseg.DenseRunner)  # never set up: only its own save_checkpoint code runs
+    with pytest.raises(DiskFullError) as e:
+        dense.save_checkpoint(str(tmp_path), "iter_4.pth")
+    assert str(e.value) == (f"no space left on {tmp_path} (No space left on device); iter_4.pth was not written, "
+                            "the checkpoints saved before are intact")  # fmt: skip
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(
@@ -560,18 +591,20 @@ def _tiny_argv(config: str, backbone: Path, data: Path, work: Path, *extra: str,
 
 
 def test_resume_continues_from_the_last_checkpoint(backbone, ade, tmp_path):
+    """The same command continues, also in a work dir moved since (mmengine records absolute paths);
+    the checkpoints are plain data, read with weights_only=True and no allow-list."""
     config = "segmentation/configs/linear_vit_small.py"
-    work = tmp_path / "work"
-    assert runner.main("segmentation", _tiny_argv(config, backbone, ade, work)) == 0
+    assert runner.main("segmentation", _tiny_argv(config, backbone, ade, tmp_path / "before")) == 0
+    work = Path(shutil.move(tmp_path / "before", tmp_path / "work"))
     history = work / "evaluations.jsonl"
     with open(history, "a") as f:  # as if the job had evaluated at 3 and died before checkpointing
         f.write(json.dumps({"iter": 3, "metrics": {"mIoU": 99.0}}) + "\n")
-    argv = _tiny_argv(config, backbone, ade, work)  # the same command: it continues
+    argv = _tiny_argv(config, backbone, ade, work)  # the same command, with the new folder: it continues
     argv[argv.index("train_cfg.max_iters=2")] = "train_cfg.max_iters=4"
     assert runner.main("segmentation", argv) == 0
-    assert (work / "iter_4.pth").is_file()
-    digest = hashlib.sha256((work / "iter_4.pth").read_bytes()).hexdigest()
-    assert f"{digest}  iter_4.pth" in (work / proteus_mmseg.MANIFEST).read_text().splitlines()
+    hub = torch.load(work / "iter_4.pth", weights_only=True)["message_hub"]
+    assert hub["runtime_info"]["last_ckpt"] == "iter_4.pth"  # relative to the work dir
+    assert len(list(work.glob("best_mIoU_iter_*.pth"))) == 1  # a superseded best is removed here, not elsewhere
     logs = "\n".join(p.read_text() for p in work.rglob("*.log"))
     assert "resumed epoch: 0, iter: 2" in logs
     assert "Iter(train) [1/4]" not in logs.split("resumed epoch")[-1]  # iterations 1-2 are not redone
@@ -603,7 +636,7 @@ def test_resume_is_of_the_same_backbone_and_takes_a_file(backbone, ade, tmp_path
     logs = "\n".join(p.read_text() for p in (tmp_path / "fresh").rglob("*.log"))
     assert "resumed epoch: 0, iter: 2" in logs and (tmp_path / "fresh" / "iter_4.pth").is_file()
     assert runner.main("segmentation", _tiny_argv(config, backbone, ade, tmp_path / "x", "--resume", str(other))) == 2
-    assert "is refused" in capsys.readouterr().err
+    assert f"{other} holds no training state (meta, message hub, optimizer) to resume from" in capsys.readouterr().err
 
 
 def _torchrun(config: str, backbone: Path, data: Path, work: Path, nproc: int, cuda: bool, options=()) -> str:
@@ -694,54 +727,44 @@ class _RunsCode:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_only_checkpoints_this_work_dir_wrote_are_unpickled(backbone, ade, tmp_path, capsys):
-    """mmengine checkpoints need full unpickling; only those this work dir's runs wrote (name and sha256
-    in its manifest) get it. A pickle with code in the work dir is never run, whether named with
-    --checkpoint, found through last_checkpoint (eval or resume) or put in place of our own checkpoint."""
+def test_no_checkpoint_runs_code_whatever_vouches_for_it(backbone, ade, tmp_path, capsys):
+    """Every dense checkpoint is read as data (weights_only=True), whoever wrote it: a pickle with code,
+    in a folder whose own checkpoints.sha256 lists it (anyone handing over a folder can write one), is
+    refused in one line and never run, through --resume FILE, the folder's last_checkpoint (--eval-only
+    or resuming), --checkpoint and the loader mmengine calls; mmengine's own format (function references
+    in its message hub) is one line too."""
+    from mmengine.logging import HistoryBuffer
     from mmengine.runner.checkpoint import CheckpointLoader
 
     config = "segmentation/configs/linear_vit_small.py"
-    work = tmp_path / "work"
-    run = lambda *extra: runner.main("segmentation", _tiny_argv(config, backbone, ade, work, *extra))  # noqa: E731
-    assert run() == 0
-    metrics = json.loads((work / "results.json").read_text())["details"]["final"]["metrics"]
-    own, marker, evil = work / "iter_2.pth", tmp_path / "code_ran", work / "evil.pth"
-    digest = hashlib.sha256(own.read_bytes()).hexdigest()
-    assert f"{digest}  iter_2.pth" in (work / proteus_mmseg.MANIFEST).read_text().splitlines()
+    folder, marker = tmp_path / "handed_over", tmp_path / "code_ran"
+    folder.mkdir()
+    evil = folder / "iter_2.pth"
     torch.save(_RunsCode(marker), evil)
-    capsys.readouterr()
+    (folder / "checkpoints.sha256").write_text(f"{hashlib.sha256(evil.read_bytes()).hexdigest()}  iter_2.pth\n")
+    (folder / "last_checkpoint").write_text(str(evil))
 
-    def refused(*extra: str) -> str:
-        assert run(*extra) == 2
+    def refused(work: Path, *extra: str) -> str:
+        assert runner.main("segmentation", _tiny_argv(config, backbone, ade, work, *extra)) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert not marker.exists()
         assert len(err) == 1 and err[0].startswith("error: ") and "weights_only" not in err[0], err
         return err[0]
 
-    err = refused("--eval-only", "--checkpoint", str(evil))
-    assert "evil.pth: it is a pickle that imports posix.system: refused" in err
-    last = (work / "last_checkpoint").read_text()
-    (work / "last_checkpoint").write_text(str(evil))
-    assert proteus_mmseg.MANIFEST in refused("--eval-only")
-    assert "resuming: " in refused() and (work / "iter_2.pth").is_file()
+    imports = f"cannot read checkpoint {evil}: it is a pickle that imports posix.system: refused"
+    assert imports in refused(tmp_path / "work", "--resume", str(evil))
+    assert imports in refused(folder, "--eval-only")
+    assert imports in refused(folder)
+    assert imports in refused(tmp_path / "work", "--eval-only", "--checkpoint", str(evil))
+    runner.read_checkpoints_as_data()  # as the runner does before mmengine starts
     with pytest.raises(ValueError, match="refused"):  # the loader mmengine calls, past the runner's checks
         CheckpointLoader.load_checkpoint(str(evil))
     assert not marker.exists()
-    (work / "last_checkpoint").write_text(last)
-    (work / ".iter_9.pth.123.tmp").write_bytes(b"half a checkpoint")
-    # our checkpoint named explicitly: read in full; its weights as a plain file elsewhere: weights_only
-    assert run("--eval-only", "--checkpoint", str(own)) == 0
-    assert not (work / ".iter_9.pth.123.tmp").exists()  # a save killed mid-write: removed at the next start
-    plain = tmp_path / "plain.pth"
-    torch.save({"state_dict": torch.load(own, weights_only=False)["state_dict"]}, plain)
-    assert run("--eval-only", "--checkpoint", str(plain)) == 0
-    assert json.loads((work / "results.json").read_text())["details"]["final"]["metrics"] == pytest.approx(
-        metrics, rel=1e-5
-    )
-    capsys.readouterr()
-    shutil.copy(evil, own)  # the manifest's name, another file: its hash differs
-    assert "iter_2.pth" in refused("--eval-only")
-    assert "resuming: " in refused()
+    capsys.readouterr()  # mmengine's log line, to an earlier test's logger when tests share a process
+    older = folder / "iter_4.pth"  # what DenseRunner saved before its checkpoints were plain data
+    hub = {"log_scalars": {"train/loss": HistoryBuffer([1.0], [1])}, "runtime_info": {}, "resumed_keys": {}}
+    torch.save({"meta": {"iter": 4}, "state_dict": {}, "message_hub": hub}, older)
+    assert f"{older} is a checkpoint of the older format" in refused(tmp_path / "work", "--resume", str(older))
 
 
 def test_checkpoint_must_cover_the_model(backbone, ade, tmp_path, capsys):
@@ -760,7 +783,12 @@ def test_checkpoint_must_cover_the_model(backbone, ade, tmp_path, capsys):
     assert "it holds none of the model's weights (a backbone file? pass it as --backbone)" in err
     assert "missing keys backbone.vit.blocks.0.attn.proj.bias" in err
     assert runner.main("segmentation", _tiny_argv(config, backbone, ade, work)) == 0
-    state = torch.load(work / "iter_2.pth", weights_only=False)["state_dict"]
+    state = torch.load(work / "iter_2.pth", weights_only=True)["state_dict"]
+    torch.save(state, tmp_path / "plain.pth")  # a bare state dict from elsewhere evaluates
+    (work / ".iter_9.pth.123.tmp").write_bytes(b"half a checkpoint")
+    assert runner.main("segmentation", _tiny_argv(config, backbone, ade, work, "--eval-only", "--checkpoint",
+                                                  str(tmp_path / "plain.pth"))) == 0  # fmt: skip
+    assert not (work / ".iter_9.pth.123.tmp").exists()  # a save killed mid-write: removed at the next start
     del state["decode_head.conv_seg.bias"]
     torch.save({"state_dict": state}, tmp_path / "partial.pth")
     capsys.readouterr()
