@@ -20,7 +20,6 @@ Configs load it with `custom_imports = dict(imports=["segmentation.mmseg_ext"])`
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -44,7 +43,7 @@ from mmseg.models.utils import resize
 from mmseg.registry import HOOKS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS
 from torch import nn
 
-from common.io import DiskFullError
+from common.io import atomic_replace
 from models.architectures import create_student
 from models.checkpoints import few_names, load_backbone, safe_load
 from models.dinov3 import DinoV3ViT
@@ -394,20 +393,8 @@ class DenseRunner(Runner):
 
     @master_only
     def save_checkpoint(self, out_dir: str, filename: str, *args, **kwargs) -> None:
-        final = Path(out_dir).resolve() / filename
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        try:
-            super().save_checkpoint(str(final.parent), tmp.name, *args, **kwargs)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except OSError as e:  # mmengine writes the pickled bytes with a plain open().write()
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                kept = f"{final.name} was not written, the checkpoints saved before are intact"
-                raise DiskFullError(e.errno, f"no space left on {final.parent} ({e.strerror}); {kept}") from None
-            raise
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_replace(Path(out_dir).resolve() / filename) as tmp:  # a full disk: DiskFullError, one line
+            super().save_checkpoint(str(tmp.parent), tmp.name, *args, **kwargs)
 
     def load_checkpoint(self, filename: str, map_location="cpu", strict: bool = False, revise_keys=REVISE_KEYS):
         checkpoint = super().load_checkpoint(filename, map_location, strict, list(revise_keys))
