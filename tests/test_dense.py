@@ -215,6 +215,15 @@ def test_reference_pos_embed_flag(backbone, ade, tmp_path, capsys):
     assert runner.main("segmentation", _tiny_argv(config, backbone, ade, work, "--eval-only")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: the checkpoint's pos_embed has 1370 positions, this backbone's 5")
+    # resuming without the flag is refused the same way, and the run's checkpoint stays as it was
+    saved = (work / "iter_2.pth").read_bytes()
+    argv = _tiny_argv(config, backbone, ade, work)
+    argv[argv.index("train_cfg.max_iters=2")] = "train_cfg.max_iters=4"
+    assert runner.main("segmentation", argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error: the checkpoint's pos_embed has 1370 positions")
+    assert "Traceback" not in err and (work / "iter_2.pth").read_bytes() == saved
+    assert not (work / "iter_4.pth").exists()
 
 
 def test_best_on_test_follows_the_checkpoint_rule(tmp_path):
@@ -774,6 +783,16 @@ def test_no_checkpoint_runs_code_whatever_vouches_for_it(backbone, ade, tmp_path
     hub = {"log_scalars": {"train/loss": HistoryBuffer([1.0], [1])}, "runtime_info": {}, "resumed_keys": {}}
     torch.save({"meta": {"iter": 4}, "state_dict": {}, "message_hub": hub}, older)
     assert f"{older} is a checkpoint of the older format" in refused(tmp_path / "work", "--resume", str(older))
+
+
+def test_a_depth_checkpoint_must_cover_the_model(backbone, nyu, tmp_path, capsys):
+    """depth.main shares the runner's checkpoint rules: a backbone file as --checkpoint is one line."""
+    argv = _tiny_argv("depth/configs/linear_vit_small.py", backbone, nyu, tmp_path / "work", "--eval-only",
+                      "--checkpoint", str(backbone))  # fmt: skip
+    assert runner.main("depth", argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: checkpoint {backbone} does not cover the model: "), err
+    assert "a backbone file? pass it as --backbone" in err[0]
 
 
 def test_checkpoint_must_cover_the_model(backbone, ade, tmp_path, capsys):
