@@ -259,7 +259,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="more arguments for one task (repeatable), e.g. 'linear=--input-size 112', or for a ViT-Ti (width 192, "
         "run with the ViT-S configs) and the default 1x1-conv head: "
         "'ade20k=--cfg-options model.decode_head.in_channels=[192,192,192,192] model.decode_head.channels=768'; "
-        "and nyu's DPT probe: 'nyu=--cfg-options model.decode_head.in_channels=[192,192,192,192] "
+        "and for the nyu DPT probe: 'nyu=--cfg-options model.decode_head.in_channels=[192,192,192,192] "
         "model.decode_head.embed_dims=192'",
     )
     return p
