@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common.cli import HelpFormatter, run
+from common.cli import ArgumentParser, run
 from models.teachers import TEACHERS, download
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Fetch teachers into torch hub's cache", formatter_class=HelpFormatter)
+    p = ArgumentParser("Fetch teachers into torch hub's cache")
     p.add_argument("teachers", nargs="+", metavar="NAME", help=f"one or more of: {', '.join(TEACHERS)}")
     return p
 

@@ -21,7 +21,7 @@ from linear_eval import zeroshot
 from pretrain import benchmark as pretrain_benchmark
 from pretrain import demo
 from pretrain import main as pretrain_main
-from scripts import evaluate_all, visualize_pca
+from scripts import evaluate_all, fetch_teachers, visualize_pca
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ NAMES = ["pretrain", "linear", "knn", "zeroshot", "fine_grained", "visualize_pca
 def parsers() -> dict:
     """Every entry point's parser, the dense ones when mmsegmentation is installed."""
     found = {m.__name__: m.get_args_parser() for m in (pretrain_main, pretrain_benchmark, linear_main, knn_main,
-             zeroshot, fg_main, fg_benchmark, evaluate_all, visualize_pca)}  # fmt: skip
+             zeroshot, fg_main, fg_benchmark, evaluate_all, visualize_pca, fetch_teachers)}  # fmt: skip
     try:
         from segmentation import runner
     except ImportError:
