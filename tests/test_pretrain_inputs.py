@@ -231,4 +231,4 @@ def test_ctrl_c_checkpoints_like_sigterm_and_the_rerun_says_where_it_resumes(tmp
     monkeypatch.undo()
     assert run(data, out, "--epochs", "1", "--epoch-length", "3", "--pca-every", "0") == 0
     printed = capsys.readouterr().out
-    assert f"resumed from {out / 'checkpoint.pth'} at iteration 2 of epoch 0" in printed and "-1" not in printed
+    assert f"resumed from {out / 'checkpoint.pth'} at iteration 2 of epoch 0" in printed and "epoch -1" not in printed
