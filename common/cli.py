@@ -23,6 +23,8 @@ from collections.abc import Callable
 
 import torch
 
+from models.errors import UsageError
+
 from . import distributed
 from .io import DiskFullError, disk_full_cause, prepare_output_dir
 
@@ -64,14 +66,16 @@ class MissingDependency(ImportError):
     """An optional package a task needs (mmsegmentation, scikit-learn) is not installed: bad input, not a bug."""
 
 
-INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, MissingDependency)
+# the user's mistakes, and only them: a ValueError or OSError from a bug keeps its traceback
+INPUT_ERRORS = (UsageError, MissingDependency)
 
 
 def run(main: Callable[..., int | None], *args, during: str = "") -> int:
     """main(*args) as every entry point runs it; returns the exit status (main's, 0 for None).
 
-    - ValueError, FileNotFoundError, NotADirectoryError, MissingDependency: `error: <message>` on stderr
-      and EXIT_INPUT (2), never a traceback; checks come before the work, so nothing is half done;
+    - models.errors.UsageError (the user's mistakes; MissingFile among them) and MissingDependency: `error:
+      <message>` on stderr and EXIT_INPUT (2), never a traceback; checks come before the work, so nothing is
+      half done;
     - a full disk or quota: `error: ...` and 1, the last atomic write intact (common.io.DiskFullError; also
       when a library's own writer, tensorboard's say, reports it, wrapped or not);
     - SIGUSR1/SIGTERM/SIGINT: common.distributed.exit_on_preemption, EXIT_REQUEUE (75) whatever the unwinding raises;
@@ -140,7 +144,7 @@ def start(args: argparse.Namespace) -> torch.device:
 def check_positive(args: argparse.Namespace, *names: str) -> None:
     for name in names:
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
 
 
 BACKBONE_HELP = "the weights to evaluate: a pretrain checkpoint.pth / backbone.pth, a reference checkpoint, official "

@@ -11,20 +11,22 @@ import threading
 import torch
 import torch.distributed as dist
 
+from models.errors import UsageError
+
 
 def resolve_device(name: str) -> torch.device:
     """--device as a torch.device, or one clear ValueError (unknown name, no such accelerator)."""
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device {name}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
+        raise UsageError(f"--device {name}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: no CUDA GPU is visible to torch here; use --device cpu")
+            raise UsageError(f"--device {name}: no CUDA GPU is visible to torch here; use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
     elif device.type != "cpu" and not getattr(getattr(torch, device.type, None), "is_available", lambda: False)():
-        raise ValueError(f"--device {name}: no {device.type} device is available here; use --device cpu")
+        raise UsageError(f"--device {name}: no {device.type} device is available here; use --device cpu")
     return device
 
 

@@ -20,6 +20,7 @@ from torch.utils.data.dataloader import default_collate
 from torchvision import transforms
 
 from models import ViT, load_backbone, safe_load
+from models.errors import UsageError
 
 from . import distributed as dist_utils
 from .images import IMAGE_ERRORS
@@ -43,10 +44,10 @@ def eval_transform(
 def frozen_backbone(path: str | None, device: torch.device, input_size: int) -> ViT:
     """models.load_backbone in eval mode without gradients: every eval reads weights the same way."""
     if not path:
-        raise ValueError("--backbone is required (a pretrain checkpoint.pth/backbone.pth, DINOv2 or DINOv3 weights)")
+        raise UsageError("--backbone is required (a pretrain checkpoint.pth/backbone.pth, DINOv2 or DINOv3 weights)")
     model = load_backbone(path).to(device).eval()
     if input_size % model.patch_size:
-        raise ValueError(f"--input-size {input_size} is not a multiple of the patch size {model.patch_size}")
+        raise UsageError(f"--input-size {input_size} is not a multiple of the patch size {model.patch_size}")
     model.requires_grad_(False)
     return model
 
@@ -191,7 +192,7 @@ def extract_features(
         torch.distributed.all_gather_object(shapes, local)
     shape = next((x for x in shapes if x is not None), None)
     if shape is None:
-        raise ValueError(f"{desc}: none of the {len(dataset)} images is readable")
+        raise UsageError(f"{desc}: none of the {len(dataset)} images is readable")
     idx = torch.cat(indices) if feats else torch.zeros(0, dtype=torch.long)
     feats = torch.cat(feats) if feats else torch.zeros(0, *shape[0])
     targets = torch.cat(targets) if targets else torch.zeros(0, *shape[1], dtype=shape[2])
@@ -251,7 +252,7 @@ def _load_cache(path: Path, key: dict) -> dict | None:
         return None
     try:
         stored = safe_load(path)
-    except ValueError as e:
+    except UsageError as e:
         why = f"is unreadable ({e})"
     else:
         old = stored.get("key") if isinstance(stored, dict) else None
@@ -289,7 +290,7 @@ def cached_features(
         if dist_utils.broadcast_from_main(out is not None) and out is None:
             out = _load_cache(path, key)
             if out is None:
-                raise ValueError(f"cache {path} is valid on rank 0 but not here: use a --cache-dir every node sees")
+                raise UsageError(f"cache {path} is valid on rank 0 but not here: use a --cache-dir every node sees")
     if out is None:
         out = extract_features(fn, dataset, device, batch_size, num_workers, desc)
         if path is not None and dist_utils.is_main():

@@ -13,6 +13,8 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
+from models.errors import MissingFile, UsageError
+
 from . import distributed
 
 log = logging.getLogger(__name__)
@@ -30,10 +32,10 @@ def to_rgb(img: Image.Image, path: str | Path = "") -> Image.Image:
     if img.mode in SIXTEEN_BIT_MODES:
         a = np.asarray(img).astype(np.float64)
         if a.size and (a.min() < 0 or a.max() > 65535):
-            raise ValueError(f"{path}: mode {img.mode} values {a.min():.0f}..{a.max():.0f} are not 16-bit")
+            raise UsageError(f"{path}: mode {img.mode} values {a.min():.0f}..{a.max():.0f} are not 16-bit")
         img = Image.fromarray(np.round(a / 257).astype(np.uint8), "L")
     elif img.mode == "F":
-        raise ValueError(f"{path}: a float image (mode F) has no 8-bit scale; convert it to 8 or 16 bits")
+        raise UsageError(f"{path}: a float image (mode F) has no 8-bit scale; convert it to 8 or 16 bits")
     return img.convert("RGB")
 
 
@@ -83,11 +85,11 @@ class LinkSafeImageFolder(ImageFolder):
         found = {t for _, t in samples}
         empty = [name for name in classes if class_to_idx[name] not in found]
         if empty and not allow_empty:
-            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}")
+            raise MissingFile(f"Found no valid file for the classes {', '.join(empty)}")
         return samples
 
 
-class NoReadableImage(ValueError):
+class NoReadableImage(UsageError):
     """Not one image of a folder can be read: bad input, one line. A DataLoader re-raises a worker's exception
     as its type built from one string, "Caught ... in DataLoader worker" and the worker's whole traceback;
     keeping that string's last line, the original message, keeps the error one line in the main process."""
@@ -158,11 +160,11 @@ def read_image_folder(root: Path, transform) -> SkipCorruptImageFolder:
         empty = [d for d in classes if not any(p.suffix.lower() in IMG_EXTENSIONS for p in d.rglob("*"))]
         if empty and len(empty) < len(classes):
             shown = ", ".join(str(d) for d in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
-            raise FileNotFoundError(
+            raise MissingFile(
                 f"{len(empty)} of the {len(classes)} class folders in {root} hold no image: {shown} "
                 f"(extensions {', '.join(IMG_EXTENSIONS)}); remove them or add images, since every class is a label"
             ) from None
-        raise FileNotFoundError(
+        raise MissingFile(
             f"no images in {root}: expected {root}/<class>/<image> with extensions {', '.join(IMG_EXTENSIONS)} ({e})"
         ) from None
 

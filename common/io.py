@@ -13,18 +13,20 @@ from pathlib import Path
 
 import torch
 
+from models.errors import UsageError
+
 
 def prepare_output_dir(path: str | os.PathLike) -> Path:
     """Create an output folder up front, so a bad path is one clear error before any work is done."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"output folder {path} exists and is not a folder")
+        raise UsageError(f"output folder {path} exists and is not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"cannot create output folder {path}: {e.strerror or e}") from None
+        raise UsageError(f"cannot create output folder {path}: {e.strerror or e}") from None
     if not os.access(path, os.W_OK):
-        raise ValueError(f"output folder {path} is not writable")
+        raise UsageError(f"output folder {path} is not writable")
     return path
 
 
@@ -183,7 +185,7 @@ def finish_saves(journal: Path, paths: list[Path]) -> None:
         except (ValueError, KeyError, TypeError):
             moves = None
         if moves != expected:
-            raise ValueError(f"{journal} is not the journal of this run's checkpoints {', '.join(map(str, paths))}: "
+            raise UsageError(f"{journal} is not the journal of this run's checkpoints {', '.join(map(str, paths))}: "
                              "it is written atomically, so something else wrote it; remove it to continue")  # fmt: skip
         for path in paths:
             if _staged(path).exists():  # a kill in the middle of the renames left the rest to do

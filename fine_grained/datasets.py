@@ -2,7 +2,7 @@
 
 Folder convention: `--data-path` holds one folder per dataset name; `<data-path>/<name>` is the
 root handed to torchvision (what its `download=True` creates) or read by our own readers. Every
-reader checks its layout first and raises a ValueError naming the expected layout.
+reader checks its layout first and raises a UsageError naming the expected layout.
 
 Split rules. "official": the dataset's own train/val/test, trainval = train + val. "holdout": the
 dataset's train (pets: its trainval) and test; val = the first floor(0.2 N) of the train indices
@@ -25,6 +25,7 @@ from torchvision import datasets as tvd
 
 from common.features import sample_list
 from common.images import LinkSafeImageFolder, load_rgb
+from models.errors import UsageError
 
 Transform = Callable[[Image.Image], torch.Tensor]
 VOC_CLASSES = (
@@ -63,8 +64,8 @@ class SplitOptions:
     caltech: str = "reference"  # one of CALTECH_SPLITS
 
 
-def layout_error(name: str, layout: str, detail: str) -> ValueError:
-    return ValueError(f"{name}: {detail}; expected <data-path>/{name}/{layout}")
+def layout_error(name: str, layout: str, detail: str) -> UsageError:
+    return UsageError(f"{name}: {detail}; expected <data-path>/{name}/{layout}")
 
 
 def read_lines(path: Path) -> list[str]:
@@ -103,7 +104,7 @@ def per_class_split(
     `np.sort(np.random.choice(idx, per_class))`), duplicates kept in train; test = every index never drawn.
     "distinct": `per_class` indices per class WITHOUT replacement (torch.randperm, one seeded generator)."""
     if rule not in CALTECH_SPLITS:
-        raise ValueError(f"unknown split rule '{rule}'; choose from {', '.join(CALTECH_SPLITS)}")
+        raise UsageError(f"unknown split rule '{rule}'; choose from {', '.join(CALTECH_SPLITS)}")
     rs, g = np.random.RandomState(seed), torch.Generator().manual_seed(seed)
     train = []
     for c in sorted(set(targets)):
@@ -202,7 +203,7 @@ def _ours(reader: Callable[[Path, str, str, SplitOptions], list], name: str, lay
         if not root.is_dir():
             raise layout_error(name, layout, f"{root} does not exist")
         if download:
-            raise ValueError(f"{name}: --download is not available; place the files as the README says")
+            raise UsageError(f"{name}: --download is not available; place the files as the README says")
         return ImageList(reader(root, split, layout, options), transform)
 
     return build
@@ -321,7 +322,7 @@ def parse_names(value: str) -> list[str]:
     names = [n.strip() for n in value.split(",") if n.strip()]
     unknown = [n for n in names if n not in DATASETS]
     if unknown or not names:
-        raise ValueError(f"unknown dataset(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(DATASETS)}")
+        raise UsageError(f"unknown dataset(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(DATASETS)}")
     return names
 
 

@@ -18,6 +18,7 @@ from common.cli import ArgumentParser, check_positive, evaluation_parser, run
 from common.features import cached_features, eval_transform, frozen_backbone
 from common.io import atomic_write_text, prepare_output_dir
 from common.results import Results, Timer, write_results
+from models.errors import UsageError
 
 from . import logreg
 from .datasets import CALTECH_SPLITS, DATASETS, Spec, SplitOptions, build_split, parse_names, protocol_splits
@@ -176,7 +177,7 @@ def fine_grained(args: argparse.Namespace) -> int:
             with timer.phase(name):
                 feats = {split: features(args, model, device, name, split, ds) for split, ds in splits[name].items()}
                 results[name] = evaluate(DATASETS[name], feats, len(splits[name]["train"]), device, args.max_iter)
-        except ValueError as e:
+        except UsageError as e:
             failed[name] = str(e)
             print(f"error: {name}: {e}", file=sys.stderr, flush=True)
             continue

@@ -12,6 +12,7 @@ from torchvision import transforms
 
 from common.features import eval_transform
 from common.images import SkipCorruptImageFolder, check_readable, read_image_folder
+from models.errors import MissingFile, UsageError
 
 LAYOUT = "<data-path>/train/<class>/<image> and <data-path>/val/<class>/<image>"
 
@@ -35,10 +36,10 @@ def val_transform(input_size: int) -> transforms.Compose:
 
 def image_folder(data_path: str | None, split: str, transform) -> SkipCorruptImageFolder:
     if not data_path:
-        raise ValueError(f"--data-path is required (an ImageNet root: {LAYOUT})")
+        raise UsageError(f"--data-path is required (an ImageNet root: {LAYOUT})")
     root = Path(data_path) / split
     if not root.is_dir():
-        raise FileNotFoundError(f"no {split}/ folder in --data-path {data_path} (expected {LAYOUT})")
+        raise MissingFile(f"no {split}/ folder in --data-path {data_path} (expected {LAYOUT})")
     return read_image_folder(root, transform)
 
 
@@ -53,7 +54,7 @@ def load_splits(data_path: str | None, train_tf, val_tf) -> tuple[SkipCorruptIma
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))
-        raise ValueError(
+        raise UsageError(
             f"val classes do not match train classes in {data_path} ({len(train.classes)} train, "
             f"{len(val.classes)} val; only in train: {only_train[:5] or 'none'}; only in val: {only_val[:5] or 'none'})"
         )
@@ -63,11 +64,11 @@ def load_splits(data_path: str | None, train_tf, val_tf) -> tuple[SkipCorruptIma
 def split_holdout(dataset: SkipCorruptImageFolder, fraction: float, seed: int, holdout_tf) -> tuple[Dataset, Dataset]:
     """A seeded random `fraction` of train, seen with `holdout_tf`, for classifier selection; the rest trains."""
     if not 0 < fraction < 1:
-        raise ValueError(f"--val-from-train must be a fraction in (0, 1), got {fraction}")
+        raise UsageError(f"--val-from-train must be a fraction in (0, 1), got {fraction}")
     n = len(dataset)
     n_hold = round(n * fraction)
     if not 0 < n_hold < n:
-        raise ValueError(f"--val-from-train {fraction} of {n} train images leaves an empty split")
+        raise UsageError(f"--val-from-train {fraction} of {n} train images leaves an empty split")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     holdout = copy.copy(dataset)  # shares the scanned sample list; only the transform differs
     holdout.transform = holdout_tf

@@ -21,6 +21,7 @@ from common.cli import ArgumentParser, check_positive, evaluation_parser, run, s
 from common.features import cached_features, frozen_backbone, image_counts
 from common.io import prepare_output_dir
 from common.results import Results, Timer, print_table, topk_correct, write_results
+from models.errors import UsageError
 
 from .data import LAYOUT, load_splits, val_transform
 
@@ -93,14 +94,14 @@ def knn_accuracy(
 def prepare(args: argparse.Namespace, device: torch.device) -> dict:
     check_positive(args, "batch_size", "input_size")
     if args.temperature <= 0:
-        raise ValueError(f"--temperature must be positive, got {args.temperature}")
+        raise UsageError(f"--temperature must be positive, got {args.temperature}")
     if args.cache_dir:
         prepare_output_dir(args.cache_dir)  # unwritable: fail now, not after the extraction
     backbone = frozen_backbone(args.backbone, device, args.input_size)
     tf = val_transform(args.input_size)
     train, val = load_splits(args.data_path, tf, tf)
     if min(args.nb_knn) < 1:
-        raise ValueError(f"--nb-knn values must be positive, got {args.nb_knn}")
+        raise UsageError(f"--nb-knn values must be positive, got {args.nb_knn}")
 
     def features(name: str, dataset) -> dict:
         path = Path(args.cache_dir) / f"{name}_features.pth" if args.cache_dir else None

@@ -22,6 +22,7 @@ from common.io import atomic_save, prepare_output_dir
 from common.results import Results, Timer, print_table, topk_correct, write_results
 from common.schedule import warmup_cosine
 from models import ViT, safe_load
+from models.errors import UsageError
 
 from .classifiers import AllClassifiers, classifier_grid, linear_features
 from .data import LAYOUT, load_splits, split_holdout, train_transform, val_transform
@@ -59,7 +60,7 @@ def prepare(args: argparse.Namespace, device: torch.device, timer: Timer) -> dic
     check_positive(args, "epochs", "batch_size", "input_size", "print_freq")
     backbone = frozen_backbone(args.backbone, device, args.input_size)
     if len(backbone.blocks) < 4:
-        raise ValueError(f"the backbone has {len(backbone.blocks)} blocks; the protocol reads the last 4")
+        raise UsageError(f"the backbone has {len(backbone.blocks)} blocks; the protocol reads the last 4")
     train, val = load_splits(args.data_path, train_transform(args.input_size), val_transform(args.input_size))
     train_images = train  # the folder whose unreadable images training skips (counted at the end)
     num_classes = len(train.classes)
@@ -81,7 +82,7 @@ def prepare(args: argparse.Namespace, device: torch.device, timer: Timer) -> dic
     if args.epoch_length is None:
         args.epoch_length = len(sampler) // args.batch_size
         if args.epoch_length < 1:
-            raise ValueError(f"{len(sampler)} train images per process cannot fill a batch of {args.batch_size}")
+            raise UsageError(f"{len(sampler)} train images per process cannot fill a batch of {args.batch_size}")
     check_positive(args, "epoch_length")
 
     torch.manual_seed(args.seed)  # the same classifier init on every rank
@@ -130,10 +131,10 @@ def resume(args: argparse.Namespace, classifiers: AllClassifiers, optimizer: tor
         return 0
     ckpt = safe_load(path)
     if not isinstance(ckpt, dict) or not {"classifiers", "optimizer", "epoch", "args"} <= set(ckpt):
-        raise ValueError(f"{path} is not a linear_eval checkpoint (it lacks classifiers/optimizer/epoch/args)")
+        raise UsageError(f"{path} is not a linear_eval checkpoint (it lacks classifiers/optimizer/epoch/args)")
     for key, now in run_identity(args).items():
         if ckpt["args"].get(key) != now:
-            raise ValueError(f"{path} was run with {key} {ckpt['args'].get(key)}, not {now}; use another --output-dir")
+            raise UsageError(f"{path} was run with {key} {ckpt['args'].get(key)}, not {now}; use another --output-dir")
     classifiers.load_state_dict(ckpt["classifiers"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if dist_utils.is_main():

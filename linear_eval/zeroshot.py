@@ -27,6 +27,7 @@ from common.cli import ArgumentParser, MissingDependency, check_positive, evalua
 from common.features import eval_transform, extract_features, frozen_backbone, image_counts
 from common.results import Results, Timer, print_table, topk_correct, write_results
 from models import TEACHERS, Adaptors, load_adaptors
+from models.errors import UsageError
 from models.teachers import openai_clip_state_dict
 
 from .data import image_folder, val_transform
@@ -72,13 +73,13 @@ def choose_teacher(adaptors: Adaptors, requested: str | None, path: str) -> str:
     held = ", ".join(f"{n} ({family(n, adaptors.teachers.get(n, {})) or 'family unknown'})" for n in adaptors.adaptors)
     clip = clip_teachers(adaptors)
     if requested and requested not in adaptors.adaptors:
-        raise ValueError(f"--teacher {requested}: {path} holds the adaptors of {held}")
+        raise UsageError(f"--teacher {requested}: {path} holds the adaptors of {held}")
     if requested and requested not in clip:
-        raise ValueError(f"--teacher {requested} is not a CLIP teacher ({path} holds {held})")
+        raise UsageError(f"--teacher {requested} is not a CLIP teacher ({path} holds {held})")
     if not requested and not clip:
-        raise ValueError(f"{path} holds no CLIP teacher's adaptor ({held}): zero-shot needs a CLIP teacher's student")
+        raise UsageError(f"{path} holds no CLIP teacher's adaptor ({held}): zero-shot needs a CLIP teacher's student")
     if not requested and len(clip) > 1:
-        raise ValueError(f"{path} holds several CLIP teachers ({', '.join(clip)}): choose one with --teacher")
+        raise UsageError(f"{path} holds several CLIP teachers ({', '.join(clip)}): choose one with --teacher")
     return requested or clip[0]
 
 
@@ -90,11 +91,11 @@ def load_clip(path: str):
         raise MissingDependency("zero-shot needs open_clip: pip install open_clip_torch") from None
     raw = openai_clip_state_dict(path)
     if "visual.proj" not in raw:
-        raise ValueError(f"{path} is not a ViT CLIP (no visual.proj): no ln_post(CLS) feature was distilled from it")
+        raise UsageError(f"{path} is not a ViT CLIP (no visual.proj): no ln_post(CLS) feature was distilled from it")
     try:
         clip = build_model_from_openai_state_dict(raw, cast_dtype=None)
     except (KeyError, RuntimeError) as e:
-        raise ValueError(f"{path} is not a complete OpenAI CLIP checkpoint: {str(e).strip().splitlines()[0]}") from None
+        raise UsageError(f"{path} is not a complete OpenAI CLIP checkpoint: {str(e).strip().splitlines()[0]}") from None
     return clip.float().eval().requires_grad_(False)
 
 
@@ -135,16 +136,16 @@ def zeroshot(args: argparse.Namespace) -> None:
     name = choose_teacher(adaptors, args.teacher, args.adaptors)
     adaptor = adaptors.adaptors[name].to(device)
     if backbone.embed_dim != adaptors.student_dim:
-        raise ValueError(
+        raise UsageError(
             f"--backbone {args.backbone} is {backbone.embed_dim} wide but {args.adaptors} adapts a "
             f"{adaptors.student_dim}-wide student: give the backbone.pth exported with these adaptors"
         )
     if adaptor.token_head is None:
-        raise ValueError(f"{args.adaptors}: the {name} adaptor has no token head, so it predicts no CLS feature")
+        raise UsageError(f"{args.adaptors}: the {name} adaptor has no token head, so it predicts no CLS feature")
     clip = load_clip(args.clip_checkpoint).to(device)
     width = clip.visual.proj.shape[0]
     if adaptor.target.dim != width:
-        raise ValueError(
+        raise UsageError(
             f"the {name} adaptor predicts {adaptor.target.dim}-dim features but {args.clip_checkpoint}'s visual "
             f"width is {width}: give the CLIP file the student was distilled from"
         )

@@ -20,6 +20,7 @@ from .checkpoints import (
     to_reference,
 )
 from .dinov3 import DinoV3ViT
+from .errors import MissingFile, UsageError
 from .teachers import TEACHERS, Teacher, create_teacher, default_dtype, resample_patches
 from .vision_transformer import ViT
 
@@ -29,10 +30,12 @@ __all__ = [
     "load_adaptors",
     "DinoV3ViT",
     "LAYOUTS",
+    "MissingFile",
     "STUDENT_ARCHS",
     "TEACHERS",
     "VIT_CONFIGS",
     "Teacher",
+    "UsageError",
     "ViT",
     "ViTConfig",
     "build_vit",

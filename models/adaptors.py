@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import UsageError
+
 STANDARDIZATIONS = ("phi-s", "zscore", "none")
 FORMAT = "proteus-adaptors"
 
@@ -62,7 +64,7 @@ def hadamard(n: int) -> torch.Tensor:
         for _ in range(k):
             h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
         return h / math.sqrt(n)
-    raise ValueError(f"no Hadamard matrix of order {n} is constructed here: use --teacher-standardization zscore")
+    raise UsageError(f"no Hadamard matrix of order {n} is constructed here: use --teacher-standardization zscore")
 
 
 class Standardizer(nn.Module):
@@ -73,7 +75,7 @@ class Standardizer(nn.Module):
     def __init__(self, dim: int, kind: str) -> None:
         super().__init__()
         if kind not in STANDARDIZATIONS:
-            raise ValueError(f"unknown standardization {kind!r}; choose from {', '.join(STANDARDIZATIONS)}")
+            raise UsageError(f"unknown standardization {kind!r}; choose from {', '.join(STANDARDIZATIONS)}")
         self.kind = kind
         if kind != "none":
             self.register_buffer("estimated", torch.tensor(False))
@@ -194,7 +196,7 @@ def load_adaptors(path: str | Path) -> Adaptors:
 
     data = safe_load(path)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an adaptors.pth written by pretraining (no 'format': '{FORMAT}')")
+        raise UsageError(f"{path} is not an adaptors.pth written by pretraining (no 'format': '{FORMAT}')")
     fields = TeacherTarget.__dataclass_fields__
     targets, teachers = [], {}
     for name, entry in data["teachers"].items():

@@ -11,6 +11,7 @@ from torch import nn
 
 from . import dinov3
 from .dinov3 import DinoV3ViT
+from .errors import UsageError
 from .vision_transformer import ViT
 
 
@@ -151,14 +152,14 @@ def create_student(
     """
     if name.endswith(DINOV3_SUFFIX) and name[: -len(DINOV3_SUFFIX)] in STUDENT_ARCHS:
         if layout not in (None, "dinov3"):
-            raise ValueError(f"student '{name}' is in the dinov3 layout, not {layout}")
+            raise UsageError(f"student '{name}' is in the dinov3 layout, not {layout}")
         name, layout = name[: -len(DINOV3_SUFFIX)], "dinov3"
     layout = layout or "dinov2"
     if name not in STUDENT_ARCHS:
         choices = [*STUDENT_ARCHS, *(n + DINOV3_SUFFIX for n in STUDENT_ARCHS)]
-        raise ValueError(f"unknown student '{name}'; choose from {', '.join(choices)}")
+        raise UsageError(f"unknown student '{name}'; choose from {', '.join(choices)}")
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown student layout '{layout}'; choose from {', '.join(LAYOUTS)}")
+        raise UsageError(f"unknown student layout '{layout}'; choose from {', '.join(LAYOUTS)}")
     model = STUDENT_ARCHS[name].build(layout, patch_size=patch_size, img_size=img_size, drop_path_rate=drop_path_rate)
     spec = LAYOUTS[layout]
     with torch.no_grad():
@@ -205,7 +206,7 @@ def vit_from_state_dict(state_dict: dict[str, torch.Tensor], img_size: int | Non
         num_pos = state_dict["pos_embed"].shape[1] - 1
         fc1, fc2 = state_dict["blocks.0.mlp.fc1.weight"], state_dict["blocks.0.mlp.fc2.weight"]
     except KeyError as e:
-        raise ValueError(f"not a ViT backbone state dict: key {e} is missing") from None
+        raise UsageError(f"not a ViT backbone state dict: key {e} is missing") from None
     depth = 1 + max(int(m.group(1)) for k in state_dict if (m := _BLOCK.match(k)))
     grid = int(round(num_pos**0.5))
     hidden = fc2.shape[1]
@@ -230,14 +231,14 @@ def _dinov3_from_state_dict(state_dict: dict[str, torch.Tensor], **kwargs) -> Di
         patch_size = state_dict["patch_embed.proj.weight"].shape[-1]
         head_dim = 4 * state_dict["rope_embed.periods"].numel()
     except KeyError as e:
-        raise ValueError(f"not a DINOv3 backbone state dict: key {e} is missing") from None
+        raise UsageError(f"not a DINOv3 backbone state dict: key {e} is missing") from None
     blocks = [int(m.group(1)) for k in state_dict if (m := _BLOCK.match(k))]
     if not blocks:
-        raise ValueError("not a DINOv3 backbone state dict: it has no blocks.<i>.* keys")
+        raise UsageError("not a DINOv3 backbone state dict: it has no blocks.<i>.* keys")
     swiglu = "blocks.0.mlp.w1.weight" in state_dict
     fc1 = state_dict.get("blocks.0.mlp.w1.weight" if swiglu else "blocks.0.mlp.fc1.weight")
     if fc1 is None:
-        raise ValueError("not a DINOv3 backbone state dict: blocks.0 has no mlp.fc1 or mlp.w1 weight")
+        raise UsageError("not a DINOv3 backbone state dict: blocks.0 has no mlp.fc1 or mlp.w1 weight")
     return build_vit(
         "dinov3",
         dim,

@@ -25,6 +25,7 @@ from torch import nn
 from . import dinov3
 from .architectures import layout_of, vit_from_state_dict
 from .dinov3 import DinoV3ViT
+from .errors import MissingFile, UsageError
 from .vision_transformer import ViT
 
 StateDict = dict[str, torch.Tensor]
@@ -39,14 +40,14 @@ def safe_load(path: str | os.PathLike) -> object:
     """torch.load with weights_only=True and a clear error for unreadable files."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+        raise MissingFile(f"checkpoint file not found: {path}")
     if is_torchscript_archive(path):  # torch.load refuses it too, after a warning that names torch.jit.load
-        raise ValueError(f"cannot read checkpoint {path}: {_TORCHSCRIPT}")
+        raise UsageError(f"cannot read checkpoint {path}: {_TORCHSCRIPT}")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
-        raise ValueError(f"cannot read checkpoint {path}: {_describe(path, e)}") from None
+        raise UsageError(f"cannot read checkpoint {path}: {_describe(path, e)}") from None
 
 
 _TORCHSCRIPT = (
@@ -257,10 +258,10 @@ def torchscript_state_dict(path: str | os.PathLike) -> StateDict:
                 raise _Unreadable(f"its data.pkl holds a {type(root).__name__}, not a module")
             return archive.tensors(root)
     except _Unreadable as e:
-        raise ValueError(f"cannot read TorchScript archive {path}: {e}; {CONVERT}") from None
+        raise UsageError(f"cannot read TorchScript archive {path}: {e}; {CONVERT}") from None
     except Exception as e:  # noqa: BLE001 - a damaged zip, pickle or code file raises many types
         why = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot read TorchScript archive {path}: it is damaged ({why})") from None
+        raise UsageError(f"cannot read TorchScript archive {path}: it is damaged ({why})") from None
 
 
 def load_strict(model: nn.Module, state_dict: StateDict, source: str, optional: tuple[str, ...] = ()) -> None:
@@ -289,7 +290,7 @@ def check_keys(own: StateDict, state_dict: StateDict, source: str, optional: tup
     if shapes:
         problems.append(f"shape mismatch (file vs model): {few_names(shapes)}")
     if problems:
-        raise ValueError(f"weights in {source} do not match the model; " + "; ".join(problems))
+        raise UsageError(f"weights in {source} do not match the model; " + "; ".join(problems))
 
 
 def load_dinov3(model: DinoV3ViT, state_dict: StateDict, source: str) -> None:
@@ -299,7 +300,7 @@ def load_dinov3(model: DinoV3ViT, state_dict: StateDict, source: str) -> None:
     try:
         ours = dinov3.from_official(state_dict, model)
     except ValueError as e:
-        raise ValueError(f"weights in {source}: {e}") from None
+        raise UsageError(f"weights in {source}: {e}") from None
     load_strict(model, ours, source)
 
 
@@ -379,7 +380,7 @@ def to_reference(model: ViT | DinoV3ViT, layout: str) -> StateDict:
     """
     sd = model.state_dict()
     if layout_of(sd) != layout:
-        raise ValueError(f"this ViT is in the {layout_of(sd)} layout and cannot be written in the {layout} layout")
+        raise UsageError(f"this ViT is in the {layout_of(sd)} layout and cannot be written in the {layout} layout")
     if layout == "dinov3":
         return {k: v.detach().clone().cpu() for k, v in dinov3.to_official(sd).items()}
     swiglu = model.blocks[0].mlp.__class__.__name__ == "GluMlp"
@@ -432,7 +433,7 @@ def backbone_state_dict(ckpt: object, path: str | os.PathLike) -> StateDict:
     A DINOv3 ViT (ours or FAIR's) comes back in FAIR's DINOv3 names.
     """
     if not isinstance(ckpt, dict):
-        raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a state dict or checkpoint")
+        raise UsageError(f"{path} holds a {type(ckpt).__name__}, not a state dict or checkpoint")
     if isinstance(ckpt.get("student"), dict):
         sd = ckpt["student"]
     elif isinstance(ckpt.get("model"), dict) and any(k.startswith("student.backbone.") for k in ckpt["model"]):
@@ -446,7 +447,7 @@ def backbone_state_dict(ckpt: object, path: str | os.PathLike) -> StateDict:
         return sd if dinov3.is_official(sd) else dinov3.to_official(sd)
     sd = from_reference(sd)
     if "cls_token" not in sd or "patch_embed.proj.weight" not in sd:
-        raise ValueError(
+        raise UsageError(
             f"{path} holds no ViT backbone (looked for cls_token and patch_embed.proj.weight, or CLIP's "
             f"class_embedding and conv1.weight; top-level keys: {few_names(sorted(map(str, ckpt)))})"
         )
@@ -491,7 +492,7 @@ def load_backbone(path: str | os.PathLike, **kwargs) -> ViT | DinoV3ViT:
     trained = export_metadata(ckpt)
     patch_size = sd["patch_embed.proj.weight"].shape[-1]
     if trained and trained["patch_size"] != patch_size:
-        raise ValueError(f"{path} records patch size {trained['patch_size']} but its weights have {patch_size}")
+        raise UsageError(f"{path} records patch size {trained['patch_size']} but its weights have {patch_size}")
     model = vit_from_state_dict(sd, img_size=trained.get("img_size"), **kwargs)
     load_strict(model, sd, str(path), optional=("mask_token",))
     return model

@@ -22,6 +22,7 @@ from timm.models.eva import Eva
 from timm.models.eva import checkpoint_filter_fn as timm_checkpoint_filter
 from torch import nn
 
+from .errors import UsageError
 from .vision_transformer import block_indices, layer_outputs
 
 StateDict = dict[str, torch.Tensor]
@@ -148,7 +149,7 @@ class DinoV3ViT(Eva):
         """[cls, 4 storage, patches] (masked patches replaced by the mask token) and the RoPE sin/cos."""
         h, w = x.shape[-2:]
         if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"input size {h}x{w} is not a multiple of the patch size {self.patch_size}")
+            raise UsageError(f"input size {h}x{w} is not a multiple of the patch size {self.patch_size}")
         x = self.patch_embed(x.to(self.patch_embed.proj.weight.dtype))  # (B, H, W, D)
         b, gh, gw, d = x.shape
         x = x.reshape(b, gh * gw, d)
@@ -257,10 +258,10 @@ def from_official(state_dict: StateDict, model: DinoV3ViT) -> StateDict:
     local_cls_norm). The k third of the qkv bias is dropped only where the file's bias_mask zeroes it."""
     for k, v in state_dict.items():
         if k.endswith("attn.qkv.bias_mask") and not torch.equal(v.float(), bias_mask(v.float())):
-            raise ValueError(f"{k} is not DINOv3's masked-k pattern (1 for the q and v thirds, 0 for k)")
+            raise UsageError(f"{k} is not DINOv3's masked-k pattern (1 for the q and v thirds, 0 for k)")
     periods = state_dict["rope_embed.periods"].float()
     if not (torch.isfinite(periods).all() and (periods > 0).all()):
-        raise ValueError("rope_embed.periods holds non-finite or non-positive values")
+        raise UsageError("rope_embed.periods holds non-finite or non-positive values")
     out = timm_checkpoint_filter(state_dict, model)
     out["rope.periods"] = state_dict["rope_embed.periods"]
     out["mask_token"] = state_dict["mask_token"]

@@ -29,6 +29,7 @@ from .checkpoints import (
     torchscript_state_dict,
 )
 from .dinov3 import DinoV3ViT
+from .errors import MissingFile, UsageError
 from .vision_transformer import ViT
 
 _DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{arch}/{arch}{reg}_pretrain.pth"
@@ -211,7 +212,7 @@ def openai_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raw = safe_load(path)
         raw = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
     if not isinstance(raw, dict) or not any(k.startswith("visual.") for k in raw):
-        raise ValueError(f"{path} is not an OpenAI CLIP checkpoint: no 'visual.' keys")
+        raise UsageError(f"{path} is not an OpenAI CLIP checkpoint: no 'visual.' keys")
     return dict(raw)
 
 
@@ -223,7 +224,7 @@ def teacher_state_dict(spec: TeacherSpec, path: str | os.PathLike) -> dict[str, 
         return from_reference(sd)
     raw = safe_load(path)
     if not isinstance(raw, dict):
-        raise ValueError(f"{path} holds a {type(raw).__name__}, not a state dict")
+        raise UsageError(f"{path} holds a {type(raw).__name__}, not a state dict")
     if spec.family == "synclr":
         raw = raw.get("state_dict", raw.get("model", raw))
         sd = strip_prefix(raw, ("module.visual.", "visual."))
@@ -231,7 +232,7 @@ def teacher_state_dict(spec: TeacherSpec, path: str | os.PathLike) -> dict[str, 
     return from_reference(raw)
 
 
-class DownloadError(FileNotFoundError):
+class DownloadError(MissingFile):
     """An official file is not in torch hub's cache and cannot be fetched (no network, an HTTP error): bad input,
     said in one line with where to put the file instead. `reason` is the failure alone."""
 
@@ -277,11 +278,11 @@ def dinov3_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """An official DINOv3 file: the flat state dict of FAIR's DinoVisionTransformer, as released."""
     raw = safe_load(path)
     if not isinstance(raw, dict):
-        raise ValueError(f"{path} holds a {type(raw).__name__}, not a state dict")
+        raise UsageError(f"{path} holds a {type(raw).__name__}, not a state dict")
     if not dinov3.is_official(raw):
         keys = ", ".join(sorted(map(str, raw))[:4])
         what = "a DINOv2-style ViT (pos_embed, no RoPE)" if "pos_embed" in raw else f"keys {keys}, ..."
-        raise ValueError(
+        raise UsageError(
             f"{path} is not an official DINOv3 checkpoint (no storage_tokens or rope_embed.periods; it holds {what})"
         )
     return raw
@@ -301,14 +302,14 @@ def create_teacher(
     meta device and filled in place from the file (no second, float32 copy of the network).
     """
     if name not in TEACHERS:
-        raise ValueError(f"unknown teacher '{name}'; choose from {', '.join(TEACHERS)}")
+        raise UsageError(f"unknown teacher '{name}'; choose from {', '.join(TEACHERS)}")
     spec = TEACHERS[name]
     dtype = dtype or default_dtype(name)
     path = None
     if pretrained:
         path = Path(checkpoint) if checkpoint else download(spec.url)
         if not path.is_file():
-            raise FileNotFoundError(f"teacher checkpoint not found: {path}")
+            raise MissingFile(f"teacher checkpoint not found: {path}")
     if spec.family == "dinov3" and pretrained:
         sd = dinov3_state_dict(path)
         with torch.device("meta"):

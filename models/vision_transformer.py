@@ -19,12 +19,14 @@ from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from .errors import UsageError
+
 
 def block_indices(n: int | Sequence[int], total: int) -> set[int]:
     """get_intermediate_layers' `n` (DINOv2 and DINOv3 alike): the last n blocks, or the listed indices."""
     take = set(range(total - n, total) if isinstance(n, int) else n)
     if not take or min(take) < 0 or max(take) >= total:
-        raise ValueError(f"block indices {sorted(take)} out of range for {total} blocks")
+        raise UsageError(f"block indices {sorted(take)} out of range for {total} blocks")
     return take
 
 
@@ -122,7 +124,7 @@ class ViT(VisionTransformer):
         dim = pos_embed.shape[-1]
         m = int(math.sqrt(num_pos))
         if m * m != num_pos:
-            raise ValueError(f"pos_embed holds {num_pos} patch positions, not a square grid")
+            raise UsageError(f"pos_embed holds {num_pos} patch positions, not a square grid")
         kwargs: dict = {}
         if self.interpolate_offset:
             kwargs["scale_factor"] = ((h + self.interpolate_offset) / m, (w + self.interpolate_offset) / m)
@@ -149,7 +151,7 @@ class ViT(VisionTransformer):
     def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         h, w = x.shape[-2:]
         if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"input size {h}x{w} is not a multiple of the patch size {self.patch_size}")
+            raise UsageError(f"input size {h}x{w} is not a multiple of the patch size {self.patch_size}")
         x = self.patch_embed(x.to(self.patch_embed.proj.weight.dtype))  # (B, H, W, D); a bf16 teacher takes fp32 crops
         if masks is not None:
             masks = masks.reshape(x.shape[:3]).unsqueeze(-1)

@@ -33,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from common import distributed as dist_utils
 from common.cli import ArgumentParser, run
 from models import LAYOUTS, STUDENT_ARCHS, TEACHERS, Teacher, TeacherTarget, create_student, create_teacher
+from models.errors import MissingFile, UsageError
 
 from .data import build_dataset
 from .distiller import Distiller, TeacherInput, Views, compile_student, param_groups
@@ -432,12 +433,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 def benchmark(args: argparse.Namespace) -> None:
     names = args.student.split(",")
     if args.teacher not in TEACHERS or not set(names) <= set(STUDENT_ARCHS):
-        raise ValueError(f"--teacher is one of {', '.join(TEACHERS)}; --student one of {', '.join(STUDENT_ARCHS)}")
+        raise UsageError(f"--teacher is one of {', '.join(TEACHERS)}; --student one of {', '.join(STUDENT_ARCHS)}")
     if len(names) > 1 and args.reference:
-        raise ValueError("--reference times one student's step; give one --student")
+        raise UsageError("--reference times one student's step; give one --student")
     dist_utils.resolve_device(args.device)
     if args.pipeline and args.pipeline_dir and not (Path(args.pipeline_dir) / "train").is_dir():
-        raise FileNotFoundError(f"--pipeline-dir {args.pipeline_dir}: no train/ folder (an ImageFolder root)")
+        raise MissingFile(f"--pipeline-dir {args.pipeline_dir}: no train/ folder (an ImageFolder root)")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.pipeline:

@@ -15,6 +15,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 from torch.utils.data import Dataset, Sampler
 
 from common.images import check_readable, load_rgb, read_image_folder, seed_worker
+from models.errors import MissingFile, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class SingleImageDataset(Dataset):
         try:
             self.image = load_rgb(path)
         except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read --single-image {path}: {e}") from None
+            raise UsageError(f"cannot read --single-image {path}: {e}") from None
         self.transform, self.length = transform, length
 
     def __len__(self) -> int:
@@ -84,13 +85,13 @@ def build_dataset(
     if single_image:
         return SingleImageDataset(single_image, transform)
     if not data_path:
-        raise ValueError("--data-path is required (an ImageNet root holding train/), or give --single-image")
+        raise UsageError("--data-path is required (an ImageNet root holding train/), or give --single-image")
     for name, frac in (("--subset-classes", subset_classes), ("--subset-images-per-class", subset_images_per_class)):
         if not 0 < frac <= 1:
-            raise ValueError(f"{name} must be a fraction in (0, 1], got {frac}")
+            raise UsageError(f"{name} must be a fraction in (0, 1], got {frac}")
     train = Path(data_path) / "train"
     if not train.is_dir():
-        raise FileNotFoundError(f"no train/ folder in --data-path {data_path} (expected {train}/<class>/<image>)")
+        raise MissingFile(f"no train/ folder in --data-path {data_path} (expected {train}/<class>/<image>)")
     ds = read_image_folder(train, transform)
     if subset_classes < 1 or subset_images_per_class < 1:
         ds.samples = ds.imgs = subset_samples(ds.samples, subset_classes, subset_images_per_class)

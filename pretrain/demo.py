@@ -21,6 +21,7 @@ import models
 from common.cli import run
 from common.io import prepare_output_dir
 from models.checkpoints import backbone_name
+from models.errors import UsageError
 from models.teachers import TEACHERS, DownloadError, download
 
 from . import main as pretrain_main
@@ -67,12 +68,12 @@ def official_teacher(teacher: str) -> Path | None:
 def demo() -> int:
     teacher = os.environ.get("TEACHER") or "dinov2_vits14"
     if teacher not in TEACHERS:
-        raise ValueError(f"unknown TEACHER '{teacher}'; choose from {', '.join(TEACHERS)}")
+        raise UsageError(f"unknown TEACHER '{teacher}'; choose from {', '.join(TEACHERS)}")
     photos = OUT / "data" / "train"
     try:
         write_photos(photos)
     except (ImportError, OSError) as e:
-        raise ValueError(f"cannot write the demo's photos under {OUT / 'data'}: {e}") from None
+        raise UsageError(f"cannot write the demo's photos under {OUT / 'data'}: {e}") from None
     checkpoint = os.environ.get("TEACHER_CHECKPOINT") or official_teacher(teacher)
     out = OUT / f"{teacher}_to_vit_tiny"
     argv = ["--data-path", str(OUT / "data"), "--teacher", teacher, *TRAINING, "--output-dir", str(out)]

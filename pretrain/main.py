@@ -42,6 +42,7 @@ from models import (
 from models.adaptors import STANDARDIZATIONS, hadamard
 from models.architectures import DINOV3_SUFFIX
 from models.checkpoints import few_names
+from models.errors import UsageError
 
 from .data import PositionSampler, SeededDataset, build_dataset, worker_init
 from .distiller import Distiller, TeacherInput, Views, compile_student, param_groups
@@ -205,7 +206,7 @@ def check_ranges(args: argparse.Namespace) -> None:
     for name, valid, rule in FLAG_RANGES:
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and valid(value)):
-            raise ValueError(f"--{name.replace('_', '-')} {value}: must be {rule}")
+            raise UsageError(f"--{name.replace('_', '-')} {value}: must be {rule}")
     if args.warmup_epochs > args.epochs:
         log.warning("--warmup-epochs %g is longer than the run (--epochs %d): the lr never reaches its peak",
                     args.warmup_epochs, args.epochs)  # fmt: skip
@@ -225,11 +226,11 @@ def per_teacher(value: str | None, teachers: list[str], flag: str, kind: type, d
     if len(items) == 1:
         items *= len(teachers)
     if len(items) != len(teachers):
-        raise ValueError(f"{flag} {value}: {len(items)} values for {len(teachers)} teachers ({', '.join(teachers)})")
+        raise UsageError(f"{flag} {value}: {len(items)} values for {len(teachers)} teachers ({', '.join(teachers)})")
     try:
         return [kind(v) for v in items]
     except ValueError:
-        raise ValueError(f"{flag} {value}: expected {kind.__name__} values, one per teacher") from None
+        raise UsageError(f"{flag} {value}: expected {kind.__name__} values, one per teacher") from None
 
 
 def targets_of(args: argparse.Namespace, grid: int) -> list[TeacherTarget]:
@@ -265,24 +266,24 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     teachers = args.teacher.split(",")
     for name in teachers:
         if name not in TEACHERS:
-            raise ValueError(f"unknown teacher '{name}'; choose from {', '.join(TEACHERS)}")
+            raise UsageError(f"unknown teacher '{name}'; choose from {', '.join(TEACHERS)}")
     if len(set(teachers)) < len(teachers):
-        raise ValueError(f"--teacher {args.teacher} names a teacher twice")
+        raise UsageError(f"--teacher {args.teacher} names a teacher twice")
     if args.teacher_checkpoint is not None and len(args.teacher_checkpoint.split(",")) != len(teachers):
-        raise ValueError(
+        raise UsageError(
             f"--teacher-checkpoint names {len(args.teacher_checkpoint.split(','))} files for {len(teachers)} "
             f"teachers ({args.teacher}): give one per teacher, in order (an empty entry downloads that one)"
         )
     if args.random_teacher and args.teacher_checkpoint:
-        raise ValueError("--random-teacher and --teacher-checkpoint exclude each other: which teacher do you want?")
+        raise UsageError("--random-teacher and --teacher-checkpoint exclude each other: which teacher do you want?")
     sizes = per_teacher(args.teacher_input_size, teachers, "--teacher-input-size", int, args.input_size)
     for size in sizes:
         if size < 1:
-            raise ValueError(f"--teacher-input-size {args.teacher_input_size}: must be a positive number of pixels")
+            raise UsageError(f"--teacher-input-size {args.teacher_input_size}: must be a positive number of pixels")
     args.teacher_input_size = sizes
     args.teacher_weights = per_teacher(args.teacher_weights, teachers, "--teacher-weights", float, 1.0)
     if any(not (math.isfinite(w) and w >= 0) for w in args.teacher_weights) or not any(args.teacher_weights):
-        raise ValueError(f"--teacher-weights {args.teacher_weights}: must be >= 0 and not all 0")
+        raise UsageError(f"--teacher-weights {args.teacher_weights}: must be >= 0 and not all 0")
     if args.teacher_normalization == "auto":
         args.teacher_normalization = "reference" if len(teachers) == 1 else "teacher"
     if args.teacher_standardization == "auto":
@@ -293,19 +294,19 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     names = args.student.split(",")
     for name in names:
         if name.removesuffix(DINOV3_SUFFIX) not in STUDENT_ARCHS:
-            raise ValueError(f"unknown student '{name}'; choose from {', '.join(STUDENT_ARCHS)}")
+            raise UsageError(f"unknown student '{name}'; choose from {', '.join(STUDENT_ARCHS)}")
     if len(set(names)) < len(names):
-        raise ValueError(f"--student {args.student} names a student twice: each needs its own output folder")
+        raise UsageError(f"--student {args.student} names a student twice: each needs its own output folder")
     args.student_layout = args.student_layout or TEACHERS[teachers[0]].family
     students = students_of(args)
     patches = [LAYOUTS[layout].patch_size for _, layout in students]
     for (name, _), patch in zip(students, patches):
         if args.input_size % patch:
             whose = f"{name}'s" if len(students) > 1 else "the student's"
-            raise ValueError(f"--input-size {args.input_size} is not a multiple of {whose} patch size {patch}")
+            raise UsageError(f"--input-size {args.input_size} is not a multiple of {whose} patch size {patch}")
     for name, size in zip(teachers, sizes):
         if size % TEACHERS[name].patch_size:
-            raise ValueError(
+            raise UsageError(
                 f"the teacher's input size {size} (--teacher-input-size, default --input-size) is not "
                 f"a multiple of {name}'s patch size {TEACHERS[name].patch_size}"
             )
@@ -316,21 +317,21 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     for t in targets:
         if not (t.lambda_token or t.lambda_patch or t.lambda_fea):
             whose = f" of {t.name}" if len(teachers) > 1 else ""
-            raise ValueError(f"all loss weights{whose} are 0: nothing to train")
+            raise UsageError(f"all loss weights{whose} are 0: nothing to train")
     try:
         ratio = [float(v) for v in str(args.mask_ratio).split(",")]
     except ValueError:
-        raise ValueError(f"--mask-ratio must be a number or 'lo,hi', got {args.mask_ratio!r}") from None
+        raise UsageError(f"--mask-ratio must be a number or 'lo,hi', got {args.mask_ratio!r}") from None
     if len(ratio) == 1:
         ratio *= 2
     if len(ratio) == 2 and ratio[0] > ratio[1]:
-        raise ValueError(f"--mask-ratio {args.mask_ratio}: the range must be 'lo,hi' with lo <= hi")
+        raise UsageError(f"--mask-ratio {args.mask_ratio}: the range must be 'lo,hi' with lo <= hi")
     num_patches = (args.input_size // max(patches)) ** 2  # the fewest of any student
     if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1] < 1 or int(num_patches * ratio[0]) < 1:
-        raise ValueError(f"--mask-ratio {args.mask_ratio} must mask at least one of {num_patches} patches and not all")
+        raise UsageError(f"--mask-ratio {args.mask_ratio} must mask at least one of {num_patches} patches and not all")
     args.mask_ratio = tuple(ratio)
     if any(t.lambda_patch for t in targets) and int(args.mask_probability * args.batch_size) < 1:
-        raise ValueError(
+        raise UsageError(
             f"--mask-probability {args.mask_probability} masks no sample of a batch of {args.batch_size}; "
             "the patch loss needs masked samples (or set --lambda-patch 0)"
         )
@@ -369,6 +370,7 @@ def build(args: argparse.Namespace, device: torch.device, world: int, out: Outpu
     distillers = []  # made in --student order, so the first student's init is that of a run of it alone
     for name, layout in students_of(args):
         student = create_student(name, img_size=args.input_size, drop_path_rate=args.drop_path, layout=layout)
+        to_reference(student, layout)  # a layout the student cannot be exported in: one line now, not after training
         distillers.append(Distiller(student, targets_of(args, grid_of(args, layout))).to(device))
 
     # Repeated augmentation under DDP (3 repeats, DeiT's floor(N/256)*256 samples); one plain
@@ -395,7 +397,7 @@ def build(args: argparse.Namespace, device: torch.device, world: int, out: Outpu
         prefetch_factor=4 if args.num_workers > 0 else None,
     )
     if len(sampler) < args.batch_size:
-        raise ValueError(
+        raise UsageError(
             f"{len(sampler)} images per process cannot fill one batch of {args.batch_size}; lower --batch-size"
         )
     iters = args.epoch_length or len(sampler) // args.batch_size

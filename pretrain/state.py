@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from common import distributed as dist_utils
 from common.io import atomic_save_all, finish_saves
 from models import safe_load
+from models.errors import UsageError
 
 from .data import PositionSampler
 from .distiller import Distiller, TeacherInput, Views
@@ -177,7 +178,7 @@ class Run:
             try:
                 finish_saves(self.journal(folder), paths)
             except PermissionError as e:
-                raise ValueError(f"cannot complete the save a kill interrupted in {folder} ({e.strerror}: "
+                raise UsageError(f"cannot complete the save a kill interrupted in {folder} ({e.strerror}: "
                                  f"{e.filename}): the folder must be writable to resume from it") from None  # fmt: skip
         dist_utils.barrier()
 
@@ -202,7 +203,7 @@ class Run:
             places = ", ".join(
                 f"{p} after epoch {c['epoch']} + {c.get('iteration_in_epoch', 0)} it" for p, c in zip(paths, ckpts)
             )
-            raise ValueError(f"the students' checkpoints stand at different places ({places}); they resume together")
+            raise UsageError(f"the students' checkpoints stand at different places ({places}); they resume together")
         ckpt = ckpts[0]
         path = Path(args.resume or self.out.folder) if several else paths[0]  # how messages name what was resumed
         if ckpt["args"]["precision"] != args.precision:
@@ -228,7 +229,7 @@ class Run:
         ckpt = safe_load(path)
         if not isinstance(ckpt, dict) or not {"student", "heads", "optimizer", "args"} <= set(ckpt):
             keys = sorted(map(str, ckpt))[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
-            raise ValueError(
+            raise UsageError(
                 f"{path} is not a pretraining checkpoint.pth (it holds {keys}); --resume takes the checkpoint.pth "
                 "of a pretraining run, not an exported backbone or another task's checkpoint"
             )
@@ -236,12 +237,12 @@ class Run:
         for key in ("student", "teacher", "student_layout"):
             if trained[key] != getattr(args, key):
                 flag = "--" + key.replace("_", "-")
-                raise ValueError(f"{path} was trained with {flag} {trained[key]}, not {getattr(args, key)}")
+                raise UsageError(f"{path} was trained with {flag} {trained[key]}, not {getattr(args, key)}")
         s.distiller.student.load_state_dict(ckpt["student"])
         heads = s.distiller.load_state_dict(ckpt["heads"], strict=False)  # the student is loaded above
         missing = [k for k in heads.missing_keys if not k.startswith("student.")]
         if missing or heads.unexpected_keys:
-            raise ValueError(
+            raise UsageError(
                 f"{path} has other loss heads than this run (were --lambda-* changed?): "
                 f"missing {missing}, unexpected {heads.unexpected_keys}"
             )

@@ -58,6 +58,7 @@ from linear_eval import zeroshot
 from models.architectures import DINOV3_SUFFIX
 from models.checkpoints import backbone_name
 from models.dinov3 import DinoV3ViT
+from models.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {384: "small", 768: "base", 1024: "large"}  # embed dim -> the configs' model size
@@ -121,7 +122,7 @@ def no_clip_adaptor(root: str, args: argparse.Namespace) -> str | None:
     try:
         zeroshot.load_clip(args.clip_checkpoint)
     except (ValueError, FileNotFoundError) as e:
-        raise ValueError(f"--clip-checkpoint: {e}") from None
+        raise UsageError(f"--clip-checkpoint: {e}") from None
     return None
 
 
@@ -270,7 +271,7 @@ def parse_extra(items: list[str]) -> dict[str, list[str]]:
     for item in items:
         task, sep, rest = item.partition("=")
         if not sep or task not in TASKS:
-            raise ValueError(f"--extra {item!r}: expected TASK=ARGS with TASK one of {', '.join(TASKS)}")
+            raise UsageError(f"--extra {item!r}: expected TASK=ARGS with TASK one of {', '.join(TASKS)}")
         extra[task] += shlex.split(rest)
     return extra
 
@@ -424,7 +425,7 @@ def panel_of(task: str, metric: str) -> str:
     for title, tasks, prefixes in PANELS:
         if task in tasks and (prefixes is None or not metric or metric.startswith(prefixes)):
             return title
-    raise ValueError(f"no panel for {task} {metric}")
+    raise UsageError(f"no panel for {task} {metric}")
 
 
 def chart(rows: list[Row], failed: dict[str, str], title: str):
@@ -510,12 +511,12 @@ def earlier_summary(out: Path, backbone: str, sha256: str) -> dict | None:
         earlier = json.loads(path.read_text())
         rows = [Row(**r) for r in earlier["rows"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(
+        raise UsageError(
             f"cannot read the earlier results {path} to merge into ({e}); delete it to start over"
         ) from None
     same = earlier.get("backbone_sha256") == sha256 if "backbone_sha256" in earlier else earlier["backbone"] == backbone
     if not same:
-        raise ValueError(
+        raise UsageError(
             f"{path} holds the results of another backbone ({earlier.get('backbone')}), not of {backbone}: give "
             f"another --output-dir, or delete {path} to start it over"
         )
@@ -554,18 +555,18 @@ def evaluate_all(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
-        raise ValueError(f"unknown task(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(TASKS)}")
+        raise UsageError(f"unknown task(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(TASKS)}")
     extra = parse_extra(args.extra)
     try:
         vit = models.load_backbone(args.backbone)
     except Exception as e:  # any unreadable file: one clear line, before any task starts
-        raise ValueError(f"cannot read backbone {args.backbone}: {e}") from None
+        raise UsageError(f"cannot read backbone {args.backbone}: {e}") from None
     if args.device:
         resolve_device(args.device)  # a typo fails here, not once per task
     missing = {task: missing_data(task, args) for task in tasks}  # every input file read before any task runs
     if all(missing.values()):
         why = "; ".join(f"{task}: {why}" for task, why in missing.items())
-        raise ValueError(f"no task has its data ({why})")
+        raise UsageError(f"no task has its data ({why})")
     sha256 = file_sha256(args.backbone)
     earlier = earlier_summary(Path(args.output_dir), args.backbone, sha256)
     out = prepare_output_dir(args.output_dir)

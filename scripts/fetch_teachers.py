@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from common.cli import ArgumentParser, run
+from models.errors import UsageError
 from models.teachers import TEACHERS, download
 
 
@@ -26,7 +27,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def fetch(args: argparse.Namespace) -> None:
     unknown = [n for n in args.teachers if n not in TEACHERS]
     if unknown:
-        raise ValueError(f"unknown teacher {', '.join(unknown)}; choose from {', '.join(TEACHERS)}")
+        raise UsageError(f"unknown teacher {', '.join(unknown)}; choose from {', '.join(TEACHERS)}")
     for name in args.teachers:
         print(f"{name}: {download(TEACHERS[name].url)}", flush=True)
 

@@ -32,6 +32,7 @@ from common.distributed import resolve_device
 from common.images import IMAGE_ERRORS
 from common.io import prepare_output_dir
 from models.checkpoints import backbone_name
+from models.errors import MissingFile, UsageError
 from pretrain.pca import THRESHOLD, input_shape, write_pictures
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -62,10 +63,10 @@ def list_images(folder: str | Path) -> list[Path]:
     if folder.is_file() and folder.suffix.lower() in EXTENSIONS:
         return [folder]
     if not folder.is_dir():
-        raise FileNotFoundError(f"no image or images folder at {folder}")
+        raise MissingFile(f"no image or images folder at {folder}")
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in EXTENSIONS)
     if not paths:
-        raise FileNotFoundError(f"no images ({', '.join(EXTENSIONS)}) in {folder}")
+        raise MissingFile(f"no images ({', '.join(EXTENSIONS)}) in {folder}")
     check_output_names(paths)
     return paths
 
@@ -80,7 +81,7 @@ def check_output_names(paths: list[Path]) -> None:
     if clashes:
         shown = "; ".join(" and ".join(p.name for p in group) + f" -> {group[0].stem}.png" for group in clashes[:3])
         more = f" and {len(clashes) - 3} more" if len(clashes) > 3 else ""
-        raise ValueError(f"pictures would overwrite each other in --output-dir ({shown}{more}): rename one of each")
+        raise UsageError(f"pictures would overwrite each other in --output-dir ({shown}{more}): rename one of each")
 
 
 def drawn_size(path: Path, size: int, multiple: int) -> int:
@@ -106,19 +107,19 @@ def load_backbones(paths: list[str], input_size: int, device: torch.device) -> l
         try:
             net = models.load_backbone(path)
         except Exception as e:  # any unreadable file: one clear line, not a traceback
-            raise ValueError(f"cannot read backbone {path}: {e}") from None
+            raise UsageError(f"cannot read backbone {path}: {e}") from None
         patch = net.patch_size
         if input_size % patch:
-            raise ValueError(f"--input-size {input_size} is not a multiple of {path}'s patch size {patch}")
+            raise UsageError(f"--input-size {input_size} is not a multiple of {path}'s patch size {patch}")
         nets.append(net.to(device).eval())
     return nets
 
 
 def visualize(args: argparse.Namespace) -> None:
     if args.input_size < 1:
-        raise ValueError("--input-size must be positive")
+        raise UsageError("--input-size must be positive")
     if not 0 <= args.threshold < 1:
-        raise ValueError(f"--threshold {args.threshold}: the first component is scaled to [0, 1]; use 0 <= t < 1")
+        raise UsageError(f"--threshold {args.threshold}: the first component is scaled to [0, 1]; use 0 <= t < 1")
     images = list_images(args.images)
     device = resolve_device(args.device)
     nets = load_backbones(args.backbone, args.input_size, device)
@@ -130,7 +131,7 @@ def visualize(args: argparse.Namespace) -> None:
         for p in images
     )
     if not done:
-        raise ValueError(f"none of the {len(images)} images is readable")
+        raise UsageError(f"none of the {len(images)} images is readable")
     print(f"{done} pictures (input | {' | '.join(names)}) in {out}", flush=True)
 
 

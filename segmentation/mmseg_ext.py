@@ -47,11 +47,12 @@ from common.io import atomic_replace
 from models.architectures import create_student
 from models.checkpoints import few_names, load_backbone, safe_load
 from models.dinov3 import DinoV3ViT
+from models.errors import UsageError
 
 EVALUATIONS = "evaluations.jsonl"  # in the work dir, written by EvaluationHistoryHook
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UsageError):
     """A segmentor checkpoint that does not fit the backbone as configured (one line, no traceback)."""
 
 
@@ -61,7 +62,7 @@ def resize_pos_embed_once(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
     num_patches = pos_embed.shape[1] - 1
     old = math.isqrt(num_patches)
     if old * old != num_patches:
-        raise ValueError(f"pos_embed holds {num_patches} patch positions, not a square grid")
+        raise UsageError(f"pos_embed holds {num_patches} patch positions, not a square grid")
     patch = pos_embed[:, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
     patch = F.interpolate(patch, size=(grid, grid), mode="bicubic", align_corners=False)
     return torch.cat((pos_embed[:, :1], patch.permute(0, 2, 3, 1).flatten(1, 2)), dim=1)
@@ -70,7 +71,7 @@ def resize_pos_embed_once(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
 def check_reference_pos_embed(vit: nn.Module) -> None:
     """--reference-pos-embed resizes a learned position table; DINOv3's ViT has none to resize."""
     if getattr(vit, "pos_embed", None) is None:
-        raise ValueError(
+        raise UsageError(
             "--reference-pos-embed (reference_pos_embed) resizes a learned positional-embedding table once, "
             "and this DINOv3 backbone has none (its RoPE takes any input size): leave it out"
         )
@@ -102,7 +103,7 @@ class ProteusViT(BaseModule):
             self.vit = create_student(arch, img_size=img_size, drop_path_rate=drop_path_rate)
         depth = len(self.vit.blocks)
         if not all(0 <= i < depth for i in out_indices):
-            raise ValueError(f"out_indices {out_indices} out of range for a {depth}-block backbone")
+            raise UsageError(f"out_indices {out_indices} out of range for a {depth}-block backbone")
         self.out_indices, self.frozen = tuple(out_indices), frozen
         self.with_cls_token, self.final_norm = with_cls_token, final_norm
         if reference_pos_embed:
@@ -362,7 +363,7 @@ def read_checkpoint(path: str | os.PathLike) -> object:
         return safe_load(path)
     except ValueError:
         if _pickles_history_buffers(Path(path)):
-            raise ValueError(OLDER_FORMAT.format(path=path)) from None
+            raise UsageError(OLDER_FORMAT.format(path=path)) from None
         raise
 
 

@@ -28,6 +28,7 @@ import models
 from common.cli import ArgumentParser, MissingDependency, evaluation_parser, run
 from common.io import atomic_write_json, file_sha256, prepare_output_dir
 from common.results import Results, Timer, write_results
+from models.errors import MissingFile, UsageError
 
 RUN = "run.json"  # in the work dir: the backbone (sha256) its checkpoints were trained from
 
@@ -88,9 +89,9 @@ def build_config(args: argparse.Namespace, task: str):
     from mmengine.config import Config
 
     if not Path(args.config).is_file():
-        raise FileNotFoundError(f"config not found: {args.config}")
+        raise MissingFile(f"config not found: {args.config}")
     if args.checkpoint and not args.eval_only:  # it would be ignored: training starts from --backbone
-        raise ValueError("--checkpoint goes with --eval-only; a training run continues by itself (or --resume FILE)")
+        raise UsageError("--checkpoint goes with --eval-only; a training run continues by itself (or --resume FILE)")
     cfg = Config.fromfile(args.config)
     vit = models.load_backbone(args.backbone)  # readable, a ViT: fail here, not inside mmengine
     cfg.model.backbone.checkpoint = str(args.backbone)
@@ -107,7 +108,7 @@ def build_config(args: argparse.Namespace, task: str):
         for key, sub in ds.data_prefix.items():
             folder = Path(ds.data_root) / sub
             if not folder.is_dir() and not (args.eval_only and split == "train_dataloader"):
-                raise FileNotFoundError(
+                raise MissingFile(
                     f"{task} data missing: {folder} ({key}) does not exist; expected layout in {task}/README.md"
                 )
     check_backbone_fits(cfg, vit, args)
@@ -120,7 +121,7 @@ def build_config(args: argparse.Namespace, task: str):
     cfg.visualizer.name = run_id
     if args.amp:
         if not torch.cuda.is_available():  # mmengine's AmpOptimWrapper asserts a GPU (or NPU/MLU) deep inside
-            raise ValueError("--amp needs a GPU: mmengine's AmpOptimWrapper does not run on CPU")
+            raise UsageError("--amp needs a GPU: mmengine's AmpOptimWrapper does not run on CPU")
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.dtype = "bfloat16"
     if not args.eval_only:  # continue from --resume, else from the work dir's last checkpoint if any
@@ -129,7 +130,7 @@ def build_config(args: argparse.Namespace, task: str):
     if args.eval_only:
         ckpt = args.checkpoint or _last_checkpoint(Path(cfg.work_dir))
         if not ckpt or not Path(ckpt).is_file():
-            raise FileNotFoundError(f"--eval-only needs --checkpoint or a checkpoint in {cfg.work_dir}")
+            raise MissingFile(f"--eval-only needs --checkpoint or a checkpoint in {cfg.work_dir}")
         check_evaluable(ckpt)
         cfg.load_from = str(ckpt)
     if args.show_dir:
@@ -153,7 +154,7 @@ def check_overrides(cfg, options: dict) -> None:
             continue
         expected, kinds = _KINDS[type(current)]
         if type(value) not in kinds:
-            raise ValueError(f"--cfg-options {key}={value}: expected {expected} (the config's value is {current!r})")
+            raise UsageError(f"--cfg-options {key}={value}: expected {expected} (the config's value is {current!r})")
 
 
 def _config_value(cfg, key: str):
@@ -175,7 +176,7 @@ def check_resumable(work_dir: Path, resume: str | None, backbone: str) -> str | 
     otherwise be reported as this one's) and a dense run's checkpoint, read as data."""
     if resume:
         if not Path(resume).is_file():
-            raise FileNotFoundError(f"--resume {resume}: no such file")
+            raise MissingFile(f"--resume {resume}: no such file")
         origin = Path(resume).parent
     else:
         resume = _last_checkpoint(work_dir)
@@ -183,11 +184,11 @@ def check_resumable(work_dir: Path, resume: str | None, backbone: str) -> str | 
             return None  # mmengine starts afresh
         if not Path(resume).is_file():
             marker, name = work_dir / "last_checkpoint", Path(resume).name
-            raise FileNotFoundError(f"resuming: {marker} names {name}, which is not in {work_dir}")
+            raise MissingFile(f"resuming: {marker} names {name}, which is not in {work_dir}")
         origin = work_dir
     recorded = json.loads((origin / RUN).read_text())["backbone"] if (origin / RUN).is_file() else None
     if recorded and recorded["sha256"] != file_sha256(backbone):
-        raise ValueError(
+        raise UsageError(
             f"{resume} was trained from the backbone {recorded['path']}, not {backbone}: "
             "use another --output-dir (or remove its checkpoints to start afresh)"
         )
@@ -201,7 +202,7 @@ def check_training_state(path: str) -> None:
 
     state = read_checkpoint(path)
     if not isinstance(state, dict) or not {"meta", "state_dict", "message_hub"} <= state.keys():
-        raise ValueError(
+        raise UsageError(
             f"{path} holds no training state (meta, message hub, optimizer) to resume from: "
             "evaluate it with --eval-only --checkpoint, or train afresh"
         )
@@ -215,7 +216,7 @@ def check_evaluable(ckpt: str) -> None:
     obj = read_checkpoint(ckpt)
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"checkpoint {ckpt} holds no state dict (a dict of tensors, or one under 'state_dict')")
+        raise UsageError(f"checkpoint {ckpt} holds no state dict (a dict of tensors, or one under 'state_dict')")
 
 
 def prepare_output_dirs(cfg, args: argparse.Namespace) -> None:
@@ -228,7 +229,7 @@ def prepare_output_dirs(cfg, args: argparse.Namespace) -> None:
             if folder:
                 prepare_output_dir(folder)
         except ValueError as e:
-            raise ValueError(f"{flag}: {e}") from None
+            raise UsageError(f"{flag}: {e}") from None
     if os.environ.get("RANK", "0") == "0":  # the rank that saves
         for tmp in stale_saves(Path(cfg.work_dir)):
             tmp.unlink(missing_ok=True)
@@ -267,11 +268,11 @@ def check_dataset_files(cfg, task: str, eval_only: bool) -> None:
         dataset = DATASETS.build({**dataset_cfg.to_dict(), "pipeline": [], "serialize_data": False})
         pairs = [(d["img_path"], d.get("seg_map_path") or d.get("depth_map_path")) for d in dataset.data_list]
         if not pairs:
-            raise ValueError(f"{task} data: no images in {dataset.data_prefix['img_path']} ({split} split)")
+            raise UsageError(f"{task} data: no images in {dataset.data_prefix['img_path']} ({split} split)")
         missing = [(img, ann) for img, ann in pairs if ann and not Path(ann).is_file()]
         if missing:
             img, ann = missing[0]
-            raise ValueError(
+            raise UsageError(
                 f"{task} data: {len(missing)} of {len(pairs)} {split} images have no annotation, "
                 f"e.g. {img} (expected {ann})"
             )
@@ -280,7 +281,7 @@ def check_dataset_files(cfg, task: str, eval_only: bool) -> None:
             reasons = list(pool.map(partial(_unreadable, decode=decode), files))
         bad = [(f, r) for f, r in zip(files, reasons) if r]
         if bad:
-            raise ValueError(
+            raise UsageError(
                 f"{task} data: {len(bad)} of {len(files)} {split}-split files cannot be read, "
                 f"e.g. {bad[0][0]} ({bad[0][1]}); replace or remove them"
             )
@@ -326,12 +327,12 @@ def check_backbone_fits(cfg, vit: torch.nn.Module, args: argparse.Namespace) -> 
         check_reference_pos_embed(vit)
     indices = list(cfg.model.backbone.out_indices)
     if max(indices) >= depth:
-        raise ValueError(f"{about}, but {args.config} takes blocks {indices}: use the config of that size")
+        raise UsageError(f"{about}, but {args.config} takes blocks {indices}: use the config of that size")
     neck, head = cfg.model.get("neck"), cfg.model.decode_head
     expected = neck.embed_dim if neck else head.in_channels
     expected = expected[0] if isinstance(expected, (list, tuple)) else expected
     if expected != width:
-        raise ValueError(
+        raise UsageError(
             f"{about}, but {args.config} expects width {expected}: use the config of that size, "
             "or set the head's widths with --cfg-options"
         )

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from models.adaptors import Adaptors, Standardizer, TeacherTarget, hadamard, load_adaptors
+from models.errors import UsageError
 
 
 @pytest.mark.parametrize("n", [1, 2, 12, 20, 48, 384, 768, 1024, 1280, 1536])
@@ -16,7 +17,7 @@ def test_hadamard_is_orthogonal_with_equal_magnitudes(n):
 
 
 def test_no_hadamard_order_is_a_clear_error():
-    with pytest.raises(ValueError, match="order 28.*zscore"):
+    with pytest.raises(UsageError, match="order 28.*zscore"):
         hadamard(28)
 
 
@@ -67,7 +68,7 @@ def test_adaptors_file_round_trip(tmp_path):
 
 def test_load_adaptors_refuses_other_files(tmp_path):
     torch.save({"student": {}}, tmp_path / "backbone.pth")
-    with pytest.raises(ValueError, match="not an adaptors.pth"):
+    with pytest.raises(UsageError, match="not an adaptors.pth"):
         load_adaptors(tmp_path / "backbone.pth")
 
 

@@ -18,6 +18,7 @@ from fine_grained import main as fg_main
 from linear_eval import knn as knn_main
 from linear_eval import main as linear_main
 from linear_eval import zeroshot
+from models.errors import MissingFile, UsageError
 from pretrain import benchmark as pretrain_benchmark
 from pretrain import demo
 from pretrain import main as pretrain_main
@@ -52,6 +53,19 @@ def entry_points(backbone: Path, tmp: Path) -> dict:
 
 
 NAMES = ["pretrain", "linear", "knn", "zeroshot", "fine_grained", "visualize_pca", "evaluate_all"]
+
+
+def test_a_bug_inside_a_task_keeps_its_traceback(backbone, tmp_path, monkeypatch):
+    """A ValueError that is no UsageError (here from the backbone's set-up) propagates out of the entry point:
+    the interpreter prints its traceback and exits 1, where it used to be one `error:` line and exit 2."""
+
+    def bug(*args, **kwargs):
+        raise ValueError("shapes do not match")
+
+    monkeypatch.setattr(knn_main, "frozen_backbone", bug)
+    main, argv, flag = entry_points(backbone, tmp_path)["knn"]
+    with pytest.raises(ValueError, match="shapes do not match"):
+        main([*argv, flag, str(tmp_path / "out"), "--device", "cpu"])
 
 
 def parsers() -> dict:
@@ -178,12 +192,13 @@ def test_the_runner_maps_exits():
         raise e
 
     assert cli.run(lambda: 3) == 3 and cli.run(lambda: None) == 0
-    assert cli.run(raising, ValueError("x")) == 2 and cli.run(raising, FileNotFoundError("x")) == 2
+    assert cli.run(raising, UsageError("x")) == 2 and cli.run(raising, MissingFile("x")) == 2
     assert cli.run(raising, cli.MissingDependency("no sklearn")) == 2
     assert cli.run(raising, DiskFullError(28, "no space")) == 1
     assert cli.run(raising, SystemExit(75)) == 75
-    with pytest.raises(RuntimeError):
-        cli.run(raising, RuntimeError("a bug"))
+    for bug in (RuntimeError("a bug"), ValueError("a bug"), FileNotFoundError("a bug")):
+        with pytest.raises(type(bug)):
+            cli.run(raising, bug)
 
 
 def deprecated_cases(backbone: Path, tmp: Path) -> dict:

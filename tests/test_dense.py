@@ -19,6 +19,7 @@ import models
 
 mmseg = pytest.importorskip("mmseg", reason="mmsegmentation not installed: `make mmseg`")
 import segmentation.mmseg_ext as proteus_mmseg  # noqa: E402
+from models.errors import UsageError  # noqa: E402
 from segmentation import runner  # noqa: E402
 from tests.helpers import DENSE_HEADS, DENSE_TINY, DEPTH, DIM, ROOT, child_env, optimizer_groups  # noqa: E402
 
@@ -775,7 +776,7 @@ def test_no_checkpoint_runs_code_whatever_vouches_for_it(backbone, ade, tmp_path
     assert imports in refused(folder)
     assert imports in refused(tmp_path / "work", "--eval-only", "--checkpoint", str(evil))
     runner.read_checkpoints_as_data()  # as the runner does before mmengine starts
-    with pytest.raises(ValueError, match="refused"):  # the loader mmengine calls, past the runner's checks
+    with pytest.raises(UsageError, match="refused"):  # the loader mmengine calls, past the runner's checks
         CheckpointLoader.load_checkpoint(str(evil))
     assert not marker.exists()
     capsys.readouterr()  # mmengine's log line, to an earlier test's logger when tests share a process

@@ -17,6 +17,7 @@ from models.dinov3 import DinoV3ViT
 
 mmseg = pytest.importorskip("mmseg", reason="mmsegmentation not installed: `make mmseg`")
 import segmentation.mmseg_ext as proteus_mmseg  # noqa: E402
+from models.errors import UsageError  # noqa: E402
 from scripts import evaluate_all  # noqa: E402
 from segmentation import runner  # noqa: E402
 from tests.helpers import DENSE_HEADS, DENSE_TINY, DEPTH, DIM, ROOT, official_sd, optimizer_groups  # noqa: E402
@@ -115,7 +116,7 @@ def test_patch_map_is_dinov3s_at_any_size(export, official):
 
 def test_reference_pos_embed_is_one_clear_error(export, ade, tmp_path, capsys):
     expected = "--reference-pos-embed (reference_pos_embed) resizes a learned positional-embedding table once"
-    with pytest.raises(ValueError, match=r"this DINOv3 backbone has none \(its RoPE takes any input size\)"):
+    with pytest.raises(UsageError, match=r"this DINOv3 backbone has none \(its RoPE takes any input size\)"):
         proteus_mmseg.ProteusViT(checkpoint=str(export), out_indices=(3,), reference_pos_embed=True)
     config = "segmentation/configs/linear_vit_small_dinov3.py"
     assert runner.main("segmentation", argv(config, export, ade, tmp_path / "w", "--reference-pos-embed")) == 2

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import models
+from models.errors import UsageError
 from tests.helpers import TINY_RUN, make_image_folder, rel_err
 
 
@@ -134,5 +135,5 @@ def test_load_backbone_checks_the_recorded_resolution(tmp_path):
     ):
         exported._metadata[models.checkpoints.EXPORT_METADATA] = record
         torch.save(exported, tmp_path / "b.pth")
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(UsageError, match=message):
             models.load_backbone(tmp_path / "b.pth")

@@ -20,6 +20,7 @@ from torch import nn
 
 import models
 from models.dinov3 import DinoV3ViT
+from models.errors import UsageError
 from models.teachers import TEACHERS, default_dtype
 from tests.helpers import (
     fair,
@@ -115,7 +116,7 @@ def small_file(shallow, tmp_path):
 
 
 def _one_line_error(path, match):
-    with pytest.raises(ValueError, match=match) as e:
+    with pytest.raises(UsageError, match=match) as e:
         models.create_teacher("dinov3_vits16", path)
     assert "\n" not in str(e.value)
 
@@ -256,9 +257,9 @@ def test_student_architecture(name, dim, depth, heads):
 
 
 def test_student_names_and_errors():
-    with pytest.raises(ValueError, match="'vit_small_dinov3' is in the dinov3 layout, not clip"):
+    with pytest.raises(UsageError, match="'vit_small_dinov3' is in the dinov3 layout, not clip"):
         models.create_student("vit_small_dinov3", layout="clip")
-    with pytest.raises(ValueError, match=r"unknown student 'vit_huge_dinov3'.*vit_large_dinov3"):
+    with pytest.raises(UsageError, match=r"unknown student 'vit_huge_dinov3'.*vit_large_dinov3"):
         models.create_student("vit_huge_dinov3")
     m = models.create_student("vit_small_dinov3", drop_path_rate=0.1)
     assert isinstance(m, DinoV3ViT) and m.embed_dim == 384
@@ -338,9 +339,9 @@ def test_get_intermediate_layers_api(student):
     torch.testing.assert_close(c, out["x_norm_clstoken"])
     torch.testing.assert_close(e, out["x_storage_tokens"])
     torch.testing.assert_close(raw, out["x_prenorm"][:, 5:])
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(UsageError, match="out of range"):
         student.get_intermediate_layers(x, n=[12])
-    with pytest.raises(ValueError, match="not a multiple of the patch size 16"):
+    with pytest.raises(UsageError, match="not a multiple of the patch size 16"):
         student.forward_features(torch.randn(1, 3, 56, 64))
 
 
@@ -375,7 +376,7 @@ def test_load_backbone_reads_exports_checkpoints_and_official_files(student, tmp
         assert rel_err(ours, fair(sd, **arch).forward_features(x)["x_norm_patchtokens"]) < 1e-4
     del sd["blocks.0.norm1.bias"]
     torch.save(sd, tmp_path / "broken.pth")
-    with pytest.raises(ValueError, match=r"missing keys: blocks\.0\.norm1\.bias"):
+    with pytest.raises(UsageError, match=r"missing keys: blocks\.0\.norm1\.bias"):
         models.load_backbone(tmp_path / "broken.pth")
 
 

@@ -29,6 +29,7 @@ from fine_grained.datasets import (
     protocol_splits,
 )
 from fine_grained.metrics import accuracy, average_precision_11point, mean_per_class_accuracy
+from models.errors import UsageError
 from pretrain import main as pretrain_main
 from tests.helpers import TINY_RUN, img, make_cub, make_image_folder, write
 
@@ -163,7 +164,7 @@ def test_per_class_split_distinct_draws_without_replacement_seed0():
     for start, n in ((0, 35), (35, 31), (66, 40)):
         expect += sorted(start + j for j in torch.randperm(n, generator=g)[:30].tolist())
     assert train == expect
-    with pytest.raises(ValueError, match="unknown split rule 'bogus'"):
+    with pytest.raises(UsageError, match="unknown split rule 'bogus'"):
         per_class_split(targets, 30, "bogus")
 
 
@@ -281,7 +282,7 @@ def test_torchvision_layouts_and_pets_80_20(tmp_path):
 
 @pytest.mark.parametrize("name", list(DATASETS))
 def test_missing_folder_names_expected_layout(tmp_path, name):
-    with pytest.raises(ValueError, match=f"expected <data-path>/{name}/"):
+    with pytest.raises(UsageError, match=f"expected <data-path>/{name}/"):
         build_split(DATASETS[name], tmp_path, "train", None)
 
 
@@ -289,7 +290,7 @@ def test_empty_split_is_an_error(tmp_path):
     make_cub(tmp_path)
     split_file = tmp_path / "cub200" / "CUB_200_2011" / "train_test_split.txt"
     split_file.write_text(split_file.read_text().replace(" 1\n", " 0\n"))
-    with pytest.raises(ValueError, match="the train split is empty"):
+    with pytest.raises(UsageError, match="the train split is empty"):
         build_split(DATASETS["cub200"], tmp_path, "train", None)
 
 
@@ -654,6 +655,6 @@ def test_a_malformed_split_file_line_names_the_file_and_line(tmp_path, name, fil
     else:
         lines.insert(1, line)
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(UsageError) as e:
         build_split(DATASETS[name], tmp_path, "train", None)
     assert str(path) in str(e.value) and message in str(e.value), str(e.value)

@@ -16,6 +16,7 @@ from common import cli
 from common.images import load_rgb, read_image_folder, skipped_paths
 from fine_grained.datasets import ImageList
 from linear_eval.data import image_folder
+from models.errors import MissingFile, UsageError
 from pretrain import main as pretrain_main
 from pretrain import pca
 from pretrain.data import build_dataset
@@ -66,7 +67,7 @@ def test_every_loader_reads_16bit_pngs_the_same(tmp_path):
 
 def test_float_image_is_refused_by_path_and_skipped(tmp_path, caplog):
     Image.fromarray(np.ones((8, 8), np.float32)).save(tmp_path / "f.tif")
-    with pytest.raises(ValueError, match=r"f\.tif: a float image \(mode F\)"):
+    with pytest.raises(UsageError, match=r"f\.tif: a float image \(mode F\)"):
         load_rgb(tmp_path / "f.tif")
     for c in ("a", "b"):
         (tmp_path / "train" / c).mkdir(parents=True)
@@ -180,7 +181,7 @@ def test_an_empty_class_folder_is_named(tmp_path):
     for c in ("cat", "dog"):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "train" / c / "0.png")
     (tmp_path / "train" / "empty_one" / "notes.txt").write_text("no image here")
-    with pytest.raises(FileNotFoundError, match=r"1 of the 3 class folders in .* hold no image: .*empty_one"):
+    with pytest.raises(MissingFile, match=r"1 of the 3 class folders in .* hold no image: .*empty_one"):
         build_dataset(str(tmp_path), 28)
-    with pytest.raises(FileNotFoundError, match="empty_one"):
+    with pytest.raises(MissingFile, match="empty_one"):
         image_folder(str(tmp_path), "train", None)

@@ -25,6 +25,7 @@ from torch import nn
 import models
 from common.io import atomic_save
 from models import ViT
+from models.errors import MissingFile, UsageError
 from tests.helpers import block_outputs, randomize_, rel_err, tiny_spec, tiny_vit
 
 # torch.jit is deprecated in torch 2.14 but OpenAI's CLIP files are TorchScript archives.
@@ -186,7 +187,7 @@ def test_student_architecture_matches_protocol(name):
 
 
 def test_unknown_student_name():
-    with pytest.raises(ValueError, match="vit_tiny.*vit_large"):
+    with pytest.raises(UsageError, match="vit_tiny.*vit_large"):
         models.create_student("vit_huge")
 
 
@@ -246,9 +247,9 @@ def test_forward_features_any_multiple_of_patch(reg):
 def test_input_not_multiple_of_patch_raises(hw):
     m = tiny_vit(dim=64, heads=1, grid=4, randomize=True)
     x = torch.randn(1, 3, *hw)
-    with pytest.raises(ValueError, match=rf"{hw[0]}x{hw[1]}.*multiple of the patch size 14"):
+    with pytest.raises(UsageError, match=rf"{hw[0]}x{hw[1]}.*multiple of the patch size 14"):
         m.forward_features(x)
-    with pytest.raises(ValueError, match="multiple of the patch size"):
+    with pytest.raises(UsageError, match="multiple of the patch size"):
         m.get_intermediate_layers(x)
 
 
@@ -339,7 +340,7 @@ def test_get_intermediate_layers_dinov2_semantics(reg):
         close(ct, cls(2))
         close(ct, m.forward_features(x)["x_norm_clstoken"])
 
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError):
         m.get_intermediate_layers(x, n=[3])
 
 
@@ -710,7 +711,7 @@ def test_code_in_a_torchscript_archive_is_never_run(tmp_path, capfd):
     torch.jit.save(torch.jit.script(ref), str(path))
     torch.jit.load(str(path))
     assert "the archive's code ran" in capfd.readouterr().out  # what loading it with torch.jit does
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(UsageError) as e:
         models.teachers.openai_clip_state_dict(path)
     assert str(e.value) == (
         f"cannot read TorchScript archive {path}: its __torch__.tests.test_models.SetsItsOwnState sets its state "
@@ -773,7 +774,7 @@ def test_synclr_teacher_mask_token_optional(tiny_teacher, tmp_path, shape):
     assert timm_rel_err(teacher, ref, torch.randn(2, 3, 56, 56)) < 1e-4
     inner["module.visual.mask_token"] = torch.randn(1, 1, 128)
     torch.save({"model": inner}, tmp_path / "wide.pth")
-    with pytest.raises(ValueError, match=r"shape mismatch.*mask_token"):
+    with pytest.raises(UsageError, match=r"shape mismatch.*mask_token"):
         models.create_teacher("synclr_vitl14", checkpoint=tmp_path / "wide.pth")
 
 
@@ -795,46 +796,46 @@ def small_dinov2(tiny_teacher, tmp_path):
 def test_teacher_missing_key_is_named(small_dinov2, key):
     sd, write = small_dinov2
     del sd[key]
-    with pytest.raises(ValueError, match=rf"missing keys: .*{re.escape(key)}"):
+    with pytest.raises(UsageError, match=rf"missing keys: .*{re.escape(key)}"):
         models.create_teacher("dinov2_vits14", checkpoint=write(sd))
 
 
 def test_teacher_unexpected_key_is_named(small_dinov2):
     sd, write = small_dinov2
     sd["blocks.0.attn.q_norm.weight"] = torch.ones(64)
-    with pytest.raises(ValueError, match=r"unexpected keys: .*blocks\.0\.attn\.q_norm\.weight"):
+    with pytest.raises(UsageError, match=r"unexpected keys: .*blocks\.0\.attn\.q_norm\.weight"):
         models.create_teacher("dinov2_vits14", checkpoint=write(sd))
 
 
 def test_teacher_shape_mismatch_is_named(small_dinov2):
     _, write = small_dinov2
     sd = official_dinov2_sd(64, 2, grid=5)  # a file for another image size: only pos_embed differs
-    with pytest.raises(ValueError, match=r"shape mismatch.*pos_embed \(1, 26, 64\) vs \(1, 17, 64\)") as e:
+    with pytest.raises(UsageError, match=r"shape mismatch.*pos_embed \(1, 26, 64\) vs \(1, 17, 64\)") as e:
         models.create_teacher("dinov2_vits14", checkpoint=write(sd))
     assert "cls_token" not in str(e.value)
     sd = official_dinov2_sd(96, 2, grid=4)  # another model size
-    with pytest.raises(ValueError, match=r"shape mismatch.*blocks\.0\.attn\.qkv\.weight \(288, 96\) vs \(192, 64\)"):
+    with pytest.raises(UsageError, match=r"shape mismatch.*blocks\.0\.attn\.qkv\.weight \(288, 96\) vs \(192, 64\)"):
         models.create_teacher("dinov2_vits14", checkpoint=write(sd))
 
 
 def test_teacher_wrong_family_file(small_dinov2, tiny_teacher, tmp_path):
     sd, write = small_dinov2
     clip_raw = CLIPStandIn(4 * 14, 14, 64, 2, 1).state_dict()
-    with pytest.raises(ValueError, match="dinov2_vits14"):
+    with pytest.raises(UsageError, match="dinov2_vits14"):
         models.create_teacher("dinov2_vits14", checkpoint=write(clip_raw, "clip.pt"))
     tiny_teacher("clip_vitl14", dim=64, depth=2, heads=1)
-    with pytest.raises(ValueError, match="not an OpenAI CLIP checkpoint"):
+    with pytest.raises(UsageError, match="not an OpenAI CLIP checkpoint"):
         models.create_teacher("clip_vitl14", checkpoint=write(sd, "dinov2.pth"))
     tiny_teacher("synclr_vitl14", dim=64, depth=2, heads=1)
-    with pytest.raises(ValueError, match=r"unexpected keys: .*ls1\.gamma"):
+    with pytest.raises(UsageError, match=r"unexpected keys: .*ls1\.gamma"):
         models.create_teacher("synclr_vitl14", checkpoint=write({"model": sd}, "dinov2_in_model.pth"))
 
 
 def test_teacher_unknown_name_and_missing_file(tiny_teacher, tmp_path):
-    with pytest.raises(ValueError, match=r"unknown teacher 'dinov4_vits16'.*dinov2_vits14.*dinov3_vits16.*synclr"):
+    with pytest.raises(UsageError, match=r"unknown teacher 'dinov4_vits16'.*dinov2_vits14.*dinov3_vits16.*synclr"):
         models.create_teacher("dinov4_vits16", checkpoint=tmp_path / "x.pth")
     tiny_teacher("dinov2_vits14")
-    with pytest.raises(FileNotFoundError, match="nope.pth"):
+    with pytest.raises(MissingFile, match="nope.pth"):
         models.create_teacher("dinov2_vits14", checkpoint=tmp_path / "nope.pth")
 
 
@@ -935,7 +936,7 @@ def test_load_backbone_refuses_pickled_objects(tmp_path):
     torch.save(
         {"model": {"student.backbone." + k: v for k, v in student.items()}, "args": _Payload()}, tmp_path / "evil.pth"
     )
-    with pytest.raises(ValueError, match="evil.pth") as e:
+    with pytest.raises(UsageError, match="evil.pth") as e:
         models.load_backbone(tmp_path / "evil.pth")
     assert not _EXECUTED  # nothing was unpickled
     assert "a pickle that imports tests.test_models._mark_executed: refused" in str(e.value)
@@ -943,22 +944,22 @@ def test_load_backbone_refuses_pickled_objects(tmp_path):
 
 def test_load_backbone_bad_files(tmp_path):
     (tmp_path / "garbage.pth").write_bytes(b"\x00not a checkpoint\xff" * 50)
-    with pytest.raises(ValueError, match="cannot read checkpoint") as e:
+    with pytest.raises(UsageError, match="cannot read checkpoint") as e:
         models.load_backbone(tmp_path / "garbage.pth")
     assert "it is not a torch file (it starts with b'\\x00not a checkpoin" in str(e.value), str(e.value)
     assert "weights_only" not in str(e.value)
     torch.save(official_dinov2_sd(64, 1, 4), tmp_path / "ok.pth")
     data = (tmp_path / "ok.pth").read_bytes()
     (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="truncated.pth"):
+    with pytest.raises(UsageError, match="truncated.pth"):
         models.load_backbone(tmp_path / "truncated.pth")
     torch.save({"model": {"head.weight": torch.zeros(3, 3)}}, tmp_path / "nobackbone.pth")
-    with pytest.raises(ValueError, match="no ViT backbone"):
+    with pytest.raises(UsageError, match="no ViT backbone"):
         models.load_backbone(tmp_path / "nobackbone.pth")
     torch.save([torch.zeros(3)], tmp_path / "list.pth")
-    with pytest.raises(ValueError, match="list"):
+    with pytest.raises(UsageError, match="list"):
         models.load_backbone(tmp_path / "list.pth")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(MissingFile):
         models.load_backbone(tmp_path / "missing.pth")
 
 
@@ -1020,7 +1021,7 @@ def test_every_reader_of_a_weight_file_refuses_code(reader, tiny_teacher, tmp_pa
     torch.save({"state_dict": {"x": _System()}}, path)
     names = one_teacher_per_family() if reader == "teacher" else ["adaptors"]
     for name in names:
-        with pytest.raises(ValueError, match="refused, code in a weight file is never run") as e:
+        with pytest.raises(UsageError, match="refused, code in a weight file is never run") as e:
             if reader == "teacher":
                 tiny_teacher(name)
                 models.create_teacher(name, path)
@@ -1072,7 +1073,7 @@ def test_unreadable_weight_files_say_what_they_are(tmp_path):
         "truncated.pth": "it is a truncated or damaged torch checkpoint",
     }
     for name, message in expected.items():
-        with pytest.raises(ValueError) as e:
+        with pytest.raises(UsageError) as e:
             models.safe_load(tmp_path / name)
         text = str(e.value)
         assert text.startswith(f"cannot read checkpoint {tmp_path / name}: {message}"), text

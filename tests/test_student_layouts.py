@@ -32,6 +32,7 @@ from common.features import frozen_backbone
 from common.io import atomic_save
 from linear_eval.classifiers import linear_features
 from models import LAYOUTS, ViT
+from models.errors import UsageError
 from pretrain import main as pretrain_main
 from pretrain.output import Output
 from tests.helpers import TINY_RUN, block_outputs, make_image_folder, randomize_, rel_err, tiny_vit
@@ -156,7 +157,7 @@ def test_layout_architecture(layout):
 
 
 def test_unknown_layout():
-    with pytest.raises(ValueError, match="unknown student layout 'eva'; choose from dinov2, clip, synclr, dinov3"):
+    with pytest.raises(UsageError, match="unknown student layout 'eva'; choose from dinov2, clip, synclr, dinov3"):
         models.create_student("vit_tiny", layout="eva")
 
 
@@ -211,7 +212,7 @@ def test_export_has_exactly_the_reference_keys_and_shapes(layout):
 
 
 def test_export_in_another_layout_is_refused():
-    with pytest.raises(ValueError, match="in the dinov2 layout and cannot be written in the clip layout"):
+    with pytest.raises(UsageError, match="in the dinov2 layout and cannot be written in the clip layout"):
         models.to_reference(tiny_student("dinov2"), "clip")
 
 
@@ -391,6 +392,19 @@ def test_pretraining_runs_and_exports_in_the_layout(tmp_path, capsys, layout):
     assert f"was trained with --student-layout {layout}, not dinov2" in capsys.readouterr().err
     assert pretrain_main.main([*base, "--epochs", "2"]) == 0
     assert models.safe_load(out / "checkpoint.pth")["epoch"] == 1
+
+
+def test_a_layout_that_cannot_be_exported_stops_before_training(tmp_path, capsys, monkeypatch):
+    """A layout registered without its export (here a copy of dinov2's under another name) is one line at
+    start-up; without the check the whole run trained and then backbone.pth could not be written."""
+    monkeypatch.setitem(LAYOUTS, "mine", LAYOUTS["dinov2"])
+    data = make_image_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    argv = ["--data-path", str(data), "--output-dir", str(out), *TINY_RUN, "--student-layout", "mine", "--epochs", "1"]
+    assert pretrain_main.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: this ViT is in the dinov2 layout and cannot be written in the mine layout"]
+    assert not (out / "checkpoint.pth").exists() and not (out / "log.txt").exists()
 
 
 def test_checkpoint_from_before_layouts_resumes_as_dinov2(tmp_path, capsys):

@@ -14,6 +14,7 @@ import torch
 import common.io
 import models
 from models import ViTConfig
+from models.errors import UsageError
 from pretrain import main as pretrain_main
 from pretrain.distiller import Distiller
 from tests.helpers import TINY_RUN, command, epoch_losses, interrupt, iterations, make_image_folder, run_ok, tiny_spec
@@ -204,7 +205,7 @@ def test_a_journal_naming_other_files_moves_nothing(tmp_path):
     (tmp_path / "payload").write_text("x")
     journal = tmp_path / ".checkpoint.commit"
     journal.write_text(json.dumps({"replace": [["payload", "a/checkpoint.pth"]]}))
-    with pytest.raises(ValueError, match="is not the journal of this run's checkpoints"):
+    with pytest.raises(UsageError, match="is not the journal of this run's checkpoints"):
         common.io.finish_saves(journal, paths)
     assert torch.load(paths[0], weights_only=True)["at"] == "old" and (tmp_path / "payload").is_file()
 
