@@ -21,7 +21,8 @@ from .checkpoints import (
 )
 from .dinov3 import DinoV3ViT
 from .errors import MissingFile, UsageError
-from .teachers import TEACHERS, Teacher, create_teacher, default_dtype, resample_patches
+from .teachers import TEACHERS, Teacher, create_teacher, default_dtype
+from .tokens import Tokens, resample_patches
 from .vision_transformer import ViT
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "TEACHERS",
     "VIT_CONFIGS",
     "Teacher",
+    "Tokens",
     "UsageError",
     "ViT",
     "ViTConfig",

@@ -13,7 +13,6 @@ from pathlib import Path
 from urllib.error import URLError
 
 import torch
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from torch import nn
 
@@ -30,6 +29,7 @@ from .checkpoints import (
 )
 from .dinov3 import DinoV3ViT
 from .errors import MissingFile, UsageError
+from .tokens import Tokens
 from .vision_transformer import ViT
 
 _DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{arch}/{arch}{reg}_pretrain.pth"
@@ -81,16 +81,6 @@ class TeacherSpec:
         )
 
 
-def resample_patches(patches: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
-    """[B, h*w, D] patch tokens on a `grid` (h, w) -> [B, H*W, D] on `size` (H, W): bilinear on the
-    [B, D, h, w] map, antialiased when shrinking, in float32."""
-    b, _, d = patches.shape
-    x = patches.float().transpose(1, 2).reshape(b, d, *grid)
-    shrink = size[0] < grid[0] or size[1] < grid[1]
-    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
-    return x.reshape(b, d, -1).transpose(1, 2)
-
-
 class Teacher(nn.Module):
     """A frozen teacher: its backbone in eval mode for good (`train()` leaves it so), no gradients, its
     family, dtype and input normalisation, and `targets(images)`, what the distiller learns from.
@@ -135,20 +125,18 @@ class Teacher(nn.Module):
         t = lambda v: torch.tensor(v, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)  # noqa: E731
         return (images * t(CROP_STD) + t(CROP_MEAN) - t(self.mean)) / t(self.std)
 
-    def targets(self, images: torch.Tensor, grid: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
-        """{"cls", "patches"}: the final-norm CLS (CLIP: ln_post(CLS)) and patch tokens of `images`
-        (normalised with CROP_MEAN/CROP_STD). With `grid` (h, w) other than the teacher's own, the patch
-        tokens are resampled to it (resample_patches). Computed in inference mode; the returned tensors
-        are ordinary ones (autograd may save them)."""
+    def targets(self, images: torch.Tensor, grid: tuple[int, int] | None = None) -> Tokens:
+        """The final-norm CLS (CLIP: ln_post(CLS)) and patch tokens of `images` (normalised with
+        CROP_MEAN/CROP_STD), on the teacher's own grid or, with `grid` (h, w), resampled to it
+        (Tokens.on_grid). Computed in inference mode; the returned tensors are ordinary ones (autograd may
+        save them)."""
         with torch.inference_mode():
             out = self.backbone.forward_features(self.normalize(images))
-            cls, patches = out["x_norm_clstoken"], out["x_norm_patchtokens"]
             own = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
-            if grid is not None and tuple(grid) != own:
-                patches = resample_patches(patches, own, tuple(grid))
-        return {"cls": cls.clone(), "patches": patches.clone()}
+            tokens = Tokens(out["x_norm_clstoken"], out["x_norm_patchtokens"], own).on_grid(grid or own)
+        return Tokens(tokens.cls.clone(), tokens.patches.clone(), tokens.grid)
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> Tokens:
         return self.targets(images)
 
 

@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common import distributed as dist_utils
 from common.cli import ArgumentParser, run
-from models import LAYOUTS, STUDENT_ARCHS, TEACHERS, Teacher, TeacherTarget, create_student, create_teacher
+from models import LAYOUTS, STUDENT_ARCHS, TEACHERS, Teacher, TeacherTarget, Tokens, create_student, create_teacher
 from models.errors import MissingFile, UsageError
 
 from .data import build_dataset
@@ -103,11 +103,9 @@ class ReferenceDistiller(nn.Module):
         self.lambda_patch, self.lambda_fea = target.lambda_patch, target.lambda_fea
         disable_fused_attention(self.student)
 
-    def forward(
-        self, images: torch.Tensor, masks: torch.Tensor | None, targets: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, masks: torch.Tensor | None, targets: Tokens) -> dict[str, torch.Tensor]:
         """`masks` (B, N) bool for the whole batch (clean samples all False)."""
-        t_cls, t_patches = targets["cls"].float(), targets["patches"].float()
+        t_cls, t_patches = targets.cls.float(), targets.patches.float()
         zero = images.new_zeros((), dtype=torch.float32)
         parts = {"token": zero, "patch": zero, "fea": zero}
         if self.lambda_patch and masks is not None:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
-from models import Adaptors, DinoV3ViT, Teacher, TeacherTarget, ViT
+from models import Adaptors, DinoV3ViT, Teacher, TeacherTarget, Tokens, ViT
 from models.adaptors import Adaptor
 
 LOSSES = ("total", "token", "patch", "fea")  # a one-teacher Distiller's losses by name, in every log and checkpoint
@@ -88,7 +88,7 @@ class Distiller(nn.Module):
         return adaptors.export(student)
 
     def forward(
-        self, images: torch.Tensor, masks: torch.Tensor | None, targets: dict[str, dict[str, torch.Tensor]]
+        self, images: torch.Tensor, masks: torch.Tensor | None, targets: dict[str, Tokens]
     ) -> dict[str, torch.Tensor]:
         """`masks` (M, N) bool covers the first M samples of the batch (M may be 0 or None); `targets` are each
         teacher's {"cls", "patches"} on the student's grid, by teacher name."""
@@ -112,12 +112,12 @@ class Distiller(nn.Module):
 
 
 def teacher_losses(
-    a: Adaptor, cls: torch.Tensor, patches: torch.Tensor, masks: torch.Tensor | None, target: dict
+    a: Adaptor, cls: torch.Tensor, patches: torch.Tensor, masks: torch.Tensor | None, target: Tokens
 ) -> dict[str, torch.Tensor]:
     """One teacher's token, patch and fea MSE in its standardised space (0 for a level it does not use).
     `patches` holds the masked samples' tokens first when `masks` is given, then every sample's clean ones."""
     n_masked = masks.shape[0] if masks is not None else 0
-    t_cls, t_patches = a.cls_std(target["cls"].float()), a.patch_std(target["patches"].float())
+    t_cls, t_patches = a.cls_std(target.cls.float()), a.patch_std(target.patches.float())
     t = a.target
     zero = cls.new_zeros((), dtype=torch.float32)
     parts = {"token": zero, "patch": zero, "fea": zero}

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import torch
 
 from common import distributed as dist_utils
-from models import resample_patches
+from models import Tokens
 
 from .data import derive_seed
 from .distiller import TeacherInput, Views, resize
@@ -53,7 +53,7 @@ def cycle_batches(loader, sampler, epoch: int, num_epochs: int, n: int, start: i
 
 def teacher_targets(
     teachers: list[TeacherInput], images: torch.Tensor, amp_dtype: torch.dtype | None
-) -> dict[str, dict[str, torch.Tensor]]:
+) -> dict[str, Tokens]:
     """Every teacher's targets for a batch of crops, by name, each on its own token grid: computed once per
     step and shared by every student (each resamples the patch maps to its own grid in student_losses)."""
     with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -65,19 +65,14 @@ def student_losses(
     teachers: list[TeacherInput],
     images: torch.Tensor,
     masks: torch.Tensor | None,
-    targets: dict[str, dict[str, torch.Tensor]],
+    targets: dict[str, Tokens],
     amp_dtype: torch.dtype | None,
     views: Views,
 ) -> dict[str, torch.Tensor]:
     """One student's losses under autocast on the shared targets, each teacher's patch map resampled to the
     student's grid when the two differ (as Teacher.targets(images, grid) does)."""
     with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        on_grid = {}
-        for t in teachers:
-            on_grid[t.name] = targets[t.name]
-            if t.grid != tuple(views.grid):
-                patches = resample_patches(targets[t.name]["patches"], t.grid, tuple(views.grid))
-                on_grid[t.name] = {**targets[t.name], "patches": patches}
+        on_grid = {t.name: targets[t.name].on_grid(views.grid) for t in teachers}
         return model(resize(images, views.student), masks, on_grid)
 
 
@@ -111,7 +106,7 @@ def estimate_statistics(run: Run) -> None:
         targets = teacher_targets(run.teachers, images.to(run.device, non_blocking=True), AMP[args.precision])
         for name in pending:
             for kind in ("cls", "patches"):
-                x = targets[name][kind].flatten(0, -2).double()
+                x = getattr(targets[name], kind).flatten(0, -2).double()
                 m = [torch.tensor([float(x.shape[0])], dtype=torch.float64), x.sum(0).cpu(), (x.T @ x).cpu()]
                 moments[name + kind] = [a + b for a, b in zip(moments.get(name + kind, [0, 0, 0]), m)]
     summed = {key: [dist_utils.sum_across_ranks(m) for m in value] for key, value in sorted(moments.items())}

@@ -82,7 +82,7 @@ def pca_images(model: torch.nn.Module, images: torch.Tensor, threshold: float = 
     was_training = model.training
     model.eval()
     if isinstance(model, Teacher):
-        tokens = model.targets(images)["patches"]
+        tokens = model.targets(images).patches
     else:
         tokens = model.forward_features(images)["x_norm_patchtokens"]
     tokens = tokens.float().cpu()

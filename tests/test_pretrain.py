@@ -79,10 +79,10 @@ def test_losses_match_hand_computation_and_two_pass_reference():
     d = one_teacher_distiller(student, 24, token=1.0, patch=0.5, fea=2.0).eval()
     images = torch.randn(6, 3, 28, 28)
     masks = make_masks(6, 4, 0.5, (0.5, 0.5))[:3]
-    t = {"cls": torch.randn(6, 24), "patches": torch.randn(6, 4, 24)}
+    t = models.Tokens(torch.randn(6, 24), torch.randn(6, 4, 24), (2, 2))
     losses = d(images, masks, {"teacher": t})
     assert list(losses) == ["total", "token", "patch", "fea"]  # pretrain.distiller.LOSSES
-    token, patch, fea = plain_losses(d, images, masks, t["cls"], t["patches"])
+    token, patch, fea = plain_losses(d, images, masks, t.cls, t.patches)
     torch.testing.assert_close(losses["token"], token, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses["patch"], patch, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses["fea"], fea, rtol=1e-5, atol=1e-6)
@@ -100,7 +100,7 @@ def test_losses_match_hand_computation_and_two_pass_reference():
 def test_token_only_distiller_has_no_unused_parameters():
     d = one_teacher_distiller(tiny_vit(), 8, token=1.0, patch=0.0, fea=0.0)
     assert d.patch_head is None and d.fea_head is None
-    targets = {"teacher": {"cls": torch.randn(2, 8), "patches": torch.randn(2, 4, 8)}}
+    targets = {"teacher": models.Tokens(torch.randn(2, 8), torch.randn(2, 4, 8), (2, 2))}
     losses = d(torch.randn(2, 3, 28, 28), None, targets)
     losses["total"].backward()
     unused = [n for n, p in d.named_parameters() if p.requires_grad and p.grad is None]
@@ -121,10 +121,10 @@ def test_teacher_stays_frozen_and_its_targets_are_ordinary_tensors():
     assert not any(m.training for m in teacher.modules()) and not any(p.requires_grad for p in teacher.parameters())
     assert (teacher.family, teacher.dtype, teacher.patch_size, teacher.embed_dim) == ("dinov2", torch.float32, 14, 32)
     t = teacher.targets(torch.randn(2, 3, 28, 28))
-    assert t["cls"].shape == (2, 32) and t["patches"].shape == (2, 4, 32)
-    assert not t["cls"].is_inference() and not t["patches"].requires_grad
+    assert t.cls.shape == (2, 32) and t.patches.shape == (2, 4, 32) and t.grid == (2, 2)
+    assert not t.cls.is_inference() and not t.patches.requires_grad
     pred = torch.zeros(2, 4, 32, requires_grad=True)
-    torch.nn.functional.mse_loss(pred, t["patches"]).backward()  # saves the target for backward
+    torch.nn.functional.mse_loss(pred, t.patches).backward()  # saves the target for backward
     assert pred.grad is not None
 
 
@@ -136,13 +136,14 @@ def test_resampled_targets_equal_interpolate_on_the_patch_map(grid):
     images = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
         own = teacher.backbone.forward_features(images)["x_norm_patchtokens"]
-    got = teacher.targets(images, grid)["patches"]
+    got = teacher.targets(images, grid).patches
+    assert teacher.targets(images, grid).grid == grid
     patch_map = own.transpose(1, 2).reshape(2, 32, 3, 3)
     shrink = grid[0] < 3 or grid[1] < 3
     want = F.interpolate(patch_map, size=grid, mode="bilinear", align_corners=False, antialias=shrink)
     assert got.shape == (2, grid[0] * grid[1], 32)
     torch.testing.assert_close(got, want.flatten(2).transpose(1, 2), rtol=0, atol=0)
-    assert torch.equal(teacher.targets(images, (3, 3))["patches"], own)
+    assert torch.equal(teacher.targets(images, (3, 3)).patches, own)
 
 
 def test_each_network_gets_its_own_resize_of_one_crop():
@@ -197,8 +198,8 @@ def test_teacher_targets_use_the_teachers_own_normalisation():
     got = teacher.targets(norm(raw, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
     with torch.no_grad():
         want = teacher.backbone.forward_features(norm(raw, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD))
-    torch.testing.assert_close(got["cls"], want["x_norm_clstoken"], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(got["patches"], want["x_norm_patchtokens"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.cls, want["x_norm_clstoken"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.patches, want["x_norm_patchtokens"], rtol=1e-4, atol=1e-5)
 
 
 # --- schedule and optimizer ----------------------------------------------------------------------

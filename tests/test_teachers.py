@@ -33,15 +33,13 @@ def loss_shares(standardization: str) -> float:
     targets = {}
     for name, dim, scale in (("small", 12, 1.0), ("large", 20, 100.0)):
         mixing = torch.randn(dim, dim)
-        targets[name] = {
-            "cls": (torch.randn(16, dim) @ mixing + 3) * scale,
-            "patches": (torch.randn(16, 4, dim) @ mixing - 1) * scale,
-        }
-    d = Distiller(tiny_vit(), [TeacherTarget(n, t["cls"].shape[1], standardization=standardization)
+        cls, patches = (torch.randn(16, dim) @ mixing + 3) * scale, (torch.randn(16, 4, dim) @ mixing - 1) * scale
+        targets[name] = models.Tokens(cls, patches, (2, 2))
+    d = Distiller(tiny_vit(), [TeacherTarget(n, t.cls.shape[1], standardization=standardization)
                                for n, t in targets.items()])  # fmt: skip
     for name, t in targets.items():
-        d.adaptors[name].cls_std.fit(*moments(t["cls"]))
-        d.adaptors[name].patch_std.fit(*moments(t["patches"]))
+        d.adaptors[name].cls_std.fit(*moments(t.cls))
+        d.adaptors[name].patch_std.fit(*moments(t.patches))
     with torch.no_grad():
         losses = d(torch.randn(16, 3, 28, 28), torch.rand(8, 4) < 0.5, targets)
     share = {n: sum(float(losses[f"{n}_{level}"]) for level in ("token", "patch", "fea")) for n in targets}

@@ -1,0 +1,36 @@
+"""What a backbone gives the distillation: its summary token and its patch tokens on their grid.
+
+`Tokens` is the one result type teachers return (`Teacher.targets`) and the pretraining engine passes
+around, so no code unpacks a string-keyed dict by position, and a patch map always travels with the grid
+it lies on (resampling needs it).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+class Tokens(NamedTuple):
+    cls: torch.Tensor  # [B, D]: the summary token (final-norm CLS; CLIP: ln_post(CLS))
+    patches: torch.Tensor  # [B, h*w, D]: the final-norm patch tokens, row-major
+    grid: tuple[int, int]  # (h, w) of `patches`
+
+    def on_grid(self, grid: tuple[int, int]) -> Tokens:
+        """The same tokens with the patch map resampled to `grid` (itself when it already lies there)."""
+        grid = tuple(grid)
+        if grid == tuple(self.grid):
+            return self
+        return self._replace(patches=resample_patches(self.patches, self.grid, grid), grid=grid)
+
+
+def resample_patches(patches: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """[B, h*w, D] patch tokens on a `grid` (h, w) -> [B, H*W, D] on `size` (H, W): bilinear on the
+    [B, D, h, w] map, antialiased when shrinking, in float32."""
+    b, _, d = patches.shape
+    x = patches.float().transpose(1, 2).reshape(b, d, *grid)
+    shrink = size[0] < grid[0] or size[1] < grid[1]
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+    return x.reshape(b, d, -1).transpose(1, 2)
