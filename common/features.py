@@ -151,6 +151,16 @@ class Progress:
         print(f"{self.desc} [{done}/{self.total}] {extra}eta {datetime.timedelta(seconds=int(eta))}", flush=True)
 
 
+class Features(NamedTuple):
+    """One split's frozen features, in dataset order: what every evaluation reads (a cache file holds the
+    same fields as a plain dict, which torch.load(weights_only=True) reads back)."""
+
+    features: torch.Tensor  # [N, ...]: one row per readable image
+    targets: torch.Tensor  # [N, ...]: its label(s)
+    index: torch.Tensor  # [N]: its index in the dataset
+    dropped: list[str]  # the unreadable images' paths, left out
+
+
 @torch.no_grad()
 def extract_features(
     fn: Callable[[torch.Tensor], torch.Tensor],
@@ -159,7 +169,7 @@ def extract_features(
     batch_size: int = 256,
     num_workers: int = 8,
     desc: str = "features",
-) -> dict:
+) -> Features:
     """fn(images) -> (B, ...) for every readable sample, in dataset order, on CPU; shards across ranks.
 
     Returns features, targets, index (each row's dataset index) and dropped (the unreadable images' paths,
@@ -203,7 +213,7 @@ def extract_features(
     kept = set(idx.tolist())
     base = _unwrap(dataset)
     dropped = [_path_of(base, _base_index(dataset, i)) for i in range(len(dataset)) if i not in kept]
-    return {"features": feats[order], "targets": targets[order], "index": idx, "dropped": dropped}
+    return Features(feats[order], targets[order], idx, dropped)
 
 
 def file_identity(path: str | Path) -> dict[str, object]:
@@ -246,7 +256,7 @@ def feature_key(backbone_path: str, dataset: Dataset, input_size: int, feature_t
     }
 
 
-def _load_cache(path: Path, key: dict) -> dict | None:
+def _load_cache(path: Path, key: dict) -> Features | None:
     """The cache file's content when its stored key is `key`; else None, saying why on the main rank."""
     if not path.is_file():
         return None
@@ -256,8 +266,8 @@ def _load_cache(path: Path, key: dict) -> dict | None:
         why = f"is unreadable ({e})"
     else:
         old = stored.get("key") if isinstance(stored, dict) else None
-        if old == key:
-            return stored
+        if old == key and set(Features._fields) <= stored.keys():
+            return Features(**{name: stored[name] for name in Features._fields})
         if not isinstance(old, dict):
             why = "has no cache key (an older format)"
         else:
@@ -278,7 +288,7 @@ def cached_features(
     backbone_path: str,
     input_size: int,
     feature_type: str,
-) -> dict:
+) -> Features:
     """extract_features through the cache file `path` (None: no cache). A cache is reused only when its stored
     feature_key matches this run's; otherwise it is recomputed and overwritten atomically by the main rank."""
     out = None
@@ -294,16 +304,15 @@ def cached_features(
     if out is None:
         out = extract_features(fn, dataset, device, batch_size, num_workers, desc)
         if path is not None and dist_utils.is_main():
-            if out["dropped"]:  # an I/O hiccup must not be frozen into the cache
-                print(f"{desc}: not cached, since {len(out['dropped'])} images were unreadable", flush=True)
+            if out.dropped:  # an I/O hiccup must not be frozen into the cache
+                print(f"{desc}: not cached, since {len(out.dropped)} images were unreadable", flush=True)
             else:
-                atomic_save({**out, "key": key}, path)
-    if out["dropped"] and dist_utils.is_main():
-        print(f"{desc}: {len(out['dropped'])} of {len(dataset)} images unreadable, left out", flush=True)
+                atomic_save({**out._asdict(), "key": key}, path)
+    if out.dropped and dist_utils.is_main():
+        print(f"{desc}: {len(out.dropped)} of {len(dataset)} images unreadable, left out", flush=True)
     return out
 
 
-def image_counts(features: dict) -> dict[str, object]:
+def image_counts(features: Features) -> dict[str, object]:
     """What results.json says of one evaluated split: images evaluated, dropped, and the dropped paths."""
-    dropped = features["dropped"]
-    return {"evaluated": len(features["targets"]), "dropped": len(dropped), "unreadable": dropped}
+    return {"evaluated": len(features.targets), "dropped": len(features.dropped), "unreadable": features.dropped}

@@ -15,7 +15,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_M
 
 from common import distributed as dist_utils
 from common.cli import ArgumentParser, check_positive, evaluation_parser, run
-from common.features import cached_features, eval_transform, frozen_backbone
+from common.features import Features, cached_features, eval_transform, frozen_backbone
 from common.io import atomic_write_text, prepare_output_dir
 from common.results import Results, Timer, write_results
 from models.errors import UsageError
@@ -89,11 +89,11 @@ def features(args: argparse.Namespace, model: torch.nn.Module, device: torch.dev
     )
 
 
-def evaluate(spec: Spec, features: dict[str, dict], train_size: int, device: torch.device, max_iter: int) -> dict:
+def evaluate(spec: Spec, features: dict[str, Features], train_size: int, device: torch.device, max_iter: int) -> dict:
     """Standardise, sweep C on train -> val, refit on trainval at the best C, score on test. The 20% val rule
     is drawn on the train_size on-disk images, whether or not some were unreadable."""
-    split_xy = {k: (f["features"], f["targets"]) for k, f in features.items()}
-    split_xy["train"] = (*split_xy["train"], features["train"]["index"])
+    split_xy = {k: (f.features, f.targets) for k, f in features.items()}
+    split_xy["train"] = (*split_xy["train"], features["train"].index)
     s = protocol_splits(spec, split_xy, train_size)
     metric = METRICS[spec.metric]
     (xtr, ytr), (xv, yv), (xtv, ytv), (xte, yte) = (tuple(t.to(device) for t in s[k]) for k in s)
@@ -112,7 +112,7 @@ def evaluate(spec: Spec, features: dict[str, dict], train_size: int, device: tor
         "n_train": len(xtr),
         "n_val": len(xv),
         "n_test": len(xte),
-        "dropped": {k: f["dropped"] for k, f in features.items()},
+        "dropped": {k: f.dropped for k, f in features.items()},
     }
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from common import distributed as dist_utils
 from common.cli import ArgumentParser, check_positive, evaluation_parser, run, start
-from common.features import cached_features, frozen_backbone, image_counts
+from common.features import Features, cached_features, frozen_backbone, image_counts
 from common.io import prepare_output_dir
 from common.results import Results, Timer, print_table, topk_correct, write_results
 from models.errors import UsageError
@@ -70,24 +70,24 @@ def knn_scores(
 
 
 def knn_accuracy(
-    train: dict[str, torch.Tensor],
-    val: dict[str, torch.Tensor],
+    train: Features,
+    val: Features,
     num_classes: int,
     ks: list[int],
     temperature: float,
     device: torch.device,
 ) -> dict[int, dict[str, float]]:
     """Top-1/top-5 (%) per k; each rank scores its shard of val in chunks sized to SIMILARITY_BUDGET."""
-    bank = F.normalize(train["features"].to(device), dim=1)
-    bank_labels = train["targets"].to(device)
-    queries = torch.tensor(list(dist_utils.shard(len(val["targets"]))), dtype=torch.long)
+    bank = F.normalize(train.features.to(device), dim=1)
+    bank_labels = train.targets.to(device)
+    queries = torch.tensor(list(dist_utils.shard(len(val.targets))), dtype=torch.long)
     counts = torch.zeros(len(ks), 2, dtype=torch.float64)
     for chunk in queries.split(max(1, SIMILARITY_BUDGET // len(bank))):
-        q = F.normalize(val["features"][chunk].to(device), dim=1)
-        targets = val["targets"][chunk].to(device)
+        q = F.normalize(val.features[chunk].to(device), dim=1)
+        targets = val.targets[chunk].to(device)
         scores = knn_scores(bank, bank_labels, q, num_classes, ks, temperature)
         counts += torch.stack([topk_correct(scores[k], targets).cpu() for k in ks])
-    counts = dist_utils.sum_across_ranks(counts) * 100 / len(val["targets"])
+    counts = dist_utils.sum_across_ranks(counts) * 100 / len(val.targets)
     return {k: {"top1": c[0].item(), "top5": c[1].item()} for k, c in zip(ks, counts)}
 
 
@@ -119,7 +119,7 @@ def prepare(args: argparse.Namespace, device: torch.device) -> dict:
         )
 
     train_features, val_features = features("train", train), features("val", val)
-    ks = usable_ks(args.nb_knn, len(train_features["targets"]))
+    ks = usable_ks(args.nb_knn, len(train_features.targets))
     return dict(train=train_features, val=val_features, num_classes=len(train.classes), ks=ks)
 
 
@@ -158,7 +158,7 @@ def knn(args: argparse.Namespace) -> None:
             "nb_knn_requested": args.nb_knn,
         },
         metrics={f"top-{n} k={k}": s[f"top{n}"] for k, s in scores.items() for n in (1, 5)},
-        unreadable_images={"train": len(train["dropped"]), "val": len(val["dropped"])},
+        unreadable_images={"train": len(train.dropped), "val": len(val.dropped)},
         timings=timer.timings(),
         details={"images": {"train": image_counts(train), "val": image_counts(val)}},
     )

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from common import distributed as dist_utils
 from common.cli import ArgumentParser, OldSwitch, check_positive, evaluation_parser, run, start
-from common.features import Progress, cached_features, file_identity, frozen_backbone, image_counts
+from common.features import Features, Progress, cached_features, file_identity, frozen_backbone, image_counts
 from common.images import seed_worker, skipped_paths
 from common.io import atomic_save, prepare_output_dir
 from common.results import Results, Timer, print_table, topk_correct, write_results
@@ -230,17 +230,17 @@ def train(
 
 @torch.no_grad()
 def evaluate(
-    classifiers: AllClassifiers, data: dict[str, torch.Tensor], device: torch.device, batch_size: int
+    classifiers: AllClassifiers, data: Features, device: torch.device, batch_size: int
 ) -> dict[str, dict[str, float]]:
     """Top-1/top-5 (%) of every classifier; each rank scores its shard, counts are summed over ranks."""
     classifiers.eval()
-    rows = torch.tensor(list(dist_utils.shard(len(data["targets"]))), dtype=torch.long)
+    rows = torch.tensor(list(dist_utils.shard(len(data.targets))), dtype=torch.long)
     counts = torch.zeros(len(classifiers.specs), 2, dtype=torch.float64)
     for chunk in rows.split(batch_size):
-        targets = data["targets"][chunk].to(device)
-        outputs = classifiers(data["features"][chunk].to(device))
+        targets = data.targets[chunk].to(device)
+        outputs = classifiers(data.features[chunk].to(device))
         counts += torch.stack([topk_correct(logits, targets).cpu() for logits in outputs.values()])
-    counts = dist_utils.sum_across_ranks(counts) * 100 / len(data["targets"])
+    counts = dist_utils.sum_across_ranks(counts) * 100 / len(data.targets)
     return {s.name: {"top1": c[0].item(), "top5": c[1].item()} for s, c in zip(classifiers.specs, counts)}
 
 

@@ -24,7 +24,7 @@ from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageNetInfo
 
 from common import distributed as dist_utils
 from common.cli import ArgumentParser, MissingDependency, check_positive, evaluation_parser, run, start
-from common.features import eval_transform, extract_features, frozen_backbone, image_counts
+from common.features import Features, eval_transform, extract_features, frozen_backbone, image_counts
 from common.results import Results, Timer, print_table, topk_correct, write_results
 from models import TEACHERS, Adaptors, load_adaptors
 from models.errors import UsageError
@@ -119,11 +119,11 @@ def text_classifier(clip, names: list[str], device: torch.device) -> torch.Tenso
     return open_clip.build_zero_shot_classifier(clip, tokenizer, names, OPENAI_IMAGENET_TEMPLATES, device=device)
 
 
-def accuracy(embeddings: dict, classifier: torch.Tensor) -> dict[str, float]:
+def accuracy(embeddings: Features, classifier: torch.Tensor) -> dict[str, float]:
     """Top-1 (and top-5 with at least 5 classes), %, of LOGIT_SCALE * embeddings @ classifier."""
-    logits = LOGIT_SCALE * embeddings["features"] @ classifier.cpu()
+    logits = LOGIT_SCALE * embeddings.features @ classifier.cpu()
     ks = (1, 5) if classifier.shape[1] >= 5 else (1,)
-    counts = topk_correct(logits, embeddings["targets"], ks) * 100 / len(embeddings["targets"])
+    counts = topk_correct(logits, embeddings.targets, ks) * 100 / len(embeddings.targets)
     return {f"top-{k}": c.item() for k, c in zip(ks, counts)}
 
 
@@ -198,7 +198,7 @@ def zeroshot(args: argparse.Namespace) -> None:
         },
         metrics=metrics,
         metric_notes=notes,
-        unreadable_images={"val": len(ours["dropped"])},
+        unreadable_images={"val": len(ours.dropped)},
         timings=timer.timings(),
         details={"images": {"val": image_counts(ours)}, "class_names": names},
     )

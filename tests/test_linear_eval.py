@@ -18,6 +18,7 @@ from PIL import Image
 
 import models
 from common import features as features_module
+from common.features import Features
 from common.results import topk_correct
 from linear_eval import knn as knn_main
 from linear_eval import main as linear_main
@@ -39,6 +40,11 @@ def data(tmp_path_factory) -> Path:
 def is_ninths(percent: float) -> bool:
     """Every image of the 9-image val split is counted exactly once."""
     return abs(percent * 9 / 100 - round(percent * 9 / 100)) < 1e-9
+
+
+def split(features: torch.Tensor, targets: torch.Tensor) -> Features:
+    """A split's features as extraction gives them, every image readable."""
+    return Features(features, targets, torch.arange(len(targets)), [])
 
 
 def base_args(data, backbone, out) -> list[str]:
@@ -93,13 +99,13 @@ def test_evaluate_scores_every_classifier_like_a_direct_computation():
     heads = AllClassifiers(classifier_grid(256), 8, 6)
     for h in heads.heads.values():
         torch.nn.init.normal_(h.weight, generator=g)
-    data = {"features": torch.randn(37, 40, generator=g), "targets": torch.randint(0, 6, (37,), generator=g)}
+    data = Features(torch.randn(37, 40, generator=g), torch.randint(0, 6, (37,), generator=g), torch.arange(37), [])
     scores = linear_main.evaluate(heads, data, torch.device("cpu"), batch_size=5)
     for s in heads.specs:
-        logits = data["features"][:, s.input_slice(8)] @ heads.heads[s.name].weight.T
+        logits = data.features[:, s.input_slice(8)] @ heads.heads[s.name].weight.T
         ranked = logits.argsort(dim=1, descending=True)
-        top1 = (ranked[:, 0] == data["targets"]).double().mean().item() * 100
-        top5 = (ranked[:, :5] == data["targets"][:, None]).any(1).double().mean().item() * 100
+        top1 = (ranked[:, 0] == data.targets).double().mean().item() * 100
+        top5 = (ranked[:, :5] == data.targets[:, None]).any(1).double().mean().item() * 100
         assert scores[s.name] == pytest.approx({"top1": top1, "top5": top5})
 
 
@@ -122,9 +128,7 @@ def test_knn_matches_brute_force(monkeypatch):
     ks = [1, 5, 20]
     scores = knn_main.knn_scores(F.normalize(train, dim=1), labels, F.normalize(val, dim=1), 6, ks, 0.07)
     monkeypatch.setattr(knn_main, "SIMILARITY_BUDGET", 60 * 4)  # chunks of 4 queries
-    acc = knn_main.knn_accuracy(
-        {"features": train, "targets": labels}, {"features": val, "targets": targets}, 6, ks, 0.07, torch.device("cpu")
-    )
+    acc = knn_main.knn_accuracy(split(train, labels), split(val, targets), 6, ks, 0.07, torch.device("cpu"))
     for k in ks:
         ref = brute_force_knn(train, labels, val, 6, k, 0.07)
         # the votes are exp(sim / T) up to one factor per query (DINOv2's softmax normalisation)
@@ -141,9 +145,7 @@ def test_knn_votes_stay_finite_at_small_temperature():
     val, targets = torch.randn(30, 16, generator=g), torch.randint(0, 5, (30,), generator=g)
     ks, t = [3, 20], 0.005
     scores = knn_main.knn_scores(F.normalize(train, dim=1), labels, F.normalize(val, dim=1), 5, ks, t)
-    acc = knn_main.knn_accuracy(
-        {"features": train, "targets": labels}, {"features": val, "targets": targets}, 5, ks, t, torch.device("cpu")
-    )
+    acc = knn_main.knn_accuracy(split(train, labels), split(val, targets), 5, ks, t, torch.device("cpu"))
     for k in ks:
         assert torch.isfinite(scores[k]).all()
         ref = brute_force_knn(train, labels, val, 5, k, t)
@@ -286,10 +288,10 @@ def test_extract_features_drops_unreadable_images_and_keeps_labels_aligned(tmp_p
     out = features_module.extract_features(fn, ds, torch.device("cpu"), batch_size=2, num_workers=0)
     assert f"warning: unreadable image {bad}" in capsys.readouterr().out
     kept = [i for i, (p, _) in enumerate(ds.samples) if p != str(bad)]
-    assert out["index"].tolist() == kept and out["dropped"] == [str(bad)]
-    assert out["targets"].tolist() == [ds.samples[i][1] for i in kept] == [0, 0, 1, 2, 2]
+    assert out.index.tolist() == kept and out.dropped == [str(bad)]
+    assert out.targets.tolist() == [ds.samples[i][1] for i in kept] == [0, 0, 1, 2, 2]
     direct = torch.stack([fn(ds[i][0][None])[0] for i in kept])
-    torch.testing.assert_close(out["features"], direct)
+    torch.testing.assert_close(out.features, direct)
 
 
 def test_corrupt_eval_images_are_dropped_reported_and_counted(backbone, tmp_path, capsys):
