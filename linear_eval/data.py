@@ -11,7 +11,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision import transforms
 
 from common.features import eval_transform
-from common.images import SkipCorruptImageFolder, check_readable, read_image_folder
+from common.images import SkipCorruptImageFolder, read_image_folder
 from models.errors import MissingFile, UsageError
 
 LAYOUT = "<data-path>/train/<class>/<image> and <data-path>/val/<class>/<image>"
@@ -46,10 +46,8 @@ def image_folder(data_path: str | None, split: str, transform) -> SkipCorruptIma
 def load_splits(data_path: str | None, train_tf, val_tf) -> tuple[SkipCorruptImageFolder, SkipCorruptImageFolder]:
     """train/ and val/ ImageFolders; val must hold exactly the train classes (same label indices). Their
     skip-to-next-image on a corrupt file serves training batches only: feature extraction reads samples
-    through features.read_sample, which leaves an unreadable image out instead. A train/ without a single
-    readable image is one line here, not a data-loader worker's error."""
+    through features.read_sample, which leaves an unreadable image out instead."""
     train = image_folder(data_path, "train", train_tf)
-    check_readable(train)
     val = image_folder(data_path, "val", val_tf)
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from common import distributed as dist_utils
 from common.cli import ArgumentParser, OldSwitch, check_positive, evaluation_parser, run, start
 from common.features import Features, Progress, cached_features, file_identity, frozen_backbone, image_counts
-from common.images import seed_worker, skipped_paths
+from common.images import check_readable, seed_worker, skipped_paths
 from common.io import atomic_save, prepare_output_dir
 from common.results import Results, Timer, print_table, topk_correct, write_results
 from common.schedule import warmup_cosine
@@ -62,6 +62,7 @@ def prepare(args: argparse.Namespace, device: torch.device, timer: Timer) -> dic
     if len(backbone.blocks) < 4:
         raise UsageError(f"the backbone has {len(backbone.blocks)} blocks; the protocol reads the last 4")
     train, val = load_splits(args.data_path, train_transform(args.input_size), val_transform(args.input_size))
+    check_readable(train)  # none readable: one line here, not a data-loader worker's error in training
     train_images = train  # the folder whose unreadable images training skips (counted at the end)
     num_classes = len(train.classes)
     holdout = None

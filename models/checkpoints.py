@@ -74,20 +74,34 @@ def _pickle_globals(data: bytes) -> list[str]:
     return names
 
 
+def _pickles(path: Path) -> list[bytes]:
+    """The pickles of a torch file: a zip archive's data.pkl, or the file itself when it starts as a pickle
+    (the legacy torch format is a series of them)."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            return [zf.read(n) for n in zf.namelist() if n.endswith("data.pkl")]
+    data = path.read_bytes()
+    return [data] if data[:1] == b"\x80" else []
+
+
+def pickled_globals(path: str | os.PathLike) -> set[str]:
+    """The module.name of every global a torch file's pickles import, read without unpickling anything
+    (empty for a file that is no readable zip or pickle)."""
+    try:
+        return {g for p in _pickles(Path(path)) for g in _pickle_globals(p)}
+    except (zipfile.BadZipFile, OSError):
+        return set()
+
+
 def _describe(path: Path, e: Exception) -> str:
     """Why a file is not a weight file we read, from what it is (never torch's advice to set
     weights_only=False, which would run any code the file holds)."""
     head = path.read_bytes()[:64]
-    pickles = []
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            pickles = [zf.read(n) for n in zf.namelist() if n.endswith("data.pkl")]
-        if not pickles:
-            return "it is a zip archive, not a torch checkpoint"
-    elif head.startswith(b"PK"):
+    pickles = _pickles(path)
+    if zipfile.is_zipfile(path) and not pickles:
+        return "it is a zip archive, not a torch checkpoint"
+    if not zipfile.is_zipfile(path) and head.startswith(b"PK"):
         return "it is a truncated or damaged torch checkpoint (its zip archive is incomplete)"
-    elif head[:1] == b"\x80":  # a pickle (the legacy torch format is a series of them)
-        pickles = [path.read_bytes()]
     unsafe = sorted({g for p in pickles for g in _pickle_globals(p) if not g.startswith(_SAFE_GLOBAL_PREFIXES)})
     if unsafe:
         return f"it is a pickle that imports {', '.join(unsafe[:3])}: refused, code in a weight file is never run"
@@ -178,7 +192,7 @@ class _Archive:
         roots = [n[: -len("/data.pkl")] for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(roots) != 1:
             raise _Unreadable("it holds no <folder>/data.pkl")
-        self.zf, self.root, self.storages, self.sources = zf, roots[0], {}, {}
+        self.zf, self.root, self.storages, self.sources, self.classes = zf, roots[0], {}, {}, {}
         self.swap = self.read("byteorder").decode() != sys.byteorder if self.has("byteorder") else False
 
     def has(self, name: str) -> bool:
@@ -203,7 +217,12 @@ class _Archive:
 
     def declared(self, obj: _ScriptObject) -> dict[str, list[str]] | None:
         """{"__parameters__": [...], "__buffers__": [...]} of a module's class, from its definition's text
-        (code/<module path>.py); None for a class that is no module."""
+        (code/<module path>.py); None for a class that is no module. Each class is read once."""
+        if (obj.module, obj.name) not in self.classes:
+            self.classes[obj.module, obj.name] = self._declared(obj)
+        return self.classes[obj.module, obj.name]
+
+    def _declared(self, obj: _ScriptObject) -> dict[str, list[str]] | None:
         path = f"code/{obj.module.replace('.', '/')}.py"
         if path not in self.sources:
             self.sources[path] = self.read(path).decode("utf-8").splitlines()
@@ -369,6 +388,13 @@ def from_reference(state_dict: StateDict) -> StateDict:
     return out
 
 
+def check_exportable(model: ViT | DinoV3ViT, layout: str) -> None:
+    """to_reference(model, layout) can write it: the model is in that layout."""
+    found = layout_of(model.state_dict())
+    if found != layout:
+        raise UsageError(f"this ViT is in the {found} layout and cannot be written in the {layout} layout")
+
+
 def to_reference(model: ViT | DinoV3ViT, layout: str) -> StateDict:
     """Our ViT -> the reference's key names and shapes of `layout`, so its own model code loads it strictly.
 
@@ -378,9 +404,8 @@ def to_reference(model: ViT | DinoV3ViT, layout: str) -> StateDict:
     ln_post, mask_token [1, D]). synclr: its timm MaskedTransformer (timm names, mask_token [1, 1, D]).
     The training resolution goes into the dict's `_metadata` (see `export_metadata`), not into its keys.
     """
+    check_exportable(model, layout)
     sd = model.state_dict()
-    if layout_of(sd) != layout:
-        raise UsageError(f"this ViT is in the {layout_of(sd)} layout and cannot be written in the {layout} layout")
     if layout == "dinov3":
         return {k: v.detach().clone().cpu() for k, v in dinov3.to_official(sd).items()}
     swiglu = model.blocks[0].mlp.__class__.__name__ == "GluMlp"

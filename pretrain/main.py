@@ -41,13 +41,13 @@ from models import (
 )
 from models.adaptors import STANDARDIZATIONS, hadamard
 from models.architectures import DINOV3_SUFFIX
-from models.checkpoints import few_names
+from models.checkpoints import check_exportable, few_names
 from models.errors import UsageError
 
 from .data import PositionSampler, SeededDataset, build_dataset, worker_init
 from .distiller import Distiller, TeacherInput, Views, compile_student, param_groups
 from .engine import NonFiniteLoss, Preempted, estimate_statistics, train_one_epoch
-from .output import CHECKPOINT, Output
+from .output import CHECKPOINT, EPOCH_LOG, ITERATION_LOG, Output
 from .state import Run, StopControl, Student
 
 log = logging.getLogger("pretrain")
@@ -361,7 +361,7 @@ def build(args: argparse.Namespace, device: torch.device, world: int, out: Outpu
         teacher = create_teacher(
             name, file or None, pretrained=not args.random_teacher, dtype=TEACHER_DTYPES[args.teacher_dtype]
         ).to(device)
-        if bad := teacher.non_finite():  # its NaN targets would fail the PCA picture or the statistics first
+        if bad := teacher.non_finite():  # stop before any target is computed, naming the damaged weights
             where = file or "its file in torch hub's cache"
             raise NonFiniteLoss(f"the weights of teacher {name} are not all finite ({few_names(bad)}) in {where}")
         if args.teacher_normalization == "reference":  # the crops as they are (ImageNet mean/std), as the reference
@@ -370,7 +370,7 @@ def build(args: argparse.Namespace, device: torch.device, world: int, out: Outpu
     distillers = []  # made in --student order, so the first student's init is that of a run of it alone
     for name, layout in students_of(args):
         student = create_student(name, img_size=args.input_size, drop_path_rate=args.drop_path, layout=layout)
-        to_reference(student, layout)  # a layout the student cannot be exported in: one line now, not after training
+        check_exportable(student, layout)  # one line before training, not at the export after it
         distillers.append(Distiller(student, targets_of(args, grid_of(args, layout))).to(device))
 
     # Repeated augmentation under DDP (3 repeats, DeiT's floor(N/256)*256 samples); one plain
@@ -432,7 +432,7 @@ def build(args: argparse.Namespace, device: torch.device, world: int, out: Outpu
             fused=device.type == "cuda",
         )
         student_out = out.sub(name) if several else out
-        student_out.remove_stale_temp_files((CHECKPOINT, *EXPORTS))
+        student_out.remove_stale_temp_files((CHECKPOINT, *EXPORTS, EPOCH_LOG, ITERATION_LOG))
         students.append(
             Student(
                 name=name,

@@ -94,7 +94,6 @@ class Output:
     def truncate_logs(self, epoch: int, iteration: int) -> None:
         """Logs end before `epoch` / global `iteration`: where the resumed checkpoint stands (0, 0: a fresh run)."""
         if self.main:
-            remove_stale_temp_files(self.folder, (EPOCH_LOG, ITERATION_LOG))  # of a truncation killed mid-write
             truncate_log(self.folder / EPOCH_LOG, "epoch", epoch)
             truncate_log(self.folder / ITERATION_LOG, "iteration", iteration)
 

@@ -121,7 +121,7 @@ def no_clip_adaptor(root: str, args: argparse.Namespace) -> str | None:
         return f"{args.adaptors} holds no CLIP teacher's adaptor"
     try:
         zeroshot.load_clip(args.clip_checkpoint)
-    except (ValueError, FileNotFoundError) as e:
+    except UsageError as e:
         raise UsageError(f"--clip-checkpoint: {e}") from None
     return None
 
@@ -425,7 +425,7 @@ def panel_of(task: str, metric: str) -> str:
     for title, tasks, prefixes in PANELS:
         if task in tasks and (prefixes is None or not metric or metric.startswith(prefixes)):
             return title
-    raise UsageError(f"no panel for {task} {metric}")
+    raise ValueError(f"no panel for {task} {metric}")  # a row kind PANELS lacks: a bug, not bad input
 
 
 def chart(rows: list[Row], failed: dict[str, str], title: str):
@@ -501,7 +501,7 @@ SUMMARY_OUTCOMES = ("unreadable_images", "unreadable_where", "skipped", "failed"
 
 def earlier_summary(out: Path, backbone: str, sha256: str) -> dict | None:
     """The results.json an earlier run left in `out`, when there is one, to merge this run's tasks into. It must
-    be of the same backbone file (the same sha256; a summary written before the hash was recorded: the same
+    be of the same backbone file (the same sha256; a results.json without `backbone_sha256`: the same
     --backbone): rows of two models in one table would read as one model's, so another backbone is an error
     here, before any task runs."""
     path = out / SUMMARY

@@ -24,7 +24,6 @@ import json
 import math
 import os
 import re
-import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -45,7 +44,7 @@ from torch import nn
 
 from common.io import atomic_replace
 from models.architectures import create_student
-from models.checkpoints import few_names, load_backbone, safe_load
+from models.checkpoints import few_names, load_backbone, pickled_globals, safe_load
 from models.dinov3 import DinoV3ViT
 from models.errors import UsageError
 
@@ -362,18 +361,9 @@ def read_checkpoint(path: str | os.PathLike) -> object:
     try:
         return safe_load(path)
     except ValueError:
-        if _pickles_history_buffers(Path(path)):
+        if any(g.endswith(".HistoryBuffer") for g in pickled_globals(path)):  # mmengine's own format
             raise UsageError(OLDER_FORMAT.format(path=path)) from None
         raise
-
-
-def _pickles_history_buffers(path: Path) -> bool:
-    """Whether the file is mmengine's own format (HistoryBuffer objects), read without unpickling."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return any(b"HistoryBuffer" in zf.read(n) for n in zf.namelist() if n.endswith("data.pkl"))
-    except (zipfile.BadZipFile, OSError):
-        return False
 
 
 class DenseRunner(Runner):

@@ -82,11 +82,33 @@ def read_checkpoints_as_data() -> None:
 
     @CheckpointLoader.register_scheme(prefixes="", force=True)
     def load_local(filename: str, map_location=None):
-        return read_checkpoint(filename)  # on the CPU: mmengine moves the weights and optimizer state
+        checked = _CHECKED.pop(_file_key(filename), None)  # read by the checks before mmengine started
+        return checked if checked is not None else read_checkpoint(filename)  # on the CPU: mmengine moves them
+
+
+# The checkpoint the checks before mmengine read (resume or --eval-only), handed to mmengine's loader so a
+# file of gigabytes (optimizer state included) is read once; keyed on path, size and mtime.
+_CHECKED: dict[tuple, object] = {}
+
+
+def _file_key(path: str | os.PathLike) -> tuple:
+    st = os.stat(path)
+    return (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+def _read_for_mmengine(path: str | os.PathLike) -> object:
+    """The checkpoint as data (mmseg_ext.read_checkpoint), kept for mmengine's loader to take."""
+    from .mmseg_ext import read_checkpoint
+
+    _CHECKED.clear()  # one run's checkpoint at a time
+    state = _CHECKED[_file_key(path)] = read_checkpoint(path)
+    return state
 
 
 def build_config(args: argparse.Namespace, task: str):
     from mmengine.config import Config
+
+    _CHECKED.clear()
 
     if not Path(args.config).is_file():
         raise MissingFile(f"config not found: {args.config}")
@@ -198,9 +220,7 @@ def check_resumable(work_dir: Path, resume: str | None, backbone: str) -> str | 
 
 def check_training_state(path: str) -> None:
     """A resume reads the checkpoint's meta and message hub (a KeyError inside mmengine without them)."""
-    from .mmseg_ext import read_checkpoint
-
-    state = read_checkpoint(path)
+    state = _read_for_mmengine(path)
     if not isinstance(state, dict) or not {"meta", "state_dict", "message_hub"} <= state.keys():
         raise UsageError(
             f"{path} holds no training state (meta, message hub, optimizer) to resume from: "
@@ -211,9 +231,7 @@ def check_training_state(path: str) -> None:
 def check_evaluable(ckpt: str) -> None:
     """--eval-only: the checkpoint, ours or from elsewhere, is read as data and holds a state dict
     (whether it covers the model is checked when mmengine loads it)."""
-    from .mmseg_ext import read_checkpoint
-
-    obj = read_checkpoint(ckpt)
+    obj = _read_for_mmengine(ckpt)
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UsageError(f"checkpoint {ckpt} holds no state dict (a dict of tensors, or one under 'state_dict')")

@@ -57,7 +57,7 @@ NAMES = ["pretrain", "linear", "knn", "zeroshot", "fine_grained", "visualize_pca
 
 def test_a_bug_inside_a_task_keeps_its_traceback(backbone, tmp_path, monkeypatch):
     """A ValueError that is no UsageError (here from the backbone's set-up) propagates out of the entry point:
-    the interpreter prints its traceback and exits 1, where it used to be one `error:` line and exit 2."""
+    the interpreter prints its traceback and exits 1, never one `error:` line and exit 2."""
 
     def bug(*args, **kwargs):
         raise ValueError("shapes do not match")
