@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from models.errors import UsageError
+from models.errors import MissingDependency, UsageError
 
 from . import distributed
 from .io import DiskFullError, disk_full_cause, prepare_output_dir
@@ -60,10 +60,6 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         print(f"error: {message} (--help lists every flag)", file=sys.stderr, flush=True)
         sys.exit(EXIT_INPUT)
-
-
-class MissingDependency(ImportError):
-    """An optional package a task needs (mmsegmentation, scikit-learn) is not installed: bad input, not a bug."""
 
 
 # the user's mistakes, and only them: a ValueError or OSError from a bug keeps its traceback

@@ -77,7 +77,7 @@ def features(args: argparse.Namespace, model: torch.nn.Module, device: torch.dev
     """Final-norm CLS features of one split (unreadable images left out), from the cache when its key matches."""
     return cached_features(
         cache_path(args, name, split),
-        lambda im: model.forward_features(im)["x_norm_clstoken"],
+        lambda im: model.forward_tokens(im).cls,
         ds,
         device,
         args.batch_size,

@@ -19,20 +19,17 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageNetInfo
+from timm.data import ImageNetInfo
 
 from common import distributed as dist_utils
-from common.cli import ArgumentParser, MissingDependency, check_positive, evaluation_parser, run, start
+from common.cli import ArgumentParser, check_positive, evaluation_parser, run, start
 from common.features import Features, eval_transform, extract_features, frozen_backbone, image_counts
 from common.results import Results, Timer, print_table, topk_correct, write_results
-from models import TEACHERS, Adaptors, load_adaptors
+from models import FAMILIES, TEACHERS, Adaptors, load_adaptors
 from models.errors import UsageError
-from models.teachers import openai_clip_state_dict
 
 from .data import image_folder, val_transform
 
-LOGIT_SCALE = 100.0  # the CLIP paper's zero-shot logits: 100 * cosine similarity
 IMAGENET_NAMES = "the CLIP paper's ImageNet class names (open_clip's IMAGENET_CLASSNAMES)"
 FOLDER_NAMES = "the class folder names, underscores as spaces"
 DATA_HELP = (
@@ -59,18 +56,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def family(name: str, info: dict) -> str | None:
-    """A teacher's family as adaptors.pth records it, else as TEACHERS knows its name."""
+def family_name(name: str, info: dict) -> str | None:
+    """A teacher's family as adaptors.pth records it, else as the registry knows its name."""
     return info.get("family") or (TEACHERS[name].family if name in TEACHERS else None)
 
 
+def text_tower(name: str, info: dict):
+    """The zero-shot protocol of a teacher's family (its text tower), or None when it has none."""
+    found = family_name(name, info)
+    return FAMILIES[found].zero_shot if found in FAMILIES else None
+
+
 def clip_teachers(adaptors: Adaptors) -> list[str]:
-    return [n for n in adaptors.adaptors if family(n, adaptors.teachers.get(n, {})) == "clip"]
+    """The teachers whose family has a text tower: zero-shot can use their adaptors."""
+    return [n for n in adaptors.adaptors if text_tower(n, adaptors.teachers.get(n, {})) is not None]
 
 
 def choose_teacher(adaptors: Adaptors, requested: str | None, path: str) -> str:
     """The CLIP teacher whose adaptor is used: --teacher, or the only CLIP one."""
-    held = ", ".join(f"{n} ({family(n, adaptors.teachers.get(n, {})) or 'family unknown'})" for n in adaptors.adaptors)
+    held = ", ".join(
+        f"{n} ({family_name(n, adaptors.teachers.get(n, {})) or 'family unknown'})" for n in adaptors.adaptors
+    )
     clip = clip_teachers(adaptors)
     if requested and requested not in adaptors.adaptors:
         raise UsageError(f"--teacher {requested}: {path} holds the adaptors of {held}")
@@ -83,20 +89,10 @@ def choose_teacher(adaptors: Adaptors, requested: str | None, path: str) -> str:
     return requested or clip[0]
 
 
-def load_clip(path: str):
-    """open_clip's CLIP from OpenAI's file (read with weights_only, or its TorchScript archive read as data), fp32."""
-    try:
-        from open_clip.model import build_model_from_openai_state_dict
-    except ImportError:
-        raise MissingDependency("zero-shot needs open_clip: pip install open_clip_torch") from None
-    raw = openai_clip_state_dict(path)
-    if "visual.proj" not in raw:
-        raise UsageError(f"{path} is not a ViT CLIP (no visual.proj): no ln_post(CLS) feature was distilled from it")
-    try:
-        clip = build_model_from_openai_state_dict(raw, cast_dtype=None)
-    except (KeyError, RuntimeError) as e:
-        raise UsageError(f"{path} is not a complete OpenAI CLIP checkpoint: {str(e).strip().splitlines()[0]}") from None
-    return clip.float().eval().requires_grad_(False)
+def chosen_tower(adaptors: Adaptors, requested: str | None, path: str) -> tuple[str, object]:
+    """The teacher whose adaptor zero-shot uses (choose_teacher) and its family's text tower."""
+    name = choose_teacher(adaptors, requested, path)
+    return name, text_tower(name, adaptors.teachers.get(name, {}))
 
 
 def class_names(classes: list[str]) -> tuple[list[str], str]:
@@ -110,18 +106,9 @@ def class_names(classes: list[str]) -> tuple[list[str], str]:
     return [c.replace("_", " ") for c in classes], FOLDER_NAMES
 
 
-def text_classifier(clip, names: list[str], device: torch.device) -> torch.Tensor:
-    """[embed dim, classes]: open_clip's zero-shot classifier with OpenAI's 80 ImageNet templates."""
-    import open_clip
-    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-
-    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=clip.context_length)
-    return open_clip.build_zero_shot_classifier(clip, tokenizer, names, OPENAI_IMAGENET_TEMPLATES, device=device)
-
-
-def accuracy(embeddings: Features, classifier: torch.Tensor) -> dict[str, float]:
-    """Top-1 (and top-5 with at least 5 classes), %, of LOGIT_SCALE * embeddings @ classifier."""
-    logits = LOGIT_SCALE * embeddings.features @ classifier.cpu()
+def accuracy(logits, embeddings: Features, classifier: torch.Tensor) -> dict[str, float]:
+    """Top-1 (and top-5 with at least 5 classes), %, of the tower's logits of embeddings and classifier."""
+    logits = logits(embeddings.features, classifier.cpu())
     ks = (1, 5) if classifier.shape[1] >= 5 else (1,)
     counts = topk_correct(logits, embeddings.targets, ks) * 100 / len(embeddings.targets)
     return {f"top-{k}": c.item() for k, c in zip(ks, counts)}
@@ -133,7 +120,7 @@ def zeroshot(args: argparse.Namespace) -> None:
     check_positive(args, "batch_size", "input_size")
     backbone = frozen_backbone(args.backbone, device, args.input_size)
     adaptors = load_adaptors(args.adaptors)
-    name = choose_teacher(adaptors, args.teacher, args.adaptors)
+    name, tower = chosen_tower(adaptors, args.teacher, args.adaptors)
     adaptor = adaptors.adaptors[name].to(device)
     if backbone.embed_dim != adaptors.student_dim:
         raise UsageError(
@@ -142,8 +129,8 @@ def zeroshot(args: argparse.Namespace) -> None:
         )
     if adaptor.token_head is None:
         raise UsageError(f"{args.adaptors}: the {name} adaptor has no token head, so it predicts no CLS feature")
-    clip = load_clip(args.clip_checkpoint).to(device)
-    width = clip.visual.proj.shape[0]
+    model = tower.load(args.clip_checkpoint).to(device)
+    width = tower.width(model)
     if adaptor.target.dim != width:
         raise UsageError(
             f"the {name} adaptor predicts {adaptor.target.dim}-dim features but {args.clip_checkpoint}'s visual "
@@ -152,27 +139,28 @@ def zeroshot(args: argparse.Namespace) -> None:
     dataset = image_folder(args.data_path, "val", val_transform(args.input_size))
     names, naming = class_names(dataset.classes)
     with timer.phase("text classifier"):
-        classifier = text_classifier(clip, names, device)
+        classifier = tower.classifier(model, names, device)
 
     def student(images: torch.Tensor) -> torch.Tensor:
-        out = backbone.forward_features(images)
-        cls = adaptor.predict(out["x_norm_clstoken"], out["x_norm_patchtokens"])["cls"]
-        return F.normalize(cls @ clip.visual.proj, dim=-1)
+        return tower.embed(model, adaptor.predict(backbone.forward_tokens(images)).cls)
 
     def embeddings(fn, data, desc: str) -> dict:
         return extract_features(fn, data, device, args.batch_size, args.num_workers, desc)
 
+    def logits(features: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        return tower.logits(model, features, classes)
+
     with timer.phase("student"):
         ours = embeddings(student, dataset, f"student through the {name} adaptor")
-    metrics = accuracy(ours, classifier)
+    metrics = accuracy(logits, ours, classifier)
     notes = dict.fromkeys(metrics, f"the student through its {name} adaptor and CLIP's projection")
-    size = clip.visual.image_size[0]
+    size = tower.image_size(model)
     if not args.no_teacher:
         clip_view = copy.copy(dataset)  # shares the scanned sample list; only the transform differs
-        clip_view.transform = eval_transform(size, resize_size=None, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)
+        clip_view.transform = eval_transform(size, resize_size=None, mean=tower.mean, std=tower.std)
         with timer.phase("teacher"):
-            teacher = embeddings(lambda x: clip.encode_image(x, normalize=True), clip_view, "CLIP's visual tower")
-        for metric, value in accuracy(teacher, classifier).items():
+            teacher = embeddings(lambda x: tower.encode_image(model, x), clip_view, "CLIP's visual tower")
+        for metric, value in accuracy(logits, teacher, classifier).items():
             metrics[f"teacher {metric}"] = value
             notes[f"teacher {metric}"] = f"CLIP's own visual tower ({Path(args.clip_checkpoint).name})"
     if not dist_utils.is_main():
@@ -185,7 +173,7 @@ def zeroshot(args: argparse.Namespace) -> None:
         task="zeroshot",
         backbone=args.backbone,
         protocol={
-            "name": "CLIP zero-shot: 80 OpenAI ImageNet templates, mean of normalised text embeddings, 100 * cos",
+            "name": tower.protocol,
             "data_path": str(Path(args.data_path).resolve()),
             "split": "val",
             "class_names": naming,

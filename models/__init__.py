@@ -1,35 +1,31 @@
 """Every network and weight format of the project."""
 
-from .adaptors import Adaptors, TeacherTarget, load_adaptors
-from .architectures import (
-    LAYOUTS,
-    STUDENT_ARCHS,
-    VIT_CONFIGS,
-    ViTConfig,
-    build_vit,
+from .adaptors import Adaptors, Prediction, TeacherTarget, load_adaptors
+from .architectures import STUDENT_ARCHS, VIT_CONFIGS, ViTConfig, build_vit
+from .backbones import (
     create_student,
-    layout_of,
-    vit_from_state_dict,
-)
-from .checkpoints import (
-    export_metadata,
     from_reference,
+    layout_of,
     load_backbone,
-    safe_load,
     to_dinov2,
     to_reference,
+    vit_from_state_dict,
 )
+from .checkpoints import export_metadata, safe_load
 from .dinov3 import DinoV3ViT
 from .errors import MissingFile, UsageError
-from .teachers import TEACHERS, Teacher, create_teacher, default_dtype
+from .families import FAMILIES, LAYOUTS, TEACHERS, teacher_spec
+from .teachers import Teacher, create_teacher, default_dtype
 from .tokens import Tokens, resample_patches
 from .vision_transformer import ViT
 
 __all__ = [
     "Adaptors",
+    "Prediction",
     "TeacherTarget",
     "load_adaptors",
     "DinoV3ViT",
+    "FAMILIES",
     "LAYOUTS",
     "MissingFile",
     "STUDENT_ARCHS",
@@ -50,6 +46,7 @@ __all__ = [
     "load_backbone",
     "resample_patches",
     "safe_load",
+    "teacher_spec",
     "to_dinov2",
     "to_reference",
     "vit_from_state_dict",

@@ -17,14 +17,24 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from .errors import UsageError
+from .tokens import Tokens
 
 STANDARDIZATIONS = ("phi-s", "zscore", "none")
 FORMAT = "proteus-adaptors"
+
+
+class Prediction(NamedTuple):
+    """What a student predicts of one teacher through its adaptor, in the teacher's own space."""
+
+    cls: torch.Tensor | None  # [B, D_t]: the teacher's summary token (None: no token head)
+    patches: torch.Tensor | None  # [B, h*w, D_t]: its patch tokens on the student's grid (None: no patch head)
+    grid: tuple[int, int]  # (h, w) of `patches`
 
 
 def head(dim_in: int, dim_out: int) -> nn.Sequential:
@@ -150,16 +160,14 @@ class Adaptor(nn.Module):
         self.cls_std = Standardizer(dim, target.standardization)
         self.patch_std = Standardizer(dim, target.standardization)
 
-    def predict(self, cls: torch.Tensor, patches: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The teacher's {"cls", "patches"} predicted from the student's final-norm tokens: CLS by the token
-        head, patches by the all-token (fea) head, else the masked-patch head; de-standardised."""
-        out = {}
-        if self.token_head is not None:
-            out["cls"] = self.cls_std.inverse(self.token_head(cls))
+    def predict(self, tokens: Tokens) -> Prediction:
+        """The teacher's summary and patch tokens predicted from the student's (its forward_tokens): the summary
+        by the token head, patches by the all-token (fea) head, else the masked-patch head; de-standardised.
+        A level without a head is None."""
+        cls = self.cls_std.inverse(self.token_head(tokens.cls)) if self.token_head is not None else None
         patch_head = self.fea_head if self.fea_head is not None else self.patch_head
-        if patch_head is not None:
-            out["patches"] = self.patch_std.inverse(patch_head(patches))
-        return out
+        patches = self.patch_std.inverse(patch_head(tokens.patches)) if patch_head is not None else None
+        return Prediction(cls, patches, tokens.grid)
 
 
 class Adaptors(nn.Module):
@@ -171,12 +179,11 @@ class Adaptors(nn.Module):
         self.adaptors = nn.ModuleDict({t.name: Adaptor(student_dim, t) for t in targets})
         self.teachers = teachers or {}  # per teacher: family, patch size, input size, mean, std (informative)
 
-    def forward(self, backbone: nn.Module, images: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
-        """{teacher: {"cls": [B, D_t], "patches": [B, N, D_t]}} for `images` normalised as the student's input
-        (ImageNet mean/std), the patches on the student's grid."""
-        out = backbone.forward_features(images)
-        cls, patches = out["x_norm_clstoken"], out["x_norm_patchtokens"]
-        return {name: a.predict(cls, patches) for name, a in self.adaptors.items()}
+    def forward(self, backbone: nn.Module, images: torch.Tensor) -> dict[str, Prediction]:
+        """Each teacher's Prediction (summary [B, D_t], patches [B, N, D_t]) for `images` normalised as the
+        student's input (ImageNet mean/std), the patches on the student's grid."""
+        tokens = backbone.forward_tokens(images)
+        return {name: a.predict(tokens) for name, a in self.adaptors.items()}
 
     def export(self, student: dict) -> dict:
         """adaptors.pth's content (plain tensors and Python values: readable with weights_only=True)."""

@@ -1,16 +1,15 @@
-"""The ViT configurations of the project (one table), the student layouts, and building a ViT from a
-configuration or from the shapes of its weights."""
+"""The ViT configurations of the project (one table), what a layout is, and building a ViT from a
+configuration or from the shapes of its weights. Each family's layout lives in its module (models.families)."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from . import dinov3
-from .dinov3 import DinoV3ViT
 from .errors import UsageError
 from .vision_transformer import ViT
 
@@ -43,7 +42,7 @@ class ViTConfig:
     def mlp_hidden(self) -> int:
         return ffn_hidden(self.embed_dim, self.ffn_ratio, self.swiglu_align)
 
-    def build(self, layout: str, **kwargs) -> ViT | DinoV3ViT:
+    def build(self, layout: Layout, **kwargs) -> nn.Module:
         return build_vit(layout, self.embed_dim, self.depth, self.num_heads, self.mlp_hidden, self.swiglu, **kwargs)
 
 
@@ -63,64 +62,20 @@ VIT_CONFIGS: dict[str, ViTConfig] = {
 STUDENT_ARCHS: dict[str, ViTConfig] = {f"vit_{s}": VIT_CONFIGS[s] for s in ("tiny", "small", "base", "large")}
 HEAD_DIM = 64  # the heads of a width the table does not hold (narrow test models: one head)
 
-# OpenAI CLIP's ViT in our class: ln_pre (which also drops the patch-embedding bias), QuickGELU, eps 1e-5.
-CLIP_VIT = dict(pre_norm=True, act_layer="quick_gelu", norm_eps=1e-5)
 
-
-@dataclass(frozen=True)
-class Layout:
-    """How the reference built the student for one teacher family (PROTOCOLS A, "The student's layout"),
-    and the architecture of that family's ViTs.
-
-    `vit_kwargs` are ViT options; the rest is init that differs from timm's (trunc normal 0.02
-    Linears with zero bias, pos_embed trunc normal 0.02, cls_token N(0, 1e-6), zero mask token).
-    """
-
-    vit_kwargs: dict = field(default_factory=dict)
-    patch_size: int = 14
-    mask_token_std: float = 0.0  # > 0: the mask token is drawn N(0, std) (SynCLR's iBOT MaskedTransformer)
-    xavier_qkv: bool = False  # CLIP blocks are nn.MultiheadAttention: in_proj_weight xavier-uniform, not a Linear
-    no_weight_decay: tuple[str, ...] = ()  # our names of weights that are 1-d in the reference (never decayed)
-
-
-LAYOUTS: dict[str, Layout] = {
-    "dinov2": Layout(dict(init_values=1.0)),
-    "clip": Layout(
-        dict(init_values=None, norm_patch_tokens=False, **CLIP_VIT), xavier_qkv=True, no_weight_decay=("cls_token",)
-    ),
-    "synclr": Layout(dict(init_values=None), mask_token_std=0.02),
-    "dinov3": Layout(patch_size=16),  # its own class, models.dinov3.DinoV3ViT, initialised as FAIR's init_weights
-}
-DINOV3_SUFFIX = "_dinov3"  # vit_small_dinov3 = vit_small in the dinov3 layout
-
-
-def build_vit(
-    layout: str,
+def timm_vit(
     embed_dim: int,
     depth: int,
     num_heads: int,
     mlp_hidden: int,
     swiglu: bool = False,
-    patch_size: int | None = None,
+    *,
+    patch_size: int,
     img_size: int = 224,
     num_register_tokens: int = 0,
     **kwargs,
-) -> ViT | DinoV3ViT:
-    """The one constructor of our ViTs: this shape in `layout`'s architecture (patch size: the layout's),
-    initialised as its class does; `kwargs` are further options of the class (they win over the layout's)."""
-    spec = LAYOUTS[layout]
-    patch_size = patch_size or spec.patch_size
-    if layout == "dinov3":
-        return DinoV3ViT(
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_hidden=mlp_hidden,
-            swiglu=swiglu,
-            patch_size=patch_size,
-            img_size=img_size,
-            **kwargs,
-        )
+) -> ViT:
+    """Our timm-based ViT (models.vision_transformer.ViT) of this shape: the builder of most layouts."""
     packed = 2 * mlp_hidden if swiglu else mlp_hidden  # timm's SwiGLUPacked: fc1 holds w1 and w2
     return ViT(
         img_size=img_size,
@@ -131,56 +86,64 @@ def build_vit(
         mlp_ratio=(packed + 0.5) / embed_dim,  # int(dim * ratio) gives back exactly `packed`
         num_register_tokens=num_register_tokens,
         swiglu=swiglu,
-        **{**spec.vit_kwargs, **kwargs},
+        **kwargs,
     )
 
 
-def create_student(
-    name: str,
-    img_size: int = 224,
-    patch_size: int | None = None,
-    drop_path_rate: float = 0.0,
-    layout: str | None = None,
-) -> ViT | DinoV3ViT:
-    """A randomly initialised student (no registers) in a reference layout, initialised as the reference.
+@dataclass(frozen=True)
+class Layout:
+    """A family's ViT architecture, and how the reference built and initialised its student in it
+    (PROTOCOLS A, "The student's layout"). Each family module (models.families) defines its own.
 
-    dinov2 (default): LayerScale 1.0. clip: CLIP's ViT (conv1 without bias, ln_pre, QuickGELU, eps
-    1e-5, no LayerScale, ln_post on the CLS only). synclr: timm's ViT without LayerScale. These have
-    patch 14 by default. dinov3: the released DINOv3 ViT-S/16 arguments at this size (patch 16, axial
-    RoPE, 4 storage tokens, LayerScale 1e-5, LayerNorm eps 1e-5, masked k bias, MLP x4); a name with
-    the suffix `_dinov3` (`vit_small_dinov3`) selects it.
+    `builder` makes the network (`timm_vit`, or the family's own class); `vit_kwargs` are its options;
+    the rest is init that differs from the class's own (timm's: trunc normal 0.02 Linears with zero bias,
+    pos_embed trunc normal 0.02, cls_token N(0, 1e-6), zero mask token).
     """
-    if name.endswith(DINOV3_SUFFIX) and name[: -len(DINOV3_SUFFIX)] in STUDENT_ARCHS:
-        if layout not in (None, "dinov3"):
-            raise UsageError(f"student '{name}' is in the dinov3 layout, not {layout}")
-        name, layout = name[: -len(DINOV3_SUFFIX)], "dinov3"
-    layout = layout or "dinov2"
-    if name not in STUDENT_ARCHS:
-        choices = [*STUDENT_ARCHS, *(n + DINOV3_SUFFIX for n in STUDENT_ARCHS)]
-        raise UsageError(f"unknown student '{name}'; choose from {', '.join(choices)}")
-    if layout not in LAYOUTS:
-        raise UsageError(f"unknown student layout '{layout}'; choose from {', '.join(LAYOUTS)}")
-    model = STUDENT_ARCHS[name].build(layout, patch_size=patch_size, img_size=img_size, drop_path_rate=drop_path_rate)
-    spec = LAYOUTS[layout]
-    with torch.no_grad():
-        if spec.mask_token_std:
-            nn.init.normal_(model.mask_token, std=spec.mask_token_std)
-        if spec.xavier_qkv:
-            for blk in model.blocks:
-                nn.init.xavier_uniform_(blk.attn.qkv.weight)
-    return model
+
+    vit_kwargs: dict = field(default_factory=dict)
+    patch_size: int = 14
+    builder: Callable[..., nn.Module] = timm_vit
+    mask_token_std: float = 0.0  # > 0: the mask token is drawn N(0, std) (SynCLR's iBOT MaskedTransformer)
+    xavier_qkv: bool = False  # CLIP blocks are nn.MultiheadAttention: in_proj_weight xavier-uniform, not a Linear
+    no_weight_decay: tuple[str, ...] = ()  # our names of weights that are 1-d in the reference (never decayed)
+
+    def init_student(self, model: nn.Module) -> nn.Module:
+        """The reference's init where it differs from the class's own."""
+        with torch.no_grad():
+            if self.mask_token_std:
+                nn.init.normal_(model.mask_token, std=self.mask_token_std)
+            if self.xavier_qkv:
+                for blk in model.blocks:
+                    nn.init.xavier_uniform_(blk.attn.qkv.weight)
+        return model
 
 
-def layout_of(state_dict: dict[str, torch.Tensor]) -> str:
-    """The layout of a ViT state dict in our key names: RoPE periods only in DINOv3, ln_pre only in CLIP,
-    LayerScale only in DINOv2."""
-    if dinov3.is_dinov3(state_dict):
-        return "dinov3"
-    if "norm_pre.weight" in state_dict:
-        return "clip"
-    if any(k.endswith(".ls1.gamma") for k in state_dict):
-        return "dinov2"
-    return "synclr"
+def build_vit(
+    layout: Layout,
+    embed_dim: int,
+    depth: int,
+    num_heads: int,
+    mlp_hidden: int,
+    swiglu: bool = False,
+    *,
+    patch_size: int | None = None,
+    img_size: int = 224,
+    num_register_tokens: int = 0,
+    **kwargs,
+) -> nn.Module:
+    """The one constructor of our ViTs: this shape in `layout`'s architecture (patch size: the layout's),
+    initialised as its class does; `kwargs` are further options of the class (they win over the layout's)."""
+    return layout.builder(
+        embed_dim,
+        depth,
+        num_heads,
+        mlp_hidden,
+        swiglu,
+        patch_size=patch_size or layout.patch_size,
+        img_size=img_size,
+        num_register_tokens=num_register_tokens,
+        **{**layout.vit_kwargs, **kwargs},
+    )
 
 
 def heads_for(dim: int) -> int:
@@ -191,15 +154,21 @@ def heads_for(dim: int) -> int:
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
-def vit_from_state_dict(state_dict: dict[str, torch.Tensor], img_size: int | None = None, **kwargs) -> ViT | DinoV3ViT:
-    """Build an empty ViT whose shape and layout match a state dict in our (timm) key names, or a
-    DINOv3 one in ours or FAIR's.
+def depth_of(state_dict: dict[str, torch.Tensor]) -> int:
+    """The number of blocks of a ViT state dict (blocks.<i>.* keys)."""
+    blocks = [int(m.group(1)) for k in state_dict if (m := _BLOCK.match(k))]
+    if not blocks:
+        raise UsageError("not a ViT backbone state dict: it has no blocks.<i>.* keys")
+    return 1 + max(blocks)
 
-    img_size defaults to the position table's grid x patch size (DINOv3's RoPE has no table: any size).
+
+def timm_vit_from_state_dict(
+    layout: Layout, state_dict: dict[str, torch.Tensor], img_size: int | None = None, **kwargs
+) -> ViT:
+    """An empty ViT (`timm_vit`) in `layout` whose shape matches a state dict in our (timm) key names.
+
+    img_size defaults to the position table's grid x patch size.
     """
-    if dinov3.is_dinov3(state_dict):
-        official = state_dict if dinov3.is_official(state_dict) else dinov3.to_official(state_dict)
-        return _dinov3_from_state_dict(official, **kwargs)
     try:
         dim = state_dict["cls_token"].shape[-1]
         patch_size = state_dict["patch_embed.proj.weight"].shape[-1]
@@ -207,47 +176,17 @@ def vit_from_state_dict(state_dict: dict[str, torch.Tensor], img_size: int | Non
         fc1, fc2 = state_dict["blocks.0.mlp.fc1.weight"], state_dict["blocks.0.mlp.fc2.weight"]
     except KeyError as e:
         raise UsageError(f"not a ViT backbone state dict: key {e} is missing") from None
-    depth = 1 + max(int(m.group(1)) for k in state_dict if (m := _BLOCK.match(k)))
     grid = int(round(num_pos**0.5))
     hidden = fc2.shape[1]
     return build_vit(
-        layout_of(state_dict),
+        layout,
         dim,
-        depth,
+        depth_of(state_dict),
         heads_for(dim),
         hidden,
         swiglu=fc1.shape[0] == 2 * hidden,  # timm's packed SwiGLU: fc1 holds w1 and w2
         patch_size=patch_size,
         img_size=img_size or grid * patch_size,
         num_register_tokens=state_dict["register_tokens"].shape[1] if "register_tokens" in state_dict else 0,
-        **kwargs,
-    )
-
-
-def _dinov3_from_state_dict(state_dict: dict[str, torch.Tensor], **kwargs) -> DinoV3ViT:
-    """An empty DinoV3ViT whose shape matches an official-layout state dict (heads from the RoPE periods)."""
-    try:
-        dim = state_dict["cls_token"].shape[-1]
-        patch_size = state_dict["patch_embed.proj.weight"].shape[-1]
-        head_dim = 4 * state_dict["rope_embed.periods"].numel()
-    except KeyError as e:
-        raise UsageError(f"not a DINOv3 backbone state dict: key {e} is missing") from None
-    blocks = [int(m.group(1)) for k in state_dict if (m := _BLOCK.match(k))]
-    if not blocks:
-        raise UsageError("not a DINOv3 backbone state dict: it has no blocks.<i>.* keys")
-    swiglu = "blocks.0.mlp.w1.weight" in state_dict
-    fc1 = state_dict.get("blocks.0.mlp.w1.weight" if swiglu else "blocks.0.mlp.fc1.weight")
-    if fc1 is None:
-        raise UsageError("not a DINOv3 backbone state dict: blocks.0 has no mlp.fc1 or mlp.w1 weight")
-    return build_vit(
-        "dinov3",
-        dim,
-        1 + max(blocks),
-        max(1, dim // head_dim),
-        fc1.shape[0],
-        swiglu=swiglu,
-        patch_size=patch_size,
-        qkv_bias="blocks.0.attn.qkv.bias" in state_dict,
-        local_cls_norm="local_cls_norm.weight" in state_dict,
         **kwargs,
     )

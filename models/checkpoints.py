@@ -1,4 +1,6 @@
-"""Reading and writing weights: safe loading, official layouts, atomic saves, load_backbone.
+"""Reading weight files safely: safe loading, TorchScript archives as data, strict loading with errors that name
+the keys, and the record an export keeps of its training resolution. What a file means is its family's
+business (models.families); building a backbone from one is models.backbones'.
 
 Every file a user hands us is read with `torch.load(weights_only=True)`; the only extra global
 allowed is `argparse.Namespace`, which the reference release pickles into its checkpoints. OpenAI's
@@ -22,11 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import dinov3
-from .architectures import layout_of, vit_from_state_dict
-from .dinov3 import DinoV3ViT
 from .errors import MissingFile, UsageError
-from .vision_transformer import ViT
 
 StateDict = dict[str, torch.Tensor]
 
@@ -37,10 +35,19 @@ EXPORT_METADATA = "proteus"
 
 
 def safe_load(path: str | os.PathLike) -> object:
-    """torch.load with weights_only=True and a clear error for unreadable files."""
+    """torch.load with weights_only=True, or a safetensors file (timm's and the Hugging Face Hub's format), with a
+    clear error for unreadable files."""
     path = Path(path)
     if not path.is_file():
         raise MissingFile(f"checkpoint file not found: {path}")
+    if is_safetensors(path):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path, device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UsageError(f"cannot read checkpoint {path}: it is a damaged safetensors file ({e})") from None
     if is_torchscript_archive(path):  # torch.load refuses it too, after a warning that names torch.jit.load
         raise UsageError(f"cannot read checkpoint {path}: {_TORCHSCRIPT}")
     try:
@@ -110,6 +117,13 @@ def _describe(path: Path, e: Exception) -> str:
     if pickles:
         return f"it is a damaged torch checkpoint ({str(e).strip().splitlines()[0][:120] if str(e).strip() else e})"
     return f"it is not a torch file (it starts with {head[:16]!r})"
+
+
+def is_safetensors(path: str | os.PathLike) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then the JSON header."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000
 
 
 def is_torchscript_archive(path: str | os.PathLike) -> bool:
@@ -312,129 +326,20 @@ def check_keys(own: StateDict, state_dict: StateDict, source: str, optional: tup
         raise UsageError(f"weights in {source} do not match the model; " + "; ".join(problems))
 
 
-def load_dinov3(model: DinoV3ViT, state_dict: StateDict, source: str) -> None:
-    """Load a state dict in FAIR's DINOv3 layout strictly: every key is checked in FAIR's names (the
-    bias_mask buffers and the RoPE periods included), then converted and loaded."""
-    check_keys(dinov3.to_official(model.state_dict()), state_dict, source)
-    try:
-        ours = dinov3.from_official(state_dict, model)
-    except ValueError as e:
-        raise UsageError(f"weights in {source}: {e}") from None
-    load_strict(model, ours, source)
-
-
 def few_names(items: list[str], n: int = 8) -> str:
     items = sorted(items, key=lambda k: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", k)])
     more = f" (+{len(items) - n} more)" if len(items) > n else ""
     return ", ".join(items[:n]) + more
 
 
-# --- layouts -----------------------------------------------------------------------------------
-# (our name, the reference's) for the parts that differ; each reference layout names a ViT in one way.
-_SWIGLU = (("mlp.fc1.", "mlp.w12."), ("mlp.fc2.", "mlp.w3."))  # DINOv2's ViT-g SwiGLU FFN
-_CLIP_TOP = (
-    ("patch_embed.proj.", "conv1."),
-    ("cls_token", "class_embedding"),
-    ("pos_embed", "positional_embedding"),
-    ("norm_pre.", "ln_pre."),
-    ("norm.", "ln_post."),
-)
-_CLIP_BLOCK = (
-    ("norm1.", "ln_1."),
-    ("norm2.", "ln_2."),
-    ("attn.qkv.weight", "attn.in_proj_weight"),
-    ("attn.qkv.bias", "attn.in_proj_bias"),
-    ("attn.proj.", "attn.out_proj."),
-    ("mlp.fc1.", "mlp.c_fc."),
-    ("mlp.fc2.", "mlp.c_proj."),
-)
-_BLOCK = re.compile(r"^blocks\.(\d+)\.")
-_CLIP_BLOCK_RE = re.compile(r"^transformer\.resblocks\.(\d+)\.")
-_DINOV2_CHUNK = re.compile(r"^blocks\.\d+\.(\d+)\.")  # block_chunks > 0: blocks.<chunk>.<i>.
-
-
-def _swap(key: str, pairs: tuple[tuple[str, str], ...], reverse: bool) -> str:
-    """Replace the first matching prefix of `key` (ours -> theirs, or theirs -> ours when reversed)."""
+def swap(key: str, pairs: tuple[tuple[str, str], ...], reverse: bool) -> str:
+    """Replace the first matching prefix of `key` (ours -> theirs, or theirs -> ours when reversed): how the
+    families rename the parts of a ViT their official layout names differently."""
     for ours, theirs in pairs:
         a, b = (theirs, ours) if reverse else (ours, theirs)
         if key.startswith(a):
             return b + key[len(a) :]
     return key
-
-
-def from_reference(state_dict: StateDict) -> StateDict:
-    """Any reference layout (DINOv2, CLIP's ViT, SynCLR's timm ViT) or ours -> our key names and shapes.
-
-    The layouts' names are disjoint, so one pass serves all: DINOv2's chunked blocks and SwiGLU
-    w12/w3, CLIP's conv1/class_embedding/ln_pre/transformer.resblocks.i.*/ln_post, and any mask
-    token shape ([1, D] in DINOv2 and CLIP, [1, 1, D] in SynCLR; ours is [1, D]).
-    """
-    out = {}
-    for k, v in state_dict.items():
-        k = _DINOV2_CHUNK.sub(r"blocks.\1.", k)
-        if m := _CLIP_BLOCK_RE.match(k):
-            k = f"blocks.{m.group(1)}." + _swap(k[m.end() :], _CLIP_BLOCK, reverse=True)
-        elif m := _BLOCK.match(k):
-            k = m.group(0) + _swap(k[m.end() :], _SWIGLU, reverse=True)
-        else:
-            k = _swap(k, _CLIP_TOP, reverse=True)
-        if k == "cls_token":
-            v = v.reshape(1, 1, -1)
-        elif k == "pos_embed" and v.ndim == 2:
-            v = v.unsqueeze(0)
-        elif k == "mask_token":
-            v = v.reshape(1, -1)
-        out[k] = v
-    return out
-
-
-def check_exportable(model: ViT | DinoV3ViT, layout: str) -> None:
-    """to_reference(model, layout) can write it: the model is in that layout."""
-    found = layout_of(model.state_dict())
-    if found != layout:
-        raise UsageError(f"this ViT is in the {found} layout and cannot be written in the {layout} layout")
-
-
-def to_reference(model: ViT | DinoV3ViT, layout: str) -> StateDict:
-    """Our ViT -> the reference's key names and shapes of `layout`, so its own model code loads it strictly.
-
-    dinov3: FAIR's DINOv3 DinoVisionTransformer layout (models.dinov3.to_official).
-    dinov2: the official DinoVisionTransformer layout. clip: the reference's models_clip.VisionTransformer
-    (conv1.weight, class_embedding [D], positional_embedding [N+1, D], ln_pre, transformer.resblocks.i.*,
-    ln_post, mask_token [1, D]). synclr: its timm MaskedTransformer (timm names, mask_token [1, 1, D]).
-    The training resolution goes into the dict's `_metadata` (see `export_metadata`), not into its keys.
-    """
-    check_exportable(model, layout)
-    sd = model.state_dict()
-    if layout == "dinov3":
-        return {k: v.detach().clone().cpu() for k, v in dinov3.to_official(sd).items()}
-    swiglu = model.blocks[0].mlp.__class__.__name__ == "GluMlp"
-    out = OrderedDict()
-    out._metadata = OrderedDict(
-        {EXPORT_METADATA: {"img_size": model.patch_embed.img_size[0], "patch_size": model.patch_embed.patch_size[0]}}
-    )
-    for k, v in sd.items():
-        v = v.detach().clone().cpu()
-        if layout == "clip":
-            if m := _BLOCK.match(k):
-                k = f"transformer.resblocks.{m.group(1)}." + _swap(k[m.end() :], _CLIP_BLOCK, reverse=False)
-            else:
-                k = _swap(k, _CLIP_TOP, reverse=False)
-            if k == "class_embedding":
-                v = v.reshape(-1)
-            elif k == "positional_embedding":
-                v = v[0]
-        elif layout == "synclr" and k == "mask_token":
-            v = v.reshape(1, 1, -1)
-        elif swiglu and (m := _BLOCK.match(k)):
-            k = m.group(0) + _swap(k[m.end() :], _SWIGLU, reverse=False)
-        out[k] = v
-    return out
-
-
-def to_dinov2(model: ViT) -> StateDict:
-    """Our ViT -> the official DINOv2 key layout (loads strictly into DinoVisionTransformer)."""
-    return to_reference(model, "dinov2")
 
 
 def strip_prefix(state_dict: StateDict, prefixes: tuple[str, ...]) -> StateDict:
@@ -443,40 +348,6 @@ def strip_prefix(state_dict: StateDict, prefixes: tuple[str, ...]) -> StateDict:
         if any(k.startswith(p) for k in state_dict):
             return {k[len(p) :]: v for k, v in state_dict.items() if k.startswith(p)}
     return dict(state_dict)
-
-
-# --- students ----------------------------------------------------------------------------------
-def backbone_state_dict(ckpt: object, path: str | os.PathLike) -> StateDict:
-    """Find the student backbone in any checkpoint format we accept, in our key names.
-
-    - ours: `checkpoint.pth` {"student": ...} or the exported flat `backbone.pth` (any layout)
-    - the reference release's `checkpoint.pth` {"model": {"student.backbone.*", ...}, "args": Namespace},
-      with a DINOv2-, CLIP- or SynCLR-layout student
-    - an official DINOv2 or DINOv3 flat state dict
-    - DINOv2 training checkpoints {"teacher": {"backbone.*", heads}} (the weights DINOv2 evaluates), and
-      the common {"state_dict": ...} / {"model": ...} wrappers, with module./backbone. prefixes
-    A DINOv3 ViT (ours or FAIR's) comes back in FAIR's DINOv3 names.
-    """
-    if not isinstance(ckpt, dict):
-        raise UsageError(f"{path} holds a {type(ckpt).__name__}, not a state dict or checkpoint")
-    if isinstance(ckpt.get("student"), dict):
-        sd = ckpt["student"]
-    elif isinstance(ckpt.get("model"), dict) and any(k.startswith("student.backbone.") for k in ckpt["model"]):
-        sd = strip_prefix(ckpt["model"], ("student.backbone.",))
-    elif wrapper := next((k for k in ("teacher", "model", "state_dict") if isinstance(ckpt.get(k), dict)), None):
-        sd = strip_prefix(ckpt[wrapper], ("module.backbone.", "backbone.", "module."))
-    else:
-        sd = strip_prefix(ckpt, ("module.backbone.", "backbone.", "module."))
-    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    if dinov3.is_dinov3(sd):
-        return sd if dinov3.is_official(sd) else dinov3.to_official(sd)
-    sd = from_reference(sd)
-    if "cls_token" not in sd or "patch_embed.proj.weight" not in sd:
-        raise UsageError(
-            f"{path} holds no ViT backbone (looked for cls_token and patch_embed.proj.weight, or CLIP's "
-            f"class_embedding and conv1.weight; top-level keys: {few_names(sorted(map(str, ckpt)))})"
-        )
-    return sd
 
 
 def backbone_name(path: str | os.PathLike) -> str:
@@ -494,30 +365,3 @@ def export_metadata(ckpt: object) -> dict[str, int]:
     if not isinstance(record, dict) or not all(isinstance(record.get(k), int) for k in ("img_size", "patch_size")):
         return {}  # not ours, or not a record we wrote: the weights alone tell the shape
     return {"img_size": record["img_size"], "patch_size": record["patch_size"]}
-
-
-def load_backbone(path: str | os.PathLike, **kwargs) -> ViT | DinoV3ViT:
-    """Rebuild a student/DINOv2/DINOv3 backbone from a file, inferring its architecture and layout from the weights.
-
-    A CLIP-layout file gives the reference's CLIP ViT (ln_post on the CLS only), whatever its key names;
-    a DINOv3 file (official, our export or our checkpoint) gives a DinoV3ViT, built on the meta device
-    and filled from the file, which strictly holds every weight: no random init to overwrite (minutes
-    and a second copy of the network for the 7B teacher). An exported backbone is built at the
-    resolution it records it was trained at.
-    """
-    ckpt = safe_load(path)
-    sd = backbone_state_dict(ckpt, path)
-    if dinov3.is_official(sd):
-        with torch.device("meta"):
-            model = vit_from_state_dict(sd, **kwargs)
-        model = model.to_empty(device="cpu")
-        model.init_non_persistent_buffers()
-        load_dinov3(model, sd, str(path))
-        return model
-    trained = export_metadata(ckpt)
-    patch_size = sd["patch_embed.proj.weight"].shape[-1]
-    if trained and trained["patch_size"] != patch_size:
-        raise UsageError(f"{path} records patch size {trained['patch_size']} but its weights have {patch_size}")
-    model = vit_from_state_dict(sd, img_size=trained.get("img_size"), **kwargs)
-    load_strict(model, sd, str(path), optional=("mask_token",))
-    return model

@@ -23,6 +23,7 @@ from timm.models.eva import checkpoint_filter_fn as timm_checkpoint_filter
 from torch import nn
 
 from .errors import UsageError
+from .tokens import Tokens
 from .vision_transformer import block_indices, layer_outputs
 
 StateDict = dict[str, torch.Tensor]
@@ -180,6 +181,12 @@ class DinoV3ViT(Eva):
 
     def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         return self.forward_features(x, masks)["x_norm_clstoken"]
+
+    def forward_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> Tokens:
+        """The backbone contract (models.tokens): the final-norm CLS as the summary, the patch tokens on their grid."""
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        out = self.forward_features(x, masks)
+        return Tokens(out["x_norm_clstoken"], out["x_norm_patchtokens"], grid)
 
     def get_intermediate_layers(
         self,

@@ -15,3 +15,8 @@ class UsageError(ValueError):
 
 class MissingFile(UsageError, FileNotFoundError):
     """A file or folder the user named is not there (also a FileNotFoundError, as torchvision raises)."""
+
+
+class MissingDependency(ImportError):
+    """An optional package a task needs (mmsegmentation, scikit-learn, open_clip) is not installed: bad input,
+    not a bug."""

@@ -1,8 +1,12 @@
-"""What a backbone gives the distillation: its summary token and its patch tokens on their grid.
+"""The backbone contract: what every backbone gives, whatever its family.
 
-`Tokens` is the one result type teachers return (`Teacher.targets`) and the pretraining engine passes
-around, so no code unpacks a string-keyed dict by position, and a patch map always travels with the grid
-it lies on (resampling needs it).
+A backbone (a student, a teacher's network, anything an evaluation loads) has `embed_dim`, `patch_size`
+(the side in pixels of one patch token: a CNN's last stride) and `forward_tokens(images, masks=None)`,
+which returns `Tokens`: its summary token and its patch tokens on their grid. The summary is the
+final-norm CLS token where the family has one; a family without one defines its own (SigLIP's attention-
+pooled MAP head output; mean-pooled patches as the family's own code pools them otherwise). Nothing outside
+a family's network needs `cls_token` to exist. A patch map always travels with the grid it lies on
+(resampling needs it), and no code unpacks a string-keyed dict by position.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch.nn.functional as F
 
 
 class Tokens(NamedTuple):
-    cls: torch.Tensor  # [B, D]: the summary token (final-norm CLS; CLIP: ln_post(CLS))
+    cls: torch.Tensor  # [B, D]: the summary token (final-norm CLS; CLIP: ln_post(CLS); SigLIP: its MAP head's)
     patches: torch.Tensor  # [B, h*w, D]: the final-norm patch tokens, row-major
     grid: tuple[int, int]  # (h, w) of `patches`
 

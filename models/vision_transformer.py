@@ -20,6 +20,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .errors import UsageError
+from .tokens import Tokens
 
 
 def block_indices(n: int | Sequence[int], total: int) -> set[int]:
@@ -184,6 +185,12 @@ class ViT(VisionTransformer):
 
     def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         return self.forward_features(x, masks)["x_norm_clstoken"]
+
+    def forward_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> Tokens:
+        """The backbone contract (models.tokens): the final-norm CLS as the summary, the patch tokens on their grid."""
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        out = self.forward_features(x, masks)
+        return Tokens(out["x_norm_clstoken"], out["x_norm_patchtokens"], grid)
 
     def get_intermediate_layers(  # type: ignore[override]
         self,

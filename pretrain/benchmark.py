@@ -34,6 +34,7 @@ from common import distributed as dist_utils
 from common.cli import ArgumentParser, run
 from models import LAYOUTS, STUDENT_ARCHS, TEACHERS, Teacher, TeacherTarget, Tokens, create_student, create_teacher
 from models.errors import MissingFile, UsageError
+from models.families import student_layout, teacher_spec
 
 from .data import build_dataset
 from .distiller import Distiller, TeacherInput, Views, compile_student, param_groups
@@ -140,12 +141,12 @@ class Setup:
         self.device, self.precision = device, args.precision
         with torch.device(device):  # a random teacher is initialised where it runs (the 7B: on the GPU, in seconds)
             self.teacher = teacher if teacher is not None else create_teacher(args.teacher, pretrained=False)
-        layout = args.student_layout or self.teacher.family
+        layout = args.student_layout or student_layout(args.teacher)
         student = create_student(args.student, img_size=args.input_size, layout=layout)
         self.teachers = [TeacherInput(self.teacher, args.input_size)]
         grid = args.input_size // student.patch_size
         self.views = Views(args.input_size, (grid, grid))
-        level = TEACHERS[args.teacher].dense_level(args.input_size, grid)  # 0: the CLS loss alone (CLIP)
+        level = teacher_spec(args.teacher).dense_level(args.input_size, grid)  # 0: the CLS loss alone (CLIP)
         target = TeacherTarget(args.teacher, self.teacher.embed_dim, lambda_patch=level, lambda_fea=level)
         self.distiller = Distiller(student, [target]).to(device).train()
         self.optimizer = torch.optim.AdamW(

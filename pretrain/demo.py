@@ -20,9 +20,10 @@ from PIL import Image
 import models
 from common.cli import run
 from common.io import prepare_output_dir
+from models import TEACHERS
 from models.checkpoints import backbone_name
 from models.errors import UsageError
-from models.teachers import TEACHERS, DownloadError, download
+from models.teachers import DownloadError, download
 
 from . import main as pretrain_main
 from .pca import THRESHOLD, write_pictures

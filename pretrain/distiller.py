@@ -96,11 +96,10 @@ class Distiller(nn.Module):
         if n_masked:
             x = torch.cat((images[:n_masked], images))
             view_masks = torch.cat((masks, masks.new_zeros(images.shape[0], masks.shape[1])))
-            out = self.student.forward_features(x, masks=view_masks)
+            out = self.student.forward_tokens(x, masks=view_masks)
         else:
-            out = self.student.forward_features(images)
-        cls = out["x_norm_clstoken"][n_masked:]
-        patches = out["x_norm_patchtokens"]
+            out = self.student.forward_tokens(images)
+        cls, patches = out.cls[n_masked:], out.patches
         losses = {"total": images.new_zeros((), dtype=torch.float32)}
         for name, a in self.adaptors.items():
             parts = teacher_losses(a, cls, patches, masks if n_masked else None, targets[name])

@@ -40,9 +40,10 @@ from models import (
     to_reference,
 )
 from models.adaptors import STANDARDIZATIONS, hadamard
-from models.architectures import DINOV3_SUFFIX
-from models.checkpoints import check_exportable, few_names
+from models.backbones import check_exportable
+from models.checkpoints import few_names
 from models.errors import UsageError
+from models.families import split_student, student_layout, suffix_help, teacher_spec
 
 from .data import PositionSampler, SeededDataset, build_dataset, worker_init
 from .distiller import Distiller, TeacherInput, Views, compile_student, param_groups
@@ -114,14 +115,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     a(
         "--student",
         default="vit_base",
-        help=f"one of: {', '.join(STUDENT_ARCHS)} (a {DINOV3_SUFFIX} suffix: in the dinov3 layout); a comma list "
+        help=f"one of: {', '.join(STUDENT_ARCHS)} ({suffix_help()}); a comma list "
         "trains several students from one teacher pass, each into <output-dir>/<student>/",
     )
     a(
         "--student-layout",
         choices=tuple(LAYOUTS),
         help="the students' architecture and export key names, as the reference's per teacher family "
-        f"(default: the teacher's family; a name's {DINOV3_SUFFIX} suffix says dinov3)",
+        f"(default: the teacher's family; {suffix_help()})",
     )
     a("--input-size", type=int, default=224, help="the student's crop side; a multiple of its patch size")
     a("--batch-size", type=int, default=128, help="per process; lr scales with the global batch")
@@ -215,7 +216,7 @@ def check_ranges(args: argparse.Namespace) -> None:
 def students_of(args: argparse.Namespace) -> list[tuple[str, str]]:
     """(name, layout) of each --student: the dinov3 layout for a name with its suffix, else --student-layout."""
     names = args.student.split(",")
-    return [(n, "dinov3" if n.endswith(DINOV3_SUFFIX) else args.student_layout) for n in names]
+    return [(n, split_student(n, None)[1] or args.student_layout) for n in names]
 
 
 def per_teacher(value: str | None, teachers: list[str], flag: str, kind: type, default) -> list:
@@ -239,12 +240,12 @@ def targets_of(args: argparse.Namespace, grid: int) -> list[TeacherTarget]:
     standardisation."""
     targets = []
     for name, weight, size in zip(args.teacher.split(","), args.teacher_weights, args.teacher_input_size):
-        spec = TEACHERS[name]
+        spec = teacher_spec(name)
         level = spec.dense_level(size, grid)
         targets.append(
             TeacherTarget(
                 name,
-                spec.config.embed_dim,
+                spec.embed_dim,
                 weight,
                 1.0 if args.lambda_token is None else args.lambda_token,
                 level if args.lambda_patch is None else args.lambda_patch,
@@ -265,8 +266,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     check_ranges(args)
     teachers = args.teacher.split(",")
     for name in teachers:
-        if name not in TEACHERS:
-            raise UsageError(f"unknown teacher '{name}'; choose from {', '.join(TEACHERS)}")
+        teacher_spec(name)  # an unknown name: one line that lists the teachers
     if len(set(teachers)) < len(teachers):
         raise UsageError(f"--teacher {args.teacher} names a teacher twice")
     if args.teacher_checkpoint is not None and len(args.teacher_checkpoint.split(",")) != len(teachers):
@@ -290,14 +290,14 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.teacher_standardization = "phi-s" if len(teachers) > 1 else "none"
     if args.teacher_standardization == "phi-s":
         for name in teachers:
-            hadamard(TEACHERS[name].config.embed_dim)  # a width without a Hadamard matrix: one clear line
+            hadamard(teacher_spec(name).embed_dim)  # a width without a Hadamard matrix: one clear line
     names = args.student.split(",")
     for name in names:
-        if name.removesuffix(DINOV3_SUFFIX) not in STUDENT_ARCHS:
+        if split_student(name, None)[0] not in STUDENT_ARCHS:
             raise UsageError(f"unknown student '{name}'; choose from {', '.join(STUDENT_ARCHS)}")
     if len(set(names)) < len(names):
         raise UsageError(f"--student {args.student} names a student twice: each needs its own output folder")
-    args.student_layout = args.student_layout or TEACHERS[teachers[0]].family
+    args.student_layout = args.student_layout or student_layout(teachers[0])
     students = students_of(args)
     patches = [LAYOUTS[layout].patch_size for _, layout in students]
     for (name, _), patch in zip(students, patches):
@@ -305,10 +305,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             whose = f"{name}'s" if len(students) > 1 else "the student's"
             raise UsageError(f"--input-size {args.input_size} is not a multiple of {whose} patch size {patch}")
     for name, size in zip(teachers, sizes):
-        if size % TEACHERS[name].patch_size:
+        if size % teacher_spec(name).patch_size:
             raise UsageError(
                 f"the teacher's input size {size} (--teacher-input-size, default --input-size) is not "
-                f"a multiple of {name}'s patch size {TEACHERS[name].patch_size}"
+                f"a multiple of {name}'s patch size {teacher_spec(name).patch_size}"
             )
     targets = [t for _, layout in students for t in targets_of(args, grid_of(args, layout))]
     levels = {(t.lambda_token, t.lambda_patch, t.lambda_fea) for t in targets}

@@ -84,7 +84,7 @@ def pca_images(model: torch.nn.Module, images: torch.Tensor, threshold: float = 
     if isinstance(model, Teacher):
         tokens = model.targets(images).patches
     else:
-        tokens = model.forward_features(images)["x_norm_patchtokens"]
+        tokens = model.forward_tokens(images).patches
     tokens = tokens.float().cpu()
     model.train(was_training)
     if not torch.isfinite(tokens).all():  # the SVD would fail; a run stops on non-finite numbers elsewhere, not here

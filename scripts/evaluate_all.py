@@ -55,9 +55,7 @@ from common.io import atomic_write_json, atomic_write_text, file_sha256, prepare
 from fine_grained.datasets import DATASETS
 from fine_grained.main import PAPER_PROTOCOL as FINE_GRAINED_PAPER_PROTOCOL
 from linear_eval import zeroshot
-from models.architectures import DINOV3_SUFFIX
 from models.checkpoints import backbone_name
-from models.dinov3 import DinoV3ViT
 from models.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,10 +115,12 @@ def fine_grained_arguments(root: str) -> list[str]:
 def no_clip_adaptor(root: str, args: argparse.Namespace) -> str | None:
     """Zero-shot reads CLIP's side of the adaptors and OpenAI's CLIP file the way the task does: an unreadable
     one is an error here, before any task runs, not a failed row after the others."""
-    if not zeroshot.clip_teachers(models.load_adaptors(args.adaptors)):
+    adaptors = models.load_adaptors(args.adaptors)
+    teachers = zeroshot.clip_teachers(adaptors)
+    if not teachers:
         return f"{args.adaptors} holds no CLIP teacher's adaptor"
     try:
-        zeroshot.load_clip(args.clip_checkpoint)
+        zeroshot.text_tower(teachers[0], adaptors.teachers.get(teachers[0], {})).load(args.clip_checkpoint)
     except UsageError as e:
         raise UsageError(f"--clip-checkpoint: {e}") from None
     return None
@@ -298,6 +298,12 @@ def missing_data(name: str, args: argparse.Namespace) -> str | None:
     return TASKS[name].unready(root, args)
 
 
+def config_family(size: str) -> models.families.Family:
+    """The family whose dense configs `size` names: the one whose student suffix it carries, else DINOv2's."""
+    return next((f for f in models.FAMILIES.values() if f.student_suffix and size.endswith(f.student_suffix)),
+                models.FAMILIES[models.families.DEFAULT_LAYOUT])  # fmt: skip
+
+
 def command(name: str, args: argparse.Namespace, size: str, out: Path) -> list[str]:
     """`python -m` arguments of one task (without the quick and extra arguments)."""
     task, root = TASKS[name], data_root(name, args)
@@ -311,8 +317,8 @@ def command(name: str, args: argparse.Namespace, size: str, out: Path) -> list[s
     batch = paper_protocol(config)["global_batch"]
     nproc = max(n for n in range(1, max(torch.cuda.device_count(), 1) + 1) if batch % n == 0)
     launch = ["torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"] if nproc > 1 else []
-    # the reference's positional embedding; a DINOv3 backbone has none (RoPE)
-    pos_embed = [] if size.endswith(DINOV3_SUFFIX) else ["--reference-pos-embed"]
+    # the reference's positional embedding, for configs of a family whose ViT has a position table (not RoPE)
+    pos_embed = ["--reference-pos-embed"] if config_family(size).position_table else []
     return [*launch, task.module, str(config), *shared, *pos_embed,
             "--cfg-options", f"train_dataloader.batch_size={batch // nproc}"]  # fmt: skip
 
@@ -572,9 +578,13 @@ def evaluate_all(args: argparse.Namespace) -> int:
     out = prepare_output_dir(args.output_dir)
     embed_dim = vit.embed_dim
     size = SIZES.get(embed_dim)
-    # DINOv3 layout: its own dense configs (`<size>_dinov3`), no paper figure (the paper's students are DINOv2-layout)
-    layout = DINOV3_SUFFIX if isinstance(vit, DinoV3ViT) else ""
-    model = (f"ViT-{size[0].upper()}" if size else f"embed dim {embed_dim}") + (" DINOv3 layout" if layout else "")
+    # a family with a student suffix has its own dense configs (`<size><suffix>`) and no paper figure (the
+    # paper's students are DINOv2-layout)
+    family = models.families.family_of_model(vit)
+    layout = family.student_suffix
+    model = (f"ViT-{size[0].upper()}" if size else f"embed dim {embed_dim}") + (
+        f" {family.title} layout" if layout else ""
+    )
     if size is None:
         print(f"note: no configs for embed dim {embed_dim}; dense tasks use the ViT-S ones (adapt with --extra)")
     rows: list[Row] = []

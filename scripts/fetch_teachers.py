@@ -14,8 +14,9 @@ import argparse
 import sys
 
 from common.cli import ArgumentParser, run
+from models import TEACHERS
 from models.errors import UsageError
-from models.teachers import TEACHERS, download
+from models.teachers import download
 
 
 def get_args_parser() -> argparse.ArgumentParser:

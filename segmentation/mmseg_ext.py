@@ -43,10 +43,11 @@ from mmseg.registry import HOOKS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS
 from torch import nn
 
 from common.io import atomic_replace
-from models.architectures import create_student
-from models.checkpoints import few_names, load_backbone, pickled_globals, safe_load
+from models.backbones import create_student, load_backbone
+from models.checkpoints import few_names, pickled_globals, safe_load
 from models.dinov3 import DinoV3ViT
 from models.errors import UsageError
+from models.families import family_of_model
 
 EVALUATIONS = "evaluations.jsonl"  # in the work dir, written by EvaluationHistoryHook
 
@@ -115,8 +116,9 @@ class ProteusViT(BaseModule):
         # the final norm reaches the outputs only with final_norm, and with a CLIP-layout student (norm on
         # the CLS only) only through the class tokens
         self.vit.norm.requires_grad_(final_norm and (with_cls_token or self.vit.norm_patch_tokens))
-        if getattr(self.vit, "local_cls_norm", None) is not None:  # DINOv3 7B / satellite ViT-L: pretraining only
-            self.vit.local_cls_norm.requires_grad_(False)
+        for name in family_of_model(self.vit).pretraining_only:  # e.g. DINOv3's local_cls_norm
+            if getattr(self.vit, name, None) is not None:
+                getattr(self.vit, name).requires_grad_(False)
         for block in self.vit.blocks[max(out_indices) + 1 :]:
             block.requires_grad_(False)
         if frozen:

@@ -404,7 +404,7 @@ def official_weights_(model: nn.Module, seed: int = 0) -> nn.Module:
     hidden = official["blocks.0.mlp.fc1.weight"].shape[0]
     sd = official_sd(dim, len(model.blocks), heads, hidden, seed=seed)
     sd["rope_embed.periods"] = official["rope_embed.periods"]  # keep the formula: timm's own models use it
-    models.checkpoints.load_dinov3(model, sd, "random")
+    models.families.dinov3.load_dinov3(model, sd, "random")
     return model
 
 

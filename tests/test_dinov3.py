@@ -19,9 +19,9 @@ from timm.models.eva import checkpoint_filter_fn as timm_eva_filter
 from torch import nn
 
 import models
+from models import TEACHERS, default_dtype
 from models.dinov3 import DinoV3ViT
 from models.errors import UsageError
-from models.teachers import TEACHERS, default_dtype
 from tests.helpers import (
     fair,
     make_image_folder,

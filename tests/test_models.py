@@ -676,7 +676,7 @@ def test_torchscript_archives_are_read_as_data_as_torch_jit_reads_them(tmp_path,
         raise AssertionError("torch.jit.load ran the archive's code")
 
     monkeypatch.setattr(torch.jit, "load", never)
-    got = models.teachers.openai_clip_state_dict(path)
+    got = models.families.clip.openai_clip_state_dict(path)
     assert list(got) == list(expected) and "visual.steps" in got
     for k, v in expected.items():
         assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
@@ -712,7 +712,7 @@ def test_code_in_a_torchscript_archive_is_never_run(tmp_path, capfd):
     torch.jit.load(str(path))
     assert "the archive's code ran" in capfd.readouterr().out  # what loading it with torch.jit does
     with pytest.raises(UsageError) as e:
-        models.teachers.openai_clip_state_dict(path)
+        models.families.clip.openai_clip_state_dict(path)
     assert str(e.value) == (
         f"cannot read TorchScript archive {path}: its __torch__.tests.test_models.SetsItsOwnState sets its state "
         "with the archive's own code (__setstate__), which is never run, so its weights cannot be read as data; "
@@ -720,7 +720,7 @@ def test_code_in_a_torchscript_archive_is_never_run(tmp_path, capfd):
     )
     assert "the archive's code ran" not in capfd.readouterr().out
     torch.save(torch.jit.load(str(path), map_location="cpu").state_dict(), tmp_path / "converted.pth")  # the advice
-    converted = models.teachers.openai_clip_state_dict(tmp_path / "converted.pth")
+    converted = models.families.clip.openai_clip_state_dict(tmp_path / "converted.pth")
     assert converted.keys() == ref.state_dict().keys()
 
 

@@ -157,7 +157,7 @@ def test_layout_architecture(layout):
 
 
 def test_unknown_layout():
-    with pytest.raises(UsageError, match="unknown student layout 'eva'; choose from dinov2, clip, synclr, dinov3"):
+    with pytest.raises(UsageError, match="unknown student layout 'eva'; choose from dinov2, dinov3, clip, synclr"):
         models.create_student("vit_tiny", layout="eva")
 
 

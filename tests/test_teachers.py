@@ -120,14 +120,14 @@ def test_two_teachers_with_resampled_grids_train_resume_and_export(two_teachers,
         predicted = adaptors(backbone, images)
         tokens = backbone.forward_features(images)
     clip = adaptors.adaptors["clip_vitb16"]
-    assert predicted["dinov2_vits14"]["patches"].shape == (2, 4, 48) and predicted["clip_vitb16"]["cls"].shape == (
+    assert predicted["dinov2_vits14"].patches.shape == (2, 4, 48) and predicted["clip_vitb16"].cls.shape == (
         2,
         32,
     )
     std = clip.cls_std
     with torch.no_grad():
         want = std.mean + (clip.token_head(tokens["x_norm_clstoken"]) * std.scale) @ std.rotation
-    torch.testing.assert_close(predicted["clip_vitb16"]["cls"], want)  # de-standardised: the teacher's own space
+    torch.testing.assert_close(predicted["clip_vitb16"].cls, want)  # de-standardised: the teacher's own space
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,132 @@
+"""Backbones from and to files, whatever their family: the students we create, any backbone file we read
+(ours, the reference's, an official release) and the exports in each family's official layout. Each asks
+the family registry (models.families); nothing here knows a family."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from .architectures import STUDENT_ARCHS
+from .checkpoints import StateDict, export_metadata, few_names, safe_load, strip_prefix
+from .errors import UsageError
+from .families import FAMILIES, LAYOUTS, Family, family_of, split_student, student_names
+
+
+def create_student(
+    name: str,
+    img_size: int = 224,
+    patch_size: int | None = None,
+    drop_path_rate: float = 0.0,
+    layout: str | None = None,
+) -> nn.Module:
+    """A randomly initialised student (no registers) in a family's layout, initialised as the reference.
+
+    dinov2 (default): LayerScale 1.0. clip: CLIP's ViT (conv1 without bias, ln_pre, QuickGELU, eps
+    1e-5, no LayerScale, ln_post on the CLS only). synclr: timm's ViT without LayerScale. These have
+    patch 14 by default. dinov3: the released DINOv3 ViT-S/16 arguments at this size (patch 16, axial
+    RoPE, 4 storage tokens, LayerScale 1e-5, LayerNorm eps 1e-5, masked k bias, MLP x4); a name with
+    the suffix `_dinov3` (`vit_small_dinov3`) selects it.
+    """
+    arch, layout = split_student(name, layout)
+    layout = layout or "dinov2"
+    if arch not in STUDENT_ARCHS:
+        raise UsageError(f"unknown student '{name}'; choose from {', '.join(student_names(list(STUDENT_ARCHS)))}")
+    if layout not in LAYOUTS:
+        raise UsageError(f"unknown student layout '{layout}'; choose from {', '.join(LAYOUTS)}")
+    spec = LAYOUTS[layout]
+    model = STUDENT_ARCHS[arch].build(spec, patch_size=patch_size, img_size=img_size, drop_path_rate=drop_path_rate)
+    return spec.init_student(model)
+
+
+def _family(state_dict: StateDict) -> Family:
+    found = family_of(state_dict)
+    if found is None:
+        raise UsageError(
+            f"no backbone family recognises these weights (keys: {few_names(sorted(map(str, state_dict)))})"
+        )
+    return found
+
+
+def layout_of(state_dict: StateDict) -> str:
+    """The family of a ViT state dict (official names or ours)."""
+    return _family(state_dict).name
+
+
+def vit_from_state_dict(state_dict: StateDict, img_size: int | None = None, **kwargs) -> nn.Module:
+    """An empty backbone whose family and shape match a state dict (ours, or DINOv3's in FAIR's names too).
+    img_size defaults to the position table's grid x patch size (DINOv3's RoPE has no table: any size)."""
+    return _family(state_dict).empty_backbone(state_dict, img_size=img_size, **kwargs)
+
+
+def from_reference(state_dict: StateDict) -> StateDict:
+    """A ViT state dict in its family's official names and shapes (or ours) -> ours."""
+    return _family(state_dict).from_official(state_dict)
+
+
+def check_exportable(model: nn.Module, layout: str) -> None:
+    """to_reference(model, layout) can write it: the model is in that layout."""
+    found = layout_of(model.state_dict())
+    if found != layout:
+        raise UsageError(f"this ViT is in the {found} layout and cannot be written in the {layout} layout")
+
+
+def to_reference(model: nn.Module, layout: str) -> StateDict:
+    """Our backbone -> the official key names and shapes of `layout`'s family, so its own model code loads it
+    strictly: DINOv2's DinoVisionTransformer, FAIR's DINOv3 one, the reference's CLIP VisionTransformer
+    (conv1.weight, class_embedding [D], positional_embedding [N+1, D], ln_pre, transformer.resblocks.i.*,
+    ln_post, mask_token [1, D]) or SynCLR's timm MaskedTransformer (mask_token [1, 1, D]). The training
+    resolution goes into the dict's `_metadata` (see `export_metadata`), not into its keys."""
+    check_exportable(model, layout)
+    return FAMILIES[layout].to_official(model)
+
+
+def to_dinov2(model: nn.Module) -> StateDict:
+    """Our ViT -> the official DINOv2 key layout (loads strictly into DinoVisionTransformer)."""
+    return to_reference(model, "dinov2")
+
+
+def backbone_state_dict(ckpt: object, path: str | os.PathLike) -> tuple[Family, StateDict]:
+    """Find the student backbone in any checkpoint format we accept, and its family.
+
+    - ours: `checkpoint.pth` {"student": ...} or the exported flat `backbone.pth` (any layout)
+    - the reference release's `checkpoint.pth` {"model": {"student.backbone.*", ...}, "args": Namespace},
+      with a DINOv2-, CLIP- or SynCLR-layout student
+    - an official DINOv2 or DINOv3 flat state dict
+    - DINOv2 training checkpoints {"teacher": {"backbone.*", heads}} (the weights DINOv2 evaluates), and
+      the common {"state_dict": ...} / {"model": ...} wrappers, with module./backbone. prefixes
+    """
+    if not isinstance(ckpt, dict):
+        raise UsageError(f"{path} holds a {type(ckpt).__name__}, not a state dict or checkpoint")
+    if isinstance(ckpt.get("student"), dict):
+        sd = ckpt["student"]
+    elif isinstance(ckpt.get("model"), dict) and any(k.startswith("student.backbone.") for k in ckpt["model"]):
+        sd = strip_prefix(ckpt["model"], ("student.backbone.",))
+    elif wrapper := next((k for k in ("teacher", "model", "state_dict") if isinstance(ckpt.get(k), dict)), None):
+        sd = strip_prefix(ckpt[wrapper], ("module.backbone.", "backbone.", "module."))
+    else:
+        sd = strip_prefix(ckpt, ("module.backbone.", "backbone.", "module."))
+    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    found = family_of(sd)
+    if found is None or not ({"cls_token", "patch_embed.proj.weight"} <= set(found.from_official(sd))):
+        raise UsageError(
+            f"{path} holds no ViT backbone (looked for cls_token and patch_embed.proj.weight, or CLIP's "
+            f"class_embedding and conv1.weight; top-level keys: {few_names(sorted(map(str, ckpt)))})"
+        )
+    return found, sd
+
+
+def load_backbone(path: str | os.PathLike, **kwargs) -> nn.Module:
+    """Rebuild a backbone from a file, its family and architecture read from the weights, loaded strictly.
+
+    A CLIP-layout file gives the reference's CLIP ViT (ln_post on the CLS only), whatever its key names;
+    a DINOv3 file (official, our export or our checkpoint) gives a DinoV3ViT, built on the meta device
+    and filled from the file, which strictly holds every weight: no random init to overwrite (minutes
+    and a second copy of the network for the 7B teacher). An exported backbone is built at the
+    resolution it records it was trained at.
+    """
+    ckpt = safe_load(path)
+    found, sd = backbone_state_dict(ckpt, path)
+    return found.load_backbone(sd, str(path), trained=export_metadata(ckpt), **kwargs)

@@ -1,0 +1,92 @@
+"""The backbone families: one module each, listed here. Everything outside a family's module asks this registry
+(see README.md in this folder for what a family module provides)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import nn
+
+from ..errors import UsageError
+from . import clip, dinov2, dinov3, synclr, timm
+from .base import Family, TeacherSpec
+
+FAMILIES: dict[str, Family] = {
+    f.name: f for f in (dinov2.FAMILY, dinov3.FAMILY, clip.FAMILY, synclr.FAMILY, timm.FAMILY)
+}
+# Every released teacher by name; the one table lookups read (tests put tiny specs into it)
+TEACHERS: dict[str, TeacherSpec] = {name: spec for f in FAMILIES.values() for name, spec in f.teachers.items()}
+# The student layouts: the families that have one
+LAYOUTS = {name: f.layout for name, f in FAMILIES.items() if f.layout is not None}
+DEFAULT_LAYOUT = "dinov2"  # the reference's student, for a teacher whose family has no student layout
+
+
+def teacher_spec(name: str) -> TeacherSpec:
+    """A teacher's spec: a released one, or one a family builds on demand from its name."""
+    spec = TEACHERS.get(name) or next((s for f in FAMILIES.values() if (s := f.resolve(name))), None)
+    if spec is None:
+        raise UsageError(f"unknown teacher '{name}'; choose from {', '.join(TEACHERS)}, or timm:<model name>")
+    return spec
+
+
+def family(name: str) -> Family:
+    return FAMILIES[name]
+
+
+def family_of(state_dict: Mapping[str, object]) -> Family | None:
+    """The family a backbone state dict (official names or ours) belongs to; None when none owns it."""
+    owners = [f for f in FAMILIES.values() if f.detects and f.owns(state_dict)]
+    if len(owners) > 1:  # the families' tests exclude each other; two owners is a bug in one of them
+        raise AssertionError(f"families {[f.name for f in owners]} all claim one state dict")
+    return owners[0] if owners else None
+
+
+def family_of_model(model: nn.Module) -> Family:
+    found = family_of(model.state_dict())
+    if found is None:
+        raise UsageError(f"a {type(model).__name__} belongs to no backbone family")
+    return found
+
+
+def student_layout(teacher: str) -> str:
+    """The default student layout for a teacher: its family's, as the reference chose per family."""
+    name = teacher_spec(teacher).family
+    return name if name in LAYOUTS else DEFAULT_LAYOUT
+
+
+def split_student(name: str, layout: str | None) -> tuple[str, str | None]:
+    """(architecture, layout) of a student name: a family's suffix (vit_small_dinov3) says its layout."""
+    for f in FAMILIES.values():
+        if f.student_suffix and name.endswith(f.student_suffix):
+            if layout not in (None, f.name):
+                raise UsageError(f"student '{name}' is in the {f.name} layout, not {layout}")
+            return name.removesuffix(f.student_suffix), f.name
+    return name, layout
+
+
+def student_names(archs: list[str]) -> list[str]:
+    """Every student name: the architectures, and each with each family's suffix."""
+    return [*archs, *(a + f.student_suffix for f in FAMILIES.values() if f.student_suffix for a in archs)]
+
+
+def suffix_help() -> str:
+    """What the student-name suffixes mean, for help texts."""
+    return "; ".join(f"a name's {f.student_suffix} suffix says {f.name}" for f in FAMILIES.values() if f.student_suffix)
+
+
+__all__ = [
+    "DEFAULT_LAYOUT",
+    "FAMILIES",
+    "LAYOUTS",
+    "TEACHERS",
+    "Family",
+    "TeacherSpec",
+    "family",
+    "family_of",
+    "family_of_model",
+    "split_student",
+    "student_layout",
+    "student_names",
+    "suffix_help",
+    "teacher_spec",
+]

@@ -1,0 +1,177 @@
+"""What a backbone family is: `Family`, the interface each module of models/families implements, and
+`TeacherSpec`, one released teacher of a family.
+
+A family holds everything about one kind of backbone: its released teachers, how to recognise its
+files, its key conversion both ways (official <-> ours), its normalisation, its student layout, its
+text tower (zero-shot) and what dense fine-tuning must freeze. Nothing outside its module names it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
+
+from ..architectures import Layout, ViTConfig, timm_vit_from_state_dict
+from ..checkpoints import EXPORT_METADATA, StateDict, load_strict, safe_load
+from ..errors import UsageError
+
+# What every family's state-dict test looks at: the keys that only some families have.
+ROPE_KEYS = ("storage_tokens", "rope_embed.periods", "rope.periods")  # DINOv3 (FAIR's names and ours)
+CLIP_KEYS = ("class_embedding", "norm_pre.weight", "ln_pre.weight")  # OpenAI CLIP's ViT (its names and ours)
+
+
+BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def our_shape(key: str, value: torch.Tensor) -> torch.Tensor:
+    """A timm-ViT token in our shape: cls_token [1, 1, D], pos_embed [1, N, D], mask_token [1, D] (the
+    official layouts store some of them flatter or, SynCLR's mask token, deeper)."""
+    if key == "cls_token":
+        return value.reshape(1, 1, -1)
+    if key == "pos_embed" and value.ndim == 2:
+        return value.unsqueeze(0)
+    if key == "mask_token":
+        return value.reshape(1, -1)
+    return value
+
+
+def has_any(state_dict: Mapping[str, object], keys: tuple[str, ...]) -> bool:
+    return any(k in state_dict for k in keys)
+
+
+def has_layerscale(state_dict: Mapping[str, object]) -> bool:
+    return any(k.endswith(".ls1.gamma") for k in state_dict)
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """A released teacher: its architecture (a ViTConfig in its family's layout), file and normalisation.
+
+    `vit_kwargs` are further options of its class: DINOv3's qkv_bias and local_cls_norm (FAIR's
+    arguments, PROTOCOLS G); CLIP's final norm over every token (the CLIP-layout student norms the CLS only).
+    """
+
+    family: str  # the name of its models.families module
+    layout: Layout  # the architecture it is built in
+    config: ViTConfig
+    patch_size: int
+    img_size: int
+    url: str
+    num_register_tokens: int = 0
+    mean: tuple = IMAGENET_DEFAULT_MEAN
+    std: tuple = IMAGENET_DEFAULT_STD
+    token_only: bool = False  # the reference distilled it with the CLS loss alone (CLIP), see dense_level
+    vit_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    def dense_level(self, input_size: int, student_grid: int) -> float:
+        """The default weight of its patch and feature losses for a student whose token grid is `student_grid`
+        when it sees `input_size` pixels: 1, except for a token-only teacher (CLIP) whose patch map matches the
+        student's grid, which the reference distils with the CLS loss alone. A CLIP map resampled to another
+        grid (S/14 <- CLIP B/16, the two-teacher recipes) keeps its dense levels, as every other teacher."""
+        return 0.0 if self.token_only and input_size // self.patch_size == student_grid else 1.0
+
+    def build(self) -> nn.Module:
+        """The network with random weights (its class's own init)."""
+        return self.config.build(
+            self.layout,
+            patch_size=self.patch_size,
+            img_size=self.img_size,
+            num_register_tokens=self.num_register_tokens,
+            **self.vit_kwargs,
+        )
+
+
+class Family:
+    """One backbone family. A module of models/families defines a subclass and one instance, FAMILY;
+    models/families/__init__.py lists it. The defaults serve a timm-based ViT family (DINOv2, CLIP,
+    SynCLR); override what differs."""
+
+    name: str = ""  # its module's name: what adaptors.pth, --student-layout and TeacherSpec.family say
+    title: str = ""  # how people write it
+    teachers: Mapping[str, TeacherSpec] = {}  # its released teachers by name
+    detects: bool = True  # its files are recognised by their keys (owns); else only by the name the user gives
+    layout: Layout | None = None  # its student layout (None: it has none)
+    student_suffix: str = ""  # a student name with this suffix is in this layout (vit_small_dinov3)
+    mean: tuple = IMAGENET_DEFAULT_MEAN  # the normalisation of its released weights
+    std: tuple = IMAGENET_DEFAULT_STD
+    teacher_optional: tuple[str, ...] = ("mask_token",)  # keys its teacher files may lack (a teacher never masks)
+    position_table: bool = True  # its ViT has a learned position table (not RoPE): dense tasks may resize it once
+    pretraining_only: tuple[str, ...] = ()  # submodules that reach no downstream output: dense tasks freeze them
+    zero_shot: object | None = None  # its text tower (a ZeroShot, models.families.zero_shot) if it has one
+
+    # --- recognising and converting files ---------------------------------------------------------
+    def owns(self, state_dict: Mapping[str, object]) -> bool:
+        """Whether a backbone state dict (official names or ours) is one of this family's. The families'
+        tests exclude each other: at most one family owns any state dict."""
+        raise NotImplementedError
+
+    def resolve(self, name: str) -> TeacherSpec | None:
+        """The spec of a teacher name this family builds on demand (timm:<model>), else None."""
+        return None
+
+    def from_official(self, state_dict: StateDict) -> StateDict:
+        """Official (or our) key names and shapes -> ours."""
+        return dict(state_dict)
+
+    def to_official(self, model: nn.Module) -> StateDict:
+        """Our model -> the official key names and shapes, loading strictly into the official model code."""
+        raise UsageError(f"the {self.name} family has no export layout")
+
+    def release_file(self, model: nn.Module) -> dict:
+        """What the family's release file of this network holds, as read_teacher reads it (tests write tiny
+        ones; a converted network can be handed to the family's own code)."""
+        return self.to_official(model)
+
+    def read_teacher(self, spec: TeacherSpec, path: str | os.PathLike) -> StateDict:
+        """A teacher's release file in our key names (what load_teacher loads strictly)."""
+        raw = safe_load(path)
+        if not isinstance(raw, dict):
+            raise UsageError(f"{path} holds a {type(raw).__name__}, not a state dict")
+        return self.from_official(raw)
+
+    # --- building networks -----------------------------------------------------------------------
+    def load_teacher(
+        self, spec: TeacherSpec, path: str | os.PathLike | None, *, name: str, dtype: torch.dtype
+    ) -> nn.Module:
+        """The teacher's network with its file's weights (strictly), in `dtype`; random without a file."""
+        model = spec.build()
+        if path is not None:
+            load_strict(
+                model, self.read_teacher(spec, path), f"{path} (teacher {name})", optional=self.teacher_optional
+            )
+        return model.to(dtype)
+
+    def empty_backbone(self, state_dict: StateDict, img_size: int | None = None, **kwargs) -> nn.Module:
+        """A randomly initialised network whose shape matches a state dict of this family in our names."""
+        return timm_vit_from_state_dict(self.layout, state_dict, img_size=img_size, **kwargs)
+
+    def load_backbone(self, state_dict: StateDict, source: str, *, trained: dict, **kwargs) -> nn.Module:
+        """A backbone from a state dict of this family (official names or ours), strictly; `trained` is what an
+        export records of its training resolution (models.checkpoints.export_metadata)."""
+        sd = self.from_official(state_dict)
+        patch_size = sd["patch_embed.proj.weight"].shape[-1]
+        if trained and trained["patch_size"] != patch_size:
+            raise UsageError(f"{source} records patch size {trained['patch_size']} but its weights have {patch_size}")
+        model = self.empty_backbone(sd, img_size=trained.get("img_size"), **kwargs)
+        load_strict(model, sd, source, optional=("mask_token",))
+        return model
+
+
+def with_export_metadata(model: nn.Module, state_dict: StateDict) -> StateDict:
+    """`state_dict` carrying the resolution the model was trained at in its `_metadata` (export_metadata)."""
+    out = OrderedDict(state_dict)
+    out._metadata = OrderedDict(
+        {EXPORT_METADATA: {"img_size": model.patch_embed.img_size[0], "patch_size": model.patch_embed.patch_size[0]}}
+    )
+    return out

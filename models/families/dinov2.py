@@ -1,0 +1,71 @@
+"""DINOv2 (facebookresearch/dinov2): ViT-S/B/L/g with patch 14, with and without 4 registers.
+
+Its official DinoVisionTransformer names a ViT as timm does, except a chunked checkpoint's
+`blocks.<chunk>.<i>.` and ViT-g's SwiGLU `mlp.w12`/`mlp.w3` (timm's packed fc1/fc2). The reference's
+default student layout: LayerScale 1.0, patch 14.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..architectures import VIT_CONFIGS, Layout
+from ..checkpoints import StateDict, swap
+from .base import (
+    BLOCK,
+    CLIP_KEYS,
+    ROPE_KEYS,
+    Family,
+    TeacherSpec,
+    has_any,
+    has_layerscale,
+    our_shape,
+    with_export_metadata,
+)
+
+URL = "https://dl.fbaipublicfiles.com/dinov2/{arch}/{arch}{reg}_pretrain.pth"
+SWIGLU = (("mlp.fc1.", "mlp.w12."), ("mlp.fc2.", "mlp.w3."))  # (ours, DINOv2's) for ViT-g's SwiGLU FFN
+CHUNK = re.compile(r"^blocks\.\d+\.(\d+)\.")  # block_chunks > 0: blocks.<chunk>.<i>.
+LAYOUT = Layout(dict(init_values=1.0))
+
+
+def _teacher(size: str, reg: bool) -> TeacherSpec:
+    arch = f"dinov2_vit{size[0]}14"
+    url = URL.format(arch=arch, reg="_reg4" if reg else "")
+    return TeacherSpec("dinov2", LAYOUT, VIT_CONFIGS[size], 14, 518, url, 4 if reg else 0)
+
+
+class DinoV2(Family):
+    name = "dinov2"
+    title = "DINOv2"
+    layout = LAYOUT
+    teacher_optional = ()  # its files hold the mask token
+    teachers = {
+        f"dinov2_vit{size[0]}14{'_reg' if reg else ''}": _teacher(size, reg)
+        for size in ("small", "base", "large", "giant")
+        for reg in (False, True)
+    }
+
+    def owns(self, state_dict) -> bool:
+        return has_layerscale(state_dict) and not has_any(state_dict, ROPE_KEYS + CLIP_KEYS)
+
+    def from_official(self, state_dict: StateDict) -> StateDict:
+        out = {}
+        for k, v in state_dict.items():
+            k = CHUNK.sub(r"blocks.\1.", k)
+            if m := BLOCK.match(k):
+                k = m.group(0) + swap(k[m.end() :], SWIGLU, reverse=True)
+            out[k] = our_shape(k, v)
+        return out
+
+    def to_official(self, model) -> StateDict:
+        swiglu = model.blocks[0].mlp.__class__.__name__ == "GluMlp"
+        out = {}
+        for k, v in model.state_dict().items():
+            if swiglu and (m := BLOCK.match(k)):
+                k = m.group(0) + swap(k[m.end() :], SWIGLU, reverse=False)
+            out[k] = v.detach().clone().cpu()
+        return with_export_metadata(model, out)
+
+
+FAMILY = DinoV2()

@@ -1,0 +1,124 @@
+"""Any timm image model as a teacher: `--teacher timm:<model_name> --teacher-checkpoint FILE`.
+
+The file is timm's own state dict of that model (a Hub `model.safetensors`, a `pytorch_model.bin`, or a
+timm training checkpoint's `state_dict`), loaded strictly; only the classifier, which a teacher does not
+use, may be in it or not. Mean, std and resolution come from the model's `pretrained_cfg`. The network is
+a models.timm_backbone.TimmBackbone: its summary token is what the model's head pools (a CLS, a MAP head's
+output, a ConvNeXt's pooled map), its patch tokens the last tokens or map. Its files are recognised by
+the name the user gives, never by their keys (a timm ViT's keys are SynCLR's).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import timm
+import torch
+from torch import nn
+
+from ..checkpoints import StateDict, few_names, load_strict, safe_load
+from ..errors import UsageError
+from ..timm_backbone import TimmBackbone
+from .base import Family
+
+PREFIX = "timm:"
+
+
+@dataclass(frozen=True)
+class TimmTeacherSpec:
+    """A timm model as a teacher: what TeacherSpec says of a released one, read from timm's model."""
+
+    family: str
+    model_name: str
+    embed_dim: int
+    patch_size: int
+    img_size: int
+    mean: tuple
+    std: tuple
+    model_kwargs: dict = field(default_factory=dict)  # further create_model arguments (tests: tiny models)
+    url: str = ""  # no download: timm teachers are read from a file
+    token_only: bool = False
+
+    def dense_level(self, input_size: int, student_grid: int) -> float:
+        return 1.0
+
+    def create(self, **kwargs) -> nn.Module:
+        """timm's model, randomly initialised (any further create_model arguments win)."""
+        kwargs = {**self.model_kwargs, **kwargs}
+        try:  # a ViT takes other input sizes (--teacher-input-size) only with dynamic_img_size
+            return timm.create_model(self.model_name, pretrained=False, dynamic_img_size=True, **kwargs)
+        except TypeError:  # a model without the option (CNNs take any size)
+            return timm.create_model(self.model_name, pretrained=False, **kwargs)
+
+    def build(self) -> TimmBackbone:
+        return TimmBackbone(self.create(num_classes=0))
+
+
+class Timm(Family):
+    name = "timm"
+    title = "timm"
+    detects = False
+
+    def __init__(self) -> None:
+        self._specs: dict[str, TimmTeacherSpec] = {}
+
+    def spec(self, model_name: str, **model_kwargs) -> TimmTeacherSpec:
+        """The spec of one timm model (built on the meta device once to read its width, patch and config)."""
+        if not timm.is_model(model_name):
+            raise UsageError(
+                f"unknown timm model '{model_name}' (timm {timm.__version__}: timm.list_models() lists them)"
+            )
+        probe = TimmTeacherSpec(self.name, model_name, 0, 0, 0, (), (), model_kwargs)
+        with torch.device("meta"):
+            backbone = probe.build()
+        cfg = backbone.model.pretrained_cfg
+        return TimmTeacherSpec(
+            self.name,
+            model_name,
+            embed_dim=backbone.embed_dim,
+            patch_size=backbone.patch_size,
+            img_size=int(cfg.get("input_size", (3, 224, 224))[-1]),
+            mean=tuple(cfg.get("mean", ())),
+            std=tuple(cfg.get("std", ())),
+            model_kwargs=model_kwargs,
+        )
+
+    def resolve(self, name: str) -> TimmTeacherSpec | None:
+        if not name.startswith(PREFIX):
+            return None
+        if name not in self._specs:
+            self._specs[name] = self.spec(name.removeprefix(PREFIX))
+        return self._specs[name]
+
+    def owns(self, state_dict) -> bool:
+        return False
+
+    def to_official(self, model: TimmBackbone) -> StateDict:
+        return {k: v.detach().clone().cpu() for k, v in model.model.state_dict().items()}
+
+    def read_teacher(self, spec: TimmTeacherSpec, path: str | os.PathLike) -> StateDict:
+        """timm's state dict of the model, without its classifier (which a teacher does not use)."""
+        raw = safe_load(path)
+        if not isinstance(raw, dict):
+            raise UsageError(f"{path} holds a {type(raw).__name__}, not a state dict")
+        raw = next((raw[k] for k in ("state_dict", "model") if isinstance(raw.get(k), dict)), raw)
+        sd = {k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+        if not sd:
+            raise UsageError(f"{path} holds no tensors (keys: {few_names(sorted(map(str, raw)))})")
+        with torch.device("meta"):
+            headless, full = spec.create(num_classes=0).state_dict(), spec.create().state_dict()
+        classifier = set(full) - set(headless)
+        return {k: v for k, v in sd.items() if k not in classifier}
+
+    def load_teacher(self, spec: TimmTeacherSpec, path, *, name: str, dtype: torch.dtype) -> nn.Module:
+        model = spec.build()
+        if path is not None:
+            load_strict(model.model, self.read_teacher(spec, path), f"{path} (teacher {name})")
+        return model.to(dtype)
+
+    def empty_backbone(self, state_dict: StateDict, img_size: int | None = None, **kwargs) -> nn.Module:
+        raise UsageError("a timm model's weights do not say which model they are: load it with timm.create_model")
+
+
+FAMILY = Timm()

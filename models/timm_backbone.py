@@ -1,0 +1,62 @@
+"""Any timm image model under the backbone contract (models.tokens): a ViT with or without a CLS token,
+registers or a MAP head, or a CNN whose last feature map is its patch grid.
+
+The summary token is what the model's own head pools before its classifier (`forward_head(pre_logits=True)`):
+the final-norm CLS for a CLS-pooled ViT, the attention-pooled MAP output for SigLIP, the mean of the tokens
+for an average-pooled ViT, the pooled and normed last map for a ConvNeXt. The patch tokens are
+`forward_features`' patch tokens (prefix tokens removed), or a CNN's last map flattened row-major.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+from .tokens import Tokens
+
+
+class TimmBackbone(nn.Module):
+    """A timm model (built without a classifier) with `embed_dim`, `patch_size` and `forward_tokens`. Its
+    weights are the timm model's, under `model.`; `model.state_dict()` is timm's own layout."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.embed_dim = model.num_features
+        summary = getattr(model, "head_hidden_size", None) or model.num_features
+        if summary != self.embed_dim:
+            raise UsageError(
+                f"{type(model).__name__}'s pooled feature is {summary} wide but its tokens {self.embed_dim}: "
+                "a teacher's summary and patch tokens must share one width"
+            )
+        self.num_prefix_tokens = getattr(model, "num_prefix_tokens", 0)  # a ViT's CLS and register tokens
+        patch_embed = getattr(model, "patch_embed", None)
+        if patch_embed is not None and hasattr(patch_embed, "patch_size"):
+            self.patch_size = int(patch_embed.patch_size[0])
+        else:  # a CNN: its last map's stride
+            self.patch_size = int(model.feature_info[-1]["reduction"])
+
+    def forward_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> Tokens:
+        if masks is not None:
+            raise UsageError(f"a timm {type(self.model).__name__} takes no mask tokens")
+        h, w = x.shape[-2:]
+        if h % self.patch_size or w % self.patch_size:
+            raise UsageError(f"input size {h}x{w} is not a multiple of the patch size {self.patch_size}")
+        x = x.to(next(self.model.parameters()).dtype)
+        features = self.model.forward_features(x)
+        if features.ndim == 4:  # [B, C, H, W]: a CNN's last map, or a ViT that returns its map (NCHW)
+            grid = tuple(features.shape[-2:])
+            patches = features.flatten(2).transpose(1, 2)
+        else:
+            grid = (h // self.patch_size, w // self.patch_size)
+            patches = features[:, self.num_prefix_tokens :]
+            if patches.shape[1] != grid[0] * grid[1]:
+                raise UsageError(
+                    f"{type(self.model).__name__} gave {patches.shape[1]} patch tokens for a {grid[0]}x{grid[1]} grid"
+                )
+        summary = self.model.forward_head(features, pre_logits=True)
+        return Tokens(summary, patches, grid)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_tokens(x).cls

@@ -1,0 +1,137 @@
+"""The family contract, for every family of the registry (models.families.FAMILIES): its teachers build, its
+release file loads strictly and converts back to the same file, another family's file is refused in one line,
+detection is exclusive, and a tiny distillation from it trains, exports and every evaluation loads the export."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import models
+from common.features import frozen_backbone
+from models.errors import UsageError
+from models.families import FAMILIES, LAYOUTS, family_of, student_layout
+from pretrain import main as pretrain_main
+from tests.helpers import make_image_folder, randomize_, tiny_spec
+
+TINY_VIT = dict(depth=1, embed_dim=64, num_heads=1)
+# timm teachers of each kind the contract must hold for, at a tiny size
+TIMM = {
+    "timm:vit_base_patch16_siglip_224": TINY_VIT,  # no CLS token, a MAP head (SigLIP's image tower)
+    "timm:vit_small_patch14_reg4_dinov2": TINY_VIT,  # CLS and 4 register tokens
+    "timm:convnext_atto": dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1)),  # a CNN: its last map is the grid
+}
+# the teachers each family is tested with: a released family's first (the others differ in size only)
+EXAMPLES = {name: [next(iter(f.teachers))] for name, f in FAMILIES.items() if f.teachers} | {"timm": list(TIMM)}
+CASES = [(family, name) for family, names in EXAMPLES.items() for name in names]
+
+
+def test_every_family_has_examples():
+    assert set(EXAMPLES) == set(FAMILIES)  # a new family adds its examples here
+
+
+def tiny_teacher(monkeypatch, name: str, seed: int = 0):
+    """Teacher `name` at a tiny size (patched into TEACHERS) and a random network of it."""
+    if name in TIMM:
+        spec = FAMILIES["timm"].spec(name.removeprefix("timm:"), **TIMM[name])
+    else:
+        spec = tiny_spec(name, dim=64, depth=2, heads=1, img_size=2 * models.TEACHERS[name].patch_size)
+    monkeypatch.setitem(models.TEACHERS, name, spec)
+    torch.manual_seed(seed)
+    return name, spec, randomize_(spec.build(), seed).eval()
+
+
+def test_every_released_teacher_is_its_familys():
+    for name, spec in models.TEACHERS.items():
+        assert FAMILIES[spec.family].teachers[name] is spec
+        assert models.teacher_spec(name) is spec
+    with pytest.raises(UsageError, match="unknown teacher 'dinov9'; choose from dinov2_vits14, "):
+        models.teacher_spec("dinov9")
+    with pytest.raises(UsageError, match="unknown timm model 'vit_nonesuch'"):
+        models.teacher_spec("timm:vit_nonesuch")
+
+
+@pytest.mark.parametrize("family, name", CASES)
+def test_a_release_file_loads_strictly_and_converts_back(family, name, monkeypatch, tmp_path):
+    name, spec, model = tiny_teacher(monkeypatch, name)
+    fam = FAMILIES[family]
+    path = tmp_path / "release.pth"
+    torch.save(fam.release_file(model), path)
+    teacher = models.create_teacher(name, path)
+    x = torch.randn(2, 3, 2 * spec.patch_size, 2 * spec.patch_size)
+    want, got = model.forward_tokens(x), teacher.backbone.forward_tokens(x)
+    torch.testing.assert_close(got.cls, want.cls, rtol=0, atol=0)
+    torch.testing.assert_close(got.patches, want.patches, rtol=0, atol=0)
+    assert got.grid == (2, 2)
+    official, again = fam.to_official(model), fam.to_official(teacher.backbone)
+    assert list(official) == list(again)
+    assert all(torch.equal(official[k], again[k]) for k in official)
+    assert teacher.family == family and (teacher.mean, teacher.std) == (tuple(spec.mean), tuple(spec.std))
+
+
+@pytest.mark.parametrize("family, name", CASES)
+def test_detection_is_exclusive(family, name, monkeypatch):
+    _, _, model = tiny_teacher(monkeypatch, name)
+    for sd in (model.state_dict(), FAMILIES[family].to_official(model)):
+        owners = [f.name for f in FAMILIES.values() if f.detects and f.owns(sd)]
+        if FAMILIES[family].detects:
+            assert owners == [family] and family_of(sd) is FAMILIES[family]
+        else:  # recognised by the name the user gives only
+            assert family not in owners and len(owners) <= 1
+
+
+@pytest.mark.parametrize("family, name", CASES)
+def test_another_familys_file_is_refused_in_one_line(family, name, monkeypatch, tmp_path):
+    other = next(f for f in EXAMPLES if f != family)
+    _, _, model = tiny_teacher(monkeypatch, EXAMPLES[other][0])
+    name, _, _ = tiny_teacher(monkeypatch, name)
+    path = tmp_path / "other.pth"
+    torch.save(FAMILIES[other].release_file(model), path)
+    with pytest.raises(UsageError) as e:
+        models.create_teacher(name, path)
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("family, name", CASES)
+def test_a_tiny_distillation_from_it_trains_exports_and_loads_downstream(family, name, monkeypatch, tmp_path):
+    name, spec, model = tiny_teacher(monkeypatch, name)
+    path = tmp_path / "teacher.pth"
+    torch.save(FAMILIES[family].release_file(model), path)
+    layout = student_layout(name)
+    student_patch = LAYOUTS[layout].patch_size
+    data = make_image_folder(tmp_path / "data", classes=1, per_class=2, size=(40, 40))
+    out = tmp_path / "run"
+    argv = ["--teacher", name, "--teacher-checkpoint", str(path), "--student", "vit_tiny", "--data-path", str(data),
+            "--output-dir", str(out), "--input-size", str(2 * student_patch), "--teacher-input-size",
+            str(2 * spec.patch_size), "--batch-size", "2", "--epochs", "1", "--epoch-length", "1", "--num-workers",
+            "0", "--pca-every", "0", "--device", "cpu"]  # fmt: skip
+    assert pretrain_main.main(argv) == 0
+    backbone = frozen_backbone(str(out / "backbone.pth"), torch.device("cpu"), 2 * student_patch)
+    assert models.layout_of(backbone.state_dict()) == layout
+    tokens = backbone.forward_tokens(torch.zeros(1, 3, 2 * student_patch, 2 * student_patch))
+    assert tokens.grid == (2, 2) and tokens.cls.shape == (1, 192)
+    adaptors = models.load_adaptors(out / "adaptors.pth")
+    assert adaptors.teachers[name]["family"] == family
+    assert dataclasses.asdict(adaptors.adaptors[name].target)["dim"] == spec.embed_dim
+
+
+def test_a_timm_file_may_hold_its_classifier_and_must_hold_the_rest(monkeypatch, tmp_path):
+    """timm's own file of the whole model (a Hub model.safetensors) loads; a missing weight is one line naming it."""
+    from safetensors.torch import save_file
+
+    name, spec, model = tiny_teacher(monkeypatch, "timm:convnext_atto")
+    whole = spec.create(num_classes=10)
+    whole.load_state_dict(model.model.state_dict(), strict=False)  # the same network with a 10-class head
+    save_file(whole.state_dict(), tmp_path / "model.safetensors")
+    teacher = models.create_teacher(name, tmp_path / "model.safetensors", dtype=torch.float32)
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(teacher.backbone.forward_tokens(x).cls, model.forward_tokens(x).cls, rtol=0, atol=0)
+    assert (teacher.mean, teacher.std) == (tuple(spec.mean), tuple(spec.std))  # the model's pretrained_cfg
+    partial = {k: v for k, v in whole.state_dict().items() if k != "stem.0.weight"}
+    torch.save({"state_dict": partial}, tmp_path / "partial.pth")
+    with pytest.raises(UsageError, match=r"missing keys: stem\.0\.weight"):
+        models.create_teacher(name, tmp_path / "partial.pth")
+    with pytest.raises(UsageError, match="teacher timm:convnext_atto is read from a file: give it with --teacher"):
+        models.create_teacher(name)
