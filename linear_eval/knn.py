@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +92,16 @@ def knn_accuracy(
     return {k: {"top1": c[0].item(), "top5": c[1].item()} for k, c in zip(ks, counts)}
 
 
-def prepare(args: argparse.Namespace, device: torch.device) -> dict:
+class Setup(NamedTuple):
+    """The kNN's memory bank and queries (final-norm CLS features), and the k values it scores."""
+
+    train: Features
+    val: Features
+    num_classes: int
+    ks: list[int]
+
+
+def prepare(args: argparse.Namespace, device: torch.device) -> Setup:
     check_positive(args, "batch_size", "input_size")
     if args.temperature <= 0:
         raise UsageError(f"--temperature must be positive, got {args.temperature}")
@@ -120,7 +130,7 @@ def prepare(args: argparse.Namespace, device: torch.device) -> dict:
 
     train_features, val_features = features("train", train), features("val", val)
     ks = usable_ks(args.nb_knn, len(train_features.targets))
-    return dict(train=train_features, val=val_features, num_classes=len(train.classes), ks=ks)
+    return Setup(train=train_features, val=val_features, num_classes=len(train.classes), ks=ks)
 
 
 def usable_ks(requested: list[int], bank: int) -> list[int]:
@@ -141,9 +151,9 @@ def knn(args: argparse.Namespace) -> None:
     device = start(args)
     with timer.phase("features"):
         state = prepare(args, device)
-    train, val, ks = state["train"], state["val"], state["ks"]
+    train, val, ks = state.train, state.val, state.ks
     with timer.phase("evaluation"):
-        scores = knn_accuracy(train, val, state["num_classes"], ks, args.temperature, device)
+        scores = knn_accuracy(train, val, state.num_classes, ks, args.temperature, device)
     if not dist_utils.is_main():
         return
     print_table(["k", "top1", "top5"], [[str(k), f"{s['top1']:.2f}", f"{s['top5']:.2f}"] for k, s in scores.items()])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +56,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def prepare(args: argparse.Namespace, device: torch.device, timer: Timer) -> dict:
+class Setup(NamedTuple):
+    """Everything the probe trains and is evaluated with, loaded and checked before the first step."""
+
+    args: argparse.Namespace
+    device: torch.device
+    backbone: ViT
+    classifiers: AllClassifiers
+    optimizer: torch.optim.Optimizer
+    schedule: list[float]
+    loader: DataLoader
+    sampler: DistributedSampler
+    start_epoch: int
+    eval_features: dict[str, Features]  # "val", and "holdout" with --val-from-train
+    train_images: Dataset  # the folder whose unreadable images training skips
+
+
+def prepare(args: argparse.Namespace, device: torch.device, timer: Timer) -> Setup:
     """Load and check everything, and extract the eval features, before the first training step."""
     check_positive(args, "epochs", "batch_size", "input_size", "print_freq")
     backbone = frozen_backbone(args.backbone, device, args.input_size)
@@ -96,7 +113,7 @@ def prepare(args: argparse.Namespace, device: torch.device, timer: Timer) -> dic
     eval_sets = {"val": val} if holdout is None else {"holdout": holdout, "val": val}
     with timer.phase("features"):
         eval_features = {name: eval_set_features(args, backbone, ds, name, device) for name, ds in eval_sets.items()}
-    return dict(
+    return Setup(
         args=args,
         device=device,
         backbone=backbone,
@@ -182,18 +199,11 @@ def save_checkpoint(args: argparse.Namespace, classifiers: AllClassifiers, optim
     )
 
 
-def train(
-    args: argparse.Namespace,
-    device: torch.device,
-    backbone: ViT,
-    classifiers: AllClassifiers,
-    optimizer: torch.optim.Optimizer,
-    schedule: list[float],
-    loader: DataLoader,
-    sampler: DistributedSampler,
-    start_epoch: int,
-) -> None:
+def train(setup: Setup) -> None:
     """Epochs start_epoch..epochs-1: frozen features -> 52 summed losses -> one SGD step; checkpoint each epoch."""
+    args, device, backbone, classifiers = setup.args, setup.device, setup.backbone, setup.classifiers
+    optimizer, schedule, loader, sampler = setup.optimizer, setup.schedule, setup.loader, setup.sampler
+    start_epoch = setup.start_epoch
     model = classifiers
     if dist_utils.world_size() > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -316,12 +326,12 @@ def linear_eval(args: argparse.Namespace) -> None:
     device = start(args)
     if args.cache_dir:
         prepare_output_dir(args.cache_dir)  # unwritable: fail now, not after the extraction
-    state = prepare(args, device, timer)
-    eval_features, train_images = state.pop("eval_features"), state.pop("train_images")
+    setup = prepare(args, device, timer)
+    eval_features = setup.eval_features
     with timer.phase("training"):
-        train(**state)
-    train_skipped = skipped_paths(train_images)  # on every rank: a collective
-    classifiers = state["classifiers"]
+        train(setup)
+    train_skipped = skipped_paths(setup.train_images)  # on every rank: a collective
+    classifiers = setup.classifiers
     with timer.phase("evaluation"):
         scores = {name: evaluate(classifiers, data, device, args.batch_size) for name, data in eval_features.items()}
     if dist_utils.is_main():

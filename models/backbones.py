@@ -12,7 +12,7 @@ from torch import nn
 from .architectures import STUDENT_ARCHS
 from .checkpoints import StateDict, export_metadata, few_names, safe_load, strip_prefix
 from .errors import UsageError
-from .families import FAMILIES, LAYOUTS, Family, family_of, split_student, student_names
+from .families import DEFAULT_LAYOUT, FAMILIES, LAYOUTS, Family, family_of, split_student, student_names
 
 
 def create_student(
@@ -31,7 +31,7 @@ def create_student(
     the suffix `_dinov3` (`vit_small_dinov3`) selects it.
     """
     arch, layout = split_student(name, layout)
-    layout = layout or "dinov2"
+    layout = layout or DEFAULT_LAYOUT
     if arch not in STUDENT_ARCHS:
         raise UsageError(f"unknown student '{name}'; choose from {', '.join(student_names(list(STUDENT_ARCHS)))}")
     if layout not in LAYOUTS:

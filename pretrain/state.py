@@ -18,6 +18,7 @@ from common import distributed as dist_utils
 from common.io import atomic_save_all, finish_saves
 from models import safe_load
 from models.errors import UsageError
+from models.families import DEFAULT_LAYOUT
 
 from .data import PositionSampler
 from .distiller import Distiller, TeacherInput, Views
@@ -233,7 +234,7 @@ class Run:
                 f"{path} is not a pretraining checkpoint.pth (it holds {keys}); --resume takes the checkpoint.pth "
                 "of a pretraining run, not an exported backbone or another task's checkpoint"
             )
-        trained = {"student_layout": "dinov2", **ckpt["args"]}  # checkpoints from before --student-layout
+        trained = {"student_layout": DEFAULT_LAYOUT, **ckpt["args"]}  # checkpoints from before --student-layout
         for key in ("student", "teacher", "student_layout"):
             if trained[key] != getattr(args, key):
                 flag = "--" + key.replace("_", "-")

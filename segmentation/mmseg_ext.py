@@ -45,7 +45,6 @@ from torch import nn
 from common.io import atomic_replace
 from models.backbones import create_student, load_backbone
 from models.checkpoints import few_names, pickled_globals, safe_load
-from models.dinov3 import DinoV3ViT
 from models.errors import UsageError
 from models.families import family_of_model
 
@@ -116,7 +115,8 @@ class ProteusViT(BaseModule):
         # the final norm reaches the outputs only with final_norm, and with a CLIP-layout student (norm on
         # the CLS only) only through the class tokens
         self.vit.norm.requires_grad_(final_norm and (with_cls_token or self.vit.norm_patch_tokens))
-        for name in family_of_model(self.vit).pretraining_only:  # e.g. DINOv3's local_cls_norm
+        self.family = family_of_model(self.vit)
+        for name in self.family.pretraining_only:  # e.g. DINOv3's local_cls_norm
             if getattr(self.vit, name, None) is not None:
                 getattr(self.vit, name).requires_grad_(False)
         for block in self.vit.blocks[max(out_indices) + 1 :]:
@@ -143,8 +143,8 @@ class ProteusViT(BaseModule):
         super().train(mode)
         if self.frozen:
             self.vit.eval()  # a probe never updates the backbone (no drop path either)
-        if isinstance(self.vit, DinoV3ViT):
-            self.vit.rope.eval()  # its coordinate rescaling acts in training mode only: never here
+        for name in self.family.eval_only:  # e.g. DINOv3's RoPE coordinate rescaling: never here
+            getattr(self.vit, name).eval()
         return self
 
     def forward(self, x: torch.Tensor) -> list:

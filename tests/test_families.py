@@ -135,3 +135,25 @@ def test_a_timm_file_may_hold_its_classifier_and_must_hold_the_rest(monkeypatch,
         models.create_teacher(name, tmp_path / "partial.pth")
     with pytest.raises(UsageError, match="teacher timm:convnext_atto is read from a file: give it with --teacher"):
         models.create_teacher(name)
+
+
+def test_a_timm_teacher_joins_a_multi_teacher_recipe(monkeypatch, tmp_path, capsys):
+    """PHI-S statistics, one adaptor each, the ConvNeXt's 2x2 map resampled to the student's 4x4 grid."""
+    files = []
+    for name in ("dinov2_vits14", "timm:convnext_atto"):
+        name, _, model = tiny_teacher(monkeypatch, name)
+        files.append(tmp_path / f"{len(files)}.pth")
+        torch.save(FAMILIES[models.teacher_spec(name).family].release_file(model), files[-1])
+    data = make_image_folder(tmp_path / "data", classes=1, per_class=2, size=(64, 64))
+    out = tmp_path / "run"
+    argv = ["--teacher", "dinov2_vits14,timm:convnext_atto", "--teacher-checkpoint", ",".join(map(str, files)),
+            "--teacher-input-size", "56,64", "--student", "vit_tiny", "--input-size", "56", "--data-path", str(data),
+            "--output-dir", str(out), "--batch-size", "2", "--epochs", "1", "--epoch-length", "1", "--num-workers",
+            "0", "--pca-every", "0", "--device", "cpu", "--teacher-stats-batches", "1"]  # fmt: skip
+    assert pretrain_main.main(argv) == 0
+    assert "timm:convnext_atto at 64 px) are resampled to the student's 4x4 grid" in capsys.readouterr().out
+    adaptors = models.load_adaptors(out / "adaptors.pth")
+    assert set(adaptors.adaptors) == {"dinov2_vits14", "timm:convnext_atto"}
+    convnext = adaptors.adaptors["timm:convnext_atto"]
+    assert convnext.target.standardization == "phi-s" and convnext.cls_std.fitted and convnext.patch_std.fitted
+    assert adaptors.teachers["timm:convnext_atto"]["family"] == "timm"

@@ -13,6 +13,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -92,6 +93,36 @@ class TeacherSpec:
         )
 
 
+class ZeroShot(Protocol):
+    """A family's text tower, as zero-shot classification (linear_eval.zeroshot) uses it. A student predicts the
+    teacher's summary token through its adaptor; `embed` maps that to the image embedding the text tower scores."""
+
+    protocol: str  # what results.json says was run
+    mean: tuple  # the image tower's own normalisation (the teacher's own figure)
+    std: tuple
+
+    def load(self, path: str | os.PathLike) -> nn.Module:
+        """The whole image-text model from its official file, fp32, eval mode, no gradients."""
+
+    def width(self, model: nn.Module) -> int:
+        """The width of the summary token a student's adaptor predicts."""
+
+    def image_size(self, model: nn.Module) -> int:
+        """The image tower's own input size."""
+
+    def embed(self, model: nn.Module, summary: torch.Tensor) -> torch.Tensor:
+        """A (predicted) summary token -> the normalised image embedding."""
+
+    def encode_image(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """The image tower's own normalised embedding."""
+
+    def classifier(self, model: nn.Module, names: list[str], device: torch.device) -> torch.Tensor:
+        """[embed dim, classes]: the class names' text embeddings, prompts as the family's evaluation makes them."""
+
+    def logits(self, model: nn.Module, embeddings: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+        """[images, classes] scores as the family's evaluation ranks them."""
+
+
 class Family:
     """One backbone family. A module of models/families defines a subclass and one instance, FAMILY;
     models/families/__init__.py lists it. The defaults serve a timm-based ViT family (DINOv2, CLIP,
@@ -107,8 +138,9 @@ class Family:
     std: tuple = IMAGENET_DEFAULT_STD
     teacher_optional: tuple[str, ...] = ("mask_token",)  # keys its teacher files may lack (a teacher never masks)
     position_table: bool = True  # its ViT has a learned position table (not RoPE): dense tasks may resize it once
+    eval_only: tuple[str, ...] = ()  # submodules whose training-mode behaviour is pretraining's: off downstream
     pretraining_only: tuple[str, ...] = ()  # submodules that reach no downstream output: dense tasks freeze them
-    zero_shot: object | None = None  # its text tower (a ZeroShot, models.families.zero_shot) if it has one
+    zero_shot: ZeroShot | None = None  # its text tower, if it has one
 
     # --- recognising and converting files ---------------------------------------------------------
     def owns(self, state_dict: Mapping[str, object]) -> bool:

@@ -101,6 +101,7 @@ class DinoV3(Family):
     layout = LAYOUT
     student_suffix = STUDENT_SUFFIX
     position_table = False  # RoPE
+    eval_only = ("rope",)  # its coordinate rescaling: FAIR evaluates without it
     pretraining_only = ("local_cls_norm",)  # the 7B's and the satellite ViT-L's: local crops' CLS in training
     teachers = {
         "dinov3_vits16": _teacher("vits16", "08c60483", "small"),
