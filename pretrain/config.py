@@ -87,7 +87,7 @@ class StudentConfig:
 
     def __post_init__(self) -> None:
         if not self.name or not self.layout:
-            raise UsageError(f"a student needs a name and a layout, got {self.name!r} in {self.layout!r}")
+            raise UsageError(f"a student needs a name and a layout (got {self.name!r}, {self.layout!r})")
 
 
 @dataclass(frozen=True, kw_only=True)
