@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import resource
 import statistics
 import sys
@@ -132,33 +133,62 @@ def single_process_group(device: torch.device) -> bool:
     return True
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StepConfig:
+    """What one Setup is made of: the step benchmarks' flags for one student."""
+
+    teacher: str
+    student: str
+    student_layout: str | None  # None: the teacher's family
+    input_size: int
+    batch_size: int
+    precision: str
+    seed: int
+
+
+def step_configs(args: argparse.Namespace) -> list[StepConfig]:
+    """A StepConfig per --student, in order."""
+    return [
+        StepConfig(
+            teacher=args.teacher,
+            student=name,
+            student_layout=args.student_layout,
+            input_size=args.input_size,
+            batch_size=args.batch_size,
+            precision=args.precision,
+            seed=args.seed,
+        )
+        for name in args.student.split(",")
+    ]
+
+
 class Setup:
     """Teacher, Distiller, optimizer and scaler as main.build makes them, plus one fixed synthetic batch."""
 
-    def __init__(self, args: argparse.Namespace, device: torch.device, teacher: Teacher | None = None) -> None:
+    def __init__(self, config: StepConfig, device: torch.device, teacher: Teacher | None = None) -> None:
         """teacher: another Setup's, shared (the teacher-sharing benchmark); else a random one is made."""
-        torch.manual_seed(args.seed)
-        self.device, self.precision = device, args.precision
+        torch.manual_seed(config.seed)
+        self.device, self.precision = device, config.precision
         with torch.device(device):  # a random teacher is initialised where it runs (the 7B: on the GPU, in seconds)
-            self.teacher = teacher if teacher is not None else create_teacher(args.teacher, pretrained=False)
-        layout = args.student_layout or student_layout(args.teacher)
-        student = create_student(args.student, img_size=args.input_size, layout=layout)
-        self.teachers = [TeacherInput(self.teacher, args.input_size)]
-        grid = args.input_size // student.patch_size
-        self.views = Views(args.input_size, (grid, grid))
-        level = teacher_spec(args.teacher).dense_level(args.input_size, grid)  # 0: the CLS loss alone (CLIP)
-        target = TeacherTarget(args.teacher, self.teacher.embed_dim, lambda_patch=level, lambda_fea=level)
+            self.teacher = teacher if teacher is not None else create_teacher(config.teacher, pretrained=False)
+        layout = config.student_layout or student_layout(config.teacher)
+        student = create_student(config.student, img_size=config.input_size, layout=layout)
+        self.teachers = [TeacherInput(self.teacher, config.input_size)]
+        grid = config.input_size // student.patch_size
+        self.views = Views(config.input_size, (grid, grid))
+        level = teacher_spec(config.teacher).dense_level(config.input_size, grid)  # 0: the CLS loss alone (CLIP)
+        target = TeacherTarget(config.teacher, self.teacher.embed_dim, lambda_patch=level, lambda_fea=level)
         self.distiller = Distiller(student, [target]).to(device).train()
         self.optimizer = torch.optim.AdamW(
             param_groups(self.distiller, 0.05), lr=1e-4, eps=1e-8, fused=device.type == "cuda"
         )
-        self.scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-        b = args.batch_size
-        self.images = torch.randn(b, 3, args.input_size, args.input_size, device=device)
-        full = make_masks(b, grid**2, 0.5, (0.5, 0.5), torch.Generator().manual_seed(args.seed)).to(device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+        b = config.batch_size
+        self.images = torch.randn(b, 3, config.input_size, config.input_size, device=device)
+        full = make_masks(b, grid**2, 0.5, (0.5, 0.5), torch.Generator().manual_seed(config.seed)).to(device)
         self.masks_full = full if level else None  # the reference's (B, N) masks
         self.masks = full[: int(0.5 * b)] if level else None  # ours: the masked samples only
-        self.amp = AMP[args.precision]
+        self.amp = AMP[config.precision]
 
     def step(self) -> torch.Tensor:
         loss = forward_losses(self.distiller, self.teachers, self.images, self.masks, self.amp, self.views)["total"]
@@ -258,7 +288,8 @@ def run_steps(step: Callable[[], torch.Tensor], device: torch.device, warmup: in
 def step_benchmark(args: argparse.Namespace) -> float:
     """Prints the report; returns the speedup (reference / ours median step time), or 0 without --reference."""
     device = torch.device(args.device)
-    setup = Setup(args, device)
+    (config,) = step_configs(args)
+    setup = Setup(config, device)
     reference = Reference(setup) if args.reference else None  # copies the weights before ours trains
     print(
         f"teacher {args.teacher} (RANDOM weights, {str(setup.teacher.dtype).removeprefix('torch.')}) -> student "
@@ -311,10 +342,11 @@ def sharing_benchmark(args: argparse.Namespace) -> float:
     and each student's separate step (teacher + that student), in one process on one batch. Prints and
     returns the teacher-sharing speedup: the sum of the separate step times / the joint step time."""
     device = torch.device(args.device)
-    names = args.student.split(",")
-    setups = [Setup(argparse.Namespace(**{**vars(args), "student": names[0]}), device)]
-    for name in names[1:]:
-        setups.append(Setup(argparse.Namespace(**{**vars(args), "student": name}), device, setups[0].teacher))
+    configs = step_configs(args)
+    names = [c.student for c in configs]
+    setups = [Setup(configs[0], device)]
+    for config in configs[1:]:
+        setups.append(Setup(config, device, setups[0].teacher))
     first = setups[0]
     for s in setups[1:]:
         s.images = first.images  # one batch for all

@@ -30,7 +30,7 @@ class Preempted(Exception):
     """Raised after the checkpoint a SIGUSR1/SIGTERM asked for is written; the process should exit for requeue."""
 
 
-def cycle_batches(loader, sampler, epoch: int, num_epochs: int, n: int, start: int = 0) -> Iterator:
+def cycle_batches(loader, sampler, epoch: int, *, num_epochs: int, n: int, start: int = 0) -> Iterator:
     """Batches `start`..`n - 1` of this epoch; re-shuffles and goes round again if the loader is shorter.
 
     `sampler` is a data.PositionSampler: the `start` batches a resumed run already trained on are
@@ -98,12 +98,12 @@ def estimate_statistics(run: Run) -> None:
     pending = {t.name for t in run.teachers if not run.students[0].distiller.adaptors[t.name].cls_std.fitted}
     if not pending:
         return
-    args = run.args
-    n = args.teacher_stats_batches
+    config = run.config
+    n = config.teacher_stats_batches
     run.out.print(f"estimating the target statistics of {', '.join(sorted(pending))} on {n} batches per process")
     moments: dict[str, list[torch.Tensor]] = {}
-    for images, _ in cycle_batches(run.loader, run.sampler, 0, args.epochs, n):
-        targets = teacher_targets(run.teachers, images.to(run.device, non_blocking=True), AMP[args.precision])
+    for images, _ in cycle_batches(run.loader, run.sampler, 0, num_epochs=config.epochs, n=n):
+        targets = teacher_targets(run.teachers, images.to(run.device, non_blocking=True), AMP[config.precision])
         for name in pending:
             for kind in ("cls", "patches"):
                 x = getattr(targets[name], kind).flatten(0, -2).double()
@@ -114,7 +114,7 @@ def estimate_statistics(run: Run) -> None:
         if not all(m.isfinite().all() for kind in ("cls", "patches") for m in summed[name + kind]):
             raise NonFiniteLoss(
                 f"the targets of teacher {name} are not finite on the statistics batches (its features overflow "
-                f"at --precision {args.precision}, or its file is damaged)"
+                f"at --precision {config.precision}, or its file is damaged)"
             )
     for s in run.students:
         for name in pending:
@@ -144,33 +144,33 @@ def update(model, optimizer, scaler, clip_grad: float | None = None) -> None:
     scaler.update()
 
 
-def student_step(run: Run, s: Student, images: torch.Tensor, targets: dict, it: int) -> tuple[torch.Tensor, ...]:
+def student_step(run: Run, s: Student, images: torch.Tensor, *, targets: dict, it: int) -> tuple[torch.Tensor, ...]:
     """Student `s`'s share of global iteration `it`: its masks, forward on the shared targets, backward,
     update and EMA; its graph is freed before the next student runs. Returns (its losses in
     `run.loss_names` order, detached, its masks). Masks and drop path are seeded by (seed, rank, iteration)
     for each student, so every student draws what it would draw alone."""
-    args = run.args
-    torch.manual_seed(derive_seed(args.seed, dist_utils.rank(), it))
+    config = run.config
+    torch.manual_seed(derive_seed(config.seed, dist_utils.rank(), it))
     for group in s.optimizer.param_groups:
         group["lr"] = run.schedule[it]
     masks = None
     if s.distiller.masked:
         batch_size, num_patches = images.shape[0], s.views.grid[0] * s.views.grid[1]
-        masks = make_masks(batch_size, num_patches, args.mask_probability, args.mask_ratio)
-        masks = masks[: int(args.mask_probability * batch_size)].to(run.device, non_blocking=True)
-    losses = student_losses(s.model, run.teachers, images, masks, targets, AMP[args.precision], s.views)
-    backward_and_step(s.model, losses["total"], s.optimizer, s.scaler, args.clip_grad)
+        masks = make_masks(batch_size, num_patches, config.mask_probability, config.mask_ratio)
+        masks = masks[: int(config.mask_probability * batch_size)].to(run.device, non_blocking=True)
+    losses = student_losses(s.model, run.teachers, images, masks, targets, AMP[config.precision], s.views)
+    backward_and_step(s.model, losses["total"], s.optimizer, s.scaler, config.clip_grad)
     s.ema.update(
         s.distiller.student
     )  # constant decay: with a step, ModelEmaV3 copies the student at iterations 0 and 1
     return torch.stack([losses[name].detach() for name in run.loss_names]).float(), masks
 
 
-def check_after_update(run: Run, images, targets, masks: list, where: str) -> None:
+def check_after_update(run: Run, images, targets, *, masks: list, where: str) -> None:
     """Before a checkpoint is written: every student's loss of this batch under its UPDATED weights must be
     finite (all ranks agree). A diverging step (e.g. too high an lr) can leave finite but huge weights whose
     own loss was still finite; they must never replace the last good checkpoint."""
-    amp_dtype = AMP[run.args.precision]
+    amp_dtype = AMP[run.config.precision]
     with torch.no_grad():
         values = [
             student_losses(s.model, run.teachers, images, m, targets, amp_dtype, s.views)["total"]
@@ -192,21 +192,21 @@ def train_one_epoch(run: Run) -> list[dict[str, float]]:
     position), so a resumed run repeats the uninterrupted one. On a stop or save request every rank
     checkpoints the run where it stands; a stop then raises Preempted.
     """
-    args, control, pos = run.args, run.control, run.position
+    config, control, pos = run.config, run.control, run.position
     epoch, start, iters = pos.epoch, pos.iteration, run.iters_per_epoch
     for s in run.students:
         s.model.train()  # the teacher stays in eval mode (models.Teacher)
-    amp_dtype = AMP[args.precision]
+    amp_dtype = AMP[config.precision]
     start_time = last = time.time()
     batch_size = None
-    batches = cycle_batches(run.loader, run.sampler, epoch, args.epochs, iters, start)
+    batches = cycle_batches(run.loader, run.sampler, epoch, num_epochs=config.epochs, n=iters, start=start)
     for i, (images, _) in enumerate(batches, start):
         it = epoch * iters + i
         lr = run.schedule[it]
         images = images.to(run.device, non_blocking=True)
         batch_size = images.shape[0]
         targets = teacher_targets(run.teachers, images, amp_dtype)
-        values, masks = zip(*(student_step(run, s, images, targets, it) for s in run.students))
+        values, masks = zip(*(student_step(run, s, images, targets=targets, it=it) for s in run.students))
 
         # the means over ranks of every student's losses, with this rank's [stop, save] flags riding along
         values = torch.cat([*values, control.flags().to(run.device)])
@@ -226,7 +226,7 @@ def train_one_epoch(run: Run) -> list[dict[str, float]]:
             s.out.iteration(epoch, it, mean, lr)
 
         if stop or save or done == iters:  # a checkpoint follows: only of weights that still work
-            check_after_update(run, images, targets, masks, f"epoch {epoch} iteration {i}")
+            check_after_update(run, images, targets, masks=masks, where=f"epoch {epoch} iteration {i}")
         if stop or save:
             control.signalled |= stop  # every rank agrees now; at the epoch's end main.py stops after its checkpoint
             if done < iters:
@@ -234,7 +234,7 @@ def train_one_epoch(run: Run) -> list[dict[str, float]]:
                 if stop:
                     raise Preempted(f"stopped after iteration {done}/{iters} of epoch {epoch}")
 
-        if done % args.print_freq == 0 or done == iters:
+        if done % config.print_freq == 0 or done == iters:
             now = time.time()
             eta = (now - start_time) / (done - start) * (iters - done)
             ips = batch_size * dist_utils.world_size() * (done - start) / (now - start_time)

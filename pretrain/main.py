@@ -6,8 +6,9 @@ torchrun --nproc_per_node=4 -m pretrain.main --data-path /imagenet ...
 python -m pretrain.main ... --student vit_tiny,vit_small,vit_base   # one teacher pass, three students
 python -m pretrain.main ... --teacher dinov2_vitl14,clip_vitl14      # one student, two teachers (adaptors.pth)
 
-main -> common.cli.run(distil): resolve_args (every check) -> build (a state.Run, resumed when a checkpoint
-exists) -> train (the epochs, engine.train_one_epoch each, a checkpoint after each) -> export_backbones.
+main -> common.cli.run(distil): resolve (every check; the command line becomes a frozen config.Config, the only
+thing read after it) -> build (a state.Run, resumed when a checkpoint exists) -> train (the epochs,
+engine.train_one_epoch each, a checkpoint after each) -> export_backbones.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import math
 import random
 import sys
+from dataclasses import fields, replace
 
 import numpy as np
 import torch
@@ -45,6 +47,7 @@ from models.checkpoints import few_names
 from models.errors import UsageError
 from models.families import split_student, student_layout, suffix_help, teacher_spec
 
+from .config import Config, StudentConfig, TeacherConfig, check_ranges
 from .data import PositionSampler, SeededDataset, build_dataset, worker_init
 from .distiller import Distiller, TeacherInput, Views, compile_student, param_groups
 from .engine import NonFiniteLoss, Preempted, estimate_statistics, train_one_epoch
@@ -63,7 +66,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     a(
         "--teacher",
         default="dinov2_vitl14",
-        help=f"one of: {', '.join(TEACHERS)}; a comma list distils from several teachers at once (each its own "
+        help=f"one of: {', '.join(TEACHERS)}, or timm:<model name> (any timm model, from its timm weight file "
+        "given with --teacher-checkpoint); a comma list distils from several teachers at once (each its own "
         "heads, input normalisation and size, standardised targets; adaptors.pth holds the heads)",
     )
     a(
@@ -175,51 +179,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-# Every numeric flag's valid range: (flag, predicate, what it must be); None (an unset optional flag) passes.
-FLAG_RANGES = (
-    ("batch_size", lambda v: v >= 1, "a positive integer"),
-    ("epochs", lambda v: v >= 1, "a positive integer"),
-    ("epoch_length", lambda v: v >= 1, "a positive number of iterations"),
-    ("input_size", lambda v: v >= 1, "a positive number of pixels"),
-    ("teacher_stats_batches", lambda v: v >= 1, "a positive number of batches"),
-    ("warmup_epochs", lambda v: v >= 0, ">= 0"),
-    ("lr", lambda v: v >= 0, ">= 0 (0: the weights stay as initialised)"),
-    ("warmup_lr", lambda v: v >= 0, ">= 0"),
-    ("min_lr", lambda v: v >= 0, ">= 0"),
-    ("weight_decay", lambda v: v >= 0, ">= 0"),
-    ("drop_path", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("mask_probability", lambda v: 0 <= v <= 1, "a fraction of the batch in [0, 1]"),
-    ("lambda_token", lambda v: v >= 0, ">= 0"),
-    ("lambda_patch", lambda v: v >= 0, ">= 0"),
-    ("lambda_fea", lambda v: v >= 0, ">= 0"),
-    ("ema_decay", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("clip_grad", lambda v: v > 0, "> 0 (omit the flag for no clipping)"),
-    ("save_every_minutes", lambda v: v > 0, "> 0 minutes (omit the flag to save once per epoch)"),
-    ("num_workers", lambda v: v >= 0, ">= 0"),
-    ("print_freq", lambda v: v >= 1, "a positive number of iterations"),
-    ("pca_every", lambda v: v >= 0, ">= 0 epochs (0: off)"),
-    ("subset_images_per_class", lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
-    ("subset_classes", lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
-)
-
-
-def check_ranges(args: argparse.Namespace) -> None:
-    for name, valid, rule in FLAG_RANGES:
-        value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and valid(value)):
-            raise UsageError(f"--{name.replace('_', '-')} {value}: must be {rule}")
-    if args.warmup_epochs > args.epochs:
-        log.warning("--warmup-epochs %g is longer than the run (--epochs %d): the lr never reaches its peak",
-                    args.warmup_epochs, args.epochs)  # fmt: skip
-
-
-def students_of(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """(name, layout) of each --student: the dinov3 layout for a name with its suffix, else --student-layout."""
-    names = args.student.split(",")
-    return [(n, split_student(n, None)[1] or args.student_layout) for n in names]
-
-
-def per_teacher(value: str | None, teachers: list[str], flag: str, kind: type, default) -> list:
+def per_teacher(value: str | None, teachers: list[str], flag: str, *, kind: type, default) -> list:
     """A per-teacher flag: one value for all teachers or a comma list in --teacher order."""
     if value is None:
         return [default] * len(teachers)
@@ -234,12 +194,13 @@ def per_teacher(value: str | None, teachers: list[str], flag: str, kind: type, d
         raise UsageError(f"{flag} {value}: expected {kind.__name__} values, one per teacher") from None
 
 
-def targets_of(args: argparse.Namespace, grid: int) -> list[TeacherTarget]:
-    """What a student whose token grid is `grid` learns from each teacher (a resolved args): its width, weight,
-    loss levels (`TeacherSpec.dense_level`'s defaults unless --lambda-patch/--lambda-fea say otherwise) and
+def targets_of(config: Config, grid: int) -> list[TeacherTarget]:
+    """What a student whose token grid is `grid` learns from each teacher: its width, weight, loss levels
+    (`TeacherSpec.dense_level`'s defaults unless --lambda-patch/--lambda-fea say otherwise) and
     standardisation."""
     targets = []
-    for name, weight, size in zip(args.teacher.split(","), args.teacher_weights, args.teacher_input_size):
+    for teacher in config.teachers:
+        name, weight, size = teacher.name, teacher.weight, teacher.input_size
         spec = teacher_spec(name)
         level = spec.dense_level(size, grid)
         targets.append(
@@ -247,48 +208,55 @@ def targets_of(args: argparse.Namespace, grid: int) -> list[TeacherTarget]:
                 name,
                 spec.embed_dim,
                 weight,
-                1.0 if args.lambda_token is None else args.lambda_token,
-                level if args.lambda_patch is None else args.lambda_patch,
-                level if args.lambda_fea is None else args.lambda_fea,
-                args.teacher_standardization,
+                1.0 if config.lambda_token is None else config.lambda_token,
+                level if config.lambda_patch is None else config.lambda_patch,
+                level if config.lambda_fea is None else config.lambda_fea,
+                config.teacher_standardization,
             )
         )
     return targets
 
 
-def grid_of(args: argparse.Namespace, layout: str) -> int:
+def grid_of(config: Config, layout: str) -> int:
     """The token grid side of a student in `layout` at --input-size."""
-    return args.input_size // LAYOUTS[layout].patch_size
+    return config.input_size // LAYOUTS[layout].patch_size
 
 
-def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill family defaults and check everything that can be checked before training starts."""
-    check_ranges(args)
+def resolve(args: argparse.Namespace) -> Config:
+    """The command line as a run's Config: family defaults filled, 'auto' decided, per-teacher flags split
+    into records, and everything checked that can be checked before training starts: each value on its own
+    (the checks of Config.__post_init__), then the values together. Nothing after this reads `args`."""
+    check_ranges(vars(args))  # Config's own range checks, first: a bad number is named before the checks using it
+    if args.warmup_epochs > args.epochs:
+        log.warning("--warmup-epochs %g is longer than the run (--epochs %d): the lr never reaches its peak",
+                    args.warmup_epochs, args.epochs)  # fmt: skip
     teachers = args.teacher.split(",")
     for name in teachers:
         teacher_spec(name)  # an unknown name: one line that lists the teachers
     if len(set(teachers)) < len(teachers):
         raise UsageError(f"--teacher {args.teacher} names a teacher twice")
-    if args.teacher_checkpoint is not None and len(args.teacher_checkpoint.split(",")) != len(teachers):
+    files = [""] * len(teachers) if args.teacher_checkpoint is None else args.teacher_checkpoint.split(",")
+    if len(files) != len(teachers):
         raise UsageError(
-            f"--teacher-checkpoint names {len(args.teacher_checkpoint.split(','))} files for {len(teachers)} "
+            f"--teacher-checkpoint names {len(files)} files for {len(teachers)} "
             f"teachers ({args.teacher}): give one per teacher, in order (an empty entry downloads that one)"
         )
     if args.random_teacher and args.teacher_checkpoint:
         raise UsageError("--random-teacher and --teacher-checkpoint exclude each other: which teacher do you want?")
-    sizes = per_teacher(args.teacher_input_size, teachers, "--teacher-input-size", int, args.input_size)
+    sizes = per_teacher(args.teacher_input_size, teachers, "--teacher-input-size", kind=int, default=args.input_size)
     for size in sizes:
         if size < 1:
             raise UsageError(f"--teacher-input-size {args.teacher_input_size}: must be a positive number of pixels")
-    args.teacher_input_size = sizes
-    args.teacher_weights = per_teacher(args.teacher_weights, teachers, "--teacher-weights", float, 1.0)
-    if any(not (math.isfinite(w) and w >= 0) for w in args.teacher_weights) or not any(args.teacher_weights):
-        raise UsageError(f"--teacher-weights {args.teacher_weights}: must be >= 0 and not all 0")
-    if args.teacher_normalization == "auto":
-        args.teacher_normalization = "reference" if len(teachers) == 1 else "teacher"
-    if args.teacher_standardization == "auto":
-        args.teacher_standardization = "phi-s" if len(teachers) > 1 else "none"
-    if args.teacher_standardization == "phi-s":
+    weights = per_teacher(args.teacher_weights, teachers, "--teacher-weights", kind=float, default=1.0)
+    if any(not (math.isfinite(w) and w >= 0) for w in weights) or not any(weights):
+        raise UsageError(f"--teacher-weights {weights}: must be >= 0 and not all 0")
+    normalization = args.teacher_normalization
+    if normalization == "auto":
+        normalization = "reference" if len(teachers) == 1 else "teacher"
+    standardization = args.teacher_standardization
+    if standardization == "auto":
+        standardization = "phi-s" if len(teachers) > 1 else "none"
+    if standardization == "phi-s":
         for name in teachers:
             hadamard(teacher_spec(name).embed_dim)  # a width without a Hadamard matrix: one clear line
     names = args.student.split(",")
@@ -297,12 +265,13 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             raise UsageError(f"unknown student '{name}'; choose from {', '.join(STUDENT_ARCHS)}")
     if len(set(names)) < len(names):
         raise UsageError(f"--student {args.student} names a student twice: each needs its own output folder")
-    args.student_layout = args.student_layout or student_layout(teachers[0])
-    students = students_of(args)
-    patches = [LAYOUTS[layout].patch_size for _, layout in students]
-    for (name, _), patch in zip(students, patches):
+    layout = args.student_layout or student_layout(teachers[0])
+    # a family's layout for a name with its suffix (vit_small_dinov3), else --student-layout
+    students = [StudentConfig(n, split_student(n, None)[1] or layout) for n in names]
+    patches = [LAYOUTS[s.layout].patch_size for s in students]
+    for s, patch in zip(students, patches):
         if args.input_size % patch:
-            whose = f"{name}'s" if len(students) > 1 else "the student's"
+            whose = f"{s.name}'s" if len(students) > 1 else "the student's"
             raise UsageError(f"--input-size {args.input_size} is not a multiple of {whose} patch size {patch}")
     for name, size in zip(teachers, sizes):
         if size % teacher_spec(name).patch_size:
@@ -310,14 +279,6 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
                 f"the teacher's input size {size} (--teacher-input-size, default --input-size) is not "
                 f"a multiple of {name}'s patch size {teacher_spec(name).patch_size}"
             )
-    targets = [t for _, layout in students for t in targets_of(args, grid_of(args, layout))]
-    levels = {(t.lambda_token, t.lambda_patch, t.lambda_fea) for t in targets}
-    if len(teachers) == 1 and len(levels) == 1:  # the flags as the run uses them (in log.txt's args as before)
-        args.lambda_token, args.lambda_patch, args.lambda_fea = levels.pop()
-    for t in targets:
-        if not (t.lambda_token or t.lambda_patch or t.lambda_fea):
-            whose = f" of {t.name}" if len(teachers) > 1 else ""
-            raise UsageError(f"all loss weights{whose} are 0: nothing to train")
     try:
         ratio = [float(v) for v in str(args.mask_ratio).split(",")]
     except ValueError:
@@ -329,49 +290,70 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     num_patches = (args.input_size // max(patches)) ** 2  # the fewest of any student
     if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1] < 1 or int(num_patches * ratio[0]) < 1:
         raise UsageError(f"--mask-ratio {args.mask_ratio} must mask at least one of {num_patches} patches and not all")
-    args.mask_ratio = tuple(ratio)
-    if any(t.lambda_patch for t in targets) and int(args.mask_probability * args.batch_size) < 1:
+    given = {f.name: getattr(args, f.name) for f in fields(Config) if f.name not in ("teachers", "students")}
+    config = Config(
+        **{
+            **given,
+            "teachers": tuple(TeacherConfig(*t) for t in zip(teachers, [f or None for f in files], sizes, weights)),
+            "teacher_standardization": standardization,
+            "teacher_normalization": normalization,
+            "students": tuple(students),
+            "student_layout": layout,
+            "mask_ratio": tuple(ratio),
+        }
+    )
+    targets = [t for s in config.students for t in targets_of(config, grid_of(config, s.layout))]
+    levels = {(t.lambda_token, t.lambda_patch, t.lambda_fea) for t in targets}
+    if len(teachers) == 1 and len(levels) == 1:  # the flags as the run uses them (in log.txt's args as before)
+        token, patch, fea = levels.pop()
+        config = replace(config, lambda_token=token, lambda_patch=patch, lambda_fea=fea)
+    for t in targets:
+        if not (t.lambda_token or t.lambda_patch or t.lambda_fea):
+            whose = f" of {t.name}" if len(teachers) > 1 else ""
+            raise UsageError(f"all loss weights{whose} are 0: nothing to train")
+    if any(t.lambda_patch for t in targets) and int(config.mask_probability * config.batch_size) < 1:
         raise UsageError(
-            f"--mask-probability {args.mask_probability} masks no sample of a batch of {args.batch_size}; "
+            f"--mask-probability {config.mask_probability} masks no sample of a batch of {config.batch_size}; "
             "the patch loss needs masked samples (or set --lambda-patch 0)"
         )
-    return args
+    return config
 
 
-def build(args: argparse.Namespace, device: torch.device, world: int, out: Output, fresh: bool = False) -> Run:
-    """Everything a run needs, resumed if a checkpoint exists; bad input raises ValueError here."""
-    seed = args.seed + dist_utils.rank()
+def build(config: Config, device: torch.device, world: int, *, out: Output, fresh: bool = False) -> Run:
+    """Everything a run of `config` needs, resumed if a checkpoint exists; bad input raises UsageError here."""
+    seed = config.seed + dist_utils.rank()
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
     # one crop per sample, at the larger of the two input sizes; each network gets its own resize (Views)
-    crop_size = max(args.input_size, *args.teacher_input_size)
+    crop_size = max(config.input_size, *(t.input_size for t in config.teachers))
     dataset = build_dataset(
-        args.data_path, crop_size, args.single_image, args.subset_classes, args.subset_images_per_class
+        config.data_path, crop_size, config.single_image, config.subset_classes, config.subset_images_per_class
     )
-    if args.random_teacher:
+    if config.random_teacher:
         log.warning(
-            "RANDOM TEACHER: %s has random weights; this run distils noise (demo/smoke test only)", args.teacher
+            "RANDOM TEACHER: %s has random weights; this run distils noise (demo/smoke test only)", config.teacher
         )
-    names = args.teacher.split(",")
-    files = args.teacher_checkpoint.split(",") if args.teacher_checkpoint else [""] * len(names)
     teachers = []
-    for name, file, size in zip(names, files, args.teacher_input_size):
+    for t in config.teachers:
+        name, file, size = t.name, t.checkpoint, t.input_size
         teacher = create_teacher(
-            name, file or None, pretrained=not args.random_teacher, dtype=TEACHER_DTYPES[args.teacher_dtype]
+            name, file, pretrained=not config.random_teacher, dtype=TEACHER_DTYPES[config.teacher_dtype]
         ).to(device)
         if bad := teacher.non_finite():  # stop before any target is computed, naming the damaged weights
             where = file or "its file in torch hub's cache"
             raise NonFiniteLoss(f"the weights of teacher {name} are not all finite ({few_names(bad)}) in {where}")
-        if args.teacher_normalization == "reference":  # the crops as they are (ImageNet mean/std), as the reference
+        if config.teacher_normalization == "reference":  # the crops as they are (ImageNet mean/std), as the reference
             teacher.mean, teacher.std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
         teachers.append(TeacherInput(teacher, size))
     distillers = []  # made in --student order, so the first student's init is that of a run of it alone
-    for name, layout in students_of(args):
-        student = create_student(name, img_size=args.input_size, drop_path_rate=args.drop_path, layout=layout)
-        check_exportable(student, layout)  # one line before training, not at the export after it
-        distillers.append(Distiller(student, targets_of(args, grid_of(args, layout))).to(device))
+    for spec in config.students:
+        student = create_student(
+            spec.name, img_size=config.input_size, drop_path_rate=config.drop_path, layout=spec.layout
+        )
+        check_exportable(student, spec.layout)  # one line before training, not at the export after it
+        distillers.append(Distiller(student, targets_of(config, grid_of(config, spec.layout))).to(device))
 
     # Repeated augmentation under DDP (3 repeats, DeiT's floor(N/256)*256 samples); one plain
     # seeded shuffle per epoch in a single process.
@@ -384,37 +366,40 @@ def build(args: argparse.Namespace, device: torch.device, world: int, out: Outpu
         selected_round=256 if world > 1 else 0,
     )
     # augmentation seeded by (seed, rank, epoch, position): resumable and independent of the workers
-    sampler = PositionSampler(sampler, args.seed, dist_utils.rank())
+    sampler = PositionSampler(sampler, config.seed, dist_utils.rank())
     loader = DataLoader(
         SeededDataset(dataset),
-        batch_size=args.batch_size,
+        batch_size=config.batch_size,
         sampler=sampler,
-        num_workers=args.num_workers,
+        num_workers=config.num_workers,
         pin_memory=device.type == "cuda",
         drop_last=True,
-        persistent_workers=args.num_workers > 0,
+        persistent_workers=config.num_workers > 0,
         worker_init_fn=worker_init,
-        prefetch_factor=4 if args.num_workers > 0 else None,
+        prefetch_factor=4 if config.num_workers > 0 else None,
     )
-    if len(sampler) < args.batch_size:
+    if len(sampler) < config.batch_size:
         raise UsageError(
-            f"{len(sampler)} images per process cannot fill one batch of {args.batch_size}; lower --batch-size"
+            f"{len(sampler)} images per process cannot fill one batch of {config.batch_size}; lower --batch-size"
         )
-    iters = args.epoch_length or len(sampler) // args.batch_size
+    iters = config.epoch_length or len(sampler) // config.batch_size
 
-    global_batch = args.batch_size * world
-    lr = args.lr * global_batch / 512
-    if lr < args.min_lr:
+    global_batch = config.batch_size * world
+    lr = config.lr * global_batch / 512
+    if lr < config.min_lr:
         log.warning(
             "the scaled peak lr %.3g (--lr %g x global batch %d / 512) is below --min-lr %g: the cosine will rise; "
             "lower --min-lr for small batches",
-            *(lr, args.lr, global_batch, args.min_lr),
+            *(lr, config.lr, global_batch, config.min_lr),
         )
-    schedule = warmup_cosine(lr, args.min_lr, args.epochs * iters, int(args.warmup_epochs * iters), args.warmup_lr)
+    schedule = warmup_cosine(
+        lr, config.min_lr, config.epochs * iters, int(config.warmup_epochs * iters), config.warmup_lr
+    )
     several = len(distillers) > 1
     students = []
-    for (name, layout), distiller in zip(students_of(args), distillers):
-        grid = (args.input_size // distiller.student.patch_size,) * 2
+    for spec, distiller in zip(config.students, distillers):
+        name, layout = spec.name, spec.layout
+        grid = (config.input_size // distiller.student.patch_size,) * 2
         for t, adaptor in zip(teachers, distiller.adaptors.values()):
             target = adaptor.target
             if (target.lambda_patch or target.lambda_fea) and t.grid != grid:
@@ -425,7 +410,7 @@ def build(args: argparse.Namespace, device: torch.device, world: int, out: Outpu
                 )
         no_decay = tuple(f"student.{n}" for n in LAYOUTS[layout].no_weight_decay)
         optimizer = torch.optim.AdamW(
-            param_groups(distiller, args.weight_decay, no_decay),
+            param_groups(distiller, config.weight_decay, no_decay),
             lr=lr,
             betas=(0.9, 0.999),
             eps=1e-8,
@@ -439,15 +424,15 @@ def build(args: argparse.Namespace, device: torch.device, world: int, out: Outpu
                 layout=layout,
                 distiller=distiller,
                 model=distiller,
-                views=Views(args.input_size, grid),
+                views=Views(config.input_size, grid),
                 optimizer=optimizer,
-                scaler=torch.amp.GradScaler(device.type, enabled=args.precision == "fp16"),
-                ema=ModelEmaV3(distiller.student, decay=args.ema_decay),
+                scaler=torch.amp.GradScaler(device.type, enabled=config.precision == "fp16"),
+                ema=ModelEmaV3(distiller.student, decay=config.ema_decay),
                 out=student_out,
             )
         )
     run = Run(
-        args=args,
+        config=config,
         device=device,
         teachers=teachers,
         students=students,
@@ -456,12 +441,12 @@ def build(args: argparse.Namespace, device: torch.device, world: int, out: Outpu
         sampler=sampler,
         iters_per_epoch=iters,
         out=out,
-        control=StopControl(args.save_every_minutes),
+        control=StopControl(config.save_every_minutes),
     )
     run.resume(fresh)
     estimate_statistics(run)  # several teachers, a fresh run: before any student sees a target
     for s in students:
-        if args.compile:  # after the EMA copy and the resume: both see the plain module
+        if config.compile:  # after the EMA copy and the resume: both see the plain module
             compile_student(s.distiller.student)
         if world > 1:  # one process group; each student its own DDP wrapper
             s.model = torch.nn.parallel.DistributedDataParallel(
@@ -472,10 +457,10 @@ def build(args: argparse.Namespace, device: torch.device, world: int, out: Outpu
 
 def train(run: Run) -> None:
     """Epochs from where the run stands to --epochs, a checkpoint after each, then the exports."""
-    args, out = run.args, run.out
+    config, out = run.config, run.out
     start_epoch, world = run.position.epoch, dist_utils.world_size()
-    if start_epoch >= args.epochs:
-        out.print(f"{out.folder} already holds all {args.epochs} epochs; raise --epochs to train longer")
+    if start_epoch >= config.epochs:
+        out.print(f"{out.folder} already holds all {config.epochs} epochs; raise --epochs to train longer")
     else:
         for s in run.students:
             n_params = sum(p.numel() for p in s.distiller.student.parameters()) / 1e6
@@ -483,35 +468,35 @@ def train(run: Run) -> None:
             out.print(
                 f"distilling {teachers} -> {s.name} "
                 f"({s.layout} layout, {n_params:.1f}M params) "
-                f"on {run.device}, world {world}, global batch {args.batch_size * world}, peak lr "
-                f"{max(run.schedule):.3e}, {run.iters_per_epoch} it/epoch, epochs {start_epoch}..{args.epochs - 1}"
+                f"on {run.device}, world {world}, global batch {config.batch_size * world}, peak lr "
+                f"{max(run.schedule):.3e}, {run.iters_per_epoch} it/epoch, epochs {start_epoch}..{config.epochs - 1}"
             )
     # PCA pictures of the dataset's first 4 images (eval transform): the teacher's once, each student's every N epochs
-    if args.pca_every > 0:
+    if config.pca_every > 0:
         for s in run.students:
-            s.out.load_pictures(run.loader.dataset, args.input_size, run.device)
+            s.out.load_pictures(run.loader.dataset, config.input_size, run.device)
             for t in run.teachers:
                 tag = "pca/teacher" + (f"/{t.name}" if len(run.teachers) > 1 else "")
                 s.out.picture(tag, t.teacher, start_epoch, t.size)
 
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in range(start_epoch, config.epochs):
         stats = train_one_epoch(run)
         run.save_checkpoint()
         for s, line in zip(run.students, stats):
             s.out.epoch(epoch, line)
-            if args.pca_every > 0 and (epoch + 1) % args.pca_every == 0:
+            if config.pca_every > 0 and (epoch + 1) % config.pca_every == 0:
                 s.out.picture("pca/student", s.distiller.student, epoch)
             s.out.flush()
         dist_utils.barrier()
-        if run.control.signalled and epoch + 1 < args.epochs:
+        if run.control.signalled and epoch + 1 < config.epochs:
             raise Preempted(f"stopped after epoch {epoch}")
         run.next_epoch()
     for s in run.students:
-        export(run, s, trained=start_epoch < args.epochs)
+        export(run, s, trained=start_epoch < config.epochs)
         s.out.close()
         out.print(
             f"done: {s.out.folder / 'backbone.pth'} ({s.layout} layout), {s.out.folder / 'backbone_ema.pth'}, "
-            f"{s.out.folder / 'adaptors.pth'}, trained at img_size {args.input_size}; tensorboard logs in "
+            f"{s.out.folder / 'adaptors.pth'}, trained at img_size {config.input_size}; tensorboard logs in "
             f"{s.out.folder / 'tensorboard'}"
         )
 
@@ -534,7 +519,7 @@ def export(run: Run, s: Student, trained: bool) -> None:
                          "mean": list(t.teacher.mean), "std": list(t.teacher.std)}
                 for t in run.teachers
             }  # fmt: skip
-            student = {"name": s.name, "layout": s.layout, "img_size": run.args.input_size}
+            student = {"name": s.name, "layout": s.layout, "img_size": run.config.input_size}
             s.out.save(s.distiller.export_adaptors(student, teachers), name)
         else:
             s.out.save(to_reference(s.distiller.student if name == "backbone.pth" else s.ema.module, s.layout), name)
@@ -548,12 +533,12 @@ def distil(args: argparse.Namespace, fresh: bool = False) -> int:
     loss turns non-finite, EXIT_REQUEUE (75) when stopped by SIGUSR1/SIGTERM after its checkpoints.
     fresh: start at epoch 0 even if --output-dir holds a checkpoint.pth (the demo's re-runs); the old files
     are replaced only once every input is checked."""
-    args = resolve_args(args)
-    prepare_output_dir(args.output_dir)
-    device, _, world = dist_utils.init_distributed(args.device)
-    out = Output(args.output_dir, main=dist_utils.is_main())
+    config = resolve(args)
+    prepare_output_dir(config.output_dir)
+    device, _, world = dist_utils.init_distributed(config.device)
+    out = Output(config.output_dir, main=dist_utils.is_main())
     try:
-        run = build(args, device, world, out, fresh)
+        run = build(config, device, world, out=out, fresh=fresh)
     except NonFiniteLoss as e:
         print(f"error: {e}; stopping before training", file=sys.stderr, flush=True)
         return 3

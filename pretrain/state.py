@@ -3,7 +3,6 @@ requests (StopControl), and the checkpoint that saves and resumes them."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import time
@@ -20,6 +19,7 @@ from models import safe_load
 from models.errors import UsageError
 from models.families import DEFAULT_LAYOUT
 
+from .config import Config
 from .data import PositionSampler
 from .distiller import Distiller, TeacherInput, Views
 from .output import CHECKPOINT, Output
@@ -103,7 +103,7 @@ class Run:
     One or several teachers (--teacher a,b), one or several students (--student a,b): one student writes
     into --output-dir itself, several each into <output-dir>/<name>/. They save, resume and stop together."""
 
-    args: argparse.Namespace
+    config: Config  # the resolved command line
     device: torch.device
     teachers: list[TeacherInput]
     students: list[Student]
@@ -157,7 +157,7 @@ class Run:
             "iteration_in_epoch": pos.iteration % iters,
             "epoch_loss_sums": None if finished else [s.sums[k] for k in self.loss_names],
             "world_size": dist_utils.world_size(),
-            "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self.args).items()},
+            "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.config.flags().items()},
         }
 
     def save_checkpoint(self) -> None:
@@ -187,15 +187,16 @@ class Run:
         """Load every student's checkpoint: --resume (a file; with several students the folder holding
         <name>/checkpoint.pth), else their checkpoint.pth in the output folders if present and not `fresh`;
         and stand where they stood, which must be one place."""
-        args = self.args
+        config = self.config
         several = len(self.students) > 1
-        if args.resume:
-            paths = [Path(args.resume) / s.name / CHECKPOINT if several else Path(args.resume) for s in self.students]
-            self.finish_saves(Path(args.resume) if several else paths[0].parent, paths)
+        if config.resume:
+            resume = Path(config.resume)
+            paths = [resume / s.name / CHECKPOINT if several else resume for s in self.students]
+            self.finish_saves(resume if several else paths[0].parent, paths)
         else:
             paths = self.checkpoints()
             self.finish_saves(self.out.folder, paths)
-        if not args.resume and (fresh or not any(p.exists() for p in paths)):
+        if not config.resume and (fresh or not any(p.exists() for p in paths)):
             for s in self.students:  # a fresh run in an old output dir: its logs start anew, not appended to
                 s.out.truncate_logs(0, 0)
             return
@@ -206,13 +207,13 @@ class Run:
             )
             raise UsageError(f"the students' checkpoints stand at different places ({places}); they resume together")
         ckpt = ckpts[0]
-        path = Path(args.resume or self.out.folder) if several else paths[0]  # how messages name what was resumed
-        if ckpt["args"]["precision"] != args.precision:
-            log.warning("%s was trained with --precision %s, now %s", path, ckpt["args"]["precision"], args.precision)
+        path = Path(config.resume or self.out.folder) if several else paths[0]  # how messages name what was resumed
+        if ckpt["args"]["precision"] != config.precision:
+            log.warning("%s was trained with --precision %s, now %s", path, ckpt["args"]["precision"], config.precision)
         epoch, done = ckpt["epoch"] + 1, ckpt.get("iteration_in_epoch", 0)
-        if ckpt["args"]["epochs"] != args.epochs and epoch < args.epochs:
+        if ckpt["args"]["epochs"] != config.epochs and epoch < config.epochs:
             log.warning("%s was trained with --epochs %d, now %d: the lr follows the cosine of a %d-epoch run from "
-                        "here", path, ckpt["args"]["epochs"], args.epochs, args.epochs)  # fmt: skip
+                        "here", path, ckpt["args"]["epochs"], config.epochs, config.epochs)  # fmt: skip
         world = dist_utils.world_size()
         if done and ckpt["world_size"] != world:
             log.warning("%s was written by %d processes, not %d: the rest of epoch %d differs from the uninterrupted "
@@ -226,7 +227,7 @@ class Run:
 
     def load_checkpoint(self, s: Student, path: Path) -> dict:
         """Student `s` as `path` holds it (weights, heads, optimizer, scaler, EMA); returns the checkpoint."""
-        args = self.args
+        flags = self.config.flags()  # as the checkpoint stores them
         ckpt = safe_load(path)
         if not isinstance(ckpt, dict) or not {"student", "heads", "optimizer", "args"} <= set(ckpt):
             keys = sorted(map(str, ckpt))[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
@@ -236,9 +237,9 @@ class Run:
             )
         trained = {"student_layout": DEFAULT_LAYOUT, **ckpt["args"]}  # checkpoints from before --student-layout
         for key in ("student", "teacher", "student_layout"):
-            if trained[key] != getattr(args, key):
+            if trained[key] != flags[key]:
                 flag = "--" + key.replace("_", "-")
-                raise UsageError(f"{path} was trained with {flag} {trained[key]}, not {getattr(args, key)}")
+                raise UsageError(f"{path} was trained with {flag} {trained[key]}, not {flags[key]}")
         s.distiller.student.load_state_dict(ckpt["student"])
         heads = s.distiller.load_state_dict(ckpt["heads"], strict=False)  # the student is loaded above
         missing = [k for k in heads.missing_keys if not k.startswith("student.")]

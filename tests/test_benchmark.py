@@ -76,7 +76,8 @@ def test_reference_step_gives_our_losses(device, precision, rel):
     values of the plain two-pass step on the same batch: to fp32 rounding on CPU, to kernel differences
     on CUDA, to half precision in bf16 (the reference then runs fp16 + GradScaler, as it did)."""
     args = benchmark.get_args_parser().parse_args([*TINY, "--device", device, "--precision", precision])
-    setup = benchmark.Setup(args, benchmark.torch.device(device))
+    (config,) = benchmark.step_configs(args)
+    setup = benchmark.Setup(config, benchmark.torch.device(device))
     reference = benchmark.Reference(setup)
     try:
         reference.start()

@@ -457,32 +457,32 @@ def test_randaugment_zero_bit_posterize_works():
 
 def test_clip_teachers_default_to_token_only_and_others_to_all_three():
     parse = pretrain_main.get_args_parser().parse_args
-    clip = pretrain_main.resolve_args(parse(["--teacher", "clip_vitl14"]))
+    clip = pretrain_main.resolve(parse(["--teacher", "clip_vitl14"]))
     assert (clip.lambda_token, clip.lambda_patch, clip.lambda_fea) == (1.0, 0.0, 0.0)
-    dino = pretrain_main.resolve_args(parse(["--teacher", "dinov2_vitb14"]))
+    dino = pretrain_main.resolve(parse(["--teacher", "dinov2_vitb14"]))
     assert (dino.lambda_token, dino.lambda_patch, dino.lambda_fea) == (1.0, 1.0, 1.0)
     assert dino.mask_ratio == (0.5, 0.5) and dino.batch_size == 128 and dino.lr == 5e-4
-    ranged = pretrain_main.resolve_args(parse(["--mask-ratio", "0.1,0.5"]))
+    ranged = pretrain_main.resolve(parse(["--mask-ratio", "0.1,0.5"]))
     assert ranged.mask_ratio == (0.1, 0.5)
     # a B/16 teacher with a patch-14 student: its patch tokens are resampled, no loss is turned off
-    b16 = pretrain_main.resolve_args(parse(["--teacher", "synclr_vitb16"]))
-    assert (b16.lambda_token, b16.lambda_patch, b16.lambda_fea) == (1.0, 1.0, 1.0) and b16.teacher_input_size == [224]
+    b16 = pretrain_main.resolve(parse(["--teacher", "synclr_vitb16"]))
+    assert (b16.lambda_token, b16.lambda_patch, b16.lambda_fea) == (1.0, 1.0, 1.0) and b16.teachers[0].input_size == 224
     on_its_grid = ["--teacher", "clip_vitb16", "--student", "vit_small_dinov3"]  # 14x14 both
-    clip16 = pretrain_main.resolve_args(parse(on_its_grid))
+    clip16 = pretrain_main.resolve(parse(on_its_grid))
     assert (clip16.lambda_token, clip16.lambda_patch, clip16.lambda_fea) == (1.0, 0.0, 0.0)
-    clip16 = pretrain_main.resolve_args(parse([*on_its_grid, "--lambda-fea", "1"]))
+    clip16 = pretrain_main.resolve(parse([*on_its_grid, "--lambda-fea", "1"]))
     assert (clip16.lambda_token, clip16.lambda_patch, clip16.lambda_fea) == (1.0, 0.0, 1.0)
     # CLIP's own grid resampled (B/16 at 224 -> a patch-14 student's 16x16, or a --teacher-input-size): dense levels on
     for argv in (["--teacher", "clip_vitb16"], ["--teacher", "clip_vitl14", "--teacher-input-size", "448"]):
-        resampled = pretrain_main.resolve_args(parse(argv))
+        resampled = pretrain_main.resolve(parse(argv))
         assert (resampled.lambda_token, resampled.lambda_patch, resampled.lambda_fea) == (1.0, 1.0, 1.0)
     # one CLIP teacher, one student on its grid and one resampled: levels per student, no single flag value
-    mixed = pretrain_main.resolve_args(parse(["--teacher", "clip_vitb16", "--student", "vit_tiny,vit_small_dinov3"]))
+    mixed = pretrain_main.resolve(parse(["--teacher", "clip_vitb16", "--student", "vit_tiny,vit_small_dinov3"]))
     assert mixed.lambda_patch is None
     grids = [pretrain_main.grid_of(mixed, layout) for layout in ("clip", "dinov3")]
     assert [t.lambda_patch for grid in grids for t in pretrain_main.targets_of(mixed, grid)] == [1.0, 0.0]
-    dinov3 = pretrain_main.resolve_args(parse(["--teacher", "dinov3_vitb16", "--input-size", "208"]))  # 13 x 16
-    assert dinov3.student_layout == "dinov3" and dinov3.teacher_input_size == [208]
+    dinov3 = pretrain_main.resolve(parse(["--teacher", "dinov3_vitb16", "--input-size", "208"]))  # 13 x 16
+    assert dinov3.student_layout == "dinov3" and dinov3.teachers[0].input_size == 208
 
 
 def test_compiled_run_trains_and_matches_the_eager_loss(data, tmp_path, capsys):
@@ -522,6 +522,6 @@ def test_clip_teacher_sees_the_references_imagenet_crops_by_default(data, tmp_pa
     argv = ["--data-path", str(data), "--teacher", "clip_vitb16", "--input-size", "112", "--random-teacher"]
     argv += ["--student", "vit_tiny", "--batch-size", "4", "--num-workers", "0", "--device", "cpu"]
     argv += ["--lambda-patch", "0", "--lambda-fea", "0"] + (["--teacher-normalization", choice] if choice else [])
-    args = pretrain_main.resolve_args(pretrain_main.get_args_parser().parse_args(argv))
-    teacher = pretrain_main.build(args, torch.device("cpu"), 1, Output(tmp_path, main=True)).teachers[0].teacher
+    config = pretrain_main.resolve(pretrain_main.get_args_parser().parse_args(argv))
+    teacher = pretrain_main.build(config, torch.device("cpu"), 1, out=Output(tmp_path, main=True)).teachers[0].teacher
     assert teacher.mean == tuple(mean)

@@ -1,9 +1,12 @@
-"""Pretraining's guards on what a user gives it and on where it writes: numeric flag ranges, --resume
-with a file that is not a pretraining checkpoint, a fresh run in an old output dir, temp files of a
-killed save, and a signal during set-up (a full disk: test_disk_full.py). Each is one line and loses nothing."""
+"""Pretraining's guards on what a user gives it and on where it writes: the command line resolved into a
+frozen pretrain.config.Config, numeric flag ranges, --resume with a file that is not a pretraining
+checkpoint, a fresh run in an old output dir, temp files of a killed save, and a signal during set-up (a
+full disk: test_disk_full.py). Each is one line and loses nothing."""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import errno
 import json
 import os
@@ -18,7 +21,9 @@ import pytest
 import torch
 
 import models
+from models.errors import UsageError
 from pretrain import main as pretrain_main
+from pretrain.config import Config, StudentConfig, TeacherConfig
 from tests.helpers import ROOT, TINY_RUN, child_env, make_image_folder
 
 
@@ -47,9 +52,74 @@ def test_numeric_flags_out_of_range_are_one_line(tmp_path, capsys, flag, value, 
 
 
 def test_warmup_longer_than_the_run_warns(caplog):
-    args = pretrain_main.get_args_parser().parse_args(["--epochs", "3", "--warmup-epochs", "5"])
-    pretrain_main.check_ranges(args)
+    pretrain_main.resolve(pretrain_main.get_args_parser().parse_args(["--epochs", "3", "--warmup-epochs", "5"]))
     assert "--warmup-epochs 5 is longer than the run (--epochs 3)" in caplog.text
+
+
+TWO_TEACHERS = ["--teacher", "dinov2_vitb14,clip_vitl14", "--teacher-weights", "1,2", "--teacher-input-size",
+                "224,448", "--teacher-checkpoint", "a.pth,", "--device", "cpu"]  # fmt: skip
+
+
+def resolved(*argv: str) -> Config:
+    return pretrain_main.resolve(pretrain_main.get_args_parser().parse_args(argv))
+
+
+def test_the_resolved_config_is_frozen_and_checks_its_own_values():
+    config = resolved()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.batch_size = 64
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.teachers[0].weight = 2.0
+    with pytest.raises(UsageError, match=r"^--batch-size 0: must be a positive integer$"):
+        dataclasses.replace(config, batch_size=0)  # a Config made in code is checked as one from the command line
+    with pytest.raises(UsageError, match="--teacher-input-size 0: must be a positive number of pixels"):
+        TeacherConfig("dinov2_vitl14", None, 0, 1.0)
+
+
+def test_per_teacher_flags_become_one_record_per_teacher():
+    config = resolved(*TWO_TEACHERS, "--student", "vit_small,vit_small_dinov3")
+    assert config.teachers == (
+        TeacherConfig("dinov2_vitb14", checkpoint="a.pth", input_size=224, weight=1.0),
+        TeacherConfig("clip_vitl14", checkpoint=None, input_size=448, weight=2.0),  # empty entry: downloaded
+    )
+    assert config.students == (StudentConfig("vit_small", "dinov2"), StudentConfig("vit_small_dinov3", "dinov3"))
+    assert (config.teacher_normalization, config.teacher_standardization) == ("teacher", "phi-s")
+    assert config.mask_ratio == (0.5, 0.5) and resolved("--mask-ratio", "0.1,0.5").mask_ratio == (0.1, 0.5)
+
+
+def test_flags_are_the_flat_dict_checkpoints_store():
+    """checkpoint.pth's "args" (and what a resume compares) keep the names and values of the command line:
+    per-teacher flags as lists in --teacher order, comma strings for --teacher and --student, 'auto' resolved."""
+    flags = resolved(*TWO_TEACHERS).flags()
+    assert list(flags) == list(vars(pretrain_main.get_args_parser().parse_args([])))  # every flag, in order
+    assert flags == {
+        "data_path": None, "teacher": "dinov2_vitb14,clip_vitl14", "teacher_checkpoint": "a.pth,",
+        "teacher_weights": [1.0, 2.0], "teacher_standardization": "phi-s", "teacher_stats_batches": 64,
+        "random_teacher": False, "teacher_dtype": "auto", "teacher_input_size": [224, 448],
+        "teacher_normalization": "teacher", "student": "vit_base", "student_layout": "dinov2", "input_size": 224,
+        "batch_size": 128, "epochs": 300, "warmup_epochs": 5, "epoch_length": None, "lr": 5e-4, "warmup_lr": 1e-6,
+        "min_lr": 1e-5, "weight_decay": 0.05, "drop_path": 0.0, "mask_probability": 0.5, "mask_ratio": (0.5, 0.5),
+        "lambda_token": None, "lambda_patch": None, "lambda_fea": None, "ema_decay": 0.99996, "clip_grad": None,
+        "compile": False, "precision": "bf16", "output_dir": "output/pretrain", "resume": None,
+        "save_every_minutes": None, "device": "cpu", "num_workers": 10, "seed": 0, "print_freq": 50, "pca_every": 10,
+        "subset_images_per_class": 1.0, "subset_classes": 1.0, "single_image": None,
+    }  # fmt: skip
+    one = resolved("--teacher", "clip_vitl14").flags()  # one teacher: the loss levels as the run uses them
+    assert (one["lambda_token"], one["lambda_patch"], one["lambda_fea"]) == (1.0, 0.0, 0.0)
+    assert (one["teacher_checkpoint"], one["teacher_input_size"], one["teacher_normalization"]) == (
+        None,
+        [224],
+        "reference",
+    )
+
+
+@pytest.mark.parametrize("module", ["engine", "distiller"])
+def test_the_engine_reads_the_config_never_the_command_line(module):
+    tree = ast.parse((ROOT / "pretrain" / f"{module}.py").read_text())
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    names |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    names |= {n.arg for n in ast.walk(tree) if isinstance(n, ast.arg)}
+    assert "args" not in names and "argparse" not in names
 
 
 @pytest.mark.parametrize("other", ["backbone.pth", "linear probe checkpoint.pth"])

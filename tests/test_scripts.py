@@ -212,10 +212,10 @@ def test_recipe_single_node(slurm, recipe):
     assert cmd[3:5] == ["-m", "pretrain.main"]
     assert (flag(cmd, "--teacher"), flag(cmd, "--student")) == RECIPES[recipe]
     assert flag(cmd, "--data-path") == "/in" and flag(cmd, "--output-dir") == f"out/{recipe}"
-    args = pretrain_main.resolve_args(pretrain_main.get_args_parser().parse_args(cmd[5:]))  # a valid run
-    first = TEACHERS[args.teacher.split(",")[0]].family
-    assert args.student_layout == ("dinov2" if recipe == "s_dinov3b_clipb16" else first)  # a patch-14 student
-    assert args.teacher_input_size == [args.input_size] * len(args.teacher.split(",")) and args.input_size == 224
+    config = pretrain_main.resolve(pretrain_main.get_args_parser().parse_args(cmd[5:]))  # a valid run
+    first = TEACHERS[config.teachers[0].name].family
+    assert config.student_layout == ("dinov2" if recipe == "s_dinov3b_clipb16" else first)  # a patch-14 student
+    assert [t.input_size for t in config.teachers] == [224] * len(config.teachers) and config.input_size == 224
     assert flag(cmd, "--batch-size") == "128"  # 4 x 128 = 512
     assert cmd[-2:] == ["--epochs", "3"]
 
@@ -347,9 +347,9 @@ def test_two_teacher_recipes_standardise_and_set_their_levels(slurm):
     levels = {}
     for recipe in ("b_dinov2l_clipl", "s_dinov3b_clipb16"):
         cmd = last_command(run("pretrain.sh", recipe, env=slurm, DRY_RUN="1", DATA="/in"))
-        args = pretrain_main.resolve_args(pretrain_main.get_args_parser().parse_args(cmd[5:]))
-        assert args.teacher_standardization == "phi-s"
-        targets = pretrain_main.targets_of(args, pretrain_main.grid_of(args, args.student_layout))
+        config = pretrain_main.resolve(pretrain_main.get_args_parser().parse_args(cmd[5:]))
+        assert config.teacher_standardization == "phi-s"
+        targets = pretrain_main.targets_of(config, pretrain_main.grid_of(config, config.student_layout))
         levels[recipe] = {t.name: (t.lambda_token, t.lambda_patch, t.lambda_fea) for t in targets}
     assert levels == {
         "b_dinov2l_clipl": {"dinov2_vitl14": (1.0, 1.0, 1.0), "clip_vitl14": (1.0, 0.0, 0.0)},

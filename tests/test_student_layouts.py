@@ -366,8 +366,8 @@ def test_synclr_teacher_file_loads_with_any_mask_token(tiny_teacher, tmp_path, m
 def test_default_layout_is_the_teachers_family():
     parse = pretrain_main.get_args_parser().parse_args
     for teacher, layout in (("dinov2_vitl14", "dinov2"), ("clip_vitl14", "clip"), ("synclr_vitl14", "synclr")):
-        assert pretrain_main.resolve_args(parse(["--teacher", teacher])).student_layout == layout
-    explicit = pretrain_main.resolve_args(parse(["--teacher", "clip_vitl14", "--student-layout", "dinov2"]))
+        assert pretrain_main.resolve(parse(["--teacher", teacher])).student_layout == layout
+    explicit = pretrain_main.resolve(parse(["--teacher", "clip_vitl14", "--student-layout", "dinov2"]))
     assert explicit.student_layout == "dinov2"  # a DINOv2-layout student of a CLIP teacher stays possible
 
 
@@ -426,9 +426,9 @@ def test_clip_teacher_run_trains_a_clip_student_as_the_reference(tiny_teacher, t
     tiny_teacher("clip_vitl14", dim=DIM, depth=DEPTH, heads=HEADS)
     data = make_image_folder(tmp_path / "data")
     argv = ["--data-path", str(data), "--output-dir", str(tmp_path / "run"), *TINY_RUN, "--teacher", "clip_vitl14"]
-    args = pretrain_main.resolve_args(pretrain_main.get_args_parser().parse_args([*argv, "--epochs", "1"]))
-    assert args.student_layout == "clip" and (args.lambda_patch, args.lambda_fea) == (0.0, 0.0)
-    run = pretrain_main.build(args, torch.device("cpu"), 1, Output(tmp_path / "run", main=True))
+    config = pretrain_main.resolve(pretrain_main.get_args_parser().parse_args([*argv, "--epochs", "1"]))
+    assert config.student_layout == "clip" and (config.lambda_patch, config.lambda_fea) == (0.0, 0.0)
+    run = pretrain_main.build(config, torch.device("cpu"), 1, out=Output(tmp_path / "run", main=True))
     distiller, optimizer = run.students[0].distiller, run.students[0].optimizer
     assert distiller.patch_head is None and distiller.fea_head is None and distiller.token_head is not None
     named = dict(distiller.named_parameters())

@@ -147,9 +147,13 @@ def test_teacher_flags_are_checked_per_teacher(tmp_path, capsys, extra, message)
 
 def test_one_value_of_a_per_teacher_flag_applies_to_every_teacher():
     teachers = ["dinov2_vits14", "clip_vitb16", "synclr_vitb16"]
-    assert pretrain_main.per_teacher("0.5", teachers, "--teacher-weights", float, 1.0) == [0.5, 0.5, 0.5]
-    assert pretrain_main.per_teacher("1,2,3", teachers, "--teacher-weights", float, 1.0) == [1.0, 2.0, 3.0]
-    assert pretrain_main.per_teacher(None, teachers, "--teacher-weights", float, 1.0) == [1.0, 1.0, 1.0]
+
+    def weights(value):
+        return pretrain_main.per_teacher(value, teachers, "--teacher-weights", kind=float, default=1.0)
+
+    assert weights("0.5") == [0.5, 0.5, 0.5]
+    assert weights("1,2,3") == [1.0, 2.0, 3.0]
+    assert weights(None) == [1.0, 1.0, 1.0]
 
 
 def test_a_teacher_named_twice_or_without_a_hadamard_width_is_one_line(tiny_teacher, tmp_path, capsys):
