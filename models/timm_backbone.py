@@ -9,11 +9,14 @@ for an average-pooled ViT, the pooled and normed last map for a ConvNeXt. The pa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 from .errors import UsageError
 from .tokens import Tokens
+from .vision_transformer import block_indices
 
 
 class TimmBackbone(nn.Module):
@@ -57,6 +60,35 @@ class TimmBackbone(nn.Module):
                 )
         summary = self.model.forward_head(features, pre_logits=True)
         return Tokens(summary, patches, grid)
+
+    def get_intermediate_layers(
+        self,
+        x: torch.Tensor,
+        n: int | Sequence[int] = 1,
+        reshape: bool = False,
+        return_class_token: bool = False,
+        norm: bool = True,
+    ) -> tuple:
+        """DINOv2's semantics (the maps the dense tasks read) through timm's `forward_intermediates`: the last `n`
+        blocks or stages (int) or the listed indices; [B, D, h, w] maps with `reshape`, else [B, h*w, D]
+        tokens; with `return_class_token` each paired with its CLS (a model without one has none to give)."""
+        if return_class_token and getattr(self.model, "cls_token", None) is None:
+            raise UsageError(f"a timm {type(self.model).__name__} has no class token to return")
+        take = sorted(block_indices(n, len(self._stages())))
+        kwargs = dict(return_prefix_tokens=True) if return_class_token else {}
+        outs = self.model.forward_intermediates(
+            x, indices=take, norm=norm, output_fmt="NCHW", intermediates_only=True, **kwargs
+        )
+        maps = [o[0] if return_class_token else o for o in outs]
+        if not reshape:
+            maps = [m.flatten(2).transpose(1, 2) for m in maps]
+        if return_class_token:
+            return tuple((m, o[1][:, 0]) for m, o in zip(maps, outs))
+        return tuple(maps)
+
+    def _stages(self) -> nn.Sequential | list:
+        """What forward_intermediates indexes: a ViT's blocks, a CNN's stages."""
+        return getattr(self.model, "blocks", None) or self.model.stages
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_tokens(x).cls

@@ -11,7 +11,8 @@ a family's network needs `cls_token` to exist. A patch map always travels with t
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -38,3 +39,25 @@ def resample_patches(patches: torch.Tensor, grid: tuple[int, int], size: tuple[i
     shrink = size[0] < grid[0] or size[1] < grid[1]
     x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
     return x.reshape(b, d, -1).transpose(1, 2)
+
+
+class Backbone(Protocol):
+    """What every network the project distils from, trains or evaluates provides (our ViTs, DINOv3's, any timm
+    model through models.timm_backbone.TimmBackbone)."""
+
+    embed_dim: int  # the width of its summary and patch tokens
+    patch_size: int  # pixels per patch token (a CNN: its last map's stride)
+
+    def forward_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> Tokens:
+        """The summary token and the final patch tokens on their grid (`masks`: mask tokens, students only)."""
+
+    def get_intermediate_layers(
+        self,
+        x: torch.Tensor,
+        n: int | Sequence[int] = 1,
+        reshape: bool = False,
+        return_class_token: bool = False,
+        norm: bool = True,
+    ) -> tuple:
+        """The maps the dense tasks read, with DINOv2's semantics: the last `n` blocks or the listed ones,
+        [B, D, h, w] with `reshape`."""

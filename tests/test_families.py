@@ -72,6 +72,18 @@ def test_a_release_file_loads_strictly_and_converts_back(family, name, monkeypat
 
 
 @pytest.mark.parametrize("family, name", CASES)
+def test_the_backbone_contract(family, name, monkeypatch):
+    """forward_tokens and the dense tasks' maps agree: the last map, normed, is the patch tokens on their grid."""
+    _, spec, model = tiny_teacher(monkeypatch, name)
+    x = torch.randn(2, 3, 2 * spec.patch_size, 3 * spec.patch_size)
+    tokens = model.forward_tokens(x)
+    assert tokens.grid == (2, 3) and tokens.cls.shape == (2, model.embed_dim) and model.patch_size == spec.patch_size
+    (last,) = model.get_intermediate_layers(x, n=1, reshape=True, norm=True)
+    assert last.shape == (2, model.embed_dim, 2, 3)
+    torch.testing.assert_close(last.flatten(2).transpose(1, 2), tokens.patches)
+
+
+@pytest.mark.parametrize("family, name", CASES)
 def test_detection_is_exclusive(family, name, monkeypatch):
     _, _, model = tiny_teacher(monkeypatch, name)
     for sd in (model.state_dict(), FAMILIES[family].to_official(model)):
