@@ -127,6 +127,10 @@ def test_a_tiny_distillation_from_it_trains_exports_and_loads_downstream(family,
     adaptors = models.load_adaptors(out / "adaptors.pth")
     assert adaptors.teachers[name]["family"] == family
     assert dataclasses.asdict(adaptors.adaptors[name].target)["dim"] == spec.embed_dim
+    mmseg_ext = pytest.importorskip("segmentation.mmseg_ext", reason="mmsegmentation not installed: `make mmseg`")
+    dense = mmseg_ext.ProteusViT(checkpoint=str(out / "backbone.pth"), out_indices=(5, 11))  # the dense tasks' reader
+    maps = dense(torch.zeros(1, 3, 2 * student_patch, 2 * student_patch))
+    assert [tuple(m.shape) for m in maps] == [(1, 192, 2, 2)] * 2
 
 
 def test_a_timm_file_may_hold_its_classifier_and_must_hold_the_rest(monkeypatch, tmp_path):
