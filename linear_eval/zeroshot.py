@@ -1,14 +1,15 @@
-"""Zero-shot classification through a student's CLIP adaptor, next to CLIP's own (issue 15).
+"""Zero-shot classification through a student's adaptor of an image-text teacher, next to the teacher's own.
 
-A student distilled from a CLIP teacher predicts, with that teacher's adaptor, CLIP's ln_post(CLS): the
-feature before CLIP's projection. Projected by CLIP's own `proj` and compared with class embeddings of
-CLIP's own text tower, it classifies images with no training on labels. The protocol is the CLIP
-paper's (as open_clip runs it): per class the 80 OpenAI ImageNet prompt templates, each text embedding
-L2-normalised, their mean renormalised; image embeddings L2-normalised; logits 100 * image @ classes.
-CLIP's visual tower on the same images, with CLIP's own preprocessing, is the teacher's figure.
+A student distilled from a teacher whose family has a text tower (CLIP, SigLIP2: the family's `zero_shot`)
+predicts, with that teacher's adaptor, the teacher's image feature before its projection (CLIP's
+ln_post(CLS), SigLIP2's MAP-pooled output). Mapped by the teacher's own image head and compared with class
+embeddings of its own text tower, it classifies images with no training on labels. The protocol (prompts,
+tokenizer, scoring) is the family's, as its official evaluation runs it: CLIP's is the CLIP paper's (80 OpenAI
+ImageNet templates, 100 * cosine), SigLIP2's open_clip's (the same templates through its tokenizer, sigmoid
+logits). The teacher's image tower on the same images, with its own preprocessing, is the teacher's figure.
 
 python -m linear_eval.zeroshot --backbone out/backbone.pth --adaptors out/adaptors.pth \
-    --clip-checkpoint ViT-L-14.pt --data-path /imagenet
+    --text-checkpoint ViT-L-14.pt --data-path /imagenet
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from timm.data import ImageNetInfo
 
 from common import distributed as dist_utils
 from common.cli import ArgumentParser, check_positive, evaluation_parser, run, start
-from common.features import Features, eval_transform, extract_features, frozen_backbone, image_counts
+from common.features import Features, extract_features, frozen_backbone, image_counts
 from common.results import Results, Timer, print_table, topk_correct, write_results
 from models import FAMILIES, TEACHERS, Adaptors, load_adaptors
 from models.errors import UsageError
@@ -45,12 +46,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--adaptors", required=True, metavar="FILE", help="adaptors.pth, exported by pretraining with --backbone")
     a(
+        "--text-checkpoint",
         "--clip-checkpoint",
+        dest="clip_checkpoint",
         required=True,
         metavar="FILE",
-        help="OpenAI's release file of the CLIP teacher (ViT-L-14.pt, ViT-B-16.pt): its projection and text tower",
+        help="the image-text teacher's whole release file, its image head and text tower: OpenAI's CLIP file "
+        "(ViT-L-14.pt, ViT-B-16.pt), open_clip's SigLIP2 open_clip_model.safetensors",
     )
-    a("--teacher", metavar="NAME", help="the CLIP teacher's adaptor to use (default: the only CLIP one)")
+    a(
+        "--tokenizer",
+        metavar="DIR",
+        help="a saved Hugging Face tokenizer of the teacher's text tower, for families whose tokenizer is one "
+        "(SigLIP2; default: the Hugging Face cache, never the network); CLIP's is open_clip's own",
+    )
+    a("--teacher", metavar="NAME", help="the image-text teacher's adaptor to use (default: the only one)")
     a("--input-size", type=int, default=224, help="the student's crop; images are resized to input-size * 256/224")
     a("--no-teacher", action="store_true", help="skip CLIP's own zero-shot on the same images")
     return p
@@ -129,12 +139,12 @@ def zeroshot(args: argparse.Namespace) -> None:
         )
     if adaptor.token_head is None:
         raise UsageError(f"{args.adaptors}: the {name} adaptor has no token head, so it predicts no CLS feature")
-    model = tower.load(args.clip_checkpoint).to(device)
+    model = tower.load(args.clip_checkpoint, tokenizer=args.tokenizer).to(device)
     width = tower.width(model)
     if adaptor.target.dim != width:
         raise UsageError(
             f"the {name} adaptor predicts {adaptor.target.dim}-dim features but {args.clip_checkpoint}'s visual "
-            f"width is {width}: give the CLIP file the student was distilled from"
+            f"width is {width}: give the file of the teacher the student was distilled from"
         )
     dataset = image_folder(args.data_path, "val", val_transform(args.input_size))
     names, naming = class_names(dataset.classes)
@@ -153,16 +163,16 @@ def zeroshot(args: argparse.Namespace) -> None:
     with timer.phase("student"):
         ours = embeddings(student, dataset, f"student through the {name} adaptor")
     metrics = accuracy(logits, ours, classifier)
-    notes = dict.fromkeys(metrics, f"the student through its {name} adaptor and CLIP's projection")
+    notes = dict.fromkeys(metrics, f"the student through its {name} adaptor and the teacher's image head")
     size = tower.image_size(model)
     if not args.no_teacher:
         clip_view = copy.copy(dataset)  # shares the scanned sample list; only the transform differs
-        clip_view.transform = eval_transform(size, resize_size=None, mean=tower.mean, std=tower.std)
+        clip_view.transform = tower.preprocess(model)
         with timer.phase("teacher"):
-            teacher = embeddings(lambda x: tower.encode_image(model, x), clip_view, "CLIP's visual tower")
+            teacher = embeddings(lambda x: tower.encode_image(model, x), clip_view, "the teacher's image tower")
         for metric, value in accuracy(logits, teacher, classifier).items():
             metrics[f"teacher {metric}"] = value
-            notes[f"teacher {metric}"] = f"CLIP's own visual tower ({Path(args.clip_checkpoint).name})"
+            notes[f"teacher {metric}"] = f"the teacher's own image tower ({Path(args.clip_checkpoint).name})"
     if not dist_utils.is_main():
         return
     rows = [["student", *(f"{metrics[m]:.2f}" for m in metrics if not m.startswith("teacher"))]]

@@ -98,11 +98,19 @@ class DownloadError(MissingFile):
         self.url, self.dst, self.reason = url, dst, reason
 
 
+def cache_name(url: str) -> str:
+    """The file name an official file is cached under: its URL's last part, after its repository's name for a
+    Hugging Face Hub file (`<repo>/resolve/<revision>/<file>`), whose file names repeat across repositories."""
+    parts = url.split("?")[0].split("/")
+    if len(parts) > 4 and parts[-3] == "resolve":
+        return f"{parts[-4]}-{parts[-1]}"
+    return parts[-1]
+
+
 def download(url: str) -> Path:
     """Fetch an official file once into torch hub's cache (real network code; tests never call it). A failure
     is a DownloadError and leaves nothing in the cache (torch writes to a temporary file and renames it)."""
-    name = url.split("/")[-1].split("?")[0]
-    dst = Path(torch.hub.get_dir()) / "checkpoints" / name
+    dst = Path(torch.hub.get_dir()) / "checkpoints" / cache_name(url)
     if not dst.is_file():
         try:
             dst.parent.mkdir(parents=True, exist_ok=True)

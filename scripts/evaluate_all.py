@@ -88,6 +88,7 @@ class Task:
     needed: tuple[str, ...]  # folders that root must hold
     quick: tuple[str, ...]  # --quick's arguments: SMOKE TESTS ONLY, the numbers mean nothing
     inputs: tuple[str, ...] = ()  # further files it needs: evaluate_all's flags, passed on under the same names
+    options: tuple[str, ...] = ()  # further flags it may take: passed on under the same names when given
     report: tuple[str, ...] = ()  # the metrics in the table, by name prefix, in this order (empty: all)
     paper: dict[str, dict[str, float]] = field(default_factory=dict)  # model size -> {metric: figure}
     paper_protocol: dict = field(default_factory=dict)  # the `protocol` settings behind those figures
@@ -120,7 +121,8 @@ def no_clip_adaptor(root: str, args: argparse.Namespace) -> str | None:
     if not teachers:
         return f"{args.adaptors} holds no CLIP teacher's adaptor"
     try:
-        zeroshot.text_tower(teachers[0], adaptors.teachers.get(teachers[0], {})).load(args.clip_checkpoint)
+        tower = zeroshot.text_tower(teachers[0], adaptors.teachers.get(teachers[0], {}))
+        tower.load(args.clip_checkpoint, tokenizer=args.tokenizer)
     except UsageError as e:
         raise UsageError(f"--clip-checkpoint: {e}") from None
     return None
@@ -148,7 +150,7 @@ TASKS = {
     ),
     "zeroshot": Task(
         "linear_eval.zeroshot", "--data-imagenet", ("val",), ("--batch-size", "4", "--num-workers", "0"),
-        inputs=("--adaptors", "--clip-checkpoint"), unready=no_clip_adaptor,
+        inputs=("--adaptors", "--clip-checkpoint"), options=("--tokenizer",), unready=no_clip_adaptor,
     ),
     "fine_grained": Task(
         "fine_grained.main", "--data-fine-grained", (),
@@ -238,7 +240,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--data-ade20k", help="ADEChallengeData2016 root (images/, annotations/)")
     a("--data-nyu", help="NYU-Depth V2 root (images/, annotations/)")
     a("--adaptors", metavar="FILE", help="the student's adaptors.pth (zeroshot, when it holds a CLIP teacher's)")
-    a("--clip-checkpoint", metavar="FILE", help="OpenAI's file of that CLIP teacher (zeroshot)")
+    a(
+        "--clip-checkpoint",
+        "--text-checkpoint",
+        dest="clip_checkpoint",
+        metavar="FILE",
+        help="the whole release file of that image-text teacher (zeroshot): OpenAI's CLIP file, open_clip's SigLIP2",
+    )
+    a("--tokenizer", metavar="DIR", help="a saved Hugging Face tokenizer of that teacher's text tower (zeroshot)")
     a(
         "--dense-head",
         choices=("linear", "full", "1x1"),
@@ -311,6 +320,7 @@ def command(name: str, args: argparse.Namespace, size: str, out: Path) -> list[s
     if not task.heads:
         device = ["--device", args.device] if args.device else []
         inputs = [x for flag in task.inputs for x in (flag, flag_value(flag, args))]
+        inputs += [x for flag in task.options if flag_value(flag, args) for x in (flag, flag_value(flag, args))]
         return [task.module, *shared, *device, *inputs, *task.arguments(root)]
     config = ROOT / task.heads[args.dense_head].config.format(size)
     # the paper's global batch over the visible GPUs (later --cfg-options, --quick's or --extra's, override it)

@@ -158,7 +158,7 @@ def test_zeroshot_only_with_adaptors_of_a_clip_teacher(backbone, imagenet, zeros
     assert results["protocol"]["teacher"] == "clip_tiny"
     rows = table(out / "results.md")
     assert [m.split(" (")[0] for t, m in rows] == ["top-1", "teacher top-1"]
-    assert rows[("zeroshot", "teacher top-1 (CLIP's own visual tower (ViT-T-16.pt))")][0] == (
+    assert rows[("zeroshot", "teacher top-1 (the teacher's own image tower (ViT-T-16.pt))")][0] == (
         f"{results['metrics']['teacher top-1']:.2f}"
     )
 

@@ -23,8 +23,11 @@ TIMM = {
     "timm:vit_small_patch14_reg4_dinov2": TINY_VIT,  # CLS and 4 register tokens
     "timm:convnext_atto": dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1)),  # a CNN: its last map is the grid
 }
+# released teachers built from a timm model (the siglip2 family's), at a tiny size through their family's spec()
+TIMM_RELEASED = {"siglip2_vitb16": TINY_VIT}
 # the teachers each family is tested with: a released family's first (the others differ in size only)
 EXAMPLES = {name: [next(iter(f.teachers))] for name, f in FAMILIES.items() if f.teachers} | {"timm": list(TIMM)}
+assert EXAMPLES["siglip2"] == ["siglip2_vitb16"]
 CASES = [(family, name) for family, names in EXAMPLES.items() for name in names]
 
 
@@ -36,6 +39,8 @@ def tiny_teacher(monkeypatch, name: str, seed: int = 0):
     """Teacher `name` at a tiny size (patched into TEACHERS) and a random network of it."""
     if name in TIMM:
         spec = FAMILIES["timm"].spec(name.removeprefix("timm:"), **TIMM[name])
+    elif name in TIMM_RELEASED:
+        spec = FAMILIES[models.TEACHERS[name].family].spec(name, **TIMM_RELEASED[name])
     else:
         spec = tiny_spec(name, dim=64, depth=2, heads=1, img_size=2 * models.TEACHERS[name].patch_size)
     monkeypatch.setitem(models.TEACHERS, name, spec)
@@ -173,3 +178,34 @@ def test_a_timm_teacher_joins_a_multi_teacher_recipe(monkeypatch, tmp_path, caps
     convnext = adaptors.adaptors["timm:convnext_atto"]
     assert convnext.target.standardization == "phi-s" and convnext.cls_std.fitted and convnext.patch_std.fitted
     assert adaptors.teachers["timm:convnext_atto"]["family"] == "timm"
+
+
+def test_siglip2_teachers_are_timms_models_at_open_clips_releases():
+    """Each released SigLIP2 spec is what its timm model says (width, patch, resolution, mean/std 0.5), its URL
+    open_clip's Hub file of the matching config, and the two files it is read from give the same network."""
+    import open_clip
+
+    fam = FAMILIES["siglip2"]
+    sizes = {"siglip2_vitb16": 224, "siglip2_vitl16": 256, "siglip2_so400m14": 224, "siglip2_vitg16": 256}
+    assert {n: s.img_size for n, s in fam.teachers.items()} == sizes
+    for name, spec in fam.teachers.items():
+        assert fam.spec(name) == spec and spec.mean == spec.std == (0.5, 0.5, 0.5)
+        config = spec.url.split("/")[4]
+        vision = open_clip.get_model_config(config)["vision_cfg"]
+        assert spec.model_name.split(".")[0] == vision["timm_model_name"] and vision["image_size"] == spec.img_size
+        assert spec.url == f"https://huggingface.co/timm/{config}/resolve/main/open_clip_model.safetensors"
+    assert len({models.teachers.cache_name(s.url) for s in fam.teachers.values()}) == len(fam.teachers)
+
+
+def test_a_siglip2_teacher_reads_open_clips_whole_file_and_timms(monkeypatch, tmp_path):
+    from safetensors.torch import save_file
+
+    name, spec, model = tiny_teacher(monkeypatch, "siglip2_vitb16")
+    whole = {**FAMILIES["siglip2"].release_file(model), "logit_scale": torch.zeros(()), "logit_bias": torch.zeros(())}
+    whole["text.token_embedding.weight"] = torch.zeros(10, 8)  # open_clip's text tower: zero-shot's, not ours
+    save_file(whole, tmp_path / "open_clip_model.safetensors")
+    save_file(FAMILIES["siglip2"].to_official(model), tmp_path / "model.safetensors")
+    x = torch.randn(1, 3, 32, 32)
+    for file in ("open_clip_model.safetensors", "model.safetensors"):
+        teacher = models.create_teacher(name, tmp_path / file, dtype=torch.float32)
+        torch.testing.assert_close(teacher.backbone.forward_tokens(x).cls, model.forward_tokens(x).cls, rtol=0, atol=0)

@@ -87,7 +87,7 @@ def designed_adaptors(backbone: Path, clip, classifier: torch.Tensor, images: to
         wb = torch.linalg.pinv(u) @ a.cls_std(t).double()  # exact: 12 points, 65 unknowns
         a.token_head[1].weight.copy_(wb[:-1].T)
         a.token_head[1].bias.copy_(wb[-1])
-        predicted = a.predict(cls, out["x_norm_patchtokens"])["cls"]
+        predicted = a.predict(models.Tokens(cls, out["x_norm_patchtokens"], (2, 2))).cls
     torch.testing.assert_close(predicted.double(), t, rtol=1e-4, atol=1e-4)
     return adaptors, predicted
 

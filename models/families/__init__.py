@@ -8,11 +8,11 @@ from collections.abc import Mapping
 from torch import nn
 
 from ..errors import UsageError
-from . import clip, dinov2, dinov3, synclr, timm
+from . import clip, dinov2, dinov3, siglip2, synclr, timm
 from .base import Family, TeacherSpec
 
 FAMILIES: dict[str, Family] = {
-    f.name: f for f in (dinov2.FAMILY, dinov3.FAMILY, clip.FAMILY, synclr.FAMILY, timm.FAMILY)
+    f.name: f for f in (dinov2.FAMILY, dinov3.FAMILY, clip.FAMILY, synclr.FAMILY, siglip2.FAMILY, timm.FAMILY)
 }
 # Every released teacher by name; the one table lookups read (tests put tiny specs into it)
 TEACHERS: dict[str, TeacherSpec] = {name: spec for f in FAMILIES.values() for name, spec in f.teachers.items()}

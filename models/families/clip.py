@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from torch import nn
+from torchvision import transforms
 
 from ..architectures import VIT_CONFIGS, Layout
 from ..checkpoints import StateDict, is_torchscript_archive, safe_load, strip_prefix, swap, torchscript_state_dict
@@ -77,9 +78,9 @@ class ClipZeroShot:
     protocol = "CLIP zero-shot: 80 OpenAI ImageNet templates, mean of normalised text embeddings, 100 * cos"
     mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-    def load(self, path: str | os.PathLike) -> nn.Module:
+    def load(self, path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None) -> nn.Module:
         """open_clip's CLIP from OpenAI's file (read with weights_only, or its TorchScript archive read as data),
-        fp32."""
+        fp32. `tokenizer` is not read: CLIP's BPE tokenizer ships inside open_clip."""
         try:
             from open_clip.model import build_model_from_openai_state_dict
         except ImportError:
@@ -109,6 +110,14 @@ class ClipZeroShot:
 
     def encode_image(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         return model.encode_image(images, normalize=True)
+
+    def preprocess(self, model: nn.Module) -> transforms.Compose:
+        """CLIP's eval transform: the short side resized (bicubic) to the input size, a centre crop, its mean/std."""
+        size = self.image_size(model)
+        return transforms.Compose([
+            transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(size),
+            transforms.ToTensor(), transforms.Normalize(self.mean, self.std),
+        ])  # fmt: skip
 
     def classifier(self, model: nn.Module, names: list[str], device: torch.device) -> torch.Tensor:
         """[embed dim, classes]: open_clip's zero-shot classifier with OpenAI's 80 ImageNet templates."""

@@ -55,6 +55,26 @@ class TimmTeacherSpec:
         return TimmBackbone(self.create(num_classes=0))
 
 
+def tensors(path: str | os.PathLike) -> StateDict:
+    """The tensors of a state dict file (unwrapped from a training checkpoint's 'state_dict' or 'model')."""
+    raw = safe_load(path)
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path} holds a {type(raw).__name__}, not a state dict")
+    raw = next((raw[k] for k in ("state_dict", "model") if isinstance(raw.get(k), dict)), raw)
+    sd = {k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+    if not sd:
+        raise UsageError(f"{path} holds no tensors (keys: {few_names(sorted(map(str, raw)))})")
+    return sd
+
+
+def without_classifier(spec: TimmTeacherSpec, state_dict: StateDict) -> StateDict:
+    """A timm state dict of the model without its classifier's weights, if it holds them."""
+    with torch.device("meta"):
+        headless, full = spec.create(num_classes=0).state_dict(), spec.create().state_dict()
+    classifier = set(full) - set(headless)
+    return {k: v for k, v in state_dict.items() if k not in classifier}
+
+
 class Timm(Family):
     name = "timm"
     title = "timm"
@@ -99,17 +119,7 @@ class Timm(Family):
 
     def read_teacher(self, spec: TimmTeacherSpec, path: str | os.PathLike) -> StateDict:
         """timm's state dict of the model, without its classifier (which a teacher does not use)."""
-        raw = safe_load(path)
-        if not isinstance(raw, dict):
-            raise UsageError(f"{path} holds a {type(raw).__name__}, not a state dict")
-        raw = next((raw[k] for k in ("state_dict", "model") if isinstance(raw.get(k), dict)), raw)
-        sd = {k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}
-        if not sd:
-            raise UsageError(f"{path} holds no tensors (keys: {few_names(sorted(map(str, raw)))})")
-        with torch.device("meta"):
-            headless, full = spec.create(num_classes=0).state_dict(), spec.create().state_dict()
-        classifier = set(full) - set(headless)
-        return {k: v for k, v in sd.items() if k not in classifier}
+        return without_classifier(spec, tensors(path))
 
     def load_teacher(self, spec: TimmTeacherSpec, path, *, name: str, dtype: torch.dtype) -> nn.Module:
         model = spec.build()
