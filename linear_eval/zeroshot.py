@@ -77,6 +77,11 @@ def text_tower(name: str, info: dict):
     return FAMILIES[found].zero_shot if found in FAMILIES else None
 
 
+def image_text_families() -> str:
+    """The families with a text tower, for messages."""
+    return ", ".join(f.title for f in FAMILIES.values() if f.zero_shot is not None)
+
+
 def clip_teachers(adaptors: Adaptors) -> list[str]:
     """The teachers whose family has a text tower: zero-shot can use their adaptors."""
     return [n for n in adaptors.adaptors if text_tower(n, adaptors.teachers.get(n, {})) is not None]
@@ -91,11 +96,14 @@ def choose_teacher(adaptors: Adaptors, requested: str | None, path: str) -> str:
     if requested and requested not in adaptors.adaptors:
         raise UsageError(f"--teacher {requested}: {path} holds the adaptors of {held}")
     if requested and requested not in clip:
-        raise UsageError(f"--teacher {requested} is not a CLIP teacher ({path} holds {held})")
+        raise UsageError(f"--teacher {requested} is not an image-text teacher (no text tower) ({path} holds {held})")
     if not requested and not clip:
-        raise UsageError(f"{path} holds no CLIP teacher's adaptor ({held}): zero-shot needs a CLIP teacher's student")
+        raise UsageError(
+            f"{path} holds no image-text ({image_text_families()}) teacher's adaptor ({held}): zero-shot needs the "
+            "student of a teacher with a text tower"
+        )
     if not requested and len(clip) > 1:
-        raise UsageError(f"{path} holds several CLIP teachers ({', '.join(clip)}): choose one with --teacher")
+        raise UsageError(f"{path} holds several image-text teachers ({', '.join(clip)}): choose one with --teacher")
     return requested or clip[0]
 
 

@@ -119,7 +119,7 @@ def no_clip_adaptor(root: str, args: argparse.Namespace) -> str | None:
     adaptors = models.load_adaptors(args.adaptors)
     teachers = zeroshot.clip_teachers(adaptors)
     if not teachers:
-        return f"{args.adaptors} holds no CLIP teacher's adaptor"
+        return f"{args.adaptors} holds no image-text ({zeroshot.image_text_families()}) teacher's adaptor"
     try:
         tower = zeroshot.text_tower(teachers[0], adaptors.teachers.get(teachers[0], {}))
         tower.load(args.clip_checkpoint, tokenizer=args.tokenizer)

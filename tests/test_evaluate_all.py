@@ -145,7 +145,10 @@ def test_zeroshot_only_with_adaptors_of_a_clip_teacher(backbone, imagenet, zeros
     for given, why in (
         ([], "no --adaptors given"),
         (["--adaptors", with_clip], "no --clip-checkpoint given"),
-        (["--adaptors", without, "--clip-checkpoint", clip], f"{without} holds no CLIP teacher's adaptor"),
+        (
+            ["--adaptors", without, "--clip-checkpoint", clip],
+            f"{without} holds no image-text (CLIP, SigLIP2) teacher's adaptor",
+        ),
     ):
         assert evaluate_all.main([*base, *given]) == 2
         assert capsys.readouterr().err.strip().splitlines() == [f"error: no task has its data (zeroshot: {why})"]

@@ -148,11 +148,13 @@ def test_student_and_teacher_zero_shot_match_the_recipe(backbone, clip, data, tm
 @pytest.mark.parametrize(
     "teachers,extra,message",
     [
-        ({"dinov2_vits14": (48, "dinov2")}, [], "holds no CLIP teacher's adaptor (dinov2_vits14 (dinov2))"),
+        ({"dinov2_vits14": (48, "dinov2")}, [],
+         "holds no image-text (CLIP, SigLIP2) teacher's adaptor (dinov2_vits14 (dinov2))"),
         ({"clip_tiny": (48, "clip")}, [], "clip_tiny adaptor predicts 48-dim features but {clip}'s visual width is 64"),
-        ({"clip_a": (64, "clip"), "clip_b": (64, "clip")}, [], "several CLIP teachers (clip_a, clip_b): choose one"),
+        ({"clip_a": (64, "clip"), "clip_b": (64, "clip")}, [],
+         "several image-text teachers (clip_a, clip_b): choose one"),
         ({"clip_a": (64, "clip"), "dinov2_vits14": (48, "dinov2")}, ["--teacher", "dinov2_vits14"],
-         "--teacher dinov2_vits14 is not a CLIP teacher"),
+         "--teacher dinov2_vits14 is not an image-text teacher"),
     ],
     ids=["no-clip-teacher", "width-mismatch", "ambiguous", "not-clip"],
 )  # fmt: skip
