@@ -217,11 +217,6 @@ _SWIGLU_RENAMES = (("mlp.fc1_g.", "mlp.w1."), ("mlp.fc1_x.", "mlp.w2."), ("mlp.f
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
-def is_dinov3(state_dict: StateDict) -> bool:
-    """A DINOv3 ViT in FAIR's names (storage tokens, RoPE periods) or ours (timm's reg_token + rope.periods)."""
-    return any(k in state_dict for k in ("storage_tokens", "rope_embed.periods", "rope.periods"))
-
-
 def is_official(state_dict: StateDict) -> bool:
     return "storage_tokens" in state_dict or "rope_embed.periods" in state_dict
 

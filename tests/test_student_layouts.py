@@ -32,11 +32,17 @@ from common.features import frozen_backbone
 from common.io import atomic_save
 from linear_eval.classifiers import linear_features
 from models import LAYOUTS, ViT
+from models.architectures import timm_vit
 from models.errors import UsageError
+from models.families import DEFAULT_LAYOUT
 from pretrain import main as pretrain_main
 from pretrain.output import Output
 from tests.helpers import TINY_RUN, block_outputs, make_image_folder, randomize_, rel_err, tiny_vit
 
+# the registry's layouts built as our timm ViT (DINOv3's, its own class, has tests/test_dinov3.py), and those of
+# them the reference release added beside DINOv2's (its models_clip.py and models_synclr.py)
+VIT_LAYOUTS = [name for name, layout in LAYOUTS.items() if layout.builder is timm_vit]
+REFERENCE_LAYOUTS = [name for name in VIT_LAYOUTS if name != DEFAULT_LAYOUT]
 PATCH, GRID, DIM, DEPTH, HEADS = 14, 4, 128, 2, 2  # 2 heads: the MultiheadAttention <-> qkv head split is exercised
 
 
@@ -132,7 +138,7 @@ def independent(layout: str, export: dict[str, torch.Tensor], dim: int = DIM):
 # ================================================================================================
 # 1. Architecture and init per layout
 # ================================================================================================
-@pytest.mark.parametrize("layout", ["dinov2", "clip", "synclr"])
+@pytest.mark.parametrize("layout", VIT_LAYOUTS)
 def test_layout_architecture(layout):
     with torch.device("meta"):  # shapes only
         m = models.create_student("vit_base", layout=layout)
@@ -203,7 +209,7 @@ def test_synclr_student_init_is_the_references():
 # ================================================================================================
 # 2. Exports: the reference's key names and shapes; outputs of independent implementations
 # ================================================================================================
-@pytest.mark.parametrize("layout", ["clip", "synclr"])
+@pytest.mark.parametrize("layout", REFERENCE_LAYOUTS)
 def test_export_has_exactly_the_reference_keys_and_shapes(layout):
     torch.manual_seed(0)
     export = models.to_reference(models.create_student("vit_tiny", layout=layout), layout)
@@ -216,7 +222,7 @@ def test_export_in_another_layout_is_refused():
         models.to_reference(tiny_student("dinov2"), "clip")
 
 
-@pytest.mark.parametrize("layout", ["clip", "synclr"])
+@pytest.mark.parametrize("layout", REFERENCE_LAYOUTS)
 def test_outputs_equal_an_independent_implementation(layout):
     ours = tiny_student(layout)
     ref = independent(layout, models.to_reference(ours, layout))
@@ -292,7 +298,7 @@ def reference_training_checkpoint(layout: str, student: dict[str, torch.Tensor])
 
 
 @pytest.mark.parametrize("mask", ["[1,D]", "[1,1,D]", "none"])
-@pytest.mark.parametrize("layout", ["clip", "synclr"])
+@pytest.mark.parametrize("layout", REFERENCE_LAYOUTS)
 def test_load_backbone_reads_reference_training_checkpoints(tmp_path, layout, mask):
     ours = tiny_student(layout, seed=3)
     student = models.to_reference(ours, layout)
@@ -314,7 +320,7 @@ def test_load_backbone_reads_reference_training_checkpoints(tmp_path, layout, ma
     assert rel_err(out["x_norm_patchtokens"], patches) < 1e-4
 
 
-@pytest.mark.parametrize("layout", ["dinov2", "clip", "synclr"])
+@pytest.mark.parametrize("layout", VIT_LAYOUTS)
 def test_export_and_our_checkpoint_load_back_identically(tmp_path, layout):
     ours = tiny_student(layout, seed=4)
     atomic_save(models.to_reference(ours, layout), tmp_path / "backbone.pth")
@@ -371,7 +377,7 @@ def test_default_layout_is_the_teachers_family():
     assert explicit.student_layout == "dinov2"  # a DINOv2-layout student of a CLIP teacher stays possible
 
 
-@pytest.mark.parametrize("layout", ["clip", "synclr"])
+@pytest.mark.parametrize("layout", REFERENCE_LAYOUTS)
 def test_pretraining_runs_and_exports_in_the_layout(tmp_path, capsys, layout):
     data = make_image_folder(tmp_path / "data")
     out = tmp_path / "run"
@@ -445,7 +451,7 @@ def test_clip_teacher_run_trains_a_clip_student_as_the_reference(tiny_teacher, t
 # ================================================================================================
 # 5. Evaluations run on every layout (through models.load_backbone and our ViT API)
 # ================================================================================================
-@pytest.mark.parametrize("layout", ["clip", "synclr"])
+@pytest.mark.parametrize("layout", REFERENCE_LAYOUTS)
 def test_evaluation_features_on_layout_backbones(tmp_path, layout):
     ours = tiny_student(layout, seed=5, depth=4)
     path = tmp_path / "backbone.pth"
@@ -462,7 +468,7 @@ def test_evaluation_features_on_layout_backbones(tmp_path, layout):
         torch.testing.assert_close(backbone.forward_features(x)["x_norm_clstoken"], cls[-1], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["clip", "synclr"])
+@pytest.mark.parametrize("layout", REFERENCE_LAYOUTS)
 def test_mmseg_backbone_builds_from_layout_files(tmp_path, layout):
     pytest.importorskip("mmseg", reason="mmsegmentation not installed: `make mmseg`")
     import segmentation.mmseg_ext as proteus_mmseg
@@ -480,7 +486,7 @@ def test_mmseg_backbone_builds_from_layout_files(tmp_path, layout):
         torch.testing.assert_close(f, e, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["clip", "synclr", "dinov2"])
+@pytest.mark.parametrize("layout", VIT_LAYOUTS)
 def test_mmseg_fine_tuning_trains_what_reaches_the_outputs(tmp_path, layout):
     """Fine-tuning with final_norm: a CLIP-layout norm touches only the CLS, so without the CLS token it gets
     no gradient (DDP would reject it) and is frozen; ln_pre keeps the full lr under layer-wise decay, as the
