@@ -16,11 +16,13 @@ from .dinov3 import DinoV3ViT
 from .errors import MissingFile, UsageError
 from .families import FAMILIES, LAYOUTS, TEACHERS, teacher_spec
 from .teachers import Teacher, create_teacher, default_dtype
-from .tokens import Tokens, resample_patches
+from .timm_backbone import TimmBackbone
+from .tokens import Backbone, Tokens, resample_patches
 from .vision_transformer import ViT
 
 __all__ = [
     "Adaptors",
+    "Backbone",
     "Prediction",
     "TeacherTarget",
     "load_adaptors",
@@ -32,6 +34,7 @@ __all__ = [
     "TEACHERS",
     "VIT_CONFIGS",
     "Teacher",
+    "TimmBackbone",
     "Tokens",
     "UsageError",
     "ViT",
