@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from models import Tokens
 from models.adaptors import Adaptors, Standardizer, TeacherTarget, hadamard, load_adaptors
 from models.errors import UsageError
 
@@ -59,11 +60,11 @@ def test_adaptors_file_round_trip(tmp_path):
     torch.save(adaptors.export({"name": "vit_tiny"}), tmp_path / "adaptors.pth")
     loaded = load_adaptors(tmp_path / "adaptors.pth")
     assert loaded.teachers["a"] == {"family": "dinov2"} and loaded.adaptors["b"].target == targets[1]
-    cls, patches = torch.randn(2, 16), torch.randn(2, 4, 16)
-    want, got = a.predict(cls, patches), loaded.adaptors["a"].predict(cls, patches)
-    assert want.keys() == got.keys() == {"cls", "patches"}
-    assert all(torch.equal(want[k], got[k]) for k in want)
-    assert set(loaded.adaptors["b"].predict(cls, patches)) == {"cls"}  # token-only: no patch head
+    tokens = Tokens(torch.randn(2, 16), torch.randn(2, 4, 16), (2, 2))
+    want, got = a.predict(tokens), loaded.adaptors["a"].predict(tokens)
+    assert torch.equal(want.cls, got.cls) and torch.equal(want.patches, got.patches) and want.grid == got.grid == (2, 2)
+    token_only = loaded.adaptors["b"].predict(tokens)
+    assert token_only.cls.shape == (2, 8) and token_only.patches is None  # token-only: no patch head
 
 
 def test_load_adaptors_refuses_other_files(tmp_path):
