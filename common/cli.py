@@ -209,6 +209,7 @@ class Store(argparse.Action):
         self.old = tuple(old)
         super().__init__(option_strings, dest, **kwargs)
 
+    # positional past three: argparse.Action's protocol, called so by argparse (tests/test_layers.py)
     def __call__(self, parser, namespace, values, option_string=None):
         if option_string in self.old:
             deprecation(option_string, self.option_strings[0])
@@ -222,6 +223,7 @@ class OldSwitch(argparse.Action):
         self.new = new
         super().__init__(option_strings, dest, nargs=0, default=False, help=argparse.SUPPRESS, **kwargs)
 
+    # positional past three: argparse.Action's protocol, called so by argparse (tests/test_layers.py)
     def __call__(self, parser, namespace, values, option_string=None):
         deprecation(option_string, self.new)
         setattr(namespace, self.dest, True)
@@ -230,6 +232,7 @@ class OldSwitch(argparse.Action):
 class _Resume(argparse.Action):
     """--resume FILE; a bare --resume (mmseg's switch, the dense tasks' old spelling) is what the default does."""
 
+    # positional past three: argparse.Action's protocol, called so by argparse (tests/test_layers.py)
     def __call__(self, parser, namespace, values, option_string=None):
         if values is None:
             print(

@@ -28,7 +28,7 @@ from .io import atomic_save
 
 
 def eval_transform(
-    input_size: int = 224, resize_size: int | None = 256, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD
+    input_size: int = 224, resize_size: int | None = 256, *, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD
 ) -> transforms.Compose:
     """Resize the short side (bicubic) then CenterCrop; resize_size=None resizes to input_size."""
     return transforms.Compose(
@@ -161,6 +161,8 @@ class Features(NamedTuple):
     dropped: list[str]  # the unreadable images' paths, left out
 
 
+# positional past three until linear_eval/zeroshot.py passes batch_size, num_workers, desc by name
+# (tests/test_layers.py)
 @torch.no_grad()
 def extract_features(
     fn: Callable[[torch.Tensor], torch.Tensor],
@@ -245,7 +247,7 @@ def _plain(target: object) -> object:
     return target.tolist() if isinstance(target, torch.Tensor) else target
 
 
-def feature_key(backbone_path: str, dataset: Dataset, input_size: int, feature_type: str) -> dict[str, object]:
+def feature_key(backbone_path: str, dataset: Dataset, input_size: int, *, feature_type: str) -> dict[str, object]:
     """Everything cached features depend on; the names read in the log line of a cache that is recomputed."""
     return {
         "backbone file": file_identity(backbone_path),
@@ -281,6 +283,7 @@ def cached_features(
     path: str | Path | None,
     fn: Callable[[torch.Tensor], torch.Tensor],
     dataset: Dataset,
+    *,
     device: torch.device,
     batch_size: int,
     num_workers: int,
@@ -294,7 +297,7 @@ def cached_features(
     out = None
     if path is not None:
         path = Path(path)
-        key = feature_key(backbone_path, dataset, input_size, feature_type)
+        key = feature_key(backbone_path, dataset, input_size, feature_type=feature_type)
         # rank 0 decides: ranks that disagreed would wait in different collectives
         out = _load_cache(path, key) if dist_utils.is_main() else None
         if dist_utils.broadcast_from_main(out is not None) and out is None:
@@ -302,7 +305,7 @@ def cached_features(
             if out is None:
                 raise UsageError(f"cache {path} is valid on rank 0 but not here: use a --cache-dir every node sees")
     if out is None:
-        out = extract_features(fn, dataset, device, batch_size, num_workers, desc)
+        out = extract_features(fn, dataset, device, batch_size=batch_size, num_workers=num_workers, desc=desc)
         if path is not None and dist_utils.is_main():
             if out.dropped:  # an I/O hiccup must not be frozen into the cache
                 print(f"{desc}: not cached, since {len(out.dropped)} images were unreadable", flush=True)

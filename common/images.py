@@ -73,6 +73,7 @@ class LinkSafeImageFolder(ImageFolder):
     """torchvision's ImageFolder (classes and files sorted by name) whose folders are scanned by
     `walk_once`: a symlink cycle or a second link to a folder does not repeat its images."""
 
+    # positional past three: torchvision's DatasetFolder.make_dataset, overridden (tests/test_layers.py)
     @staticmethod
     def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
         valid = is_valid_file or (lambda path: has_file_allowed_extension(path, extensions))

@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 
 
-def warmup_cosine(base: float, final: float, total_iters: int, warmup_iters: int, warmup_start: float) -> list[float]:
+def warmup_cosine(
+    base: float, final: float, total_iters: int, *, warmup_iters: int, warmup_start: float
+) -> list[float]:
     """Linear warmup from `warmup_start` to `base`, then cosine from `base` to `final`."""
     warmup_iters = min(warmup_iters, total_iters)
     sched = [warmup_start + (base - warmup_start) * i / warmup_iters for i in range(warmup_iters)]

@@ -20,7 +20,7 @@ from . import logreg
 from .metrics import accuracy
 
 
-def synthetic(n: int, dim: int, classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def synthetic(n: int, dim: int, classes: int, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Gaussian class clusters that overlap (not separable), like real features of a hard dataset."""
     g = torch.Generator().manual_seed(seed)
     centers = 0.3 * torch.randn(classes, dim, generator=g)
@@ -59,7 +59,7 @@ def benchmark(args: argparse.Namespace) -> int:
     if dev.type == "cuda":  # CUDA context, library handles and lazy kernel loading stay out of the timings
         logreg.fit(xt[:256].to(dev), yt[:256].to(dev), 1.0)
     if args.sweep:
-        return time_sweep(LogisticRegression, (xt, yt), (xs, ys), dev)
+        return time_sweep(LogisticRegression, (xt, yt), (xs, ys), dev=dev)
     total_ours = total_sk = 0.0
     for C in (float(c) for c in args.C.split(",")):
         fit_x, fit_y = xt.to(dev), yt.to(dev)
@@ -92,7 +92,7 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def time_sweep(LogisticRegression, train, val, dev: torch.device) -> int:  # noqa: N803 - the sklearn class
+def time_sweep(LogisticRegression, train, val, *, dev: torch.device) -> int:  # noqa: N803 - the sklearn class
     (xt, yt), (xv, yv) = train, val
     _sync(dev)
     t0 = time.perf_counter()

@@ -72,7 +72,7 @@ def read_lines(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
-def read_fields(path: Path, n: int, name: str, layout: str) -> list[list[str]]:
+def read_fields(path: Path, n: int, name: str, *, layout: str) -> list[list[str]]:
     """Each non-empty line split into `n` whitespace-separated fields (the last keeps its spaces); a line
     with fewer is an error naming the file and the line number."""
     rows = []
@@ -97,7 +97,7 @@ def holdout_val(n: int, seed: int = SEED) -> tuple[list[int], list[int]]:
 
 
 def per_class_split(
-    targets: Sequence[int], per_class: int, rule: str = "reference", seed: int = SEED
+    targets: Sequence[int], per_class: int, rule: str = "reference", *, seed: int = SEED
 ) -> tuple[list[int], list[int]]:
     """(train, test) index lists, classes in increasing label order. "reference": per class, `per_class`
     draws WITH replacement by numpy's legacy generator seeded once (`np.random.seed(0)`,
@@ -118,7 +118,7 @@ def per_class_split(
 
 
 # --- our readers ---------------------------------------------------------------------------------
-def read_caltech101(root: Path, split: str, layout: str, options: SplitOptions) -> list[tuple[Path, int]]:
+def read_caltech101(root: Path, split: str, layout: str, *, options: SplitOptions) -> list[tuple[Path, int]]:
     """All 102 folders of 101_ObjectCategories (BACKGROUND_Google included), listed as torchvision's
     ImageFolder listed them for the reference (classes and files sorted by name; a symlinked folder is read
     once, common.images.walk_once), split by `options.caltech`."""
@@ -131,7 +131,7 @@ def read_caltech101(root: Path, split: str, layout: str, options: SplitOptions) 
     return [samples[i] for i in (train if split == "train" else test)]
 
 
-def read_sun397(root: Path, split: str, layout: str, options: SplitOptions) -> list[tuple[Path, int]]:
+def read_sun397(root: Path, split: str, layout: str, *, options: SplitOptions) -> list[tuple[Path, int]]:
     """Partition 01 of the official Partitions files; labels in ClassName.txt order."""
     parts = root / "Partitions"
     names = {"train": "Training_01.txt", "test": "Testing_01.txt"}
@@ -148,7 +148,7 @@ def read_sun397(root: Path, split: str, layout: str, options: SplitOptions) -> l
     return samples
 
 
-def read_voc2007(root: Path, split: str, layout: str, options: SplitOptions) -> list[tuple[Path, torch.Tensor]]:
+def read_voc2007(root: Path, split: str, layout: str, *, options: SplitOptions) -> list[tuple[Path, torch.Tensor]]:
     """20-dim 0/1 targets from <class>_<split>.txt: 1 positive; -1 negative and 0 ("difficult")
     both count as not positive. No image is dropped."""
     base = root / "VOCdevkit" / "VOC2007"
@@ -159,7 +159,7 @@ def read_voc2007(root: Path, split: str, layout: str, options: SplitOptions) -> 
     ids = read_lines(main / f"{split}.txt")
     targets = {i: torch.zeros(len(VOC_CLASSES)) for i in ids}
     for k, c in enumerate(VOC_CLASSES):
-        for image_id, label in read_fields(main / f"{c}_{split}.txt", 2, "voc2007", layout):
+        for image_id, label in read_fields(main / f"{c}_{split}.txt", 2, "voc2007", layout=layout):
             if label.strip() not in ("-1", "0", "1"):
                 raise layout_error("voc2007", layout, f"{main / f'{c}_{split}.txt'}: label {label!r} of {image_id}")
             if image_id not in targets:
@@ -168,14 +168,14 @@ def read_voc2007(root: Path, split: str, layout: str, options: SplitOptions) -> 
     return [(base / "JPEGImages" / f"{i}.jpg", targets[i]) for i in ids]
 
 
-def read_cub200(root: Path, split: str, layout: str, options: SplitOptions) -> list[tuple[Path, int]]:
+def read_cub200(root: Path, split: str, layout: str, *, options: SplitOptions) -> list[tuple[Path, int]]:
     """The official train_test_split.txt (1 = train); labels 1..200 -> 0..199."""
     base = root / "CUB_200_2011"
     files = ("images.txt", "image_class_labels.txt", "train_test_split.txt")
     for f in files:
         if not (base / f).is_file():
             raise layout_error("cub200", layout, f"missing {base / f}")
-    images, labels, is_train = (dict(read_fields(base / f, 2, "cub200", layout)) for f in files)
+    images, labels, is_train = (dict(read_fields(base / f, 2, "cub200", layout=layout)) for f in files)
     bad = next((i for i, c in labels.items() if not c.strip().isdigit()), None)
     if bad is not None:
         raise layout_error("cub200", layout, f"{base / files[1]}: image {bad} has the label {labels[bad]!r}")
@@ -191,20 +191,20 @@ class Spec:
     num_classes: int
     splits: tuple[str, ...]  # what is on disk; ("train", "test") means the holdout val rule
     layout: str  # under <data-path>/<name>/
-    build: Callable[[Path, str, Transform, bool, SplitOptions], Dataset]  # (root, split, transform, download, options)
+    build: Callable[..., Dataset]  # (root, split, transform, *, download, options)
 
     @property
     def official_val(self) -> bool:
         return "val" in self.splits
 
 
-def _ours(reader: Callable[[Path, str, str, SplitOptions], list], name: str, layout: str):
-    def build(root: Path, split: str, transform: Transform, download: bool, options: SplitOptions) -> Dataset:
+def _ours(reader: Callable[..., list], name: str, layout: str):  # reader(root, split, layout, *, options)
+    def build(root: Path, split: str, transform: Transform, *, download: bool, options: SplitOptions) -> Dataset:
         if not root.is_dir():
             raise layout_error(name, layout, f"{root} does not exist")
         if download:
             raise UsageError(f"{name}: --download is not available; place the files as the README says")
-        return ImageList(reader(root, split, layout, options), transform)
+        return ImageList(reader(root, split, layout, options=options), transform)
 
     return build
 
@@ -222,11 +222,11 @@ def file_samples(ds: Dataset) -> list[tuple[str, object]] | None:
     return None
 
 
-def _torchvision(cls: Callable[..., Dataset], name: str, layout: str, marker: str, **fixed):
+def _torchvision(cls: Callable[..., Dataset], name: str, layout: str, *, marker: str, **fixed):
     """torchvision class; `fixed` maps our split name to its keyword arguments via {split}. A file dataset
     gets ImageFolder's `samples` (file_samples), which common.features reads for paths and cache keys."""
 
-    def build(root: Path, split: str, transform: Transform, download: bool, options: SplitOptions) -> Dataset:
+    def build(root: Path, split: str, transform: Transform, *, download: bool, options: SplitOptions) -> Dataset:
         if not download and not (root / marker).exists():
             raise layout_error(name, layout, f"{root / marker} does not exist (or pass --download)")
         kwargs = {k: (v(split) if callable(v) else v) for k, v in fixed.items()}
@@ -246,6 +246,7 @@ def _same(split: str) -> str:
     return split
 
 
+# positional past three: each call is a row of the DATASETS table below (tests/test_layers.py)
 def _spec(name, metric, num_classes, splits, layout, build_from, *args, **kwargs) -> Spec:
     return Spec(name, metric, num_classes, splits, layout, build_from(*args, name, layout, **kwargs))
 
@@ -330,6 +331,7 @@ def build_split(
     spec: Spec,
     data_path: str | Path,
     split: str,
+    *,
     transform: Transform,
     download: bool = False,
     options: SplitOptions | None = None,
@@ -337,7 +339,7 @@ def build_split(
     """One on-disk split; an empty one, or one listing an image that is not on disk, is an error (raised
     before any feature is extracted, not midway through the datasets)."""
     root = Path(data_path) / spec.name
-    ds = spec.build(root, split, transform, download, options or SplitOptions())
+    ds = spec.build(root, split, transform, download=download, options=options or SplitOptions())
     if len(ds) == 0:
         raise layout_error(spec.name, spec.layout, f"the {split} split is empty")
     missing = [p for p, _ in sample_list(ds) or () if not os.path.isfile(p)]

@@ -43,7 +43,7 @@ def is_multilabel(targets: torch.Tensor) -> bool:
     return targets.ndim == 2
 
 
-def objective(theta: torch.Tensor, x: torch.Tensor, targets: torch.Tensor, C: float) -> torch.Tensor:
+def objective(theta: torch.Tensor, x: torch.Tensor, targets: torch.Tensor, *, C: float) -> torch.Tensor:
     """mean CE + ||W||^2 / (2*C*N); theta is (D+1, K) with the intercept in the last row."""
     logits = x @ theta[:-1] + theta[-1]
     if is_multilabel(targets):
@@ -53,9 +53,9 @@ def objective(theta: torch.Tensor, x: torch.Tensor, targets: torch.Tensor, C: fl
     return data + theta[:-1].pow(2).sum() / (2 * C * len(x))
 
 
-def sklearn_objective(theta: torch.Tensor, x: torch.Tensor, targets: torch.Tensor, C: float) -> float:
+def sklearn_objective(theta: torch.Tensor, x: torch.Tensor, targets: torch.Tensor, *, C: float) -> float:
     """scikit-learn's own scale: C * sum CE + 0.5 * ||W||^2."""
-    return float(objective(theta, x, targets, C)) * C * len(x)
+    return float(objective(theta, x, targets, C=C)) * C * len(x)
 
 
 def num_outputs(targets: torch.Tensor) -> int:
@@ -66,6 +66,7 @@ def fit(
     x: torch.Tensor,
     targets: torch.Tensor,
     C: float,
+    *,
     num_classes: int | None = None,
     init: torch.Tensor | None = None,
     max_iter: int = MAX_ITER,
@@ -90,7 +91,7 @@ def fit(
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = objective(theta, x, targets, C)
+        loss = objective(theta, x, targets, C=C)
         loss.backward()
         return loss
 
@@ -121,6 +122,7 @@ def sweep(
     train: tuple[torch.Tensor, torch.Tensor],
     val: tuple[torch.Tensor, torch.Tensor],
     metric: Callable[[torch.Tensor, torch.Tensor], float],
+    *,
     Cs: Sequence[float] = C_GRID,
     warm_start: bool = True,
     num_classes: int | None = None,
@@ -139,7 +141,7 @@ def sweep(
     theta = None
     progress = Progress(desc, len(Cs), every=1)
     for done, i in enumerate(order, 1):
-        theta = fit(xt, yt, Cs[i], k, init=theta if warm_start else None, max_iter=max_iter)
+        theta = fit(xt, yt, Cs[i], num_classes=k, init=theta if warm_start else None, max_iter=max_iter)
         scores[i] = metric(predict(theta, xv).cpu(), yv.cpu())
         progress.step(done, extra=f"C={Cs[i]:.3g} val={scores[i]:.2f} ")
     best = first_best(scores)

@@ -73,23 +73,27 @@ def cache_path(args: argparse.Namespace, dataset: str, split: str) -> Path:
     return cache_dir(args) / f"{dataset}_{split}.pth"
 
 
-def features(args: argparse.Namespace, model: torch.nn.Module, device: torch.device, name: str, split: str, ds) -> dict:
+def features(
+    args: argparse.Namespace, model: torch.nn.Module, device: torch.device, *, name: str, split: str, ds
+) -> dict:
     """Final-norm CLS features of one split (unreadable images left out), from the cache when its key matches."""
     return cached_features(
         cache_path(args, name, split),
         lambda im: model.forward_tokens(im).cls,
         ds,
-        device,
-        args.batch_size,
-        args.num_workers,
-        f"{name} {split} features",
-        args.backbone,
-        args.input_size,
-        "fine-grained: final-norm CLS",
+        device=device,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        desc=f"{name} {split} features",
+        backbone_path=args.backbone,
+        input_size=args.input_size,
+        feature_type="fine-grained: final-norm CLS",
     )
 
 
-def evaluate(spec: Spec, features: dict[str, Features], train_size: int, device: torch.device, max_iter: int) -> dict:
+def evaluate(
+    spec: Spec, features: dict[str, Features], train_size: int, *, device: torch.device, max_iter: int
+) -> dict:
     """Standardise, sweep C on train -> val, refit on trainval at the best C, score on test. The 20% val rule
     is drawn on the train_size on-disk images, whether or not some were unreadable."""
     split_xy = {k: (f.features, f.targets) for k, f in features.items()}
@@ -164,19 +168,28 @@ def fine_grained(args: argparse.Namespace) -> int:
     prepare_output_dir(args.output_dir)
     prepare_output_dir(cache_dir(args))  # unwritable: fail now, not after an extraction
     model = frozen_backbone(args.backbone, device, args.input_size)
-    transform = eval_transform(args.input_size, args.input_size, *NORMALIZATION[args.normalization])
+    norm_mean, norm_std = NORMALIZATION[args.normalization]
+    transform = eval_transform(args.input_size, args.input_size, mean=norm_mean, std=norm_std)
     # every layout is checked before any feature is extracted
     options = SplitOptions(caltech=args.caltech_split)
     splits = {}
     for n in names:
         spec = DATASETS[n]
-        splits[n] = {s: build_split(spec, args.data_path, s, transform, args.download, options) for s in spec.splits}
+        splits[n] = {
+            s: build_split(spec, args.data_path, s, transform=transform, download=args.download, options=options)
+            for s in spec.splits
+        }
     results, failed = {}, {}
     for name in names:  # a dataset that fails (e.g. no readable image) costs only itself
         try:
             with timer.phase(name):
-                feats = {split: features(args, model, device, name, split, ds) for split, ds in splits[name].items()}
-                results[name] = evaluate(DATASETS[name], feats, len(splits[name]["train"]), device, args.max_iter)
+                feats = {
+                    split: features(args, model, device, name=name, split=split, ds=ds)
+                    for split, ds in splits[name].items()
+                }
+                results[name] = evaluate(
+                    DATASETS[name], feats, len(splits[name]["train"]), device=device, max_iter=args.max_iter
+                )
         except UsageError as e:
             failed[name] = str(e)
             print(f"error: {name}: {e}", file=sys.stderr, flush=True)

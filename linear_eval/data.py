@@ -59,7 +59,9 @@ def load_splits(data_path: str | None, train_tf, val_tf) -> tuple[SkipCorruptIma
     return train, val
 
 
-def split_holdout(dataset: SkipCorruptImageFolder, fraction: float, seed: int, holdout_tf) -> tuple[Dataset, Dataset]:
+def split_holdout(
+    dataset: SkipCorruptImageFolder, fraction: float, seed: int, *, holdout_tf
+) -> tuple[Dataset, Dataset]:
     """A seeded random `fraction` of train, seen with `holdout_tf`, for classifier selection; the rest trains."""
     if not 0 < fraction < 1:
         raise UsageError(f"--val-from-train must be a fraction in (0, 1), got {fraction}")

@@ -54,6 +54,7 @@ def knn_scores(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
     queries: torch.Tensor,
+    *,
     num_classes: int,
     ks: list[int],
     temperature: float,
@@ -74,6 +75,7 @@ def knn_accuracy(
     train: Features,
     val: Features,
     num_classes: int,
+    *,
     ks: list[int],
     temperature: float,
     device: torch.device,
@@ -86,7 +88,7 @@ def knn_accuracy(
     for chunk in queries.split(max(1, SIMILARITY_BUDGET // len(bank))):
         q = F.normalize(val.features[chunk].to(device), dim=1)
         targets = val.targets[chunk].to(device)
-        scores = knn_scores(bank, bank_labels, q, num_classes, ks, temperature)
+        scores = knn_scores(bank, bank_labels, q, num_classes=num_classes, ks=ks, temperature=temperature)
         counts += torch.stack([topk_correct(scores[k], targets).cpu() for k in ks])
     counts = dist_utils.sum_across_ranks(counts) * 100 / len(val.targets)
     return {k: {"top1": c[0].item(), "top5": c[1].item()} for k, c in zip(ks, counts)}
@@ -119,13 +121,13 @@ def prepare(args: argparse.Namespace, device: torch.device) -> Setup:
             path,
             backbone,
             dataset,
-            device,
-            args.batch_size,
-            args.num_workers,
-            f"{name} features",
-            args.backbone,
-            args.input_size,
-            "kNN: final-norm CLS",
+            device=device,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            desc=f"{name} features",
+            backbone_path=args.backbone,
+            input_size=args.input_size,
+            feature_type="kNN: final-norm CLS",
         )
 
     train_features, val_features = features("train", train), features("val", val)
@@ -153,7 +155,7 @@ def knn(args: argparse.Namespace) -> None:
         state = prepare(args, device)
     train, val, ks = state.train, state.val, state.ks
     with timer.phase("evaluation"):
-        scores = knn_accuracy(train, val, state.num_classes, ks, args.temperature, device)
+        scores = knn_accuracy(train, val, state.num_classes, ks=ks, temperature=args.temperature, device=device)
     if not dist_utils.is_main():
         return
     print_table(["k", "top1", "top5"], [[str(k), f"{s['top1']:.2f}", f"{s['top5']:.2f}"] for k, s in scores.items()])

@@ -84,7 +84,7 @@ def prepare(args: argparse.Namespace, device: torch.device, timer: Timer) -> Set
     num_classes = len(train.classes)
     holdout = None
     if args.val_from_train is not None:
-        train, holdout = split_holdout(train, args.val_from_train, args.seed, val_transform(args.input_size))
+        train, holdout = split_holdout(train, args.val_from_train, args.seed, holdout_tf=val_transform(args.input_size))
 
     world = dist_utils.world_size()
     sampler = DistributedSampler(train, num_replicas=world, rank=dist_utils.rank(), shuffle=True, seed=args.seed)
@@ -107,12 +107,15 @@ def prepare(args: argparse.Namespace, device: torch.device, timer: Timer) -> Set
     global_batch = args.batch_size * world
     classifiers = AllClassifiers(classifier_grid(global_batch), backbone.embed_dim, num_classes).to(device)
     optimizer = torch.optim.SGD(classifiers.param_groups(), momentum=0.9, weight_decay=0.0)
-    schedule = warmup_cosine(1.0, 0.0, args.epochs * args.epoch_length, 0, 0.0)  # lr multiplier, no warmup
+    # lr multiplier, no warmup
+    schedule = warmup_cosine(1.0, 0.0, args.epochs * args.epoch_length, warmup_iters=0, warmup_start=0.0)
     start_epoch = resume(args, classifiers, optimizer)
 
     eval_sets = {"val": val} if holdout is None else {"holdout": holdout, "val": val}
     with timer.phase("features"):
-        eval_features = {name: eval_set_features(args, backbone, ds, name, device) for name, ds in eval_sets.items()}
+        eval_features = {
+            name: eval_set_features(args, backbone, ds, name=name, device=device) for name, ds in eval_sets.items()
+        }
     return Setup(
         args=args,
         device=device,
@@ -129,7 +132,7 @@ def prepare(args: argparse.Namespace, device: torch.device, timer: Timer) -> Set
 
 
 def eval_set_features(
-    args: argparse.Namespace, backbone: ViT, dataset: Dataset, name: str, device: torch.device
+    args: argparse.Namespace, backbone: ViT, dataset: Dataset, *, name: str, device: torch.device
 ) -> dict[str, torch.Tensor]:
     """Compact (N, 5D) features of an eval split (unreadable images left out), from
     <cache-dir>/features_<name>.pth when cached."""
@@ -138,7 +141,16 @@ def eval_set_features(
     desc = f"{name} features"
     kind = "linear probe: last-4-block CLS + avgpool"
     return cached_features(
-        path, fn, dataset, device, args.batch_size, args.num_workers, desc, args.backbone, args.input_size, kind
+        path,
+        fn,
+        dataset,
+        device=device,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        desc=desc,
+        backbone_path=args.backbone,
+        input_size=args.input_size,
+        feature_type=kind,
     )
 
 
@@ -172,7 +184,7 @@ def run_identity(args: argparse.Namespace) -> dict:
     }
 
 
-def epoch_batches(loader: DataLoader, sampler: DistributedSampler, epoch: int, length: int):
+def epoch_batches(loader: DataLoader, sampler: DistributedSampler, epoch: int, *, length: int):
     """`length` batches; each epoch starts a fresh seeded shuffle (and re-shuffles if one pass is too short),
     so a resumed run sees exactly the batches an uninterrupted one would."""
     done, passes = 0, 0
@@ -186,7 +198,7 @@ def epoch_batches(loader: DataLoader, sampler: DistributedSampler, epoch: int, l
         passes += 1
 
 
-def save_checkpoint(args: argparse.Namespace, classifiers: AllClassifiers, optimizer, epoch: int) -> None:
+def save_checkpoint(args: argparse.Namespace, classifiers: AllClassifiers, optimizer, *, epoch: int) -> None:
     atomic_save(
         {
             "classifiers": classifiers.state_dict(),
@@ -222,7 +234,7 @@ def train(setup: Setup) -> None:
     for epoch in range(start_epoch, args.epochs):
         torch.manual_seed(args.seed + 10_000 * epoch + dist_utils.rank())  # augmentations replay on resume
         progress = Progress(f"epoch {epoch}", args.epoch_length, every=args.print_freq)
-        for i, (images, targets) in enumerate(epoch_batches(loader, sampler, epoch, args.epoch_length)):
+        for i, (images, targets) in enumerate(epoch_batches(loader, sampler, epoch, length=args.epoch_length)):
             it = epoch * args.epoch_length + i
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * schedule[it]
@@ -235,13 +247,13 @@ def train(setup: Setup) -> None:
             optimizer.step()
             progress.step(i + 1, f"mean loss {loss.item() / len(losses):.4f} lr x{schedule[it]:.3f} ")
         if dist_utils.is_main():
-            save_checkpoint(args, classifiers, optimizer, epoch)
+            save_checkpoint(args, classifiers, optimizer, epoch=epoch)
         dist_utils.barrier()
 
 
 @torch.no_grad()
 def evaluate(
-    classifiers: AllClassifiers, data: Features, device: torch.device, batch_size: int
+    classifiers: AllClassifiers, data: Features, device: torch.device, *, batch_size: int
 ) -> dict[str, dict[str, float]]:
     """Top-1/top-5 (%) of every classifier; each rank scores its shard, counts are summed over ranks."""
     classifiers.eval()
@@ -259,6 +271,7 @@ def report(
     args: argparse.Namespace,
     classifiers: AllClassifiers,
     scores: dict[str, dict[str, dict[str, float]]],
+    *,
     eval_features: dict[str, dict],
     train_skipped: list[str],
     timer: Timer,
@@ -333,9 +346,12 @@ def linear_eval(args: argparse.Namespace) -> None:
     train_skipped = skipped_paths(setup.train_images)  # on every rank: a collective
     classifiers = setup.classifiers
     with timer.phase("evaluation"):
-        scores = {name: evaluate(classifiers, data, device, args.batch_size) for name, data in eval_features.items()}
+        scores = {
+            name: evaluate(classifiers, data, device, batch_size=args.batch_size)
+            for name, data in eval_features.items()
+        }
     if dist_utils.is_main():
-        report(args, classifiers, scores, eval_features, train_skipped, timer)
+        report(args, classifiers, scores, eval_features=eval_features, train_skipped=train_skipped, timer=timer)
 
 
 def main(argv: list[str] | None = None) -> int:

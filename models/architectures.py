@@ -67,9 +67,9 @@ def timm_vit(
     embed_dim: int,
     depth: int,
     num_heads: int,
+    *,
     mlp_hidden: int,
     swiglu: bool = False,
-    *,
     patch_size: int,
     img_size: int = 224,
     num_register_tokens: int = 0,
@@ -118,6 +118,7 @@ class Layout:
         return model
 
 
+# positional past three: the layout, then the ViT's shape as VIT_CONFIGS holds it (tests/test_layers.py)
 def build_vit(
     layout: Layout,
     embed_dim: int,
@@ -137,8 +138,8 @@ def build_vit(
         embed_dim,
         depth,
         num_heads,
-        mlp_hidden,
-        swiglu,
+        mlp_hidden=mlp_hidden,
+        swiglu=swiglu,
         patch_size=patch_size or layout.patch_size,
         img_size=img_size,
         num_register_tokens=num_register_tokens,

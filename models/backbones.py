@@ -19,6 +19,7 @@ def create_student(
     name: str,
     img_size: int = 224,
     patch_size: int | None = None,
+    *,
     drop_path_rate: float = 0.0,
     layout: str | None = None,
 ) -> nn.Module:

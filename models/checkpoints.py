@@ -297,16 +297,16 @@ def torchscript_state_dict(path: str | os.PathLike) -> StateDict:
         raise UsageError(f"cannot read TorchScript archive {path}: it is damaged ({why})") from None
 
 
-def load_strict(model: nn.Module, state_dict: StateDict, source: str, optional: tuple[str, ...] = ()) -> None:
+def load_strict(model: nn.Module, state_dict: StateDict, source: str, *, optional: tuple[str, ...] = ()) -> None:
     """load_state_dict(strict=True) with an error that names the missing/unexpected/mis-shaped keys.
 
     Keys in `optional` (e.g. a mask token a teacher file does not carry) may be absent.
     """
-    check_keys(model.state_dict(), state_dict, source, optional)
+    check_keys(model.state_dict(), state_dict, source, optional=optional)
     model.load_state_dict(state_dict, strict=False)
 
 
-def check_keys(own: StateDict, state_dict: StateDict, source: str, optional: tuple[str, ...] = ()) -> None:
+def check_keys(own: StateDict, state_dict: StateDict, source: str, *, optional: tuple[str, ...] = ()) -> None:
     """Raise one error naming every key of `state_dict` missing from, unknown to or mis-shaped for `own`."""
     missing = sorted(k for k in own if k not in state_dict and k not in optional)
     unexpected = sorted(k for k in state_dict if k not in own)

@@ -69,6 +69,7 @@ class DinoV3ViT(Eva):
         embed_dim: int = 384,
         depth: int = 12,
         num_heads: int = 6,
+        *,
         mlp_hidden: int = 1536,
         swiglu: bool = False,
         qkv_bias: bool = True,
@@ -191,6 +192,7 @@ class DinoV3ViT(Eva):
     def get_intermediate_layers(
         self,
         x: torch.Tensor,
+        *,
         n: int | Sequence[int] = 1,
         reshape: bool = False,
         return_class_token: bool = False,
@@ -207,7 +209,9 @@ class DinoV3ViT(Eva):
             if i in take:
                 outputs.append(self.norm(x) if norm else x)
         grid = (height // self.patch_size, width // self.patch_size) if reshape else None
-        return layer_outputs(outputs, self.num_prefix_tokens, grid, return_class_token, return_extra_tokens)
+        return layer_outputs(
+            outputs, self.num_prefix_tokens, grid, class_token=return_class_token, extra_tokens=return_extra_tokens
+        )
 
 
 # --- FAIR's key layout -------------------------------------------------------------------------

@@ -139,6 +139,7 @@ def create_teacher(
     name: str,
     checkpoint: str | os.PathLike | None = None,
     pretrained: bool = True,
+    *,
     dtype: torch.dtype | None = None,
 ) -> Teacher:
     """A frozen Teacher; `checkpoint` is the official file as released.

@@ -35,6 +35,7 @@ def layer_outputs(
     outputs: list[torch.Tensor],
     prefix: int,
     grid: tuple[int, int] | None,
+    *,
     class_token: bool = False,
     extra_tokens: bool = False,
 ) -> tuple:
@@ -68,6 +69,7 @@ class ViT(VisionTransformer):
         img_size: int = 224,
         patch_size: int = 14,
         embed_dim: int = 384,
+        *,
         depth: int = 12,
         num_heads: int = 6,
         mlp_ratio: float = 4.0,
@@ -192,6 +194,7 @@ class ViT(VisionTransformer):
         out = self.forward_features(x, masks)
         return Tokens(out["x_norm_clstoken"], out["x_norm_patchtokens"], grid)
 
+    # positional past three: DINOv2's published API, get_intermediate_layers(x, n, reshape, ...) (tests/test_layers.py)
     def get_intermediate_layers(  # type: ignore[override]
         self,
         x: torch.Tensor,
@@ -212,4 +215,4 @@ class ViT(VisionTransformer):
         if norm:
             outputs = [self.output_norm(o) for o in outputs]
         grid = (height // self.patch_size, width // self.patch_size) if reshape else None
-        return layer_outputs(outputs, self.num_prefix_tokens, grid, return_class_token)
+        return layer_outputs(outputs, self.num_prefix_tokens, grid, class_token=return_class_token)

@@ -185,14 +185,18 @@ class Setup:
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
         b = config.batch_size
         self.images = torch.randn(b, 3, config.input_size, config.input_size, device=device)
-        full = make_masks(b, grid**2, 0.5, (0.5, 0.5), torch.Generator().manual_seed(config.seed)).to(device)
+        full = make_masks(
+            b, grid**2, 0.5, mask_ratio=(0.5, 0.5), generator=torch.Generator().manual_seed(config.seed)
+        ).to(device)
         self.masks_full = full if level else None  # the reference's (B, N) masks
         self.masks = full[: int(0.5 * b)] if level else None  # ours: the masked samples only
         self.amp = AMP[config.precision]
 
     def step(self) -> torch.Tensor:
-        loss = forward_losses(self.distiller, self.teachers, self.images, self.masks, self.amp, self.views)["total"]
-        backward_and_step(self.distiller, loss, self.optimizer, self.scaler)
+        loss = forward_losses(
+            self.distiller, self.teachers, self.images, masks=self.masks, amp_dtype=self.amp, views=self.views
+        )["total"]
+        backward_and_step(self.distiller, loss, self.optimizer, scaler=self.scaler)
         return loss.detach()
 
     def breakdown(self) -> tuple[float, float, float]:
@@ -205,7 +209,13 @@ class Setup:
 
         def student() -> None:
             losses = student_losses(
-                self.distiller, self.teachers, self.images, self.masks, targets, self.amp, self.views
+                self.distiller,
+                self.teachers,
+                self.images,
+                masks=self.masks,
+                targets=targets,
+                amp_dtype=self.amp,
+                views=self.views,
             )
             backward(losses["total"], self.optimizer, self.scaler)
 
@@ -224,7 +234,9 @@ class Setup:
     def flops(self) -> int:
         """FlopCounterMode over one forward + backward (teacher forward, student forward/backward); no update."""
         with FlopCounterMode(display=False) as counter:
-            losses = forward_losses(self.distiller, self.teachers, self.images, self.masks, self.amp, self.views)
+            losses = forward_losses(
+                self.distiller, self.teachers, self.images, masks=self.masks, amp_dtype=self.amp, views=self.views
+            )
             backward(losses["total"], self.optimizer, self.scaler)
         self.optimizer.zero_grad(set_to_none=True)
         return counter.get_total_flops()
@@ -275,7 +287,7 @@ class Reference:
             dist.destroy_process_group()
 
 
-def run_steps(step: Callable[[], torch.Tensor], device: torch.device, warmup: int, steps: int):
+def run_steps(step: Callable[[], torch.Tensor], device: torch.device, *, warmup: int, steps: int):
     """(per-step seconds after warm-up, the losses of every step)."""
     losses, times = [], []
     for _ in range(warmup):
@@ -305,7 +317,7 @@ def step_benchmark(args: argparse.Namespace) -> float:
         compile_student(setup.distiller.student)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times, losses = run_steps(setup.step, device, args.warmup, args.steps)
+    times, losses = run_steps(setup.step, device, warmup=args.warmup, steps=args.steps)
     ours = statistics.median(times)
     print(
         f"ours: step {ours * 1e3:.1f} ms (median of {len(times)}), {args.batch_size / ours:.1f} img/s, "
@@ -322,7 +334,7 @@ def step_benchmark(args: argparse.Namespace) -> float:
         reference.start()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        times, ref_losses = run_steps(reference.step, device, args.warmup, args.steps)
+        times, ref_losses = run_steps(reference.step, device, warmup=args.warmup, steps=args.steps)
     finally:
         reference.close()
     ref = statistics.median(times)
@@ -364,17 +376,19 @@ def sharing_benchmark(args: argparse.Namespace) -> float:
         targets = teacher_targets(first.teachers, first.images, first.amp)
         total = first.images.new_zeros(())
         for s in setups:
-            loss = student_losses(s.distiller, s.teachers, s.images, s.masks, targets, s.amp, s.views)["total"]
-            backward_and_step(s.distiller, loss, s.optimizer, s.scaler)
+            loss = student_losses(
+                s.distiller, s.teachers, s.images, masks=s.masks, targets=targets, amp_dtype=s.amp, views=s.views
+            )["total"]
+            backward_and_step(s.distiller, loss, s.optimizer, scaler=s.scaler)
             total = total + loss.detach()
         return total
 
     separate = []
     for name, s in zip(names, setups):
-        times, _ = run_steps(s.step, device, args.warmup, args.steps)
+        times, _ = run_steps(s.step, device, warmup=args.warmup, steps=args.steps)
         separate.append(statistics.median(times))
         print(f"separate: {name} step {separate[-1] * 1e3:.1f} ms (teacher + {name}, median of {len(times)})")
-    times, _ = run_steps(joint, device, args.warmup, args.steps)
+    times, _ = run_steps(joint, device, warmup=args.warmup, steps=args.steps)
     together = statistics.median(times)
     print(
         f"joint: step {together * 1e3:.1f} ms (teacher once + {len(names)} students, median of {len(times)}), "
@@ -384,7 +398,7 @@ def sharing_benchmark(args: argparse.Namespace) -> float:
     return sum(separate) / together
 
 
-def generate_jpegs(folder: Path, n: int, size: tuple[int, int] = (500, 375), seed: int = 0) -> Path:
+def generate_jpegs(folder: Path, n: int, size: tuple[int, int] = (500, 375), *, seed: int = 0) -> Path:
     """`n` ImageNet-like JPEGs (quality 90) cropped from scikit-image's sample photos, in folder/train/photos/."""
     import numpy as np
     from PIL import Image

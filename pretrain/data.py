@@ -78,6 +78,7 @@ def build_dataset(
     data_path: str | None,
     input_size: int,
     single_image: str | None = None,
+    *,
     subset_classes: float = 1.0,
     subset_images_per_class: float = 1.0,
 ) -> Dataset:

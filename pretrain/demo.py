@@ -106,7 +106,7 @@ def demo() -> int:
     names.append(backbone_name(student))
     pictures = prepare_output_dir(OUT / "pca")
     images = [photos / name / f"{name}.jpg" for name in PHOTOS]
-    write_pictures(images, nets, names, pictures, PCA_SIZE, torch.device("cpu"), THRESHOLD)
+    write_pictures(images, nets, names, out=pictures, size=PCA_SIZE, device=torch.device("cpu"), threshold=THRESHOLD)
     print(f"PCA pictures (input | {' | '.join(names)}), one per photo: {pictures}")
     return 0
 

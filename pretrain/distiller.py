@@ -102,7 +102,7 @@ class Distiller(nn.Module):
         cls, patches = out.cls[n_masked:], out.patches
         losses = {"total": images.new_zeros((), dtype=torch.float32)}
         for name, a in self.adaptors.items():
-            parts = teacher_losses(a, cls, patches, masks if n_masked else None, targets[name])
+            parts = teacher_losses(a, cls, patches, masks=masks if n_masked else None, target=targets[name])
             t = a.target
             total = t.lambda_token * parts["token"] + t.lambda_patch * parts["patch"] + t.lambda_fea * parts["fea"]
             losses["total"] = losses["total"] + t.weight * total
@@ -111,7 +111,7 @@ class Distiller(nn.Module):
 
 
 def teacher_losses(
-    a: Adaptor, cls: torch.Tensor, patches: torch.Tensor, masks: torch.Tensor | None, target: Tokens
+    a: Adaptor, cls: torch.Tensor, patches: torch.Tensor, *, masks: torch.Tensor | None, target: Tokens
 ) -> dict[str, torch.Tensor]:
     """One teacher's token, patch and fea MSE in its standardised space (0 for a level it does not use).
     `patches` holds the masked samples' tokens first when `masks` is given, then every sample's clean ones."""

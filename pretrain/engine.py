@@ -64,6 +64,7 @@ def student_losses(
     model,
     teachers: list[TeacherInput],
     images: torch.Tensor,
+    *,
     masks: torch.Tensor | None,
     targets: dict[str, Tokens],
     amp_dtype: torch.dtype | None,
@@ -80,13 +81,14 @@ def forward_losses(
     model,
     teachers: list[TeacherInput],
     images: torch.Tensor,
+    *,
     masks: torch.Tensor | None,
     amp_dtype: torch.dtype | None,
     views: Views,
 ) -> dict[str, torch.Tensor]:
     """Teacher targets and one student's losses: the step's forward for one student (pretrain.benchmark)."""
     targets = teacher_targets(teachers, images, amp_dtype)
-    return student_losses(model, teachers, images, masks, targets, amp_dtype, views)
+    return student_losses(model, teachers, images, masks=masks, targets=targets, amp_dtype=amp_dtype, views=views)
 
 
 def estimate_statistics(run: Run) -> None:
@@ -124,10 +126,10 @@ def estimate_statistics(run: Run) -> None:
                 std.fit(count.item(), total, outer)
 
 
-def backward_and_step(model, loss: torch.Tensor, optimizer, scaler, clip_grad: float | None = None) -> None:
+def backward_and_step(model, loss: torch.Tensor, optimizer, *, scaler, clip_grad: float | None = None) -> None:
     """The step's backward and optimizer update, shared with pretrain.benchmark."""
     backward(loss, optimizer, scaler)
-    update(model, optimizer, scaler, clip_grad)
+    update(model, optimizer, scaler, clip_grad=clip_grad)
 
 
 def backward(loss: torch.Tensor, optimizer, scaler) -> None:
@@ -135,7 +137,7 @@ def backward(loss: torch.Tensor, optimizer, scaler) -> None:
     scaler.scale(loss).backward()
 
 
-def update(model, optimizer, scaler, clip_grad: float | None = None) -> None:
+def update(model, optimizer, scaler, *, clip_grad: float | None = None) -> None:
     """Gradient clipping (unscaled first) and the optimizer step; the scaler skips it on inf/NaN gradients."""
     if clip_grad:
         scaler.unscale_(optimizer)
@@ -156,10 +158,12 @@ def student_step(run: Run, s: Student, images: torch.Tensor, *, targets: dict, i
     masks = None
     if s.distiller.masked:
         batch_size, num_patches = images.shape[0], s.views.grid[0] * s.views.grid[1]
-        masks = make_masks(batch_size, num_patches, config.mask_probability, config.mask_ratio)
+        masks = make_masks(batch_size, num_patches, config.mask_probability, mask_ratio=config.mask_ratio)
         masks = masks[: int(config.mask_probability * batch_size)].to(run.device, non_blocking=True)
-    losses = student_losses(s.model, run.teachers, images, masks, targets, AMP[config.precision], s.views)
-    backward_and_step(s.model, losses["total"], s.optimizer, s.scaler, config.clip_grad)
+    losses = student_losses(
+        s.model, run.teachers, images, masks=masks, targets=targets, amp_dtype=AMP[config.precision], views=s.views
+    )
+    backward_and_step(s.model, losses["total"], s.optimizer, scaler=s.scaler, clip_grad=config.clip_grad)
     s.ema.update(
         s.distiller.student
     )  # constant decay: with a step, ModelEmaV3 copies the student at iterations 0 and 1
@@ -173,7 +177,15 @@ def check_after_update(run: Run, images, targets, *, masks: list, where: str) ->
     amp_dtype = AMP[run.config.precision]
     with torch.no_grad():
         values = [
-            student_losses(s.model, run.teachers, images, m, targets, amp_dtype, s.views)["total"]
+            student_losses(
+                s.model,
+                run.teachers,
+                images,
+                masks=m,
+                targets=targets,
+                amp_dtype=amp_dtype,
+                views=s.views,
+            )["total"]
             for s, m in zip(run.students, masks)
         ]
     values = dist_utils.all_reduce_mean(torch.stack(values).detach().float()).cpu()
@@ -223,7 +235,7 @@ def train_one_epoch(run: Run) -> list[dict[str, float]]:
         for s, mean in zip(run.students, means):
             for name, v in mean.items():
                 s.sums[name] += v
-            s.out.iteration(epoch, it, mean, lr)
+            s.out.iteration(epoch, it, mean, lr=lr)
 
         if stop or save or done == iters:  # a checkpoint follows: only of weights that still work
             check_after_update(run, images, targets, masks=masks, where=f"epoch {epoch} iteration {i}")

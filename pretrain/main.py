@@ -329,7 +329,11 @@ def build(config: Config, device: torch.device, world: int, *, out: Output, fres
     # one crop per sample, at the larger of the two input sizes; each network gets its own resize (Views)
     crop_size = max(config.input_size, *(t.input_size for t in config.teachers))
     dataset = build_dataset(
-        config.data_path, crop_size, config.single_image, config.subset_classes, config.subset_images_per_class
+        config.data_path,
+        crop_size,
+        config.single_image,
+        subset_classes=config.subset_classes,
+        subset_images_per_class=config.subset_images_per_class,
     )
     if config.random_teacher:
         log.warning(
@@ -393,7 +397,11 @@ def build(config: Config, device: torch.device, world: int, *, out: Output, fres
             *(lr, config.lr, global_batch, config.min_lr),
         )
     schedule = warmup_cosine(
-        lr, config.min_lr, config.epochs * iters, int(config.warmup_epochs * iters), config.warmup_lr
+        lr,
+        config.min_lr,
+        config.epochs * iters,
+        warmup_iters=int(config.warmup_epochs * iters),
+        warmup_start=config.warmup_lr,
     )
     several = len(distillers) > 1
     students = []
@@ -477,7 +485,7 @@ def train(run: Run) -> None:
             s.out.load_pictures(run.loader.dataset, config.input_size, run.device)
             for t in run.teachers:
                 tag = "pca/teacher" + (f"/{t.name}" if len(run.teachers) > 1 else "")
-                s.out.picture(tag, t.teacher, start_epoch, t.size)
+                s.out.picture(tag, t.teacher, start_epoch, size=t.size)
 
     for epoch in range(start_epoch, config.epochs):
         stats = train_one_epoch(run)

@@ -9,6 +9,7 @@ def make_masks(
     batch_size: int,
     num_patches: int,
     mask_probability: float,
+    *,
     mask_ratio: tuple[float, float],
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:

@@ -28,7 +28,7 @@ def log_keys(losses: dict[str, float]) -> dict[str, float]:
     return {("loss" if name == "total" else f"loss_{name}"): v for name, v in losses.items()}
 
 
-def describe(losses: dict[str, float], sep: str, fmt: str, total: bool = True) -> str:
+def describe(losses: dict[str, float], sep: str, fmt: str, *, total: bool = True) -> str:
     """The losses as a line shows them: "token 0.1 patch 0.2 fea 0.3"; with several teachers grouped by
     teacher, "dinov2_vitl14: token 0.1 patch ...; clip_vitl14: token ...". `total`: lead with the total."""
     parts = [f"total {fmt.format(losses['total'])}"] if total else []
@@ -97,7 +97,7 @@ class Output:
             truncate_log(self.folder / EPOCH_LOG, "epoch", epoch)
             truncate_log(self.folder / ITERATION_LOG, "iteration", iteration)
 
-    def iteration(self, epoch: int, iteration: int, losses: dict[str, float], lr: float) -> None:
+    def iteration(self, epoch: int, iteration: int, losses: dict[str, float], *, lr: float) -> None:
         if self.main:
             line = {"epoch": epoch, "iteration": iteration, **log_keys(losses), "lr": lr}
             append_text(json.dumps(line) + "\n", self.folder / ITERATION_LOG)
@@ -122,7 +122,7 @@ class Output:
             else:
                 self.pictures = images.to(device)
 
-    def picture(self, tag: str, model: torch.nn.Module, step: int, size: int | None = None) -> None:
+    def picture(self, tag: str, model: torch.nn.Module, step: int, *, size: int | None = None) -> None:
         """The PCA picture of `model`'s patch tokens on the pictures, resized to `size` (a teacher's input side)."""
         if self.pictures is not None:
             images = self.pictures if size is None else resize(self.pictures, size)

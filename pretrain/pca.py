@@ -96,7 +96,7 @@ def pca_images(model: torch.nn.Module, images: torch.Tensor, threshold: float = 
     return F.interpolate(small, size=images.shape[-2:], mode="nearest")
 
 
-def first_images(dataset, input_size: int, n: int = 4, max_skips: int = 50) -> torch.Tensor | None:
+def first_images(dataset, input_size: int, n: int = 4, *, max_skips: int = 50) -> torch.Tensor | None:
     """A fixed batch of the dataset's first n readable images under the eval transform (Resize +
     CenterCrop, ImageNet normalisation): an ImageFolder (`samples`) or a single-image dataset (`image`).
     Unreadable images are reported by path and skipped (at most `max_skips`); None when none is readable."""
@@ -125,7 +125,7 @@ def pca_grid(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.cat(list(inputs), dim=2), torch.cat(list(pca_images(model, images)), dim=2)], dim=1)
 
 
-def input_shape(width: int, height: int, size: int, multiple: int) -> tuple[int, int]:
+def input_shape(width: int, height: int, size: int, *, multiple: int) -> tuple[int, int]:
     """(width, height) with the short side `size` and the aspect ratio kept, each a multiple of `multiple`."""
     scale = size / min(width, height)
     return tuple(max(multiple, round(side * scale / multiple) * multiple) for side in (width, height))
@@ -153,12 +153,12 @@ GAP = 4  # white pixels between panels
 
 
 def side_by_side(
-    image: Image.Image, nets: list[torch.nn.Module], names: list[str], size: int, device, threshold: float
+    image: Image.Image, nets: list[torch.nn.Module], names: list[str], *, size: int, device, threshold: float
 ) -> np.ndarray:
     """uint8 [label + H, (1 + len(nets)) * (W + GAP) - GAP, 3]: the resized input, then each backbone's PCA
     picture, each under its name; H x W keeps the image's aspect ratio (short side `size`)."""
     multiple = math.lcm(*(net.patch_size for net in nets))
-    resized = image.resize(input_shape(*image.size, size, multiple), Image.BICUBIC)
+    resized = image.resize(input_shape(*image.size, size, multiple=multiple), Image.BICUBIC)
     x = transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)(transforms.functional.to_tensor(resized))
     panels = [np.asarray(resized)]
     for net in nets:
@@ -171,14 +171,14 @@ def side_by_side(
 
 
 def write_pictures(
-    images: list[Path], nets: list[torch.nn.Module], names: list[str], out: Path, size: int, device, threshold: float
+    images: list[Path], nets: list[torch.nn.Module], names: list[str], *, out: Path, size: int, device, threshold: float
 ) -> int:
     """`side_by_side` of each image, saved as out/<image name>.png; an unreadable image is reported by path
     and skipped. Returns how many pictures were written."""
     done = 0
     for path in images:
         try:
-            picture = side_by_side(load_rgb(path), nets, names, size, device, threshold)
+            picture = side_by_side(load_rgb(path), nets, names, size=size, device=device, threshold=threshold)
         except IMAGE_ERRORS as e:
             print(f"warning: unreadable image {path} ({type(e).__name__}: {e}); skipped", file=sys.stderr, flush=True)
             continue

@@ -313,7 +313,7 @@ def config_family(size: str) -> models.families.Family:
                 models.FAMILIES[models.families.DEFAULT_LAYOUT])  # fmt: skip
 
 
-def command(name: str, args: argparse.Namespace, size: str, out: Path) -> list[str]:
+def command(name: str, args: argparse.Namespace, size: str, *, out: Path) -> list[str]:
     """`python -m` arguments of one task (without the quick and extra arguments)."""
     task, root = TASKS[name], data_root(name, args)
     shared = ["--backbone", args.backbone, "--data-path", root, "--output-dir", str(out)]
@@ -381,7 +381,7 @@ def run_task(task: str, argv: list[str], out: Path) -> str | None:
     return f"exit {rc}, see {log}"
 
 
-def rows_of(name: str, results: dict, size: str | None, head: str) -> list[Row]:
+def rows_of(name: str, results: dict, size: str | None, *, head: str) -> list[Row]:
     """The reported numbers of one task's results.json, with the paper's for this size and head: a paper
     figure stands next to ours only when the run's `protocol` is the paper's, else the row says why not."""
     task = TASKS[name]
@@ -413,6 +413,7 @@ def markdown(
     backbone: str,
     model: str,
     rows: list[Row],
+    *,
     skipped: dict[str, str],
     failed: dict[str, str],
     unreadable: dict[str, tuple[int, str]],
@@ -503,7 +504,7 @@ def chart(rows: list[Row], failed: dict[str, str], title: str):
     return fig
 
 
-def bar_chart(rows: list[Row], path: Path, title: str, failed: dict[str, str]) -> None:
+def bar_chart(rows: list[Row], path: Path, title: str, *, failed: dict[str, str]) -> None:
     import matplotlib.pyplot as plt
 
     fig = chart(rows, failed, title)
@@ -560,9 +561,11 @@ def write_summary(summary: dict, out: Path) -> None:
     """results.md, results.png and results.json of the summary's rows, skipped and failed tasks; results.md printed."""
     rows, failed = summary["rows"], summary["failed"]
     unreadable = {t: (n, summary["unreadable_where"].get(t, "")) for t, n in summary["unreadable_images"].items()}
-    md = markdown(summary["backbone"], summary["model"], rows, summary["skipped"], failed, unreadable)
+    md = markdown(
+        summary["backbone"], summary["model"], rows, skipped=summary["skipped"], failed=failed, unreadable=unreadable
+    )
     atomic_write_text(md, out / "results.md")
-    bar_chart(rows, out / "results.png", f"{backbone_name(summary['backbone'])} ({summary['model']})", failed)
+    bar_chart(rows, out / "results.png", f"{backbone_name(summary['backbone'])} ({summary['model']})", failed=failed)
     atomic_write_json({**summary, "rows": [asdict(r) for r in rows]}, out / SUMMARY)
     print(md, end="", flush=True)
 
@@ -609,13 +612,13 @@ def evaluate_all(args: argparse.Namespace) -> int:
             continue
         task_out = out / task
         quick = TASKS[task].quick if args.quick else ()
-        argv = [*command(task, args, (size or "small") + layout, task_out), *quick, *extra[task]]
+        argv = [*command(task, args, (size or "small") + layout, out=task_out), *quick, *extra[task]]
         error = run_task(task, argv, task_out)
         if error:
             failed[task] = error
             continue
         results = json.loads((task_out / "results.json").read_text())
-        rows += rows_of(task, results, size and size + layout, args.dense_head)
+        rows += rows_of(task, results, size and size + layout, head=args.dense_head)
         unreadable[task] = unreadable_images(task, results)
     now = {"backbone": args.backbone, "backbone_sha256": sha256, "model": model, "rows": rows}
     now["unreadable_images"] = {task: n for task, (n, _) in unreadable.items()}

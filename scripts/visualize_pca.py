@@ -94,7 +94,7 @@ def drawn_size(path: Path, size: int, multiple: int) -> int:
         return size
     short = min(size, max(1, size * MAX_ASPECT * min(width, height) // max(width, height)))
     if short < size:
-        w, h = input_shape(width, height, short, multiple)
+        w, h = input_shape(width, height, short, multiple=multiple)
         print(f"note: {path} is {width}x{height}: drawn at {w}x{h}, the long side at most {MAX_ASPECT} x "
               f"--input-size", flush=True)  # fmt: skip
     return short
@@ -127,7 +127,15 @@ def visualize(args: argparse.Namespace) -> None:
     names = [backbone_name(b) for b in args.backbone]
     multiple = math.lcm(*(net.patch_size for net in nets))
     done = sum(
-        write_pictures([p], nets, names, out, drawn_size(p, args.input_size, multiple), device, args.threshold)
+        write_pictures(
+            [p],
+            nets,
+            names,
+            out=out,
+            size=drawn_size(p, args.input_size, multiple),
+            device=device,
+            threshold=args.threshold,
+        )
         for p in images
     )
     if not done:

@@ -87,6 +87,7 @@ class ProteusViT(BaseModule):
         checkpoint: str | None = None,
         arch: str = "vit_small",
         img_size: int = 518,
+        *,
         out_indices: tuple[int, ...] = (3, 5, 7, 11),
         frozen: bool = False,
         drop_path_rate: float = 0.0,
@@ -262,7 +263,7 @@ def stale_saves(work_dir: Path) -> list[Path]:
     return list(work_dir.glob(".*.pth.*.tmp"))
 
 
-def check_covers(model: nn.Module, checkpoint: dict, source: str, revise_keys) -> None:
+def check_covers(model: nn.Module, checkpoint: dict, source: str, *, revise_keys) -> None:
     """mmengine loads non-strictly: a checkpoint without the head (a backbone file, say) would leave it
     random and report a figure near 0, with "missing keys" only in the log."""
     state = checkpoint.get("state_dict", checkpoint)
@@ -389,8 +390,9 @@ class DenseRunner(Runner):
         with atomic_replace(Path(out_dir).resolve() / filename) as tmp:  # a full disk: DiskFullError, one line
             super().save_checkpoint(str(tmp.parent), tmp.name, *args, **kwargs)
 
+    # positional past three: mmengine's Runner.load_checkpoint, overridden (tests/test_layers.py)
     def load_checkpoint(self, filename: str, map_location="cpu", strict: bool = False, revise_keys=REVISE_KEYS):
         checkpoint = super().load_checkpoint(filename, map_location, strict, list(revise_keys))
         model = self.model.module if is_model_wrapper(self.model) else self.model
-        check_covers(model, checkpoint, filename, revise_keys)
+        check_covers(model, checkpoint, filename, revise_keys=revise_keys)
         return checkpoint

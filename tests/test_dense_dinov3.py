@@ -221,8 +221,8 @@ def test_evaluate_all_picks_the_dinov3_configs(export, ade, nyu, tmp_path, monke
     assert not any("--reference-pos-embed" in a for a in ran.values())
     protocol = {"world_size": 4, **evaluate_all.paper_protocol(ROOT / "segmentation/configs/linear_vit_small.py")}
     results = {"metrics": {"mIoU final": 40.0}, "metric_notes": {}, "protocol": protocol}
-    assert evaluate_all.rows_of("ade20k", results, "small", "linear")[0].paper == 41.8
-    assert evaluate_all.rows_of("ade20k", results, "small_dinov3", "linear")[0].paper is None
+    assert evaluate_all.rows_of("ade20k", results, "small", head="linear")[0].paper == 41.8
+    assert evaluate_all.rows_of("ade20k", results, "small_dinov3", head="linear")[0].paper is None
     vit = models.ViT(img_size=28, patch_size=14, embed_dim=DIM, depth=DEPTH, num_heads=1)
     torch.save(models.to_dinov2(vit), tmp_path / "dinov2.pth")
     ran.clear()

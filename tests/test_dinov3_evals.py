@@ -151,8 +151,11 @@ def test_fine_grained_at_the_default_224(files, kind, fine_grained, tmp_path):
     res = json.loads((out / "results.json").read_text())["details"]["datasets"]["cub200"]
     assert (res["n_train"], res["n_val"], res["n_test"]) == (8, 1, 6) and 0 <= res["value"] <= 100
     cached = models.safe_load(out / "features" / "cub200_test.pth")
-    transform = eval_transform(224, 224, *fg_main.NORMALIZATION["imagenet"])
-    test = build_split(DATASETS["cub200"], fine_grained, "test", transform, False, SplitOptions())
+    mean, std = fg_main.NORMALIZATION["imagenet"]
+    transform = eval_transform(224, 224, mean=mean, std=std)
+    test = build_split(
+        DATASETS["cub200"], fine_grained, "test", transform=transform, download=False, options=SplitOptions()
+    )
     with torch.no_grad():
         expected = ref.forward_features(stack(test, cached["index"]))["x_norm_clstoken"]
     assert rel_err(cached["features"], expected) < 1e-4

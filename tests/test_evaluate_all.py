@@ -233,24 +233,24 @@ def test_paper_numbers_follow_size_head_and_the_published_selection():
     (its configs keep no best checkpoint), NYU's best on test (save_best='rmse'). NYU's paper "linear"
     figure belongs to the DPT probe, the 1x1 probe has none."""
     seg = _dense({"mIoU": 40.0}, {"mIoU": 41.0})
-    rows = evaluate_all.rows_of("ade20k", seg, "small", "linear")
+    rows = evaluate_all.rows_of("ade20k", seg, "small", head="linear")
     assert [(r.metric, r.ours, r.paper) for r in rows] == [
         ("mIoU final (linear)", 40.0, 41.8),
         ("mIoU best on test (linear, iter 12000)", 41.0, None),
     ]
     large = _dense({"mIoU": 40.0}, None, global_batch=8, max_iters=160000, val_interval=16000)
-    assert [(r.metric, r.paper) for r in evaluate_all.rows_of("ade20k", large, "large", "full")] == [
+    assert [(r.metric, r.paper) for r in evaluate_all.rows_of("ade20k", large, "large", head="full")] == [
         ("mIoU final (UperNet)", 57.7)
     ]
-    assert evaluate_all.rows_of("ade20k", seg, "base", "linear")[0].paper is None  # no paper figure for B
+    assert evaluate_all.rows_of("ade20k", seg, "base", head="linear")[0].paper is None  # no paper figure for B
     nyu_run = dict(global_batch=16, max_iters=25000, val_interval=1000)
     nyu = _dense({"rmse": 0.45, "abs_rel": 0.1, "d1": 0.9}, {"rmse": 0.4, "abs_rel": 0.1, "d1": 0.9}, **nyu_run)
-    nyu_rows = evaluate_all.rows_of("nyu", nyu, "base", "full")
+    nyu_rows = evaluate_all.rows_of("nyu", nyu, "base", head="full")
     assert [r.paper for r in nyu_rows] == [None, 0.303, None, None, None, None]
     assert nyu_rows[1].metric == "rmse best on test (DPT, iter 12000)" and nyu_rows[1].ours == 0.4
-    probe = evaluate_all.rows_of("nyu", nyu, "small", "linear")
+    probe = evaluate_all.rows_of("nyu", nyu, "small", head="linear")
     assert probe[1].metric == "rmse best on test (DPT probe, iter 12000)" and probe[1].paper == 0.404
-    one_by_one = evaluate_all.rows_of("nyu", nyu, "small", "1x1")
+    one_by_one = evaluate_all.rows_of("nyu", nyu, "small", head="1x1")
     assert one_by_one[1].metric.startswith("rmse best on test (1x1 probe, ") and all(
         r.paper is None for r in one_by_one
     )
@@ -261,19 +261,19 @@ def test_paper_numbers_follow_size_head_and_the_published_selection():
         ("1x1", "linear_vit_base.py"),
     ):
         args.dense_head = head
-        argv = evaluate_all.command("nyu", args, "base", Path("o"))
+        argv = evaluate_all.command("nyu", args, "base", out=Path("o"))
         assert argv[:2] == ["depth.main", str(evaluate_all.ROOT / "depth/configs" / config)], argv
         assert Path(argv[1]).is_file()
     paper = {"protocol": {"normalization": "clip", "caltech_split": "reference"}}
     names = [f"{n} {spec.metric}" for n, spec in evaluate_all.DATASETS.items()]
     full = {"metrics": {**dict.fromkeys(names, 80.0), "mean": 80.0}, **paper}
-    rows = evaluate_all.rows_of("fine_grained", full, "small", "linear")
+    rows = evaluate_all.rows_of("fine_grained", full, "small", head="linear")
     assert rows[-1].paper == 85.8 and rows[0].paper == 65.5
     part = {"metrics": {"cub200 acc": 80.0, "mean (1 of 12)": 80.0}, **paper}  # a mean of 1 is not the paper's
-    assert [r.paper for r in evaluate_all.rows_of("fine_grained", part, "small", "linear")] == [86.7, None]
+    assert [r.paper for r in evaluate_all.rows_of("fine_grained", part, "small", head="linear")] == [86.7, None]
     # ImageNet-normalised inputs are not the paper's protocol: no paper column, and the rows say why
     ours = {**full, "protocol": {"normalization": "imagenet", "caltech_split": "reference"}}
-    rows = evaluate_all.rows_of("fine_grained", ours, "small", "linear")
+    rows = evaluate_all.rows_of("fine_grained", ours, "small", head="linear")
     assert {r.paper for r in rows} == {None}
     assert rows[0].metric == f"{names[0]} (paper n/a: normalization imagenet (paper clip))"
 
@@ -289,19 +289,21 @@ def test_paper_numbers_follow_size_head_and_the_published_selection():
 def test_dense_paper_figure_only_for_the_papers_protocol(run, why):
     """A run whose batch, schedule, positional embedding or precision is not the paper's gets n/a, and
     the row's name says why; ADE20K's best-of-N does not depend on the evaluation interval, NYU's does."""
-    rows = evaluate_all.rows_of("ade20k", _dense({"mIoU": 40.0}, {"mIoU": 41.0}, **run), "small", "linear")
+    rows = evaluate_all.rows_of("ade20k", _dense({"mIoU": 40.0}, {"mIoU": 41.0}, **run), "small", head="linear")
     assert rows[0].paper is None and rows[0].metric.startswith(f"mIoU final (linear; paper n/a: {why}")
     assert rows[1].metric == "mIoU best on test (linear, iter 12000)"  # no paper figure there to explain
     old = _dense({"mIoU": 40.0}, None)
     del old["protocol"]  # a results.json that does not record it
     assert (
         "paper n/a: its results.json does not record"
-        in evaluate_all.rows_of("ade20k", old, "small", "linear")[0].metric
+        in evaluate_all.rows_of("ade20k", old, "small", head="linear")[0].metric
     )
-    assert evaluate_all.rows_of("ade20k", _dense({"mIoU": 40.0}, None, val_interval=500), "small", "linear")[0].paper
+    assert evaluate_all.rows_of("ade20k", _dense({"mIoU": 40.0}, None, val_interval=500), "small", head="linear")[
+        0
+    ].paper
     nyu = dict(global_batch=16, max_iters=25000, val_interval=500)  # best of 50 evaluations, not the paper's 25
     rows = evaluate_all.rows_of("nyu", _dense({"rmse": 0.45, "abs_rel": 0.1, "d1": 0.9}, {"rmse": 0.4, "abs_rel": 0.1,
-                                "d1": 0.9}, **nyu), "small", "linear")  # fmt: skip
+                                "d1": 0.9}, **nyu), "small", head="linear")  # fmt: skip
     assert rows[1].paper is None and rows[1].metric.endswith("paper n/a: val_interval 500 (paper 1000))")
 
 
@@ -321,7 +323,7 @@ def test_dense_tasks_run_the_papers_global_batch(monkeypatch, task, head, size, 
     with the reference's positional embedding; --quick and --extra still override the batch."""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     argv = ["--backbone", "b", "--output-dir", "o", "--data-ade20k", "a", "--data-nyu", "n", "--dense-head", head]
-    argv = evaluate_all.command(task, evaluate_all.get_args_parser().parse_args(argv), size, Path("o"))
+    argv = evaluate_all.command(task, evaluate_all.get_args_parser().parse_args(argv), size, out=Path("o"))
     launch = ["torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"] if nproc > 1 else []
     assert argv[: len(launch) + 1] == [*launch, "segmentation.main" if task == "ade20k" else "depth.main"]
     assert "--reference-pos-embed" in argv
@@ -408,7 +410,7 @@ def dry_run_dense_example(example: str, tmp_path) -> None:
     )
     assert evaluate_all.SIZES.get(192) is None  # so evaluate_all takes the ViT-S configs
     extra = evaluate_all.parse_extra(args.extra)[task]
-    argv = [*evaluate_all.command(task, args, "small", out), *extra]
+    argv = [*evaluate_all.command(task, args, "small", out=out), *extra]
     assert argv[0] == f"{entry}.main"
     cfg = runner.build_config(runner.get_args_parser(entry).parse_args(argv[1:]), entry)
     model = MODELS.build(cfg.model).eval()
@@ -487,7 +489,7 @@ def test_unreadable_images_per_task_in_results_md():
     none = counts(cub200_train=0, cub200_test=0)
     assert evaluate_all.unreadable_images("fine_grained", none) == (0, "none in cub200 train, cub200 test")
     assert evaluate_all.unreadable_images("ade20k", counts()) == (0, evaluate_all.NO_UNREADABLE)
-    md = evaluate_all.markdown("b.pth", "ViT-S", [], {}, {}, {"knn": (1, "train 1")})
+    md = evaluate_all.markdown("b.pth", "ViT-S", [], skipped={}, failed={}, unreadable={"knn": (1, "train 1")})
     assert "| knn | 1 | train 1 |" in md.splitlines()
 
 

@@ -178,8 +178,8 @@ def caltech_files(names):
 def test_caltech101_layout_30_per_class_and_val(tmp_path):
     names = make_caltech(tmp_path)
     spec = DATASETS["caltech101"]
-    train = build_split(spec, tmp_path, "train", None)
-    test = build_split(spec, tmp_path, "test", None)
+    train = build_split(spec, tmp_path, "train", transform=None)
+    test = build_split(spec, tmp_path, "test", transform=None)
     all_targets = [c for c, n in enumerate(CALTECH_COUNTS) for _ in range(n)]
     expect_train, expect_test = reference_caltech_draw(all_targets)
     files = caltech_files(names)
@@ -197,8 +197,8 @@ def test_caltech101_layout_30_per_class_and_val(tmp_path):
 def test_caltech101_distinct_split_option(tmp_path):
     names = make_caltech(tmp_path)
     spec, options = DATASETS["caltech101"], SplitOptions(caltech="distinct")
-    train = build_split(spec, tmp_path, "train", None, options=options)
-    test = build_split(spec, tmp_path, "test", None, options=options)
+    train = build_split(spec, tmp_path, "train", transform=None, options=options)
+    test = build_split(spec, tmp_path, "test", transform=None, options=options)
     expect_train, _ = per_class_split([c for c, n in enumerate(CALTECH_COUNTS) for _ in range(n)], 30, "distinct")
     assert [f"{p.parent.name}/{p.name}" for p, _ in train.samples] == [caltech_files(names)[i] for i in expect_train]
     assert len(set(p for p, _ in train.samples)) == 90 and len(test) == 6
@@ -208,7 +208,7 @@ def test_caltech101_symlink_cycle_is_read_once(tmp_path, caplog):
     """A link back up 101_ObjectCategories is not followed (os.walk would, ~40 levels deep): the same split."""
     names = make_caltech(tmp_path)
     spec = DATASETS["caltech101"]
-    splits = lambda: [build_split(spec, tmp_path, split, None).samples for split in ("train", "test")]  # noqa: E731
+    splits = lambda: [build_split(spec, tmp_path, split, transform=None).samples for split in ("train", "test")]  # noqa: E731
     before = splits()
     base = tmp_path / "caltech101" / "101_ObjectCategories"
     (base / names[1] / "up").symlink_to("..", target_is_directory=True)
@@ -219,8 +219,8 @@ def test_caltech101_symlink_cycle_is_read_once(tmp_path, caplog):
 
 def test_sun397_partition_files(tmp_path):
     classes = make_sun397(tmp_path)
-    train = build_split(DATASETS["sun397"], tmp_path, "train", None)
-    test = build_split(DATASETS["sun397"], tmp_path, "test", None)
+    train = build_split(DATASETS["sun397"], tmp_path, "train", transform=None)
+    test = build_split(DATASETS["sun397"], tmp_path, "test", transform=None)
     assert [t for _, t in train.samples] == [0] * 4 + [1] * 4 + [2] * 4 and len(test) == 6
     assert train.samples[4][0] == tmp_path / "sun397" / "SUN397" / classes[1].lstrip("/") / "sun_0.jpg"
     assert train[0][0].size == (16, 16)
@@ -229,7 +229,7 @@ def test_sun397_partition_files(tmp_path):
 def test_voc2007_difficult_is_not_positive_and_nothing_dropped(tmp_path):
     labels = make_voc(tmp_path)
     for split in ("train", "val", "test"):
-        ds = build_split(DATASETS["voc2007"], tmp_path, split, None)
+        ds = build_split(DATASETS["voc2007"], tmp_path, split, transform=None)
         assert len(ds) == 6
         y = torch.stack([t for _, t in ds.samples])
         expect = torch.tensor([[float(labels[(split, k)][j] == 1) for k in range(20)] for j in range(6)])
@@ -238,8 +238,8 @@ def test_voc2007_difficult_is_not_positive_and_nothing_dropped(tmp_path):
 
 def test_cub200_official_split(tmp_path):
     make_cub(tmp_path)
-    train = build_split(DATASETS["cub200"], tmp_path, "train", None)
-    test = build_split(DATASETS["cub200"], tmp_path, "test", None)
+    train = build_split(DATASETS["cub200"], tmp_path, "train", transform=None)
+    test = build_split(DATASETS["cub200"], tmp_path, "test", transform=None)
     assert [t for _, t in train.samples] == [0, 0, 0, 1, 1, 1, 2, 2, 2] and [t for _, t in test.samples] == [
         0,
         0,
@@ -258,7 +258,7 @@ def test_torchvision_layouts_and_pets_80_20(tmp_path):
     make_food(tmp_path)
     for name, n in (("dtd", 4), ("aircraft", 4), ("food101", 6), ("pets", 20)):
         spec = DATASETS[name]
-        sets = {s: build_split(spec, tmp_path, s, None) for s in spec.splits}
+        sets = {s: build_split(spec, tmp_path, s, transform=None) for s in spec.splits}
         assert all(len(d) == n for d in sets.values()), name
         for d in sets.values():  # ImageFolder's `samples`: what common.features keys, caches and reports by
             assert [t for _, t in d.samples] == [d[i][1] for i in range(n)]
@@ -266,7 +266,7 @@ def test_torchvision_layouts_and_pets_80_20(tmp_path):
             pixels = [np.asarray(load_rgb(p)).tolist() for p, _ in d.samples]
             assert pixels == [np.asarray(d[i][0]).tolist() for i in range(n)]
     assert DATASETS["dtd"].official_val and DATASETS["aircraft"].official_val and not DATASETS["pets"].official_val
-    pets = build_split(DATASETS["pets"], tmp_path, "train", None)  # torchvision's trainval
+    pets = build_split(DATASETS["pets"], tmp_path, "train", transform=None)  # torchvision's trainval
     y = torch.tensor([pets[i][1] for i in range(len(pets))])
     s = protocol_splits(DATASETS["pets"], {"train": (torch.arange(20.0)[:, None], y), "test": None})
     assert len(s["train"][0]) == 16 and len(s["val"][0]) == 4 and len(s["trainval"][0]) == 20
@@ -283,7 +283,7 @@ def test_torchvision_layouts_and_pets_80_20(tmp_path):
 @pytest.mark.parametrize("name", list(DATASETS))
 def test_missing_folder_names_expected_layout(tmp_path, name):
     with pytest.raises(UsageError, match=f"expected <data-path>/{name}/"):
-        build_split(DATASETS[name], tmp_path, "train", None)
+        build_split(DATASETS[name], tmp_path, "train", transform=None)
 
 
 def test_empty_split_is_an_error(tmp_path):
@@ -291,7 +291,7 @@ def test_empty_split_is_an_error(tmp_path):
     split_file = tmp_path / "cub200" / "CUB_200_2011" / "train_test_split.txt"
     split_file.write_text(split_file.read_text().replace(" 1\n", " 0\n"))
     with pytest.raises(UsageError, match="the train split is empty"):
-        build_split(DATASETS["cub200"], tmp_path, "train", None)
+        build_split(DATASETS["cub200"], tmp_path, "train", transform=None)
 
 
 # --- metrics -------------------------------------------------------------------------------------
@@ -357,9 +357,9 @@ def test_multinomial_agrees_with_sklearn(C):
     th = theta_of(sk)
     direct = C * log_loss(y[:400].numpy(), sk.predict_proba(xt.double().numpy()), normalize=False)
     direct += 0.5 * float((th[:-1] ** 2).sum())
-    at_sk = logreg.sklearn_objective(th, xt.double(), y[:400], C)
+    at_sk = logreg.sklearn_objective(th, xt.double(), y[:400], C=C)
     assert at_sk == pytest.approx(direct, rel=1e-9)
-    assert logreg.sklearn_objective(ours, xt.double(), y[:400], C) <= at_sk * (1 + 1e-7)
+    assert logreg.sklearn_objective(ours, xt.double(), y[:400], C=C) <= at_sk * (1 + 1e-7)
 
 
 def test_binary_per_class_agrees_with_sklearn():
@@ -656,5 +656,5 @@ def test_a_malformed_split_file_line_names_the_file_and_line(tmp_path, name, fil
         lines.insert(1, line)
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(UsageError) as e:
-        build_split(DATASETS[name], tmp_path, "train", None)
+        build_split(DATASETS[name], tmp_path, "train", transform=None)
     assert str(path) in str(e.value) and message in str(e.value), str(e.value)

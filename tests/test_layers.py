@@ -89,3 +89,93 @@ def test_the_walk_sees_a_violation(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     assert imports_of(fake) == {"pretrain.main", "models", "numpy"}
     assert edges() == {("models", "pretrain", "models/bad.py")}
+
+
+# Keyword-only parameters past three (DINOv3's `save_checkpoint(ckpt_dir, *, iteration, ...)`): a product
+# function takes at most three positional parameters besides self/cls, the rest after `*`. These keep their
+# positional signature, each for the reason given (the def says so too).
+MAX_POSITIONAL = 3
+POSITIONAL_ALLOWED: dict[tuple[str, str], str] = {
+    ("common.cli", "Store.__call__"): "argparse.Action.__call__: argparse calls it positionally",
+    ("common.cli", "OldSwitch.__call__"): "argparse.Action.__call__: argparse calls it positionally",
+    ("common.cli", "_Resume.__call__"): "argparse.Action.__call__: argparse calls it positionally",
+    ("common.images", "LinkSafeImageFolder.make_dataset"): "overrides torchvision's DatasetFolder.make_dataset",
+    ("common.features", "extract_features"): "linear_eval/zeroshot.py still passes batch_size etc. by position",
+    ("fine_grained.datasets", "_spec"): "the rows of the DATASETS table, one column per parameter",
+    ("models.architectures", "build_vit"): "layout + the ViT shape (embed_dim, depth, heads, mlp_hidden, swiglu)",
+    ("models.vision_transformer", "ViT.get_intermediate_layers"): "DINOv2's published API (x, n, reshape, ...)",
+    ("segmentation.mmseg_ext", "DenseRunner.load_checkpoint"): "overrides mmengine's Runner.load_checkpoint",
+}
+
+
+def positional_params(path: Path) -> dict[str, list[str]]:
+    """Qualified name (Class.method, outer.<locals>.inner) -> positional parameters, self/cls left out, of
+    every function in a file with more than MAX_POSITIONAL of them."""
+    found: dict[str, list[str]] = {}
+
+    def walk(node: ast.AST, prefix: str, in_class: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                name = prefix + child.name
+                params = [a.arg for a in child.args.posonlyargs + child.args.args]
+                static = any(isinstance(d, ast.Name) and d.id == "staticmethod" for d in child.decorator_list)
+                if in_class and not static:
+                    params = params[1:]  # self / cls
+                if len(params) > MAX_POSITIONAL:
+                    found[name] = params
+                walk(child, name + ".<locals>.", False)
+            elif isinstance(child, ast.ClassDef):
+                walk(child, prefix + child.name + ".", True)
+            else:
+                walk(child, prefix, False)
+
+    walk(ast.parse(path.read_text()), "", False)
+    return found
+
+
+def too_many_positional() -> dict[tuple[str, str], list[str]]:
+    """(module, qualified name) -> positional parameters, over every product file."""
+    return {
+        (".".join(f.relative_to(ROOT).with_suffix("").parts), name): params
+        for files in project_files().values()
+        for f in files
+        for name, params in positional_params(f).items()
+    }
+
+
+def test_keyword_only_past_three():
+    found = too_many_positional()
+    wrong = [f"{m}.{q}({', '.join(p)})" for (m, q), p in sorted(found.items()) if (m, q) not in POSITIONAL_ALLOWED]
+    assert not wrong, f"more than {MAX_POSITIONAL} positional parameters: put a `*` after the third\n" + "\n".join(
+        wrong
+    )
+    stale = sorted(set(POSITIONAL_ALLOWED) - set(found))
+    assert not stale, f"allowed but no longer positional (or gone): drop them from POSITIONAL_ALLOWED: {stale}"
+
+
+def test_the_positional_walk_sees_a_violation(tmp_path, monkeypatch):
+    """The checker itself: four positional parameters are found, in a function, a method and a closure;
+    self, cls, a staticmethod's first and keyword-only parameters are counted as they should be."""
+    fake = tmp_path / "models" / "bad.py"
+    fake.parent.mkdir()
+    fake.write_text(
+        "def f(a, b, c, d): pass\n"
+        "def ok(a, b, c, *, d, e): pass\n"
+        "def ok_star(a, b, c, *args, **kwargs): pass\n"
+        "class C:\n"
+        "    def m(self, a, b, c): pass\n"
+        "    def n(self, a, b, c, d): pass\n"
+        "    @classmethod\n"
+        "    def k(cls, a, b, c): pass\n"
+        "    @staticmethod\n"
+        "    def s(a, b, c, d): pass\n"
+        "def outer(a, /):\n"
+        "    def inner(a, b, /, c, d): pass\n"
+    )
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert too_many_positional() == {
+        ("models.bad", "f"): ["a", "b", "c", "d"],
+        ("models.bad", "C.n"): ["a", "b", "c", "d"],
+        ("models.bad", "C.s"): ["a", "b", "c", "d"],
+        ("models.bad", "outer.<locals>.inner"): ["a", "b", "c", "d"],
+    }

@@ -126,9 +126,13 @@ def test_knn_matches_brute_force(monkeypatch):
     train, labels = torch.randn(60, 16, generator=g), torch.randint(0, 6, (60,), generator=g)
     val, targets = torch.randn(23, 16, generator=g), torch.randint(0, 6, (23,), generator=g)
     ks = [1, 5, 20]
-    scores = knn_main.knn_scores(F.normalize(train, dim=1), labels, F.normalize(val, dim=1), 6, ks, 0.07)
+    scores = knn_main.knn_scores(
+        F.normalize(train, dim=1), labels, F.normalize(val, dim=1), num_classes=6, ks=ks, temperature=0.07
+    )
     monkeypatch.setattr(knn_main, "SIMILARITY_BUDGET", 60 * 4)  # chunks of 4 queries
-    acc = knn_main.knn_accuracy(split(train, labels), split(val, targets), 6, ks, 0.07, torch.device("cpu"))
+    acc = knn_main.knn_accuracy(
+        split(train, labels), split(val, targets), 6, ks=ks, temperature=0.07, device=torch.device("cpu")
+    )
     for k in ks:
         ref = brute_force_knn(train, labels, val, 6, k, 0.07)
         # the votes are exp(sim / T) up to one factor per query (DINOv2's softmax normalisation)
@@ -144,8 +148,12 @@ def test_knn_votes_stay_finite_at_small_temperature():
     train, labels = torch.randn(80, 16, generator=g), torch.randint(0, 5, (80,), generator=g)
     val, targets = torch.randn(30, 16, generator=g), torch.randint(0, 5, (30,), generator=g)
     ks, t = [3, 20], 0.005
-    scores = knn_main.knn_scores(F.normalize(train, dim=1), labels, F.normalize(val, dim=1), 5, ks, t)
-    acc = knn_main.knn_accuracy(split(train, labels), split(val, targets), 5, ks, t, torch.device("cpu"))
+    scores = knn_main.knn_scores(
+        F.normalize(train, dim=1), labels, F.normalize(val, dim=1), num_classes=5, ks=ks, temperature=t
+    )
+    acc = knn_main.knn_accuracy(
+        split(train, labels), split(val, targets), 5, ks=ks, temperature=t, device=torch.device("cpu")
+    )
     for k in ks:
         assert torch.isfinite(scores[k]).all()
         ref = brute_force_knn(train, labels, val, 5, k, t)

@@ -29,7 +29,7 @@ def data(tmp_path):
 
 # --- masking -------------------------------------------------------------------------------------
 def test_masks_first_samples_exact_count():
-    m = make_masks(10, 256, 0.5, (0.5, 0.5))
+    m = make_masks(10, 256, 0.5, mask_ratio=(0.5, 0.5))
     assert m.shape == (10, 256) and m.dtype == torch.bool
     assert m[:5].sum(1).tolist() == [128] * 5  # exactly int(256 * 0.5)
     assert not m[5:].any()  # the rest of the batch is clean, no shuffling
@@ -38,19 +38,25 @@ def test_masks_first_samples_exact_count():
 def test_masks_ratio_range_is_stratified():
     """As the reference: masked sample i draws its ratio uniformly in the i-th stratum of linspace(lo, hi, n + 1)."""
     g = torch.Generator().manual_seed(0)
-    counts = torch.stack([make_masks(8, 1000, 0.5, (0.2, 0.8), g).sum(1) for _ in range(400)]).double()
+    counts = torch.stack(
+        [make_masks(8, 1000, 0.5, mask_ratio=(0.2, 0.8), generator=g).sum(1) for _ in range(400)]
+    ).double()
     assert not counts[:, 4:].any()
     for i, (lo, hi) in enumerate([(200, 350), (350, 500), (500, 650), (650, 800)]):
         assert lo <= counts[:, i].min() and counts[:, i].max() < hi  # inside its stratum
         assert counts[:, i].mean().item() == pytest.approx((lo + hi) / 2, abs=5)  # uniform over it
         assert counts[:, i].std().item() == pytest.approx((hi - lo) / 12**0.5, rel=0.15)
-    m = make_masks(7, 256, 0.5, (0.3, 0.3))  # int(0.5 * 7) = 3 masked samples
+    m = make_masks(7, 256, 0.5, mask_ratio=(0.3, 0.3))  # int(0.5 * 7) = 3 masked samples
     assert m.sum(1).tolist() == [76, 76, 76, 0, 0, 0, 0]
 
 
 def test_mask_positions_are_uniform():
     g = torch.Generator().manual_seed(0)
-    freq = torch.stack([make_masks(2, 64, 0.5, (0.25, 0.25), g)[0] for _ in range(4000)]).float().mean(0)
+    freq = (
+        torch.stack([make_masks(2, 64, 0.5, mask_ratio=(0.25, 0.25), generator=g)[0] for _ in range(4000)])
+        .float()
+        .mean(0)
+    )
     assert torch.allclose(freq, torch.full((64,), 0.25), atol=0.03)
 
 
@@ -78,7 +84,7 @@ def test_losses_match_hand_computation_and_two_pass_reference():
     student = tiny_vit()
     d = one_teacher_distiller(student, 24, token=1.0, patch=0.5, fea=2.0).eval()
     images = torch.randn(6, 3, 28, 28)
-    masks = make_masks(6, 4, 0.5, (0.5, 0.5))[:3]
+    masks = make_masks(6, 4, 0.5, mask_ratio=(0.5, 0.5))[:3]
     t = models.Tokens(torch.randn(6, 24), torch.randn(6, 4, 24), (2, 2))
     losses = d(images, masks, {"teacher": t})
     assert list(losses) == ["total", "token", "patch", "fea"]  # pretrain.distiller.LOSSES

@@ -286,8 +286,8 @@ def test_ctrl_c_checkpoints_like_sigterm_and_the_rerun_says_where_it_resumes(tmp
     out = tmp_path / "o"
     real_iteration = pretrain_main.Output.iteration
 
-    def ctrl_c(self, epoch, iteration, *args):
-        real_iteration(self, epoch, iteration, *args)
+    def ctrl_c(self, epoch, iteration, *args, **kwargs):
+        real_iteration(self, epoch, iteration, *args, **kwargs)
         if iteration == 0:
             signal.raise_signal(signal.SIGINT)  # to this thread: handled before the next flag read
 

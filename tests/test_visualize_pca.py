@@ -95,10 +95,10 @@ def test_one_picture_per_image_input_then_each_backbone(setup, tmp_path):
 
 
 def test_input_shape_keeps_the_aspect_ratio():
-    assert pca.input_shape(600, 400, 448, 14) == (672, 448)
-    assert pca.input_shape(250, 400, 224, 14) == (224, 364)  # 358.4 rounded to a multiple of 14
-    assert pca.input_shape(4000, 10, 28, 14) == (11200, 28)
-    assert pca.input_shape(100, 100, 224, 112) == (224, 224)  # patch 14 and 16 together
+    assert pca.input_shape(600, 400, 448, multiple=14) == (672, 448)
+    assert pca.input_shape(250, 400, 224, multiple=14) == (224, 364)  # 358.4 rounded to a multiple of 14
+    assert pca.input_shape(4000, 10, 28, multiple=14) == (11200, 28)
+    assert pca.input_shape(100, 100, 224, multiple=112) == (224, 224)  # patch 14 and 16 together
 
 
 def test_long_names_are_cut_at_the_start():

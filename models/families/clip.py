@@ -49,7 +49,7 @@ OFFICIAL_BLOCK = "transformer.resblocks."
 LOGIT_SCALE = 100.0  # the CLIP paper's zero-shot logits: 100 * cosine similarity
 
 
-def _teacher(size: str, patch: int, file: str, sha: str) -> TeacherSpec:
+def _teacher(size: str, patch: int, file: str, *, sha: str) -> TeacherSpec:
     return TeacherSpec(
         "clip", LAYOUT, VIT_CONFIGS[size], patch, 224, URL.format(sha=sha, file=file), mean=OPENAI_CLIP_MEAN,
         std=OPENAI_CLIP_STD, token_only=True, vit_kwargs=dict(norm_patch_tokens=True),
@@ -139,10 +139,10 @@ class Clip(Family):
     zero_shot = ClipZeroShot()
     teachers = {
         "clip_vitb16": _teacher(
-            "base", 16, "ViT-B-16.pt", "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f"
+            "base", 16, "ViT-B-16.pt", sha="5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f"
         ),
         "clip_vitl14": _teacher(
-            "large", 14, "ViT-L-14.pt", "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836"
+            "large", 14, "ViT-L-14.pt", sha="b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836"
         ),
     }
 

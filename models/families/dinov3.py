@@ -31,9 +31,9 @@ def build_dinov3(
     embed_dim: int,
     depth: int,
     num_heads: int,
+    *,
     mlp_hidden: int,
     swiglu: bool = False,
-    *,
     patch_size: int,
     img_size: int = 224,
     num_register_tokens: int = 0,  # DINOv3 has its 4 storage tokens, never DINOv2's registers
@@ -55,7 +55,7 @@ LAYOUT = Layout(patch_size=16, builder=build_dinov3)  # initialised as FAIR's in
 _7B = dict(qkv_bias=False, local_cls_norm=True)
 
 
-def _teacher(arch: str, hash: str, size: str, sat: bool = False, **vit_kwargs) -> TeacherSpec:
+def _teacher(arch: str, hash: str, size: str, *, sat: bool = False, **vit_kwargs) -> TeacherSpec:
     weights = "sat493m" if sat else "lvd1689m"
     url = URL.format(arch=arch, weights=weights, hash=hash)
     mean, std = (SAT_MEAN, SAT_STD) if sat else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
@@ -87,7 +87,7 @@ def read_official(path: str | os.PathLike) -> StateDict:
     return raw
 
 
-def _filled(model: DinoV3ViT, state_dict: StateDict, source: str, dtype: torch.dtype | None = None) -> DinoV3ViT:
+def _filled(model: DinoV3ViT, state_dict: StateDict, source: str, *, dtype: torch.dtype | None = None) -> DinoV3ViT:
     """A network built on the meta device, made real and filled in place from an official state dict."""
     model = (model.to(dtype) if dtype else model).to_empty(device="cpu")
     model.init_non_persistent_buffers()
@@ -131,7 +131,7 @@ class DinoV3(Family):
         sd = read_official(path)
         with torch.device("meta"):
             model = spec.build()
-        return _filled(model, sd, f"{path} (teacher {name})", dtype)
+        return _filled(model, sd, f"{path} (teacher {name})", dtype=dtype)
 
     def empty_backbone(self, state_dict: StateDict, img_size: int | None = None, **kwargs) -> DinoV3ViT:
         """Any size (RoPE has no position table); heads from the RoPE periods."""
