@@ -161,13 +161,12 @@ class Features(NamedTuple):
     dropped: list[str]  # the unreadable images' paths, left out
 
 
-# positional past three until linear_eval/zeroshot.py passes batch_size, num_workers, desc by name
-# (tests/test_layers.py)
 @torch.no_grad()
 def extract_features(
     fn: Callable[[torch.Tensor], torch.Tensor],
     dataset: Dataset,
     device: torch.device,
+    *,
     batch_size: int = 256,
     num_workers: int = 8,
     desc: str = "features",

@@ -163,7 +163,7 @@ def zeroshot(args: argparse.Namespace) -> None:
         return tower.embed(model, adaptor.predict(backbone.forward_tokens(images)).cls)
 
     def embeddings(fn, data, desc: str) -> dict:
-        return extract_features(fn, data, device, args.batch_size, args.num_workers, desc)
+        return extract_features(fn, data, device, batch_size=args.batch_size, num_workers=args.num_workers, desc=desc)
 
     def logits(features: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         return tower.logits(model, features, classes)

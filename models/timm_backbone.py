@@ -64,6 +64,7 @@ class TimmBackbone(nn.Module):
     def get_intermediate_layers(
         self,
         x: torch.Tensor,
+        *,
         n: int | Sequence[int] = 1,
         reshape: bool = False,
         return_class_token: bool = False,

@@ -54,6 +54,7 @@ class Backbone(Protocol):
     def get_intermediate_layers(
         self,
         x: torch.Tensor,
+        *,
         n: int | Sequence[int] = 1,
         reshape: bool = False,
         return_class_token: bool = False,

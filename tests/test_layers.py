@@ -100,7 +100,6 @@ POSITIONAL_ALLOWED: dict[tuple[str, str], str] = {
     ("common.cli", "OldSwitch.__call__"): "argparse.Action.__call__: argparse calls it positionally",
     ("common.cli", "_Resume.__call__"): "argparse.Action.__call__: argparse calls it positionally",
     ("common.images", "LinkSafeImageFolder.make_dataset"): "overrides torchvision's DatasetFolder.make_dataset",
-    ("common.features", "extract_features"): "linear_eval/zeroshot.py still passes batch_size etc. by position",
     ("fine_grained.datasets", "_spec"): "the rows of the DATASETS table, one column per parameter",
     ("models.architectures", "build_vit"): "layout + the ViT shape (embed_dim, depth, heads, mlp_hidden, swiglu)",
     ("models.vision_transformer", "ViT.get_intermediate_layers"): "DINOv2's published API (x, n, reshape, ...)",
