@@ -27,6 +27,8 @@ class TimmBackbone(nn.Module):
     (MobileNetV4's conv_head, EfficientViT's) makes wider than its patch tokens (`embed_dim`).
     As a student it has no mask token: masked patches are masked in pixel space (`mask_pixels`)."""
 
+    summary_is_class_token = False  # its summary is what its head pools, whatever the model
+
     def __init__(self, model: nn.Module, name: str = "") -> None:
         super().__init__()
         self.model = model

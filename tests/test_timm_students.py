@@ -82,3 +82,34 @@ def test_a_timm_student_resumes_exactly_after_sigusr1(tmp_path):
     assert interrupt(command(data, stopped, 0, *extra), stopped, signal.SIGUSR1, after=3) == pretrain_main.EXIT_REQUEUE
     run_ok(command(data, stopped, 0, *extra))
     assert iterations(stopped) == iterations(whole) and len(iterations(whole)) > 3
+
+
+@pytest.fixture(scope="module")
+def resnet_export(tmp_path_factory):
+    """A timm ResNet-18 student's backbone.pth as pretraining exports it (trained at 64 px)."""
+    path = tmp_path_factory.mktemp("resnet") / "backbone.pth"
+    torch.manual_seed(0)
+    torch.save(models.to_reference(models.create_student("timm:resnet18", img_size=64), "timm"), path)
+    return path
+
+
+def test_the_evaluations_take_a_timm_student(resnet_export, imagenet, fine_grained, tmp_path):
+    """Linear probe on its global feature (13 classifiers), kNN on the same feature, fine-grained likewise."""
+    import json
+
+    from fine_grained import main as fg_main
+    from linear_eval import knn as knn_main
+    from linear_eval import main as linear_main
+
+    run = ["--backbone", str(resnet_export), "--input-size", "64", "--batch-size", "4", "--num-workers", "0",
+           "--device", "cpu"]  # fmt: skip
+    out = tmp_path / "linear"
+    assert linear_main.main([*run, "--data-path", str(imagenet), "--output-dir", str(out), "--epochs", "1"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["protocol"]["name"].startswith("linear probe on the global feature")
+    assert len(res["details"]["classifiers"]) == 13 and all(
+        n.startswith("global_lr") for n in res["details"]["classifiers"]
+    )
+    assert knn_main.main([*run, "--data-path", str(imagenet), "--output-dir", str(tmp_path / "knn")]) == 0
+    fg = ["--data-path", str(fine_grained), "--datasets", "cub200", "--output-dir", str(tmp_path / "fg")]
+    assert fg_main.main([*run, *fg]) == 0
