@@ -4,10 +4,14 @@ Every classifier input is a contiguous slice of one compact feature vector per i
 `[cls(block -4), cls(-3), cls(-2), cls(-1), mean(patches of block -1)]` (5D wide), so the frozen
 features are computed (and cached) once and each classifier reads its slice without a copy:
 last 1 block -> cls(-1) (D), + avgpool (2D); last 4 blocks -> 4 CLS (4D), + avgpool (5D).
+
+A backbone whose summary is not a class token (a CNN, a timm model pooled its own way) has no such
+layers: its probe is the same 13 learning rates on its global feature (the summary token) alone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +33,9 @@ class ClassifierSpec:
     lr: float  # already scaled by the global batch
 
     def input_slice(self, dim: int) -> slice:
-        """Columns of the compact 5D feature this classifier reads."""
+        """Columns of the compact 5D feature this classifier reads (n_blocks 0: the whole global feature)."""
+        if self.n_blocks == 0:
+            return slice(0, dim)
         return slice((4 - self.n_blocks) * dim, (5 if self.avgpool else 4) * dim)
 
 
@@ -45,11 +51,50 @@ def classifier_grid(global_batch: int) -> list[ClassifierSpec]:
     ]
 
 
+def global_grid(global_batch: int) -> list[ClassifierSpec]:
+    """The 13 classifiers of the global feature, lrs scaled by global_batch / 256."""
+    return [
+        ClassifierSpec(f"global_lr{lr:.0e}", 0, False, lr * global_batch / LR_REFERENCE_BATCH) for lr in LEARNING_RATES
+    ]
+
+
 @torch.no_grad()
 def linear_features(backbone: ViT, images: torch.Tensor) -> torch.Tensor:
     """(B, 5D) compact features from get_intermediate_layers(n=4, return_class_token=True, norm=True)."""
     layers = backbone.get_intermediate_layers(images, n=4, return_class_token=True, norm=True)
     return torch.cat([cls for _, cls in layers] + [layers[-1][0].mean(dim=1)], dim=-1).float()
+
+
+@torch.no_grad()
+def global_features(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(B, D) the backbone's global feature: its summary token (forward_tokens)."""
+    return backbone.forward_tokens(images).cls.float()
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Which features a backbone's classifiers read: DINOv2's (class tokens of the last 4 blocks and the
+    patch average) or, for a backbone whose summary is not a class token, its global feature."""
+
+    name: str  # results.json's protocol name
+    feature_type: str  # what the feature cache records
+    grid: Callable[[int], list[ClassifierSpec]]
+    features: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+    def width(self, backbone: nn.Module) -> int:
+        """The `embed_dim` AllClassifiers slices by."""
+        return backbone.embed_dim if self is DINOV2 else getattr(backbone, "summary_dim", backbone.embed_dim)
+
+
+DINOV2 = Probe("DINOv2 linear probe (PROTOCOLS B)", "linear probe: last-4-block CLS + avgpool", classifier_grid,
+               linear_features)  # fmt: skip
+GLOBAL = Probe("linear probe on the global feature (13 lrs of PROTOCOLS B)", "linear probe: global feature",
+               global_grid, global_features)  # fmt: skip
+
+
+def probe_of(backbone: nn.Module) -> Probe:
+    """DINOv2's probe for a backbone whose summary is its class token (our ViTs), else the global feature's."""
+    return DINOV2 if backbone.summary_is_class_token else GLOBAL
 
 
 class AllClassifiers(nn.Module):

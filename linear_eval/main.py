@@ -25,7 +25,7 @@ from common.schedule import warmup_cosine
 from models import ViT, safe_load
 from models.errors import UsageError
 
-from .classifiers import AllClassifiers, classifier_grid, linear_features
+from .classifiers import DINOV2, AllClassifiers, probe_of
 from .data import LAYOUT, load_splits, split_holdout, train_transform, val_transform
 
 CHECKPOINT = "checkpoint.pth"
@@ -76,7 +76,8 @@ def prepare(args: argparse.Namespace, device: torch.device, timer: Timer) -> Set
     """Load and check everything, and extract the eval features, before the first training step."""
     check_positive(args, "epochs", "batch_size", "input_size", "print_freq")
     backbone = frozen_backbone(args.backbone, device, args.input_size)
-    if len(backbone.blocks) < 4:
+    probe = probe_of(backbone)
+    if probe is DINOV2 and len(backbone.blocks) < 4:
         raise UsageError(f"the backbone has {len(backbone.blocks)} blocks; the protocol reads the last 4")
     train, val = load_splits(args.data_path, train_transform(args.input_size), val_transform(args.input_size))
     check_readable(train)  # none readable: one line here, not a data-loader worker's error in training
@@ -105,7 +106,7 @@ def prepare(args: argparse.Namespace, device: torch.device, timer: Timer) -> Set
 
     torch.manual_seed(args.seed)  # the same classifier init on every rank
     global_batch = args.batch_size * world
-    classifiers = AllClassifiers(classifier_grid(global_batch), backbone.embed_dim, num_classes).to(device)
+    classifiers = AllClassifiers(probe.grid(global_batch), probe.width(backbone), num_classes).to(device)
     optimizer = torch.optim.SGD(classifiers.param_groups(), momentum=0.9, weight_decay=0.0)
     # lr multiplier, no warmup
     schedule = warmup_cosine(1.0, 0.0, args.epochs * args.epoch_length, warmup_iters=0, warmup_start=0.0)
@@ -137,9 +138,10 @@ def eval_set_features(
     """Compact (N, 5D) features of an eval split (unreadable images left out), from
     <cache-dir>/features_<name>.pth when cached."""
     path = Path(args.cache_dir) / f"features_{name}.pth" if args.cache_dir else None
-    fn = lambda x: linear_features(backbone, x)
+    probe = probe_of(backbone)
+    fn = lambda x: probe.features(backbone, x)
     desc = f"{name} features"
-    kind = "linear probe: last-4-block CLS + avgpool"
+    kind = probe.feature_type
     return cached_features(
         path,
         fn,
@@ -238,7 +240,7 @@ def train(setup: Setup) -> None:
             it = epoch * args.epoch_length + i
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * schedule[it]
-            features = linear_features(backbone, images.to(device, non_blocking=True))
+            features = probe_of(backbone).features(backbone, images.to(device, non_blocking=True))
             targets = targets.to(device, non_blocking=True)
             losses = [F.cross_entropy(logits, targets) for logits in model(features).values()]
             loss = torch.stack(losses).sum()
@@ -275,6 +277,7 @@ def report(
     eval_features: dict[str, dict],
     train_skipped: list[str],
     timer: Timer,
+    protocol: str,
 ) -> None:
     select_on = "holdout" if "holdout" in scores else "val"
     best = max(classifiers.specs, key=lambda s: scores[select_on][s.name]["top1"])  # first of equals wins
@@ -306,7 +309,7 @@ def report(
         task="linear",
         backbone=args.backbone,
         protocol={
-            "name": "DINOv2 linear probe (PROTOCOLS B)",
+            "name": protocol,
             "data_path": str(Path(args.data_path).resolve()),
             "input_size": args.input_size,
             "global_batch": args.batch_size * dist_utils.world_size(),
@@ -351,7 +354,16 @@ def linear_eval(args: argparse.Namespace) -> None:
             for name, data in eval_features.items()
         }
     if dist_utils.is_main():
-        report(args, classifiers, scores, eval_features=eval_features, train_skipped=train_skipped, timer=timer)
+        protocol = probe_of(setup.backbone).name
+        report(
+            args,
+            classifiers,
+            scores,
+            eval_features=eval_features,
+            train_skipped=train_skipped,
+            timer=timer,
+            protocol=protocol,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

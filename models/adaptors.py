@@ -148,13 +148,15 @@ class TeacherTarget:
 
 class Adaptor(nn.Module):
     """One teacher's heads and target standardisers. The heads predict standardised targets; `predict`
-    returns them in the teacher's own space."""
+    returns them in the teacher's own space. The token head reads the student's summary token, `summary_dim`
+    wide (default: `student_dim`, the width of its patch tokens, which the patch and fea heads read)."""
 
-    def __init__(self, student_dim: int, target: TeacherTarget) -> None:
+    def __init__(self, student_dim: int, target: TeacherTarget, summary_dim: int | None = None) -> None:
         super().__init__()
         self.target = target
         dim = target.dim
-        self.token_head = head(student_dim, dim) if (target.lambda_token or target.lambda_fea) else None
+        summary_dim = summary_dim or student_dim
+        self.token_head = head(summary_dim, dim) if (target.lambda_token or target.lambda_fea) else None
         self.patch_head = head(student_dim, dim) if target.lambda_patch else None
         self.fea_head = head(student_dim, dim) if target.lambda_fea else None
         self.cls_std = Standardizer(dim, target.standardization)
@@ -173,10 +175,12 @@ class Adaptor(nn.Module):
 class Adaptors(nn.Module):
     """Every teacher's adaptor of one student, as `load_adaptors` reads them from adaptors.pth."""
 
-    def __init__(self, student_dim: int, targets: list[TeacherTarget], teachers: dict | None = None) -> None:
+    def __init__(
+        self, student_dim: int, targets: list[TeacherTarget], teachers: dict | None = None, *, summary_dim: int = 0
+    ) -> None:
         super().__init__()
-        self.student_dim = student_dim
-        self.adaptors = nn.ModuleDict({t.name: Adaptor(student_dim, t) for t in targets})
+        self.student_dim, self.summary_dim = student_dim, summary_dim or student_dim
+        self.adaptors = nn.ModuleDict({t.name: Adaptor(student_dim, t, self.summary_dim) for t in targets})
         self.teachers = teachers or {}  # per teacher: family, patch size, input size, mean, std (informative)
 
     def forward(self, backbone: nn.Module, images: torch.Tensor) -> dict[str, Prediction]:
@@ -189,7 +193,7 @@ class Adaptors(nn.Module):
         """adaptors.pth's content (plain tensors and Python values: readable with weights_only=True)."""
         return {
             "format": FORMAT,
-            "student": {**student, "dim": self.student_dim},
+            "student": {**student, "dim": self.student_dim, "summary_dim": self.summary_dim},
             "teachers": {
                 name: {**asdict(a.target), **self.teachers.get(name, {}), "state_dict": a.state_dict()}
                 for name, a in self.adaptors.items()
@@ -209,7 +213,8 @@ def load_adaptors(path: str | Path) -> Adaptors:
     for name, entry in data["teachers"].items():
         targets.append(TeacherTarget(**{k: v for k, v in entry.items() if k in fields}))
         teachers[name] = {k: v for k, v in entry.items() if k not in fields and k != "state_dict"}
-    adaptors = Adaptors(data["student"]["dim"], targets, teachers)
+    student = data["student"]
+    adaptors = Adaptors(student["dim"], targets, teachers, summary_dim=student.get("summary_dim", student["dim"]))
     for name, entry in data["teachers"].items():
         adaptors.adaptors[name].load_state_dict(entry["state_dict"])
     return adaptors.eval()

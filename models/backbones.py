@@ -9,10 +9,9 @@ import os
 import torch
 from torch import nn
 
-from .architectures import STUDENT_ARCHS
 from .checkpoints import StateDict, export_metadata, few_names, safe_load, strip_prefix
 from .errors import UsageError
-from .families import DEFAULT_LAYOUT, FAMILIES, LAYOUTS, Family, family_of, split_student, student_names
+from .families import FAMILIES, Family, family_of, student_family
 
 
 def create_student(
@@ -29,17 +28,11 @@ def create_student(
     1e-5, no LayerScale, ln_post on the CLS only). synclr: timm's ViT without LayerScale. These have
     patch 14 by default. dinov3: the released DINOv3 ViT-S/16 arguments at this size (patch 16, axial
     RoPE, 4 storage tokens, LayerScale 1e-5, LayerNorm eps 1e-5, masked k bias, MLP x4); a name with
-    the suffix `_dinov3` (`vit_small_dinov3`) selects it.
+    the suffix `_dinov3` (`vit_small_dinov3`) selects it. timm:<model>: timm's model without its
+    classifier, randomly initialised as timm does.
     """
-    arch, layout = split_student(name, layout)
-    layout = layout or DEFAULT_LAYOUT
-    if arch not in STUDENT_ARCHS:
-        raise UsageError(f"unknown student '{name}'; choose from {', '.join(student_names(list(STUDENT_ARCHS)))}")
-    if layout not in LAYOUTS:
-        raise UsageError(f"unknown student layout '{layout}'; choose from {', '.join(LAYOUTS)}")
-    spec = LAYOUTS[layout]
-    model = STUDENT_ARCHS[arch].build(spec, patch_size=patch_size, img_size=img_size, drop_path_rate=drop_path_rate)
-    return spec.init_student(model)
+    arch, found = student_family(name, layout)
+    return found.create_student(arch, img_size=img_size, patch_size=patch_size, drop_path_rate=drop_path_rate)
 
 
 def _family(state_dict: StateDict) -> Family:
@@ -68,10 +61,11 @@ def from_reference(state_dict: StateDict) -> StateDict:
 
 
 def check_exportable(model: nn.Module, layout: str) -> None:
-    """to_reference(model, layout) can write it: the model is in that layout."""
-    found = layout_of(model.state_dict())
-    if found != layout:
-        raise UsageError(f"this ViT is in the {found} layout and cannot be written in the {layout} layout")
+    """to_reference(model, layout) can write it: the model is that family's."""
+    if not FAMILIES[layout].is_own(model):
+        found = family_of(model.state_dict())
+        what = f"in the {found.name} layout" if found else f"a {type(model).__name__}"
+        raise UsageError(f"this network is {what} and cannot be written in the {layout} layout")
 
 
 def to_reference(model: nn.Module, layout: str) -> StateDict:
@@ -129,5 +123,8 @@ def load_backbone(path: str | os.PathLike, **kwargs) -> nn.Module:
     resolution it records it was trained at.
     """
     ckpt = safe_load(path)
+    trained = export_metadata(ckpt)
+    if trained.get("family") in FAMILIES and not FAMILIES[trained["family"]].detects:  # its keys would not say
+        return FAMILIES[trained["family"]].load_backbone(ckpt, str(path), trained=trained, **kwargs)
     found, sd = backbone_state_dict(ckpt, path)
-    return found.load_backbone(sd, str(path), trained=export_metadata(ckpt), **kwargs)
+    return found.load_backbone(sd, str(path), trained=trained, **kwargs)

@@ -357,11 +357,13 @@ def backbone_name(path: str | os.PathLike) -> str:
     return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
 
 
-def export_metadata(ckpt: object) -> dict[str, int]:
+def export_metadata(ckpt: object) -> dict[str, int | str]:
     """{"img_size", "patch_size"} an exported backbone was trained at ({} for other files): the official
-    DinoVisionTransformer loads it strictly only when built with these."""
+    DinoVisionTransformer loads it strictly only when built with these. With "family" and "model" when the
+    export says which family and model it is (a timm model's weights do not say it themselves)."""
     meta = getattr(ckpt, "_metadata", None)
     record = meta.get(EXPORT_METADATA) if isinstance(meta, dict) else None
     if not isinstance(record, dict) or not all(isinstance(record.get(k), int) for k in ("img_size", "patch_size")):
         return {}  # not ours, or not a record we wrote: the weights alone tell the shape
-    return {"img_size": record["img_size"], "patch_size": record["patch_size"]}
+    names = {k: record[k] for k in ("family", "model") if isinstance(record.get(k), str)}
+    return {"img_size": record["img_size"], "patch_size": record["patch_size"], **names}

@@ -21,18 +21,20 @@ from .vision_transformer import block_indices
 
 class TimmBackbone(nn.Module):
     """A timm model (built without a classifier) with `embed_dim`, `patch_size` and `forward_tokens`. Its
-    weights are the timm model's, under `model.`; `model.state_dict()` is timm's own layout."""
+    weights are the timm model's, under `model.`; `model.state_dict()` is timm's own layout.
 
-    def __init__(self, model: nn.Module) -> None:
+    `summary_dim` is the width of the summary token, which a model with a head of its own after the pooling
+    (MobileNetV4's conv_head, EfficientViT's) makes wider than its patch tokens (`embed_dim`).
+    As a student it has no mask token: masked patches are masked in pixel space (`mask_pixels`)."""
+
+    summary_is_class_token = False  # its summary is what its head pools, whatever the model
+
+    def __init__(self, model: nn.Module, name: str = "") -> None:
         super().__init__()
         self.model = model
+        self.name = name  # timm's name of the model (what an export records to be rebuilt)
         self.embed_dim = model.num_features
-        summary = getattr(model, "head_hidden_size", None) or model.num_features
-        if summary != self.embed_dim:
-            raise UsageError(
-                f"{type(model).__name__}'s pooled feature is {summary} wide but its tokens {self.embed_dim}: "
-                "a teacher's summary and patch tokens must share one width"
-            )
+        self.summary_dim = getattr(model, "head_hidden_size", None) or model.num_features
         self.num_prefix_tokens = getattr(model, "num_prefix_tokens", 0)  # a ViT's CLS and register tokens
         patch_embed = getattr(model, "patch_embed", None)
         if patch_embed is not None and hasattr(patch_embed, "patch_size"):
@@ -40,13 +42,21 @@ class TimmBackbone(nn.Module):
         else:  # a CNN: its last map's stride
             self.patch_size = int(model.feature_info[-1]["reduction"])
 
+    def mask_pixels(self, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """`x` with the pixels of each masked cell of the token grid set to 0: after normalisation, the mean
+        colour. `masks` [B, h*w] bool on the grid forward_tokens gives (cells of patch_size pixels)."""
+        p = self.patch_size
+        keep = ~masks.reshape(x.shape[0], 1, x.shape[-2] // p, x.shape[-1] // p)
+        keep = keep.repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)
+        return x * keep.to(x.dtype)
+
     def forward_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> Tokens:
-        if masks is not None:
-            raise UsageError(f"a timm {type(self.model).__name__} takes no mask tokens")
         h, w = x.shape[-2:]
         if h % self.patch_size or w % self.patch_size:
             raise UsageError(f"input size {h}x{w} is not a multiple of the patch size {self.patch_size}")
         x = x.to(next(self.model.parameters()).dtype)
+        if masks is not None:
+            x = self.mask_pixels(x, masks)
         features = self.model.forward_features(x)
         if features.ndim == 4:  # [B, C, H, W]: a CNN's last map, or a ViT that returns its map (NCHW)
             grid = tuple(features.shape[-2:])

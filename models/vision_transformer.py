@@ -188,6 +188,8 @@ class ViT(VisionTransformer):
     def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         return self.forward_features(x, masks)["x_norm_clstoken"]
 
+    summary_is_class_token = True  # the backbone contract: its summary is the final-norm CLS (DINOv2's probes)
+
     def forward_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> Tokens:
         """The backbone contract (models.tokens): the final-norm CLS as the summary, the patch tokens on their grid."""
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)

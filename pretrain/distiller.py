@@ -64,7 +64,8 @@ class Distiller(nn.Module):
     def __init__(self, student: ViT | DinoV3ViT, targets: list[TeacherTarget]) -> None:
         super().__init__()
         self.student = student
-        self.adaptors = {t.name: Adaptor(student.embed_dim, t) for t in targets}  # registered below
+        summary_dim = getattr(student, "summary_dim", student.embed_dim)  # wider than its tokens: MobileNetV4's
+        self.adaptors = {t.name: Adaptor(student.embed_dim, t, summary_dim) for t in targets}  # registered below
         if len(targets) == 1:  # the heads at the top, named as before several teachers existed
             (adaptor,) = self.adaptors.values()
             for name in ("token_head", "patch_head", "fea_head", "cls_std", "patch_std"):
@@ -74,7 +75,7 @@ class Distiller(nn.Module):
             self.teachers = nn.ModuleDict(self.adaptors)
             self.loss_names = ("total", *(f"{t.name}_{level}" for t in targets for level in LEVELS))
         self.masked = any(t.lambda_patch for t in targets)
-        if not self.masked:  # no masked view: the mask token never gets a gradient
+        if not self.masked and getattr(student, "mask_token", None) is not None:  # never gets a gradient
             student.mask_token.requires_grad_(False)
 
     def heads_state_dict(self) -> dict:
@@ -82,7 +83,9 @@ class Distiller(nn.Module):
 
     def export_adaptors(self, student: dict, teachers: dict[str, dict]) -> dict:
         """adaptors.pth's content: the heads and standardisers of every teacher (models.load_adaptors)."""
-        adaptors = Adaptors(self.student.embed_dim, [a.target for a in self.adaptors.values()], teachers)
+        targets = [a.target for a in self.adaptors.values()]
+        summary_dim = getattr(self.student, "summary_dim", self.student.embed_dim)
+        adaptors = Adaptors(self.student.embed_dim, targets, teachers, summary_dim=summary_dim)
         for name, a in self.adaptors.items():
             adaptors.adaptors[name].load_state_dict(a.state_dict())
         return adaptors.export(student)
@@ -153,4 +156,5 @@ def compile_student(student: ViT | DinoV3ViT) -> None:
     break the graph, and the no-grad teacher is a small share of the step. The module itself is not
     wrapped, so state_dict keys, EMA copies and checkpoints are unchanged.
     """
-    student.forward_features = torch.compile(student.forward_features)
+    network = getattr(student, "model", student)  # a timm student's own model (TimmBackbone.model)
+    network.forward_features = torch.compile(network.forward_features)

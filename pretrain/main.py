@@ -45,7 +45,15 @@ from models.adaptors import STANDARDIZATIONS, hadamard
 from models.backbones import check_exportable
 from models.checkpoints import few_names
 from models.errors import UsageError
-from models.families import split_student, student_layout, suffix_help, teacher_spec
+from models.families import (
+    FAMILIES,
+    split_student,
+    student_family,
+    student_layout,
+    student_patch_size,
+    suffix_help,
+    teacher_spec,
+)
 
 from .config import Config, StudentConfig, TeacherConfig, check_ranges
 from .data import PositionSampler, SeededDataset, build_dataset, worker_init
@@ -217,9 +225,9 @@ def targets_of(config: Config, grid: int) -> list[TeacherTarget]:
     return targets
 
 
-def grid_of(config: Config, layout: str) -> int:
-    """The token grid side of a student in `layout` at --input-size."""
-    return config.input_size // LAYOUTS[layout].patch_size
+def grid_of(config: Config, student: StudentConfig) -> int:
+    """The token grid side of a student at --input-size."""
+    return config.input_size // student_patch_size(student.name, student.layout)
 
 
 def resolve(args: argparse.Namespace) -> Config:
@@ -261,14 +269,13 @@ def resolve(args: argparse.Namespace) -> Config:
             hadamard(teacher_spec(name).embed_dim)  # a width without a Hadamard matrix: one clear line
     names = args.student.split(",")
     for name in names:
-        if split_student(name, None)[0] not in STUDENT_ARCHS:
-            raise UsageError(f"unknown student '{name}'; choose from {', '.join(STUDENT_ARCHS)}")
+        student_family(name)  # an unknown name: one line that lists the students
     if len(set(names)) < len(names):
         raise UsageError(f"--student {args.student} names a student twice: each needs its own output folder")
     layout = args.student_layout or student_layout(teachers[0])
     # a family's layout for a name with its suffix (vit_small_dinov3), else --student-layout
     students = [StudentConfig(n, split_student(n, None)[1] or layout) for n in names]
-    patches = [LAYOUTS[s.layout].patch_size for s in students]
+    patches = [student_patch_size(s.name, s.layout) for s in students]
     for s, patch in zip(students, patches):
         if args.input_size % patch:
             whose = f"{s.name}'s" if len(students) > 1 else "the student's"
@@ -302,7 +309,7 @@ def resolve(args: argparse.Namespace) -> Config:
             "mask_ratio": tuple(ratio),
         }
     )
-    targets = [t for s in config.students for t in targets_of(config, grid_of(config, s.layout))]
+    targets = [t for s in config.students for t in targets_of(config, grid_of(config, s))]
     levels = {(t.lambda_token, t.lambda_patch, t.lambda_fea) for t in targets}
     if len(teachers) == 1 and len(levels) == 1:  # the flags as the run uses them (in log.txt's args as before)
         token, patch, fea = levels.pop()
@@ -357,7 +364,7 @@ def build(config: Config, device: torch.device, world: int, *, out: Output, fres
             spec.name, img_size=config.input_size, drop_path_rate=config.drop_path, layout=spec.layout
         )
         check_exportable(student, spec.layout)  # one line before training, not at the export after it
-        distillers.append(Distiller(student, targets_of(config, grid_of(config, spec.layout))).to(device))
+        distillers.append(Distiller(student, targets_of(config, grid_of(config, spec))).to(device))
 
     # Repeated augmentation under DDP (3 repeats, DeiT's floor(N/256)*256 samples); one plain
     # seeded shuffle per epoch in a single process.
@@ -416,7 +423,7 @@ def build(config: Config, device: torch.device, world: int, *, out: Output, fres
                     f"to {name if several else 'the student'}'s {grid[0]}x{grid[1]} grid (bilinear, antialiased "
                     "when shrinking)"
                 )
-        no_decay = tuple(f"student.{n}" for n in LAYOUTS[layout].no_weight_decay)
+        no_decay = tuple(f"student.{n}" for n in FAMILIES[layout].no_weight_decay)
         optimizer = torch.optim.AdamW(
             param_groups(distiller, config.weight_decay, no_decay),
             lr=lr,

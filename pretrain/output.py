@@ -57,6 +57,12 @@ def truncate_log(path: Path, key: str, end: int) -> None:
             atomic_write_text("".join(keep), path)
 
 
+def student_folder(name: str) -> str:
+    """A student's subfolder name: its name, a family prefix's ':' written '-' (timm:resnet18 -> timm-resnet18),
+    since ':' is not portable in paths."""
+    return name.replace(":", "-")
+
+
 class Output:
     """The run's output folder and console on rank 0; a no-op elsewhere."""
 
@@ -68,10 +74,11 @@ class Output:
             logging.getLogger().setLevel(logging.WARNING)
 
     def sub(self, name: str) -> Output:
-        """The Output of the subfolder `name` (each student's when a run has several), made on rank 0."""
+        """The Output of student `name`'s subfolder (each student's when a run has several), made on rank 0."""
+        folder = self.folder / student_folder(name)
         if self.main:
-            (self.folder / name).mkdir(exist_ok=True)
-        return Output(self.folder / name, self.main)
+            folder.mkdir(exist_ok=True)
+        return Output(folder, self.main)
 
     @property
     def tensorboard(self):

@@ -22,7 +22,7 @@ from models.families import DEFAULT_LAYOUT
 from .config import Config
 from .data import PositionSampler
 from .distiller import Distiller, TeacherInput, Views
-from .output import CHECKPOINT, Output
+from .output import CHECKPOINT, Output, student_folder
 
 COMMIT = ".checkpoint.commit"  # the journal of a checkpoint being written (common.io.atomic_save_all)
 
@@ -191,7 +191,7 @@ class Run:
         several = len(self.students) > 1
         if config.resume:
             resume = Path(config.resume)
-            paths = [resume / s.name / CHECKPOINT if several else resume for s in self.students]
+            paths = [resume / student_folder(s.name) / CHECKPOINT if several else resume for s in self.students]
             self.finish_saves(resume if several else paths[0].parent, paths)
         else:
             paths = self.checkpoints()

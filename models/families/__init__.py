@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 from torch import nn
 
+from ..architectures import STUDENT_ARCHS
 from ..errors import UsageError
 from . import clip, dinov2, dinov3, siglip2, synclr, timm
 from .base import Family, TeacherSpec
@@ -55,23 +56,50 @@ def student_layout(teacher: str) -> str:
 
 
 def split_student(name: str, layout: str | None) -> tuple[str, str | None]:
-    """(architecture, layout) of a student name: a family's suffix (vit_small_dinov3) says its layout."""
+    """(architecture, layout) of a student name: a family's suffix (vit_small_dinov3) or prefix
+    (timm:resnet18) says its family."""
     for f in FAMILIES.values():
         if f.student_suffix and name.endswith(f.student_suffix):
-            if layout not in (None, f.name):
-                raise UsageError(f"student '{name}' is in the {f.name} layout, not {layout}")
-            return name.removesuffix(f.student_suffix), f.name
+            arch = name.removesuffix(f.student_suffix)
+        elif f.student_prefix and name.startswith(f.student_prefix):
+            arch = name.removeprefix(f.student_prefix)
+        else:
+            continue
+        if layout not in (None, f.name):
+            raise UsageError(f"student '{name}' is in the {f.name} layout, not {layout}")
+        return arch, f.name
     return name, layout
 
 
 def student_names(archs: list[str]) -> list[str]:
-    """Every student name: the architectures, and each with each family's suffix."""
-    return [*archs, *(a + f.student_suffix for f in FAMILIES.values() if f.student_suffix for a in archs)]
+    """Every student name: the architectures, each with each family's suffix, and each family's prefix."""
+    suffixed = [a + f.student_suffix for f in FAMILIES.values() if f.student_suffix for a in archs]
+    prefixed = [f"{f.student_prefix}<model>" for f in FAMILIES.values() if f.student_prefix]
+    return [*archs, *suffixed, *prefixed]
+
+
+def student_family(name: str, layout: str | None = None) -> tuple[str, Family]:
+    """(architecture, family) of a student name, its layout defaulting to `layout`, else DINOv2's."""
+    arch, found = split_student(name, layout)
+    found = found or DEFAULT_LAYOUT
+    if found not in FAMILIES or (found not in LAYOUTS and not FAMILIES[found].student_prefix):
+        raise UsageError(f"unknown student layout '{found}'; choose from {', '.join(LAYOUTS)}")
+    if not FAMILIES[found].student_prefix and arch not in STUDENT_ARCHS:
+        raise UsageError(f"unknown student '{name}'; choose from {', '.join(student_names(list(STUDENT_ARCHS)))}")
+    return arch, FAMILIES[found]
+
+
+def student_patch_size(name: str, layout: str | None = None) -> int:
+    """The side in pixels of one token of a student (its grid at an input size is size // this)."""
+    arch, found = student_family(name, layout)
+    return found.student_patch_size(arch)
 
 
 def suffix_help() -> str:
-    """What the student-name suffixes mean, for help texts."""
-    return "; ".join(f"a name's {f.student_suffix} suffix says {f.name}" for f in FAMILIES.values() if f.student_suffix)
+    """What the student-name suffixes and prefixes mean, for help texts."""
+    parts = [f"a name's {f.student_suffix} suffix says {f.name}" for f in FAMILIES.values() if f.student_suffix]
+    parts += [f"{f.student_prefix}<model> is {f.title}'s model" for f in FAMILIES.values() if f.student_prefix]
+    return "; ".join(parts)
 
 
 __all__ = [
@@ -86,7 +114,9 @@ __all__ = [
     "family_of_model",
     "split_student",
     "student_layout",
+    "student_family",
     "student_names",
+    "student_patch_size",
     "suffix_help",
     "teacher_spec",
 ]

@@ -19,7 +19,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from ..architectures import Layout, ViTConfig, timm_vit_from_state_dict
+from ..architectures import STUDENT_ARCHS, Layout, ViTConfig, timm_vit_from_state_dict
 from ..checkpoints import EXPORT_METADATA, StateDict, load_strict, safe_load
 from ..errors import UsageError
 
@@ -172,6 +172,34 @@ class Family:
             raise UsageError(f"{path} holds a {type(raw).__name__}, not a state dict")
         return self.from_official(raw)
 
+    # --- students ----------------------------------------------------------------------------------
+    student_prefix: str = ""  # a student name with this prefix is one of this family's models (timm:resnet18)
+
+    def create_student(
+        self, arch: str, *, img_size: int = 224, patch_size: int | None = None, drop_path_rate: float = 0.0
+    ) -> nn.Module:
+        """A randomly initialised student `arch` (a STUDENT_ARCHS size) in this family's layout, initialised as
+        the reference."""
+        if arch not in STUDENT_ARCHS:
+            raise UsageError(f"unknown student '{arch}'; choose from {', '.join(STUDENT_ARCHS)}")
+        model = STUDENT_ARCHS[arch].build(
+            self.layout, patch_size=patch_size, img_size=img_size, drop_path_rate=drop_path_rate
+        )
+        return self.layout.init_student(model)
+
+    def student_patch_size(self, arch: str) -> int:
+        """The side in pixels of one token of student `arch` (its grid at an input size is size // this)."""
+        return self.layout.patch_size
+
+    @property
+    def no_weight_decay(self) -> tuple[str, ...]:
+        """Our names of its students' weights that are never decayed (1-d in the reference's layout)."""
+        return self.layout.no_weight_decay if self.layout else ()
+
+    def is_own(self, model: nn.Module) -> bool:
+        """Whether a network is one of this family's (what to_official can write)."""
+        return self.detects and self.owns(model.state_dict())
+
     # --- building networks -----------------------------------------------------------------------
     def load_teacher(
         self, spec: TeacherSpec, path: str | os.PathLike | None, *, name: str, dtype: torch.dtype
@@ -200,10 +228,13 @@ class Family:
         return model
 
 
-def with_export_metadata(model: nn.Module, state_dict: StateDict) -> StateDict:
-    """`state_dict` carrying the resolution the model was trained at in its `_metadata` (export_metadata)."""
+def with_export_metadata(
+    network: nn.Module, state_dict: StateDict, *, img_size: int | None = None, **names: str
+) -> StateDict:
+    """`state_dict` carrying the resolution the model was trained at in its `_metadata` (export_metadata), and
+    `names` (family, model) where the weights alone do not say them."""
     out = OrderedDict(state_dict)
-    out._metadata = OrderedDict(
-        {EXPORT_METADATA: {"img_size": model.patch_embed.img_size[0], "patch_size": model.patch_embed.patch_size[0]}}
-    )
+    img_size = img_size or network.patch_embed.img_size[0]
+    record = {"img_size": int(img_size), "patch_size": int(network.patch_size), **names}
+    out._metadata = OrderedDict({EXPORT_METADATA: record})
     return out

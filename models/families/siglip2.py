@@ -225,6 +225,7 @@ class SigLIP2(Timm):
     # backbone state dicts the registry is asked about hold no text tower (whose Gemma vocabulary alone would tell
     # SigLIP2 from SigLIP): its files are recognised by the teacher name the user gives, as timm's are.
     detects = False
+    student_prefix = ""  # its image towers are timm models: students of them are timm's (timm:<model>)
     mean, std = MEAN, STD
     teachers = TEACHERS
     zero_shot = SigLIPZeroShot()

@@ -20,7 +20,7 @@ from torch import nn
 from ..checkpoints import StateDict, few_names, load_strict, safe_load
 from ..errors import UsageError
 from ..timm_backbone import TimmBackbone
-from .base import Family
+from .base import Family, with_export_metadata
 
 PREFIX = "timm:"
 
@@ -52,7 +52,7 @@ class TimmTeacherSpec:
             return timm.create_model(self.model_name, pretrained=False, **kwargs)
 
     def build(self) -> TimmBackbone:
-        return TimmBackbone(self.create(num_classes=0))
+        return TimmBackbone(self.create(num_classes=0), self.model_name)
 
 
 def tensors(path: str | os.PathLike) -> StateDict:
@@ -79,6 +79,7 @@ class Timm(Family):
     name = "timm"
     title = "timm"
     detects = False
+    student_prefix = PREFIX
 
     def __init__(self) -> None:
         self._specs: dict[str, TimmTeacherSpec] = {}
@@ -92,6 +93,11 @@ class Timm(Family):
         probe = TimmTeacherSpec(self.name, model_name, 0, 0, 0, (), (), model_kwargs)
         with torch.device("meta"):
             backbone = probe.build()
+        if backbone.summary_dim != backbone.embed_dim:
+            raise UsageError(
+                f"timm model {model_name}'s pooled feature is {backbone.summary_dim} wide but its tokens "
+                f"{backbone.embed_dim}: a teacher's summary and patch tokens must share one width"
+            )
         cfg = backbone.model.pretrained_cfg
         return TimmTeacherSpec(
             self.name,
@@ -114,9 +120,6 @@ class Timm(Family):
     def owns(self, state_dict) -> bool:
         return False
 
-    def to_official(self, model: TimmBackbone) -> StateDict:
-        return {k: v.detach().clone().cpu() for k, v in model.model.state_dict().items()}
-
     def read_teacher(self, spec: TimmTeacherSpec, path: str | os.PathLike) -> StateDict:
         """timm's state dict of the model, without its classifier (which a teacher does not use)."""
         return without_classifier(spec, tensors(path))
@@ -126,6 +129,51 @@ class Timm(Family):
         if path is not None:
             load_strict(model.model, self.read_teacher(spec, path), f"{path} (teacher {name})")
         return model.to(dtype)
+
+    # --- students -----------------------------------------------------------------------------------
+    def student_model(self, arch: str, **kwargs) -> nn.Module:
+        """timm's model `arch` without its classifier, randomly initialised as timm does (the paper's students
+        start from random weights); a ViT at `img_size` that takes other sizes too."""
+        if not timm.is_model(arch):
+            raise UsageError(f"unknown timm model '{arch}' (timm {timm.__version__}: timm.list_models() lists them)")
+        img_size = kwargs.pop("img_size", None)
+        for extra in (dict(img_size=img_size, dynamic_img_size=True), {}):  # a CNN takes neither option
+            try:
+                return timm.create_model(arch, pretrained=False, num_classes=0, **extra, **kwargs)
+            except TypeError:
+                continue
+        raise AssertionError("unreachable: the second try has no extra options")
+
+    def create_student(
+        self, arch: str, *, img_size: int = 224, patch_size: int | None = None, drop_path_rate: float = 0.0
+    ) -> nn.Module:
+        if patch_size:
+            raise UsageError(f"a timm student's patch size is its own (timm:{arch})")
+        kwargs = dict(drop_path_rate=drop_path_rate) if drop_path_rate else {}
+        student = TimmBackbone(self.student_model(arch, img_size=img_size, **kwargs), arch)
+        student.img_size = img_size
+        return student
+
+    def student_patch_size(self, arch: str) -> int:
+        with torch.device("meta"):
+            return TimmBackbone(self.student_model(arch)).patch_size
+
+    def is_own(self, model: nn.Module) -> bool:
+        return isinstance(model, TimmBackbone)
+
+    def to_official(self, model: TimmBackbone) -> StateDict:
+        """timm's own state dict of the model, recording which model it is and the resolution it was trained at
+        (timm.create_model(model, pretrained_cfg_overlay=dict(file=...)) loads it strictly)."""
+        sd = {k: v.detach().clone().cpu() for k, v in model.model.state_dict().items()}
+        size = getattr(model, "img_size", None) or model.model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+        return with_export_metadata(model, sd, img_size=size, family=self.name, model=model.name)
+
+    def load_backbone(self, state_dict: StateDict, source: str, *, trained: dict, **kwargs) -> nn.Module:
+        if "model" not in trained:
+            raise UsageError(f"{source} does not record which timm model it is")
+        model = self.create_student(trained["model"], img_size=trained["img_size"], **kwargs)
+        load_strict(model.model, state_dict, source)
+        return model
 
     def empty_backbone(self, state_dict: StateDict, img_size: int | None = None, **kwargs) -> nn.Module:
         raise UsageError("a timm model's weights do not say which model they are: load it with timm.create_model")

@@ -1,0 +1,115 @@
+"""timm models as students (--student timm:<model>): they distil beside our ViTs from one teacher pass, mask in
+pixel space, export in timm's own layout that timm loads strictly with the same features, and resume exactly."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import timm
+import torch
+
+import models
+from pretrain import main as pretrain_main
+from tests.helpers import command, interrupt, iterations, make_image_folder, run_ok, tiny_spec
+
+# CPU-sized students of three kinds: a ResNet, a ConvNeXt and a mobile network whose pooled feature (1280) is
+# wider than its tokens (960)
+STUDENTS = ["timm:resnet18", "timm:convnext_atto", "timm:mobilenetv4_conv_small"]
+
+
+@pytest.fixture
+def tiny_dinov2(monkeypatch):
+    spec = tiny_spec("dinov2_vits14", dim=64, depth=2, heads=1, img_size=56)
+    monkeypatch.setitem(models.TEACHERS, "dinov2_vits14", spec)
+    return spec
+
+
+def distil(tmp_path, students: str, input_size: int = 64, *extra: str) -> int:
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=2, size=(input_size, input_size))
+    argv = ["--teacher", "dinov2_vits14", "--random-teacher", "--student", students, "--input-size", str(input_size),
+            "--teacher-input-size", "56", "--data-path", str(data), "--output-dir", str(tmp_path / "run"),
+            "--batch-size", "2", "--epochs", "1", "--epoch-length", "2", "--num-workers", "0", "--pca-every", "0",
+            "--device", "cpu", *extra]  # fmt: skip
+    return pretrain_main.main(argv)
+
+
+@pytest.mark.parametrize("name", STUDENTS)
+def test_a_timm_student_distils_and_its_export_is_timms_own(name, tiny_dinov2, tmp_path):
+    assert distil(tmp_path, name) == 0
+    path = tmp_path / "run" / "backbone.pth"
+    arch = name.removeprefix("timm:")
+    ours = models.load_backbone(path).eval()
+    theirs = timm.create_model(arch, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(path)))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.eval()(x), ours.forward_tokens(x).cls, rtol=0, atol=0)
+        want = theirs.forward_features(x).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(ours.forward_tokens(x).patches, want, rtol=0, atol=0)
+    adaptors = models.load_adaptors(tmp_path / "run" / "adaptors.pth")
+    head = adaptors.adaptors["dinov2_vits14"].token_head
+    assert head[0].normalized_shape == (ours.summary_dim,)  # MobileNetV4: 1280, its tokens 960
+    assert adaptors(ours, x)["dinov2_vits14"].patches.shape == (2, 4, 64)
+
+
+def test_a_masked_cell_is_the_mean_colour_in_pixel_space():
+    student = models.create_student("timm:resnet18", img_size=64)
+    x = torch.randn(1, 3, 64, 64)
+    masks = torch.tensor([[False, True, False, False]])  # the top-right 32x32 cell of the 2x2 grid
+    masked = student.mask_pixels(x, masks)
+    assert masked[..., :32, 32:].abs().sum() == 0
+    assert torch.equal(masked[..., 32:, :], x[..., 32:, :]) and torch.equal(masked[..., :32, :32], x[..., :32, :32])
+
+
+def test_our_vit_and_a_timm_student_share_one_teacher_pass(tiny_dinov2, tmp_path, monkeypatch):
+    calls = []
+    targets = models.Teacher.targets
+    monkeypatch.setattr(models.Teacher, "targets", lambda self, *a, **k: calls.append(1) or targets(self, *a, **k))
+    assert distil(tmp_path, "vit_tiny,timm:resnet18", 224) == 0
+    assert len(calls) == 2  # one per iteration, for both students
+    for folder in ("vit_tiny", "timm-resnet18"):
+        assert len(iterations(tmp_path / "run" / folder)) == 2
+    assert (
+        models.layout_of(models.load_backbone(tmp_path / "run" / "vit_tiny" / "backbone.pth").state_dict()) == "dinov2"
+    )
+
+
+def test_a_timm_student_resumes_exactly_after_sigusr1(tmp_path):
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=8, size=(64, 64))
+    extra = ("--student", "timm:resnet18", "--input-size", "64", "--teacher-input-size", "56", "--pca-every", "0")
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    run_ok(command(data, whole, 0, *extra))
+    assert interrupt(command(data, stopped, 0, *extra), stopped, signal.SIGUSR1, after=3) == pretrain_main.EXIT_REQUEUE
+    run_ok(command(data, stopped, 0, *extra))
+    assert iterations(stopped) == iterations(whole) and len(iterations(whole)) > 3
+
+
+@pytest.fixture(scope="module")
+def resnet_export(tmp_path_factory):
+    """A timm ResNet-18 student's backbone.pth as pretraining exports it (trained at 64 px)."""
+    path = tmp_path_factory.mktemp("resnet") / "backbone.pth"
+    torch.manual_seed(0)
+    torch.save(models.to_reference(models.create_student("timm:resnet18", img_size=64), "timm"), path)
+    return path
+
+
+def test_the_evaluations_take_a_timm_student(resnet_export, imagenet, fine_grained, tmp_path):
+    """Linear probe on its global feature (13 classifiers), kNN on the same feature, fine-grained likewise."""
+    import json
+
+    from fine_grained import main as fg_main
+    from linear_eval import knn as knn_main
+    from linear_eval import main as linear_main
+
+    run = ["--backbone", str(resnet_export), "--input-size", "64", "--batch-size", "4", "--num-workers", "0",
+           "--device", "cpu"]  # fmt: skip
+    out = tmp_path / "linear"
+    assert linear_main.main([*run, "--data-path", str(imagenet), "--output-dir", str(out), "--epochs", "1"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["protocol"]["name"].startswith("linear probe on the global feature")
+    assert len(res["details"]["classifiers"]) == 13 and all(
+        n.startswith("global_lr") for n in res["details"]["classifiers"]
+    )
+    assert knn_main.main([*run, "--data-path", str(imagenet), "--output-dir", str(tmp_path / "knn")]) == 0
+    fg = ["--data-path", str(fine_grained), "--datasets", "cub200", "--output-dir", str(tmp_path / "fg")]
+    assert fg_main.main([*run, *fg]) == 0
