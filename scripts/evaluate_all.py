@@ -582,7 +582,11 @@ def evaluate_all(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot read backbone {args.backbone}: {e}") from None
     if args.device:
         resolve_device(args.device)  # a typo fails here, not once per task
+    family = models.families.family_of_model(vit)
     missing = {task: missing_data(task, args) for task in tasks}  # every input file read before any task runs
+    for task in tasks:
+        if TASKS[task].heads and not family.dense_tasks and not missing[task]:
+            missing[task] = f"the dense configs are ViTs'; a {family.title} backbone has none yet"
     if all(missing.values()):
         why = "; ".join(f"{task}: {why}" for task, why in missing.items())
         raise UsageError(f"no task has its data ({why})")
@@ -590,15 +594,17 @@ def evaluate_all(args: argparse.Namespace) -> int:
     earlier = earlier_summary(Path(args.output_dir), args.backbone, sha256)
     out = prepare_output_dir(args.output_dir)
     embed_dim = vit.embed_dim
-    size = SIZES.get(embed_dim)
+    # a model named by a family prefix (timm:<model>) is no ViT size of the paper: no paper figure
+    size = None if family.student_prefix else SIZES.get(embed_dim)
     # a family with a student suffix has its own dense configs (`<size><suffix>`) and no paper figure (the
     # paper's students are DINOv2-layout)
-    family = models.families.family_of_model(vit)
     layout = family.student_suffix
-    model = (f"ViT-{size[0].upper()}" if size else f"embed dim {embed_dim}") + (
-        f" {family.title} layout" if layout else ""
-    )
-    if size is None:
+    if family.student_prefix:
+        model = f"{family.student_prefix}{vit.name}"
+    else:
+        model = f"ViT-{size[0].upper()}" if size else f"embed dim {embed_dim}"
+        model += f" {family.title} layout" if layout else ""
+    if size is None and family.dense_tasks:
         print(f"note: no configs for embed dim {embed_dim}; dense tasks use the ViT-S ones (adapt with --extra)")
     rows: list[Row] = []
     unreadable: dict[str, tuple[int, str]] = {}

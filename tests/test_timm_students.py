@@ -113,3 +113,16 @@ def test_the_evaluations_take_a_timm_student(resnet_export, imagenet, fine_grain
     assert knn_main.main([*run, "--data-path", str(imagenet), "--output-dir", str(tmp_path / "knn")]) == 0
     fg = ["--data-path", str(fine_grained), "--datasets", "cub200", "--output-dir", str(tmp_path / "fg")]
     assert fg_main.main([*run, *fg]) == 0
+
+
+def test_evaluate_all_runs_a_timm_student_and_says_why_dense_tasks_wait(resnet_export, imagenet, ade, tmp_path):
+    from scripts import evaluate_all
+
+    out = tmp_path / "eval"
+    argv = ["--backbone", str(resnet_export), "--output-dir", str(out), "--quick", "--device", "cpu",
+            "--tasks", "knn,ade20k", "--data-imagenet", str(imagenet), "--data-ade20k", str(ade)]  # fmt: skip
+    assert evaluate_all.main(argv) == 0
+    summary = (out / "results.md").read_text()
+    assert summary.startswith(f"# Evaluation of `{resnet_export}` (timm:resnet18)")
+    assert "- skipped ade20k: the dense configs are ViTs'; a timm backbone has none yet" in summary
+    assert "| knn | top-1 k=10 | 100.00 | n/a |" in summary  # no paper figure: it is no ViT size of the paper

@@ -43,7 +43,8 @@ def family_of(state_dict: Mapping[str, object]) -> Family | None:
 
 
 def family_of_model(model: nn.Module) -> Family:
-    found = family_of(model.state_dict())
+    """The family a network belongs to (what can export it)."""
+    found = next((f for f in FAMILIES.values() if f.is_own(model)), None)
     if found is None:
         raise UsageError(f"a {type(model).__name__} belongs to no backbone family")
     return found

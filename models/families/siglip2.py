@@ -241,6 +241,9 @@ class SigLIP2(Timm):
     def resolve(self, name: str) -> TimmTeacherSpec | None:
         return None  # timm:<model> names are the timm family's
 
+    def is_own(self, model: nn.Module) -> bool:
+        return False  # its networks are timm's (a student of one is the timm family's)
+
     def read_teacher(self, spec: TimmTeacherSpec, path: str | os.PathLike) -> StateDict:
         """The image tower in timm's names, from open_clip's whole-model file (its `visual.trunk.` part: the text
         tower, logit scale and bias are zero-shot's) or timm's own file."""

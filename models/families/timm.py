@@ -80,6 +80,7 @@ class Timm(Family):
     title = "timm"
     detects = False
     student_prefix = PREFIX
+    dense_tasks = False  # the dense configs are ViTs' (one width, block indices); a timm model's stages differ
 
     def __init__(self) -> None:
         self._specs: dict[str, TimmTeacherSpec] = {}
