@@ -46,11 +46,11 @@ FLAG_RANGES = (
 FLAGS = (
     "data_path", "teacher", "teacher_checkpoint", "teacher_weights", "teacher_standardization",
     "teacher_stats_batches", "random_teacher", "teacher_dtype", "teacher_input_size", "teacher_normalization",
-    "student", "student_layout", "input_size", "batch_size", "epochs", "warmup_epochs", "epoch_length", "lr",
-    "warmup_lr", "min_lr", "weight_decay", "drop_path", "mask_probability", "mask_ratio", "lambda_token",
-    "lambda_patch", "lambda_fea", "ema_decay", "clip_grad", "compile", "precision", "output_dir", "resume",
-    "save_every_minutes", "device", "num_workers", "seed", "print_freq", "pca_every", "subset_images_per_class",
-    "subset_classes", "single_image",
+    "student", "student_pretrained", "student_layout", "input_size", "batch_size", "epochs", "warmup_epochs",
+    "epoch_length", "lr", "warmup_lr", "min_lr", "weight_decay", "drop_path", "mask_probability", "mask_ratio",
+    "lambda_token", "lambda_patch", "lambda_fea", "ema_decay", "clip_grad", "compile", "precision", "output_dir",
+    "resume", "save_every_minutes", "device", "num_workers", "seed", "print_freq", "pca_every",
+    "subset_images_per_class", "subset_classes", "single_image",
 )  # fmt: skip
 
 
@@ -80,10 +80,11 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class StudentConfig:
-    """One --student: its name and the layout it is built and exported in."""
+    """One --student: its name, the layout it is built and exported in, and the weight file it starts from."""
 
     name: str
     layout: str
+    pretrained: str | None = None  # --student-pretrained's entry; None: random init
 
     def __post_init__(self) -> None:
         if not self.name or not self.layout:
@@ -168,5 +169,8 @@ class Config:
             teacher_weights=[t.weight for t in self.teachers],
             teacher_input_size=[t.input_size for t in self.teachers],
             student=self.student,
+            student_pretrained=None
+            if all(s.pretrained is None for s in self.students)
+            else ",".join(s.pretrained or "" for s in self.students),
         )
         return {name: values[name] for name in FLAGS}

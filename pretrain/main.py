@@ -131,6 +131,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         "trains several students from one teacher pass, each into <output-dir>/<student>/",
     )
     a(
+        "--student-pretrained",
+        metavar="FILE",
+        help="a timm student's start: timm's weight file of that model (default: random init, as the paper); "
+        "several students: a comma list in --student order (an empty entry starts that one at random)",
+    )
+    a(
         "--student-layout",
         choices=tuple(LAYOUTS),
         help="the students' architecture and export key names, as the reference's per teacher family "
@@ -274,7 +280,16 @@ def resolve(args: argparse.Namespace) -> Config:
         raise UsageError(f"--student {args.student} names a student twice: each needs its own output folder")
     layout = args.student_layout or student_layout(teachers[0])
     # a family's layout for a name with its suffix (vit_small_dinov3), else --student-layout
-    students = [StudentConfig(n, split_student(n, None)[1] or layout) for n in names]
+    starts = [""] * len(names) if args.student_pretrained is None else args.student_pretrained.split(",")
+    if len(starts) != len(names):
+        raise UsageError(
+            f"--student-pretrained names {len(starts)} files for {len(names)} students ({args.student}): give one "
+            "per student, in order (an empty entry starts that one at random)"
+        )
+    students = [
+        StudentConfig(n, split_student(n, None)[1] or layout, pretrained=start or None)
+        for n, start in zip(names, starts)
+    ]
     patches = [student_patch_size(s.name, s.layout) for s in students]
     for s, patch in zip(students, patches):
         if args.input_size % patch:
@@ -363,6 +378,8 @@ def build(config: Config, device: torch.device, world: int, *, out: Output, fres
         student = create_student(
             spec.name, img_size=config.input_size, drop_path_rate=config.drop_path, layout=spec.layout
         )
+        if spec.pretrained:  # before the EMA copy; a resumed run's checkpoint then replaces it
+            student_family(spec.name, spec.layout)[1].load_student_weights(student, spec.pretrained)
         check_exportable(student, spec.layout)  # one line before training, not at the export after it
         distillers.append(Distiller(student, targets_of(config, grid_of(config, spec))).to(device))
 

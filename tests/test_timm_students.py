@@ -126,3 +126,19 @@ def test_evaluate_all_runs_a_timm_student_and_says_why_dense_tasks_wait(resnet_e
     assert summary.startswith(f"# Evaluation of `{resnet_export}` (timm:resnet18)")
     assert "- skipped ade20k: the dense configs are ViTs'; a timm backbone has none yet" in summary
     assert "| knn | top-1 k=10 | 100.00 | n/a |" in summary  # no paper figure: it is no ViT size of the paper
+
+
+def test_a_timm_student_starts_from_timms_file(tiny_dinov2, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    start = timm.create_model("resnet18", pretrained=False, num_classes=10)  # its own head: left out
+    save_file(start.state_dict(), tmp_path / "model.safetensors")
+    still = ("--lr", "0", "--warmup-lr", "0", "--min-lr", "0")
+    assert (
+        distil(tmp_path, "timm:resnet18", 64, "--student-pretrained", str(tmp_path / "model.safetensors"), *still) == 0
+    )
+    exported = models.safe_load(tmp_path / "run" / "backbone.pth")
+    params = dict(start.named_parameters())
+    assert all(torch.equal(exported[k], v) for k, v in params.items() if not k.startswith("fc."))  # lr 0: as it began
+    assert distil(tmp_path, "vit_tiny_dinov3", 64, "--student-pretrained", str(tmp_path / "model.safetensors")) == 2
+    assert "--student-pretrained starts timm students (timm:<model>), not DINOv3-layout ones" in capsys.readouterr().err

@@ -188,6 +188,10 @@ class Family:
         )
         return self.layout.init_student(model)
 
+    def load_student_weights(self, student: nn.Module, path: str | os.PathLike) -> None:
+        """Start a student from a weight file (--student-pretrained), strictly."""
+        raise UsageError(f"--student-pretrained starts timm students (timm:<model>), not {self.title}-layout ones")
+
     def student_patch_size(self, arch: str) -> int:
         """The side in pixels of one token of student `arch` (its grid at an input size is size // this)."""
         return self.layout.patch_size

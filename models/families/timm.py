@@ -138,9 +138,10 @@ class Timm(Family):
         if not timm.is_model(arch):
             raise UsageError(f"unknown timm model '{arch}' (timm {timm.__version__}: timm.list_models() lists them)")
         img_size = kwargs.pop("img_size", None)
+        kwargs.setdefault("num_classes", 0)
         for extra in (dict(img_size=img_size, dynamic_img_size=True), {}):  # a CNN takes neither option
             try:
-                return timm.create_model(arch, pretrained=False, num_classes=0, **extra, **kwargs)
+                return timm.create_model(arch, pretrained=False, **extra, **kwargs)
             except TypeError:
                 continue
         raise AssertionError("unreachable: the second try has no extra options")
@@ -154,6 +155,15 @@ class Timm(Family):
         student = TimmBackbone(self.student_model(arch, img_size=img_size, **kwargs), arch)
         student.img_size = img_size
         return student
+
+    def load_student_weights(self, student: TimmBackbone, path: str | os.PathLike) -> None:
+        """timm's own file of the student's model (a Hub model.safetensors, ...), strictly; its classifier may be
+        in it or not."""
+        with torch.device("meta"):
+            whole = self.student_model(student.name, num_classes=1000, img_size=getattr(student, "img_size", None))
+        classifier = set(whole.state_dict()) - set(student.model.state_dict())
+        sd = {k: v for k, v in tensors(path).items() if k not in classifier}
+        load_strict(student.model, sd, f"{path} (--student-pretrained, timm:{student.name})")
 
     def student_patch_size(self, arch: str) -> int:
         with torch.device("meta"):
