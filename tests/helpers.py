@@ -109,8 +109,14 @@ def block_outputs(model: ViT, x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def tiny_spec(name: str, dim: int = 32, depth: int = 1, heads: int = 1, **changes) -> models.teachers.TeacherSpec:
-    """Teacher `name`'s spec (family, patch, FFN rule, normalisation) at a tiny width, depth and heads."""
+    """Teacher `name`'s spec (family, patch, FFN rule, normalisation) at a tiny width, depth and heads; a teacher
+    built by timm (SigLIP2's) through its family's `spec` with timm's arguments for them."""
     spec = models.TEACHERS[name]
+    if not hasattr(spec, "config"):
+        tiny = dict(embed_dim=dim, depth=depth, num_heads=heads)
+        if "img_size" in changes:
+            tiny["img_size"] = changes["img_size"]
+        return dataclasses.replace(models.FAMILIES[spec.family].spec(name, **tiny), **changes)
     config = dataclasses.replace(spec.config, embed_dim=dim, depth=depth, num_heads=heads)
     return dataclasses.replace(spec, config=config, **changes)
 

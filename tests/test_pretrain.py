@@ -485,7 +485,8 @@ def test_clip_teachers_default_to_token_only_and_others_to_all_three():
     # one CLIP teacher, one student on its grid and one resampled: levels per student, no single flag value
     mixed = pretrain_main.resolve(parse(["--teacher", "clip_vitb16", "--student", "vit_tiny,vit_small_dinov3"]))
     assert mixed.lambda_patch is None
-    grids = [pretrain_main.grid_of(mixed, layout) for layout in ("clip", "dinov3")]
+    assert [s.layout for s in mixed.students] == ["clip", "dinov3"]
+    grids = [pretrain_main.grid_of(mixed, s) for s in mixed.students]
     assert [t.lambda_patch for grid in grids for t in pretrain_main.targets_of(mixed, grid)] == [1.0, 0.0]
     dinov3 = pretrain_main.resolve(parse(["--teacher", "dinov3_vitb16", "--input-size", "208"]))  # 13 x 16
     assert dinov3.student_layout == "dinov3" and dinov3.teachers[0].input_size == 208

@@ -349,7 +349,7 @@ def test_two_teacher_recipes_standardise_and_set_their_levels(slurm):
         cmd = last_command(run("pretrain.sh", recipe, env=slurm, DRY_RUN="1", DATA="/in"))
         config = pretrain_main.resolve(pretrain_main.get_args_parser().parse_args(cmd[5:]))
         assert config.teacher_standardization == "phi-s"
-        targets = pretrain_main.targets_of(config, pretrain_main.grid_of(config, config.student_layout))
+        targets = pretrain_main.targets_of(config, pretrain_main.grid_of(config, config.students[0]))
         levels[recipe] = {t.name: (t.lambda_token, t.lambda_patch, t.lambda_fea) for t in targets}
     assert levels == {
         "b_dinov2l_clipl": {"dinov2_vitl14": (1.0, 1.0, 1.0), "clip_vitl14": (1.0, 0.0, 0.0)},

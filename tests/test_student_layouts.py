@@ -401,15 +401,24 @@ def test_pretraining_runs_and_exports_in_the_layout(tmp_path, capsys, layout):
 
 
 def test_a_layout_that_cannot_be_exported_stops_before_training(tmp_path, capsys, monkeypatch):
-    """A layout registered without its export (here a copy of dinov2's under another name) is one line at
-    start-up; without the check the whole run trained and then backbone.pth could not be written."""
+    """A family registered with a layout its export cannot write (here dinov2's layout under another name, whose
+    files it does not recognise) is one line at start-up; without the check the whole run trained and then
+    backbone.pth could not be written."""
+
+    class Mine(models.families.Family):
+        name, title, layout = "mine", "Mine", LAYOUTS["dinov2"]
+
+        def owns(self, state_dict) -> bool:
+            return False
+
+    monkeypatch.setitem(models.FAMILIES, "mine", Mine())
     monkeypatch.setitem(LAYOUTS, "mine", LAYOUTS["dinov2"])
     data = make_image_folder(tmp_path / "data")
     out = tmp_path / "run"
     argv = ["--data-path", str(data), "--output-dir", str(out), *TINY_RUN, "--student-layout", "mine", "--epochs", "1"]
     assert pretrain_main.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: this ViT is in the dinov2 layout and cannot be written in the mine layout"]
+    assert err == ["error: this network is in the dinov2 layout and cannot be written in the mine layout"]
     assert not (out / "checkpoint.pth").exists() and not (out / "log.txt").exists()
 
 
