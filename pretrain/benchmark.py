@@ -33,12 +33,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common import distributed as dist_utils
 from common.cli import ArgumentParser, run
-from models import LAYOUTS, STUDENT_ARCHS, TEACHERS, Teacher, TeacherTarget, Tokens, create_student, create_teacher
+from models import LAYOUTS, TEACHERS, Teacher, TeacherTarget, Tokens, create_student, create_teacher
 from models.errors import MissingFile, UsageError
-from models.families import student_layout, teacher_spec
+from models.families import split_student, student_family, student_layout, teacher_spec
 
 from .data import build_dataset
-from .distiller import Distiller, TeacherInput, Views, compile_student, param_groups
+from .distiller import Distiller, TeacherInput, Views, channels_last, compile_student, param_groups
 from .engine import AMP, backward, backward_and_step, forward_losses, student_losses, teacher_targets, update
 from .masking import make_masks
 
@@ -171,8 +171,11 @@ class Setup:
         self.device, self.precision = device, config.precision
         with torch.device(device):  # a random teacher is initialised where it runs (the 7B: on the GPU, in seconds)
             self.teacher = teacher if teacher is not None else create_teacher(config.teacher, pretrained=False)
-        layout = config.student_layout or student_layout(config.teacher)
+        # a family's own name (vit_small_dinov3, timm:resnet50) says its layout, else --student-layout or the teacher's
+        layout = split_student(config.student, None)[1] or config.student_layout or student_layout(config.teacher)
         student = create_student(config.student, img_size=config.input_size, layout=layout)
+        if device.type == "cuda":
+            channels_last(student)
         self.teachers = [TeacherInput(self.teacher, config.input_size)]
         grid = config.input_size // student.patch_size
         self.views = Views(config.input_size, (grid, grid))
@@ -477,10 +480,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def benchmark(args: argparse.Namespace) -> None:
     names = args.student.split(",")
-    if args.teacher not in TEACHERS or not set(names) <= set(STUDENT_ARCHS):
-        raise UsageError(f"--teacher is one of {', '.join(TEACHERS)}; --student one of {', '.join(STUDENT_ARCHS)}")
+    teacher_spec(args.teacher)  # an unknown name: one line that lists the teachers
+    families = [student_family(name)[1] for name in names]  # an unknown one: one line that lists the students
     if len(names) > 1 and args.reference:
         raise UsageError("--reference times one student's step; give one --student")
+    if args.reference and families[0].layout is None:
+        raise UsageError(f"--reference times the reference's step, whose students are ViTs; not {names[0]}")
     dist_utils.resolve_device(args.device)
     if args.pipeline and args.pipeline_dir and not (Path(args.pipeline_dir) / "train").is_dir():
         raise MissingFile(f"--pipeline-dir {args.pipeline_dir}: no train/ folder (an ImageFolder root)")

@@ -149,6 +149,15 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_names: tuple[st
     ]
 
 
+def channels_last(student: nn.Module) -> nn.Module:
+    """A convolutional student in channels-last memory format (cuDNN's fast layout for convolutions and their
+    batch norms; the inputs follow the weights' format). A ViT, whose only convolution is its patch embedding,
+    is left as it is: its tokens are matrices either way."""
+    if sum(isinstance(m, nn.Conv2d) for m in student.modules()) > 1:
+        student.to(memory_format=torch.channels_last)
+    return student
+
+
 def compile_student(student: ViT | DinoV3ViT) -> None:
     """torch.compile the student's forward_features in place (main.py and benchmark --compile).
 

@@ -57,7 +57,7 @@ from models.families import (
 
 from .config import Config, StudentConfig, TeacherConfig, check_ranges
 from .data import PositionSampler, SeededDataset, build_dataset, worker_init
-from .distiller import Distiller, TeacherInput, Views, compile_student, param_groups
+from .distiller import Distiller, TeacherInput, Views, channels_last, compile_student, param_groups
 from .engine import NonFiniteLoss, Preempted, estimate_statistics, train_one_epoch
 from .output import CHECKPOINT, EPOCH_LOG, ITERATION_LOG, Output
 from .state import Run, StopControl, Student
@@ -380,6 +380,8 @@ def build(config: Config, device: torch.device, world: int, *, out: Output, fres
         )
         if spec.pretrained:  # before the EMA copy; a resumed run's checkpoint then replaces it
             student_family(spec.name, spec.layout)[1].load_student_weights(student, spec.pretrained)
+        if device.type == "cuda":
+            channels_last(student)
         check_exportable(student, spec.layout)  # one line before training, not at the export after it
         distillers.append(Distiller(student, targets_of(config, grid_of(config, spec))).to(device))
 

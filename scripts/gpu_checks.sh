@@ -52,6 +52,9 @@ run s_b "${step[@]}" --teacher dinov2_vitb14 --student vit_small --reference
 run s_b_compile "${step[@]}" --teacher dinov2_vitb14 --student vit_small --compile
 run b_l_dinov3 "${step[@]}" --teacher dinov3_vitl16 --student vit_base
 run s_7b_dinov3 "${step[@]}" --teacher dinov3_vit7b16 --student vit_small
+# a CNN student (channels-last on CUDA) against a ViT-S of similar cost, from the same teacher
+run r50_b "${step[@]}" --teacher dinov2_vitb14 --student timm:resnet50
+run s_b_plain "${step[@]}" --teacher dinov2_vitb14 --student vit_small
 # one DINOv2 g pass for S and B (--student a,b): the joint step vs each student's own; teacher-sharing speedup
 run sb_g_shared "${step[@]}" --teacher dinov2_vitg14 --student vit_small,vit_base
 run pipeline "$PYTHON" -m pretrain.benchmark --pipeline --images 512 --workers 1,4,8,15

@@ -8,8 +8,11 @@ import math
 import re
 
 import pytest
+import torch
 
+import models
 from pretrain import benchmark
+from pretrain.distiller import channels_last
 
 TINY = [
     "--teacher",
@@ -57,6 +60,30 @@ def test_step_benchmark_takes_dinov3_and_patch16_teachers(capsys, monkeypatch, t
     assert f"teacher {teacher} (RANDOM weights, float32) -> student vit_tiny ({student})" in out
     losses = out.split("ours losses: ")[1].split()
     assert len(losses) == 1 and math.isfinite(float(losses[0])) and float(losses[0]) > 0
+
+
+def test_step_benchmark_times_a_timm_student_and_keeps_the_reference_to_vits(capsys, monkeypatch):
+    """gpu_checks.sh's CNN row, shallower: a timm ResNet student's step (no reference step: its students are ViTs)."""
+    spec = benchmark.TEACHERS["dinov2_vits14"]
+    monkeypatch.setitem(
+        benchmark.TEACHERS, "dinov2_vits14", dataclasses.replace(spec, config=dataclasses.replace(spec.config, depth=1))
+    )
+    argv = [*TINY, "--teacher", "dinov2_vits14", "--input-size", "224", "--batch-size", "2", "--warmup", "0",
+            "--steps", "1", "--student", "timm:resnet18"]  # fmt: skip
+    assert benchmark.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "-> student timm:resnet18 (TimmBackbone)" in out
+    assert math.isfinite(float(out.split("ours losses: ")[1].split()[0]))
+    assert benchmark.main([*argv, "--reference"]) == 2
+    assert "the reference's step, whose students are ViTs; not timm:resnet18" in capsys.readouterr().err
+
+
+def test_channels_last_is_for_convolutional_students():
+    resnet, vit = models.create_student("timm:resnet18", img_size=64), models.create_student("vit_tiny")
+    channels_last(resnet), channels_last(vit)
+    assert resnet.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not resnet.model.conv1.weight.is_contiguous()  # 64 x 3 x 7 x 7 in NHWC order
+    assert vit.patch_embed.proj.weight.is_contiguous()  # left as it is
 
 
 CUDA = pytest.mark.skipif(not benchmark.torch.cuda.is_available(), reason="needs a GPU")
