@@ -41,6 +41,11 @@ def eval_transform(
     )
 
 
+def summary_name(backbone: torch.nn.Module) -> str:
+    """What a backbone's summary token is, for protocol names and feature caches."""
+    return "final-norm CLS" if backbone.summary_is_class_token else "pooled summary token"
+
+
 def frozen_backbone(path: str | None, device: torch.device, input_size: int) -> ViT:
     """models.load_backbone in eval mode without gradients: every eval reads weights the same way."""
     if not path:

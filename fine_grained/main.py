@@ -15,7 +15,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_M
 
 from common import distributed as dist_utils
 from common.cli import ArgumentParser, check_positive, evaluation_parser, run
-from common.features import Features, cached_features, eval_transform, frozen_backbone
+from common.features import Features, cached_features, eval_transform, frozen_backbone, summary_name
 from common.io import atomic_write_text, prepare_output_dir
 from common.results import Results, Timer, write_results
 from models.errors import UsageError
@@ -87,7 +87,7 @@ def features(
         desc=f"{name} {split} features",
         backbone_path=args.backbone,
         input_size=args.input_size,
-        feature_type="fine-grained: final-norm CLS",
+        feature_type=f"fine-grained: {summary_name(model)}",
     )
 
 
@@ -120,13 +120,14 @@ def evaluate(
     }
 
 
-def protocol(args: argparse.Namespace) -> dict:
-    """What results.json says about comparability with the paper's table (PROTOCOLS C)."""
+def protocol(args: argparse.Namespace, feature: str) -> dict:
+    """What results.json says about comparability with the paper's table (PROTOCOLS C); `feature`: what the
+    features are (summary_name)."""
     mean, std = NORMALIZATION[args.normalization]
     settings = {"normalization": args.normalization, "caltech_split": args.caltech_split}
     paper = all(settings[k] == v for k, v in PAPER_PROTOCOL.items())
     return {
-        "name": "logistic regression on final-norm CLS, 45 C values (PROTOCOLS C)",
+        "name": f"logistic regression on {feature}, 45 C values (PROTOCOLS C)",
         "input_size": args.input_size,
         **settings,
         "mean": list(mean),
@@ -201,7 +202,7 @@ def fine_grained(args: argparse.Namespace) -> int:
     summary = Results(
         task="fine_grained",
         backbone=args.backbone,
-        protocol=protocol(args),
+        protocol=protocol(args, summary_name(model)),
         metrics={**{metric_name(n, r): r["value"] for n, r in results.items()}, mean_name(len(results)): mean},
         unreadable_images={f"{n} {split}": len(p) for n, r in results.items() for split, p in r["dropped"].items()},
         timings=timer.timings(),

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from common import distributed as dist_utils
 from common.cli import ArgumentParser, check_positive, evaluation_parser, run, start
-from common.features import Features, cached_features, frozen_backbone, image_counts
+from common.features import Features, cached_features, frozen_backbone, image_counts, summary_name
 from common.io import prepare_output_dir
 from common.results import Results, Timer, print_table, topk_correct, write_results
 from models.errors import UsageError
@@ -101,6 +101,7 @@ class Setup(NamedTuple):
     val: Features
     num_classes: int
     ks: list[int]
+    feature: str  # what the features are (summary_name)
 
 
 def prepare(args: argparse.Namespace, device: torch.device) -> Setup:
@@ -127,12 +128,14 @@ def prepare(args: argparse.Namespace, device: torch.device) -> Setup:
             desc=f"{name} features",
             backbone_path=args.backbone,
             input_size=args.input_size,
-            feature_type="kNN: final-norm CLS",
+            feature_type=f"kNN: {summary_name(backbone)}",
         )
 
     train_features, val_features = features("train", train), features("val", val)
     ks = usable_ks(args.nb_knn, len(train_features.targets))
-    return Setup(train=train_features, val=val_features, num_classes=len(train.classes), ks=ks)
+    return Setup(
+        train=train_features, val=val_features, num_classes=len(train.classes), ks=ks, feature=summary_name(backbone)
+    )
 
 
 def usable_ks(requested: list[int], bank: int) -> list[int]:
@@ -163,7 +166,7 @@ def knn(args: argparse.Namespace) -> None:
         task="knn",
         backbone=args.backbone,
         protocol={
-            "name": "weighted kNN on final-norm CLS (PROTOCOLS B)",
+            "name": f"weighted kNN on {state.feature} (PROTOCOLS B)",
             "data_path": str(Path(args.data_path).resolve()),
             "input_size": args.input_size,
             "temperature": args.temperature,

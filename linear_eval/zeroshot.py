@@ -140,7 +140,8 @@ def zeroshot(args: argparse.Namespace) -> None:
     adaptors = load_adaptors(args.adaptors)
     name, tower = chosen_tower(adaptors, args.teacher, args.adaptors)
     adaptor = adaptors.adaptors[name].to(device)
-    if backbone.embed_dim != adaptors.student_dim:
+    widths = (backbone.embed_dim, getattr(backbone, "summary_dim", backbone.embed_dim))
+    if widths != (adaptors.student_dim, adaptors.summary_dim):
         raise UsageError(
             f"--backbone {args.backbone} is {backbone.embed_dim} wide but {args.adaptors} adapts a "
             f"{adaptors.student_dim}-wide student: give the backbone.pth exported with these adaptors"

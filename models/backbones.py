@@ -108,7 +108,8 @@ def backbone_state_dict(ckpt: object, path: str | os.PathLike) -> tuple[Family, 
     if found is None or not ({"cls_token", "patch_embed.proj.weight"} <= set(found.from_official(sd))):
         raise UsageError(
             f"{path} holds no ViT backbone (looked for cls_token and patch_embed.proj.weight, or CLIP's "
-            f"class_embedding and conv1.weight; top-level keys: {few_names(sorted(map(str, ckpt)))})"
+            f"class_embedding and conv1.weight; top-level keys: {few_names(sorted(map(str, ckpt)))}); a timm "
+            "student's weights are read from its backbone.pth, which records its model"
         )
     return found, sd
 

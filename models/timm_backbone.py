@@ -16,7 +16,6 @@ from torch import nn
 
 from .errors import UsageError
 from .tokens import Tokens
-from .vision_transformer import block_indices
 
 
 class TimmBackbone(nn.Module):
@@ -36,11 +35,10 @@ class TimmBackbone(nn.Module):
         self.embed_dim = model.num_features
         self.summary_dim = getattr(model, "head_hidden_size", None) or model.num_features
         self.num_prefix_tokens = getattr(model, "num_prefix_tokens", 0)  # a ViT's CLS and register tokens
-        patch_embed = getattr(model, "patch_embed", None)
-        if patch_embed is not None and hasattr(patch_embed, "patch_size"):
-            self.patch_size = int(patch_embed.patch_size[0])
-        else:  # a CNN: its last map's stride
-            self.patch_size = int(model.feature_info[-1]["reduction"])
+        # the stride of the last map (a ViT's: its patch, a hybrid's: its backbone's times its patch, a Swin's: 32),
+        # which timm records for every model; a patch embedding's own size is that only for a plain ViT
+        self.patch_size = int(model.feature_info[-1]["reduction"])
+        self.channels_last_output = getattr(model, "output_fmt", "NCHW") == "NHWC"  # Swin-like maps: [B, H, W, C]
 
     def mask_pixels(self, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """`x` with the pixels of each masked cell of the token grid set to 0: after normalisation, the mean
@@ -58,9 +56,15 @@ class TimmBackbone(nn.Module):
         if masks is not None:
             x = self.mask_pixels(x, masks)
         features = self.model.forward_features(x)
-        if features.ndim == 4:  # [B, C, H, W]: a CNN's last map, or a ViT that returns its map (NCHW)
-            grid = tuple(features.shape[-2:])
-            patches = features.flatten(2).transpose(1, 2)
+        if features.ndim == 4:  # a CNN's last map [B, C, H, W], or [B, H, W, C] for a model whose output is NHWC
+            nchw = features.permute(0, 3, 1, 2) if self.channels_last_output else features
+            grid = tuple(nchw.shape[-2:])
+            if grid != (h // self.patch_size, w // self.patch_size):
+                raise UsageError(
+                    f"{type(self.model).__name__} gives a {grid[0]}x{grid[1]} map for {h}x{w} pixels, not the input "
+                    f"size / its stride {self.patch_size}: a model whose maps do not tile its input cannot be used"
+                )
+            patches = nchw.flatten(2).transpose(1, 2)
         else:
             grid = (h // self.patch_size, w // self.patch_size)
             patches = features[:, self.num_prefix_tokens :]
@@ -85,7 +89,7 @@ class TimmBackbone(nn.Module):
         tokens; with `return_class_token` each paired with its CLS (a model without one has none to give)."""
         if return_class_token and getattr(self.model, "cls_token", None) is None:
             raise UsageError(f"a timm {type(self.model).__name__} has no class token to return")
-        take = sorted(block_indices(n, len(self._stages())))
+        take = n if isinstance(n, int) else sorted(n)  # an int: timm's own "last n", whatever it counts as a stage
         kwargs = dict(return_prefix_tokens=True) if return_class_token else {}
         outs = self.model.forward_intermediates(
             x, indices=take, norm=norm, output_fmt="NCHW", intermediates_only=True, **kwargs
@@ -96,10 +100,6 @@ class TimmBackbone(nn.Module):
         if return_class_token:
             return tuple((m, o[1][:, 0]) for m, o in zip(maps, outs))
         return tuple(maps)
-
-    def _stages(self) -> nn.Sequential | list:
-        """What forward_intermediates indexes: a ViT's blocks, a CNN's stages."""
-        return getattr(self.model, "blocks", None) or self.model.stages
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_tokens(x).cls

@@ -104,7 +104,8 @@ class Config:
     teacher_dtype: str  # a key of main.TEACHER_DTYPES
     teacher_normalization: str  # reference (the ImageNet-normalised crops) or teacher (its own mean/std)
     students: tuple[StudentConfig, ...]
-    student_layout: str  # --student-layout or the first teacher's family: the layout of names without a suffix
+    student_layout: str  # --student-layout, else the first teacher's family's (DINOv2's for one without): the layout
+    # of names without a family's suffix or prefix
     input_size: int
     batch_size: int
     epochs: int

@@ -140,7 +140,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--student-layout",
         choices=tuple(LAYOUTS),
         help="the students' architecture and export key names, as the reference's per teacher family "
-        f"(default: the teacher's family; {suffix_help()})",
+        f"(default: the teacher's family, dinov2 for a family without a student layout; {suffix_help()})",
     )
     a("--input-size", type=int, default=224, help="the student's crop side; a multiple of its patch size")
     a("--batch-size", type=int, default=128, help="per process; lr scales with the global batch")
@@ -442,7 +442,7 @@ def build(config: Config, device: torch.device, world: int, *, out: Output, fres
                     f"to {name if several else 'the student'}'s {grid[0]}x{grid[1]} grid (bilinear, antialiased "
                     "when shrinking)"
                 )
-        no_decay = tuple(f"student.{n}" for n in FAMILIES[layout].no_weight_decay)
+        no_decay = tuple(f"student.{n}" for n in FAMILIES[layout].student_no_weight_decay(distiller.student))
         optimizer = torch.optim.AdamW(
             param_groups(distiller, config.weight_decay, no_decay),
             lr=lr,

@@ -116,6 +116,9 @@ def build_config(args: argparse.Namespace, task: str):
         raise UsageError("--checkpoint goes with --eval-only; a training run continues by itself (or --resume FILE)")
     cfg = Config.fromfile(args.config)
     vit = models.load_backbone(args.backbone)  # readable, a ViT: fail here, not inside mmengine
+    family = models.families.family_of_model(vit)
+    if not family.dense_tasks:
+        raise UsageError(f"{args.backbone} is a {family.title} backbone: the dense configs are ViTs' (none for it yet)")
     cfg.model.backbone.checkpoint = str(args.backbone)
     if args.reference_pos_embed:
         cfg.model.backbone.reference_pos_embed = True

@@ -142,3 +142,39 @@ def test_a_timm_student_starts_from_timms_file(tiny_dinov2, tmp_path, capsys):
     assert all(torch.equal(exported[k], v) for k, v in params.items() if not k.startswith("fc."))  # lr 0: as it began
     assert distil(tmp_path, "vit_tiny_dinov3", 64, "--student-pretrained", str(tmp_path / "model.safetensors")) == 2
     assert "--student-pretrained starts timm students (timm:<model>), not DINOv3-layout ones" in capsys.readouterr().err
+
+
+def test_a_timm_name_is_timms_and_its_stride_is_its_last_maps():
+    """timm:<model> wins over a family suffix (timm's vit_small_patch16_dinov3 is timm's); the token stride is the
+    last map's, whatever the patch embedding's (a Swin's 4-pixel patches give a stride-32 map, in NHWC); a timm ViT
+    with LayerScale (DINOv2's key names) is still the timm family's."""
+    from models.families import family_of_model, split_student
+
+    assert split_student("timm:vit_small_patch16_dinov3", None) == ("vit_small_patch16_dinov3", "timm")
+    assert split_student("vit_small_dinov3", None) == ("vit_small", "dinov3")
+    swin = models.create_student("timm:swin_tiny_patch4_window7_224", img_size=224).eval()
+    with torch.no_grad():
+        tokens = swin.forward_tokens(torch.randn(1, 3, 224, 224))
+    assert swin.patch_size == 32 and tokens.grid == (7, 7) and tokens.patches.shape == (1, 49, 768)
+    dinov2_like = models.create_student("timm:vit_small_patch14_reg4_dinov2", img_size=28)
+    assert family_of_model(dinov2_like).name == "timm"
+
+
+def test_a_timm_vit_student_starts_from_a_file_at_another_resolution(tmp_path):
+    """timm's own file of a ViT at 224 starts a student at 64 px: its position table resized as timm does."""
+    from safetensors.torch import save_file
+
+    save_file(timm.create_model("vit_tiny_patch16_224", num_classes=0).state_dict(), tmp_path / "model.safetensors")
+    student = models.create_student("timm:vit_tiny_patch16_224", img_size=64)
+    models.FAMILIES["timm"].load_student_weights(student, tmp_path / "model.safetensors")
+    assert student.model.pos_embed.shape == (1, 1 + 16, 192)
+
+
+def test_the_dense_runner_refuses_a_timm_backbone_in_one_line(resnet_export, ade, tmp_path, capsys):
+    pytest.importorskip("mmseg", reason="mmsegmentation not installed: `make mmseg`")
+    from segmentation import runner
+
+    argv = ["segmentation/configs/linear_vit_small.py", "--backbone", str(resnet_export), "--data-path", str(ade),
+            "--work-dir", str(tmp_path / "w")]  # fmt: skip
+    assert runner.main("segmentation", argv) == 2
+    assert "is a timm backbone: the dense configs are ViTs' (none for it yet)" in capsys.readouterr().err

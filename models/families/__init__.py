@@ -44,7 +44,9 @@ def family_of(state_dict: Mapping[str, object]) -> Family | None:
 
 def family_of_model(model: nn.Module) -> Family:
     """The family a network belongs to (what can export it)."""
-    found = next((f for f in FAMILIES.values() if f.is_own(model)), None)
+    # the families that know a network by its class first: a timm ViT with LayerScale has DINOv2's key names
+    ordered = sorted(FAMILIES.values(), key=lambda f: f.detects)
+    found = next((f for f in ordered if f.is_own(model)), None)
     if found is None:
         raise UsageError(f"a {type(model).__name__} belongs to no backbone family")
     return found
@@ -59,17 +61,17 @@ def student_layout(teacher: str) -> str:
 def split_student(name: str, layout: str | None) -> tuple[str, str | None]:
     """(architecture, layout) of a student name: a family's suffix (vit_small_dinov3) or prefix
     (timm:resnet18) says its family."""
-    for f in FAMILIES.values():
-        if f.student_suffix and name.endswith(f.student_suffix):
-            arch = name.removesuffix(f.student_suffix)
-        elif f.student_prefix and name.startswith(f.student_prefix):
-            arch = name.removeprefix(f.student_prefix)
-        else:
-            continue
-        if layout not in (None, f.name):
-            raise UsageError(f"student '{name}' is in the {f.name} layout, not {layout}")
-        return arch, f.name
-    return name, layout
+    # prefixes first: a prefixed name is that family's model whatever it ends with (timm:vit_small_patch16_dinov3)
+    matches = [(f, name.removeprefix(f.student_prefix)) for f in FAMILIES.values()
+               if f.student_prefix and name.startswith(f.student_prefix)]  # fmt: skip
+    matches += [(f, name.removesuffix(f.student_suffix)) for f in FAMILIES.values()
+                if f.student_suffix and name.endswith(f.student_suffix)]  # fmt: skip
+    if not matches:
+        return name, layout
+    f, arch = matches[0]
+    if layout not in (None, f.name):
+        raise UsageError(f"student '{name}' is in the {f.name} layout, not {layout}")
+    return arch, f.name
 
 
 def student_names(archs: list[str]) -> list[str]:

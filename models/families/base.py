@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -101,8 +101,12 @@ class ZeroShot(Protocol):
     mean: tuple  # the image tower's own normalisation (the teacher's own figure)
     std: tuple
 
-    def load(self, path: str | os.PathLike) -> nn.Module:
-        """The whole image-text model from its official file, fp32, eval mode, no gradients."""
+    def load(self, path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None) -> nn.Module:
+        """The whole image-text model from its official file, fp32, eval mode, no gradients; `tokenizer`: a saved
+        tokenizer folder, for towers whose tokenizer is a file of its own."""
+
+    def preprocess(self, model: nn.Module) -> Callable:
+        """The image tower's own eval transform (PIL image -> normalised tensor), for the teacher's own figure."""
 
     def width(self, model: nn.Module) -> int:
         """The width of the summary token a student's adaptor predicts."""
@@ -196,9 +200,8 @@ class Family:
         """The side in pixels of one token of student `arch` (its grid at an input size is size // this)."""
         return self.layout.patch_size
 
-    @property
-    def no_weight_decay(self) -> tuple[str, ...]:
-        """Our names of its students' weights that are never decayed (1-d in the reference's layout)."""
+    def student_no_weight_decay(self, student: nn.Module) -> tuple[str, ...]:
+        """Our names of a student's weights that are never decayed (1-d in the reference's layout)."""
         return self.layout.no_weight_decay if self.layout else ()
 
     def is_own(self, model: nn.Module) -> bool:

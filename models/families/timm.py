@@ -1,4 +1,5 @@
-"""Any timm image model as a teacher: `--teacher timm:<model_name> --teacher-checkpoint FILE`.
+"""Any timm image model as a teacher (`--teacher timm:<model_name> --teacher-checkpoint FILE`) or as a student
+(`--student timm:<model_name>`, exported in timm's own layout; see docs/protocols.md for its losses).
 
 The file is timm's own state dict of that model (a Hub `model.safetensors`, a `pytorch_model.bin`, or a
 timm training checkpoint's `state_dict`), loaded strictly; only the classifier, which a teacher does not
@@ -11,6 +12,7 @@ the name the user gives, never by their keys (a timm ViT's keys are SynCLR's).
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 
 import timm
@@ -139,12 +141,13 @@ class Timm(Family):
             raise UsageError(f"unknown timm model '{arch}' (timm {timm.__version__}: timm.list_models() lists them)")
         img_size = kwargs.pop("img_size", None)
         kwargs.setdefault("num_classes", 0)
-        for extra in (dict(img_size=img_size, dynamic_img_size=True), {}):  # a CNN takes neither option
+        # a ViT at its size that takes others too; a windowed model (MaxViT, Swin) at its size; a CNN takes neither
+        for extra in (dict(img_size=img_size, dynamic_img_size=True), dict(img_size=img_size), {}):
             try:
-                return timm.create_model(arch, pretrained=False, **extra, **kwargs)
+                return timm.create_model(arch, pretrained=False, **({} if img_size is None else extra), **kwargs)
             except TypeError:
                 continue
-        raise AssertionError("unreachable: the second try has no extra options")
+        raise AssertionError("unreachable: the last try has no extra options")
 
     def create_student(
         self, arch: str, *, img_size: int = 224, patch_size: int | None = None, drop_path_rate: float = 0.0
@@ -163,6 +166,15 @@ class Timm(Family):
             whole = self.student_model(student.name, num_classes=1000, img_size=getattr(student, "img_size", None))
         classifier = set(whole.state_dict()) - set(student.model.state_dict())
         sd = {k: v for k, v in tensors(path).items() if k not in classifier}
+        # timm's own adaptation of a file to the model built (a ViT's position table resized to its size, as
+        # timm.create_model(pretrained=True) does), where the model's module has one
+        adapt = getattr(sys.modules[type(student.model).__module__], "checkpoint_filter_fn", None)
+        if adapt is not None:
+            try:
+                sd = adapt(sd, student.model)
+            except (KeyError, RuntimeError, ValueError) as e:
+                why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise UsageError(f"{path} is not timm's file of {student.name} ({why})") from None
         load_strict(student.model, sd, f"{path} (--student-pretrained, timm:{student.name})")
 
     def student_patch_size(self, arch: str) -> int:
@@ -172,9 +184,15 @@ class Timm(Family):
     def is_own(self, model: nn.Module) -> bool:
         return isinstance(model, TimmBackbone)
 
+    def student_no_weight_decay(self, student: TimmBackbone) -> tuple[str, ...]:
+        """What timm's own model exempts from weight decay (a ViT's position table and tokens)."""
+        names = getattr(student.model, "no_weight_decay", lambda: ())()
+        return tuple(f"model.{n}" for n in names)
+
     def to_official(self, model: TimmBackbone) -> StateDict:
         """timm's own state dict of the model, recording which model it is and the resolution it was trained at
-        (timm.create_model(model, pretrained_cfg_overlay=dict(file=...)) loads it strictly)."""
+        (timm.create_model(model, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=...)) loads
+        it strictly)."""
         sd = {k: v.detach().clone().cpu() for k, v in model.model.state_dict().items()}
         size = getattr(model, "img_size", None) or model.model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
         return with_export_metadata(model, sd, img_size=size, family=self.name, model=model.name)
