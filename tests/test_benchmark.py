@@ -129,7 +129,9 @@ def test_pipeline_mode_on_generated_jpegs(tmp_path, capsys):
 
 def test_bad_names_and_device_are_one_line(capsys):
     assert benchmark.main(["--teacher", "dinov2_vitz14"]) == 2
-    assert capsys.readouterr().err.startswith("error: --teacher is one of dinov2_vits14")
+    assert capsys.readouterr().err.startswith("error: unknown teacher 'dinov2_vitz14'; choose from dinov2_vits14")
+    assert benchmark.main(["--student", "vit_huge"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown student 'vit_huge'; choose from vit_tiny")
     assert benchmark.main(["--device", "gpu"]) == 2
     assert capsys.readouterr().err.strip() == "error: --device gpu: not a torch device (e.g. cpu, cuda, cuda:1)"
 
