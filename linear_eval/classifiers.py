@@ -83,7 +83,7 @@ class Probe:
 
     def width(self, backbone: nn.Module) -> int:
         """The `embed_dim` AllClassifiers slices by."""
-        return backbone.embed_dim if self is DINOV2 else getattr(backbone, "summary_dim", backbone.embed_dim)
+        return backbone.embed_dim if self is DINOV2 else backbone.summary_dim
 
 
 DINOV2 = Probe("DINOv2 linear probe (PROTOCOLS B)", "linear probe: last-4-block CLS + avgpool", classifier_grid,

@@ -140,7 +140,7 @@ def zeroshot(args: argparse.Namespace) -> None:
     adaptors = load_adaptors(args.adaptors)
     name, tower = chosen_tower(adaptors, args.teacher, args.adaptors)
     adaptor = adaptors.adaptors[name].to(device)
-    widths = (backbone.embed_dim, getattr(backbone, "summary_dim", backbone.embed_dim))
+    widths = (backbone.embed_dim, backbone.summary_dim)
     if widths != (adaptors.student_dim, adaptors.summary_dim):
         raise UsageError(
             f"--backbone {args.backbone} is {backbone.embed_dim} wide but {args.adaptors} adapts a "

@@ -185,6 +185,11 @@ class DinoV3ViT(Eva):
 
     summary_is_class_token = True  # the backbone contract: its summary is the final-norm CLS (DINOv2's probes)
 
+    @property
+    def summary_dim(self) -> int:
+        """The backbone contract: the width of its summary token, its CLS's."""
+        return self.embed_dim
+
     def forward_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> Tokens:
         """The backbone contract (models.tokens): the final-norm CLS as the summary, the patch tokens on their grid."""
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)

@@ -48,6 +48,7 @@ class Backbone(Protocol):
     embed_dim: int  # the width of its summary and patch tokens
     patch_size: int  # pixels per patch token (a CNN: its last map's stride)
     summary_is_class_token: bool  # its summary is a final-norm CLS token (DINOv2's probes read class tokens)
+    summary_dim: int  # the width of its summary (wider than its tokens where a head follows the pooling)
 
     def forward_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> Tokens:
         """The summary token and the final patch tokens on their grid (`masks`: mask tokens, students only)."""

@@ -64,9 +64,9 @@ class Distiller(nn.Module):
     def __init__(self, student: ViT | DinoV3ViT, targets: list[TeacherTarget]) -> None:
         super().__init__()
         self.student = student
-        summary_dim = getattr(student, "summary_dim", student.embed_dim)  # wider than its tokens: MobileNetV4's
-        self.adaptors = {t.name: Adaptor(student.embed_dim, t, summary_dim) for t in targets}  # registered below
-        if len(targets) == 1:  # the heads at the top, named as before several teachers existed
+        # registered below; the token head reads the summary, wider than the tokens in some models (MobileNetV4's)
+        self.adaptors = {t.name: Adaptor(student.embed_dim, t, student.summary_dim) for t in targets}
+        if len(targets) == 1:  # the heads at the top under their own names (the reference's, its checkpoints')
             (adaptor,) = self.adaptors.values()
             for name in ("token_head", "patch_head", "fea_head", "cls_std", "patch_std"):
                 setattr(self, name, getattr(adaptor, name))  # None for a head of an unused level
@@ -84,8 +84,7 @@ class Distiller(nn.Module):
     def export_adaptors(self, student: dict, teachers: dict[str, dict]) -> dict:
         """adaptors.pth's content: the heads and standardisers of every teacher (models.load_adaptors)."""
         targets = [a.target for a in self.adaptors.values()]
-        summary_dim = getattr(self.student, "summary_dim", self.student.embed_dim)
-        adaptors = Adaptors(self.student.embed_dim, targets, teachers, summary_dim=summary_dim)
+        adaptors = Adaptors(self.student.embed_dim, targets, teachers, summary_dim=self.student.summary_dim)
         for name, a in self.adaptors.items():
             adaptors.adaptors[name].load_state_dict(a.state_dict())
         return adaptors.export(student)

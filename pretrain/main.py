@@ -326,7 +326,7 @@ def resolve(args: argparse.Namespace) -> Config:
     )
     targets = [t for s in config.students for t in targets_of(config, grid_of(config, s))]
     levels = {(t.lambda_token, t.lambda_patch, t.lambda_fea) for t in targets}
-    if len(teachers) == 1 and len(levels) == 1:  # the flags as the run uses them (in log.txt's args as before)
+    if len(teachers) == 1 and len(levels) == 1:  # the flags as the run uses them (log.txt's args)
         token, patch, fea = levels.pop()
         config = replace(config, lambda_token=token, lambda_patch=patch, lambda_fea=fea)
     for t in targets:

@@ -1,4 +1,4 @@
-"""Dense evaluations on DINOv3 backbones (issue 14; PROTOCOLS G): a DINOv3-layout export and an
+"""Dense evaluations on DINOv3 backbones (PROTOCOLS G): a DINOv3-layout export and an
 official DINOv3 file through every head on the tiny ADE20K/NYU folders (conftest), the `*_dinov3.py`
 configs against DINOv3's dense setting and their DINOv2-layout configs, the backbone's patch map
 (RoPE, storage tokens left out), layer-wise lr decay and the token groups on DINOv3's names."""

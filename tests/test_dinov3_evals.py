@@ -1,4 +1,4 @@
-"""Every non-dense evaluation on DINOv3 files as they are (issue 14): a DINOv3-layout student's
+"""Every non-dense evaluation on DINOv3 files as they are: a DINOv3-layout student's
 `backbone.pth` (models.to_reference(student, "dinov3")) and an official-format DINOv3 teacher file given
 as `--backbone dinov3_vits16.pth`. The features each eval computes are checked against
 tests.helpers.FairViT, the independent re-statement of FAIR's network, so counting the 4 storage

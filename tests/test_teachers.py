@@ -1,4 +1,4 @@
-"""Several teachers, one student (issue 15): per-teacher heads and standardised targets, their statistics
+"""Several teachers, one student: per-teacher heads and standardised targets, their statistics
 estimated once and saved, per-teacher logs, adaptors.pth, and the flags' errors."""
 
 from __future__ import annotations
