@@ -9,9 +9,9 @@ import os
 import torch
 from torch import nn
 
-from .checkpoints import StateDict, export_metadata, few_names, safe_load, strip_prefix
+from .checkpoints import StateDict, export_metadata, few_names, load_strict, safe_load, strip_prefix
 from .errors import UsageError
-from .families import FAMILIES, Family, family_of, student_family
+from .families import FAMILIES, Family, family_of, split_student, student_family
 
 
 def create_student(
@@ -109,9 +109,19 @@ def backbone_state_dict(ckpt: object, path: str | os.PathLike) -> tuple[Family, 
         raise UsageError(
             f"{path} holds no ViT backbone (looked for cls_token and patch_embed.proj.weight, or CLIP's "
             f"class_embedding and conv1.weight; top-level keys: {few_names(sorted(map(str, ckpt)))}); a timm "
-            "student's weights are read from its backbone.pth, which records its model"
+            "student's weights are read from its backbone.pth, or a checkpoint.pth that records its student_name"
         )
     return found, sd
+
+
+def named_student(ckpt: object) -> tuple[str, Family] | None:
+    """(architecture, family) of a pretraining checkpoint.pth's student when its family's weights are recognised
+    only by the name given (timm:<model>); None for every other file."""
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("student_name"), str):
+        return None
+    arch, name = split_student(ckpt["student_name"], None)
+    found = FAMILIES.get(name) if name else None
+    return (arch, found) if found is not None and not found.detects and isinstance(ckpt.get("args"), dict) else None
 
 
 def load_backbone(path: str | os.PathLike, **kwargs) -> nn.Module:
@@ -121,10 +131,16 @@ def load_backbone(path: str | os.PathLike, **kwargs) -> nn.Module:
     a DINOv3 file (official, our export or our checkpoint) gives a DinoV3ViT, built on the meta device
     and filled from the file, which strictly holds every weight: no random init to overwrite (minutes
     and a second copy of the network for the 7B teacher). An exported backbone is built at the
-    resolution it records it was trained at.
+    resolution it records it was trained at; a timm student (export or checkpoint.pth) as the model it records.
     """
     ckpt = safe_load(path)
     trained = export_metadata(ckpt)
+    student = named_student(ckpt)
+    if student is not None:  # a training checkpoint of a student whose weights do not say which model it is
+        arch, found = student
+        model = found.create_student(arch, img_size=ckpt["args"]["input_size"], **kwargs)
+        load_strict(model, ckpt["student"], f"{path} (student {ckpt['student_name']})")
+        return model
     if trained.get("family") in FAMILIES and not FAMILIES[trained["family"]].detects:  # its keys would not say
         return FAMILIES[trained["family"]].load_backbone(ckpt, str(path), trained=trained, **kwargs)
     found, sd = backbone_state_dict(ckpt, path)

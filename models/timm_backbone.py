@@ -101,5 +101,22 @@ class TimmBackbone(nn.Module):
             return tuple((m, o[1][:, 0]) for m, o in zip(maps, outs))
         return tuple(maps)
 
+    def dense_indices(self) -> tuple[int, ...]:
+        """The four maps a dense head reads, as `get_intermediate_layers` indices: a multi-scale model's last four
+        stages (strides 4 to 32 for most CNNs, as mmseg's ResNet and ConvNeXt give UperNet), or a single-stride
+        model's (a ViT's) blocks that end each quarter of its depth ([2, 5, 8, 11] of 12, as DINOv3 reads)."""
+        info = self.model.feature_info
+        if len({i["reduction"] for i in info}) > 1:
+            return tuple(range(len(info)))[-4:]
+        return tuple((k + 1) * len(info) // 4 - 1 for k in range(4))
+
+    def map_widths(self, indices: Sequence[int]) -> list[int]:
+        """The channels of the maps `get_intermediate_layers(n=indices)` gives (timm's feature_info)."""
+        return [int(self.model.feature_info[i]["num_chs"]) for i in indices]
+
+    def map_strides(self, indices: Sequence[int]) -> list[int]:
+        """The strides in pixels of those maps."""
+        return [int(self.model.feature_info[i]["reduction"]) for i in indices]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_tokens(x).cls

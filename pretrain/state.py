@@ -148,6 +148,7 @@ class Run:
         finished = pos.iteration == iters
         return {
             "student": s.distiller.student.state_dict(),
+            "student_name": s.name,  # which student it is: a timm model's weights do not say it themselves
             "heads": s.distiller.heads_state_dict(),
             "optimizer": s.optimizer.state_dict(),
             "scheduler": {"iteration": pos.epoch * iters + pos.iteration, "iters_per_epoch": iters},

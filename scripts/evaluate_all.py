@@ -11,7 +11,8 @@ output and log in <output-dir>/<task>/. A task whose dataset folder is missing i
 so is the zero-shot row without --adaptors and --clip-checkpoint, or when the adaptors hold no CLIP
 teacher; the others still run (no task with data at all is an error). Dense tasks use the config of the
 backbone's size (ViT-S/B/L from its embed dim; a DINOv3-layout backbone or DINOv3 teacher file: the `*_dinov3.py`
-configs, DINOv3's dense setting, and no paper figure in any task), the paper's probes by default
+configs, DINOv3's dense setting, and no paper figure in any task; a timm student: the `*_timm.py` configs, sized
+from its feature maps, and no paper figure), the paper's probes by default
 (ADE20K: 1x1 conv; NYU: the DPT head on the frozen backbone), `--dense-head full`: UperNet / DPT
 fine-tuned, `--dense-head 1x1`: 1x1-conv probes. Dense tasks run the paper's setup: its global batch
 (4 GPUs x the config's per-GPU batch), spread over the visible GPUs under torchrun (the largest GPU
@@ -72,7 +73,7 @@ BEST = "best on test"  # the dense tasks' metrics: "<name> final" and "<name> be
 class DenseHead:
     """One --dense-head of a dense task: its config, its name in the tables, the paper's figures."""
 
-    config: str  # from the repository root; {} = the model size
+    config: str  # from the repository root; {} = the family's part of the name (Family.dense_configs: vit_small)
     label: str
     paper: dict[str, dict[str, float]]  # model size -> {metric: the paper's figure}; PROTOCOLS D and E
 
@@ -128,7 +129,7 @@ def no_clip_adaptor(root: str, args: argparse.Namespace) -> str | None:
     return None
 
 
-ADE_LINEAR = DenseHead("segmentation/configs/linear_vit_{}.py", "linear", {"small": {"mIoU final": 41.8}})
+ADE_LINEAR = DenseHead("segmentation/configs/linear_{}.py", "linear", {"small": {"mIoU final": 41.8}})
 QUICK_DENSE = (
     "--cfg-options", "train_cfg.max_iters=2", "train_cfg.val_interval=2", "default_hooks.checkpoint.interval=2",
     "train_dataloader.batch_size=2", "train_dataloader.num_workers=0", "train_dataloader.persistent_workers=False",
@@ -164,7 +165,7 @@ TASKS = {
         heads={
             "linear": ADE_LINEAR,
             "1x1": ADE_LINEAR,  # ADE20K's linear probe is a 1x1 conv
-            "full": DenseHead("segmentation/configs/upernet_vit_{}.py", "UperNet",
+            "full": DenseHead("segmentation/configs/upernet_{}.py", "UperNet",
                               {"small": {"mIoU final": 50.0}, "base": {"mIoU final": 54.4},
                                "large": {"mIoU final": 57.7}}),
         },
@@ -174,9 +175,9 @@ TASKS = {
         report=tuple(f"{k} {at}" for k in ("rmse", "abs_rel", "d1") for at in ("final", BEST)), decimals=3,
         unreadable=NO_UNREADABLE,
         heads={  # the paper's "linear" NYU figure is the DPT head on a frozen backbone
-            "linear": DenseHead("depth/configs/dpt_probe_vit_{}.py", "DPT probe", {"small": {f"rmse {BEST}": 0.404}}),
-            "1x1": DenseHead("depth/configs/linear_vit_{}.py", "1x1 probe", {}),
-            "full": DenseHead("depth/configs/dpt_vit_{}.py", "DPT",
+            "linear": DenseHead("depth/configs/dpt_probe_{}.py", "DPT probe", {"small": {f"rmse {BEST}": 0.404}}),
+            "1x1": DenseHead("depth/configs/linear_{}.py", "1x1 probe", {}),
+            "full": DenseHead("depth/configs/dpt_{}.py", "DPT",
                               {"small": {f"rmse {BEST}": 0.350}, "base": {f"rmse {BEST}": 0.303},
                                "large": {f"rmse {BEST}": 0.240}}),
         },
@@ -212,7 +213,8 @@ def paper_reference(name: str, size: str | None, head: str) -> tuple[dict[str, f
     figures = dense.paper.get(size, {})
     if not figures:
         return {}, {}
-    return figures, paper_protocol(ROOT / dense.config.format(size), any(k.endswith(BEST) for k in figures))
+    config = ROOT / dense.config.format(models.FAMILIES[models.families.DEFAULT_LAYOUT].dense_configs(size))
+    return figures, paper_protocol(config, any(k.endswith(BEST) for k in figures))
 
 
 def not_the_papers(run: dict | None, paper: dict) -> str:
@@ -307,14 +309,10 @@ def missing_data(name: str, args: argparse.Namespace) -> str | None:
     return TASKS[name].unready(root, args)
 
 
-def config_family(size: str) -> models.families.Family:
-    """The family whose dense configs `size` names: the one whose student suffix it carries, else DINOv2's."""
-    return next((f for f in models.FAMILIES.values() if f.student_suffix and size.endswith(f.student_suffix)),
-                models.FAMILIES[models.families.DEFAULT_LAYOUT])  # fmt: skip
-
-
-def command(name: str, args: argparse.Namespace, size: str, *, out: Path) -> list[str]:
-    """`python -m` arguments of one task (without the quick and extra arguments)."""
+def command(name: str, args: argparse.Namespace, configs: str, *, out: Path, position_table: bool = True) -> list[str]:
+    """`python -m` arguments of one task (without the quick and extra arguments); a dense task's config is its
+    --dense-head's with `configs` (Family.dense_configs, e.g. vit_small), and a backbone with a position table
+    (`position_table`) gets the reference's."""
     task, root = TASKS[name], data_root(name, args)
     shared = ["--backbone", args.backbone, "--data-path", root, "--output-dir", str(out)]
     if not task.heads:
@@ -322,13 +320,12 @@ def command(name: str, args: argparse.Namespace, size: str, *, out: Path) -> lis
         inputs = [x for flag in task.inputs for x in (flag, flag_value(flag, args))]
         inputs += [x for flag in task.options if flag_value(flag, args) for x in (flag, flag_value(flag, args))]
         return [task.module, *shared, *device, *inputs, *task.arguments(root)]
-    config = ROOT / task.heads[args.dense_head].config.format(size)
+    config = ROOT / task.heads[args.dense_head].config.format(configs)
     # the paper's global batch over the visible GPUs (later --cfg-options, --quick's or --extra's, override it)
     batch = paper_protocol(config)["global_batch"]
     nproc = max(n for n in range(1, max(torch.cuda.device_count(), 1) + 1) if batch % n == 0)
     launch = ["torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"] if nproc > 1 else []
-    # the reference's positional embedding, for configs of a family whose ViT has a position table (not RoPE)
-    pos_embed = ["--reference-pos-embed"] if config_family(size).position_table else []
+    pos_embed = ["--reference-pos-embed"] if position_table else []
     return [*launch, task.module, str(config), *shared, *pos_embed,
             "--cfg-options", f"train_dataloader.batch_size={batch // nproc}"]  # fmt: skip
 
@@ -584,9 +581,6 @@ def evaluate_all(args: argparse.Namespace) -> int:
         resolve_device(args.device)  # a typo fails here, not once per task
     family = models.families.family_of_model(vit)
     missing = {task: missing_data(task, args) for task in tasks}  # every input file read before any task runs
-    for task in tasks:
-        if TASKS[task].heads and not family.dense_tasks and not missing[task]:
-            missing[task] = f"the dense configs are ViTs'; a {family.title} backbone has none yet"
     if all(missing.values()):
         why = "; ".join(f"{task}: {why}" for task, why in missing.items())
         raise UsageError(f"no task has its data ({why})")
@@ -604,7 +598,7 @@ def evaluate_all(args: argparse.Namespace) -> int:
     else:
         model = f"ViT-{size[0].upper()}" if size else f"embed dim {embed_dim}"
         model += f" {family.title} layout" if layout else ""
-    if size is None and family.dense_tasks:
+    if size is None and not family.student_prefix:
         print(f"note: no configs for embed dim {embed_dim}; dense tasks use the ViT-S ones (adapt with --extra)")
     rows: list[Row] = []
     unreadable: dict[str, tuple[int, str]] = {}
@@ -618,7 +612,8 @@ def evaluate_all(args: argparse.Namespace) -> int:
             continue
         task_out = out / task
         quick = TASKS[task].quick if args.quick else ()
-        argv = [*command(task, args, (size or "small") + layout, out=task_out), *quick, *extra[task]]
+        configs = family.dense_configs(size or "small")
+        argv = [*command(task, args, configs, out=task_out, position_table=family.position_table), *quick, *extra[task]]
         error = run_task(task, argv, task_out)
         if error:
             failed[task] = error

@@ -6,11 +6,18 @@ Configs load it with `custom_imports = dict(imports=["segmentation.mmseg_ext"])`
   `out_indices` without CLS (or DINOv3's storage tokens) or final norm; frozen (probes) or
   fine-tuned, with drop path. `reference_pos_embed=True` instead resizes the table once to the dense
   grid and fine-tunes that, as the reference's backbone did (DINOv2-style backbones only).
+- `ProteusTimm`: a timm student's export (`models.TimmBackbone`), returning its multi-scale maps (a CNN's
+  last four stages; a single-stride model's blocks at each quarter of its depth), with everything past the
+  last of them pruned (timm's `prune_intermediate_layers`); frozen or fine-tuned, with drop path.
+  `runner.fit_dense_config` sizes the config's heads from its `feature_info`.
 - `ViTLayerDecayOptimizerConstructor`: layer-wise lr decay keyed on OUR parameter names
   (`backbone.vit.blocks.i`; mmseg's own constructor keys on `backbone.layers.i`, the names of the
   reference's BEiT-style backbone), with the reference's multipliers and weight decay.
+- `TimmLayerDecayOptimizerConstructor`: the same for a timm backbone, its layers as timm's own
+  `param_groups_layer_decay` groups them (the model's `group_matcher`).
 - `DPTDepthHead`, `LinearDepthHead`: mmseg's DPT and 1x1-conv heads as depth heads (one channel,
-  no output activation, SiLog loss on `gt_depth_map`).
+  no output activation, SiLog loss on `gt_depth_map`); `DPTStagesDepthHead`: DPT's fusion over a
+  multi-scale backbone's stage maps, which need no reassembly (DPT-hybrid's use of ResNet stages).
 - `EvaluationHistoryHook`: every evaluation during training, one JSON line each in
   `<work_dir>/evaluations.jsonl`, from which the runner reports the best-on-test figure.
 - `DenseRunner`: mmengine's Runner, writing checkpoints atomically and as plain data (tensors,
@@ -30,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from mmcv.cnn import ConvModule
 from mmengine.dist import is_main_process, master_only
 from mmengine.hooks import Hook
 from mmengine.logging import HistoryBuffer
@@ -47,6 +55,7 @@ from models.backbones import create_student, load_backbone
 from models.checkpoints import few_names, pickled_globals, safe_load
 from models.errors import UsageError
 from models.families import family_of_model
+from models.timm_backbone import TimmBackbone
 
 EVALUATIONS = "evaluations.jsonl"  # in the work dir, written by EvaluationHistoryHook
 
@@ -125,6 +134,10 @@ class ProteusViT(BaseModule):
         if frozen:
             self.vit.requires_grad_(False)
 
+    @staticmethod
+    def takes(model: nn.Module) -> bool:
+        return not isinstance(model, TimmBackbone)
+
     def init_weights(self) -> None:
         """Weights come from the checkpoint; mmengine must not re-initialise them."""
 
@@ -154,6 +167,63 @@ class ProteusViT(BaseModule):
                 x, n=list(self.out_indices), reshape=True, return_class_token=self.with_cls_token, norm=self.final_norm
             )
         return [list(o) for o in outs] if self.with_cls_token else list(outs)
+
+
+@MODELS.register_module()
+class ProteusTimm(BaseModule):
+    """A timm student's export as an mmseg backbone: the maps `out_indices` names (default: the model's
+    `dense_indices`, the four a dense head reads), as [B, C, h, w] without the final norm. What comes after the
+    last of them (later stages, the final norm, a pooling head) is pruned: it reaches no output, and a
+    parameter without a gradient is an error under DDP."""
+
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        model_name: str = "resnet18",
+        img_size: int = 518,
+        *,
+        out_indices: tuple[int, ...] | None = None,
+        frozen: bool = False,
+        drop_path_rate: float = 0.0,
+        init_cfg: dict | None = None,
+    ) -> None:
+        super().__init__(init_cfg)
+        if checkpoint:
+            self.net = load_backbone(checkpoint, drop_path_rate=drop_path_rate)
+        else:  # random weights: only for tests and smoke runs
+            self.net = create_student(f"timm:{model_name}", img_size=img_size, drop_path_rate=drop_path_rate)
+        if not isinstance(self.net, TimmBackbone):
+            raise UsageError(f"{checkpoint} is no timm model's export: use the ViT configs (*_vit_*.py)")
+        count = len(self.net.model.feature_info)
+        self.out_indices = tuple(self.net.dense_indices() if out_indices is None else out_indices)
+        if not all(0 <= i < count for i in self.out_indices) or list(self.out_indices) != sorted(set(self.out_indices)):
+            raise UsageError(f"out_indices {self.out_indices}: increasing indices of the model's {count} feature maps")
+        self.net.model.prune_intermediate_layers(list(self.out_indices), prune_norm=True, prune_head=True)
+        self.frozen = frozen
+        if frozen:
+            self.net.requires_grad_(False)
+        strides = set(self.net.map_strides(range(count)))
+        self.pad_to = strides.pop() if len(strides) == 1 else 0  # a CNN takes any size
+
+    @staticmethod
+    def takes(model: nn.Module) -> bool:
+        return isinstance(model, TimmBackbone)
+
+    def init_weights(self) -> None:
+        """Weights come from the checkpoint; mmengine must not re-initialise them."""
+
+    def train(self, mode: bool = True) -> ProteusTimm:
+        super().train(mode)
+        if self.frozen:
+            self.net.eval()  # a probe never updates the backbone (BatchNorm statistics included)
+        return self
+
+    def forward(self, x: torch.Tensor) -> list:
+        if self.pad_to:  # a ViT's patch embedding takes only whole patches: padded at the corner, as mmseg's ViT
+            h, w = x.shape[-2:]
+            x = F.pad(x, (0, -w % self.pad_to, 0, -h % self.pad_to))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            return list(self.net.get_intermediate_layers(x, n=list(self.out_indices), reshape=True, norm=False))
 
 
 # The learned tokens, in our names: DINOv2's (register_tokens: DINOv2 with registers) and DINOv3's
@@ -201,6 +271,34 @@ class ViTLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
             params.append({"params": [p], "lr": self.base_lr * scale, "weight_decay": 0.0 if no_wd else self.base_wd})
 
 
+@OPTIM_WRAPPER_CONSTRUCTORS.register_module()
+class TimmLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
+    """Layer-wise lr decay on a timm backbone (ProteusTimm), its layers and weight-decay exemptions as timm's own
+    `param_groups_layer_decay` makes them (the model's `group_matcher`: the stem first, then each block; its
+    `no_weight_decay` names and 1-d parameters undecayed); its last layer and the heads at the base lr, the heads'
+    1-d parameters and biases undecayed.
+
+    paramwise_cfg = dict(decay_rate=0.9)
+    """
+
+    def add_params(self, params: list, module: nn.Module, **kwargs) -> None:
+        from timm.optim import param_groups_layer_decay
+
+        timm_model = module.backbone.net.model
+        skip = getattr(timm_model, "no_weight_decay", lambda: ())()
+        decay = self.paramwise_cfg["decay_rate"]
+        for group in param_groups_layer_decay(
+            timm_model, weight_decay=self.base_wd, no_weight_decay_list=skip, layer_decay=decay
+        ):
+            lr = self.base_lr * group["lr_scale"]
+            params.append({"params": group["params"], "lr": lr, "weight_decay": group["weight_decay"]})
+        for name, p in module.named_parameters():
+            if not p.requires_grad or name.startswith("backbone."):
+                continue
+            no_wd = p.ndim == 1 or name.endswith(".bias")
+            params.append({"params": [p], "lr": self.base_lr, "weight_decay": 0.0 if no_wd else self.base_wd})
+
+
 class DepthHeadMixin:
     """Makes an mmseg decode head a depth head: loss on gt_depth_map, positive predictions.
 
@@ -226,6 +324,24 @@ class DepthHeadMixin:
 @MODELS.register_module()
 class DPTDepthHead(DepthHeadMixin, DPTHead):
     """mmseg's DPT (readout "project") predicting one depth channel."""
+
+
+@MODELS.register_module()
+class DPTStagesDepthHead(DPTDepthHead):
+    """DPT's convolutions and fusion blocks over a multi-scale backbone's four stage maps (strides 4 to 32): the
+    maps go to the 3x3 convs as they are, since they already have the strides DPT's reassembly gives a ViT's
+    tokens (DPT-hybrid reads its ResNet stages the same way); no readout, as a CNN has no class token."""
+
+    def __init__(self, in_channels: list[int], **kwargs) -> None:
+        # DPTHead's reassembly built 1 channel wide and dropped (2048-channel stages would make it large); the 3x3
+        # convs rebuilt to read the stages' widths
+        kwargs.update(embed_dims=1, post_process_channels=[1] * len(in_channels), readout_type="ignore")
+        super().__init__(in_channels=in_channels, **kwargs)
+        self.reassemble_blocks = nn.Identity()
+        self.post_process_channels = list(in_channels)
+        self.convs = nn.ModuleList(
+            ConvModule(c, self.channels, kernel_size=3, padding=1, act_cfg=None, bias=False) for c in in_channels
+        )
 
 
 @MODELS.register_module()

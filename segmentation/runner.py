@@ -115,12 +115,12 @@ def build_config(args: argparse.Namespace, task: str):
     if args.checkpoint and not args.eval_only:  # it would be ignored: training starts from --backbone
         raise UsageError("--checkpoint goes with --eval-only; a training run continues by itself (or --resume FILE)")
     cfg = Config.fromfile(args.config)
-    vit = models.load_backbone(args.backbone)  # readable, a ViT: fail here, not inside mmengine
-    family = models.families.family_of_model(vit)
-    if not family.dense_tasks:
-        raise UsageError(f"{args.backbone} is a {family.title} backbone: the dense configs are ViTs' (none for it yet)")
+    vit = models.load_backbone(args.backbone)  # readable, of the config's kind: fail here, not inside mmengine
+    check_backbone_kind(cfg, vit, args)
     cfg.model.backbone.checkpoint = str(args.backbone)
     if args.reference_pos_embed:
+        if cfg.model.backbone.type != "ProteusViT":
+            raise UsageError("--reference-pos-embed resizes our ViTs' position table; leave it out for a timm model")
         cfg.model.backbone.reference_pos_embed = True
     if args.data_path:
         for split in ("train_dataloader", "val_dataloader", "test_dataloader"):
@@ -136,7 +136,10 @@ def build_config(args: argparse.Namespace, task: str):
                 raise MissingFile(
                     f"{task} data missing: {folder} ({key}) does not exist; expected layout in {task}/README.md"
                 )
-    check_backbone_fits(cfg, vit, args)
+    if cfg.model.backbone.type == "ProteusTimm":
+        fit_timm_heads(cfg, vit)
+    else:
+        check_backbone_fits(cfg, vit, args)
     cfg.work_dir = args.output_dir or str(Path("work_dirs") / Path(args.config).stem)
     cfg.launcher = args.launcher or ("pytorch" if "RANK" in os.environ else "none")
     # mmengine keys its logger, message hub and visualizer by name: one name per run, so two runs in
@@ -316,6 +319,7 @@ def _join_cpu_process_group(cfg) -> None:
 
     if cfg.launcher != "pytorch" or torch.cuda.is_available():
         return
+    cfg.pop("sync_bn", None)  # a fine-tuned timm backbone's BN as SyncBN: CUDA only
     if not dist.is_initialized():
         dist.init_process_group(backend="gloo")
     cfg.model_wrapper_cfg = dict(
@@ -336,6 +340,54 @@ def _sync_bn_to_bn(node) -> None:
     elif isinstance(node, (list, tuple)):
         for value in node:
             _sync_bn_to_bn(value)
+
+
+# the mmseg backbone of each kind of backbone file, and the configs written for it
+DENSE_BACKBONES = {"ProteusViT": "the *_vit_*.py configs", "ProteusTimm": "the *_timm.py configs"}
+
+
+def check_backbone_kind(cfg, model: torch.nn.Module, args: argparse.Namespace) -> None:
+    """A timm student's export runs the *_timm.py configs, our ViTs the ViT ones: the other kind would fail deep
+    inside mmseg."""
+    from . import mmseg_ext
+
+    own = next(name for name in DENSE_BACKBONES if getattr(mmseg_ext, name).takes(model))
+    if cfg.model.backbone.type != own:
+        what = f"timm:{model.name}" if own == "ProteusTimm" else "one of our ViTs"
+        raise UsageError(
+            f"--backbone {args.backbone} is {what}, and {args.config} is for {cfg.model.backbone.type} backbones: "
+            f"use {DENSE_BACKBONES[own]} in {Path(args.config).parent}"
+        )
+
+
+def fit_timm_heads(cfg, net: torch.nn.Module) -> None:
+    """The *_timm.py configs leave the widths of the maps to the model (`in_channels=None`): each head gets those
+    of the maps it reads (timm's feature_info), a head with `channels=None` its input's width. A single-stride
+    model (a ViT) gets Feature2Pyramid first when a head reads several maps, as our ViT configs have it."""
+    backbone = cfg.model.backbone
+    indices = list(backbone.out_indices if backbone.get("out_indices") is not None else net.dense_indices())
+    count = len(net.model.feature_info)
+    if not all(0 <= i < count for i in indices) or indices != sorted(set(indices)):
+        raise UsageError(
+            f"model.backbone.out_indices {indices}: increasing indices of timm:{net.name}'s {count} feature maps"
+        )
+    widths, strides = net.map_widths(indices), net.map_strides(indices)
+    heads = [cfg.model.decode_head, *([cfg.model.auxiliary_head] if cfg.model.get("auxiliary_head") else [])]
+    for head in heads:
+        index = head.in_index
+        if not all(-len(indices) <= i < len(indices) for i in (index if isinstance(index, (list, tuple)) else [index])):
+            raise UsageError(
+                f"the {head.type} reads maps {index} of {len(indices)}: timm:{net.name} has only {count} feature "
+                "maps (out_indices " + str(indices) + "); set model.backbone.out_indices and the heads' in_index"
+            )
+        if head.get("in_channels") is None:
+            head.in_channels = [widths[i] for i in index] if isinstance(index, (list, tuple)) else widths[index]
+        if head.get("channels") is None:
+            head.channels = head.in_channels
+    multi_level = isinstance(cfg.model.decode_head.in_index, (list, tuple))
+    if len(set(strides)) == 1 and multi_level and not cfg.model.get("neck"):
+        norm_cfg = cfg.get("norm_cfg", dict(type="BN", requires_grad=True))
+        cfg.model.neck = dict(type="Feature2Pyramid", embed_dim=widths[0], rescales=[4, 2, 1, 0.5], norm_cfg=norm_cfg)
 
 
 def check_backbone_fits(cfg, vit: torch.nn.Module, args: argparse.Namespace) -> None:

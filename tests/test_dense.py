@@ -493,6 +493,11 @@ BUILT_CONFIGS = {
     "depth/configs/linear_vit_large_dinov3.py": "2aa38d1645b012f4",
     "depth/configs/linear_vit_small.py": "5545e2c4e28c2d77",
     "depth/configs/linear_vit_small_dinov3.py": "016447f8cc141411",
+    "segmentation/configs/linear_timm.py": "6f47a59d4f1fa89b",
+    "segmentation/configs/upernet_timm.py": "407c781e889133af",
+    "depth/configs/dpt_probe_timm.py": "edfad0d94baed618",
+    "depth/configs/dpt_timm.py": "0ca5375efc9ef11c",
+    "depth/configs/linear_timm.py": "e25e4ef8b3f2ac39",
 }
 
 

@@ -261,7 +261,7 @@ def test_paper_numbers_follow_size_head_and_the_published_selection():
         ("1x1", "linear_vit_base.py"),
     ):
         args.dense_head = head
-        argv = evaluate_all.command("nyu", args, "base", out=Path("o"))
+        argv = evaluate_all.command("nyu", args, "vit_base", out=Path("o"))
         assert argv[:2] == ["depth.main", str(evaluate_all.ROOT / "depth/configs" / config)], argv
         assert Path(argv[1]).is_file()
     paper = {"protocol": {"normalization": "clip", "caltech_split": "reference"}}
@@ -323,7 +323,7 @@ def test_dense_tasks_run_the_papers_global_batch(monkeypatch, task, head, size, 
     with the reference's positional embedding; --quick and --extra still override the batch."""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     argv = ["--backbone", "b", "--output-dir", "o", "--data-ade20k", "a", "--data-nyu", "n", "--dense-head", head]
-    argv = evaluate_all.command(task, evaluate_all.get_args_parser().parse_args(argv), size, out=Path("o"))
+    argv = evaluate_all.command(task, evaluate_all.get_args_parser().parse_args(argv), f"vit_{size}", out=Path("o"))
     launch = ["torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"] if nproc > 1 else []
     assert argv[: len(launch) + 1] == [*launch, "segmentation.main" if task == "ade20k" else "depth.main"]
     assert "--reference-pos-embed" in argv
@@ -410,7 +410,7 @@ def dry_run_dense_example(example: str, tmp_path) -> None:
     )
     assert evaluate_all.SIZES.get(192) is None  # so evaluate_all takes the ViT-S configs
     extra = evaluate_all.parse_extra(args.extra)[task]
-    argv = [*evaluate_all.command(task, args, "small", out=out), *extra]
+    argv = [*evaluate_all.command(task, args, "vit_small", out=out), *extra]
     assert argv[0] == f"{entry}.main"
     cfg = runner.build_config(runner.get_args_parser(entry).parse_args(argv[1:]), entry)
     model = MODELS.build(cfg.model).eval()

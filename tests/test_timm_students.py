@@ -74,58 +74,60 @@ def test_our_vit_and_a_timm_student_share_one_teacher_pass(tiny_dinov2, tmp_path
     )
 
 
-def test_a_timm_student_resumes_exactly_after_sigusr1(tmp_path):
+@pytest.mark.parametrize("name", STUDENTS)
+def test_a_timm_student_resumes_exactly_after_sigusr1(name, tmp_path):
+    """The requeued run's losses are the uninterrupted run's, iteration by iteration; its checkpoint.pth, which
+    records the student's name, is a backbone every evaluation reads, with the weights of backbone.pth."""
     data = make_image_folder(tmp_path / "data", classes=2, per_class=8, size=(64, 64))
-    extra = ("--student", "timm:resnet18", "--input-size", "64", "--teacher-input-size", "56", "--pca-every", "0")
+    extra = ("--student", name, "--input-size", "64", "--teacher-input-size", "56", "--pca-every", "0")
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     run_ok(command(data, whole, 0, *extra))
     assert interrupt(command(data, stopped, 0, *extra), stopped, signal.SIGUSR1, after=3) == pretrain_main.EXIT_REQUEUE
     run_ok(command(data, stopped, 0, *extra))
     assert iterations(stopped) == iterations(whole) and len(iterations(whole)) > 3
+    from_checkpoint = models.load_backbone(stopped / "checkpoint.pth")
+    exported = models.load_backbone(stopped / "backbone.pth")
+    assert from_checkpoint.name == name.removeprefix("timm:") and from_checkpoint.img_size == 64
+    want = exported.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in from_checkpoint.state_dict().items()) and len(want) > 10
 
 
-@pytest.fixture(scope="module")
-def resnet_export(tmp_path_factory):
-    """A timm ResNet-18 student's backbone.pth as pretraining exports it (trained at 64 px)."""
-    path = tmp_path_factory.mktemp("resnet") / "backbone.pth"
-    torch.manual_seed(0)
-    torch.save(models.to_reference(models.create_student("timm:resnet18", img_size=64), "timm"), path)
-    return path
-
-
-def test_the_evaluations_take_a_timm_student(resnet_export, imagenet, fine_grained, tmp_path):
-    """Linear probe on its global feature (13 classifiers), kNN on the same feature, fine-grained likewise."""
+@pytest.mark.parametrize("name", STUDENTS)
+def test_every_evaluation_runs_on_a_timm_students_export(name, imagenet, fine_grained, ade, nyu, tmp_path):
+    """evaluate_all on each kind of CNN: the linear probe (13 classifiers on the global feature), kNN and
+    fine-grained on the same feature, ADE20K's linear probe on the last map and NYU's DPT probe over the four
+    stages (the *_timm.py configs); no paper figure, as no such student is in the paper."""
+    pytest.importorskip("mmseg", reason="mmsegmentation not installed: `make mmseg`")
     import json
 
-    from fine_grained import main as fg_main
-    from linear_eval import knn as knn_main
-    from linear_eval import main as linear_main
-
-    run = ["--backbone", str(resnet_export), "--input-size", "64", "--batch-size", "4", "--num-workers", "0",
-           "--device", "cpu"]  # fmt: skip
-    out = tmp_path / "linear"
-    assert linear_main.main([*run, "--data-path", str(imagenet), "--output-dir", str(out), "--epochs", "1"]) == 0
-    res = json.loads((out / "results.json").read_text())
-    assert res["protocol"]["name"].startswith("linear probe on the global feature")
-    assert len(res["details"]["classifiers"]) == 13 and all(
-        n.startswith("global_lr") for n in res["details"]["classifiers"]
-    )
-    assert knn_main.main([*run, "--data-path", str(imagenet), "--output-dir", str(tmp_path / "knn")]) == 0
-    fg = ["--data-path", str(fine_grained), "--datasets", "cub200", "--output-dir", str(tmp_path / "fg")]
-    assert fg_main.main([*run, *fg]) == 0
-
-
-def test_evaluate_all_runs_a_timm_student_and_says_why_dense_tasks_wait(resnet_export, imagenet, ade, tmp_path):
     from scripts import evaluate_all
 
+    path = tmp_path / "backbone.pth"
+    torch.manual_seed(0)
+    torch.save(models.to_reference(models.create_student(name, img_size=64), "timm"), path)
     out = tmp_path / "eval"
-    argv = ["--backbone", str(resnet_export), "--output-dir", str(out), "--quick", "--device", "cpu",
-            "--tasks", "knn,ade20k", "--data-imagenet", str(imagenet), "--data-ade20k", str(ade)]  # fmt: skip
+    argv = ["--backbone", str(path), "--output-dir", str(out), "--quick", "--device", "cpu",
+            "--tasks", "linear,knn,fine_grained,ade20k,nyu", "--data-imagenet", str(imagenet),
+            "--data-fine-grained", str(fine_grained), "--data-ade20k", str(ade), "--data-nyu", str(nyu),
+            "--extra", "linear=--input-size 64", "--extra", "knn=--input-size 64",
+            "--extra", "nyu=--cfg-options model.decode_head.channels=16"]  # fmt: skip
     assert evaluate_all.main(argv) == 0
-    summary = (out / "results.md").read_text()
-    assert summary.startswith(f"# Evaluation of `{resnet_export}` (timm:resnet18)")
-    assert "- skipped ade20k: the dense configs are ViTs'; a timm backbone has none yet" in summary
-    assert "| knn | top-1 k=10 | 100.00 | n/a |" in summary  # no paper figure: it is no ViT size of the paper
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["model"] == name and not summary["skipped"] and not summary["failed"]
+    assert {r["task"] for r in summary["rows"]} == {"linear", "knn", "fine_grained", "ade20k", "nyu"}
+    assert all(r["paper"] is None for r in summary["rows"])
+    linear = json.loads((out / "linear" / "results.json").read_text())
+    assert linear["protocol"]["name"].startswith("linear probe on the global feature")
+    assert len(linear["details"]["classifiers"]) == 13
+    assert all(n.startswith("global_lr") for n in linear["details"]["classifiers"])
+    for task, config in (("ade20k", "segmentation/configs/linear_timm.py"), ("nyu", "depth/configs/dpt_probe_timm.py")):
+        assert json.loads((out / task / "results.json").read_text())["protocol"]["config"].endswith(config)
+    from scripts import visualize_pca  # the PCA pictures of its last map, unchanged in use
+
+    images = next(p for p in sorted((imagenet / "val").iterdir()) if p.is_dir())
+    pca = ["--backbone", str(path), "--images", str(images), "--output-dir", str(tmp_path / "pca")]
+    assert visualize_pca.main([*pca, "--input-size", "64", "--device", "cpu"]) == 0
+    assert len(list((tmp_path / "pca").glob("*.png"))) == len(list(images.iterdir()))
 
 
 def test_a_timm_student_starts_from_timms_file(tiny_dinov2, tmp_path, capsys):
@@ -168,13 +170,3 @@ def test_a_timm_vit_student_starts_from_a_file_at_another_resolution(tmp_path):
     student = models.create_student("timm:vit_tiny_patch16_224", img_size=64)
     models.FAMILIES["timm"].load_student_weights(student, tmp_path / "model.safetensors")
     assert student.model.pos_embed.shape == (1, 1 + 16, 192)
-
-
-def test_the_dense_runner_refuses_a_timm_backbone_in_one_line(resnet_export, ade, tmp_path, capsys):
-    pytest.importorskip("mmseg", reason="mmsegmentation not installed: `make mmseg`")
-    from segmentation import runner
-
-    argv = ["segmentation/configs/linear_vit_small.py", "--backbone", str(resnet_export), "--data-path", str(ade),
-            "--work-dir", str(tmp_path / "w")]  # fmt: skip
-    assert runner.main("segmentation", argv) == 2
-    assert "is a timm backbone: the dense configs are ViTs' (none for it yet)" in capsys.readouterr().err

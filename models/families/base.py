@@ -141,11 +141,15 @@ class Family:
     mean: tuple = IMAGENET_DEFAULT_MEAN  # the normalisation of its released weights
     std: tuple = IMAGENET_DEFAULT_STD
     teacher_optional: tuple[str, ...] = ("mask_token",)  # keys its teacher files may lack (a teacher never masks)
-    dense_tasks: bool = True  # its backbones run the dense tasks (the ViT configs of segmentation/ and depth/)
     position_table: bool = True  # its ViT has a learned position table (not RoPE): dense tasks may resize it once
     eval_only: tuple[str, ...] = ()  # submodules whose training-mode behaviour is pretraining's: off downstream
     pretraining_only: tuple[str, ...] = ()  # submodules that reach no downstream output: dense tasks freeze them
     zero_shot: ZeroShot | None = None  # its text tower, if it has one
+
+    def dense_configs(self, size: str) -> str:
+        """The part of the dense configs' names (segmentation/configs/linear_{}.py) that fits its backbones of a
+        model size (small, base, large): ViTs of its layout by default."""
+        return f"vit_{size}{self.student_suffix}"
 
     # --- recognising and converting files ---------------------------------------------------------
     def owns(self, state_dict: Mapping[str, object]) -> bool:

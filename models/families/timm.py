@@ -82,7 +82,11 @@ class Timm(Family):
     title = "timm"
     detects = False
     student_prefix = PREFIX
-    dense_tasks = False  # the dense configs are ViTs' (one width, block indices); a timm model's stages differ
+    position_table = False  # --reference-pos-embed is our ViTs'
+
+    def dense_configs(self, size: str) -> str:
+        """One set of configs for every timm model, its heads sized from the model's feature_info."""
+        return "timm"
 
     def __init__(self) -> None:
         self._specs: dict[str, TimmTeacherSpec] = {}
