@@ -49,9 +49,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     a(
         "--normalization",
-        choices=tuple(NORMALIZATION),
-        default="imagenet",
-        help="input mean/std: imagenet = what the students were trained with; clip = the paper's table",
+        choices=("backbone", *NORMALIZATION),
+        default="backbone",
+        help="input mean/std: backbone = what the backbone's inputs had in training (our students: imagenet; an "
+        "official file: its release's); imagenet; clip = the paper's table",
     )
     a(
         "--caltech-split",
@@ -120,11 +121,20 @@ def evaluate(
     }
 
 
-def protocol(args: argparse.Namespace, feature: str) -> dict:
+def input_normalization(args: argparse.Namespace, model: torch.nn.Module) -> tuple[str, tuple, tuple]:
+    """(name, mean, std) of --normalization; `backbone` is named after the table entry it equals, if any."""
+    if args.normalization != "backbone":
+        return args.normalization, *NORMALIZATION[args.normalization]
+    mean, std = model.normalization
+    same = [k for k, (m, s) in NORMALIZATION.items() if tuple(m) == tuple(mean) and tuple(s) == tuple(std)]
+    return (same[0] if same else "backbone"), mean, std
+
+
+def protocol(args: argparse.Namespace, feature: str, model: torch.nn.Module) -> dict:
     """What results.json says about comparability with the paper's table (PROTOCOLS C); `feature`: what the
     features are (summary_name)."""
-    mean, std = NORMALIZATION[args.normalization]
-    settings = {"normalization": args.normalization, "caltech_split": args.caltech_split}
+    name, mean, std = input_normalization(args, model)
+    settings = {"normalization": name, "caltech_split": args.caltech_split}
     paper = all(settings[k] == v for k, v in PAPER_PROTOCOL.items())
     return {
         "name": f"logistic regression on {feature}, 45 C values (PROTOCOLS C)",
@@ -169,7 +179,7 @@ def fine_grained(args: argparse.Namespace) -> int:
     prepare_output_dir(args.output_dir)
     prepare_output_dir(cache_dir(args))  # unwritable: fail now, not after an extraction
     model = frozen_backbone(args.backbone, device, args.input_size)
-    norm_mean, norm_std = NORMALIZATION[args.normalization]
+    _, norm_mean, norm_std = input_normalization(args, model)
     transform = eval_transform(args.input_size, args.input_size, mean=norm_mean, std=norm_std)
     # every layout is checked before any feature is extracted
     options = SplitOptions(caltech=args.caltech_split)
@@ -202,7 +212,7 @@ def fine_grained(args: argparse.Namespace) -> int:
     summary = Results(
         task="fine_grained",
         backbone=args.backbone,
-        protocol=protocol(args, summary_name(model)),
+        protocol=protocol(args, summary_name(model), model),
         metrics={**{metric_name(n, r): r["value"] for n, r in results.items()}, mean_name(len(results)): mean},
         unreadable_images={f"{n} {split}": len(p) for n, r in results.items() for split, p in r["dropped"].items()},
         timings=timer.timings(),

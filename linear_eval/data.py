@@ -12,26 +12,33 @@ from torchvision import transforms
 
 from common.features import eval_transform
 from common.images import SkipCorruptImageFolder, read_image_folder
+from models.checkpoints import Normalization
 from models.errors import MissingFile, UsageError
 
 LAYOUT = "<data-path>/train/<class>/<image> and <data-path>/val/<class>/<image>"
 
 
-def train_transform(input_size: int) -> transforms.Compose:
-    """DINOv2 linear-probe augmentation: RandomResizedCrop (bicubic) + horizontal flip, normalised."""
+# the backbone's `normalization` (models.load_backbone): ImageNet's for every student pretraining trains
+IMAGENET = Normalization(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+
+
+def train_transform(input_size: int, normalization: Normalization = IMAGENET) -> transforms.Compose:
+    """DINOv2 linear-probe augmentation: RandomResizedCrop (bicubic) + horizontal flip, normalised as the
+    backbone's inputs were in its training."""
     return transforms.Compose(
         [
             transforms.RandomResizedCrop(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
             transforms.RandomHorizontalFlip(),
             transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+            transforms.Normalize(normalization.mean, normalization.std),
         ]
     )
 
 
-def val_transform(input_size: int) -> transforms.Compose:
+def val_transform(input_size: int, normalization: Normalization = IMAGENET) -> transforms.Compose:
     """Resize 256 + CenterCrop 224 at the default size; the 256/224 ratio is kept at other sizes."""
-    return eval_transform(input_size, resize_size=round(input_size * 256 / 224))
+    resize = round(input_size * 256 / 224)
+    return eval_transform(input_size, resize_size=resize, mean=normalization.mean, std=normalization.std)
 
 
 def image_folder(data_path: str | None, split: str, transform) -> SkipCorruptImageFolder:

@@ -111,7 +111,7 @@ def prepare(args: argparse.Namespace, device: torch.device) -> Setup:
     if args.cache_dir:
         prepare_output_dir(args.cache_dir)  # unwritable: fail now, not after the extraction
     backbone = frozen_backbone(args.backbone, device, args.input_size)
-    tf = val_transform(args.input_size)
+    tf = val_transform(args.input_size, backbone.normalization)
     train, val = load_splits(args.data_path, tf, tf)
     if min(args.nb_knn) < 1:
         raise UsageError(f"--nb-knn values must be positive, got {args.nb_knn}")

@@ -79,13 +79,14 @@ def prepare(args: argparse.Namespace, device: torch.device, timer: Timer) -> Set
     probe = probe_of(backbone)
     if probe is DINOV2 and len(backbone.blocks) < 4:
         raise UsageError(f"the backbone has {len(backbone.blocks)} blocks; the protocol reads the last 4")
-    train, val = load_splits(args.data_path, train_transform(args.input_size), val_transform(args.input_size))
+    size, norm = args.input_size, backbone.normalization  # as the backbone's inputs were in its training
+    train, val = load_splits(args.data_path, train_transform(size, norm), val_transform(size, norm))
     check_readable(train)  # none readable: one line here, not a data-loader worker's error in training
     train_images = train  # the folder whose unreadable images training skips (counted at the end)
     num_classes = len(train.classes)
     holdout = None
     if args.val_from_train is not None:
-        train, holdout = split_holdout(train, args.val_from_train, args.seed, holdout_tf=val_transform(args.input_size))
+        train, holdout = split_holdout(train, args.val_from_train, args.seed, holdout_tf=val_transform(size, norm))
 
     world = dist_utils.world_size()
     sampler = DistributedSampler(train, num_replicas=world, rank=dist_utils.rank(), shuffle=True, seed=args.seed)

@@ -5,13 +5,15 @@ the family registry (models.families); nothing here knows a family."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoints import StateDict, export_metadata, few_names, load_strict, safe_load, strip_prefix
+from .checkpoints import Normalization, StateDict, export_metadata, few_names, load_strict, safe_load, strip_prefix
 from .errors import UsageError
 from .families import FAMILIES, Family, family_of, split_student, student_family
+from .families.base import STUDENT_INPUTS
 
 
 def create_student(
@@ -132,6 +134,7 @@ def load_backbone(path: str | os.PathLike, **kwargs) -> nn.Module:
     and filled from the file, which strictly holds every weight: no random init to overwrite (minutes
     and a second copy of the network for the 7B teacher). An exported backbone is built at the
     resolution it records it was trained at; a timm student (export or checkpoint.pth) as the model it records.
+    The model's `normalization` is the mean and std its inputs had in training (`input_normalization`).
     """
     ckpt = safe_load(path)
     trained = export_metadata(ckpt)
@@ -140,8 +143,31 @@ def load_backbone(path: str | os.PathLike, **kwargs) -> nn.Module:
         arch, found = student
         model = found.create_student(arch, img_size=ckpt["args"]["input_size"], **kwargs)
         load_strict(model, ckpt["student"], f"{path} (student {ckpt['student_name']})")
-        return model
-    if trained.get("family") in FAMILIES and not FAMILIES[trained["family"]].detects:  # its keys would not say
-        return FAMILIES[trained["family"]].load_backbone(ckpt, str(path), trained=trained, **kwargs)
-    found, sd = backbone_state_dict(ckpt, path)
-    return found.load_backbone(sd, str(path), trained=trained, **kwargs)
+    elif trained.get("family") in FAMILIES and not FAMILIES[trained["family"]].detects:  # its keys would not say
+        found = FAMILIES[trained["family"]]
+        model = found.load_backbone(ckpt, str(path), trained=trained, **kwargs)
+    else:
+        found, sd = backbone_state_dict(ckpt, path)
+        model = found.load_backbone(sd, str(path), trained=trained, **kwargs)
+    model.normalization = input_normalization(ckpt, path, found=found, trained=trained)
+    return model
+
+
+def input_normalization(ckpt: object, path: str | os.PathLike, *, found: Family, trained: dict) -> Normalization:
+    """The mean and std a backbone's inputs had in training: what our export records; a student's training
+    checkpoint (ours or the reference release's) or an export that records none: pretraining's (ImageNet's);
+    an official file: its release's, known by its file name (DINOv3's satellite weights are not ImageNet-
+    normalised and share the shapes of the others), else its family's."""
+    if "normalization" in trained:
+        return trained["normalization"]
+    student = isinstance(ckpt, dict) and (
+        isinstance(ckpt.get("student"), dict)
+        or (isinstance(ckpt.get("model"), dict) and any(str(k).startswith("student.backbone.") for k in ckpt["model"]))
+    )
+    if trained or student:
+        return STUDENT_INPUTS
+    name = Path(path).name
+    files = [(spec, getattr(spec, "url", "").rsplit("/", 1)[-1]) for spec in found.teachers.values()]
+    release = next((spec for spec, file in files if file and file == name), None)
+    source = release or found
+    return Normalization(tuple(source.mean), tuple(source.std))

@@ -20,6 +20,7 @@ import sys
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -357,13 +358,24 @@ def backbone_name(path: str | os.PathLike) -> str:
     return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
 
 
-def export_metadata(ckpt: object) -> dict[str, int | str]:
+class Normalization(NamedTuple):
+    """The mean and std a backbone's inputs were normalised with in training (what its evaluations must use)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def export_metadata(ckpt: object) -> dict:
     """{"img_size", "patch_size"} an exported backbone was trained at ({} for other files): the official
     DinoVisionTransformer loads it strictly only when built with these. With "family" and "model" when the
-    export says which family and model it is (a timm model's weights do not say it themselves)."""
+    export says which family and model it is (a timm model's weights do not say it themselves), and
+    "normalization" (a Normalization) when it records the mean and std its inputs had."""
     meta = getattr(ckpt, "_metadata", None)
     record = meta.get(EXPORT_METADATA) if isinstance(meta, dict) else None
     if not isinstance(record, dict) or not all(isinstance(record.get(k), int) for k in ("img_size", "patch_size")):
         return {}  # not ours, or not a record we wrote: the weights alone tell the shape
     names = {k: record[k] for k in ("family", "model") if isinstance(record.get(k), str)}
+    mean, std = record.get("mean"), record.get("std")
+    if all(isinstance(v, (list, tuple)) and len(v) == 3 for v in (mean, std)):
+        names["normalization"] = Normalization(tuple(map(float, mean)), tuple(map(float, std)))
     return {"img_size": record["img_size"], "patch_size": record["patch_size"], **names}

@@ -16,6 +16,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
+from .checkpoints import Normalization
 from .errors import MissingFile, UsageError
 from .families import TeacherSpec, family, teacher_spec
 from .tokens import Tokens
@@ -46,6 +47,12 @@ class Teacher(nn.Module):
     def train(self, mode: bool = True) -> Teacher:
         """Always eval mode: a teacher's dropout, drop path and RoPE coordinate jitter stay off."""
         return super().train(False)
+
+    @property
+    def normalization(self) -> Normalization:
+        """What its input is normalised with, as a backbone's: the crops' (CROP_MEAN/CROP_STD), which `normalize`
+        turns into its own."""
+        return Normalization(tuple(CROP_MEAN), tuple(CROP_STD))
 
     @property
     def dtype(self) -> torch.dtype:

@@ -47,6 +47,7 @@ from models.checkpoints import few_names
 from models.errors import UsageError
 from models.families import (
     FAMILIES,
+    family,
     split_student,
     student_family,
     student_layout,
@@ -121,8 +122,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         choices=("auto", "reference", "teacher"),
         default="auto",
         help="what the teachers see: reference = the ImageNet-normalised crops, as the paper's runs (CLIP too); "
-        "teacher = re-normalised with each teacher's own mean/std (differs for CLIP only); auto = reference with "
-        "one teacher, teacher with several",
+        "teacher = re-normalised with each teacher's own mean/std (differs for CLIP, DINOv3's satellite, SigLIP2 "
+        "and timm teachers); auto = reference with one teacher of a family the reference ran "
+        f"({', '.join(f.title for f in FAMILIES.values() if f.in_reference)}), teacher otherwise",
     )
     a(
         "--student",
@@ -265,8 +267,9 @@ def resolve(args: argparse.Namespace) -> Config:
     if any(not (math.isfinite(w) and w >= 0) for w in weights) or not any(weights):
         raise UsageError(f"--teacher-weights {weights}: must be >= 0 and not all 0")
     normalization = args.teacher_normalization
-    if normalization == "auto":
-        normalization = "reference" if len(teachers) == 1 else "teacher"
+    if normalization == "auto":  # the paper's setting where it applies: one teacher, of a family the reference ran
+        ran = len(teachers) == 1 and family(teacher_spec(teachers[0]).family).in_reference
+        normalization = "reference" if ran else "teacher"
     standardization = args.teacher_standardization
     if standardization == "auto":
         standardization = "phi-s" if len(teachers) > 1 else "none"

@@ -159,9 +159,10 @@ def side_by_side(
     picture, each under its name; H x W keeps the image's aspect ratio (short side `size`)."""
     multiple = math.lcm(*(net.patch_size for net in nets))
     resized = image.resize(input_shape(*image.size, size, multiple=multiple), Image.BICUBIC)
-    x = transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)(transforms.functional.to_tensor(resized))
+    pixels = transforms.functional.to_tensor(resized)
     panels = [np.asarray(resized)]
-    for net in nets:
+    for net in nets:  # each normalised as its inputs were in training (a teacher converts the crops' itself)
+        x = transforms.Normalize(net.normalization.mean, net.normalization.std)(pixels)
         rgb = pca_images(net, x[None].to(device), threshold)[0]
         panels.append((rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
     titles = [f"input {image.width}x{image.height}", *names]

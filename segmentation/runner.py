@@ -29,6 +29,7 @@ from common.cli import ArgumentParser, MissingDependency, evaluation_parser, run
 from common.io import atomic_write_json, file_sha256, prepare_output_dir
 from common.results import Results, Timer, write_results
 from models.errors import MissingFile, UsageError
+from models.families.base import STUDENT_INPUTS
 
 RUN = "run.json"  # in the work dir: the backbone (sha256) its checkpoints were trained from
 
@@ -118,6 +119,10 @@ def build_config(args: argparse.Namespace, task: str):
     vit = models.load_backbone(args.backbone)  # readable, of the config's kind: fail here, not inside mmengine
     check_backbone_kind(cfg, vit, args)
     cfg.model.backbone.checkpoint = str(args.backbone)
+    if vit.normalization != STUDENT_INPUTS:  # not ImageNet-normalised in training: its own mean/std, in 0-255
+        preprocessor = cfg.model.data_preprocessor
+        preprocessor.mean = [255 * v for v in vit.normalization.mean]
+        preprocessor.std = [255 * v for v in vit.normalization.std]
     if args.reference_pos_embed:
         if cfg.model.backbone.type != "ProteusViT":
             raise UsageError("--reference-pos-embed resizes our ViTs' position table; leave it out for a timm model")

@@ -234,3 +234,19 @@ def test_evaluate_all_picks_the_dinov3_configs(export, ade, nyu, tmp_path, monke
         "nyu": str(ROOT / "depth/configs/dpt_probe_vit_small.py"),
     }
     assert all("--reference-pos-embed" in a for a in ran.values())
+
+
+def test_a_satellite_file_is_evaluated_on_its_own_normalisation(official, export, ade, nyu, tmp_path):
+    """DINOv3's satellite weights (known by their release name: their shapes are the others') were not trained on
+    ImageNet-normalised inputs: the data preprocessor takes their mean/std; a student keeps the protocol's
+    (ImageNet's on ADE20K, the reference's 127.5 on NYU)."""
+    from models.families.dinov3 import SAT_MEAN, SAT_STD
+
+    sat = tmp_path / models.TEACHERS["dinov3_vitl16_sat"].url.rsplit("/", 1)[-1]
+    sat.write_bytes(official.read_bytes())
+    for data, config in ((ade, CONFIGS[0]), (nyu, CONFIGS[2])):
+        ours = tiny_cfg(config, export, data).model.data_preprocessor
+        theirs = tiny_cfg(config, sat, data).model.data_preprocessor
+        assert theirs.mean == pytest.approx([255 * v for v in SAT_MEAN])
+        assert theirs.std == pytest.approx([255 * v for v in SAT_STD])
+        assert ours.mean == ([123.675, 116.28, 103.53] if data == ade else [127.5] * 3)

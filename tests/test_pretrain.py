@@ -532,3 +532,20 @@ def test_clip_teacher_sees_the_references_imagenet_crops_by_default(data, tmp_pa
     config = pretrain_main.resolve(pretrain_main.get_args_parser().parse_args(argv))
     teacher = pretrain_main.build(config, torch.device("cpu"), 1, out=Output(tmp_path, main=True)).teachers[0].teacher
     assert teacher.mean == tuple(mean)
+
+
+@pytest.mark.parametrize("name", ["dinov3_vitl16_sat", "dinov2_vits14"])
+def test_a_teacher_the_reference_never_ran_sees_its_own_normalisation(data, tmp_path, tiny_teacher, name):
+    """The paper's setting (its one teacher on the ImageNet-normalised crops) applies to the families it ran; DINOv3's
+    satellite teacher, which it never ran, sees its own mean/std by default (channels 0.64-0.70x off otherwise)."""
+    spec = tiny_teacher(name, grid=8)
+    argv = ["--data-path", str(data), "--teacher", name, "--input-size", "112", "--random-teacher", "--student",
+            "vit_tiny", "--batch-size", "4", "--num-workers", "0", "--device", "cpu"]  # fmt: skip
+    config = pretrain_main.resolve(pretrain_main.get_args_parser().parse_args(argv))
+    teacher = pretrain_main.build(config, torch.device("cpu"), 1, out=Output(tmp_path, main=True)).teachers[0].teacher
+    own = name.endswith("_sat")
+    assert config.teacher_normalization == ("teacher" if own else "reference")
+    if own:
+        assert tuple(spec.mean) != IMAGENET_DEFAULT_MEAN and teacher.mean == tuple(spec.mean)
+    else:
+        assert teacher.mean == IMAGENET_DEFAULT_MEAN

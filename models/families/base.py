@@ -20,7 +20,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from ..architectures import STUDENT_ARCHS, Layout, ViTConfig, timm_vit_from_state_dict
-from ..checkpoints import EXPORT_METADATA, StateDict, load_strict, safe_load
+from ..checkpoints import EXPORT_METADATA, Normalization, StateDict, load_strict, safe_load
 from ..errors import UsageError
 
 # What every family's state-dict test looks at: the keys that only some families have.
@@ -139,6 +139,7 @@ class Family:
     layout: Layout | None = None  # its student layout (None: it has none)
     student_suffix: str = ""  # a student name with this suffix is in this layout (vit_small_dinov3)
     mean: tuple = IMAGENET_DEFAULT_MEAN  # the normalisation of its released weights
+    in_reference: bool = False  # the reference release distilled its teachers: the paper's input setting applies
     std: tuple = IMAGENET_DEFAULT_STD
     teacher_optional: tuple[str, ...] = ("mask_token",)  # keys its teacher files may lack (a teacher never masks)
     position_table: bool = True  # its ViT has a learned position table (not RoPE): dense tasks may resize it once
@@ -240,13 +241,23 @@ class Family:
         return model
 
 
+# what a student's inputs are normalised with in pretraining (pretrain.data: the ImageNet-normalised crops)
+STUDENT_INPUTS = Normalization(tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD))
+
+
 def with_export_metadata(
-    network: nn.Module, state_dict: StateDict, *, img_size: int | None = None, **names: str
+    network: nn.Module,
+    state_dict: StateDict,
+    *,
+    img_size: int | None = None,
+    normalization: Normalization = STUDENT_INPUTS,
+    **names: str,
 ) -> StateDict:
-    """`state_dict` carrying the resolution the model was trained at in its `_metadata` (export_metadata), and
-    `names` (family, model) where the weights alone do not say them."""
+    """`state_dict` carrying in its `_metadata` (export_metadata) the resolution the model was trained at and the
+    mean and std its inputs had, and `names` (family, model) where the weights alone do not say them."""
     out = OrderedDict(state_dict)
     img_size = img_size or network.patch_embed.img_size[0]
     record = {"img_size": int(img_size), "patch_size": int(network.patch_size), **names}
+    record.update(mean=list(normalization.mean), std=list(normalization.std))
     out._metadata = OrderedDict({EXPORT_METADATA: record})
     return out

@@ -134,6 +134,7 @@ class ClipZeroShot:
 class Clip(Family):
     name = "clip"
     title = "CLIP"
+    in_reference = True
     layout = LAYOUT
     mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     zero_shot = ClipZeroShot()

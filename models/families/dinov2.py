@@ -38,6 +38,7 @@ def _teacher(size: str, reg: bool) -> TeacherSpec:
 class DinoV2(Family):
     name = "dinov2"
     title = "DINOv2"
+    in_reference = True
     layout = LAYOUT
     teacher_optional = ()  # its files hold the mask token
     teachers = {

@@ -23,6 +23,7 @@ def _teacher(size: str, patch: int, key: str) -> TeacherSpec:
 class SynCLR(Family):
     name = "synclr"
     title = "SynCLR"
+    in_reference = True
     layout = LAYOUT
     teachers = {
         "synclr_vitb16": _teacher(
