@@ -46,12 +46,13 @@ def summary_name(backbone: torch.nn.Module) -> str:
     return "final-norm CLS" if backbone.summary_is_class_token else "pooled summary token"
 
 
-def frozen_backbone(path: str | None, device: torch.device, input_size: int) -> ViT:
-    """models.load_backbone in eval mode without gradients: every eval reads weights the same way."""
+def frozen_backbone(path: str | None, device: torch.device, input_size: int | None) -> ViT:
+    """models.load_backbone in eval mode without gradients: every eval reads weights the same way. `input_size`
+    None: the caller checks its input size once it knows it."""
     if not path:
         raise UsageError("--backbone is required (a pretrain checkpoint.pth/backbone.pth, DINOv2 or DINOv3 weights)")
     model = load_backbone(path).to(device).eval()
-    if input_size % model.patch_size:
+    if input_size is not None and input_size % model.patch_size:
         raise UsageError(f"--input-size {input_size} is not a multiple of the patch size {model.patch_size}")
     model.requires_grad_(False)
     return model

@@ -6,7 +6,10 @@ ln_post(CLS), SigLIP2's MAP-pooled output). Mapped by the teacher's own image he
 embeddings of its own text tower, it classifies images with no training on labels. The protocol (prompts,
 tokenizer, scoring) is the family's, as its official evaluation runs it: CLIP's is the CLIP paper's (80 OpenAI
 ImageNet templates, 100 * cosine), SigLIP2's open_clip's (the same templates through its tokenizer, sigmoid
-logits). The teacher's image tower on the same images, with its own preprocessing, is the teacher's figure.
+logits). The teacher's image tower on the same images is the teacher's figure. Both are scored on the image tower's
+own eval preprocessing (the family's `crop`: CLIP's resize and centre crop, SigLIP2's squash resize), one crop per
+image for both networks, each normalised as it expects: the student with ImageNet mean/std (its training
+normalisation), the tower with its own.
 
 python -m linear_eval.zeroshot --backbone out/backbone.pth --adaptors out/adaptors.pth \
     --text-checkpoint ViT-L-14.pt --data-path /imagenet
@@ -20,7 +23,8 @@ import sys
 from pathlib import Path
 
 import torch
-from timm.data import ImageNetInfo
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageNetInfo
+from torchvision import transforms
 
 from common import distributed as dist_utils
 from common.cli import ArgumentParser, check_positive, evaluation_parser, run, start
@@ -29,7 +33,7 @@ from common.results import Results, Timer, print_table, topk_correct, write_resu
 from models import FAMILIES, TEACHERS, Adaptors, load_adaptors
 from models.errors import UsageError
 
-from .data import image_folder, val_transform
+from .data import image_folder
 
 IMAGENET_NAMES = "the CLIP paper's ImageNet class names (open_clip's IMAGENET_CLASSNAMES)"
 FOLDER_NAMES = "the class folder names, underscores as spaces"
@@ -61,7 +65,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         "(SigLIP2; default: the Hugging Face cache, never the network); CLIP's is open_clip's own",
     )
     a("--teacher", metavar="NAME", help="the image-text teacher's adaptor to use (default: the only one)")
-    a("--input-size", type=int, default=224, help="the student's crop; images are resized to input-size * 256/224")
+    a(
+        "--input-size",
+        type=int,
+        help="the side the student sees the teacher's crop at (default: the crop as it is, the image tower's input "
+        "size); another side resizes the crop (bicubic, antialiased), as pretraining resizes one crop per network",
+    )
     a("--no-teacher", action="store_true", help="skip CLIP's own zero-shot on the same images")
     return p
 
@@ -124,6 +133,24 @@ def class_names(classes: list[str]) -> tuple[list[str], str]:
     return [c.replace("_", " ") for c in classes], FOLDER_NAMES
 
 
+def student_view(crop, size: int, side: int) -> transforms.Compose:
+    """The student's copy of the teacher's `size`-pixel crop: resized to `side` when that differs (bicubic,
+    antialiased, as pretraining gives each network its own resize of one crop), ImageNet mean/std (the
+    normalisation students are trained with)."""
+    bicubic = transforms.InterpolationMode.BICUBIC
+    resize = [transforms.Resize((side, side), interpolation=bicubic, antialias=True)] if side != size else []
+    return transforms.Compose([crop, *resize, transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+
+
+def preprocessing(tower, size: int, side: int) -> str:
+    """What results.json and the printed summary say both networks were scored on."""
+    resized = f", the student's copy resized (bicubic, antialiased) to {side}x{side}" if side != size else ""
+    return (
+        f"{tower.crop_protocol.format(size=size)}: one crop for the student and the teacher{resized}; normalised "
+        "with ImageNet mean/std for the student (as in training), the image tower's own for the teacher"
+    )
+
+
 def accuracy(logits, embeddings: Features, classifier: torch.Tensor) -> dict[str, float]:
     """Top-1 (and top-5 with at least 5 classes), %, of the tower's logits of embeddings and classifier."""
     logits = logits(embeddings.features, classifier.cpu())
@@ -135,7 +162,7 @@ def accuracy(logits, embeddings: Features, classifier: torch.Tensor) -> dict[str
 def zeroshot(args: argparse.Namespace) -> None:
     timer = Timer()
     device = start(args)
-    check_positive(args, "batch_size", "input_size")
+    check_positive(args, "batch_size", *(["input_size"] if args.input_size is not None else []))
     backbone = frozen_backbone(args.backbone, device, args.input_size)
     adaptors = load_adaptors(args.adaptors)
     name, tower = chosen_tower(adaptors, args.teacher, args.adaptors)
@@ -155,7 +182,16 @@ def zeroshot(args: argparse.Namespace) -> None:
             f"the {name} adaptor predicts {adaptor.target.dim}-dim features but {args.clip_checkpoint}'s visual "
             f"width is {width}: give the file of the teacher the student was distilled from"
         )
-    dataset = image_folder(args.data_path, "val", val_transform(args.input_size))
+    size = tower.image_size(model)
+    side = args.input_size or size
+    if side % backbone.patch_size:
+        raise UsageError(
+            f"the {name} image tower's crop ({size} px) is not a multiple of the student's patch size "
+            f"{backbone.patch_size}: give --input-size, the side the student sees the crop at (e.g. its training side)"
+        )
+    crop = tower.crop(model)
+    dataset = image_folder(args.data_path, "val", student_view(crop, size, side))
+    scored_on = preprocessing(tower, size, side)
     names, naming = class_names(dataset.classes)
     with timer.phase("text classifier"):
         classifier = tower.classifier(model, names, device)
@@ -173,9 +209,8 @@ def zeroshot(args: argparse.Namespace) -> None:
         ours = embeddings(student, dataset, f"student through the {name} adaptor")
     metrics = accuracy(logits, ours, classifier)
     notes = dict.fromkeys(metrics, f"the student through its {name} adaptor and the teacher's image head")
-    size = tower.image_size(model)
     if not args.no_teacher:
-        clip_view = copy.copy(dataset)  # shares the scanned sample list; only the transform differs
+        clip_view = copy.copy(dataset)  # shares the scanned sample list; the same crop, the tower's mean/std
         clip_view.transform = tower.preprocess(model)
         with timer.phase("teacher"):
             teacher = embeddings(lambda x: tower.encode_image(model, x), clip_view, "the teacher's image tower")
@@ -187,6 +222,7 @@ def zeroshot(args: argparse.Namespace) -> None:
     rows = [["student", *(f"{metrics[m]:.2f}" for m in metrics if not m.startswith("teacher"))]]
     if not args.no_teacher:
         rows.append(["teacher", *(f"{metrics[m]:.2f}" for m in metrics if m.startswith("teacher"))])
+    print(f"preprocessing: {scored_on}", flush=True)
     print_table(["model", *(m for m in metrics if not m.startswith("teacher"))], rows)
     results = Results(
         task="zeroshot",
@@ -199,7 +235,8 @@ def zeroshot(args: argparse.Namespace) -> None:
             "teacher": name,
             "adaptors": str(Path(args.adaptors).resolve()),
             "clip_checkpoint": str(Path(args.clip_checkpoint).resolve()),
-            "input_size": args.input_size,
+            "preprocessing": scored_on,
+            "input_size": side,
             "teacher_input_size": None if args.no_teacher else size,
             "precision": "fp32",
         },

@@ -20,6 +20,7 @@ from .output import describe, log_keys
 from .state import Run, Student
 
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+STUDENT_STREAM = 1  # a 5th key: a later student's seed has more keys than any data sample's
 
 
 class NonFiniteLoss(RuntimeError):
@@ -146,13 +147,28 @@ def update(model, optimizer, scaler, *, clip_grad: float | None = None) -> None:
     scaler.update()
 
 
-def student_step(run: Run, s: Student, images: torch.Tensor, *, targets: dict, it: int) -> tuple[torch.Tensor, ...]:
+def student_seed(seed: int, rank: int, it: int, *, index: int) -> int:
+    """The seed of the random draws (masks, and drop path from the same global generators) of the `index`-th
+    student listed at global iteration `it`. The first student's is (seed, rank, it), what a run of it alone
+    draws (SeedSequence pads keys with zeros, so it is also the seed of sample 0 of data epoch `it`; changing
+    it would change every existing run). Each later one adds its index and a key of its own: students of one
+    run never share masks or drop path, and no later student's seed is a data sample's (seed, rank, epoch,
+    position)."""
+    if index == 0:
+        return derive_seed(seed, rank, it)
+    return derive_seed(seed, rank, it, index, STUDENT_STREAM)
+
+
+def student_step(
+    run: Run, s: Student, images: torch.Tensor, *, targets: dict, it: int, index: int
+) -> tuple[torch.Tensor, ...]:
     """Student `s`'s share of global iteration `it`: its masks, forward on the shared targets, backward,
     update and EMA; its graph is freed before the next student runs. Returns (its losses in
-    `run.loss_names` order, detached, its masks). Masks and drop path are seeded by (seed, rank, iteration)
-    for each student, so every student draws what it would draw alone."""
+    `run.loss_names` order, detached, its masks). `index` is its place in --student: its masks and drop path
+    are seeded by student_seed, a function of (seed, rank, iteration, index), so a resumed run repeats them
+    and the first student draws what it would draw alone."""
     config = run.config
-    torch.manual_seed(derive_seed(config.seed, dist_utils.rank(), it))
+    torch.manual_seed(student_seed(config.seed, dist_utils.rank(), it, index=index))
     for group in s.optimizer.param_groups:
         group["lr"] = run.schedule[it]
     masks = None
@@ -200,9 +216,9 @@ def train_one_epoch(run: Run) -> list[dict[str, float]]:
     """The rest of the epoch `run.position` stands in; returns each student's log.txt line of the epoch.
 
     Each step runs the teacher once and then the students one after another on its targets. Every
-    random draw is a function of (seed, rank, global iteration) or, in the data, of (seed, rank, epoch,
-    position), so a resumed run repeats the uninterrupted one. On a stop or save request every rank
-    checkpoints the run where it stands; a stop then raises Preempted.
+    random draw is a function of (seed, rank, global iteration, student index) or, in the data, of
+    (seed, rank, epoch, position), so a resumed run repeats the uninterrupted one. On a stop or save
+    request every rank checkpoints the run where it stands; a stop then raises Preempted.
     """
     config, control, pos = run.config, run.control, run.position
     epoch, start, iters = pos.epoch, pos.iteration, run.iters_per_epoch
@@ -218,7 +234,8 @@ def train_one_epoch(run: Run) -> list[dict[str, float]]:
         images = images.to(run.device, non_blocking=True)
         batch_size = images.shape[0]
         targets = teacher_targets(run.teachers, images, amp_dtype)
-        values, masks = zip(*(student_step(run, s, images, targets=targets, it=it) for s in run.students))
+        steps = (student_step(run, s, images, targets=targets, it=it, index=k) for k, s in enumerate(run.students))
+        values, masks = zip(*steps)
 
         # the means over ranks of every student's losses, with this rank's [stop, save] flags riding along
         values = torch.cat([*values, control.flags().to(run.device)])

@@ -10,11 +10,13 @@ import signal
 
 import pytest
 import torch
+from timm.layers import DropPath
 
 import common.io
 import models
 from models import ViTConfig
 from models.errors import UsageError
+from pretrain import engine
 from pretrain import main as pretrain_main
 from pretrain.distiller import Distiller
 from tests.helpers import TINY_RUN, command, epoch_losses, interrupt, iterations, make_image_folder, run_ok, tiny_spec
@@ -76,6 +78,40 @@ def test_two_students_share_one_teacher_pass_and_each_writes_its_own_outputs(dat
     assert pretrain_main.main(base(data, one, *extra, "--student", "vit_tiny_dinov3")) == 0
     assert sorted(p.name for p in one.iterdir()) == FILES  # one student: today's layout
     assert (one / "iterations.jsonl").read_bytes() == (out / "vit_tiny_dinov3" / "iterations.jsonl").read_bytes()
+
+
+def test_students_of_one_architecture_draw_their_own_masks_and_drop_path(data, tmp_path, monkeypatch):
+    """Two students of the same architecture in one run: each its own masks and drop path at every iteration,
+    while the first one draws, and so logs, exactly what a run of it alone does."""
+    monkeypatch.setitem(models.TEACHERS, "dinov2_vits14", tiny_spec("dinov2_vits14"))
+    for name in ("vit_tiny", "vit_twin"):
+        monkeypatch.setitem(models.STUDENT_ARCHS, name, ViTConfig(32, 2, 1))
+    masks, dropped = [], []
+    real_masks, real_drop = engine.make_masks, DropPath.forward
+
+    def recorded_masks(*a, **k):
+        masks.append(real_masks(*a, **k))
+        return masks[-1]
+
+    def recorded_drop(self, x):
+        out = real_drop(self, x)
+        dropped.append((out.flatten(1) == 0).all(1))  # which samples lost this residual branch
+        return out
+
+    monkeypatch.setattr(engine, "make_masks", recorded_masks)
+    monkeypatch.setattr(DropPath, "forward", recorded_drop)
+    extra = ["--input-size", "56", "--drop-path", "0.5", "--epochs", "1", "--epoch-length", "2", "--pca-every", "0"]
+    assert pretrain_main.main(base(data, tmp_path / "two", *extra, "--student", "vit_tiny,vit_twin")) == 0
+    # calls alternate: iteration 0 of each student, then iteration 1; two drop paths (block 1) a forward, the
+    # last four those of the finite-loss check before the checkpoint
+    assert len(masks) == 4 and not torch.equal(masks[0], masks[1]) and not torch.equal(masks[2], masks[3])
+    drops = [torch.cat(dropped[i : i + 2]) for i in range(0, 8, 2)]
+    assert len(dropped) == 12 and not torch.equal(drops[0], drops[1]) and not torch.equal(drops[2], drops[3])
+    solo_masks, masks[:] = masks[0::2], []
+    assert pretrain_main.main(base(data, tmp_path / "one", *extra, "--student", "vit_tiny")) == 0
+    assert all(torch.equal(a, b) for a, b in zip(masks, solo_masks, strict=True))
+    two, one = tmp_path / "two" / "vit_tiny" / "iterations.jsonl", tmp_path / "one" / "iterations.jsonl"
+    assert one.read_bytes() == two.read_bytes()
 
 
 def test_two_students_resume_exactly_after_sigusr1(data, tmp_path):

@@ -1,7 +1,8 @@
 """linear_eval.zeroshot on a tiny layout: a random tiny CLIP saved in OpenAI's format, the tiny student with
 adaptors whose CLIP adaptor is set to predict chosen ln_post features, six classes named by folder. The
 expected logits are computed here from the CLIP paper's recipe written out (open_clip's tokenizer and
-towers, our own averaging and preprocessing), then compared with what the script reports."""
+towers, our own averaging and preprocessing), then compared with what the script reports. Both networks are
+scored on CLIP's own crop of each image, the student's copy at its input size and ImageNet mean/std."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import models
 from common.io import file_sha256
 from common.results import SCHEMA
 from linear_eval import zeroshot
+from models.families.clip import ClipZeroShot
+from models.vision_transformer import ViT
 from tests.helpers import DIM, img, student_adaptors, write_openai_clip
 
 open_clip = pytest.importorskip("open_clip", reason="open_clip not installed")
@@ -27,6 +30,7 @@ from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TE
 CLASSES = ["golden_retriever", "hot_air_balloon", "red_wine", "school_bus", "sea_lion", "tabby_cat"]  # sorted
 INPUT = 28  # the backbone fixture's crop (patch 14)
 BICUBIC = transforms.InterpolationMode.BICUBIC
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +100,9 @@ def test_student_and_teacher_zero_shot_match_the_recipe(backbone, clip, data, tm
     clip_path, ref = clip
     names = [c.replace("_", " ") for c in CLASSES]
     classifier = classifier_by_hand(ref, names)
-    student_tf = transforms.Compose([
-        transforms.Resize(round(INPUT * 256 / 224), interpolation=BICUBIC), transforms.CenterCrop(INPUT),
-        transforms.ToTensor(), transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    student_tf = transforms.Compose([  # CLIP's 32-pixel crop, resized to the student's 28 as pretraining resizes
+        transforms.Resize(32, interpolation=BICUBIC), transforms.CenterCrop(32), transforms.ToTensor(),
+        transforms.Resize((INPUT, INPUT), interpolation=BICUBIC, antialias=True), transforms.Normalize(*IMAGENET),
     ])  # fmt: skip
     images, labels = batch(data, student_tf)
     wanted = labels.clone()
@@ -135,6 +139,12 @@ def test_student_and_teacher_zero_shot_match_the_recipe(backbone, clip, data, tm
     protocol = res["protocol"]
     assert protocol["class_names"] == zeroshot.FOLDER_NAMES and res["details"]["class_names"] == names
     assert (protocol["teacher"], protocol["input_size"], protocol["teacher_input_size"]) == ("clip_tiny", INPUT, 32)
+    assert protocol["preprocessing"] == (
+        "CLIP's eval crop: the short side resized (bicubic) to 32, a centre crop 32x32: one crop for the student and "
+        "the teacher, the student's copy resized (bicubic, antialiased) to 28x28; normalised with ImageNet mean/std "
+        "for the student (as in training), the image tower's own for the teacher"
+    )
+    assert f"preprocessing: {protocol['preprocessing']}\n" in printed
     assert res["unreadable_images"] == {"val": 1} and res["details"]["images"]["val"]["evaluated"] == 12
 
     # --no-teacher: the student's figures alone, the same at another batch size
@@ -143,6 +153,52 @@ def test_student_and_teacher_zero_shot_match_the_recipe(backbone, clip, data, tm
     res2 = json.loads((out2 / "results.json").read_text())
     assert res2["metrics"] == {k: res["metrics"][k] for k in ("top-1", "top-5")}
     assert res2["protocol"]["teacher_input_size"] is None
+
+
+def test_student_and_teacher_see_the_same_crop(backbone, data, tmp_path, capsys, monkeypatch):
+    """A CLIP whose input size is the student's: the student gets the very pixels CLIP gets (CLIP's resize and
+    centre crop), each normalised as that network expects. A CLIP crop the student's patch does not divide
+    needs --input-size, one line."""
+    clip_path, adaptors = tmp_path / "ViT-T-14.pt", tmp_path / "adaptors.pth"
+    write_openai_clip(clip_path, patch=14, image=INPUT)
+    torch.save(student_adaptors(DIM, {"clip_tiny": (64, "clip")}).export({"name": "vit_tiny"}), adaptors)
+    seen = {"student": [], "teacher": []}
+    real_tokens, real_encode = ViT.forward_tokens, ClipZeroShot.encode_image
+
+    def student_tokens(self, x, masks=None):
+        seen["student"].append(x)
+        return real_tokens(self, x, masks)
+
+    def teacher_encode(self, model, images):
+        seen["teacher"].append(images)
+        return real_encode(self, model, images)
+
+    monkeypatch.setattr(ViT, "forward_tokens", student_tokens)
+    monkeypatch.setattr(ClipZeroShot, "encode_image", teacher_encode)
+    argv = ["--backbone", str(backbone), "--adaptors", str(adaptors), "--data-path", str(data), "--device", "cpu",
+            "--batch-size", "12", "--num-workers", "0", "--output-dir", str(tmp_path / "out")]  # fmt: skip
+    assert zeroshot.main([*argv, "--clip-checkpoint", str(clip_path)]) == 0, capsys.readouterr()
+
+    def pixels(batches, mean, std):
+        return torch.cat(batches) * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+
+    student = pixels(seen["student"], *IMAGENET)
+    assert student.shape == (12, 3, INPUT, INPUT)
+    torch.testing.assert_close(student, pixels(seen["teacher"], OPENAI_DATASET_MEAN, OPENAI_DATASET_STD))
+    protocol = json.loads((tmp_path / "out" / "results.json").read_text())["protocol"]
+    assert protocol["preprocessing"].startswith(
+        "CLIP's eval crop: the short side resized (bicubic) to 28, a centre crop 28x28: one crop for the student and "
+        "the teacher; normalised with ImageNet mean/std for the student"
+    )
+    assert (protocol["input_size"], protocol["teacher_input_size"]) == (INPUT, INPUT)
+
+    other = tmp_path / "ViT-T-16.pt"
+    write_openai_clip(other)  # 32 pixels: two and a bit patches of 14
+    capsys.readouterr()
+    assert zeroshot.main([*argv, "--clip-checkpoint", str(other)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    message = "the clip_tiny image tower's crop (32 px) is not a multiple of the student's patch size 14"
+    assert len(err) == 1 and message in err[0] and "give --input-size" in err[0], err
 
 
 @pytest.mark.parametrize(

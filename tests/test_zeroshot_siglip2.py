@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torchvision import transforms
 
 import models
 from linear_eval import zeroshot
 from models.families import FAMILIES
 from tests.helpers import DIM, student_adaptors
-from tests.test_zeroshot import CLASSES, INPUT, batch, data, topk  # noqa: F401  (data: the image folder fixture)
+from tests.test_zeroshot import BICUBIC, CLASSES, IMAGENET, INPUT, batch, data, topk  # noqa: F401  (data: a fixture)
 
 open_clip = pytest.importorskip("open_clip", reason="open_clip not installed")
 pytest.importorskip("transformers", reason="transformers not installed")
@@ -129,7 +130,11 @@ def test_siglip2_zero_shot_is_open_clips(siglip, backbone, data, tmp_path, capsy
     adaptors_path = tmp_path / "adaptors.pth"
     torch.save(adaptors.export({"name": "vit_tiny"}), adaptors_path)
     vit = models.load_backbone(backbone).eval()
-    student_images = batch(data, zeroshot.val_transform(INPUT))[0]
+    student_tf = transforms.Compose([  # the teacher's squash resize, its copy resized to the student's side
+        transforms.Resize((IMAGE, IMAGE), interpolation=BICUBIC), transforms.ToTensor(),
+        transforms.Resize((INPUT, INPUT), interpolation=BICUBIC, antialias=True), transforms.Normalize(*IMAGENET),
+    ])  # fmt: skip
+    student_images = batch(data, student_tf)[0]
     with torch.no_grad():
         predicted = adaptors.adaptors["siglip2_tiny"].predict(vit.forward_tokens(student_images)).cls
     student = 7 * F.normalize(predicted, dim=-1) @ classifier - 3.5

@@ -98,6 +98,7 @@ class ZeroShot(Protocol):
     teacher's summary token through its adaptor; `embed` maps that to the image embedding the text tower scores."""
 
     protocol: str  # what results.json says was run
+    crop_protocol: str  # what results.json says `crop` does, {size} standing for image_size
     mean: tuple  # the image tower's own normalisation (the teacher's own figure)
     std: tuple
 
@@ -105,8 +106,12 @@ class ZeroShot(Protocol):
         """The whole image-text model from its official file, fp32, eval mode, no gradients; `tokenizer`: a saved
         tokenizer folder, for towers whose tokenizer is a file of its own."""
 
+    def crop(self, model: nn.Module) -> Callable:
+        """The geometry of the image tower's own eval transform (PIL image -> [0, 1] tensor, not normalised): the
+        crops both the teacher and the student are scored on."""
+
     def preprocess(self, model: nn.Module) -> Callable:
-        """The image tower's own eval transform (PIL image -> normalised tensor), for the teacher's own figure."""
+        """The image tower's own eval transform: `crop`, then its own mean/std (the teacher's own figure)."""
 
     def width(self, model: nn.Module) -> int:
         """The width of the summary token a student's adaptor predicts."""

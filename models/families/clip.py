@@ -76,6 +76,7 @@ class ClipZeroShot:
     100 * image @ classes. The student's predicted ln_post(CLS) goes through CLIP's own projection."""
 
     protocol = "CLIP zero-shot: 80 OpenAI ImageNet templates, mean of normalised text embeddings, 100 * cos"
+    crop_protocol = "CLIP's eval crop: the short side resized (bicubic) to {size}, a centre crop {size}x{size}"
     mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     def load(self, path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None) -> nn.Module:
@@ -111,13 +112,17 @@ class ClipZeroShot:
     def encode_image(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         return model.encode_image(images, normalize=True)
 
-    def preprocess(self, model: nn.Module) -> transforms.Compose:
-        """CLIP's eval transform: the short side resized (bicubic) to the input size, a centre crop, its mean/std."""
+    def crop(self, model: nn.Module) -> transforms.Compose:
+        """CLIP's eval geometry: the short side resized (bicubic) to the input size, a centre crop; [0, 1] pixels."""
         size = self.image_size(model)
         return transforms.Compose([
             transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(size),
-            transforms.ToTensor(), transforms.Normalize(self.mean, self.std),
+            transforms.ToTensor(),
         ])  # fmt: skip
+
+    def preprocess(self, model: nn.Module) -> transforms.Compose:
+        """CLIP's eval transform: its crop, its mean/std."""
+        return transforms.Compose([self.crop(model), transforms.Normalize(self.mean, self.std)])
 
     def classifier(self, model: nn.Module, names: list[str], device: torch.device) -> torch.Tensor:
         """[embed dim, classes]: open_clip's zero-shot classifier with OpenAI's 80 ImageNet templates."""

@@ -159,6 +159,7 @@ class SigLIPZeroShot:
         "SigLIP2 zero-shot (open_clip): 80 OpenAI ImageNet templates, canonicalized, SigLIP2 tokenizer, mean of "
         "normalised text embeddings, exp(logit_scale) * cos + logit_bias"
     )
+    crop_protocol = "open_clip's SigLIP eval resize: the whole image resized (bicubic) to {size}x{size}, no crop"
     mean, std = MEAN, STD
 
     def load(self, path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None) -> SigLIP2Text:
@@ -191,17 +192,16 @@ class SigLIPZeroShot:
     def encode_image(self, model: SigLIP2Text, images: torch.Tensor) -> torch.Tensor:
         return model.clip.encode_image(images, normalize=True)
 
-    def preprocess(self, model: SigLIP2Text) -> transforms.Compose:
-        """open_clip's SigLIP eval transform: a bicubic resize to the square input (no crop), mean/std 0.5."""
+    def crop(self, model: SigLIP2Text) -> transforms.Compose:
+        """open_clip's SigLIP eval geometry: the whole image resized (bicubic) to the square input, no crop;
+        [0, 1] pixels."""
         size = self.image_size(model)
         bicubic = transforms.InterpolationMode.BICUBIC
-        return transforms.Compose(
-            [
-                transforms.Resize((size, size), interpolation=bicubic),
-                transforms.ToTensor(),
-                transforms.Normalize(self.mean, self.std),
-            ]
-        )
+        return transforms.Compose([transforms.Resize((size, size), interpolation=bicubic), transforms.ToTensor()])
+
+    def preprocess(self, model: SigLIP2Text) -> transforms.Compose:
+        """open_clip's SigLIP eval transform: its squash resize, mean/std 0.5."""
+        return transforms.Compose([self.crop(model), transforms.Normalize(self.mean, self.std)])
 
     def classifier(self, model: SigLIP2Text, names: list[str], device: torch.device) -> torch.Tensor:
         """[embed dim, classes]: open_clip's zero-shot classifier with OpenAI's 80 ImageNet templates."""
