@@ -8,6 +8,11 @@ their principal axes, then by a normalised Hadamard matrix, which spreads the va
 every channel, and divides by one scalar: y = H U^T (x - mean) / alpha. Being a rotation and one
 scale, it is inverted exactly, so `Adaptors` gives each teacher's features in its original space.
 
+The summary (CLS) and the patch tokens are standardised apart, each with its own statistics, so the token
+loss, an MSE like the patch losses, sees targets of unit scale too. `TeacherTarget.summary_standardization`
+"none" keeps the summary as the teacher gives it while the patches are standardised (what RADIO's released
+normaliser does to summary tokens); its token head then predicts the raw summary and `predict` returns it as is.
+
 `adaptors.pth` (written by pretraining next to backbone.pth) holds the heads and statistics; `load_adaptors`
 reads it (weights_only) and `Adaptors(backbone, images)` predicts every teacher's CLS and patch features.
 """
@@ -135,7 +140,8 @@ class Standardizer(nn.Module):
 @dataclass(frozen=True)
 class TeacherTarget:
     """What a student learns from one teacher: its width, the weight of its loss in the total, its loss
-    levels' weights (a head exists only for a level in use) and how its targets are standardised."""
+    levels' weights (a head exists only for a level in use) and how its targets are standardised (the
+    summary token's and the patch tokens' kinds, each with its own statistics)."""
 
     name: str
     dim: int
@@ -143,7 +149,12 @@ class TeacherTarget:
     lambda_token: float = 1.0
     lambda_patch: float = 1.0
     lambda_fea: float = 1.0
-    standardization: str = "none"
+    standardization: str = "none"  # of the patch tokens, and of the summary unless said below
+    summary_standardization: str | None = None  # of the summary (CLS) token; None: `standardization`
+
+    def __post_init__(self) -> None:
+        if self.summary_standardization is None:  # also an adaptors.pth without the field: both alike
+            object.__setattr__(self, "summary_standardization", self.standardization)
 
 
 class Adaptor(nn.Module):
@@ -159,7 +170,7 @@ class Adaptor(nn.Module):
         self.token_head = head(summary_dim, dim) if (target.lambda_token or target.lambda_fea) else None
         self.patch_head = head(student_dim, dim) if target.lambda_patch else None
         self.fea_head = head(student_dim, dim) if target.lambda_fea else None
-        self.cls_std = Standardizer(dim, target.standardization)
+        self.cls_std = Standardizer(dim, target.summary_standardization)
         self.patch_std = Standardizer(dim, target.standardization)
 
     def predict(self, tokens: Tokens) -> Prediction:

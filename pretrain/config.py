@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from models.adaptors import STANDARDIZATIONS
 from models.errors import UsageError
 
 # Every numeric flag's valid range: (flag, predicate, what it must be); None (an unset optional flag) passes.
@@ -45,12 +46,12 @@ FLAG_RANGES = (
 # pretrain.main's flags in command-line order: the keys of Config.flags(), as checkpoints and log.txt hold them
 FLAGS = (
     "data_path", "teacher", "teacher_checkpoint", "teacher_weights", "teacher_standardization",
-    "teacher_stats_batches", "random_teacher", "teacher_dtype", "teacher_input_size", "teacher_normalization",
-    "student", "student_pretrained", "student_layout", "input_size", "batch_size", "epochs", "warmup_epochs",
-    "epoch_length", "lr", "warmup_lr", "min_lr", "weight_decay", "drop_path", "mask_probability", "mask_ratio",
-    "lambda_token", "lambda_patch", "lambda_fea", "ema_decay", "clip_grad", "compile", "precision", "output_dir",
-    "resume", "save_every_minutes", "device", "num_workers", "seed", "print_freq", "pca_every",
-    "subset_images_per_class", "subset_classes", "single_image",
+    "teacher_summary_standardization", "teacher_stats_batches", "random_teacher", "teacher_dtype",
+    "teacher_input_size", "teacher_normalization", "student", "student_pretrained", "student_layout", "input_size",
+    "batch_size", "epochs", "warmup_epochs", "epoch_length", "lr", "warmup_lr", "min_lr", "weight_decay",
+    "drop_path", "mask_probability", "mask_ratio", "lambda_token", "lambda_patch", "lambda_fea", "ema_decay",
+    "clip_grad", "compile", "precision", "output_dir", "resume", "save_every_minutes", "device", "num_workers",
+    "seed", "print_freq", "pca_every", "subset_images_per_class", "subset_classes", "single_image",
 )  # fmt: skip
 
 
@@ -99,6 +100,7 @@ class Config:
     data_path: str | None
     teachers: tuple[TeacherConfig, ...]
     teacher_standardization: str  # phi-s, zscore or none, for every teacher
+    teacher_summary_standardization: str  # of the summary (CLS) targets, with their own statistics
     teacher_stats_batches: int
     random_teacher: bool
     teacher_dtype: str  # a key of main.TEACHER_DTYPES
@@ -144,6 +146,11 @@ class Config:
         lo, hi = self.mask_ratio
         if not 0 < lo <= hi < 1:
             raise UsageError(f"--mask-ratio {lo},{hi}: must be 'lo,hi' with 0 < lo <= hi < 1")
+        for flag in ("teacher_standardization", "teacher_summary_standardization"):
+            if getattr(self, flag) not in STANDARDIZATIONS:
+                raise UsageError(
+                    f"--{flag.replace('_', '-')} {getattr(self, flag)}: must be {', '.join(STANDARDIZATIONS)}"
+                )
         if self.teacher_normalization not in ("reference", "teacher"):
             raise UsageError(f"--teacher-normalization {self.teacher_normalization}: must be reference or teacher")
         if self.precision not in ("bf16", "fp16", "fp32"):

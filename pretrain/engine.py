@@ -96,9 +96,12 @@ def estimate_statistics(run: Run) -> None:
     """Each teacher's target statistics (CLS and patch tokens apart) on --teacher-stats-batches batches in
     epoch 0's order (round the data again in fresh orders when an epoch is shorter), summed over all ranks,
     then frozen in every student's Standardizers (saved with the heads). Skipped when there is nothing to
-    estimate (one teacher; a resumed run). The teachers only run forward and the data's randomness is a
-    function of its position, so training sees what it would have."""
-    pending = {t.name for t in run.teachers if not run.students[0].distiller.adaptors[t.name].cls_std.fitted}
+    estimate (no standardisation, as one teacher's default; a resumed run). The teachers only run forward and
+    the data's randomness is a function of its position, so training sees what it would have."""
+    adaptors = run.students[0].distiller.adaptors
+    # either standardiser may be the identity (the summary's with --teacher-summary-standardization none)
+    fitted = {name: a.cls_std.fitted and a.patch_std.fitted for name, a in adaptors.items()}
+    pending = {t.name for t in run.teachers if not fitted[t.name]}
     if not pending:
         return
     config = run.config

@@ -98,6 +98,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         "with one (the paper's)",
     )
     a(
+        "--teacher-summary-standardization",
+        choices=("auto", *STANDARDIZATIONS),
+        default="auto",
+        help="the same for the summary (CLS) targets, with their own statistics: auto = as "
+        "--teacher-standardization (the token loss then sees targets of unit scale, like the patch losses); none "
+        "= the summary as the teacher gives it while the patches are standardised (RADIO's normaliser)",
+    )
+    a(
         "--teacher-stats-batches",
         type=int,
         default=64,
@@ -228,6 +236,7 @@ def targets_of(config: Config, grid: int) -> list[TeacherTarget]:
                 level if config.lambda_patch is None else config.lambda_patch,
                 level if config.lambda_fea is None else config.lambda_fea,
                 config.teacher_standardization,
+                summary_standardization=config.teacher_summary_standardization,
             )
         )
     return targets
@@ -273,7 +282,10 @@ def resolve(args: argparse.Namespace) -> Config:
     standardization = args.teacher_standardization
     if standardization == "auto":
         standardization = "phi-s" if len(teachers) > 1 else "none"
-    if standardization == "phi-s":
+    summary = args.teacher_summary_standardization
+    if summary == "auto":
+        summary = standardization
+    if "phi-s" in (standardization, summary):
         for name in teachers:
             hadamard(teacher_spec(name).embed_dim)  # a width without a Hadamard matrix: one clear line
     names = args.student.split(",")
@@ -321,6 +333,7 @@ def resolve(args: argparse.Namespace) -> Config:
             **given,
             "teachers": tuple(TeacherConfig(*t) for t in zip(teachers, [f or None for f in files], sizes, weights)),
             "teacher_standardization": standardization,
+            "teacher_summary_standardization": summary,
             "teacher_normalization": normalization,
             "students": tuple(students),
             "student_layout": layout,
@@ -481,7 +494,7 @@ def build(config: Config, device: torch.device, world: int, *, out: Output, fres
         control=StopControl(config.save_every_minutes),
     )
     run.resume(fresh)
-    estimate_statistics(run)  # several teachers, a fresh run: before any student sees a target
+    estimate_statistics(run)  # standardised targets, a fresh run: before any student sees a target
     for s in students:
         if config.compile:  # after the EMA copy and the resume: both see the plain module
             compile_student(s.distiller.student)

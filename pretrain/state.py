@@ -237,8 +237,12 @@ class Run:
                 "of a pretraining run, not an exported backbone or another task's checkpoint"
             )
         trained = {"student_layout": DEFAULT_LAYOUT, **ckpt["args"]}  # checkpoints from before --student-layout
-        for key in ("student", "teacher", "student_layout"):
-            if trained[key] != flags[key]:
+        if "teacher_standardization" in trained:  # without the summary's own flag, it was standardised as the patches
+            trained.setdefault("teacher_summary_standardization", trained["teacher_standardization"])
+        # the standardisations decide the heads' buffers: named here rather than as other heads below
+        standardizations = ("teacher_standardization", "teacher_summary_standardization")
+        for key in ("student", "teacher", "student_layout", *standardizations):
+            if key in trained and trained[key] != flags[key]:
                 flag = "--" + key.replace("_", "-")
                 raise UsageError(f"{path} was trained with {flag} {trained[key]}, not {flags[key]}")
         s.distiller.student.load_state_dict(ckpt["student"])

@@ -80,3 +80,46 @@ def test_standardisation_stays_float32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = s(x)
     assert y.dtype == torch.float32 and torch.equal(y, s(x))
+
+
+def test_a_raw_summary_passes_through_while_the_patches_are_phi_s(tmp_path):
+    """summary_standardization "none" (RADIO's normaliser): the CLS targets are the teacher's own and the
+    token head's prediction is returned as is; the patches are PHI-S'd as by default. The default standardises
+    the CLS with its own statistics. adaptors.pth keeps the choice; one without the field reads as both alike."""
+    g = torch.Generator().manual_seed(0)
+    cls = (torch.randn(300, 12, generator=g) @ torch.randn(12, 12, generator=g)) * 40 + 5
+    patches = torch.randn(300, 12, generator=g) @ torch.randn(12, 12, generator=g) * 3 - 2
+    targets = [TeacherTarget("raw", 12, standardization="phi-s", summary_standardization="none"),
+               TeacherTarget("both", 12, standardization="phi-s")]  # fmt: skip
+    assert targets[1].summary_standardization == "phi-s"
+    adaptors = Adaptors(16, targets)
+    for a in adaptors.adaptors.values():
+        a.cls_std.fit(*moments(cls))
+        a.patch_std.fit(*moments(patches))
+    raw, both = adaptors.adaptors["raw"], adaptors.adaptors["both"]
+    assert raw.cls_std.kind == "none" and not list(raw.cls_std.buffers())
+    assert torch.equal(raw.cls_std(cls), cls)  # the teacher's CLS, unrotated, scale 1
+    standardised = both.cls_std(cls)
+    assert standardised.mean(0).abs().max() < 1e-3
+    assert torch.allclose(standardised.var(0, unbiased=False), torch.ones(12), atol=1e-3)
+    for a in (raw, both):  # the patches: PHI-S, with the same statistics either way
+        assert a.patch_std.kind == "phi-s" and bool(a.patch_std.estimated)
+        torch.testing.assert_close(a.patch_std(patches), both.patch_std(patches), rtol=0, atol=0)
+    tokens = Tokens(torch.randn(2, 16, generator=g), torch.randn(2, 4, 16, generator=g), (2, 2))
+    with torch.no_grad():
+        predicted = raw.predict(tokens)
+        assert torch.equal(predicted.cls, raw.token_head(tokens.cls))  # no de-standardisation of a raw CLS
+        torch.testing.assert_close(predicted.patches, raw.patch_std.inverse(raw.fea_head(tokens.patches)))
+        torch.testing.assert_close(raw.patch_std.inverse(raw.patch_std(patches)), patches, rtol=1e-5, atol=1e-3)
+
+    exported = adaptors.export({"name": "vit_tiny"})
+    torch.save(exported, tmp_path / "adaptors.pth")
+    loaded = load_adaptors(tmp_path / "adaptors.pth")
+    assert loaded.adaptors["raw"].target == targets[0] and loaded.adaptors["both"].target == targets[1]
+    with torch.no_grad():
+        for name, a in adaptors.adaptors.items():
+            want, got = a.predict(tokens), loaded.adaptors[name].predict(tokens)
+            assert torch.equal(want.cls, got.cls) and torch.equal(want.patches, got.patches)
+    del exported["teachers"]["both"]["summary_standardization"]  # a file written without the field
+    torch.save(exported, tmp_path / "older.pth")
+    assert load_adaptors(tmp_path / "older.pth").adaptors["both"].target.summary_standardization == "phi-s"

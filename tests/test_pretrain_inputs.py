@@ -94,7 +94,8 @@ def test_flags_are_the_flat_dict_checkpoints_store():
     assert list(flags) == list(vars(pretrain_main.get_args_parser().parse_args([])))  # every flag, in order
     assert flags == {
         "data_path": None, "teacher": "dinov2_vitb14,clip_vitl14", "teacher_checkpoint": "a.pth,",
-        "teacher_weights": [1.0, 2.0], "teacher_standardization": "phi-s", "teacher_stats_batches": 64,
+        "teacher_weights": [1.0, 2.0], "teacher_standardization": "phi-s",
+        "teacher_summary_standardization": "phi-s", "teacher_stats_batches": 64,
         "random_teacher": False, "teacher_dtype": "auto", "teacher_input_size": [224, 448],
         "teacher_normalization": "teacher", "student": "vit_base", "student_pretrained": None,
         "student_layout": "dinov2", "input_size": 224,
@@ -112,6 +113,34 @@ def test_flags_are_the_flat_dict_checkpoints_store():
         [224],
         "reference",
     )
+
+
+def test_the_summary_standardization_is_resolved_into_the_config_and_each_target():
+    """--teacher-summary-standardization: auto follows --teacher-standardization; none (RADIO's) leaves the
+    CLS targets raw while the patches are PHI-S'd. Stored resolved in the flags, it parses back to itself;
+    a value outside the kinds is one line, from the command line or in a Config made in code."""
+    assert resolved("--teacher", "dinov2_vitb14").teacher_summary_standardization == "none"
+    assert resolved(*TWO_TEACHERS, "--teacher-standardization", "zscore").teacher_summary_standardization == "zscore"
+    config = resolved(*TWO_TEACHERS, "--teacher-summary-standardization", "none")
+    assert (config.teacher_standardization, config.teacher_summary_standardization) == ("phi-s", "none")
+    targets = pretrain_main.targets_of(config, 16)
+    assert [(t.standardization, t.summary_standardization) for t in targets] == [("phi-s", "none")] * 2
+    flags = config.flags()
+    assert flags["teacher_summary_standardization"] == "none"
+    again = resolved(*TWO_TEACHERS, "--teacher-summary-standardization", flags["teacher_summary_standardization"])
+    assert again == config
+    with pytest.raises(UsageError, match=r"^--teacher-summary-standardization pca: must be phi-s, zscore, none$"):
+        dataclasses.replace(config, teacher_summary_standardization="pca")
+    with pytest.raises(UsageError, match=r"^--teacher-standardization auto: must be phi-s, zscore, none$"):
+        dataclasses.replace(config, teacher_standardization="auto")
+
+
+def test_a_bad_summary_standardization_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "nodata", tmp_path / "o", "--teacher-summary-standardization", "raw")
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--teacher-summary-standardization: invalid choice: 'raw'" in err[0], err
 
 
 @pytest.mark.parametrize("module", ["engine", "distiller"])

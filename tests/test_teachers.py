@@ -10,13 +10,14 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from timm.data import OPENAI_CLIP_MEAN
 
 import models
 from models import TeacherTarget, load_adaptors, load_backbone
 from pretrain import main as pretrain_main
-from pretrain.distiller import Distiller
+from pretrain.distiller import Distiller, teacher_losses
 from tests.helpers import TINY_RUN, make_image_folder, tiny_vit
 
 TEACHERS = "dinov2_vits14,clip_vitb16"
@@ -50,6 +51,58 @@ def loss_shares(standardization: str) -> float:
 def test_standardised_teachers_of_100x_scale_share_the_loss(standardization):
     assert 0.5 <= loss_shares(standardization) <= 2.0
     assert loss_shares("none") > 1000  # without standardisation one teacher is the whole loss
+
+
+def test_raw_summary_targets_enter_the_token_loss_as_the_teacher_gives_them():
+    """With summary standardisation none the token loss is the MSE to the teacher's own CLS; by default to the
+    CLS standardised with its own statistics. The patch targets are PHI-S'd either way."""
+    torch.manual_seed(0)
+    mixing = torch.randn(12, 12)
+    cls, patches = torch.randn(16, 12) @ mixing * 50 + 3, torch.randn(16, 4, 12) @ mixing - 1
+    target = models.Tokens(cls, patches, (2, 2))
+    d = Distiller(tiny_vit(), [TeacherTarget("raw", 12, standardization="phi-s", summary_standardization="none"),
+                               TeacherTarget("both", 12, standardization="phi-s")])  # fmt: skip
+    for a in d.adaptors.values():
+        a.cls_std.fit(*moments(cls))
+        a.patch_std.fit(*moments(patches))
+    with torch.no_grad():
+        out = d.student.forward_tokens(torch.randn(16, 3, 28, 28))
+        for name, summary in (("raw", cls), ("both", d.adaptors["both"].cls_std(cls))):
+            a = d.adaptors[name]
+            parts = teacher_losses(a, out.cls, out.patches, masks=None, target=target)
+            assert torch.equal(parts["token"], F.mse_loss(a.token_head(out.cls), summary))
+            want = torch.cat((summary.unsqueeze(1), a.patch_std(patches)), dim=1)
+            pred = torch.cat((a.token_head(out.cls).unsqueeze(1), a.fea_head(out.patches)), dim=1)
+            assert torch.equal(parts["fea"], F.mse_loss(pred, want))
+    assert all(a.patch_std.kind == "phi-s" for a in d.adaptors.values()) and d.adaptors["raw"].cls_std.kind == "none"
+    assert not torch.allclose(d.adaptors["both"].cls_std(cls), cls)
+
+
+def test_a_raw_summary_run_estimates_the_patches_exports_and_resumes_with_its_flag(two_teachers, tmp_path, capsys):
+    """--teacher-summary-standardization none end to end: the patch statistics are still estimated, the
+    checkpoint stores the flag, adaptors.pth returns the token head's CLS as is (the teacher's space), and a
+    resume without the flag is one line naming it."""
+    data, out = make_image_folder(tmp_path / "data"), tmp_path / "o"
+    sizes = ["--teacher-input-size", "42,48"]
+    assert run(data, out, "--epochs", "1", *sizes, "--teacher-summary-standardization", "none") == 0
+    assert "estimating the target statistics of clip_vitb16, dinov2_vits14" in capsys.readouterr().out
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ckpt["args"]["teacher_summary_standardization"] == "none"
+    assert not [k for k in ckpt["heads"] if ".cls_std." in k]  # the identity: no statistics
+    assert ckpt["heads"]["teachers.clip_vitb16.patch_std.estimated"]
+    adaptors = load_adaptors(out / "adaptors.pth")
+    clip = adaptors.adaptors["clip_vitb16"]
+    assert (clip.target.standardization, clip.target.summary_standardization) == ("phi-s", "none")
+    backbone = load_backbone(out / "backbone.pth").eval()
+    images = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        predicted = adaptors(backbone, images)["clip_vitb16"].cls
+        want = clip.token_head(backbone.forward_features(images)["x_norm_clstoken"])
+    assert torch.equal(predicted, want)
+
+    assert run(data, out, "--epochs", "2", *sizes) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was trained with --teacher-summary-standardization none, not phi-s" in err[0], err
 
 
 def test_one_teacher_keeps_its_head_names_and_loss_names():
