@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageNetInfo
+from timm.data import ImageNetInfo
 from torchvision import transforms
 
 from common import distributed as dist_utils
@@ -31,6 +31,7 @@ from common.cli import ArgumentParser, check_positive, evaluation_parser, run, s
 from common.features import Features, extract_features, frozen_backbone, image_counts
 from common.results import Results, Timer, print_table, topk_correct, write_results
 from models import FAMILIES, TEACHERS, Adaptors, load_adaptors
+from models.checkpoints import Normalization
 from models.errors import UsageError
 
 from .data import image_folder
@@ -133,13 +134,13 @@ def class_names(classes: list[str]) -> tuple[list[str], str]:
     return [c.replace("_", " ") for c in classes], FOLDER_NAMES
 
 
-def student_view(crop, size: int, side: int) -> transforms.Compose:
+def student_view(crop, size: int, side: int, *, normalization: Normalization) -> transforms.Compose:
     """The student's copy of the teacher's `size`-pixel crop: resized to `side` when that differs (bicubic,
-    antialiased, as pretraining gives each network its own resize of one crop), ImageNet mean/std (the
-    normalisation students are trained with)."""
+    antialiased, as pretraining gives each network its own resize of one crop), normalised as the student's
+    inputs were in training (`normalization`: ImageNet's for every student pretraining trains)."""
     bicubic = transforms.InterpolationMode.BICUBIC
     resize = [transforms.Resize((side, side), interpolation=bicubic, antialias=True)] if side != size else []
-    return transforms.Compose([crop, *resize, transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+    return transforms.Compose([crop, *resize, transforms.Normalize(normalization.mean, normalization.std)])
 
 
 def preprocessing(tower, size: int, side: int) -> str:
@@ -190,7 +191,7 @@ def zeroshot(args: argparse.Namespace) -> None:
             f"{backbone.patch_size}: give --input-size, the side the student sees the crop at (e.g. its training side)"
         )
     crop = tower.crop(model)
-    dataset = image_folder(args.data_path, "val", student_view(crop, size, side))
+    dataset = image_folder(args.data_path, "val", student_view(crop, size, side, normalization=backbone.normalization))
     scored_on = preprocessing(tower, size, side)
     names, naming = class_names(dataset.classes)
     with timer.phase("text classifier"):
