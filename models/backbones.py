@@ -23,6 +23,7 @@ def create_student(
     *,
     drop_path_rate: float = 0.0,
     layout: str | None = None,
+    pretraining: bool = False,
 ) -> nn.Module:
     """A randomly initialised student (no registers) in a family's layout, initialised as the reference.
 
@@ -32,9 +33,15 @@ def create_student(
     RoPE, 4 storage tokens, LayerScale 1e-5, LayerNorm eps 1e-5, masked k bias, MLP x4); a name with
     the suffix `_dinov3` (`vit_small_dinov3`) selects it. timm:<model>: timm's model without its
     classifier, randomly initialised as timm does.
+
+    Drop path rises linearly from 0 in the first block to `drop_path_rate` in the last (timm's rule, DINOv2's
+    default), the same in every ViT layout, so one dense config regularises each alike; `pretraining` builds the
+    student for distillation, with its family's pretraining schedule (dinov3: the rate in every block, as FAIR's).
     """
     arch, found = student_family(name, layout)
-    return found.create_student(arch, img_size=img_size, patch_size=patch_size, drop_path_rate=drop_path_rate)
+    return found.create_student(
+        arch, img_size=img_size, patch_size=patch_size, drop_path_rate=drop_path_rate, pretraining=pretraining
+    )
 
 
 def _family(state_dict: StateDict) -> Family:

@@ -11,6 +11,7 @@ bf16 precision, so the file's values, not the formula's, give FAIR's outputs), t
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from functools import partial
@@ -39,7 +40,8 @@ ROPE_RESCALE_COORDS = 2.0
 
 class Rope(RotaryEmbeddingDinoV3):
     """timm's DINOv3 RoPE whose periods are weights: persistent (`rope.periods`), and kept in full
-    precision when the model is cast (timm would recompute them from the formula, losing the file's)."""
+    precision when the model is cast (timm would recompute them from the formula, losing the file's).
+    `coords` then `embed` compute it as FAIR's RopePositionEmbedding.forward does, on the periods' device."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -52,14 +54,52 @@ class Rope(RotaryEmbeddingDinoV3):
             self.periods = periods.to(self.periods.device)
         return self
 
+    def coords(self, shape: Sequence[int]) -> torch.Tensor:
+        """A patch grid's coordinates [HW, 2] in [-1, 1] (0.5-centred, each axis over its own length: DINOv3's
+        "separate"), on the periods' device in their dtype, where FAIR computes them (its released RoPE is fp32)."""
+        dd = dict(device=self.periods.device, dtype=self.periods.dtype)
+        h, w = shape
+        axes = torch.arange(0.5, h, **dd) / h, torch.arange(0.5, w, **dd) / w
+        return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).flatten(0, 1) * 2.0 - 1.0
+
+    def augment(self, coords: torch.Tensor) -> torch.Tensor:
+        """FAIR's training-time coordinate augmentation, drawn afresh at each call: a shift per axis from
+        U(-shift, shift), a factor per axis exp(U(-log jitter, log jitter)), then one shared factor
+        exp(U(-log rescale, log rescale)), in this order, on the coordinates' device and dtype as FAIR draws them."""
+        dd = dict(device=coords.device, dtype=coords.dtype)
+        if self.shift_coords is not None:
+            shift = float(self.shift_coords)
+            coords = coords + torch.empty(2, **dd).uniform_(-shift, shift)
+        if self.jitter_coords is not None:
+            jitter = math.log(float(self.jitter_coords))
+            coords = coords * torch.empty(2, **dd).uniform_(-jitter, jitter).exp()
+        if self.rescale_coords is not None:
+            rescale = math.log(float(self.rescale_coords))
+            coords = coords * torch.empty(1, **dd).uniform_(-rescale, rescale).exp()
+        return coords
+
+    def embed(self, coords: torch.Tensor) -> torch.Tensor:
+        """sin and cos [HW, 2 * head_dim] (timm's layout) of these coordinates, augmented in training mode."""
+        if self.training and self.aug_active:
+            coords = self.augment(coords)
+        return torch.cat(self._get_pos_embed_from_coords(coords), dim=-1)
+
 
 class DinoV3ViT(Eva):
     """FAIR's DinoVisionTransformer (released arguments) as a timm Eva with DINOv2's token API.
 
     `forward_features(x, masks)` returns FAIR's dict (x_norm_clstoken, x_storage_tokens,
     x_norm_patchtokens, x_prenorm, masks); `get_intermediate_layers` has FAIR's semantics. Inputs are
-    cast to the weights' dtype, so a bf16 teacher takes float32 crops. Drop path is uniform over the
-    blocks as FAIR's (per-sample Bernoulli, timm's DropPath, where FAIR drops a fixed-size subset).
+    cast to the weights' dtype, so a bf16 teacher takes float32 crops.
+
+    The RoPE is recomputed before every block, as FAIR's block loop does, so in training mode each block
+    has its own draw of the coordinate augmentation, made just before the block runs. Without drop path
+    the generator is then consumed exactly as by FAIR's code on the same device. Drop path is timm's
+    DropPath (one Bernoulli per sample after the attention, another after the MLP), drawn at the same
+    points of the loop as FAIR's but not the same numbers: FAIR drops a fixed-size random subset of the
+    batch (two randperms per block). Its rate rises linearly from 0 in the first block to
+    `drop_path_rate` in the last, as in our other ViTs; `drop_path_uniform` gives every block the rate,
+    as FAIR's DinoVisionTransformer does (DINOv3-layout pretraining, `Family.pretraining_drop_path_uniform`).
     """
 
     norm_patch_tokens = True  # one final norm over every token (segmentation.mmseg_ext reads this)
@@ -77,6 +117,7 @@ class DinoV3ViT(Eva):
         patch_size: int = 16,
         img_size: int = 224,
         drop_path_rate: float = 0.0,
+        drop_path_uniform: bool = False,
         rope_rescale_coords: float | None = ROPE_RESCALE_COORDS,
     ) -> None:
         super().__init__(
@@ -99,6 +140,7 @@ class DinoV3ViT(Eva):
             num_reg_tokens=NUM_STORAGE_TOKENS,
             use_fc_norm=False,
             dynamic_img_size=True,
+            drop_path_rate=0.0 if drop_path_uniform else drop_path_rate,  # timm's linear ramp over the blocks
         )
         self.patch_size = patch_size
         self.rope = Rope(
@@ -107,9 +149,9 @@ class DinoV3ViT(Eva):
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
         # DINOv3 normalises the local crops' CLS with it in training (7B, satellite ViT-L); unused here.
         self.local_cls_norm = LayerNorm(embed_dim, eps=NORM_EPS) if local_cls_norm else None
-        for blk in self.blocks:  # FAIR's drop path rate is the same in every block
-            blk.drop_path1 = DropPath(drop_path_rate) if drop_path_rate else nn.Identity()
-            blk.drop_path2 = DropPath(drop_path_rate) if drop_path_rate else nn.Identity()
+        if drop_path_uniform and drop_path_rate:
+            for blk in self.blocks:
+                blk.drop_path1, blk.drop_path2 = DropPath(drop_path_rate), DropPath(drop_path_rate)
         self.init_dinov3_weights()
 
     @torch.no_grad()
@@ -148,7 +190,7 @@ class DinoV3ViT(Eva):
 
     # --- tokens ---------------------------------------------------------------------------
     def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """[cls, 4 storage, patches] (masked patches replaced by the mask token) and the RoPE sin/cos."""
+        """[cls, 4 storage, patches] (masked patches replaced by the mask token) and the patches' RoPE coordinates."""
         h, w = x.shape[-2:]
         if h % self.patch_size or w % self.patch_size:
             raise UsageError(f"input size {h}x{w} is not a multiple of the patch size {self.patch_size}")
@@ -158,18 +200,19 @@ class DinoV3ViT(Eva):
         if masks is not None:
             x = torch.where(masks.reshape(b, -1, 1), self.mask_token.to(x.dtype).unsqueeze(0), x)
         x = torch.cat((self.cls_token.expand(b, -1, -1), self.reg_token.expand(b, -1, -1), x), dim=1)
-        return x, self.rope.get_embed(shape=[gh, gw])
+        return x, self.rope.coords((gh, gw))
 
-    def run_block(self, blk: nn.Module, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def run_block(self, blk: nn.Module, x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        rope = self.rope.embed(coords)  # per block, as FAIR's loop: in training, this block's own augmentation draw
         if self.grad_checkpointing and self.training:
             return checkpoint(blk, x, rope=rope)
         return blk(x, rope=rope)
 
     # --- DINOv2/DINOv3 API ------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict:  # type: ignore[override]
-        x, rope = self.prepare_tokens(x, masks)
+        x, coords = self.prepare_tokens(x, masks)
         for blk in self.blocks:
-            x = self.run_block(blk, x, rope)
+            x = self.run_block(blk, x, coords)
         x_norm = self.norm(x)
         s = self.num_prefix_tokens
         return {
@@ -206,13 +249,16 @@ class DinoV3ViT(Eva):
         return_extra_tokens: bool = False,
         norm: bool = True,
     ) -> tuple:
-        """FAIR's semantics: the last `n` blocks (int) or the listed block indices; extra = storage tokens."""
+        """FAIR's semantics: the last `n` blocks (int) or the listed block indices; extra = storage tokens.
+
+        The blocks after the last one taken are not run (they cannot change the outputs), so in training
+        mode their RoPE and drop-path draws, which FAIR's loop over every block makes, are not made."""
         take = block_indices(n, len(self.blocks))
         height, width = x.shape[-2:]
-        x, rope = self.prepare_tokens(x)
+        x, coords = self.prepare_tokens(x)
         outputs = []
-        for i, blk in enumerate(self.blocks[: max(take) + 1]):  # later blocks cannot change the outputs
-            x = self.run_block(blk, x, rope)
+        for i, blk in enumerate(self.blocks[: max(take) + 1]):
+            x = self.run_block(blk, x, coords)
             if i in take:
                 outputs.append(self.norm(x) if norm else x)
         grid = (height // self.patch_size, width // self.patch_size) if reshape else None

@@ -173,7 +173,7 @@ class Setup:
             self.teacher = teacher if teacher is not None else create_teacher(config.teacher, pretrained=False)
         # a family's own name (vit_small_dinov3, timm:resnet50) says its layout, else --student-layout or the teacher's
         layout = split_student(config.student, None)[1] or config.student_layout or student_layout(config.teacher)
-        student = create_student(config.student, img_size=config.input_size, layout=layout)
+        student = create_student(config.student, img_size=config.input_size, layout=layout, pretraining=True)
         if device.type == "cuda":
             channels_last(student)
         self.teachers = [TeacherInput(self.teacher, config.input_size)]

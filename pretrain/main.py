@@ -161,7 +161,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--warmup-lr", type=float, default=1e-6, help="lr at the start of the linear warmup")
     a("--min-lr", type=float, default=1e-5, help="lr at the end of the cosine")
     a("--weight-decay", type=float, default=0.05, help="AdamW; none on biases, norms, LayerScale")
-    a("--drop-path", type=float, default=0.0, help="stochastic depth of the student")
+    a(
+        "--drop-path",
+        type=float,
+        default=0.0,
+        help="stochastic depth of the student: its last block's, rising linearly from 0 (a DINOv3-layout student: "
+        "every block's, as FAIR's pretraining; a timm student: timm's rule)",
+    )
     a("--mask-probability", type=float, default=0.5, help="fraction of each batch (the first samples) masked")
     a(
         "--mask-ratio",
@@ -392,7 +398,7 @@ def build(config: Config, device: torch.device, world: int, *, out: Output, fres
     distillers = []  # made in --student order, so the first student's init is that of a run of it alone
     for spec in config.students:
         student = create_student(
-            spec.name, img_size=config.input_size, drop_path_rate=config.drop_path, layout=spec.layout
+            spec.name, img_size=config.input_size, drop_path_rate=config.drop_path, layout=spec.layout, pretraining=True
         )
         if spec.pretrained:  # before the EMA copy; a resumed run's checkpoint then replaces it
             student_family(spec.name, spec.layout)[1].load_student_weights(student, spec.pretrained)

@@ -285,12 +285,26 @@ def swiglu_width(dim: int, ratio: float, align: int) -> int:
 
 
 class FairViT(nn.Module):
-    """FAIR's DINOv3 ViT at eval: keys, shapes and forward as released (norm eps 1e-5, 4 storage tokens,
-    masked k bias, axial RoPE on the patch tokens, LayerScale, one final norm over every token)."""
+    """FAIR's DINOv3 ViT without drop path: keys, shapes and forward as released (norm eps 1e-5, 4 storage
+    tokens, masked k bias, axial RoPE on the patch tokens, LayerScale, one final norm over every token).
+    With `rescale_coords`, training mode rescales the RoPE coordinates as FAIR's RopePositionEmbedding:
+    recomputed before every block, one draw exp(U(-log r, log r)) each, on the periods' device in fp32."""
 
-    def __init__(self, dim, depth, heads, hidden, swiglu=False, qkv_bias=True, local_cls_norm=False, patch=16):
+    def __init__(
+        self,
+        dim,
+        depth,
+        heads,
+        hidden,
+        swiglu=False,
+        qkv_bias=True,
+        local_cls_norm=False,
+        patch=16,
+        *,
+        rescale_coords=None,
+    ):
         super().__init__()
-        self.dim, self.heads, self.patch = dim, heads, patch
+        self.dim, self.heads, self.patch, self.rescale_coords = dim, heads, patch, rescale_coords
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.storage_tokens = nn.Parameter(torch.zeros(1, N_STORAGE, dim))
         self.mask_token = nn.Parameter(torch.zeros(1, dim))
@@ -320,9 +334,13 @@ class FairViT(nn.Module):
             self.local_cls_norm = nn.LayerNorm(dim, eps=1e-5)
 
     def rope(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ys = torch.arange(0.5, h) / h
-        xs = torch.arange(0.5, w) / w
+        dd = dict(device=self.rope_embed.periods.device, dtype=torch.float32)
+        ys = torch.arange(0.5, h, **dd) / h
+        xs = torch.arange(0.5, w, **dd) / w
         coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).reshape(h * w, 2) * 2 - 1  # [HW, 2]
+        if self.training and self.rescale_coords is not None:
+            r = math.log(self.rescale_coords)
+            coords = coords * torch.empty(1, **dd).uniform_(-r, r).exp()
         angles = 2 * math.pi * coords[:, :, None] / self.rope_embed.periods  # [HW, 2, Dh/4]
         angles = angles.reshape(h * w, -1).repeat(1, 2)  # [HW, Dh]
         return angles.sin(), angles.cos()
@@ -354,9 +372,9 @@ class FairViT(nn.Module):
             x = torch.where(masks.unsqueeze(-1), self.mask_token.unsqueeze(0), x)
         B = x.shape[0]
         x = torch.cat((self.cls_token.expand(B, -1, -1), self.storage_tokens.expand(B, -1, -1), x), 1)
-        sin, cos = self.rope(h, w)
         outs = []
         for b in self.blocks:
+            sin, cos = self.rope(h, w)  # FAIR's loop: before every block
             x = x + b.ls1.gamma * self.attention(b, b.norm1(x), sin, cos)
             x = x + b.ls2.gamma * self.mlp(b, b.norm2(x))
             outs.append(x)
@@ -397,8 +415,10 @@ def official_sd(dim, depth, heads, hidden, swiglu=False, qkv_bias=True, local_cl
     return sd
 
 
-def fair(sd: dict, dim, depth, heads, hidden, swiglu=False, qkv_bias=True, local_cls_norm=False) -> FairViT:
-    ref = FairViT(dim, depth, heads, hidden, swiglu, qkv_bias, local_cls_norm)
+def fair(
+    sd: dict, dim, depth, heads, hidden, swiglu=False, qkv_bias=True, local_cls_norm=False, *, rescale_coords=None
+) -> FairViT:
+    ref = FairViT(dim, depth, heads, hidden, swiglu, qkv_bias, local_cls_norm, rescale_coords=rescale_coords)
     ref.load_state_dict(sd, strict=True)
     return ref.eval()
 

@@ -114,6 +114,15 @@ def test_patch_map_is_dinov3s_at_any_size(export, official):
     assert named["vit.reg_token"].requires_grad and named["vit.blocks.3.attn.q_bias"].requires_grad
 
 
+def test_fine_tuned_drop_path_ramps_as_in_every_layout(official):
+    """The same drop_path_rate regularises a DINOv3 backbone as a DINOv2-layout one: the linear ramp from 0 in
+    the first block to the rate in the last (FAIR's dense evaluations freeze the backbone: none of their own)."""
+    fine = proteus_mmseg.ProteusViT(checkpoint=str(official), out_indices=(3,), drop_path_rate=0.1)
+    rates = [getattr(b.drop_path1, "drop_prob", 0.0) for b in fine.vit.blocks]
+    assert rates == pytest.approx(torch.linspace(0, 0.1, DEPTH).tolist())
+    assert rates == [getattr(b.drop_path2, "drop_prob", 0.0) for b in fine.vit.blocks]
+
+
 def test_reference_pos_embed_is_one_clear_error(export, ade, tmp_path, capsys):
     expected = "--reference-pos-embed (reference_pos_embed) resizes a learned positional-embedding table once"
     with pytest.raises(UsageError, match=r"this DINOv3 backbone has none \(its RoPE takes any input size\)"):

@@ -263,7 +263,6 @@ def test_student_names_and_errors():
         models.create_student("vit_huge_dinov3")
     m = models.create_student("vit_small_dinov3", drop_path_rate=0.1)
     assert isinstance(m, DinoV3ViT) and m.embed_dim == 384
-    assert [b.drop_path1.drop_prob for b in m.blocks] == [0.1] * 12  # uniform, as FAIR's
 
 
 def test_student_init_is_fairs():
@@ -296,6 +295,63 @@ def test_student_rope_rescale_only_in_training():
         c, d = m(x), m(x)
     assert torch.equal(a, b)  # eval: no coordinate augmentation
     assert not torch.allclose(c, d)  # training: FAIR's rescale_coords 2
+
+
+def test_student_rope_is_drawn_per_block_as_fairs(monkeypatch):
+    """FAIR's block loop recomputes the RoPE before every block, so in training each block rescales its
+    coordinates by its own draw: from one seed, our student gives the tokens of FAIR's code (tests.helpers.
+    FairViT), forward_features and get_intermediate_layers alike, and leaves the generator where FAIR's does."""
+    torch.manual_seed(0)
+    m = official_weights_(models.create_student("vit_tiny_dinov3")).train()
+    ref = fair(models.to_reference(m, "dinov3"), 192, 12, 3, 768, rescale_coords=2.0).train()
+    computed = []
+    sincos = m.rope._get_pos_embed_from_coords
+    monkeypatch.setattr(m.rope, "_get_pos_embed_from_coords", lambda coords: computed.append(1) or sincos(coords))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        ours, ours_next = m.forward_features(x), torch.rand(4)
+        assert len(computed) == 12  # one RoPE per block
+        layers = m.get_intermediate_layers(x, n=2, return_class_token=True)
+        ours_last = torch.rand(4)
+        torch.manual_seed(1)
+        theirs, theirs_next = ref.forward_features(x), torch.rand(4)
+        ref_layers = ref.get_intermediate_layers(x, n=2)
+        theirs_last = torch.rand(4)
+    for key in ("x_norm_clstoken", "x_storage_tokens", "x_norm_patchtokens"):
+        assert rel_err(ours[key], theirs[key]) < 1e-5, key
+    for (p, c), (rp, rc) in zip(layers, ref_layers):
+        assert rel_err(p, rp) < 1e-5 and rel_err(c, rc) < 1e-5
+    assert torch.equal(ours_next, theirs_next) and torch.equal(ours_last, theirs_last)  # the same draws, no others
+    with torch.no_grad():
+        torch.manual_seed(1)
+        eval_tokens = m.eval().forward_features(x)["x_norm_patchtokens"]
+    assert rel_err(eval_tokens, ours["x_norm_patchtokens"]) > 1e-2  # the draws matter
+
+
+def test_drop_path_ramps_downstream_and_is_fairs_uniform_rate_in_pretraining(tmp_path):
+    """One dense config regularises every layout alike: a DINOv3 backbone built for fine-tuning (an official
+    file, or a student) has the linear ramp 0 -> rate of our other ViTs. A DINOv3-layout student built for
+    pretraining keeps FAIR's pretraining setting, the rate in every block (DinoVisionTransformer's blocks all
+    take drop_path_rate)."""
+
+    def rates(model: nn.Module) -> list[float]:
+        return [getattr(getattr(blk, f"drop_path{i}"), "drop_prob", 0.0) for blk in model.blocks for i in (1, 2)]
+
+    def twice(values: list[float]) -> list[float]:
+        return [v for v in values for _ in range(2)]
+
+    torch.save(official_sd(dim=64, depth=4, heads=1, hidden=128), tmp_path / "official.pth")
+    loaded = models.load_backbone(tmp_path / "official.pth", drop_path_rate=0.1)
+    assert rates(loaded) == pytest.approx(twice(torch.linspace(0, 0.1, 4).tolist()))
+    with torch.device("meta"):
+        dense = models.create_student("vit_small_dinov3", drop_path_rate=0.1)
+        dinov2 = models.create_student("vit_small", drop_path_rate=0.1)
+        pretraining = models.create_student("vit_small_dinov3", drop_path_rate=0.1, pretraining=True)
+        dinov2_pretraining = models.create_student("vit_small", drop_path_rate=0.1, pretraining=True)
+    ramp = twice(torch.linspace(0, 0.1, 12).tolist())
+    assert rates(dense) == pytest.approx(ramp) and rates(dinov2) == rates(dinov2_pretraining) == rates(dense)
+    assert rates(pretraining) == [0.1] * 24
 
 
 @pytest.fixture(scope="module")
@@ -370,7 +426,9 @@ def test_load_backbone_reads_exports_checkpoints_and_official_files(student, tmp
         sd = official_sd(**arch)
         torch.save(sd, tmp_path / "official.pth")
         loaded = models.load_backbone(tmp_path / "official.pth", drop_path_rate=0.1).eval()
-        assert loaded.blocks[0].attn.num_heads == arch["heads"] and loaded.blocks[0].drop_path1.drop_prob == 0.1
+        assert loaded.blocks[0].attn.num_heads == arch["heads"]
+        last = 0.1 if arch["depth"] > 1 else 0.0  # the ramp's end; linspace(0, 0.1, 1) is [0.0]
+        assert getattr(loaded.blocks[-1].drop_path1, "drop_prob", 0.0) == pytest.approx(last)
         with torch.no_grad():
             ours = loaded.forward_features(x)["x_norm_patchtokens"]
         assert rel_err(ours, fair(sd, **arch).forward_features(x)["x_norm_patchtokens"]) < 1e-4

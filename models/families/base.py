@@ -150,6 +150,9 @@ class Family:
     position_table: bool = True  # its ViT has a learned position table (not RoPE): dense tasks may resize it once
     eval_only: tuple[str, ...] = ()  # submodules whose training-mode behaviour is pretraining's: off downstream
     pretraining_only: tuple[str, ...] = ()  # submodules that reach no downstream output: dense tasks freeze them
+    # its students' drop path in pretraining: every block at the rate (True), or the linear ramp from 0 in the
+    # first block that every student gets when fine-tuned downstream (False)
+    pretraining_drop_path_uniform: bool = False
     zero_shot: ZeroShot | None = None  # its text tower, if it has one
 
     def dense_configs(self, size: str) -> str:
@@ -191,14 +194,21 @@ class Family:
     student_prefix: str = ""  # a student name with this prefix is one of this family's models (timm:resnet18)
 
     def create_student(
-        self, arch: str, *, img_size: int = 224, patch_size: int | None = None, drop_path_rate: float = 0.0
+        self,
+        arch: str,
+        *,
+        img_size: int = 224,
+        patch_size: int | None = None,
+        drop_path_rate: float = 0.0,
+        pretraining: bool = False,
     ) -> nn.Module:
         """A randomly initialised student `arch` (a STUDENT_ARCHS size) in this family's layout, initialised as
-        the reference."""
+        the reference; for `pretraining`, with the family's pretraining drop-path schedule."""
         if arch not in STUDENT_ARCHS:
             raise UsageError(f"unknown student '{arch}'; choose from {', '.join(STUDENT_ARCHS)}")
+        schedule = dict(drop_path_uniform=True) if pretraining and self.pretraining_drop_path_uniform else {}
         model = STUDENT_ARCHS[arch].build(
-            self.layout, patch_size=patch_size, img_size=img_size, drop_path_rate=drop_path_rate
+            self.layout, patch_size=patch_size, img_size=img_size, drop_path_rate=drop_path_rate, **schedule
         )
         return self.layout.init_student(model)
 

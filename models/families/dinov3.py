@@ -103,6 +103,10 @@ class DinoV3(Family):
     position_table = False  # RoPE
     eval_only = ("rope",)  # its coordinate rescaling: FAIR evaluates without it
     pretraining_only = ("local_cls_norm",)  # the 7B's and the satellite ViT-L's: local crops' CLS in training
+    # FAIR's pretraining builds its student with the same drop-path rate in every block
+    # (dinov3/models/vision_transformer.py, DinoVisionTransformer.__init__); its dense evaluations freeze the
+    # backbone, so fine-tuning here keeps the linear ramp of every other layout
+    pretraining_drop_path_uniform = True
     teachers = {
         "dinov3_vits16": _teacher("vits16", "08c60483", "small"),
         "dinov3_vits16plus": _teacher("vits16plus", "4057cbaa", "small_plus"),

@@ -154,7 +154,13 @@ class Timm(Family):
         raise AssertionError("unreachable: the last try has no extra options")
 
     def create_student(
-        self, arch: str, *, img_size: int = 224, patch_size: int | None = None, drop_path_rate: float = 0.0
+        self,
+        arch: str,
+        *,
+        img_size: int = 224,
+        patch_size: int | None = None,
+        drop_path_rate: float = 0.0,
+        pretraining: bool = False,  # timm's own drop-path schedule either way
     ) -> nn.Module:
         if patch_size:
             raise UsageError(f"a timm student's patch size is its own (timm:{arch})")
