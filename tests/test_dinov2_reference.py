@@ -10,6 +10,7 @@ from __future__ import annotations
 import dinov2.models.vision_transformer as vit_mod  # installed by `make setup`
 import pytest
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import models
 from models.errors import UsageError
@@ -102,7 +103,8 @@ def test_export_of_a_non_224_run_loads_strictly_at_its_recorded_img_size(tmp_pat
     assert pretrain_main.main([*argv, "--epochs", "1", "--epoch-length", "1", "--pca-every", "0"]) == 0
     assert "trained at img_size 56" in capsys.readouterr().out
     exported = torch.load(out / "backbone.pth", weights_only=True)
-    assert models.export_metadata(exported) == {"img_size": 56, "patch_size": 14}
+    imagenet = models.checkpoints.Normalization(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    assert models.export_metadata(exported) == {"img_size": 56, "patch_size": 14, "normalization": imagenet}
     assert exported["pos_embed"].shape == (1, 17, 192)
 
     def official(img_size):
@@ -126,7 +128,8 @@ def test_export_of_a_non_224_run_loads_strictly_at_its_recorded_img_size(tmp_pat
 def test_load_backbone_checks_the_recorded_resolution(tmp_path):
     vit = models.ViT(img_size=28, patch_size=14, embed_dim=32, depth=1, num_heads=1)
     exported = models.to_dinov2(vit)
-    assert models.export_metadata(exported) == {"img_size": 28, "patch_size": 14}
+    imagenet = models.checkpoints.Normalization(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    assert models.export_metadata(exported) == {"img_size": 28, "patch_size": 14, "normalization": imagenet}
     assert models.export_metadata(vit.state_dict()) == {}  # a file without our record: img_size from pos_embed
     assert models.export_metadata(type("Odd", (dict,), {"_metadata": {"proteus": 5}})()) == {}
     for record, message in (
