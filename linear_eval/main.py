@@ -1,7 +1,9 @@
-"""ImageNet linear probing, DINOv2 protocol (PROTOCOLS B): 52 linear classifiers on a frozen backbone.
+"""ImageNet linear probing on a frozen backbone: DINOv2's protocol (PROTOCOLS B, 52 linear classifiers,
+the default) or DINOv3's (`--protocol dinov3`, dinov3/eval/linear.py: 13 classifiers).
 
 python -m linear_eval.main --data-path /imagenet --backbone output/pretrain/backbone.pth
 torchrun --nproc_per_node=4 -m linear_eval.main --data-path /imagenet --backbone ... --batch-size 128
+torchrun --nproc_per_node=8 -m linear_eval.main --protocol dinov3 --data-path /imagenet --backbone ...
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from common.schedule import warmup_cosine
 from models import ViT, safe_load
 from models.errors import UsageError
 
-from .classifiers import DINOV2, AllClassifiers, probe_of
+from .classifiers import DEFAULT_PROTOCOL, PROTOCOLS, AllClassifiers, LinearProtocol, Probe, probe_of
 from .data import LAYOUT, load_splits, split_holdout, train_transform, val_transform
 
 CHECKPOINT = "checkpoint.pth"
@@ -35,19 +37,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     parent = evaluation_parser(
         data_path=f"ImageNet, {LAYOUT}",
         output_dir="output/linear",
-        loader=(128, 10),
+        loader=(128, 10),  # every protocol's batch per GPU (LinearProtocol.batch_size)
         resume=True,
         cache_dir="no cache; the val (and held-out) features go to features_<split>.pth",
     )
     p = ArgumentParser("Proteus linear probing", parents=[parent])
     a = p.add_argument
+    a(
+        "--protocol",
+        choices=tuple(PROTOCOLS),
+        default=DEFAULT_PROTOCOL,
+        help="dinov2: DINOv2's 52 classifiers (the last 1 or 4 blocks' CLS, with or without avgpool, x 13 lrs), "
+        "one-pass epochs (PROTOCOLS B); dinov3: dinov3/eval/linear.py's 13 (the last block's CLS + avgpool "
+        "x 13 lrs), epochs of 1250 iterations",
+    )
     a("--input-size", type=int, default=224, help="crop size; val is resized to input-size * 256/224 first")
-    a("--epochs", type=int, default=10, help="cosine to 0 over epochs x epoch length")
+    a("--epochs", type=int, help="cosine to 0 over epochs x epoch length (default: the protocol's, 10)")
     a(
         "--epoch-length",
         type=int,
-        help="iterations per epoch (default: one pass over train, floor(#train / global batch): "
-        "2502 for ImageNet at global batch 512, the PROTOCOLS B recipe)",
+        help="iterations per epoch (default: the protocol's; dinov2: one pass over train, floor(#train / global "
+        "batch): 2502 for ImageNet at global batch 512, the PROTOCOLS B recipe; dinov3: 1250 at any batch)",
     )
     a("--val-from-train", type=float, help="select the classifier on this seeded fraction of train (held out)")
     a("--cache-features", action=OldSwitch, new="--cache-dir <output-dir>")
@@ -62,6 +72,7 @@ class Setup(NamedTuple):
     args: argparse.Namespace
     device: torch.device
     backbone: ViT
+    probe: Probe  # the protocol's, for this backbone
     classifiers: AllClassifiers
     optimizer: torch.optim.Optimizer
     schedule: list[float]
@@ -72,13 +83,23 @@ class Setup(NamedTuple):
     train_images: Dataset  # the folder whose unreadable images training skips
 
 
+def protocol_defaults(args: argparse.Namespace) -> LinearProtocol:
+    """The --protocol's record; the flags left unset take its values (--epoch-length may stay None: one pass)."""
+    protocol = PROTOCOLS[args.protocol]
+    for flag in ("epochs", "epoch_length"):
+        if getattr(args, flag) is None:
+            setattr(args, flag, getattr(protocol, flag))
+    return protocol
+
+
 def prepare(args: argparse.Namespace, device: torch.device, timer: Timer) -> Setup:
     """Load and check everything, and extract the eval features, before the first training step."""
+    protocol = protocol_defaults(args)
     check_positive(args, "epochs", "batch_size", "input_size", "print_freq")
     backbone = frozen_backbone(args.backbone, device, args.input_size)
-    probe = probe_of(backbone)
-    if probe is DINOV2 and len(backbone.blocks) < 4:
-        raise UsageError(f"the backbone has {len(backbone.blocks)} blocks; the protocol reads the last 4")
+    probe = probe_of(backbone, protocol)
+    if probe.blocks and len(backbone.blocks) < probe.blocks:
+        raise UsageError(f"the backbone has {len(backbone.blocks)} blocks; the protocol reads the last {probe.blocks}")
     size, norm = args.input_size, backbone.normalization  # as the backbone's inputs were in its training
     train, val = load_splits(args.data_path, train_transform(size, norm), val_transform(size, norm))
     check_readable(train)  # none readable: one line here, not a data-loader worker's error in training
@@ -116,12 +137,14 @@ def prepare(args: argparse.Namespace, device: torch.device, timer: Timer) -> Set
     eval_sets = {"val": val} if holdout is None else {"holdout": holdout, "val": val}
     with timer.phase("features"):
         eval_features = {
-            name: eval_set_features(args, backbone, ds, name=name, device=device) for name, ds in eval_sets.items()
+            name: eval_set_features(args, backbone, ds, probe=probe, name=name, device=device)
+            for name, ds in eval_sets.items()
         }
     return Setup(
         args=args,
         device=device,
         backbone=backbone,
+        probe=probe,
         classifiers=classifiers,
         optimizer=optimizer,
         schedule=schedule,
@@ -134,12 +157,11 @@ def prepare(args: argparse.Namespace, device: torch.device, timer: Timer) -> Set
 
 
 def eval_set_features(
-    args: argparse.Namespace, backbone: ViT, dataset: Dataset, *, name: str, device: torch.device
+    args: argparse.Namespace, backbone: ViT, dataset: Dataset, *, probe: Probe, name: str, device: torch.device
 ) -> dict[str, torch.Tensor]:
-    """Compact (N, 5D) features of an eval split (unreadable images left out), from
+    """The probe's compact features of an eval split (unreadable images left out), from
     <cache-dir>/features_<name>.pth when cached."""
     path = Path(args.cache_dir) / f"features_{name}.pth" if args.cache_dir else None
-    probe = probe_of(backbone)
     fn = lambda x: probe.features(backbone, x)
     desc = f"{name} features"
     kind = probe.feature_type
@@ -166,8 +188,9 @@ def resume(args: argparse.Namespace, classifiers: AllClassifiers, optimizer: tor
     if not isinstance(ckpt, dict) or not {"classifiers", "optimizer", "epoch", "args"} <= set(ckpt):
         raise UsageError(f"{path} is not a linear_eval checkpoint (it lacks classifiers/optimizer/epoch/args)")
     for key, now in run_identity(args).items():
-        if ckpt["args"].get(key) != now:
-            raise UsageError(f"{path} was run with {key} {ckpt['args'].get(key)}, not {now}; use another --output-dir")
+        then = ckpt["args"].get(key, UNRECORDED.get(key))
+        if then != now:
+            raise UsageError(f"{path} was run with {key} {then}, not {now}; use another --output-dir")
     classifiers.load_state_dict(ckpt["classifiers"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if dist_utils.is_main():
@@ -175,9 +198,14 @@ def resume(args: argparse.Namespace, classifiers: AllClassifiers, optimizer: tor
     return ckpt["epoch"] + 1
 
 
+# a setting a checkpoint does not record had one possible value when it was written
+UNRECORDED = {"protocol": DEFAULT_PROTOCOL}
+
+
 def run_identity(args: argparse.Namespace) -> dict:
     """What a checkpoint must share with the current run to be resumed (the lr schedule depends on it)."""
     return {
+        "protocol": args.protocol,  # another grid: other classifiers
         "backbone": file_identity(args.backbone),  # path, size, mtime: a re-exported file is another backbone
         "data_path": str(Path(args.data_path).resolve()),
         "epochs": args.epochs,
@@ -215,7 +243,8 @@ def save_checkpoint(args: argparse.Namespace, classifiers: AllClassifiers, optim
 
 
 def train(setup: Setup) -> None:
-    """Epochs start_epoch..epochs-1: frozen features -> 52 summed losses -> one SGD step; checkpoint each epoch."""
+    """Epochs start_epoch..epochs-1: frozen features -> the grid's summed losses -> one SGD step; checkpoint each
+    epoch."""
     args, device, backbone, classifiers = setup.args, setup.device, setup.backbone, setup.classifiers
     optimizer, schedule, loader, sampler = setup.optimizer, setup.schedule, setup.loader, setup.sampler
     start_epoch = setup.start_epoch
@@ -229,8 +258,8 @@ def train(setup: Setup) -> None:
     elif dist_utils.is_main():
         global_batch = args.batch_size * dist_utils.world_size()
         print(
-            f"linear probe: {len(classifiers.specs)} classifiers, world {dist_utils.world_size()}, global batch "
-            f"{global_batch} (lrs x {global_batch / 256:g}), "
+            f"linear probe ({args.protocol}): {len(classifiers.specs)} classifiers, "
+            f"world {dist_utils.world_size()}, global batch {global_batch} (lrs x {global_batch / 256:g}), "
             f"{args.epoch_length} it/epoch, epochs {start_epoch}..{args.epochs - 1}",
             flush=True,
         )
@@ -241,7 +270,7 @@ def train(setup: Setup) -> None:
             it = epoch * args.epoch_length + i
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * schedule[it]
-            features = probe_of(backbone).features(backbone, images.to(device, non_blocking=True))
+            features = setup.probe.features(backbone, images.to(device, non_blocking=True))
             targets = targets.to(device, non_blocking=True)
             losses = [F.cross_entropy(logits, targets) for logits in model(features).values()]
             loss = torch.stack(losses).sum()
@@ -311,6 +340,7 @@ def report(
         backbone=args.backbone,
         protocol={
             "name": protocol,
+            "recipe": args.protocol,  # the --protocol value
             "data_path": str(Path(args.data_path).resolve()),
             "input_size": args.input_size,
             "global_batch": args.batch_size * dist_utils.world_size(),
@@ -355,7 +385,7 @@ def linear_eval(args: argparse.Namespace) -> None:
             for name, data in eval_features.items()
         }
     if dist_utils.is_main():
-        protocol = probe_of(setup.backbone).name
+        protocol = setup.probe.name
         report(
             args,
             classifiers,

@@ -24,7 +24,7 @@ from fine_grained import main as fg_main
 from fine_grained.datasets import DATASETS, SplitOptions, build_split
 from linear_eval import knn as knn_main
 from linear_eval import main as linear_main
-from linear_eval.classifiers import linear_features
+from linear_eval.classifiers import last_block_features, linear_features
 from linear_eval.data import load_splits, val_transform
 from models.dinov3 import DinoV3ViT
 from pretrain import pca
@@ -82,6 +82,20 @@ def test_linear_features_are_fairs_and_leave_the_storage_tokens_out(files, kind)
         with_storage = last[:, 1:].mean(dim=1)
         assert rel_err(with_storage, last[:, 1 + N_STORAGE :].mean(dim=1)) > 1e-3
         assert rel_err(ours[:, 4 * dim :], with_storage) > 1e-3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dinov3_protocol_features_are_fairs(files, kind):
+    """`--protocol dinov3` reads what dinov3/eval/linear.py's create_linear_input makes of
+    get_intermediate_layers(n=1, return_class_token=True): the normed CLS, then the mean of the normed
+    patch tokens (the storage tokens are neither)."""
+    model, ref = models.load_backbone(files[kind][0]).eval(), reference(files, kind)
+    x = torch.randn(2, 3, 96, 160, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = last_block_features(model, x)
+        ((patches, cls),) = ref.get_intermediate_layers(x, 1)
+    assert ours.shape == (2, 2 * files[kind][1]["dim"])
+    assert rel_err(ours, torch.cat([cls, patches.mean(dim=1)], dim=-1)) < 1e-4
 
 
 def test_load_backbone_never_initialises_what_the_file_holds(files, monkeypatch):

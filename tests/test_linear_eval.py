@@ -1,4 +1,5 @@
-"""Linear probe and kNN: the 52-classifier grid, metrics, kNN votes, resume, torchrun, errors, end to end."""
+"""Linear probe and kNN: the 52-classifier grid and DINOv3's 13, metrics, kNN votes, resume, torchrun, errors,
+end to end."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchvision.transforms import InterpolationMode
 
 import models
 from common import features as features_module
@@ -22,13 +24,25 @@ from common.features import Features
 from common.results import topk_correct
 from linear_eval import knn as knn_main
 from linear_eval import main as linear_main
-from linear_eval.classifiers import LEARNING_RATES, AllClassifiers, classifier_grid, linear_features
-from linear_eval.data import load_splits, val_transform
+from linear_eval.classifiers import (
+    DINOV3,
+    GLOBAL_DINOV3,
+    LEARNING_RATES,
+    PROTOCOLS,
+    AllClassifiers,
+    classifier_grid,
+    dinov3_grid,
+    last_block_features,
+    linear_features,
+    probe_of,
+)
+from linear_eval.data import load_splits, train_transform, val_transform
 from models import ViT
 from pretrain import main as pretrain_main
 from tests.helpers import ROOT, TINY_RUN, child_env, make_image_folder, make_splits, tiny_vit
 
 ENV = child_env()
+BICUBIC = InterpolationMode.BICUBIC
 RUN = ["--input-size", "28", "--batch-size", "4", "--num-workers", "0", "--device", "cpu"]
 
 
@@ -82,6 +96,102 @@ def test_each_classifier_reads_the_dinov2_linear_input():
         torch.testing.assert_close(feats[:, s.input_slice(64)], manual)
         torch.testing.assert_close(outputs[s.name], heads.heads[s.name](manual))
     torch.testing.assert_close(feats[:, 192:256], vit.forward_features(x)["x_norm_clstoken"])
+
+
+# dinov3/eval/linear.py at facebookresearch/dinov3 6876159, read by hand: _DEFAULT_LR_LIST, and the
+# classifier names its setup_linear_classifiers gives at its README's launch (dinov3/run/submit.py defaults:
+# 1 node x 8 GPUs x TrainConfig.batch_size 128 = 1024, so lr x 4): f"classifier_1_blocks_avgpool_True_lr_{lr:.5f}"
+DINOV3_OFFICIAL_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
+DINOV3_OFFICIAL_LR_SUFFIXES = ("0_00004", "0_00008", "0_00020", "0_00040", "0_00080", "0_00200", "0_00400",
+                               "0_00800", "0_02000", "0_04000", "0_08000", "0_20000", "0_40000")  # fmt: skip
+
+
+def test_dinov3_grid_is_dinov3_eval_linear_py():
+    specs = dinov3_grid(global_batch=1024)
+    assert [s.name for s in specs] == [f"blocks1_cls+avgpool_lr{lr:.0e}" for lr in DINOV3_OFFICIAL_LRS]
+    assert [s.lr for s in specs] == pytest.approx([lr * 1024 / 256 for lr in DINOV3_OFFICIAL_LRS])
+    assert [f"{s.lr:.5f}".replace(".", "_") for s in specs] == list(DINOV3_OFFICIAL_LR_SUFFIXES)
+    assert all(s.n_blocks == 1 and s.avgpool for s in specs)
+    assert dinov3_grid(global_batch=128)[12].lr == pytest.approx(0.1 / 2)
+    # the same 13 classifiers as DINOv2's last-block CLS + avgpool ones, reading a 2D feature instead of 5D
+    dinov2 = [s for s in classifier_grid(1024) if s.n_blocks == 1 and s.avgpool]
+    assert [(s.name, s.lr) for s in specs] == [(s.name, s.lr) for s in dinov2]
+    assert all(s.input_slice(64) == slice(0, 128) for s in specs) and dinov2[0].input_slice(64) == slice(192, 320)
+    heads = AllClassifiers(specs, embed_dim=64, num_classes=1000)
+    assert all(h.in_features == 128 and h.out_features == 1000 for h in heads.heads.values())
+    weights = torch.cat([h.weight.flatten() for h in heads.heads.values()])
+    assert weights.std().item() == pytest.approx(0.01, rel=0.02)
+    assert all((h.bias == 0).all() for h in heads.heads.values())
+    assert [g["lr"] for g in heads.param_groups()] == [s.lr for s in specs]
+
+
+def test_each_dinov3_classifier_reads_the_last_blocks_cls_and_patch_mean():
+    vit = tiny_vit(dim=64, depth=4, heads=1).eval()
+    x = torch.randn(3, 3, 28, 28)
+    feats = last_block_features(vit, x)
+    ((patches, cls),) = vit.get_intermediate_layers(x, n=1, return_class_token=True, norm=True)
+    manual = torch.cat([cls, patches.mean(dim=1)], dim=-1)
+    torch.testing.assert_close(feats, manual)
+    final = vit.forward_features(x)  # the last block's outputs through the final norm
+    torch.testing.assert_close(feats[:, :64], final["x_norm_clstoken"])
+    torch.testing.assert_close(feats[:, 64:], final["x_norm_patchtokens"].mean(dim=1))
+    torch.testing.assert_close(feats, linear_features(vit, x)[:, 192:])
+    heads = AllClassifiers(dinov3_grid(256), DINOV3.width(vit), 5)
+    for name, logits in heads(feats).items():
+        torch.testing.assert_close(logits, heads.heads[name](manual))
+    assert DINOV3.feature_type != probe_of(vit).feature_type  # the feature caches of the two never mix
+
+
+def test_protocol_settings():
+    """dinov3/eval/linear.py's TrainConfig (epochs 10, epoch_length 1250, batch_size 128 per GPU) at its README's
+    8 GPUs; PROTOCOLS B's at 4 GPUs, one pass per epoch. Both: SGD momentum 0.9 wd 0, cosine to 0 per iteration."""
+    v2, v3 = PROTOCOLS["dinov2"], PROTOCOLS["dinov3"]
+    assert (v3.epochs, v3.epoch_length, v3.batch_size, v3.reference_gpus) == (10, 1250, 128, 8)
+    assert (v2.epochs, v2.epoch_length, v2.batch_size, v2.reference_gpus) == (10, None, 128, 4)
+    images = v3.epochs * v3.epoch_length * v3.batch_size * v3.reference_gpus
+    assert images == 12_800_000 and 9.9 < images / 1_281_167 < 10  # ~10 passes over ImageNet-1k's train
+    assert v3.probe is DINOV3 and v3.global_probe is GLOBAL_DINOV3
+    assert v2.probe.name == "DINOv2 linear probe (PROTOCOLS B)"
+    vit = tiny_vit(dim=64, depth=4, heads=1)
+    assert probe_of(vit, v3) is DINOV3 and probe_of(vit) is v2.probe
+    assert probe_of(argparse.Namespace(summary_is_class_token=False), v3) is GLOBAL_DINOV3
+    # the flags left unset take the protocol's values; given ones win
+    parser = linear_main.get_args_parser()
+    assert {p.batch_size for p in PROTOCOLS.values()} == {parser.get_default("batch_size")}
+    base = ["--backbone", "b.pth", "--data-path", "d"]
+    args = parser.parse_args(base)
+    assert args.protocol == "dinov2" and linear_main.protocol_defaults(args) is v2
+    assert (args.epochs, args.epoch_length, args.batch_size) == (10, None, 128)
+    args = parser.parse_args([*base, "--protocol", "dinov3"])
+    assert linear_main.protocol_defaults(args) is v3
+    assert (args.epochs, args.epoch_length, args.batch_size) == (10, 1250, 128)
+    given = ["--epochs", "2", "--epoch-length", "3", "--batch-size", "5"]
+    args = parser.parse_args([*base, "--protocol", "dinov3", *given])
+    linear_main.protocol_defaults(args)
+    assert (args.epochs, args.epoch_length, args.batch_size) == (2, 3, 5)
+    # the shared schedule is torch's CosineAnnealingLR(max_iter, eta_min=0) stepped every iteration
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=0.4, momentum=0.9, weight_decay=0.0)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 12, eta_min=0)
+    official = []
+    for _ in range(12):
+        official.append(opt.param_groups[0]["lr"])
+        opt.step()
+        cosine.step()
+    ours = linear_main.warmup_cosine(1.0, 0.0, 12, warmup_iters=0, warmup_start=0.0)
+    assert [0.4 * m for m in ours] == pytest.approx(official)
+
+
+def test_transforms_are_dinov3_data_transforms_py():
+    """dinov3/data/transforms.py's make_classification_{train,eval}_transform at linear.py's TransformConfig
+    (crop 224, resize int(256 * 224 / 224)): the same numbers as DINOv2's, which both protocols share."""
+    crop, flip, *_, norm = train_transform(224).transforms
+    assert (crop.size, crop.scale, crop.ratio, crop.interpolation) == ((224, 224), (0.08, 1.0), (3 / 4, 4 / 3), BICUBIC)
+    assert flip.p == 0.5
+    resize, center, _, val_norm = val_transform(224).transforms
+    assert (resize.size, resize.interpolation, resize.max_size, center.size) == (256, BICUBIC, None, (224, 224))
+    for n in (norm, val_norm):
+        assert (tuple(n.mean), tuple(n.std)) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def test_topk_correct_matches_direct_count():
@@ -174,12 +284,55 @@ def test_learnable_problem_reaches_high_accuracy(data, backbone, tmp_path, capsy
         and res["protocol"]["global_batch"] == 6
         and res["protocol"]["selection"].startswith("val")
     )
+    assert res["protocol"]["name"] == "DINOv2 linear probe (PROTOCOLS B)" and res["protocol"]["recipe"] == "dinov2"
+    assert [c["lr"] for c in res["details"]["classifiers"].values()] == [s.lr for s in classifier_grid(6)]
     best = res["details"]["best"]
     assert best["top1"] == 100.0 and best["top1"] == max(c["top1"] for c in res["details"]["classifiers"].values())
     assert f"* {best['name']}" in stdout and "best (val" in stdout and "eta" in stdout
     for c in res["details"]["classifiers"].values():
         assert c["top5"] == 100.0 and is_ninths(c["top1"])
     assert models.safe_load(out / "checkpoint.pth")["scheduler"]["iteration"] == 80
+
+
+def test_dinov3_protocol_end_to_end(data, backbone, tmp_path, capsys):
+    out = tmp_path / "v3"
+    argv = [*base_args(data, backbone, out), "--protocol", "dinov3", "--epochs", "1", "--epoch-length", "2"]
+    assert linear_main.main(argv) == 0
+    assert "linear probe (dinov3): 13 classifiers" in capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    assert res["protocol"]["name"] == "DINOv3 linear probe (dinov3/eval/linear.py)"
+    assert res["protocol"]["recipe"] == "dinov3" and res["protocol"]["selection"].startswith("val")
+    assert (res["protocol"]["epochs"], res["protocol"]["epoch_length"], res["protocol"]["global_batch"]) == (1, 2, 4)
+    table = res["details"]["classifiers"]
+    assert list(table) == [s.name for s in dinov3_grid(4)]
+    assert all(c["n_blocks"] == 1 and c["avgpool"] for c in table.values())
+    assert [c["lr"] for c in table.values()] == pytest.approx([lr * 4 / 256 for lr in DINOV3_OFFICIAL_LRS])
+    assert all(is_ninths(c["top1"]) for c in table.values()) and res["metric_notes"]["top-1"] in table
+    ckpt = models.safe_load(out / "checkpoint.pth")
+    assert {k: v.shape for k, v in ckpt["classifiers"].items() if k.endswith("weight")} == {
+        f"heads.{name}.weight": (3, 128) for name in table
+    }
+    # linear.py's optimizer: SGD momentum 0.9, wd 0, plain; the last of 2 steps ran at cosine's (1 + cos(pi/2)) / 2
+    groups = ckpt["optimizer"]["param_groups"]
+    assert [(g["momentum"], g["weight_decay"], g["dampening"], g["nesterov"]) for g in groups] == [
+        (0.9, 0.0, 0, False)
+    ] * 13
+    assert [g["lr"] for g in groups] == pytest.approx([c["lr"] * 0.5 for c in table.values()])
+    # its checkpoint is not resumed by the other protocol's run (other classifiers), in one line
+    assert linear_main.main([*base_args(data, backbone, out), "--epochs", "1", "--epoch-length", "2"]) == 2
+    assert "was run with protocol dinov3, not dinov2" in capsys.readouterr().err
+    # DINOv3's probe reads the last block only: a 2-block backbone is fine (DINOv2's refuses it)
+    shallow = tmp_path / "shallow.pth"
+    torch.save(models.to_dinov2(ViT(img_size=28, patch_size=14, embed_dim=64, depth=2, num_heads=1)), shallow)
+    argv = [*base_args(data, shallow, tmp_path / "v3s"), "--protocol", "dinov3", "--epochs", "1", "--epoch-length", "1"]
+    assert linear_main.main(argv) == 0
+    # a backbone without a class token: the 13 lrs on its global feature, under DINOv3's name
+    cnn = tmp_path / "resnet18.pth"
+    torch.save(models.to_reference(models.create_student("timm:resnet18", img_size=64), "timm"), cnn)
+    argv = [*base_args(data, cnn, tmp_path / "v3c"), "--protocol", "dinov3", "--epochs", "1", "--epoch-length", "1"]
+    assert linear_main.main([*argv, "--input-size", "64"]) == 0
+    res = json.loads((tmp_path / "v3c" / "results.json").read_text())
+    assert res["protocol"]["name"] == GLOBAL_DINOV3.name and len(res["details"]["classifiers"]) == 13
 
 
 class Interrupted(Exception):
@@ -205,6 +358,13 @@ def test_a_checkpoint_of_another_run_is_refused_in_one_line(data, backbone, tmp_
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"was run with {message}; use another --output-dir" in err[0], (change, err)
     assert (out / "checkpoint.pth").read_bytes() == saved
+    # a checkpoint that does not record its protocol ran DINOv2's grid
+    ckpt = models.safe_load(out / "checkpoint.pth")
+    del ckpt["args"]["protocol"]
+    torch.save(ckpt, out / "checkpoint.pth")
+    assert linear_main.main([*base, "--protocol", "dinov3"]) == 2
+    assert "was run with protocol dinov2, not dinov3" in capsys.readouterr().err
+    assert linear_main.main(base) == 0 and "nothing left to train" in capsys.readouterr().out
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_result(data, backbone, tmp_path, monkeypatch, capsys):
