@@ -210,7 +210,7 @@ def test_reference_pos_embed_flag(backbone, ade, tmp_path, capsys):
     assert state["backbone.vit.pos_embed"].shape == (1, 1 + 37 * 37, DIM)  # 518 / 14 = 37
     # results.json says how the figures were made (scripts.evaluate_all compares it with the paper's)
     protocol = json.loads((work / "results.json").read_text())["protocol"]
-    assert protocol == {"config": str(ROOT / config), "world_size": 1,
+    assert protocol == {"name": "Proteus ADE20K linear probe", "config": str(ROOT / config), "world_size": 1,
                         "batch_per_gpu": 2, "global_batch": 2, "max_iters": 2, "val_interval": 2,
                         "reference_pos_embed": True, "amp": False}  # fmt: skip
     assert runner.main("segmentation", _tiny_argv(config, backbone, ade, work, "--eval-only")) == 2
