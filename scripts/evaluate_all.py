@@ -10,11 +10,11 @@ Each task runs in its own subprocess (`python -m linear_eval.main`, `linear_eval
 output and log in <output-dir>/<task>/. A task whose dataset folder is missing is skipped with one line;
 so is the zero-shot row without --adaptors and --clip-checkpoint, or when the adaptors hold no CLIP
 teacher; the others still run (no task with data at all is an error). Dense tasks use the config of the
-backbone's size (ViT-S/B/L from its embed dim; a DINOv3-layout backbone or DINOv3 teacher file: the `*_dinov3.py`
-configs, DINOv3's dense setting, and no paper figure in any task; a timm student: the `*_timm.py` configs, sized
-from its feature maps, and no paper figure), the paper's probes by default
-(ADE20K: 1x1 conv; NYU: the DPT head on the frozen backbone), `--dense-head full`: UperNet / DPT
-fine-tuned, `--dense-head 1x1`: 1x1-conv probes. Dense tasks run the paper's setup: its global batch
+backbone's size (ViT-S/B/L from its embed dim; a DINOv3-layout backbone or DINOv3 teacher file: the
+`*_dinov3_layout.py` configs, the Proteus protocols at 512 crops on DINOv3's evenly spaced blocks, and no paper
+figure in any task; a timm student: the `*_timm.py` configs, sized from its feature maps, and no paper figure), the
+paper's probes by default (ADE20K: 1x1 conv; NYU: the DPT head on the frozen backbone), `--dense-head full`:
+UperNet / DPT fine-tuned, `--dense-head 1x1`: 1x1-conv probes. Dense tasks run the paper's setup: its global batch
 (4 GPUs x the config's per-GPU batch), spread over the visible GPUs under torchrun (the largest GPU
 count up to them that divides it; on one GPU or CPU, one process with the whole batch, as SyncBN
 over 4 GPUs normalises over it too), and the reference's positional embedding

@@ -111,9 +111,10 @@ class ProteusViT(BaseModule):
         else:  # random weights: only for tests and smoke runs
             self.vit = create_student(arch, img_size=img_size, drop_path_rate=drop_path_rate)
         depth = len(self.vit.blocks)
-        if not all(0 <= i < depth for i in out_indices):
+        if not all(-depth <= i < depth for i in out_indices):
             raise UsageError(f"out_indices {out_indices} out of range for a {depth}-block backbone")
-        self.out_indices, self.frozen = tuple(out_indices), frozen
+        # negative indices count from the last block (-1: the last, whatever the depth: one config for every size)
+        self.out_indices, self.frozen = tuple(i % depth for i in out_indices), frozen
         self.with_cls_token, self.final_norm = with_cls_token, final_norm
         if reference_pos_embed:
             check_reference_pos_embed(self.vit)
@@ -129,7 +130,7 @@ class ProteusViT(BaseModule):
         for name in self.family.pretraining_only:  # e.g. DINOv3's local_cls_norm
             if getattr(self.vit, name, None) is not None:
                 getattr(self.vit, name).requires_grad_(False)
-        for block in self.vit.blocks[max(out_indices) + 1 :]:
+        for block in self.vit.blocks[max(self.out_indices) + 1 :]:
             block.requires_grad_(False)
         if frozen:
             self.vit.requires_grad_(False)

@@ -5,7 +5,8 @@ Why a wrapper and not mmseg's tools/train.py: the backbone comes from `--backbon
 starts, SyncBN becomes BN outside torchrun, `--amp` really switches the optimizer wrapper (the
 reference's amp flags were ignored), and `<output-dir>/results.json` (common.results' schema) holds
 the final figures, those of the best evaluation during training (on the test split, NYU's published
-selection), and the settings that define them (`protocol`: world size, per-GPU and global batch, ...).
+selection), and the settings that define them (`protocol`: the protocol's name, world size, per-GPU and
+global batch, ...).
 `--output-dir` is mmseg's work dir (`--work-dir` is accepted too); a run continues from the last
 checkpoint there, as every evaluation does (common.cli), when it is of the same backbone (RUN).
 """
@@ -144,7 +145,7 @@ def build_config(args: argparse.Namespace, task: str):
     if cfg.model.backbone.type == "ProteusTimm":
         fit_timm_heads(cfg, vit)
     else:
-        check_backbone_fits(cfg, vit, args)
+        fit_vit_heads(cfg, vit, args)
     cfg.work_dir = args.output_dir or str(Path("work_dirs") / Path(args.config).stem)
     cfg.launcher = args.launcher or ("pytorch" if "RANK" in os.environ else "none")
     # mmengine keys its logger, message hub and visualizer by name: one name per run, so two runs in
@@ -377,22 +378,52 @@ def fit_timm_heads(cfg, net: torch.nn.Module) -> None:
             f"model.backbone.out_indices {indices}: increasing indices of timm:{net.name}'s {count} feature maps"
         )
     widths, strides = net.map_widths(indices), net.map_strides(indices)
-    heads = [cfg.model.decode_head, *([cfg.model.auxiliary_head] if cfg.model.get("auxiliary_head") else [])]
-    for head in heads:
-        index = head.in_index
-        if not all(-len(indices) <= i < len(indices) for i in (index if isinstance(index, (list, tuple)) else [index])):
+    for head in _heads(cfg):
+        if not _reads_within(head, len(indices)):
             raise UsageError(
-                f"the {head.type} reads maps {index} of {len(indices)}: timm:{net.name} has only {count} feature "
-                "maps (out_indices " + str(indices) + "); set model.backbone.out_indices and the heads' in_index"
+                f"the {head.type} reads maps {head.in_index} of {len(indices)}: timm:{net.name} has only {count} "
+                f"feature maps (out_indices {indices}); set model.backbone.out_indices and the heads' in_index"
             )
-        if head.get("in_channels") is None:
-            head.in_channels = [widths[i] for i in index] if isinstance(index, (list, tuple)) else widths[index]
-        if head.get("channels") is None:
-            head.channels = head.in_channels
+    _fill_head_widths(cfg, widths)
     multi_level = isinstance(cfg.model.decode_head.in_index, (list, tuple))
     if len(set(strides)) == 1 and multi_level and not cfg.model.get("neck"):
         norm_cfg = cfg.get("norm_cfg", dict(type="BN", requires_grad=True))
         cfg.model.neck = dict(type="Feature2Pyramid", embed_dim=widths[0], rescales=[4, 2, 1, 0.5], norm_cfg=norm_cfg)
+
+
+def _heads(cfg) -> list:
+    return [cfg.model.decode_head, *([cfg.model.auxiliary_head] if cfg.model.get("auxiliary_head") else [])]
+
+
+def _reads_within(head, count: int) -> bool:
+    """Whether every map a head reads (its in_index, negative ones counted from the end) is among `count`."""
+    index = head.in_index
+    return all(-count <= i < count for i in (index if isinstance(index, (list, tuple)) else [index]))
+
+
+def _fill_head_widths(cfg, widths: list[int]) -> None:
+    """Heads with `in_channels=None` get the widths of the maps they read, heads with `channels=None` their
+    input's width: one config serves backbones of every width."""
+    for head in _heads(cfg):
+        index = head.in_index
+        if head.get("in_channels") is None:
+            head.in_channels = [widths[i] for i in index] if isinstance(index, (list, tuple)) else widths[index]
+        if head.get("channels") is None:
+            head.channels = head.in_channels
+
+
+def fit_vit_heads(cfg, vit: torch.nn.Module, args: argparse.Namespace) -> None:
+    """A config that leaves the heads' widths to the model (`in_channels=None`, as dinov3_linear.py, one config
+    for every size) gets the ViT's width for each block it reads; then the sizes must fit (check_backbone_fits)."""
+    indices = list(cfg.model.backbone.out_indices)
+    for head in _heads(cfg):
+        if head.get("in_channels") is None and not _reads_within(head, len(indices)):
+            raise UsageError(
+                f"the {head.type} reads maps {head.in_index}, and the backbone gives {len(indices)} "
+                f"(out_indices {indices}): set model.backbone.out_indices and the heads' in_index"
+            )
+    _fill_head_widths(cfg, [vit.embed_dim] * len(indices))
+    check_backbone_fits(cfg, vit, args)
 
 
 def check_backbone_fits(cfg, vit: torch.nn.Module, args: argparse.Namespace) -> None:
@@ -404,7 +435,7 @@ def check_backbone_fits(cfg, vit: torch.nn.Module, args: argparse.Namespace) -> 
 
         check_reference_pos_embed(vit)
     indices = list(cfg.model.backbone.out_indices)
-    if max(indices) >= depth:
+    if not all(-depth <= i < depth for i in indices):  # negative: counted from the last block
         raise UsageError(f"{about}, but {args.config} takes blocks {indices}: use the config of that size")
     neck, head = cfg.model.get("neck"), cfg.model.decode_head
     expected = neck.embed_dim if neck else head.in_channels
@@ -438,6 +469,14 @@ def best_on_test(work_dir: Path, checkpoint_hook: dict) -> dict | None:
     sign = 1 if rule == "greater" else -1
     best = max(history, key=lambda e: (sign * e["metrics"][metric], -e["iter"]))  # ties: the earliest
     return {"iter": best["iter"], "metric": metric, "rule": rule, "metrics": best["metrics"]}
+
+
+def protocol_name(cfg) -> str | None:
+    """The protocol a config runs, as its `protocol_name` says (ours: "Proteus ADE20K linear probe", ...;
+    DINOv3's: "DINOv3 ADE20K linear"), so results.json tells protocols apart that share a task and a head;
+    None for a config of someone else's that names none."""
+    name = cfg.get("protocol_name")
+    return str(name) if name is not None else None
 
 
 def run_protocol(cfg, amp: bool) -> dict:
@@ -489,7 +528,7 @@ def dense(task: str, argv: list[str] | None) -> None:
     results = Results(
         task=task,
         backbone=args.backbone,
-        protocol={"config": str(args.config), **run_protocol(cfg, args.amp)},
+        protocol={"name": protocol_name(cfg), "config": str(args.config), **run_protocol(cfg, args.amp)},
         metrics=metrics,
         metric_notes=notes,
         unreadable_images={},  # none: every file is checked before mmengine starts (check_dataset_files)

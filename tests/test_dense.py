@@ -210,7 +210,7 @@ def test_reference_pos_embed_flag(backbone, ade, tmp_path, capsys):
     assert state["backbone.vit.pos_embed"].shape == (1, 1 + 37 * 37, DIM)  # 518 / 14 = 37
     # results.json says how the figures were made (scripts.evaluate_all compares it with the paper's)
     protocol = json.loads((work / "results.json").read_text())["protocol"]
-    assert protocol == {"config": str(ROOT / config), "world_size": 1,
+    assert protocol == {"name": "Proteus ADE20K linear probe", "config": str(ROOT / config), "world_size": 1,
                         "batch_per_gpu": 2, "global_batch": 2, "max_iters": 2, "val_interval": 2,
                         "reference_pos_embed": True, "amp": False}  # fmt: skip
     assert runner.main("segmentation", _tiny_argv(config, backbone, ade, work, "--eval-only")) == 2
@@ -463,41 +463,42 @@ def test_every_size_follows_the_protocol(pattern):
 # Recorded before the shared parts moved into the bases (runtime.py: the backbone, the train loop); a
 # refactor of the configs must keep them. A deliberate protocol change updates its line here.
 BUILT_CONFIGS = {
-    "segmentation/configs/linear_vit_base.py": "3bc6fe3bb2f1fff0",
-    "segmentation/configs/linear_vit_base_dinov3.py": "e116b603636fb01e",
-    "segmentation/configs/linear_vit_large.py": "422714d5a54a652f",
-    "segmentation/configs/linear_vit_large_dinov3.py": "f119e2e49d7169ee",
-    "segmentation/configs/linear_vit_small.py": "b529fcc503b61774",
-    "segmentation/configs/linear_vit_small_dinov3.py": "8b22d6f8672dfd0f",
-    "segmentation/configs/upernet_vit_base.py": "7701eb0e0fd7e5fb",
-    "segmentation/configs/upernet_vit_base_dinov3.py": "5474f1408d72710f",
-    "segmentation/configs/upernet_vit_large.py": "2d599ba09c957ef8",
-    "segmentation/configs/upernet_vit_large_dinov3.py": "b644e31cd59f322d",
-    "segmentation/configs/upernet_vit_small.py": "0691fc8dba590cd7",
-    "segmentation/configs/upernet_vit_small_dinov3.py": "4417a5b3395f2acf",
-    "depth/configs/dpt_probe_vit_base.py": "ab5653aba8a5d06c",
-    "depth/configs/dpt_probe_vit_base_dinov3.py": "66b47cc341cc1eeb",
-    "depth/configs/dpt_probe_vit_large.py": "47deac80d1c989b1",
-    "depth/configs/dpt_probe_vit_large_dinov3.py": "22433ea46eaf16d4",
-    "depth/configs/dpt_probe_vit_small.py": "b48db081047baf2a",
-    "depth/configs/dpt_probe_vit_small_dinov3.py": "4a2e1950cfb80f94",
-    "depth/configs/dpt_vit_base.py": "ff45592172c73a51",
-    "depth/configs/dpt_vit_base_dinov3.py": "5b61e0daef01ec22",
-    "depth/configs/dpt_vit_large.py": "27517e47d674e516",
-    "depth/configs/dpt_vit_large_dinov3.py": "31dae53ac60d73f2",
-    "depth/configs/dpt_vit_small.py": "6488cd7840effcd2",
-    "depth/configs/dpt_vit_small_dinov3.py": "e4d2979615284e17",
-    "depth/configs/linear_vit_base.py": "1a5968a7504cff3f",
-    "depth/configs/linear_vit_base_dinov3.py": "3e499ba7d751100d",
-    "depth/configs/linear_vit_large.py": "2d661e85661005ba",
-    "depth/configs/linear_vit_large_dinov3.py": "2aa38d1645b012f4",
-    "depth/configs/linear_vit_small.py": "5545e2c4e28c2d77",
-    "depth/configs/linear_vit_small_dinov3.py": "016447f8cc141411",
-    "segmentation/configs/linear_timm.py": "6f47a59d4f1fa89b",
-    "segmentation/configs/upernet_timm.py": "407c781e889133af",
-    "depth/configs/dpt_probe_timm.py": "edfad0d94baed618",
-    "depth/configs/dpt_timm.py": "0ca5375efc9ef11c",
-    "depth/configs/linear_timm.py": "e25e4ef8b3f2ac39",
+    "segmentation/configs/linear_vit_base.py": "cfb7edddd96a1f20",
+    "segmentation/configs/linear_vit_base_dinov3_layout.py": "25155733f276c2d8",
+    "segmentation/configs/linear_vit_large.py": "f159969e1742a214",
+    "segmentation/configs/linear_vit_large_dinov3_layout.py": "eea153f526d2d871",
+    "segmentation/configs/linear_vit_small.py": "80cc897b0b6f0325",
+    "segmentation/configs/linear_vit_small_dinov3_layout.py": "cb08d2ec439afcad",
+    "segmentation/configs/upernet_vit_base.py": "0651e2853e5dcc67",
+    "segmentation/configs/upernet_vit_base_dinov3_layout.py": "a780cf863ea662e9",
+    "segmentation/configs/upernet_vit_large.py": "93975ae836692b1a",
+    "segmentation/configs/upernet_vit_large_dinov3_layout.py": "6883e377e2ed8eb2",
+    "segmentation/configs/upernet_vit_small.py": "594d96a862d129a6",
+    "segmentation/configs/upernet_vit_small_dinov3_layout.py": "d60bdbb266c1ceae",
+    "depth/configs/dpt_probe_vit_base.py": "775b8526a81608d9",
+    "depth/configs/dpt_probe_vit_base_dinov3_layout.py": "7d2ead8e3c425dc2",
+    "depth/configs/dpt_probe_vit_large.py": "50429dd9d48874be",
+    "depth/configs/dpt_probe_vit_large_dinov3_layout.py": "ae61ae91e0cdb3d0",
+    "depth/configs/dpt_probe_vit_small.py": "3e6beed98eb4465e",
+    "depth/configs/dpt_probe_vit_small_dinov3_layout.py": "dc4990fe13e23682",
+    "depth/configs/dpt_vit_base.py": "352bd628884716d8",
+    "depth/configs/dpt_vit_base_dinov3_layout.py": "436fc869dd72f970",
+    "depth/configs/dpt_vit_large.py": "b7a09894b938f5de",
+    "depth/configs/dpt_vit_large_dinov3_layout.py": "82f75856f140aae4",
+    "depth/configs/dpt_vit_small.py": "a558acb9752365ef",
+    "depth/configs/dpt_vit_small_dinov3_layout.py": "25b1b6802a0fbcd7",
+    "depth/configs/linear_vit_base.py": "1b1f4bf4d9f673e6",
+    "depth/configs/linear_vit_base_dinov3_layout.py": "71cac899976c33e3",
+    "depth/configs/linear_vit_large.py": "e5b309378aba3231",
+    "depth/configs/linear_vit_large_dinov3_layout.py": "bf86f2f0f6ba4214",
+    "depth/configs/linear_vit_small.py": "58ee2c957aab3a29",
+    "depth/configs/linear_vit_small_dinov3_layout.py": "0c1410fa4c91d360",
+    "segmentation/configs/linear_timm.py": "50995e089dbed3f3",
+    "segmentation/configs/upernet_timm.py": "2aa9ded197d11e70",
+    "depth/configs/dpt_probe_timm.py": "946dd495a8027428",
+    "depth/configs/dpt_timm.py": "034a77f28cd71acb",
+    "depth/configs/linear_timm.py": "2c0a9855d6356f60",
+    "segmentation/configs/dinov3_linear.py": "de00f9d231fb291b",
 }
 
 
@@ -512,9 +513,11 @@ def _canonical(value):
 
 def test_configs_build_the_recorded_settings():
     configs = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("*/configs/*.py"))
-    bases = ("runtime.py", "ade20k_base.py", "nyu_base.py", "dinov3_ade20k.py", "dinov3_nyu.py")
+    bases = ("runtime.py", "ade20k_base.py", "nyu_base.py", "dinov3_layout_ade20k.py", "dinov3_layout_nyu.py")
     assert sorted(BUILT_CONFIGS) == [c for c in configs if not c.endswith(bases)]
     for config, recorded in BUILT_CONFIGS.items():
+        name = _cfg(config).protocol_name  # results.json's protocol.name: whose protocol it is
+        assert name.startswith("DINOv3 " if config.endswith("dinov3_linear.py") else "Proteus "), config
         built = hashlib.sha256(repr(_canonical(_cfg(config).to_dict())).encode()).hexdigest()[:16]
         assert built == recorded, f"{config} builds other settings than recorded"
 

@@ -89,7 +89,8 @@ def test_all_tasks_on_tiny_data(backbone, imagenet, fine_grained, ade, nyu, zero
     assert seg["protocol"]["config"].endswith("segmentation/configs/linear_vit_small.py")
     # --quick's batch 2 overrode the paper's global batch 32 that evaluate_all set; the pos-embed is the paper's
     quick = {"world_size": 1, "batch_per_gpu": 2, "global_batch": 2, "max_iters": 2, "val_interval": 2}
-    assert seg["protocol"] == {"config": seg["protocol"]["config"], **quick, "reference_pos_embed": True, "amp": False}
+    name = {"name": "Proteus ADE20K linear probe", "config": seg["protocol"]["config"]}  # whose protocol: ours
+    assert seg["protocol"] == {**name, **quick, "reference_pos_embed": True, "amp": False}
     assert rows[("ade20k", "mIoU final (linear)")] == (f"{seg['metrics']['mIoU final']:.2f}", "n/a")
     best = seg["metrics"]["mIoU best on test"]
     assert rows[("ade20k", "mIoU best on test (linear, iter 2)")] == (f"{best:.2f}", "n/a")  # no paper for dim 64

@@ -2,4 +2,5 @@
 # paper's "linear" NYU number (the reference's `..._proteus_probing.py`).
 # Frozen: the inherited drop path never acts (the backbone stays in eval mode).
 _base_ = ["./dpt_vit_small.py"]
+protocol_name = "Proteus NYU DPT probe"
 model = dict(backbone=dict(frozen=True))

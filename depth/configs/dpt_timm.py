@@ -4,6 +4,7 @@
 # Feature2Pyramid [4, 2, 1, 0.5] first. The ViT protocol otherwise (dpt_vit_small.py): SiLog, drop path 0.1,
 # AdamW 4e-4, wd 0.01, the backbone at lr x 0.1, 25k iterations, 4 images per GPU. Widths filled in by the runner.
 _base_ = ["./nyu_base.py"]
+protocol_name = "Proteus NYU DPT (timm student)"
 norm_cfg = dict(type="SyncBN", requires_grad=True)  # plain BN when not distributed
 sync_bn = "torch"  # the backbone's BatchNorm synchronised too, as mmseg's ResNet configs (distributed CUDA runs)
 model = dict(

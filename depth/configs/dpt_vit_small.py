@@ -3,6 +3,7 @@
 # dropout 0.1, a 1-channel output conv; SiLog; backbone drop path 0.1; AdamW 4e-4, wd 0.01; 25k
 # iterations, 4 images per GPU.
 _base_ = ["./nyu_base.py"]
+protocol_name = "Proteus NYU DPT"
 embed_dim = 384
 norm_cfg = dict(type="SyncBN", requires_grad=True)  # plain BN when not distributed
 model = dict(

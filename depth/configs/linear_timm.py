@@ -3,6 +3,7 @@
 # prediction upsampled, SiLog; AdamW 4e-4, wd 0.01, 25k iterations, 4 images per GPU. The head's width is the
 # backbone's, filled in from its feature_info by the runner.
 _base_ = ["./nyu_base.py"]
+protocol_name = "Proteus NYU 1x1 probe (timm student)"
 model = dict(
     backbone=dict(_delete_=True, type="ProteusTimm", checkpoint=None, out_indices=None, frozen=True),
     decode_head=dict(

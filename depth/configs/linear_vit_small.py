@@ -2,6 +2,7 @@
 # depth channel, SiLog; AdamW 4e-4, wd 0.01, 25k iterations, 4 images per GPU. Not the paper's
 # "linear" NYU protocol (that is dpt_probe_vit_small.py: the DPT head on the frozen backbone).
 _base_ = ["./nyu_base.py"]
+protocol_name = "Proteus NYU 1x1 probe"
 embed_dim = 384
 model = dict(
     backbone=dict(frozen=True),

@@ -1,5 +1,6 @@
 # NYU-Depth V2 at 518 (PROTOCOLS E): data, pipelines, schedule and runtime shared by every NYU config.
 _base_ = ["../../segmentation/configs/runtime.py"]
+protocol_name = "Proteus NYU-Depth V2"  # results.json's protocol.name
 
 crop_size = (518, 518)
 data_root = "data/nyu"

@@ -157,8 +157,11 @@ class Family:
 
     def dense_configs(self, size: str) -> str:
         """The part of the dense configs' names (segmentation/configs/linear_{}.py) that fits its backbones of a
-        model size (small, base, large): ViTs of its layout by default."""
-        return f"vit_{size}{self.student_suffix}"
+        model size (small, base, large): ViTs of its layout by default. A family with its own student layout has
+        `vit_<size><suffix>_layout` configs: the Proteus protocols at the crop and blocks that layout's
+        patch size and family call for (vit_small_dinov3_layout), named so they are not taken for the family's
+        own evaluation protocols."""
+        return f"vit_{size}{self.student_suffix}_layout" if self.student_suffix else f"vit_{size}"
 
     # --- recognising and converting files ---------------------------------------------------------
     def owns(self, state_dict: Mapping[str, object]) -> bool:

@@ -1,5 +1,6 @@
 # ADE20K at 518 (PROTOCOLS D): data, pipelines, schedule and runtime shared by every ADE20K config.
 _base_ = ["./runtime.py"]
+protocol_name = "Proteus ADE20K"  # results.json's protocol.name
 
 crop_size = (518, 518)
 num_classes = 150

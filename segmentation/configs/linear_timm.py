@@ -3,6 +3,7 @@
 # map, the logits upsampled; AdamW 8e-4, wd 0.05, 60k iterations, 8 images per GPU. The head's width is the
 # backbone's, filled in from its feature_info by the runner.
 _base_ = ["./ade20k_base.py"]
+protocol_name = "Proteus ADE20K linear probe (timm student)"
 model = dict(
     backbone=dict(_delete_=True, type="ProteusTimm", checkpoint=None, out_indices=None, frozen=True),
     decode_head=dict(

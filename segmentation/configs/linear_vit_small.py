@@ -1,6 +1,7 @@
 # ADE20K linear probe, ViT-S (PROTOCOLS D): frozen backbone, the 4 levels resized and concatenated,
 # a BN-free 1x1 conv to 150 classes; AdamW 8e-4, wd 0.05, 60k iterations, 8 images per GPU.
 _base_ = ["./ade20k_base.py"]
+protocol_name = "Proteus ADE20K linear probe"
 embed_dim = 384
 model = dict(
     backbone=dict(frozen=True),

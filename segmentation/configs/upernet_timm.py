@@ -5,6 +5,7 @@
 # 0.05, drop path 0.1, 60k iterations, 8 images per GPU) with layer-wise lr decay 0.9 (ConvNeXt's UperNet rate)
 # over timm's own layer grouping. The head widths are the backbone's, filled in by the runner.
 _base_ = ["./ade20k_base.py"]
+protocol_name = "Proteus ADE20K UperNet (timm student)"
 norm_cfg = dict(type="SyncBN", requires_grad=True)  # plain BN when not distributed
 sync_bn = "torch"  # the backbone's BatchNorm synchronised too, as mmseg's ResNet configs (distributed CUDA runs)
 model = dict(

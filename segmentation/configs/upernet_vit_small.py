@@ -2,6 +2,7 @@
 # channels, auxiliary FCNHead on level 2; AdamW 1e-4, wd 0.05, layer-wise lr decay 0.65 over our
 # parameter names, drop path 0.1, 60k iterations, 8 images per GPU.
 _base_ = ["./ade20k_base.py"]
+protocol_name = "Proteus ADE20K UperNet"
 embed_dim = 384
 num_layers = 12
 norm_cfg = dict(type="SyncBN", requires_grad=True)  # plain BN when not distributed

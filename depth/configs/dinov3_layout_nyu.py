@@ -1,12 +1,14 @@
-# NYU-Depth V2 at DINOv3's dense evaluation setting (PROTOCOLS G): 512 crops, a 32x32 grid of patch 16.
-# The `*_dinov3.py` configs inherit the DINOv2-layout config of their head and size and take from here
-# what depends on the crop: nyu_base.py's pipelines and windows at 512 (random crop 512, test resize
-# to short side 512, slide stride 1/4 of the crop: 128). One key, `dinov3_dense`, so this file sits
-# beside any NYU config in `_base_` (bases must not share a key).
+# NYU-Depth V2 at 512 crops for a DINOv3-layout backbone (a 32x32 grid of patch 16): the Proteus protocol
+# (PROTOCOLS E) at the crop DINOv3 evaluates its dense tasks at, not a DINOv3 protocol. The `*_dinov3_layout.py`
+# configs inherit the DINOv2-layout config of their head and size and take from here what depends on the crop:
+# nyu_base.py's pipelines and windows at 512 (random crop 512, test resize to short side 512, slide stride 1/4 of the
+# crop: 128). One key, `dinov3_layout`, so this file sits beside any NYU config in `_base_` (bases must not share a
+# key).
 crop = (512, 512)
 meta_keys = ("img_path", "depth_map_path", "ori_shape", "img_shape", "pad_shape", "scale_factor", "flip",
              "flip_direction", "category_id")  # fmt: skip
-dinov3_dense = dict(
+dinov3_layout = dict(
+    protocol_suffix=", DINOv3 layout (512 crops, blocks at even intervals)",
     train_dataloader=dict(
         dataset=dict(
             pipeline=[

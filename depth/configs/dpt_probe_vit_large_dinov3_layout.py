@@ -1,0 +1,14 @@
+# NYU DPT probe, DINOv3-layout ViT-L/16: the Proteus protocol of dpt_probe_vit_large.py (PROTOCOLS E),
+# run at 512 crops (dinov3_layout_nyu.py) on blocks [4, 11, 17, 23], the four evenly spaced of 24
+# (DINOv3's FOUR_EVEN_INTERVALS). Not DINOv3's own evaluation protocol: the head, schedule and data are Proteus's.
+_base_ = ["./dpt_probe_vit_large.py", "./dinov3_layout_nyu.py"]
+protocol_name = _base_.protocol_name + _base_.dinov3_layout.protocol_suffix
+train_dataloader = _base_.dinov3_layout.train_dataloader
+val_dataloader = test_dataloader = _base_.dinov3_layout.val_dataloader
+model = dict(
+    _base_.dinov3_layout.model,
+    backbone=dict(img_size=512, out_indices=(4, 11, 17, 23)),
+    decode_head=dict(patch_size=16),
+)
+# DINOv3's storage tokens (reg_token) as cls_token: full lr, no weight decay (the mask token is frozen)
+optim_wrapper = dict(paramwise_cfg=dict(custom_keys={"reg_token": dict(decay_mult=0.0)}))

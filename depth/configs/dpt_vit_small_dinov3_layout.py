@@ -1,0 +1,12 @@
+# NYU DPT fine-tuning, DINOv3-layout ViT-S/16: the Proteus protocol of dpt_vit_small.py (PROTOCOLS E),
+# run at 512 crops (dinov3_layout_nyu.py) on blocks [2, 5, 8, 11], the four evenly spaced of 12
+# (DINOv3's FOUR_EVEN_INTERVALS). Not DINOv3's own evaluation protocol: the head, schedule and data are Proteus's.
+_base_ = ["./dpt_vit_small.py", "./dinov3_layout_nyu.py"]
+protocol_name = _base_.protocol_name + _base_.dinov3_layout.protocol_suffix
+train_dataloader = _base_.dinov3_layout.train_dataloader
+val_dataloader = test_dataloader = _base_.dinov3_layout.val_dataloader
+model = dict(
+    _base_.dinov3_layout.model, backbone=dict(img_size=512, out_indices=(2, 5, 8, 11)), decode_head=dict(patch_size=16)
+)
+# DINOv3's storage tokens (reg_token) as cls_token: full lr, no weight decay (the mask token is frozen)
+optim_wrapper = dict(paramwise_cfg=dict(custom_keys={"reg_token": dict(decay_mult=0.0)}))
