@@ -144,6 +144,7 @@ def build_config(args: argparse.Namespace, task: str):
     if cfg.model.backbone.type == "ProteusTimm":
         fit_timm_heads(cfg, vit)
     else:
+        fit_last_block(cfg, vit)
         check_backbone_fits(cfg, vit, args)
     cfg.work_dir = args.output_dir or str(Path("work_dirs") / Path(args.config).stem)
     cfg.launcher = args.launcher or ("pytorch" if "RANK" in os.environ else "none")
@@ -395,6 +396,15 @@ def fit_timm_heads(cfg, net: torch.nn.Module) -> None:
         cfg.model.neck = dict(type="Feature2Pyramid", embed_dim=widths[0], rescales=[4, 2, 1, 0.5], norm_cfg=norm_cfg)
 
 
+def fit_last_block(cfg, vit: torch.nn.Module) -> None:
+    """A ViT config for every size (depth/configs/dinov3_linear.py: the last block) leaves what depends on the size
+    to the backbone: `out_indices=None` is its last block, the head's `in_channels=None` its width."""
+    if "out_indices" in cfg.model.backbone and cfg.model.backbone.out_indices is None:
+        cfg.model.backbone.out_indices = (len(vit.blocks) - 1,)
+    if "in_channels" in cfg.model.decode_head and cfg.model.decode_head.in_channels is None:
+        cfg.model.decode_head.in_channels = vit.embed_dim
+
+
 def check_backbone_fits(cfg, vit: torch.nn.Module, args: argparse.Namespace) -> None:
     """A ViT-Ti file with a ViT-S config would fail at the first forward, deep inside mmseg."""
     depth, width = len(vit.blocks), vit.embed_dim
@@ -445,7 +455,9 @@ def run_protocol(cfg, amp: bool) -> dict:
     to the paper's (scripts.evaluate_all): the paper's runs used 4 GPUs x the config's per-GPU batch."""
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     batch = cfg.train_dataloader.batch_size
-    return {
+    # a config that reproduces a published protocol other than the paper's names it
+    named = {"name": cfg.protocol_name} if "protocol_name" in cfg else {}
+    return named | {
         "world_size": world,
         "batch_per_gpu": batch,  # per process
         "global_batch": world * batch,

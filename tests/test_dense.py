@@ -498,6 +498,7 @@ BUILT_CONFIGS = {
     "depth/configs/dpt_probe_timm.py": "edfad0d94baed618",
     "depth/configs/dpt_timm.py": "0ca5375efc9ef11c",
     "depth/configs/linear_timm.py": "e25e4ef8b3f2ac39",
+    "depth/configs/dinov3_linear.py": "abb49d2eff19cb05",
 }
 
 
