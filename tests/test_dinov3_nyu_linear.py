@@ -218,6 +218,29 @@ def test_config_pins_dinov3s_numbers():
 
 
 # --- the transforms and the padding ----------------------------------------------------------------------------
+def test_train_pipeline_gives_rotated_416x544_crops_of_native_images():
+    """The config's geometric steps on a 480x640 sample: 416x544 crops of the 565x427 NYU crop, no resize; a
+    rotation about half the time, its corners 0 in the depth (ignored by the loss), values otherwise kept."""
+    from mmcv.transforms import Compose
+    from mmseg.utils import register_all_modules
+
+    register_all_modules()
+    steps = [t for t in _cfg().train_dataloader.dataset.pipeline if t["type"] not in ("LoadImageFromFile",
+             "LoadDepthAnnotation", "DepthColorAug", "PackSegInputs")]  # fmt: skip
+    pipeline = Compose(steps)
+    rng = np.random.default_rng(0)
+    img = rng.integers(1, 255, (480, 640, 3), dtype=np.uint8)
+    depth = rng.choice(np.arange(1, 11, dtype=np.float32), size=(480, 640))  # metres, every pixel measured
+    rotated = 0
+    for seed in range(6):
+        np.random.seed(seed)
+        out = pipeline(dict(img=img.copy(), gt_depth_map=depth.copy(), seg_fields=["gt_depth_map"]))
+        assert out["img"].shape == (416, 544, 3) and out["gt_depth_map"].shape == (416, 544)
+        assert set(np.unique(out["gt_depth_map"])) <= set(range(11))  # nearest: no interpolated depths
+        rotated += bool((out["gt_depth_map"] == 0).any())
+    assert 0 < rotated < 6
+
+
 def test_box_crop_is_dinov3s_nyu_crop():
     rng = np.random.default_rng(0)
     # at NYU's 480x640: rows 45:472, cols 43:608 (427 x 565); other sizes scaled, truncated
