@@ -408,7 +408,7 @@ def _fill_head_widths(cfg, widths: list[int]) -> None:
         index = head.in_index
         if head.get("in_channels") is None:
             head.in_channels = [widths[i] for i in index] if isinstance(index, (list, tuple)) else widths[index]
-        if head.get("channels") is None:
+        if "channels" in head and head.channels is None:
             head.channels = head.in_channels
 
 
@@ -484,7 +484,9 @@ def run_protocol(cfg, amp: bool) -> dict:
     to the paper's (scripts.evaluate_all): the paper's runs used 4 GPUs x the config's per-GPU batch."""
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     batch = cfg.train_dataloader.batch_size
-    return {
+    # a config that reproduces a published protocol other than the paper's names it
+    named = {"name": cfg.protocol_name} if "protocol_name" in cfg else {}
+    return named | {
         "world_size": world,
         "batch_per_gpu": batch,  # per process
         "global_batch": world * batch,

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import models
+from models.dinov3 import DinoV3ViT
 from tests.helpers import DEPTH, DIM, make_ade, make_cub, make_nyu, make_splits, tiny_spec, tiny_vit
 
 
@@ -25,6 +26,16 @@ def backbone(tmp_path_factory) -> Path:
     """A tiny student's backbone.pth (64-dim, 4 blocks, 28 px), as pretraining exports it."""
     path = tmp_path_factory.mktemp("backbone") / "backbone.pth"
     torch.save(models.to_dinov2(tiny_vit(dim=DIM, depth=DEPTH, heads=1)), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dinov3_export(tmp_path_factory) -> Path:
+    """A tiny DINOv3-layout student (64-dim heads, 4 blocks) exported in FAIR's names, as pretraining does."""
+    torch.manual_seed(0)
+    vit = DinoV3ViT(embed_dim=DIM, depth=DEPTH, num_heads=1, mlp_hidden=4 * DIM)
+    path = tmp_path_factory.mktemp("dinov3") / "backbone.pth"
+    torch.save(models.to_reference(vit, "dinov3"), path)
     return path
 
 

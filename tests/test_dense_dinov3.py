@@ -15,7 +15,6 @@ import torch
 from torchvision.transforms import functional as tvF
 
 import models
-from models.dinov3 import DinoV3ViT
 
 mmseg = pytest.importorskip("mmseg", reason="mmsegmentation not installed: `make mmseg`")
 import segmentation.dinov3_protocol as dinov3_protocol  # noqa: E402
@@ -34,13 +33,8 @@ def dinov2_config(config: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory) -> Path:
-    """A tiny DINOv3-layout student (64-dim heads, 4 blocks) exported in FAIR's names, as pretraining does."""
-    torch.manual_seed(0)
-    vit = DinoV3ViT(embed_dim=DIM, depth=DEPTH, num_heads=1, mlp_hidden=4 * DIM)
-    path = tmp_path_factory.mktemp("dinov3") / "backbone.pth"
-    torch.save(models.to_reference(vit, "dinov3"), path)
-    return path
+def export(dinov3_export) -> Path:
+    return dinov3_export  # conftest's
 
 
 @pytest.fixture(scope="module")
