@@ -32,6 +32,11 @@ file (results.json records its sha256): another backbone in that folder is an er
 as are unreadable --adaptors and --clip-checkpoint files (read here, as the zero-shot task reads them).
 While a task runs, its latest log line is printed every 30 s. Exit code 1 if a task that had data failed
 in this run, 2 on bad arguments.
+
+`--protocol dinov3` runs DINOv3's own protocols instead (linear_eval's `--protocol dinov3`, kNN, ADE20K and NYU
+with the `dinov3_linear.py` configs at DINOv3's global batch 16) and skips the tasks it does not define; the
+figures beside ours are the DINOv3 model card's for the released model of the backbone's architecture
+(docs/protocols.md E3).
 """
 
 from __future__ import annotations
@@ -99,6 +104,17 @@ class Task:
     # why it cannot run though its folders and inputs are there (None: it can), from (data root, args)
     unready: Callable[[str, argparse.Namespace], str | None] = lambda root, args: None
     arguments: Callable[[str], list[str]] = lambda root: []  # further arguments, from its data root
+
+
+@dataclass(frozen=True)
+class Published:
+    """Another release's own protocols (--protocol): the tasks it defines and how each runs; the other tasks are
+    skipped. Its figures are keyed by the released model whose architecture the backbone has
+    (Family.release_like): they describe that network, not a size."""
+
+    source: str  # whose figures the table's last column holds
+    arguments: dict[str, tuple[str, ...]]  # an image-level task -> the arguments that select the protocol
+    heads: dict[str, DenseHead]  # a dense task -> its one config (no --dense-head choice: these are linear probes)
 
 
 def present_fine_grained(root: str) -> list[str]:
@@ -185,35 +201,62 @@ TASKS = {
 }  # fmt: skip
 
 
+# DINOv3's own protocols (PROTOCOLS H). Its figures: MODEL_CARD.md of facebookresearch/dinov3 at 6876159
+# ("Results for ViT backbones pretrained (or distilled) on web (LVD-1689M)"): ADE20k mIoU and NYU RMSE of the
+# linear probes, final models. Its ImageNet column is IN-ReaL, which linear_eval does not measure: no figure.
+DINOV3_RELEASES = ("dinov3_vits16", "dinov3_vits16plus", "dinov3_vitb16", "dinov3_vitl16", "dinov3_vith16plus")
+DINOV3 = Published(
+    source="DINOv3 model card",
+    arguments={"linear": ("--protocol", "dinov3"), "knn": ()},  # DINOv3's kNN is ours (PROTOCOLS H)
+    heads={
+        "ade20k": DenseHead("segmentation/configs/dinov3_linear.py", "DINOv3 linear", {
+            name: {"mIoU final": v} for name, v in zip(DINOV3_RELEASES, (47.0, 48.8, 51.8, 54.9, 54.8))}),
+        "nyu": DenseHead("depth/configs/dinov3_linear.py", "DINOv3 linear", {
+            name: {"rmse final": v} for name, v in zip(DINOV3_RELEASES, (0.403, 0.399, 0.373, 0.352, 0.352))}),
+    },
+)  # fmt: skip
+PUBLISHED = {"dinov3": DINOV3}  # --protocol; "proteus": the paper's, TASKS as they stand
+
+
 def paper_protocol(config: Path, best_of_n: bool = True) -> dict:
-    """The settings behind the paper's figures of one config, in the keys of results.json's `protocol`:
-    4 GPUs x the config's per-GPU batch, its schedule, the reference's positional embedding, fp32; the
-    evaluation interval only for a best-of-N figure (it sets N)."""
+    """The settings behind the published figures of one config, in the keys of results.json's `protocol`: its
+    global batch (the config's `global_batch` where it states one, another release's protocol; else the
+    reference's 4 GPUs x the config's per-GPU batch, with the reference's positional embedding), its schedule,
+    fp32; the evaluation interval only for a best-of-N figure (it sets N)."""
     from mmengine.config import Config
 
     cfg = Config.fromfile(str(config), import_custom_modules=False)
+    published = cfg.get("global_batch")
     setup = {
-        "global_batch": PAPER_GPUS * cfg.train_dataloader.batch_size,
+        "global_batch": published or PAPER_GPUS * cfg.train_dataloader.batch_size,
         "max_iters": cfg.train_cfg.max_iters,
         "val_interval": cfg.train_cfg.val_interval,
-        "reference_pos_embed": True,
         "amp": False,
     }
+    if published is None:
+        setup["reference_pos_embed"] = True
     if not best_of_n:
         del setup["val_interval"]
     return setup
 
 
-def paper_reference(name: str, size: str | None, head: str) -> tuple[dict[str, float], dict]:
-    """The paper's figures of a task for this model size (and dense head), and the protocol behind them."""
+def dense_head(name: str, head: str, protocol: Published | None) -> DenseHead:
+    """The config a dense task runs: the protocol's own, or the paper's of this --dense-head."""
+    return protocol.heads[name] if protocol else TASKS[name].heads[head]
+
+
+def paper_reference(name: str, key: str | None, head: str, protocol: Published | None) -> tuple[dict, dict]:
+    """The published figures of a task for this backbone (the paper's: by model size and dense head; another
+    release's: by the released model of the backbone's architecture), and the protocol behind them."""
     task = TASKS[name]
     if not task.heads:
-        return task.paper.get(size, {}), task.paper_protocol
-    dense = task.heads[head]
-    figures = dense.paper.get(size, {})
+        return ({}, {}) if protocol else (task.paper.get(key, {}), task.paper_protocol)
+    dense = dense_head(name, head, protocol)
+    figures = dense.paper.get(key, {})
     if not figures:
         return {}, {}
-    config = ROOT / dense.config.format(models.FAMILIES[models.families.DEFAULT_LAYOUT].dense_configs(size))
+    family = models.FAMILIES[models.families.DEFAULT_LAYOUT]
+    config = ROOT / dense.config.format(family.dense_configs(key or "small"))
     return figures, paper_protocol(config, any(k.endswith(BEST) for k in figures))
 
 
@@ -256,6 +299,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         default="linear",
         help="linear: the paper's probes (ade20k 1x1 conv, nyu DPT head, frozen backbone); full: UperNet (ade20k), "
         "DPT (nyu) fine-tuned; 1x1: 1x1-conv probes (nyu's has no paper figure)",
+    )
+    a(
+        "--protocol",
+        choices=("proteus", *PUBLISHED),
+        default="proteus",
+        help="proteus: the paper's protocols and figures; dinov3: DINOv3's own (ImageNet linear's 13 classifiers, "
+        "kNN, ADE20K and NYU linear probes on the last block) beside the DINOv3 model card's figures for the "
+        "released model of the backbone's architecture; tasks it does not define are skipped",
     )
     a("--device", help="linear, knn, zeroshot, fine_grained (default: theirs); dense tasks use CUDA when present")
     a(
@@ -309,23 +360,32 @@ def missing_data(name: str, args: argparse.Namespace) -> str | None:
     return TASKS[name].unready(root, args)
 
 
-def command(name: str, args: argparse.Namespace, configs: str, *, out: Path, position_table: bool = True) -> list[str]:
+def command(
+    name: str,
+    args: argparse.Namespace,
+    configs: str,
+    *,
+    out: Path,
+    position_table: bool = True,
+    protocol: Published | None = None,
+) -> list[str]:
     """`python -m` arguments of one task (without the quick and extra arguments); a dense task's config is its
-    --dense-head's with `configs` (Family.dense_configs, e.g. vit_small), and a backbone with a position table
-    (`position_table`) gets the reference's."""
+    --dense-head's with `configs` (Family.dense_configs, e.g. vit_small), or the `protocol`'s own; a backbone
+    with a position table (`position_table`) gets the reference's under the paper's protocols."""
     task, root = TASKS[name], data_root(name, args)
     shared = ["--backbone", args.backbone, "--data-path", root, "--output-dir", str(out)]
     if not task.heads:
         device = ["--device", args.device] if args.device else []
         inputs = [x for flag in task.inputs for x in (flag, flag_value(flag, args))]
         inputs += [x for flag in task.options if flag_value(flag, args) for x in (flag, flag_value(flag, args))]
-        return [task.module, *shared, *device, *inputs, *task.arguments(root)]
-    config = ROOT / task.heads[args.dense_head].config.format(configs)
-    # the paper's global batch over the visible GPUs (later --cfg-options, --quick's or --extra's, override it)
+        selected = protocol.arguments[name] if protocol else ()
+        return [task.module, *shared, *device, *inputs, *task.arguments(root), *selected]
+    config = ROOT / dense_head(name, args.dense_head, protocol).config.format(configs)
+    # the published global batch over the visible GPUs (later --cfg-options, --quick's or --extra's, override it)
     batch = paper_protocol(config)["global_batch"]
     nproc = max(n for n in range(1, max(torch.cuda.device_count(), 1) + 1) if batch % n == 0)
     launch = ["torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"] if nproc > 1 else []
-    pos_embed = ["--reference-pos-embed"] if position_table else []
+    pos_embed = ["--reference-pos-embed"] if position_table and not protocol else []
     return [*launch, task.module, str(config), *shared, *pos_embed,
             "--cfg-options", f"train_dataloader.batch_size={batch // nproc}"]  # fmt: skip
 
@@ -378,18 +438,20 @@ def run_task(task: str, argv: list[str], out: Path) -> str | None:
     return f"exit {rc}, see {log}"
 
 
-def rows_of(name: str, results: dict, size: str | None, *, head: str) -> list[Row]:
-    """The reported numbers of one task's results.json, with the paper's for this size and head: a paper
-    figure stands next to ours only when the run's `protocol` is the paper's, else the row says why not."""
+def rows_of(name: str, results: dict, key: str | None, *, head: str, protocol: Published | None = None) -> list[Row]:
+    """The reported numbers of one task's results.json, with the published ones for this backbone (`key`: its size,
+    or under another release's `protocol` the released model of its architecture) and head: a published figure
+    stands next to ours only when the run's `protocol` is the published one, else the row says why not."""
     task = TASKS[name]
-    figures, setup = paper_reference(name, size, head)
+    figures, setup = paper_reference(name, key, head, protocol)
     why = not_the_papers(results.get("protocol"), setup) if figures else ""
     metrics, notes = results["metrics"], results.get("metric_notes", {})
     names = dict.fromkeys(m for prefix in task.report or ("",) for m in metrics if m.startswith(prefix))
     rows = []
     for metric in names:
         paper = figures.get(metric)
-        about = ", ".join(filter(None, [task.heads[head].label if task.heads else "", notes.get(metric)]))
+        label = dense_head(name, head, protocol).label if task.heads else ""
+        about = ", ".join(filter(None, [label, notes.get(metric)]))
         about = "; ".join(filter(None, [about, f"paper n/a: {why}" if paper is not None and why else ""]))
         rows.append(Row(name, f"{metric} ({about})" if about else metric, metrics[metric], None if why else paper))
     return rows
@@ -414,8 +476,11 @@ def markdown(
     skipped: dict[str, str],
     failed: dict[str, str],
     unreadable: dict[str, tuple[int, str]],
+    published: str = "",
 ) -> str:
-    lines = [f"# Evaluation of `{backbone}` ({model})", "", f"| task | metric | ours | paper ({model}) |"]
+    """results.md: the rows beside the published figures (`published` names them; default the paper's for `model`)."""
+    title = [f"# Evaluation of `{backbone}` ({model})", ""]
+    lines = [*title, f"| task | metric | ours | {published or f'paper ({model})'} |"]
     lines += ["|---|---|---|---|"]
     lines += [f"| {r.task} | {r.metric} | {fmt(r, r.ours)} | {fmt(r, r.paper)} |" for r in rows]
     if unreadable:
@@ -513,11 +578,11 @@ SUMMARY = "results.json"
 SUMMARY_OUTCOMES = ("unreadable_images", "unreadable_where", "skipped", "failed")  # task -> ..., besides `rows`
 
 
-def earlier_summary(out: Path, backbone: str, sha256: str) -> dict | None:
+def earlier_summary(out: Path, backbone: str, sha256: str, *, protocol: str = "proteus") -> dict | None:
     """The results.json an earlier run left in `out`, when there is one, to merge this run's tasks into. It must
     be of the same backbone file (the same sha256; a results.json without `backbone_sha256`: the same
-    --backbone): rows of two models in one table would read as one model's, so another backbone is an error
-    here, before any task runs."""
+    --backbone) and the same --protocol: rows of two models or protocols in one table would read as one's, so
+    either is an error here, before any task runs."""
     path = out / SUMMARY
     if not path.is_file():
         return None
@@ -533,6 +598,11 @@ def earlier_summary(out: Path, backbone: str, sha256: str) -> dict | None:
         raise UsageError(
             f"{path} holds the results of another backbone ({earlier.get('backbone')}), not of {backbone}: give "
             f"another --output-dir, or delete {path} to start it over"
+        )
+    if earlier.get("protocol", "proteus") != protocol:
+        raise UsageError(
+            f"{path} holds results of --protocol {earlier.get('protocol', 'proteus')}, not {protocol}: give another "
+            f"--output-dir, or delete {path} to start it over"
         )
     return {**earlier, "rows": rows, **{key: earlier.get(key, {}) for key in SUMMARY_OUTCOMES}}
 
@@ -559,7 +629,13 @@ def write_summary(summary: dict, out: Path) -> None:
     rows, failed = summary["rows"], summary["failed"]
     unreadable = {t: (n, summary["unreadable_where"].get(t, "")) for t, n in summary["unreadable_images"].items()}
     md = markdown(
-        summary["backbone"], summary["model"], rows, skipped=summary["skipped"], failed=failed, unreadable=unreadable
+        summary["backbone"],
+        summary["model"],
+        rows,
+        skipped=summary["skipped"],
+        failed=failed,
+        unreadable=unreadable,
+        published=summary.get("published", ""),
     )
     atomic_write_text(md, out / "results.md")
     bar_chart(rows, out / "results.png", f"{backbone_name(summary['backbone'])} ({summary['model']})", failed=failed)
@@ -580,12 +656,18 @@ def evaluate_all(args: argparse.Namespace) -> int:
     if args.device:
         resolve_device(args.device)  # a typo fails here, not once per task
     family = models.families.family_of_model(vit)
-    missing = {task: missing_data(task, args) for task in tasks}  # every input file read before any task runs
+    protocol = PUBLISHED.get(args.protocol)
+    if protocol and args.dense_head != "linear":
+        raise UsageError(f"--protocol {args.protocol} runs its linear probes; --dense-head {args.dense_head} is ours")
+    undefined = [t for t in tasks if protocol and t not in {**protocol.arguments, **protocol.heads}]
+    # every input file read before any task runs
+    missing = {t: f"--protocol {args.protocol} defines no {t} protocol" if t in undefined else missing_data(t, args)
+               for t in tasks}  # fmt: skip
     if all(missing.values()):
         why = "; ".join(f"{task}: {why}" for task, why in missing.items())
         raise UsageError(f"no task has its data ({why})")
     sha256 = file_sha256(args.backbone)
-    earlier = earlier_summary(Path(args.output_dir), args.backbone, sha256)
+    earlier = earlier_summary(Path(args.output_dir), args.backbone, sha256, protocol=args.protocol)
     out = prepare_output_dir(args.output_dir)
     embed_dim = vit.embed_dim
     # a model named by a family prefix (timm:<model>) is no ViT size of the paper: no paper figure
@@ -598,8 +680,12 @@ def evaluate_all(args: argparse.Namespace) -> int:
     else:
         model = f"ViT-{size[0].upper()}" if size else f"embed dim {embed_dim}"
         model += f" {family.title} layout" if layout else ""
-    if size is None and not family.student_prefix:
+    if size is None and not family.student_prefix and not protocol:
         print(f"note: no configs for embed dim {embed_dim}; dense tasks use the ViT-S ones (adapt with --extra)")
+    # the published figures' key: the paper's model size, or the released model of the backbone's architecture
+    release = family.release_like(vit) if protocol else None
+    key = release if protocol else size and size + layout
+    published = f"{protocol.source} ({release or 'no released model of this architecture'})" if protocol else ""
     rows: list[Row] = []
     unreadable: dict[str, tuple[int, str]] = {}
     skipped: dict[str, str] = {}
@@ -613,15 +699,17 @@ def evaluate_all(args: argparse.Namespace) -> int:
         task_out = out / task
         quick = TASKS[task].quick if args.quick else ()
         configs = family.dense_configs(size or "small")
-        argv = [*command(task, args, configs, out=task_out, position_table=family.position_table), *quick, *extra[task]]
+        argv = command(task, args, configs, out=task_out, position_table=family.position_table, protocol=protocol)
+        argv += [*quick, *extra[task]]
         error = run_task(task, argv, task_out)
         if error:
             failed[task] = error
             continue
         results = json.loads((task_out / "results.json").read_text())
-        rows += rows_of(task, results, size and size + layout, head=args.dense_head)
+        rows += rows_of(task, results, key, head=args.dense_head, protocol=protocol)
         unreadable[task] = unreadable_images(task, results)
     now = {"backbone": args.backbone, "backbone_sha256": sha256, "model": model, "rows": rows}
+    now |= {"protocol": args.protocol, "published": published}
     now["unreadable_images"] = {task: n for task, (n, _) in unreadable.items()}
     now["unreadable_where"] = {task: where for task, (_, where) in unreadable.items()}
     summary = {**now, "skipped": skipped, "failed": failed}

@@ -499,7 +499,7 @@ BUILT_CONFIGS = {
     "depth/configs/dpt_timm.py": "034a77f28cd71acb",
     "depth/configs/linear_timm.py": "2c0a9855d6356f60",
     "segmentation/configs/dinov3_linear.py": "de00f9d231fb291b",
-    "depth/configs/dinov3_linear.py": "7db1c955bbf4ca66",
+    "depth/configs/dinov3_linear.py": "008bc2942e8a327b",
 }
 
 

@@ -560,3 +560,90 @@ def test_a_bad_clip_checkpoint_is_refused_before_any_task(backbone, imagenet, ze
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: --clip-checkpoint: {why}") and str(clip) in err[0]
     assert ran == [] and not (tmp_path / "o").exists()
+
+
+# --- --protocol dinov3 -----------------------------------------------------------------------------
+def test_release_like_names_the_released_model_of_a_backbones_architecture():
+    """DINOv3's figures describe its released networks: a DINOv3-layout ViT-S student has dinov3_vits16's
+    architecture, a ViT-S+ is told apart from it by its SwiGLU FFN, and a tiny one matches no release."""
+    family = models.FAMILIES["dinov3"]
+    with torch.device("meta"):
+        small = family.create_student("vit_small")
+        plus = family.teachers["dinov3_vits16plus"].build()
+        tiny = family.create_student("vit_tiny")
+    assert [family.release_like(m) for m in (small, plus, tiny)] == ["dinov3_vits16", "dinov3_vits16plus", None]
+    assert models.FAMILIES["timm"].release_like(small) is None  # a family without released teachers
+
+
+@pytest.mark.parametrize("gpus,nproc,batch", [(0, 1, 16), (8, 8, 2), (3, 2, 8)])
+def test_dinov3_protocol_runs_dinov3s_configs_at_their_global_batch(monkeypatch, gpus, nproc, batch):
+    """--protocol dinov3: linear with linear_eval's `--protocol dinov3`, kNN as ours, ADE20K and NYU with DINOv3's
+    linear configs at DINOv3's global batch 16 (its 8 GPUs x 2) over the visible GPUs, no reference position table."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    base = ["--backbone", "b", "--output-dir", "o", "--data-imagenet", "i", "--data-ade20k", "a", "--data-nyu", "n"]
+    args = evaluate_all.get_args_parser().parse_args([*base, "--protocol", "dinov3"])
+    dinov3 = evaluate_all.DINOV3
+    assert evaluate_all.command("linear", args, "vit_small", out=Path("o"), protocol=dinov3)[-2:] == [
+        "--protocol",
+        "dinov3",
+    ]
+    assert "--protocol" not in evaluate_all.command("knn", args, "vit_small", out=Path("o"), protocol=dinov3)
+    for task, module, config in (
+        ("ade20k", "segmentation.main", "segmentation/configs/dinov3_linear.py"),
+        ("nyu", "depth.main", "depth/configs/dinov3_linear.py"),
+    ):
+        argv = evaluate_all.command(task, args, "vit_small", out=Path("o"), protocol=dinov3)
+        launch = 4 if nproc > 1 else 0
+        assert argv[launch : launch + 2] == [module, str(evaluate_all.ROOT / config)]
+        assert "--reference-pos-embed" not in argv
+        assert argv[-1] == f"train_dataloader.batch_size={batch}"
+        assert evaluate_all.paper_protocol(evaluate_all.ROOT / config)["global_batch"] == 16 == nproc * batch
+
+
+def test_dinov3_model_card_figures_only_for_its_release_and_protocol():
+    """The model card's ADE20K mIoU and NYU RMSE (final models) stand beside a backbone of a released model's
+    architecture run with DINOv3's protocol; another architecture gets none, another batch n/a with the reason."""
+    ade = {"global_batch": 16, "max_iters": 40000, "val_interval": 5000, "amp": False}
+    seg = {"metrics": {"mIoU final": 40.0, "mIoU best on test": 41.0}, "protocol": ade}
+    rows = evaluate_all.rows_of("ade20k", seg, "dinov3_vits16", head="linear", protocol=evaluate_all.DINOV3)
+    assert [(r.metric, r.paper) for r in rows] == [("mIoU final (DINOv3 linear)", 47.0), ("mIoU best on test "
+                                                   "(DINOv3 linear)", None)]  # fmt: skip
+    assert evaluate_all.rows_of("ade20k", seg, None, head="linear", protocol=evaluate_all.DINOV3)[0].paper is None
+    half = {**seg, "protocol": {**ade, "global_batch": 8}}
+    row = evaluate_all.rows_of("ade20k", half, "dinov3_vitl16", head="linear", protocol=evaluate_all.DINOV3)[0]
+    assert row.paper is None and row.metric.endswith("paper n/a: global_batch 8 (paper 16))")
+    nyu = {"metrics": {"rmse final": 0.4}, "protocol": {**ade, "max_iters": 38400, "val_interval": 1600}}
+    row = evaluate_all.rows_of("nyu", nyu, "dinov3_vitb16", head="linear", protocol=evaluate_all.DINOV3)[0]
+    assert (row.metric, row.paper) == ("rmse final (DINOv3 linear)", 0.373)
+    top1 = {"metrics": {"top-1": 80.0}, "protocol": {}}  # the card's ImageNet column is IN-ReaL: not ours
+    assert (
+        evaluate_all.rows_of("linear", top1, "dinov3_vits16", head="linear", protocol=evaluate_all.DINOV3)[0].paper
+        is None
+    )
+
+
+def test_dinov3_protocol_skips_the_tasks_it_does_not_define(dinov3_export, imagenet, tmp_path, monkeypatch, capsys):
+    """Tasks DINOv3 defines no protocol for are skipped with that reason; results.md names the figures' source;
+    the same folder under the paper's protocol is refused, as is a fine-tuned --dense-head."""
+    ran = []
+
+    def run_task(task: str, argv: list[str], out: Path) -> None:
+        ran.append((task, argv))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps({"metrics": {"top-1": 50.0}, "unreadable_images": {}}))
+
+    monkeypatch.setattr(evaluate_all, "run_task", run_task)
+    out = tmp_path / "eval"
+    base = ["--backbone", str(dinov3_export), "--output-dir", str(out), "--data-imagenet", str(imagenet)]
+    assert evaluate_all.main([*base, "--protocol", "dinov3", "--tasks", "linear,fine_grained"]) == 0
+    assert [t for t, _ in ran] == ["linear"] and ran[0][1][-2:] == ["--protocol", "dinov3"]
+    md = (out / "results.md").read_text()
+    assert "| task | metric | ours | DINOv3 model card (no released model of this architecture) |" in md
+    assert "- skipped fine_grained: --protocol dinov3 defines no fine_grained protocol" in md
+    assert json.loads((out / "results.json").read_text())["protocol"] == "dinov3"
+    capsys.readouterr()
+    assert evaluate_all.main([*base, "--tasks", "linear"]) == 2
+    assert "holds results of --protocol dinov3, not proteus" in capsys.readouterr().err
+    assert evaluate_all.main([*base, "--protocol", "dinov3", "--dense-head", "full"]) == 2
+    assert "error: --protocol dinov3 runs its linear probes; --dense-head full is ours" in capsys.readouterr().err
+    assert len(ran) == 1

@@ -27,8 +27,10 @@ test_pipeline = [
     dict(type="LoadDepthAnnotation", depth_rescale_factor=1e-3),
     dict(type="PackSegInputs", meta_keys=meta_keys),
 ]
+# DINOv3's 8 GPUs x 2 (the loss and SyncBN over all 16): the batch a launcher spreads over its n GPUs, 16 / n each
+global_batch = 16
 train_dataloader = dict(
-    batch_size=2,  # per GPU: bs 2 x n_gpus 8 = 16, the loss and SyncBN over 8 processes as DINOv3's
+    batch_size=2,  # per GPU on DINOv3's 8
     dataset=dict(
         type=dataset_type,
         data_root=data_root,

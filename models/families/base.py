@@ -47,6 +47,10 @@ def has_any(state_dict: Mapping[str, object], keys: tuple[str, ...]) -> bool:
     return any(k in state_dict for k in keys)
 
 
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
 def has_layerscale(state_dict: Mapping[str, object]) -> bool:
     return any(k.endswith(".ls1.gamma") for k in state_dict)
 
@@ -230,6 +234,18 @@ class Family:
     def is_own(self, model: nn.Module) -> bool:
         """Whether a network is one of this family's (what to_official can write)."""
         return self.detects and self.owns(model.state_dict())
+
+    def release_like(self, model: nn.Module) -> str | None:
+        """The released model (a `teachers` name) whose architecture `model` has, or None: the figures its authors
+        published for that release describe networks of this shape. Each release is built on the meta device (no
+        memory, no weights) and compared tensor shape by tensor shape."""
+        shapes = _shapes(model)
+        for name, spec in self.teachers.items():
+            with torch.device("meta"):
+                release = spec.build()
+            if _shapes(release) == shapes:
+                return name
+        return None
 
     # --- building networks -----------------------------------------------------------------------
     def load_teacher(

@@ -90,12 +90,14 @@ per_process_batch() {
     fi
 }
 
-# The paper's global batch of an mmseg config: 4 GPUs x the config's per-GPU batch (ADE20K 32,
-# UperNet ViT-B 16, ViT-L 8; NYU 16): paper_global_batch CONFIG
+# The published global batch of an mmseg config: the config's `global_batch` where it states one (another
+# release's protocol: DINOv3's dinov3_linear.py 16), else the reference's 4 GPUs x the config's per-GPU batch
+# (ADE20K 32, UperNet ViT-B 16, ViT-L 8; NYU 16): paper_global_batch CONFIG
 paper_global_batch() {
     # shellcheck disable=SC2016  # python code, not shell
     "${PYTHON:-python}" -c 'import sys; from mmengine.config import Config
-print(4 * Config.fromfile(sys.argv[1], import_custom_modules=False).train_dataloader.batch_size)' "$1"
+c = Config.fromfile(sys.argv[1], import_custom_modules=False)
+print(c.get("global_batch") or 4 * c.train_dataloader.batch_size)' "$1"
 }
 
 # segmentation.main / depth.main: run_dense TASK CONFIG DATA_ROOT WORK_DIR GLOBAL_BATCH [flags...]
