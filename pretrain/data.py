@@ -23,20 +23,21 @@ IMAGENET_TRAIN_SIZE = 1_281_167  # a single-image "epoch" has as many crops as a
 SUBSET_SEED = 0  # proxy subsets are the same whatever --seed is, so ablations compare like with like
 
 
+# PROTOCOLS A's augmentation, as timm's create_transform arguments
+RECIPE = dict(
+    is_training=True,
+    auto_augment="rand-m9-mstd0.5-inc1",
+    color_jitter=0.3,
+    interpolation="bicubic",
+    re_prob=0.25,
+    re_mode="pixel",
+    re_count=1,
+)
+
+
 def train_transform(input_size: int, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
     """PROTOCOLS A: RRC bicubic, flip, RandAugment m9 mstd0.5 inc1, normalise, RandomErasing 0.25."""
-    return create_transform(
-        input_size,
-        is_training=True,
-        auto_augment="rand-m9-mstd0.5-inc1",
-        color_jitter=0.3,
-        interpolation="bicubic",
-        re_prob=0.25,
-        re_mode="pixel",
-        re_count=1,
-        mean=mean,
-        std=std,
-    )
+    return create_transform(input_size, mean=mean, std=std, **RECIPE)
 
 
 class SingleImageDataset(Dataset):
@@ -81,8 +82,10 @@ def build_dataset(
     *,
     subset_classes: float = 1.0,
     subset_images_per_class: float = 1.0,
+    transform=None,
 ) -> Dataset:
-    transform = train_transform(input_size)
+    """The training images under `transform` (default: the recipe's whole transform, the classic loader's)."""
+    transform = transform or train_transform(input_size)
     if single_image:
         return SingleImageDataset(single_image, transform)
     if not data_path:

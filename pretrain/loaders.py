@@ -1,0 +1,160 @@
+"""How a training batch reaches the device (--loader): what the data-loader workers do to each image, and
+what the step does to their batch on its device.
+
+- `classic`: timm's whole transform in the workers (RRC, flip, RandAugment, to-tensor, normalise,
+  RandomErasing); the workers hand over float32 crops.
+- `cpu` (default): the same PIL stages in the workers, which hand over uint8 crops (4x fewer bytes between
+  processes and to the device) with each sample's erasing boxes and seed; normalisation and erasing run
+  batched on the device. The boxes are drawn in the worker from the sample's python generator exactly where
+  timm's RandomErasing draws them, so they are the classic path's boxes; the noise comes from a generator
+  on the device seeded with the sample's seed, advanced past the worker's torch draws, so on a CPU device
+  every pixel is the classic path's, and on CUDA the same N(0, 1) noise from the GPU's generator.
+
+A loader is a `Stages` record in `LOADERS`; a GPU decoder adds its own entry there.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data.random_erasing import RandomErasing
+from torchvision import transforms
+
+from .data import RECIPE, train_transform
+
+# torch draws made by the worker's PIL stages before erasing: torchvision's RandomHorizontalFlip draws one
+# torch.rand(1); the crop and RandAugment draw from python's `random`. The classic path's erasing noise
+# comes after them on the same seeded generator (tests/test_loaders.py pins it).
+WORKER_TORCH_DRAWS = 1
+
+
+class Erasing(NamedTuple):
+    """timm's RandomErasing settings, read from the recipe's transform (one source for both paths)."""
+
+    probability: float
+    min_area: float
+    max_area: float
+    log_aspect_ratio: tuple[float, float]
+    min_count: int
+    max_count: int
+    mode: str  # pixel: per-pixel N(0, 1); rand: one N(0, 1) colour per box; const: zeros
+
+    @classmethod
+    def of(cls, erasing: RandomErasing) -> Erasing:
+        e = erasing
+        return cls(e.probability, e.min_area, e.max_area, e.log_aspect_ratio, e.min_count, e.max_count, e.mode)
+
+    def boxes(self, height: int, width: int) -> list[tuple[int, int, int, int]]:
+        """(top, left, h, w) of each box, drawn from python's `random` as timm's RandomErasing draws them for
+        a (C, height, width) image: the same calls in the same order, so the same seed gives the same boxes."""
+        if random.random() > self.probability:
+            return []
+        count = self.min_count if self.min_count == self.max_count else random.randint(self.min_count, self.max_count)
+        area, found = height * width, []
+        for _ in range(count):
+            for _attempt in range(10):
+                target = random.uniform(self.min_area, self.max_area) * area / count
+                aspect = math.exp(random.uniform(*self.log_aspect_ratio))
+                h, w = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+                if w < width and h < height:
+                    found.append((random.randint(0, height - h), random.randint(0, width - w), h, w))
+                    break
+        return found
+
+
+def recipe_stages(input_size: int, mean, std) -> tuple[transforms.Compose, transforms.Compose, Erasing]:
+    """The recipe split where the two paths part: the PIL stages (crop, flip, RandAugment), the tensor stages
+    (to-tensor, normalise, erasing) and the erasing settings."""
+    primary, secondary, final = create_transform(input_size, mean=mean, std=std, separate=True, **RECIPE)
+    (erasing,) = [t for t in final.transforms if isinstance(t, RandomErasing)]
+    return transforms.Compose(primary.transforms + secondary.transforms), final, Erasing.of(erasing)
+
+
+class UInt8Crop:
+    """The 'cpu' loader's worker transform: the recipe's PIL stages, then the crop as a uint8 (3, H, W) tensor
+    and an erasing record (max_count, 5) int64: per box (seed, top, left, h, w), h = 0 for no box. The seed
+    is the sample's (data.SeededDataset seeded torch's generator with it)."""
+
+    def __init__(self, input_size: int, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> None:
+        self.augment, _, self.erasing = recipe_stages(input_size, mean, std)
+
+    def __call__(self, img) -> tuple[torch.Tensor, torch.Tensor]:
+        image = to_uint8(self.augment(img))
+        record = torch.zeros(self.erasing.max_count, 5, dtype=torch.int64)
+        record[:, 0] = torch.initial_seed()
+        for k, box in enumerate(self.erasing.boxes(*image.shape[1:])):
+            record[k, 1:] = torch.tensor(box)
+        return image, record
+
+
+def to_uint8(img) -> torch.Tensor:
+    """An RGB PIL image as a contiguous uint8 (3, H, W) tensor: torchvision's to_tensor without the scaling."""
+    return torch.from_numpy(np.array(img, np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+
+
+class DeviceFinish:
+    """The 'cpu' loader's batch on the device: uint8 -> float / 255, normalised, then erased (timm's order)."""
+
+    def __init__(self, erasing: Erasing, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> None:
+        self.erasing = erasing
+        self.mean, self.std = torch.tensor(mean), torch.tensor(std)  # float32, as timm hands them to Normalize
+
+    def __call__(self, batch, device: torch.device) -> torch.Tensor:
+        (images, records), _ = batch
+        x = images.to(device, non_blocking=True).to(torch.get_default_dtype()).div_(255)
+        x.sub_(self.mean.to(device).view(-1, 1, 1)).div_(self.std.to(device).view(-1, 1, 1))
+        erase(x, records, mode=self.erasing.mode)
+        return x
+
+
+def erase(x: torch.Tensor, records: torch.Tensor, *, mode: str) -> None:
+    """Fills each sample's boxes in place, the noise drawn from a generator on x's device seeded with the
+    sample's seed and advanced past the worker's torch draws (box after box, as timm fills them)."""
+    for i, rows in enumerate(records.tolist()):
+        boxes = [r for r in rows if r[3] > 0]
+        if not boxes:
+            continue
+        g = torch.Generator(x.device).manual_seed(boxes[0][0])
+        torch.rand(WORKER_TORCH_DRAWS, generator=g, device=x.device)
+        for _, top, left, h, w in boxes:
+            x[i, :, top : top + h, left : left + w] = fill(mode, (x.shape[1], h, w), g, x)
+
+
+def fill(mode: str, shape: tuple[int, int, int], g: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """timm's erasing fill for one box: per-pixel normal, one normal colour, or zeros."""
+    if mode == "pixel":
+        return torch.empty(shape, dtype=like.dtype, device=like.device).normal_(generator=g)
+    if mode == "rand":
+        return torch.empty((shape[0], 1, 1), dtype=like.dtype, device=like.device).normal_(generator=g)
+    return torch.zeros((shape[0], 1, 1), dtype=like.dtype, device=like.device)
+
+
+def classic_finish(batch, device: torch.device) -> torch.Tensor:
+    """The 'classic' loader's batch is the finished float crops: moved as they are."""
+    images, _ = batch
+    return images.to(device, non_blocking=True)
+
+
+class Stages(NamedTuple):
+    """A loader: the worker transform and what turns a collated batch into the step's float images on a device."""
+
+    transform: Callable[[Any], Any]
+    finish: Callable[[Any, torch.device], torch.Tensor]
+
+
+def cpu_stages(input_size: int) -> Stages:
+    crop = UInt8Crop(input_size)
+    return Stages(crop, DeviceFinish(crop.erasing))
+
+
+def classic_stages(input_size: int) -> Stages:
+    return Stages(train_transform(input_size), classic_finish)
+
+
+LOADERS: dict[str, Callable[[int], Stages]] = {"cpu": cpu_stages, "classic": classic_stages}

@@ -1,0 +1,101 @@
+"""--loader: the 'cpu' path (uint8 crops from the workers, normalisation and erasing on the device) gives the
+classic path's batches for the same position keys: the same crops, the same erasing boxes, the same pixels."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from timm.data.random_erasing import RandomErasing
+from torch.utils.data import DataLoader
+
+from models.errors import UsageError
+from pretrain import loaders
+from pretrain.config import Config
+from pretrain.data import PositionSampler, SeededDataset, build_dataset, derive_seed
+from tests.helpers import make_image_folder
+
+SIZE = 32
+
+
+class Fixed(torch.utils.data.Sampler):
+    """The epoch's order, without shuffling: PositionSampler gives each position its key."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter(range(self.n))
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+
+def batches(root, loader: str, *, workers: int, epoch: int = 3) -> list:
+    stages = loaders.LOADERS[loader](SIZE)
+    ds = build_dataset(str(root), SIZE, transform=stages.transform)
+    sampler = PositionSampler(Fixed(len(ds)), seed=7, rank=0)
+    sampler.set_epoch(epoch)
+    loader = DataLoader(SeededDataset(ds), batch_size=8, sampler=sampler, num_workers=workers)
+    return [(batch, stages.finish(batch, torch.device("cpu"))) for batch in loader]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("photos"), classes=2, per_class=12, size=(40, 56))
+
+
+def test_cpu_loader_batches_are_the_classic_batches(photos):
+    """24 JPEGs, the same (seed, rank, epoch, position) keys: the workers hand over uint8 crops (a quarter of the
+    bytes) and the device's normalisation + erasing give the classic path's float batch to float tolerance,
+    erased boxes and their noise included (on a CPU device the noise is the classic path's own draws)."""
+    classic = batches(photos, "classic", workers=0)
+    cpu = batches(photos, "cpu", workers=1)  # the seed reaches the record from a worker process too
+    erased = 0
+    assert len(classic) == len(cpu) == 3
+    for (_, want), (((images, records), _), got) in zip(classic, cpu):
+        assert images.dtype == torch.uint8 and images.shape == want.shape
+        assert torch.allclose(got, want, atol=1e-6, rtol=0)
+        erased += int((records[:, :, 3] > 0).sum())
+    assert erased >= 3  # p = 0.25 over 24 samples: the comparison covered erased samples
+
+
+def test_cpu_loader_records_the_keys_boxes():
+    """Each sample's record is (its seed, timm's box for it): RandomErasing seeded the same way erases exactly that
+    box, and data.SeededDataset's seed is the one recorded."""
+    crop = loaders.UInt8Crop(SIZE)
+    timm_erasing = RandomErasing(0.25, mode="pixel", max_count=1, device="cpu")
+    found = 0
+    for position in range(40):
+        seed = derive_seed(7, 0, 3, position)
+        random.seed(seed)
+        torch.manual_seed(seed)
+        boxes = crop.erasing.boxes(SIZE, SIZE + 8)
+        random.seed(seed)
+        x = timm_erasing(torch.zeros(3, SIZE, SIZE + 8))
+        rows, cols = x.abs().sum(0).nonzero(as_tuple=True)
+        if boxes:
+            top, left, h, w = boxes[0]
+            assert (rows.min(), cols.min(), rows.max() + 1 - top, cols.max() + 1 - left) == (top, left, h, w)
+            found += 1
+        else:
+            assert len(rows) == 0
+    assert found >= 5
+
+
+def test_loader_is_resolved_into_the_config():
+    """--loader cpu is the default, classic is kept as an option; another value is one line."""
+    from pretrain import main as pretrain_main
+
+    args = pretrain_main.get_args_parser().parse_args(["--teacher", "dinov2_vits14", "--device", "cpu"])
+    config = pretrain_main.resolve(args)
+    assert config.loader == "cpu"
+    assert (
+        pretrain_main.resolve(pretrain_main.get_args_parser().parse_args(["--loader", "classic"])).loader == "classic"
+    )
+    with pytest.raises(UsageError, match="--loader gpu: must be cpu, classic"):
+        Config(**{**{f: getattr(config, f) for f in config.__dataclass_fields__}, "loader": "gpu"})
