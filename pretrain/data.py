@@ -83,8 +83,10 @@ def build_dataset(
     subset_classes: float = 1.0,
     subset_images_per_class: float = 1.0,
     transform=None,
+    read=None,
 ) -> Dataset:
-    """The training images under `transform` (default: the recipe's whole transform, the classic loader's)."""
+    """The training images under `transform` (default: the recipe's whole transform, the classic loader's),
+    each read by `read` (default: common.images.load_rgb)."""
     transform = transform or train_transform(input_size)
     if single_image:
         return SingleImageDataset(single_image, transform)
@@ -97,6 +99,8 @@ def build_dataset(
     if not train.is_dir():
         raise MissingFile(f"no train/ folder in --data-path {data_path} (expected {train}/<class>/<image>)")
     ds = read_image_folder(train, transform)
+    if read is not None:
+        ds.loader = read
     if subset_classes < 1 or subset_images_per_class < 1:
         ds.samples = ds.imgs = subset_samples(ds.samples, subset_classes, subset_images_per_class)
         ds.targets = [t for _, t in ds.samples]

@@ -22,9 +22,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data.random_erasing import RandomErasing
 from torchvision import transforms
+from torchvision.transforms import functional as F
+
+from common.images import to_rgb
 
 from .data import RECIPE, train_transform
 
@@ -77,20 +81,57 @@ def recipe_stages(input_size: int, mean, std) -> tuple[transforms.Compose, trans
 
 
 class UInt8Crop:
-    """The 'cpu' loader's worker transform: the recipe's PIL stages, then the crop as a uint8 (3, H, W) tensor
-    and an erasing record (max_count, 5) int64: per box (seed, top, left, h, w), h = 0 for no box. The seed
-    is the sample's (data.SeededDataset seeded torch's generator with it)."""
+    """The 'cpu' loader's worker transform: the recipe's PIL stages (`augment`), then the crop as a uint8
+    (3, H, W) tensor and its erasing record."""
 
-    def __init__(self, input_size: int, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> None:
-        self.augment, _, self.erasing = recipe_stages(input_size, mean, std)
+    def __init__(self, augment: transforms.Compose, erasing: Erasing) -> None:
+        self.augment, self.erasing = augment, erasing
 
     def __call__(self, img) -> tuple[torch.Tensor, torch.Tensor]:
         image = to_uint8(self.augment(img))
+        return image, self.record(image)
+
+    def record(self, image: torch.Tensor) -> torch.Tensor:
+        """(max_count, 5) int64: per box (seed, top, left, h, w), h = 0 for no box. The seed is the sample's
+        (data.SeededDataset seeded torch's generator with it); the boxes are drawn here, where timm's
+        RandomErasing would draw them."""
         record = torch.zeros(self.erasing.max_count, 5, dtype=torch.int64)
         record[:, 0] = torch.initial_seed()
         for k, box in enumerate(self.erasing.boxes(*image.shape[1:])):
             record[k, 1:] = torch.tensor(box)
-        return image, record
+        return record
+
+
+class DraftRead:
+    """--jpeg-draft: the dataset's reader, which crops as it decodes. It draws the crop as the recipe's
+    RandomResizedCrop does (the same python draws, from the header's size), lets libjpeg decode at 1/2, 1/4 or
+    1/8 scale when the crop keeps at least the output size at that scale, and resizes the crop's box of the
+    smaller image. It changes pixels (DCT scaling, then a shorter bicubic resize); without a reduction it is
+    the recipe's crop exactly."""
+
+    def __init__(self, crop) -> None:
+        self.crop = crop  # timm's RandomResizedCropAndInterpolation
+        self.resample = F.pil_modes_mapping[crop.interpolation]
+
+    def __call__(self, path) -> Image.Image:
+        with Image.open(path) as img:
+            return self.decode(img, path)
+
+    def decode(self, img: Image.Image, path="") -> Image.Image:
+        top, left, h, w = self.crop.get_params(img, self.crop.scale, self.crop.ratio)
+        out_h, out_w = self.crop.size
+        reduce = 1
+        while reduce < 8 and h >= 2 * reduce * out_h and w >= 2 * reduce * out_w:
+            reduce *= 2
+        width, height = img.size
+        if reduce > 1:
+            img.draft("RGB", (math.ceil(width / reduce), math.ceil(height / reduce)))
+        rgb = to_rgb(img, path)
+        if rgb.size == (width, height):
+            return F.resized_crop(rgb, top, left, h, w, [out_h, out_w], self.crop.interpolation)
+        sx, sy = width / rgb.width, height / rgb.height
+        box = (left / sx, top / sy, (left + w) / sx, (top + h) / sy)
+        return rgb.resize((out_w, out_h), self.resample, box=box)
 
 
 def to_uint8(img) -> torch.Tensor:
@@ -142,19 +183,34 @@ def classic_finish(batch, device: torch.device) -> torch.Tensor:
 
 
 class Stages(NamedTuple):
-    """A loader: the worker transform and what turns a collated batch into the step's float images on a device."""
+    """A loader: the worker transform, what turns a collated batch into the step's float images on a device,
+    and the dataset's image reader when it is not the usual one (common.images.load_rgb)."""
 
     transform: Callable[[Any], Any]
     finish: Callable[[Any, torch.device], torch.Tensor]
+    read: Callable[[Any], Image.Image] | None = None
 
 
 def cpu_stages(input_size: int) -> Stages:
-    crop = UInt8Crop(input_size)
-    return Stages(crop, DeviceFinish(crop.erasing))
+    augment, _, erasing = recipe_stages(input_size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    return Stages(UInt8Crop(augment, erasing), DeviceFinish(erasing))
+
+
+def draft_stages(input_size: int) -> Stages:
+    """The 'cpu' loader with --jpeg-draft: the crop moves into the reader (DraftRead)."""
+    augment, _, erasing = recipe_stages(input_size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    crop, *rest = augment.transforms
+    return Stages(UInt8Crop(transforms.Compose(rest), erasing), DeviceFinish(erasing), DraftRead(crop))
 
 
 def classic_stages(input_size: int) -> Stages:
     return Stages(train_transform(input_size), classic_finish)
 
 
+# --loader's values; a GPU decoder adds its entry here (its Stages: the worker side, and `finish` on the device)
 LOADERS: dict[str, Callable[[int], Stages]] = {"cpu": cpu_stages, "classic": classic_stages}
+
+
+def loader_stages(name: str, input_size: int, *, jpeg_draft: bool = False) -> Stages:
+    """The stages of --loader `name` (with --jpeg-draft: the cpu loader's crop-while-decoding variant)."""
+    return draft_stages(input_size) if jpeg_draft else LOADERS[name](input_size)

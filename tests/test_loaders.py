@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 from timm.data.random_erasing import RandomErasing
@@ -67,7 +68,7 @@ def test_cpu_loader_batches_are_the_classic_batches(photos):
 def test_cpu_loader_records_the_keys_boxes():
     """Each sample's record is (its seed, timm's box for it): RandomErasing seeded the same way erases exactly that
     box, and data.SeededDataset's seed is the one recorded."""
-    crop = loaders.UInt8Crop(SIZE)
+    crop = loaders.cpu_stages(SIZE).transform
     timm_erasing = RandomErasing(0.25, mode="pixel", max_count=1, device="cpu")
     found = 0
     for position in range(40):
@@ -97,5 +98,38 @@ def test_loader_is_resolved_into_the_config():
     assert (
         pretrain_main.resolve(pretrain_main.get_args_parser().parse_args(["--loader", "classic"])).loader == "classic"
     )
+    with pytest.raises(UsageError, match="--jpeg-draft decodes the JPEGs of --data-path with --loader cpu, not with"):
+        pretrain_main.resolve(pretrain_main.get_args_parser().parse_args(["--loader", "classic", "--jpeg-draft"]))
     with pytest.raises(UsageError, match="--loader gpu: must be cpu, classic"):
         Config(**{**{f: getattr(config, f) for f in config.__dataclass_fields__}, "loader": "gpu"})
+
+
+def test_jpeg_draft_crops_the_same_box_from_a_smaller_decode(tmp_path):
+    """--jpeg-draft: the recipe's crop box (the same draws), decoded at 1/2..1/8 scale when the box keeps the
+    output size there: close to the full decode's crop, and the full decode's crop exactly when it cannot reduce."""
+    from PIL import Image
+
+    from common.images import load_rgb
+
+    y, x = np.mgrid[0:360, 0:480]
+    smooth = np.stack([x * 255 / 480, y * 255 / 360, 128 + 60 * np.sin(x / 25) * np.cos(y / 30)], -1)
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(smooth.astype(np.uint8)).save(path, quality=90)
+    size = 128  # a 1/2 decode when both sides of the box are >= 256 px: some boxes of a 480 x 360 photo
+    crop = loaders.recipe_stages(size, (0.5,) * 3, (0.5,) * 3)[0].transforms[0]
+    draft = loaders.DraftRead(crop)
+    reduced = exact = 0
+    for seed in range(30):
+        random.seed(seed)
+        _, _, h, w = crop.get_params(Image.new("RGB", (480, 360)), crop.scale, crop.ratio)
+        random.seed(seed)
+        got = np.asarray(draft(path), dtype=np.float64)
+        random.seed(seed)
+        want = np.asarray(crop(load_rgb(path)), dtype=np.float64)
+        if min(h, w) >= 2 * size:
+            reduced += 1
+            assert 0 < np.abs(got - want).mean() < 1  # levels of 255 (measured ~0.25): DCT scaling, a shorter resize
+        else:
+            exact += 1
+            assert np.array_equal(got, want)
+    assert reduced >= 5 and exact >= 5
