@@ -156,7 +156,12 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.default_generator.manual_seed(seed)  # transforms draw on the CPU generator only
+        seed_sample(seed)
         return self.dataset[index]
+
+
+def seed_sample(seed: int) -> None:
+    """The generators a sample's augmentation draws from, seeded with its key's seed."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.default_generator.manual_seed(seed)  # transforms draw on the CPU generator only

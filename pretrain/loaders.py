@@ -3,8 +3,8 @@ what the step does to their batch on its device.
 
 - `classic`: timm's whole transform in the workers (RRC, flip, RandAugment, to-tensor, normalise,
   RandomErasing); the workers hand over float32 crops.
-- `cpu` (default): the same PIL stages in the workers, which hand over uint8 crops (4x fewer bytes between
-  processes and to the device) with each sample's erasing boxes and seed; normalisation and erasing run
+- `cpu` (default): the same PIL stages in the workers, which hand over uint8 (H, W, 3) crops (4x fewer bytes
+  between processes and to the device) with each sample's erasing boxes and seed; normalisation and erasing run
   batched on the device. The boxes are drawn in the worker from the sample's python generator exactly where
   timm's RandomErasing draws them, so they are the classic path's boxes; the noise comes from a generator
   on the device seeded with the sample's seed, advanced past the worker's torch draws, so on a CPU device
@@ -82,7 +82,7 @@ def recipe_stages(input_size: int, mean, std) -> tuple[transforms.Compose, trans
 
 class UInt8Crop:
     """The 'cpu' loader's worker transform: the recipe's PIL stages (`augment`), then the crop as a uint8
-    (3, H, W) tensor and its erasing record."""
+    (H, W, 3) tensor and its erasing record."""
 
     def __init__(self, augment: transforms.Compose, erasing: Erasing) -> None:
         self.augment, self.erasing = augment, erasing
@@ -97,7 +97,7 @@ class UInt8Crop:
         RandomErasing would draw them."""
         record = torch.zeros(self.erasing.max_count, 5, dtype=torch.int64)
         record[:, 0] = torch.initial_seed()
-        for k, box in enumerate(self.erasing.boxes(*image.shape[1:])):
+        for k, box in enumerate(self.erasing.boxes(*image.shape[:2])):
             record[k, 1:] = torch.tensor(box)
         return record
 
@@ -135,8 +135,8 @@ class DraftRead:
 
 
 def to_uint8(img) -> torch.Tensor:
-    """An RGB PIL image as a contiguous uint8 (3, H, W) tensor: torchvision's to_tensor without the scaling."""
-    return torch.from_numpy(np.array(img, np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+    """An RGB PIL image as a uint8 (H, W, 3) tensor: its own layout; the device makes it (3, H, W)."""
+    return torch.from_numpy(np.array(img, np.uint8, copy=True))
 
 
 class DeviceFinish:
@@ -148,7 +148,9 @@ class DeviceFinish:
 
     def __call__(self, batch, device: torch.device) -> torch.Tensor:
         (images, records), _ = batch
-        x = images.to(device, non_blocking=True).to(torch.get_default_dtype()).div_(255)
+        # (B, H, W, 3) uint8 -> (B, 3, H, W) float / 255, as torchvision's to_tensor does per image
+        x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).to(torch.get_default_dtype()).contiguous()
+        x.div_(255)
         x.sub_(self.mean.to(device).view(-1, 1, 1)).div_(self.std.to(device).view(-1, 1, 1))
         erase(x, records, mode=self.erasing.mode)
         return x

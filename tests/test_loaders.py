@@ -59,7 +59,7 @@ def test_cpu_loader_batches_are_the_classic_batches(photos):
     erased = 0
     assert len(classic) == len(cpu) == 3
     for (_, want), (((images, records), _), got) in zip(classic, cpu):
-        assert images.dtype == torch.uint8 and images.shape == want.shape
+        assert images.dtype == torch.uint8 and images.permute(0, 3, 1, 2).shape == want.shape
         assert torch.allclose(got, want, atol=1e-6, rtol=0)
         erased += int((records[:, :, 3] > 0).sum())
     assert erased >= 3  # p = 0.25 over 24 samples: the comparison covered erased samples
