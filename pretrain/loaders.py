@@ -149,7 +149,7 @@ class DeviceFinish:
     def __call__(self, batch, device: torch.device) -> torch.Tensor:
         (images, records), _ = batch
         # (B, H, W, 3) uint8 -> (B, 3, H, W) float / 255, as torchvision's to_tensor does per image
-        x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).to(torch.get_default_dtype()).contiguous()
+        x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous().to(torch.get_default_dtype())
         x.div_(255)
         x.sub_(self.mean.to(device).view(-1, 1, 1)).div_(self.std.to(device).view(-1, 1, 1))
         erase(x, records, mode=self.erasing.mode)
