@@ -65,6 +65,25 @@ def test_cpu_loader_batches_are_the_classic_batches(photos):
     assert erased >= 3  # p = 0.25 over 24 samples: the comparison covered erased samples
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_finish_erases_the_classic_boxes_with_gpu_noise(photos):
+    """On CUDA: the same batches outside the erased boxes; inside them, N(0, 1) noise from the GPU's generator."""
+    classic = batches(photos, "classic", workers=0)
+    cpu = batches(photos, "cpu", workers=0)
+    finish = loaders.cpu_stages(SIZE).finish
+    noise = []
+    for (_, want), (batch, _) in zip(classic, cpu):
+        got = finish(batch, torch.device("cuda")).cpu()
+        outside = torch.ones_like(got, dtype=torch.bool)
+        for i, rows in enumerate(batch[0][1].tolist()):
+            for _, top, left, h, w in (r for r in rows if r[3] > 0):
+                outside[i, :, top : top + h, left : left + w] = False
+        assert torch.allclose(got[outside], want[outside], atol=1e-5, rtol=0)
+        noise.append(got[~outside])
+    noise = torch.cat(noise)
+    assert noise.numel() > 100 and abs(noise.mean()) < 0.2 and 0.8 < noise.std() < 1.2
+
+
 def test_cpu_loader_records_the_keys_boxes():
     """Each sample's record is (its seed, timm's box for it): RandomErasing seeded the same way erases exactly that
     box, and data.SeededDataset's seed is the one recorded."""
