@@ -514,7 +514,7 @@ def stage_breakdown(variant: Variant, paths: list[str], batch: int) -> dict[str,
     return {name: v / len(paths) for name, v in times.items()}
 
 
-def device_finish(variant: Variant, dataset, batch: int, device: torch.device) -> float:
+def device_finish(variant: Variant, dataset, *, batch: int, device: torch.device) -> float:
     """Seconds per image of the loader's `finish` on `device` (the cpu loader: normalisation and erasing,
     batched), over one collated batch of its samples; 0 when it only moves the batch."""
     if variant.loader.finish is classic_finish:
@@ -569,7 +569,7 @@ def report_pipeline(args: argparse.Namespace, root: Path, device: torch.device) 
         f"batch {args.pipeline_batch}, torch threads 1, Pillow {Image.__version__}, device stages on {device}"
     )
     breakdown = {v.name: stage_breakdown(v, paths, args.pipeline_batch) for v in chosen}
-    finish = {v.name: device_finish(v, datasets[v.name], args.pipeline_batch, device) for v in chosen}
+    finish = {v.name: device_finish(v, datasets[v.name], batch=args.pipeline_batch, device=device) for v in chosen}
     names = [name for name in STAGE_ORDER if any(name in b for b in breakdown.values())]
     print("stage (ms/image)".ljust(24) + "".join(v.name.rjust(18) for v in chosen))
     for name in names:

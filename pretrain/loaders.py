@@ -166,10 +166,10 @@ def erase(x: torch.Tensor, records: torch.Tensor, *, mode: str) -> None:
         g = torch.Generator(x.device).manual_seed(boxes[0][0])
         torch.rand(WORKER_TORCH_DRAWS, generator=g, device=x.device)
         for _, top, left, h, w in boxes:
-            x[i, :, top : top + h, left : left + w] = fill(mode, (x.shape[1], h, w), g, x)
+            x[i, :, top : top + h, left : left + w] = fill(mode, (x.shape[1], h, w), g, like=x)
 
 
-def fill(mode: str, shape: tuple[int, int, int], g: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+def fill(mode: str, shape: tuple[int, int, int], g: torch.Generator, *, like: torch.Tensor) -> torch.Tensor:
     """timm's erasing fill for one box: per-pixel normal, one normal colour, or zeros."""
     if mode == "pixel":
         return torch.empty(shape, dtype=like.dtype, device=like.device).normal_(generator=g)
