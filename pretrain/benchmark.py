@@ -2,7 +2,7 @@
 
 python -m pretrain.benchmark --teacher dinov2_vitl14 --student vit_base --batch-size 128 --reference
 python -m pretrain.benchmark --teacher dinov2_vitg14 --student vit_small,vit_base   # teacher sharing
-python -m pretrain.benchmark --pipeline --workers 0,2,4
+python -m pretrain.benchmark --pipeline --images 64 --workers 1,2   # the CPU loaders, stage by stage
 
 The step benchmark uses synthetic images already on the device and a RANDOM-weight teacher: the
 step's speed does not depend on the weights, and no download is needed. "Ours" is the trainer's own
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import io
 import resource
 import statistics
 import sys
@@ -24,10 +25,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -37,9 +40,10 @@ from models import LAYOUTS, TEACHERS, Teacher, TeacherTarget, Tokens, create_stu
 from models.errors import MissingFile, UsageError
 from models.families import split_student, student_family, student_layout, teacher_spec
 
-from .data import build_dataset
+from .data import PositionSampler, SeededDataset, build_dataset, derive_seed, seed_sample, worker_init
 from .distiller import Distiller, TeacherInput, Views, channels_last, compile_student, param_groups
 from .engine import AMP, backward, backward_and_step, forward_losses, student_losses, teacher_targets, update
+from .loaders import DraftRead, Stages, UInt8Crop, classic_finish, loader_stages, recipe_stages, to_uint8
 from .masking import make_masks
 
 MATMUL_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -401,8 +405,15 @@ def sharing_benchmark(args: argparse.Namespace) -> float:
     return sum(separate) / together
 
 
-def generate_jpegs(folder: Path, n: int, size: tuple[int, int] = (500, 375), *, seed: int = 0) -> Path:
-    """`n` ImageNet-like JPEGs (quality 90) cropped from scikit-image's sample photos, in folder/train/photos/."""
+LARGE_PHOTO = (1600, 1200)  # the share of large photos among the generated JPEGs
+PIPELINE_SEED = 0  # the keys (seed, rank 0, epoch 0, position) of the pipeline benchmark's samples
+
+
+def generate_jpegs(
+    folder: Path, n: int, size: tuple[int, int] = (500, 375), *, seed: int = 0, large_share: float = 0.0
+) -> Path:
+    """`n` ImageNet-like JPEGs (quality 90) cropped from scikit-image's sample photos, in folder/train/photos/;
+    a `large_share` of them (spread evenly) LARGE_PHOTO-sized instead."""
     import numpy as np
     from PIL import Image
     from skimage import data as samples
@@ -416,32 +427,168 @@ def generate_jpegs(folder: Path, n: int, size: tuple[int, int] = (500, 375), *, 
         w, h = img.size
         cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
         x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        img.crop((x, y, x + cw, y + ch)).resize(size, Image.BICUBIC).save(out / f"{i:04d}.jpg", quality=90)
+        large = int((i + 1) * large_share) > int(i * large_share)
+        img = img.crop((x, y, x + cw, y + ch)).resize(LARGE_PHOTO if large else size, Image.BICUBIC)
+        img.save(out / f"{i:04d}.jpg", quality=90)
     return folder
 
 
-def pipeline_benchmark(args: argparse.Namespace) -> dict[int, float]:
-    """JPEG decode + train_transform (via the trainer's build_dataset) in images/s for each worker count."""
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(args.pipeline_dir) if args.pipeline_dir else generate_jpegs(Path(tmp), args.images)
-        dataset = build_dataset(str(root), args.input_size)
-        print(f"input pipeline: {len(dataset)} JPEGs in {root}/train, input {args.input_size}, torch threads 1")
-        rates = {}
+class Variant(NamedTuple):
+    """A CPU loader as the pipeline benchmark times it: its worker stages in order (name, function of the
+    previous stage's output), the whole loader (pretrain.loaders.Stages), and what it hands over per sample."""
+
+    name: str
+    stages: list[tuple[str, Callable]]
+    loader: Stages
+
+
+def variants(input_size: int) -> list[Variant]:
+    """classic, cpu and cpu with --jpeg-draft, split into the stages their workers run."""
+    from PIL import Image
+
+    from common.images import to_rgb
+
+    augment, final, erasing = recipe_stages(input_size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    crop, flip, randaugment = augment.transforms
+    to_tensor, normalise, random_erasing = final.transforms
+    record = UInt8Crop(augment, erasing).record
+    read = ("read", lambda path: Path(path).read_bytes())
+    decode = ("decode", lambda data: to_rgb(Image.open(io.BytesIO(data))))
+    pil = [("flip", flip), ("RandAugment", randaugment)]
+    uint8 = [("to-tensor (uint8)", to_uint8), ("erasing boxes", lambda x: (x, record(x)))]
+    draft = DraftRead(crop)
+    return [
+        Variant(
+            "classic",
+            [
+                read,
+                decode,
+                ("crop+resize", crop),
+                *pil,
+                ("to-tensor", to_tensor),
+                ("normalise", normalise),
+                ("erasing", random_erasing),
+            ],
+            loader_stages("classic", input_size),
+        ),  # fmt: skip
+        Variant("cpu", [read, decode, ("crop+resize", crop), *pil, *uint8], loader_stages("cpu", input_size)),
+        Variant(
+            "cpu --jpeg-draft",
+            [read, ("decode+crop (draft)", lambda data: draft.decode(Image.open(io.BytesIO(data)))), *pil, *uint8],
+            loader_stages("cpu", input_size, jpeg_draft=True),
+        ),
+    ]
+
+
+STAGE_ORDER = ("read", "decode", "decode+crop (draft)", "crop+resize", "flip", "RandAugment", "to-tensor",
+               "to-tensor (uint8)", "normalise", "erasing", "erasing boxes", "collate+transfer")  # fmt: skip
+
+
+def collate_shared(samples: list[torch.Tensor]) -> torch.Tensor:
+    """The worker's collate: the batch stacked straight into shared memory, which is what the main process
+    maps (torch's default_collate in a worker does the same)."""
+    first = samples[0]
+    storage = first.untyped_storage()._new_shared(len(samples) * first.nbytes, device=first.device)
+    out = first.new(storage).resize_(len(samples), *first.shape)
+    return torch.stack(samples, out=out)
+
+
+def stage_breakdown(variant: Variant, paths: list[str], batch: int) -> dict[str, float]:
+    """Seconds per image of each worker stage, in process on one thread, each sample seeded by its key as
+    data.SeededDataset seeds it; collate (+ transfer) per batch into shared memory, divided by the batch."""
+    times: dict[str, float] = dict.fromkeys([name for name, _ in variant.stages] + ["collate+transfer"], 0.0)
+    images = []
+    for position, path in enumerate(paths):
+        seed_sample(derive_seed(PIPELINE_SEED, 0, 0, position))
+        x = path
+        for name, fn in variant.stages:
+            t = time.perf_counter()
+            x = fn(x)
+            times[name] += time.perf_counter() - t
+        images.append(x[0] if isinstance(x, tuple) else x)
+        if len(images) == batch or position == len(paths) - 1:
+            t = time.perf_counter()
+            collate_shared(images)
+            times["collate+transfer"] += time.perf_counter() - t
+            images = []
+    return {name: v / len(paths) for name, v in times.items()}
+
+
+def device_finish(variant: Variant, dataset, *, batch: int, device: torch.device) -> float:
+    """Seconds per image of the loader's `finish` on `device` (the cpu loader: normalisation and erasing,
+    batched), over one collated batch of its samples; 0 when it only moves the batch."""
+    if variant.loader.finish is classic_finish:
+        return 0.0
+    keys = [(i, derive_seed(PIPELINE_SEED, 0, 0, i)) for i in range(min(batch, len(dataset)))]
+    collated = torch.utils.data.default_collate([SeededDataset(dataset)[k] for k in keys])
+    variant.loader.finish(collated, device)  # warm-up: the device's kernels, the mean/std copies
+    times = [timed(lambda: variant.loader.finish(collated, device), device) for _ in range(5)]
+    return statistics.median(times) / len(keys)
+
+
+def loader_rate(dataset, *, workers: int, batch: int) -> float:
+    """img/s of the training DataLoader (PositionSampler keys, SeededDataset) over `dataset`, first batch out."""
+    sampler = PositionSampler(torch.utils.data.SequentialSampler(dataset), PIPELINE_SEED, 0)
+    loader = torch.utils.data.DataLoader(
+        SeededDataset(dataset), batch_size=batch, sampler=sampler, num_workers=workers, worker_init_fn=worker_init
+    )
+    batches = iter(loader)
+    next(batches)  # worker start-up and the first batch stay out of the measurement
+    t = time.perf_counter()
+    count = sum(len(b[1]) for b in batches)
+    return count / (time.perf_counter() - t)
+
+
+def pipeline_benchmark(args: argparse.Namespace) -> dict[str, dict[int, float]]:
+    """Each CPU loader's per-stage breakdown (ms per image, one thread) and its training DataLoader's img/s for
+    each worker count, on the same JPEGs and keys; prints `pipeline speedup` (cpu / classic img/s per worker at
+    the first worker count) last. Returns {loader: {workers: img/s}}."""
+    device = torch.device(args.device)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a DataLoader worker runs
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(args.pipeline_dir) if args.pipeline_dir else None
+            root = root or generate_jpegs(Path(tmp), args.images, large_share=args.large_share)
+            return report_pipeline(args, root, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def report_pipeline(args: argparse.Namespace, root: Path, device: torch.device) -> dict[str, dict[int, float]]:
+    from PIL import Image
+
+    chosen = [v for v in variants(args.input_size) if v.name in args.loaders]
+    datasets = {v.name: build_dataset(str(root), args.input_size, transform=v.loader.transform, read=v.loader.read)
+                for v in chosen}  # fmt: skip
+    paths = [p for p, _ in next(iter(datasets.values())).samples]
+    sizes = [Image.open(p).size for p in paths]
+    large = sum(w * h > 1e6 for w, h in sizes)
+    print(
+        f"input pipeline: {len(paths)} JPEGs in {root}/train ({large} over 1 Mpixel), input {args.input_size}, "
+        f"batch {args.pipeline_batch}, torch threads 1, Pillow {Image.__version__}, device stages on {device}"
+    )
+    breakdown = {v.name: stage_breakdown(v, paths, args.pipeline_batch) for v in chosen}
+    finish = {v.name: device_finish(v, datasets[v.name], batch=args.pipeline_batch, device=device) for v in chosen}
+    names = [name for name in STAGE_ORDER if any(name in b for b in breakdown.values())]
+    print("stage (ms/image)".ljust(24) + "".join(v.name.rjust(18) for v in chosen))
+    for name in names:
+        cells = [f"{breakdown[v.name][name] * 1e3:.2f}" if name in breakdown[v.name] else "-" for v in chosen]
+        print(name.ljust(24) + "".join(c.rjust(18) for c in cells))
+    totals = {v.name: sum(breakdown[v.name].values()) for v in chosen}
+    print("worker total".ljust(24) + "".join(f"{totals[v.name] * 1e3:.2f}".rjust(18) for v in chosen))
+    print("per core (img/s)".ljust(24) + "".join(f"{1 / totals[v.name]:.1f}".rjust(18) for v in chosen))
+    print(f"on {device} (batched)".ljust(24) + "".join(f"{finish[v.name] * 1e3:.3f}".rjust(18) for v in chosen))
+    rates: dict[str, dict[int, float]] = {}
+    for v in chosen:
+        rates[v.name] = {}
         for workers in args.workers:
-            loader = torch.utils.data.DataLoader(dataset, batch_size=args.pipeline_batch, num_workers=workers)
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)  # as a DataLoader worker runs
-            try:
-                batches = iter(loader)
-                next(batches)  # worker start-up and the first batch stay out of the measurement
-                t = time.perf_counter()
-                count = sum(images.shape[0] for images, _ in batches)
-                elapsed = time.perf_counter() - t
-            finally:
-                torch.set_num_threads(threads)
-            rates[workers] = count / elapsed
-            per = rates[workers] / max(workers, 1)
-            print(f"workers {workers}: {rates[workers]:.1f} img/s ({per:.1f} img/s per worker)")
+            rate = loader_rate(datasets[v.name], workers=workers, batch=args.pipeline_batch)
+            rates[v.name][workers] = rate
+            print(f"{v.name}: workers {workers}: {rate:.1f} img/s ({rate / max(workers, 1):.1f} img/s per worker)")
+    if {"classic", "cpu"} <= set(rates):
+        first = args.workers[0]
+        print(f"pipeline speedup: {rates['cpu'][first] / rates['classic'][first]:.2f}")
     return rates
 
 
@@ -473,8 +620,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--pipeline", action="store_true", help="benchmark JPEG decode + augmentation instead of the step")
     a("--pipeline-dir", help="ImageFolder root with train/ (default: generate --images JPEGs in a temp dir)")
     a("--images", type=int, default=64, help="JPEGs to generate for --pipeline")
-    a("--pipeline-batch", type=int, default=8, help="loader batch size for --pipeline")
-    a("--workers", type=lambda s: [int(v) for v in s.split(",")], default=[0, 2], help="comma list")
+    a("--pipeline-batch", type=int, default=16, help="loader batch size for --pipeline")
+    a(
+        "--large-share",
+        type=float,
+        default=0.1,
+        help=f"--pipeline: the fraction of generated JPEGs that are large photos ({LARGE_PHOTO[0]}x{LARGE_PHOTO[1]})",
+    )
+    a(
+        "--loaders",
+        type=lambda s: s.split(","),
+        default=["classic", "cpu", "cpu --jpeg-draft"],
+        help="--pipeline: comma list of classic, cpu, 'cpu --jpeg-draft'",
+    )
+    a("--workers", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2], help="comma list")
     return p
 
 
@@ -489,6 +648,9 @@ def benchmark(args: argparse.Namespace) -> None:
     dist_utils.resolve_device(args.device)
     if args.pipeline and args.pipeline_dir and not (Path(args.pipeline_dir) / "train").is_dir():
         raise MissingFile(f"--pipeline-dir {args.pipeline_dir}: no train/ folder (an ImageFolder root)")
+    if args.pipeline and args.images < 2 * args.pipeline_batch and not args.pipeline_dir:
+        raise UsageError(f"--images {args.images}: the loaders' rates need at least two batches of --pipeline-batch "
+                         f"{args.pipeline_batch} (the first is left out)")  # fmt: skip
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.pipeline:

@@ -16,6 +16,8 @@ from typing import Any
 from models.adaptors import STANDARDIZATIONS
 from models.errors import UsageError
 
+from .loaders import LOADERS
+
 # Every numeric flag's valid range: (flag, predicate, what it must be); None (an unset optional flag) passes.
 FLAG_RANGES = (
     ("batch_size", lambda v: v >= 1, "a positive integer"),
@@ -50,8 +52,9 @@ FLAGS = (
     "teacher_input_size", "teacher_normalization", "student", "student_pretrained", "student_layout", "input_size",
     "batch_size", "epochs", "warmup_epochs", "epoch_length", "lr", "warmup_lr", "min_lr", "weight_decay",
     "drop_path", "mask_probability", "mask_ratio", "lambda_token", "lambda_patch", "lambda_fea", "ema_decay",
-    "clip_grad", "compile", "precision", "output_dir", "resume", "save_every_minutes", "device", "num_workers",
-    "seed", "print_freq", "pca_every", "subset_images_per_class", "subset_classes", "single_image",
+    "clip_grad", "compile", "precision", "output_dir", "resume", "save_every_minutes", "device", "loader",
+    "jpeg_draft", "num_workers", "seed", "print_freq", "pca_every", "subset_images_per_class", "subset_classes",
+    "single_image",
 )  # fmt: skip
 
 
@@ -131,6 +134,8 @@ class Config:
     resume: str | None
     save_every_minutes: float | None
     device: str
+    loader: str  # a key of pretrain.loaders.LOADERS: how batches reach the device
+    jpeg_draft: bool  # the cpu loader decodes JPEGs at a reduced size when the crop allows (changes pixels)
     num_workers: int
     seed: int
     print_freq: int
@@ -153,6 +158,11 @@ class Config:
                 )
         if self.teacher_normalization not in ("reference", "teacher"):
             raise UsageError(f"--teacher-normalization {self.teacher_normalization}: must be reference or teacher")
+        if self.loader not in LOADERS:
+            raise UsageError(f"--loader {self.loader}: must be {', '.join(LOADERS)}")
+        if self.jpeg_draft and (self.loader != "cpu" or self.single_image):
+            raise UsageError("--jpeg-draft decodes the JPEGs of --data-path with --loader cpu, not with --loader "
+                             f"{self.loader}{' or --single-image' if self.single_image else ''}")  # fmt: skip
         if self.precision not in ("bf16", "fp16", "fp32"):
             raise UsageError(f"--precision {self.precision}: must be bf16, fp16 or fp32")
 

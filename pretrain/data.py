@@ -23,20 +23,21 @@ IMAGENET_TRAIN_SIZE = 1_281_167  # a single-image "epoch" has as many crops as a
 SUBSET_SEED = 0  # proxy subsets are the same whatever --seed is, so ablations compare like with like
 
 
+# PROTOCOLS A's augmentation, as timm's create_transform arguments
+RECIPE = dict(
+    is_training=True,
+    auto_augment="rand-m9-mstd0.5-inc1",
+    color_jitter=0.3,
+    interpolation="bicubic",
+    re_prob=0.25,
+    re_mode="pixel",
+    re_count=1,
+)
+
+
 def train_transform(input_size: int, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
     """PROTOCOLS A: RRC bicubic, flip, RandAugment m9 mstd0.5 inc1, normalise, RandomErasing 0.25."""
-    return create_transform(
-        input_size,
-        is_training=True,
-        auto_augment="rand-m9-mstd0.5-inc1",
-        color_jitter=0.3,
-        interpolation="bicubic",
-        re_prob=0.25,
-        re_mode="pixel",
-        re_count=1,
-        mean=mean,
-        std=std,
-    )
+    return create_transform(input_size, mean=mean, std=std, **RECIPE)
 
 
 class SingleImageDataset(Dataset):
@@ -81,8 +82,12 @@ def build_dataset(
     *,
     subset_classes: float = 1.0,
     subset_images_per_class: float = 1.0,
+    transform=None,
+    read=None,
 ) -> Dataset:
-    transform = train_transform(input_size)
+    """The training images under `transform` (default: the recipe's whole transform, the classic loader's),
+    each read by `read` (default: common.images.load_rgb)."""
+    transform = transform or train_transform(input_size)
     if single_image:
         return SingleImageDataset(single_image, transform)
     if not data_path:
@@ -94,6 +99,8 @@ def build_dataset(
     if not train.is_dir():
         raise MissingFile(f"no train/ folder in --data-path {data_path} (expected {train}/<class>/<image>)")
     ds = read_image_folder(train, transform)
+    if read is not None:
+        ds.loader = read
     if subset_classes < 1 or subset_images_per_class < 1:
         ds.samples = ds.imgs = subset_samples(ds.samples, subset_classes, subset_images_per_class)
         ds.targets = [t for _, t in ds.samples]
@@ -149,7 +156,12 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.default_generator.manual_seed(seed)  # transforms draw on the CPU generator only
+        seed_sample(seed)
         return self.dataset[index]
+
+
+def seed_sample(seed: int) -> None:
+    """The generators a sample's augmentation draws from, seeded with its key's seed."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.default_generator.manual_seed(seed)  # transforms draw on the CPU generator only

@@ -108,8 +108,8 @@ def estimate_statistics(run: Run) -> None:
     n = config.teacher_stats_batches
     run.out.print(f"estimating the target statistics of {', '.join(sorted(pending))} on {n} batches per process")
     moments: dict[str, list[torch.Tensor]] = {}
-    for images, _ in cycle_batches(run.loader, run.sampler, 0, num_epochs=config.epochs, n=n):
-        targets = teacher_targets(run.teachers, images.to(run.device, non_blocking=True), AMP[config.precision])
+    for batch in cycle_batches(run.loader, run.sampler, 0, num_epochs=config.epochs, n=n):
+        targets = teacher_targets(run.teachers, run.finish(batch, run.device), AMP[config.precision])
         for name in pending:
             for kind in ("cls", "patches"):
                 x = getattr(targets[name], kind).flatten(0, -2).double()
@@ -231,10 +231,10 @@ def train_one_epoch(run: Run) -> list[dict[str, float]]:
     start_time = last = time.time()
     batch_size = None
     batches = cycle_batches(run.loader, run.sampler, epoch, num_epochs=config.epochs, n=iters, start=start)
-    for i, (images, _) in enumerate(batches, start):
+    for i, batch in enumerate(batches, start):
         it = epoch * iters + i
         lr = run.schedule[it]
-        images = images.to(run.device, non_blocking=True)
+        images = run.finish(batch, run.device)
         batch_size = images.shape[0]
         targets = teacher_targets(run.teachers, images, amp_dtype)
         steps = (student_step(run, s, images, targets=targets, it=it, index=k) for k, s in enumerate(run.students))

@@ -60,6 +60,7 @@ from .config import Config, StudentConfig, TeacherConfig, check_ranges
 from .data import PositionSampler, SeededDataset, build_dataset, worker_init
 from .distiller import Distiller, TeacherInput, Views, channels_last, compile_student, param_groups
 from .engine import NonFiniteLoss, Preempted, estimate_statistics, train_one_epoch
+from .loaders import LOADERS, loader_stages
 from .output import CHECKPOINT, EPOCH_LOG, ITERATION_LOG, Output
 from .state import Run, StopControl, Student
 
@@ -199,6 +200,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     a("--save-every-minutes", type=float, help="also write checkpoint.pth mid-epoch this often (default: per epoch)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="under torchrun: cuda:LOCAL_RANK")
+    a(
+        "--loader",
+        choices=tuple(LOADERS),
+        default="cpu",
+        help="how batches reach the device: cpu = PIL augmentation in the workers, uint8 crops, normalisation and "
+        "erasing on the device; classic = timm's whole transform in the workers, float crops (README.md: which "
+        "to use, workers per GPU)",
+    )
+    a(
+        "--jpeg-draft",
+        action="store_true",
+        help="with --loader cpu: decode each JPEG at 1/2, 1/4 or 1/8 size when its crop keeps the input size "
+        "(faster on large photos; changes pixels, so off by default)",
+    )
     a("--num-workers", type=int, default=10, help="data loader processes per GPU")
     a("--seed", type=int, default=0, help="augmentations, masks and init (+ rank)")
     a("--print-freq", type=int, default=50, help="iterations between progress lines")
@@ -372,12 +387,15 @@ def build(config: Config, device: torch.device, world: int, *, out: Output, fres
 
     # one crop per sample, at the larger of the two input sizes; each network gets its own resize (Views)
     crop_size = max(config.input_size, *(t.input_size for t in config.teachers))
+    stages = loader_stages(config.loader, crop_size, jpeg_draft=config.jpeg_draft)
     dataset = build_dataset(
         config.data_path,
         crop_size,
         config.single_image,
         subset_classes=config.subset_classes,
         subset_images_per_class=config.subset_images_per_class,
+        transform=stages.transform,
+        read=stages.read,
     )
     if config.random_teacher:
         log.warning(
@@ -494,6 +512,7 @@ def build(config: Config, device: torch.device, world: int, *, out: Output, fres
         students=students,
         schedule=schedule,
         loader=loader,
+        finish=stages.finish,
         sampler=sampler,
         iters_per_epoch=iters,
         out=out,

@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from timm.utils import ModelEmaV3
@@ -109,6 +111,7 @@ class Run:
     students: list[Student]
     schedule: list[float]  # the lr of every global iteration
     loader: DataLoader
+    finish: Callable[[Any, torch.device], torch.Tensor]  # a loader's batch -> the step's images on the device
     sampler: PositionSampler
     iters_per_epoch: int
     out: Output  # --output-dir and the console
@@ -211,6 +214,10 @@ class Run:
         path = Path(config.resume or self.out.folder) if several else paths[0]  # how messages name what was resumed
         if ckpt["args"]["precision"] != config.precision:
             log.warning("%s was trained with --precision %s, now %s", path, ckpt["args"]["precision"], config.precision)
+        trained_loader = ckpt["args"].get("loader", "classic")  # checkpoints from before --loader: the classic path's
+        if trained_loader != config.loader:
+            log.warning("%s was trained with --loader %s, now %s: the crops from here on may differ from the "
+                        "uninterrupted run's", path, trained_loader, config.loader)  # fmt: skip
         epoch, done = ckpt["epoch"] + 1, ckpt.get("iteration_in_epoch", 0)
         if ckpt["args"]["epochs"] != config.epochs and epoch < config.epochs:
             log.warning("%s was trained with --epochs %d, now %d: the lr follows the cosine of a %d-epoch run from "

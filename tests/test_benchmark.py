@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import re
 
 import pytest
 import torch
+from PIL import Image
 
 import models
 from pretrain import benchmark
@@ -119,12 +119,21 @@ def test_reference_step_gives_our_losses(device, precision, rel):
 
 
 def test_pipeline_mode_on_generated_jpegs(tmp_path, capsys):
-    benchmark.generate_jpegs(tmp_path, 6)
-    assert len(list((tmp_path / "train" / "photos").glob("*.jpg"))) == 6
-    args = argparse.Namespace(pipeline_dir=str(tmp_path), images=6, input_size=56, pipeline_batch=2, workers=[0, 1])
-    rates = benchmark.pipeline_benchmark(args)
-    assert set(rates) == {0, 1} and all(r > 0 for r in rates.values())
-    assert "workers 1:" in capsys.readouterr().out
+    """--pipeline: every CPU loader's stages (ms/image), its per-core rate and its DataLoader's img/s per worker on
+    the same JPEGs (a share of them large photos), the cpu / classic ratio printed last."""
+    benchmark.generate_jpegs(tmp_path, 6, large_share=0.2)
+    sizes = sorted(Image.open(p).size for p in (tmp_path / "train" / "photos").glob("*.jpg"))
+    assert sizes == [(500, 375)] * 5 + [benchmark.LARGE_PHOTO]
+    argv = ["--pipeline", "--pipeline-dir", str(tmp_path), "--input-size", "56", "--pipeline-batch", "2"]
+    assert benchmark.main([*argv, "--workers", "0,1", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "6 JPEGs" in out and "(1 over 1 Mpixel)" in out
+    for stage in ("read", "decode", "crop+resize", "RandAugment", "to-tensor (uint8)", "normalise", "erasing boxes"):
+        assert re.search(rf"^{re.escape(stage)}  +", out, re.M), stage
+    for loader in ("classic", "cpu", "cpu --jpeg-draft"):
+        assert re.search(rf"^{re.escape(loader)}: workers 1: [0-9.]+ img/s", out, re.M), loader
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("pipeline speedup: ") and float(last.split()[-1]) > 0
 
 
 def test_bad_names_and_device_are_one_line(capsys):
