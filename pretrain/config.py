@@ -43,6 +43,8 @@ FLAG_RANGES = (
     ("subset_classes", lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
 )
 
+LOADERS = ("classic", "dali")  # classic: torch DataLoader over timm's transform; dali: pretrain/dali.py
+
 # pretrain.main's flags in command-line order: the keys of Config.flags(), as checkpoints and log.txt hold them
 FLAGS = (
     "data_path", "teacher", "teacher_checkpoint", "teacher_weights", "teacher_standardization",
@@ -51,7 +53,7 @@ FLAGS = (
     "batch_size", "epochs", "warmup_epochs", "epoch_length", "lr", "warmup_lr", "min_lr", "weight_decay",
     "drop_path", "mask_probability", "mask_ratio", "lambda_token", "lambda_patch", "lambda_fea", "ema_decay",
     "clip_grad", "compile", "precision", "output_dir", "resume", "save_every_minutes", "device", "num_workers",
-    "seed", "print_freq", "pca_every", "subset_images_per_class", "subset_classes", "single_image",
+    "loader", "seed", "print_freq", "pca_every", "subset_images_per_class", "subset_classes", "single_image",
 )  # fmt: skip
 
 
@@ -132,6 +134,7 @@ class Config:
     save_every_minutes: float | None
     device: str
     num_workers: int
+    loader: str  # one of LOADERS: what decodes and augments the images
     seed: int
     print_freq: int
     pca_every: int
@@ -153,6 +156,8 @@ class Config:
                 )
         if self.teacher_normalization not in ("reference", "teacher"):
             raise UsageError(f"--teacher-normalization {self.teacher_normalization}: must be reference or teacher")
+        if self.loader not in LOADERS:
+            raise UsageError(f"--loader {self.loader}: must be one of {', '.join(LOADERS)}")
         if self.precision not in ("bf16", "fp16", "fp32"):
             raise UsageError(f"--precision {self.precision}: must be bf16, fp16 or fp32")
 

@@ -1,0 +1,177 @@
+"""`--loader dali`: pretraining's augmentation on NVIDIA DALI, decoded by nvJPEG and augmented on the GPU.
+
+One pipeline definition serves both devices: `device="gpu"` decodes with nvJPEG ("mixed") and runs every
+operator on the GPU; `device="cpu"` runs the same graph on CPU operators (what the tests exercise without a
+GPU). The order of the images is the classic loader's: each pass reads the rank's indices from the same
+`data.PositionSampler` (the repeated-augmentation sampler under DDP, already sharded per rank, the consumed
+samples of a resumed epoch skipped) and feeds their encoded files to the pipeline, so sharding and resume
+follow that sampler exactly. DALI draws its random numbers per pipeline, not per sample: a pipeline is built
+for each pass over the sampler, seeded by (seed, rank, epoch, first position), so a pass is reproducible but
+the augmentations after a resume are not the ones the uninterrupted run drew (docs/design.md).
+
+The augmentation is `data.train_transform`'s (timm's DeiT recipe), with the differences documented in
+pretrain/README.md: RRC (scale 0.08-1, ratio 3/4-4/3) with a bicubic antialiased resize, flip, RandAugment on
+timm's `rand-m9-mstd0.5-inc1` op table, ImageNet normalisation, pixel-mode random erasing (p 0.25).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
+from nvidia.dali.auto_aug import augmentations as aug
+from nvidia.dali.auto_aug.rand_augment import apply_rand_augment
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from .data import PositionSampler, derive_seed
+
+# timm's rand-m9-mstd0.5-inc1: magnitude 9 on a 0..10 scale (_LEVEL_DENOM), i.e. bin 9 of 11 in DALI's linspace
+MAGNITUDE, MAGNITUDE_BINS, NUM_OPS = 9, 11, 2
+RRC_SCALE, RRC_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
+ERASE_PROBABILITY, ERASE_AREA, ERASE_RATIO = 0.25, (0.02, 1 / 3), (0.3, 1 / 0.3)  # timm's RandomErasing defaults
+FILL = 128  # of the geometric ops; DALI takes one value (rotate), timm fills with the mean colour (124, 116, 104)
+
+
+def timm_increasing_ops() -> list:
+    """timm's `_RAND_INCREASING_TRANSFORMS` at their maximum magnitudes (DALI's linspace over 11 bins gives each
+    the fraction m/10 of it, as timm does), each present with an identity twin: timm applies a chosen op with
+    probability 0.5, which a uniform choice among 2 x 15 entries reproduces."""
+    ops = [
+        aug.auto_contrast,
+        aug.equalize,
+        aug.invert,
+        aug.rotate.augmentation((0, 30), True),
+        aug.posterize.augmentation((4, 0)),  # bits kept: 4 - int(0.9 * 4) = 1 at m9, as PosterizeIncreasing
+        aug.solarize.augmentation((256, 0)),  # threshold 256 - 0.9 * 256, as SolarizeIncreasing
+        aug.solarize_add.augmentation((0, 110)),
+        aug.color.augmentation((0, 0.9), True, aug.shift_enhance_range),  # factor 1 +- 0.9 m/10
+        aug.contrast.augmentation((0, 0.9), True, aug.shift_enhance_range),
+        aug.brightness.augmentation((0, 0.9), True, aug.shift_enhance_range),
+        aug.sharpness.augmentation((0, 0.9), True, aug.sharpness_kernel),
+        aug.shear_x.augmentation((0, 0.3), True),
+        aug.shear_y.augmentation((0, 0.3), True),
+        aug.translate_x.augmentation((0, 0.45), True),  # TranslateXRel: translate_pct 0.45 of the width
+        aug.translate_y.augmentation((0, 0.45), True),
+    ]
+    return ops + [aug.identity.augmentation(name=f"skip_{op.name}") for op in ops]
+
+
+def random_erasing(images, size: int):
+    """timm's RandomErasing(0.25, mode="pixel", max_count=1) on normalised CHW images of side `size`: a box of
+    area 2-33% and log-uniform aspect 0.3-3.3 filled with N(0, 1) noise per pixel and channel. timm redraws a
+    box that does not fit (up to 10 times); here its sides are clamped to the image instead."""
+    area = fn.random.uniform(range=ERASE_AREA) * (size * size)
+    ratio = dmath.exp(fn.random.uniform(range=tuple(math.log(r) for r in ERASE_RATIO)))
+    h = dmath.clamp(dmath.floor(dmath.sqrt(area * ratio) + 0.5), 1.0, size - 1.0)
+    w = dmath.clamp(dmath.floor(dmath.sqrt(area / ratio) + 0.5), 1.0, size - 1.0)
+    top = dmath.floor(fn.random.uniform(range=(0.0, 1.0)) * (size - h + 1))
+    left = dmath.floor(fn.random.uniform(range=(0.0, 1.0)) * (size - w + 1))
+    ones = images * 0.0 + 1.0
+    box = 1.0 - fn.erase(ones, anchor=fn.stack(top, left), shape=fn.stack(h, w), axis_names="HW", fill_value=0.0)
+    erase = fn.cast(fn.random.coin_flip(probability=ERASE_PROBABILITY), dtype=types.FLOAT)
+    return images + (fn.random.normal(images) - images) * box * erase
+
+
+@pipeline_def(enable_conditionals=True)
+def augmentation_pipeline(source, *, size: int, device: str):
+    """Encoded files -> the training crops, [B, 3, size, size] float, ImageNet-normalised; device "gpu" or "cpu"."""
+    encoded, labels = fn.external_source(source=source, num_outputs=2, dtype=[types.UINT8, types.INT64])
+    images = fn.decoders.image_random_crop(
+        encoded,
+        device="mixed" if device == "gpu" else "cpu",
+        output_type=types.RGB,
+        random_area=RRC_SCALE,
+        random_aspect_ratio=RRC_RATIO,
+        num_attempts=10,
+    )
+    images = fn.resize(images, size=(size, size), interp_type=types.INTERP_CUBIC, antialias=True)
+    images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
+    images = apply_rand_augment(
+        timm_increasing_ops(),
+        images,
+        n=NUM_OPS,
+        m=MAGNITUDE,
+        num_magnitude_bins=MAGNITUDE_BINS,
+        shape=(size, size),
+        fill_value=FILL,
+        interp_type=types.INTERP_LINEAR,
+    )
+    images = fn.crop_mirror_normalize(
+        images,
+        dtype=types.FLOAT,
+        output_layout="CHW",
+        mean=[255 * m for m in IMAGENET_DEFAULT_MEAN],
+        std=[255 * s for s in IMAGENET_DEFAULT_STD],
+    )
+    return random_erasing(images, size), labels
+
+
+class DaliLoader:
+    """What the engine needs of a DataLoader (len, batch_size, dataset, iteration over (images, labels) of the
+    sampler's current epoch and start), each pass a DALI pipeline fed the sampler's files in order."""
+
+    def __init__(
+        self,
+        dataset,
+        sampler: PositionSampler,
+        *,
+        batch_size: int,
+        size: int,
+        device: torch.device,
+        num_threads: int,
+        single_image: str | None = None,
+    ) -> None:
+        self.dataset, self.sampler, self.batch_size, self.size = dataset, sampler, batch_size, size
+        self.device, self.num_threads = device, max(1, num_threads)
+        self.single = np.fromfile(single_image, dtype=np.uint8) if single_image else None
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size  # the classic loader's drop_last
+
+    def read(self, index: int) -> tuple[np.ndarray, int]:
+        """Sample `index`'s encoded file and label (--single-image: that image's, read once)."""
+        if self.single is not None:
+            return self.single, 0
+        path, label = self.dataset.samples[index]
+        return np.fromfile(path, dtype=np.uint8), label
+
+    def batches(self) -> Iterator[tuple[list, list]]:
+        """The encoded files and labels of this pass, a full batch at a time."""
+        indices = [index for index, _ in self.sampler]
+        for b in range(len(self)):
+            samples = [self.read(i) for i in indices[b * self.batch_size : (b + 1) * self.batch_size]]
+            yield [s[0] for s in samples], [np.array([s[1]], dtype=np.int64) for s in samples]
+
+    def pipeline(self):
+        """This pass's pipeline, seeded by where the pass starts (see the module's docstring)."""
+        gpu = self.device.type == "cuda"
+        sampler = self.sampler
+        with warnings.catch_warnings():  # DALI's own RandAugment calls operators it has renamed since
+            warnings.filterwarnings("ignore", r".*nvidia\.dali\.fn\.experimental", DeprecationWarning)
+            pipe = augmentation_pipeline(
+                self.batches(),
+                size=self.size,
+                device="gpu" if gpu else "cpu",
+                batch_size=self.batch_size,
+                num_threads=self.num_threads,
+                device_id=(self.device.index or 0) if gpu else None,
+                seed=derive_seed(sampler.seed, sampler.rank, sampler.epoch, sampler.start) % 2**31,
+                prefetch_queue_depth=2,
+            )
+            pipe.build()
+        return pipe
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if not len(self):
+            return
+        batches = DALIGenericIterator(
+            self.pipeline(), ["images", "labels"], last_batch_policy=LastBatchPolicy.DROP, auto_reset=False
+        )
+        for (out,) in batches:
+            yield out["images"], out["labels"].view(-1)
