@@ -17,7 +17,6 @@ timm's `rand-m9-mstd0.5-inc1` op table, ImageNet normalisation, pixel-mode rando
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -25,6 +24,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 from nvidia.dali.auto_aug import augmentations as aug
+from nvidia.dali.auto_aug.core import augmentation
 from nvidia.dali.auto_aug.rand_augment import apply_rand_augment
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -38,27 +38,44 @@ ERASE_PROBABILITY, ERASE_AREA, ERASE_RATIO = 0.25, (0.02, 1 / 3), (0.3, 1 / 0.3)
 FILL = 128  # of the geometric ops; DALI takes one value (rotate), timm fills with the mean colour (124, 116, 104)
 
 
-def timm_increasing_ops() -> list:
-    """timm's `_RAND_INCREASING_TRANSFORMS` at their maximum magnitudes (DALI's linspace over 11 bins gives each
-    the fraction m/10 of it, as timm does), each present with an identity twin: timm applies a chosen op with
-    probability 0.5, which a uniform choice among 2 x 15 entries reproduces."""
-    ops = [
-        aug.auto_contrast,
-        aug.equalize,
-        aug.invert,
-        aug.rotate.augmentation((0, 30), True),
-        aug.posterize.augmentation((4, 0)),  # bits kept: 4 - int(0.9 * 4) = 1 at m9, as PosterizeIncreasing
-        aug.solarize.augmentation((256, 0)),  # threshold 256 - 0.9 * 256, as SolarizeIncreasing
-        aug.solarize_add.augmentation((0, 110)),
-        aug.color.augmentation((0, 0.9), True, aug.shift_enhance_range),  # factor 1 +- 0.9 m/10
-        aug.contrast.augmentation((0, 0.9), True, aug.shift_enhance_range),
-        aug.brightness.augmentation((0, 0.9), True, aug.shift_enhance_range),
-        aug.sharpness.augmentation((0, 0.9), True, aug.sharpness_kernel),
-        aug.shear_x.augmentation((0, 0.3), True),
-        aug.shear_y.augmentation((0, 0.3), True),
-        aug.translate_x.augmentation((0, 0.45), True),  # TranslateXRel: translate_pct 0.45 of the width
-        aug.translate_y.augmentation((0, 0.45), True),
-    ]
+# DALI's suite calls these two under their deprecated fn.experimental names, whose warnings it forces on
+@augmentation
+def equalize(data, _):
+    """Histogram equalisation per channel (OpenCV's lookup table; PIL's rounds it slightly differently)."""
+    return fn.equalize(data)
+
+
+@augmentation(mag_range=(0, 0.9), randomly_negate=True, mag_to_param=aug.sharpness_kernel, param_device="auto")
+def sharpness(data, kernel):
+    """PIL's ImageEnhance.Sharpness (a blend with its 3x3 smoothing kernel) as one 3x3 filter."""
+    return fn.filter(data, kernel)
+
+
+# timm's `_RAND_INCREASING_TRANSFORMS` (rand-...-inc1) by timm's names, at their maximum magnitudes: DALI's linspace
+# over 11 bins gives each the fraction m/10 of it at bin m, as timm's level / _LEVEL_DENOM does
+TIMM_OPS = {
+    "AutoContrast": aug.auto_contrast,
+    "Equalize": equalize,
+    "Invert": aug.invert,
+    "Rotate": aug.rotate.augmentation((0, 30), True),
+    "PosterizeIncreasing": aug.posterize.augmentation((4, 0)),  # bits kept: 4 - int(0.9 * 4) = 1 at m9
+    "SolarizeIncreasing": aug.solarize.augmentation((256, 0)),  # threshold 256 - 0.9 * 256
+    "SolarizeAdd": aug.solarize_add.augmentation((0, 110)),
+    "ColorIncreasing": aug.color.augmentation((0, 0.9), True, aug.shift_enhance_range),  # factor 1 +- 0.9 m/10
+    "ContrastIncreasing": aug.contrast.augmentation((0, 0.9), True, aug.shift_enhance_range),
+    "BrightnessIncreasing": aug.brightness.augmentation((0, 0.9), True, aug.shift_enhance_range),
+    "SharpnessIncreasing": sharpness,
+    "ShearX": aug.shear_x.augmentation((0, 0.3), True),
+    "ShearY": aug.shear_y.augmentation((0, 0.3), True),
+    "TranslateXRel": aug.translate_x.augmentation((0, 0.45), True),  # translate_pct 0.45 of the side
+    "TranslateYRel": aug.translate_y.augmentation((0, 0.45), True),
+}
+
+
+def rand_augment_ops() -> list:
+    """TIMM_OPS, each with an identity twin: timm applies each chosen op with probability 0.5, which a uniform
+    choice among the 2 x 15 entries reproduces."""
+    ops = list(TIMM_OPS.values())
     return ops + [aug.identity.augmentation(name=f"skip_{op.name}") for op in ops]
 
 
@@ -93,7 +110,7 @@ def augmentation_pipeline(source, *, size: int, device: str):
     images = fn.resize(images, size=(size, size), interp_type=types.INTERP_CUBIC, antialias=True)
     images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
     images = apply_rand_augment(
-        timm_increasing_ops(),
+        rand_augment_ops(),
         images,
         n=NUM_OPS,
         m=MAGNITUDE,
@@ -152,19 +169,17 @@ class DaliLoader:
         """This pass's pipeline, seeded by where the pass starts (see the module's docstring)."""
         gpu = self.device.type == "cuda"
         sampler = self.sampler
-        with warnings.catch_warnings():  # DALI's own RandAugment calls operators it has renamed since
-            warnings.filterwarnings("ignore", r".*nvidia\.dali\.fn\.experimental", DeprecationWarning)
-            pipe = augmentation_pipeline(
-                self.batches(),
-                size=self.size,
-                device="gpu" if gpu else "cpu",
-                batch_size=self.batch_size,
-                num_threads=self.num_threads,
-                device_id=(self.device.index or 0) if gpu else None,
-                seed=derive_seed(sampler.seed, sampler.rank, sampler.epoch, sampler.start) % 2**31,
-                prefetch_queue_depth=2,
-            )
-            pipe.build()
+        pipe = augmentation_pipeline(
+            self.batches(),
+            size=self.size,
+            device="gpu" if gpu else "cpu",
+            batch_size=self.batch_size,
+            num_threads=self.num_threads,
+            device_id=(self.device.index or 0) if gpu else None,
+            seed=derive_seed(sampler.seed, sampler.rank, sampler.epoch, sampler.start) % 2**31,
+            prefetch_queue_depth=2,
+        )
+        pipe.build()
         return pipe
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
