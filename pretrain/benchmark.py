@@ -3,6 +3,7 @@
 python -m pretrain.benchmark --teacher dinov2_vitl14 --student vit_base --batch-size 128 --reference
 python -m pretrain.benchmark --teacher dinov2_vitg14 --student vit_small,vit_base   # teacher sharing
 python -m pretrain.benchmark --pipeline --workers 0,2,4
+python -m pretrain.benchmark --pipeline --loader dali --device cuda --pipeline-batch 128 --workers 4,8
 
 The step benchmark uses synthetic images already on the device and a RANDOM-weight teacher: the
 step's speed does not depend on the weights, and no download is needed. "Ours" is the trainer's own
@@ -37,7 +38,8 @@ from models import LAYOUTS, TEACHERS, Teacher, TeacherTarget, Tokens, create_stu
 from models.errors import MissingFile, UsageError
 from models.families import split_student, student_family, student_layout, teacher_spec
 
-from .data import build_dataset
+from .config import LOADERS
+from .data import PositionSampler, build_dataset
 from .distiller import Distiller, TeacherInput, Views, channels_last, compile_student, param_groups
 from .engine import AMP, backward, backward_and_step, forward_losses, student_losses, teacher_targets, update
 from .masking import make_masks
@@ -445,6 +447,40 @@ def pipeline_benchmark(args: argparse.Namespace) -> dict[int, float]:
     return rates
 
 
+def dali_pipeline_benchmark(args: argparse.Namespace) -> dict[int, float]:
+    """--loader dali: the trainer's DALI pipeline (pretrain/dali.py) on --device in images/s for each count of its
+    CPU threads; a pass's first batch (pipeline build, decoder start-up) stays out of the measurement."""
+    from timm.data.distributed_sampler import RepeatAugSampler
+
+    from .dali import DaliLoader  # optional dependency (requirements-dali.txt)
+
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.pipeline_dir) if args.pipeline_dir else generate_jpegs(Path(tmp), args.images)
+        dataset = build_dataset(str(root), args.input_size)
+        print(f"DALI pipeline on {device}: {len(dataset)} JPEGs in {root}/train, input {args.input_size}")
+        sampler = PositionSampler(RepeatAugSampler(dataset, num_replicas=1, rank=0, selected_round=0), 0, 0)
+        rates = {}
+        for threads in args.workers:
+            loader = DaliLoader(
+                dataset,
+                sampler,
+                batch_size=args.pipeline_batch,
+                size=args.input_size,
+                device=device,
+                num_threads=threads,
+            )
+            batches = iter(loader)
+            next(batches)
+            t = time.perf_counter()
+            count = sum(images.shape[0] for images, _ in batches)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            rates[threads] = count / (time.perf_counter() - t)
+            print(f"threads {max(threads, 1)}: {rates[threads]:.1f} img/s on one {device.type.upper()}")
+    return rates
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = ArgumentParser("Proteus pretraining benchmark")
     a = p.add_argument
@@ -474,7 +510,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--pipeline-dir", help="ImageFolder root with train/ (default: generate --images JPEGs in a temp dir)")
     a("--images", type=int, default=64, help="JPEGs to generate for --pipeline")
     a("--pipeline-batch", type=int, default=8, help="loader batch size for --pipeline")
-    a("--workers", type=lambda s: [int(v) for v in s.split(",")], default=[0, 2], help="comma list")
+    a(
+        "--workers",
+        type=lambda s: [int(v) for v in s.split(",")],
+        default=[0, 2],
+        help="comma list (--loader dali: its CPU threads)",
+    )
+    a("--loader", choices=LOADERS, default="classic", help="--pipeline: which loader (as pretrain.main)")
     return p
 
 
@@ -492,7 +534,7 @@ def benchmark(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.pipeline:
-        pipeline_benchmark(args)
+        (dali_pipeline_benchmark if args.loader == "dali" else pipeline_benchmark)(args)
     elif len(names) > 1:
         sharing_benchmark(args)
     else:

@@ -17,6 +17,7 @@ from timm.data.distributed_sampler import RepeatAugSampler
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed: pip install -r requirements-dali.txt")
 
 from common.images import read_image_folder  # noqa: E402
+from pretrain import benchmark  # noqa: E402
 from pretrain import main as pretrain_main  # noqa: E402
 from pretrain.dali import MAGNITUDE, MAGNITUDE_BINS, TIMM_OPS, DaliLoader, rand_augment_ops  # noqa: E402
 from pretrain.data import PositionSampler  # noqa: E402
@@ -125,3 +126,10 @@ def test_pretraining_runs_on_the_dali_loader(folder, tmp_path):
     assert (out / "backbone.pth").is_file()
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert ckpt["args"]["loader"] == "dali"
+
+
+def test_pipeline_benchmark_times_the_dali_loader(tmp_path, capsys):
+    benchmark.generate_jpegs(tmp_path, 8, size=(64, 48))
+    argv = ["--pipeline", "--loader", "dali", "--device", "cpu", "--pipeline-dir", str(tmp_path), "--input-size", "32"]
+    assert benchmark.main([*argv, "--pipeline-batch", "2", "--workers", "1"]) == 0
+    assert "threads 1: " in capsys.readouterr().out

@@ -103,8 +103,8 @@ def test_flags_are_the_flat_dict_checkpoints_store():
         "min_lr": 1e-5, "weight_decay": 0.05, "drop_path": 0.0, "mask_probability": 0.5, "mask_ratio": (0.5, 0.5),
         "lambda_token": None, "lambda_patch": None, "lambda_fea": None, "ema_decay": 0.99996, "clip_grad": None,
         "compile": False, "precision": "bf16", "output_dir": "output/pretrain", "resume": None,
-        "save_every_minutes": None, "device": "cpu", "num_workers": 10, "loader": "classic", "seed": 0, "print_freq": 50, "pca_every": 10,
-        "subset_images_per_class": 1.0, "subset_classes": 1.0, "single_image": None,
+        "save_every_minutes": None, "device": "cpu", "num_workers": 10, "loader": "classic", "seed": 0,
+        "print_freq": 50, "pca_every": 10, "subset_images_per_class": 1.0, "subset_classes": 1.0, "single_image": None,
     }  # fmt: skip
     one = resolved("--teacher", "clip_vitl14").flags()  # one teacher: the loss levels as the run uses them
     assert (one["lambda_token"], one["lambda_patch"], one["lambda_fea"]) == (1.0, 0.0, 0.0)
