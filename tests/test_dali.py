@@ -16,10 +16,19 @@ from timm.data.distributed_sampler import RepeatAugSampler
 
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed: pip install -r requirements-dali.txt")
 
+from nvidia.dali import fn, pipeline_def  # noqa: E402
+
 from common.images import read_image_folder  # noqa: E402
 from pretrain import benchmark  # noqa: E402
 from pretrain import main as pretrain_main  # noqa: E402
-from pretrain.dali import MAGNITUDE, MAGNITUDE_BINS, TIMM_OPS, DaliLoader, rand_augment_ops  # noqa: E402
+from pretrain.dali import (  # noqa: E402
+    MAGNITUDE,
+    MAGNITUDE_BINS,
+    TIMM_OPS,
+    DaliLoader,
+    rand_augment_ops,
+    random_erasing,
+)
 from pretrain.data import PositionSampler  # noqa: E402
 from pretrain.engine import cycle_batches  # noqa: E402
 from tests.helpers import TINY_RUN, make_image_folder  # noqa: E402
@@ -82,6 +91,40 @@ def test_resume_continues_at_the_next_sample(folder):
     # the engine's path: a run stopped after 1 of the epoch's 3 batches reads batches 1..2, nothing else
     resumed = list(cycle_batches(dali, dali.sampler, 2, num_epochs=5, n=3, start=1))
     assert [int(v) for _, lab in resumed for v in lab] == full[BATCH:]
+
+
+def test_single_image_is_every_sample(folder, tmp_path):
+    single = next((folder / "train").rglob("*.jpg"))
+    dali = loader(folder)
+    dali = DaliLoader(dali.dataset, dali.sampler, batch_size=BATCH, size=SIZE, device=dali.device, num_threads=1,
+                      single_image=str(single))  # fmt: skip
+    images, labels = next(iter(dali))
+    assert images.shape == (BATCH, 3, SIZE, SIZE) and labels.tolist() == [0] * BATCH
+    assert not torch.equal(images[0], images[1])  # each sample its own augmentation of the one photograph
+
+
+def test_random_erasing_puts_noise_boxes_in_a_quarter_of_the_images():
+    n = 64
+
+    @pipeline_def(batch_size=n, num_threads=1, device_id=None, seed=3)
+    def erase_zeros():
+        zeros = fn.external_source(source=lambda: [np.zeros((3, SIZE, SIZE), np.float32)] * n, layout="CHW")
+        return random_erasing(zeros, SIZE)
+
+    pipe = erase_zeros()
+    pipe.build()
+    (out,) = pipe.run()
+    images = np.stack([np.array(out[i]) for i in range(n)])
+    erased = [x for x in images if x.any()]
+    assert 5 <= len(erased) <= 30  # p 0.25 of 64: 16 +- 3.5
+    for x in erased:
+        box = x != 0
+        assert (box == box[0]).all()  # the same box in every channel
+        rows, cols = np.flatnonzero(box[0].any(1)), np.flatnonzero(box[0].any(0))
+        assert box[0].sum() == len(rows) * len(cols) == (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
+        assert 0.01 < box[0].mean() < 0.4  # 2-33% of the image, up to rounding and clamping
+    noise = np.concatenate([x[x != 0] for x in erased])
+    assert abs(noise.mean()) < 0.1 and abs(noise.std() - 1) < 0.1  # N(0, 1) per pixel and channel
 
 
 def magnitude(op) -> float:
