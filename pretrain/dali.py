@@ -4,10 +4,11 @@ One pipeline definition serves both devices: `device="gpu"` decodes with nvJPEG 
 operator on the GPU; `device="cpu"` runs the same graph on CPU operators (what the tests exercise without a
 GPU). The order of the images is the classic loader's: each pass reads the rank's indices from the same
 `data.PositionSampler` (the repeated-augmentation sampler under DDP, already sharded per rank, the consumed
-samples of a resumed epoch skipped) and feeds their encoded files to the pipeline, so sharding and resume
-follow that sampler exactly. DALI draws its random numbers per pipeline, not per sample: a pipeline is built
-for each pass over the sampler, seeded by (seed, rank, epoch, first position), so a pass is reproducible but
-the augmentations after a resume are not the ones the uninterrupted run drew (docs/design.md).
+samples of a resumed epoch skipped) and hands their files, in that order, to DALI's file reader (its own
+threads read them; it neither shuffles nor shards), so sharding and resume follow that sampler exactly.
+DALI draws its random numbers per pipeline, not per sample: a pipeline is built for each pass over the
+sampler, seeded by (seed, rank, epoch, first position), so a pass is reproducible but the augmentations
+after a resume are not the ones the uninterrupted run drew (docs/design.md).
 
 The augmentation is `data.train_transform`'s (timm's DeiT recipe), with the differences documented in
 pretrain/README.md: RRC (scale 0.08-1, ratio 3/4-4/3) with a bicubic antialiased resize, flip, RandAugment on
@@ -19,7 +20,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
@@ -35,6 +35,7 @@ from .data import PositionSampler, derive_seed
 MAGNITUDE, MAGNITUDE_BINS, NUM_OPS = 9, 11, 2
 RRC_SCALE, RRC_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 ERASE_PROBABILITY, ERASE_AREA, ERASE_RATIO = 0.25, (0.02, 1 / 3), (0.3, 1 / 0.3)  # timm's RandomErasing defaults
+READER = "files"
 FILL = 128  # of the geometric ops; DALI takes one value (rotate), timm fills with the mean colour (124, 116, 104)
 
 
@@ -96,9 +97,10 @@ def random_erasing(images, size: int):
 
 
 @pipeline_def(enable_conditionals=True)
-def augmentation_pipeline(source, *, size: int, device: str):
-    """Encoded files -> the training crops, [B, 3, size, size] float, ImageNet-normalised; device "gpu" or "cpu"."""
-    encoded, labels = fn.external_source(source=source, num_outputs=2, dtype=[types.UINT8, types.INT64])
+def augmentation_pipeline(files: list[str], labels: list[int], *, size: int, device: str):
+    """`files` in this order -> the training crops, [B, 3, size, size] float, ImageNet-normalised, and `labels`;
+    device "gpu" or "cpu". The list is the sampler's for this rank, so the reader neither shuffles nor shards."""
+    encoded, labels = fn.readers.file(files=files, labels=labels, random_shuffle=False, name=READER)
     images = fn.decoders.image_random_crop(
         encoded,
         device="mixed" if device == "gpu" else "cpu",
@@ -146,36 +148,30 @@ class DaliLoader:
     ) -> None:
         self.dataset, self.sampler, self.batch_size, self.size = dataset, sampler, batch_size, size
         self.device, self.num_threads = device, max(1, num_threads)
-        self.single = np.fromfile(single_image, dtype=np.uint8) if single_image else None
+        self.single_image = single_image
 
     def __len__(self) -> int:
         return len(self.sampler) // self.batch_size  # the classic loader's drop_last
 
-    def read(self, index: int) -> tuple[np.ndarray, int]:
-        """Sample `index`'s encoded file and label (--single-image: that image's, read once)."""
-        if self.single is not None:
-            return self.single, 0
-        path, label = self.dataset.samples[index]
-        return np.fromfile(path, dtype=np.uint8), label
-
-    def batches(self) -> Iterator[tuple[list, list]]:
-        """The encoded files and labels of this pass, a full batch at a time."""
-        indices = [index for index, _ in self.sampler]
-        for b in range(len(self)):
-            samples = [self.read(i) for i in indices[b * self.batch_size : (b + 1) * self.batch_size]]
-            yield [s[0] for s in samples], [np.array([s[1]], dtype=np.int64) for s in samples]
+    def files(self) -> tuple[list[str], list[int]]:
+        """This pass's files and labels in the sampler's order, as many as fill whole batches."""
+        indices = [index for index, _ in self.sampler][: len(self) * self.batch_size]
+        if self.single_image:
+            return [self.single_image] * len(indices), [0] * len(indices)
+        samples = [self.dataset.samples[i] for i in indices]
+        return [path for path, _ in samples], [label for _, label in samples]
 
     def pipeline(self):
         """This pass's pipeline, seeded by where the pass starts (see the module's docstring)."""
-        gpu = self.device.type == "cuda"
-        sampler = self.sampler
+        gpu, sampler = self.device.type == "cuda", self.sampler
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device() if gpu else None
         pipe = augmentation_pipeline(
-            self.batches(),
+            *self.files(),
             size=self.size,
             device="gpu" if gpu else "cpu",
             batch_size=self.batch_size,
             num_threads=self.num_threads,
-            device_id=(self.device.index or 0) if gpu else None,
+            device_id=index,  # None: CPU operators only
             seed=derive_seed(sampler.seed, sampler.rank, sampler.epoch, sampler.start) % 2**31,
             prefetch_queue_depth=2,
         )
@@ -186,7 +182,7 @@ class DaliLoader:
         if not len(self):
             return
         batches = DALIGenericIterator(
-            self.pipeline(), ["images", "labels"], last_batch_policy=LastBatchPolicy.DROP, auto_reset=False
+            self.pipeline(), ["images", "labels"], reader_name=READER, last_batch_policy=LastBatchPolicy.DROP
         )
         for (out,) in batches:
             yield out["images"], out["labels"].view(-1)
