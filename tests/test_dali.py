@@ -159,6 +159,11 @@ def test_rand_augment_is_timms_increasing_table_at_m9():
             assert op.randomly_negate == (name != "SolarizeAdd"), name
 
 
+def test_dali_is_looked_for_without_importing_it():
+    assert pretrain_main.installed("nvidia.dali")
+    assert not pretrain_main.installed("nvidia.no_such_module") and not pretrain_main.installed("no_such_package.sub")
+
+
 def test_pretraining_runs_on_the_dali_loader(folder, tmp_path):
     out = tmp_path / "run"
     argv = [*TINY_RUN, "--data-path", str(folder), "--output-dir", str(out), "--epochs", "1", "--epoch-length", "2"]
