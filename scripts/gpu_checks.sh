@@ -46,7 +46,7 @@ print('mmcv', mmcv.__version__, 'CUDA ops:', v(), 'mmseg', mmseg.__version__)"
 pytest=("$PYTHON" -m pytest -q -rs -p no:cacheprovider)
 run dense timeout 420 "${pytest[@]}" tests/test_dense.py
 run cuda_tests timeout 300 "${pytest[@]}" -k "cuda or nccl" tests/test_benchmark.py tests/test_pretrain_launch.py \
-  tests/test_linear_eval.py tests/test_teachers.py
+  tests/test_linear_eval.py tests/test_teachers.py tests/test_dali.py
 step=("$PYTHON" -m pretrain.benchmark --batch-size 128 --precision bf16 --warmup 5 --steps "$STEPS")
 run b_l "${step[@]}" --teacher dinov2_vitl14 --student vit_base --reference
 run b_l_compile "${step[@]}" --teacher dinov2_vitl14 --student vit_base --compile

@@ -42,13 +42,13 @@ def folder(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("dali"), classes=IMAGES, per_class=1)
 
 
-def loader(folder, *, world: int = 1, rank: int = 0, seed: int = 0) -> DaliLoader:
+def loader(folder, *, world: int = 1, rank: int = 0, seed: int = 0, device: str = "cpu") -> DaliLoader:
     dataset = read_image_folder(folder / "train", None)
     assert [t for _, t in dataset.samples] == list(range(IMAGES))
     repeats = 3 if world > 1 else 1
     sampler = RepeatAugSampler(dataset, num_replicas=world, rank=rank, num_repeats=repeats, selected_round=0)
     sampler = PositionSampler(sampler, seed, rank)
-    return DaliLoader(dataset, sampler, batch_size=BATCH, size=SIZE, device=torch.device("cpu"), num_threads=1)
+    return DaliLoader(dataset, sampler, batch_size=BATCH, size=SIZE, device=torch.device(device), num_threads=1)
 
 
 def read(dali: DaliLoader, epoch: int, start: int = 0) -> tuple[torch.Tensor, list[int], list[int]]:
@@ -60,20 +60,32 @@ def read(dali: DaliLoader, epoch: int, start: int = 0) -> tuple[torch.Tensor, li
     return torch.cat([im for im, _ in batches]), labels, order
 
 
-def test_crops_are_normalised_and_read_in_the_samplers_order(folder):
-    dali = loader(folder)
-    images, labels, order = read(dali, 0)
+def check_crops(images: torch.Tensor, labels: list[int], order: list[int]) -> None:
+    """Normalised crops of the images the sampler named, in its order."""
     assert images.shape == (IMAGES, 3, SIZE, SIZE) and images.dtype == torch.float32
     assert labels == order and sorted(labels) == list(range(IMAGES))
     mean, std = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
-    pixels = images * std + mean  # back to [0, 1]: everywhere but in erased boxes (N(0, 1) noise)
+    pixels = images.cpu() * std + mean  # back to [0, 1]: everywhere but in erased boxes (N(0, 1) noise)
     inside = ((pixels >= -1e-4) & (pixels <= 1 + 1e-4)).float().mean()
     assert images.isfinite().all() and inside > 0.9
     assert pixels.std() > 0.1  # not a constant image
+
+
+def test_crops_are_normalised_and_read_in_the_samplers_order(folder):
+    dali = loader(folder)
+    images, labels, order = read(dali, 0)
+    check_crops(images, labels, order)
     again, _, _ = read(dali, 0)
     assert torch.equal(images, again)  # a pass is a function of (seed, rank, epoch, start)
     other, _, _ = read(dali, 1)
     assert not torch.equal(images, other)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_pipeline_decodes_with_nvjpeg_in_the_samplers_order(folder):
+    images, labels, order = read(loader(folder, device="cuda"), 0)
+    assert images.device.type == "cuda"
+    check_crops(images, labels, order)
 
 
 def test_each_rank_reads_its_shard_of_the_repeated_augmentation_sampler(folder):
