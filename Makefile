@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DINOV2_REF := dinov2==0.0.1.dev2
 
-.PHONY: setup mmseg test demo lint clean
+.PHONY: setup mmseg dali test demo lint clean
 
 setup: $(VENV)/.installed
 
@@ -31,7 +31,14 @@ $(VENV)/.mmseg: $(VENV)/.installed scripts/build_mmcv.sh
 	PYTHON=$(PY) FORCE_CUDA=$${FORCE_CUDA:-0} bash scripts/build_mmcv.sh
 	touch $@
 
-test: setup mmseg
+# NVIDIA DALI for --loader dali (requirements-dali.txt: pick the wheel of torch's CUDA major version).
+dali: $(VENV)/.dali
+
+$(VENV)/.dali: $(VENV)/.installed requirements-dali.txt
+	$(PY) -m pip install -q -r requirements-dali.txt
+	touch $@
+
+test: setup mmseg dali
 	$(PY) -m pytest -q
 
 lint: setup

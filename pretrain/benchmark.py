@@ -3,6 +3,7 @@
 python -m pretrain.benchmark --teacher dinov2_vitl14 --student vit_base --batch-size 128 --reference
 python -m pretrain.benchmark --teacher dinov2_vitg14 --student vit_small,vit_base   # teacher sharing
 python -m pretrain.benchmark --pipeline --images 64 --workers 1,2   # the CPU loaders, stage by stage
+python -m pretrain.benchmark --pipeline --loaders dali --device cuda --pipeline-batch 128 --workers 4,8
 
 The step benchmark uses synthetic images already on the device and a RANDOM-weight teacher: the
 step's speed does not depend on the weights, and no download is needed. "Ours" is the trainer's own
@@ -592,6 +593,40 @@ def report_pipeline(args: argparse.Namespace, root: Path, device: torch.device) 
     return rates
 
 
+def dali_pipeline_benchmark(args: argparse.Namespace) -> dict[int, float]:
+    """--loaders dali: the trainer's DALI pipeline (pretrain/dali.py) on --device in images/s for each count of its
+    CPU threads; a pass's first batch (pipeline build, decoder start-up) stays out of the measurement."""
+    from timm.data.distributed_sampler import RepeatAugSampler
+
+    from .dali import DaliLoader  # optional dependency (requirements-dali.txt)
+
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.pipeline_dir) if args.pipeline_dir else generate_jpegs(Path(tmp), args.images)
+        dataset = build_dataset(str(root), args.input_size)
+        print(f"DALI pipeline on {device}: {len(dataset)} JPEGs in {root}/train, input {args.input_size}")
+        sampler = PositionSampler(RepeatAugSampler(dataset, num_replicas=1, rank=0, selected_round=0), 0, 0)
+        rates = {}
+        for threads in args.workers:
+            loader = DaliLoader(
+                dataset,
+                sampler,
+                batch_size=args.pipeline_batch,
+                size=args.input_size,
+                device=device,
+                num_threads=threads,
+            )
+            batches = iter(loader)
+            next(batches)
+            t = time.perf_counter()
+            count = sum(images.shape[0] for images, _ in batches)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            rates[threads] = count / (time.perf_counter() - t)
+            print(f"threads {max(threads, 1)}: {rates[threads]:.1f} img/s on one {device.type.upper()}")
+    return rates
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = ArgumentParser("Proteus pretraining benchmark")
     a = p.add_argument
@@ -631,9 +666,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--loaders",
         type=lambda s: s.split(","),
         default=["classic", "cpu", "cpu --jpeg-draft"],
-        help="--pipeline: comma list of classic, cpu, 'cpu --jpeg-draft'",
+        help="--pipeline: comma list of classic, cpu, 'cpu --jpeg-draft'; or dali alone (on --device)",
     )
-    a("--workers", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2], help="comma list")
+    a("--workers", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2], help="comma list (dali: its threads)")
     return p
 
 
@@ -654,7 +689,9 @@ def benchmark(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.pipeline:
-        pipeline_benchmark(args)
+        if "dali" in args.loaders and args.loaders != ["dali"]:
+            raise UsageError("--loaders dali runs alone: the DALI pipeline runs on --device, the others on the CPU")
+        (dali_pipeline_benchmark if args.loaders == ["dali"] else pipeline_benchmark)(args)
     elif len(names) > 1:
         sharing_benchmark(args)
     else:

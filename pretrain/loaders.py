@@ -209,8 +209,14 @@ def classic_stages(input_size: int) -> Stages:
     return Stages(train_transform(input_size), classic_finish)
 
 
-# --loader's values; a GPU decoder adds its entry here (its Stages: the worker side, and `finish` on the device)
-LOADERS: dict[str, Callable[[int], Stages]] = {"cpu": cpu_stages, "classic": classic_stages}
+def dali_stages(input_size: int) -> Stages:
+    """The 'dali' loader (pretrain/dali.py) reads and augments the files itself and hands over finished crops on
+    the device; the dataset (listing the files, serving the PCA pictures) keeps the classic transform."""
+    return classic_stages(input_size)
+
+
+# --loader's values (its Stages: the worker side, and `finish` on the device)
+LOADERS: dict[str, Callable[[int], Stages]] = {"cpu": cpu_stages, "classic": classic_stages, "dali": dali_stages}
 
 
 def loader_stages(name: str, input_size: int, *, jpeg_draft: bool = False) -> Stages:

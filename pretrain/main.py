@@ -14,6 +14,7 @@ engine.train_one_epoch each, a checkpoint after each) -> export_backbones.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import math
 import random
@@ -205,8 +206,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         choices=tuple(LOADERS),
         default="cpu",
         help="how batches reach the device: cpu = PIL augmentation in the workers, uint8 crops, normalisation and "
-        "erasing on the device; classic = timm's whole transform in the workers, float crops (README.md: which "
-        "to use, workers per GPU)",
+        "erasing on the device; classic = timm's whole transform in the workers, float crops; dali = NVIDIA DALI, "
+        "nvJPEG decode and the augmentation on the GPU (requirements-dali.txt) (README.md: which to use, workers "
+        "per GPU)",
     )
     a(
         "--jpeg-draft",
@@ -214,7 +216,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="with --loader cpu: decode each JPEG at 1/2, 1/4 or 1/8 size when its crop keeps the input size "
         "(faster on large photos; changes pixels, so off by default)",
     )
-    a("--num-workers", type=int, default=10, help="data loader processes per GPU")
+    a("--num-workers", type=int, default=10, help="data loader processes per GPU (--loader dali: its CPU threads)")
     a("--seed", type=int, default=0, help="augmentations, masks and init (+ rank)")
     a("--print-freq", type=int, default=50, help="iterations between progress lines")
     a("--pca-every", type=int, default=10, help="epochs between tensorboard PCA pictures of 4 fixed images (0: off)")
@@ -268,6 +270,14 @@ def grid_of(config: Config, student: StudentConfig) -> int:
     return config.input_size // student_patch_size(student.name, student.layout)
 
 
+def installed(module: str) -> bool:
+    """Whether `module` can be imported, without importing it (nor failing on a missing parent package)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def resolve(args: argparse.Namespace) -> Config:
     """The command line as a run's Config: family defaults filled, 'auto' decided, per-teacher flags split
     into records, and everything checked that can be checked before training starts: each value on its own
@@ -309,6 +319,8 @@ def resolve(args: argparse.Namespace) -> Config:
     if "phi-s" in (standardization, summary):
         for name in teachers:
             hadamard(teacher_spec(name).embed_dim)  # a width without a Hadamard matrix: one clear line
+    if args.loader == "dali" and not installed("nvidia.dali"):
+        raise UsageError("--loader dali needs NVIDIA DALI: pip install -r requirements-dali.txt")
     names = args.student.split(",")
     for name in names:
         student_family(name)  # an unknown name: one line that lists the students
@@ -448,6 +460,18 @@ def build(config: Config, device: torch.device, world: int, *, out: Output, fres
         worker_init_fn=worker_init,
         prefetch_factor=4 if config.num_workers > 0 else None,
     )
+    if config.loader == "dali":  # an optional dependency, imported only when asked for
+        from .dali import DaliLoader
+
+        loader = DaliLoader(
+            dataset,
+            sampler,
+            batch_size=config.batch_size,
+            size=crop_size,
+            device=device,
+            num_threads=config.num_workers,
+            single_image=config.single_image,
+        )
     if len(sampler) < config.batch_size:
         raise UsageError(
             f"{len(sampler)} images per process cannot fill one batch of {config.batch_size}; lower --batch-size"

@@ -245,7 +245,7 @@ def dense_head(name: str, head: str, protocol: Published | None) -> DenseHead:
     return protocol.heads[name] if protocol else TASKS[name].heads[head]
 
 
-def paper_reference(name: str, key: str | None, head: str, protocol: Published | None) -> tuple[dict, dict]:
+def paper_reference(name: str, key: str | None, head: str, *, protocol: Published | None) -> tuple[dict, dict]:
     """The published figures of a task for this backbone (the paper's: by model size and dense head; another
     release's: by the released model of the backbone's architecture), and the protocol behind them."""
     task = TASKS[name]
@@ -443,7 +443,7 @@ def rows_of(name: str, results: dict, key: str | None, *, head: str, protocol: P
     or under another release's `protocol` the released model of its architecture) and head: a published figure
     stands next to ours only when the run's `protocol` is the published one, else the row says why not."""
     task = TASKS[name]
-    figures, setup = paper_reference(name, key, head, protocol)
+    figures, setup = paper_reference(name, key, head, protocol=protocol)
     why = not_the_papers(results.get("protocol"), setup) if figures else ""
     metrics, notes = results["metrics"], results.get("metric_notes", {})
     names = dict.fromkeys(m for prefix in task.report or ("",) for m in metrics if m.startswith(prefix))
