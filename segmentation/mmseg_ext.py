@@ -18,11 +18,9 @@ Configs load it with `custom_imports = dict(imports=["segmentation.mmseg_ext"])`
 - `DPTDepthHead`, `LinearDepthHead`: mmseg's DPT and 1x1-conv heads as depth heads (one channel,
   no output activation, SiLog loss on `gt_depth_map`); `DPTStagesDepthHead`: DPT's fusion over a
   multi-scale backbone's stage maps, which need no reassembly (DPT-hybrid's use of ResNet stages).
-- DINOv3's NYU linear protocol (`depth/configs/dinov3_linear.py`): `DepthBinsHead` (BN, a 1x1 conv to
-  256 depth-bin scores, depth as their normalised weighting of bin depths), its `WarmupSigLoss`, the
-  `WarmupOneCycleLR` / `WarmupOneCycleMomentum` schedule, and the `BoxCrop` / `DepthColorAug` transforms;
-  `ProteusViT(center_pad=True)` pads its input to whole patches around the centre, as DINOv3's depth
-  encoder does.
+- `ProteusViT(center_pad=True)` pads its input to whole patches around the centre, as DINOv3's depth
+  encoder does; `DepthHeadMixin` makes any decode head a depth head. What DINOv3's own dense protocols need
+  beyond these is in `segmentation/dinov3_protocol.py`.
 - `EvaluationHistoryHook`: every evaluation during training, one JSON line each in
   `<work_dir>/evaluations.jsonl`, from which the runner reports the best-on-test figure.
 - `DenseRunner`: mmengine's Runner, writing checkpoints atomically and as plain data (tensors,
@@ -42,22 +40,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from mmcv.cnn import ConvModule, build_norm_layer
-from mmcv.transforms import BaseTransform
+from mmcv.cnn import ConvModule
 from mmengine.dist import is_main_process, master_only
 from mmengine.hooks import Hook
 from mmengine.logging import HistoryBuffer
 from mmengine.model import BaseModule, is_model_wrapper
 from mmengine.optim import DefaultOptimWrapperConstructor
-from mmengine.optim.scheduler.lr_scheduler import LRSchedulerMixin
-from mmengine.optim.scheduler.momentum_scheduler import MomentumSchedulerMixin
-from mmengine.optim.scheduler.param_scheduler import INF, _ParamScheduler
 from mmengine.runner import Runner
-from mmseg.models.decode_heads.decode_head import BaseDecodeHead
 from mmseg.models.decode_heads.dpt_head import DPTHead
 from mmseg.models.decode_heads.fcn_head import FCNHead
 from mmseg.models.utils import resize
-from mmseg.registry import HOOKS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS, PARAM_SCHEDULERS, TRANSFORMS
+from mmseg.registry import HOOKS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS
 from torch import nn
 
 from common.io import atomic_replace
@@ -369,204 +362,6 @@ class DPTStagesDepthHead(DPTDepthHead):
 @MODELS.register_module()
 class LinearDepthHead(DepthHeadMixin, FCNHead):
     """Linear probe: the resized, concatenated levels -> a 1x1 conv to one depth channel."""
-
-
-# --- DINOv3's NYU linear protocol (dinov3/eval/depth at 6876159; depth/configs/dinov3_linear.py) -------------
-def depth_bins(min_depth: float, max_depth: float, n_bins: int) -> torch.Tensor:
-    """The bins' depths: n_bins evenly spaced from min_depth to max_depth, both included (DINOv3's "linear"
-    bins_strategy). Each bin is a single depth, not an interval: there are no edges."""
-    return torch.linspace(min_depth, max_depth, n_bins)
-
-
-def depth_from_bins(scores: torch.Tensor, bins: torch.Tensor, eps: float = 0.1) -> torch.Tensor:
-    """[B, n_bins, h, w] scores -> [B, 1, h, w] depth: DINOv3's "linear" norm_strategy (AdaBins' default),
-    weights relu(score) + eps normalised to sum 1 over the bins (no softmax), depth their weighting of the bins."""
-    weights = torch.relu(scores) + eps
-    weights = weights / weights.sum(dim=1, keepdim=True)
-    return (weights * bins.to(weights).view(1, -1, 1, 1)).sum(dim=1, keepdim=True)
-
-
-@MODELS.register_module()
-class DepthBinsHead(DepthHeadMixin, BaseDecodeHead):
-    """DINOv3's linear depth head: BN over the (resized, concatenated) levels, a 1x1 conv to n_bins scores
-    (weights N(0, 0.01), bias 0: BaseDecodeHead's init of `conv_seg`), depth from the scores and the bins at
-    the patch grid, resized to the target by the caller (the loss's ground truth, the input at test).
-
-    out_channels is 1, the depth map's: mmseg's estimators size their outputs from it.
-    """
-
-    def __init__(
-        self,
-        in_channels: int | list[int],
-        *,
-        n_bins: int = 256,
-        min_depth: float = 1e-3,
-        max_depth: float = 10.0,
-        norm_cfg: dict | None = None,
-        **kwargs,
-    ) -> None:
-        width = sum(in_channels) if isinstance(in_channels, (list, tuple)) else in_channels
-        kwargs.update(num_classes=1, out_channels=1, dropout_ratio=0.0)
-        super().__init__(in_channels, width, norm_cfg=norm_cfg, **kwargs)
-        self.bn = build_norm_layer(norm_cfg, width)[1] if norm_cfg else nn.Identity()
-        self.conv_seg = nn.Conv2d(width, n_bins, kernel_size=1)
-        self.min_depth = min_depth  # DepthHeadMixin's clamp: a no-op here, every depth lies within the bins
-        self.register_buffer("bins", depth_bins(min_depth, max_depth, n_bins), persistent=False)
-
-    def forward(self, inputs: list) -> torch.Tensor:
-        return depth_from_bins(self.conv_seg(self.bn(self._transform_inputs(inputs))), self.bins)
-
-
-@MODELS.register_module()
-class WarmupSigLoss(nn.Module):
-    """DINOv3's SigLoss (dinov3/eval/depth/loss.py, from BinsFormer and AdaBins) over the pixels whose ground
-    truth is not `ignored` (0: no measurement, or padding), all images of the batch together:
-    g = log(pred + eps) - log(gt + eps), loss = sqrt(mean_weight * mean(g)^2 + var(g)) with the unbiased
-    variance, the variance left out of the first `warm_iter` calls (a count of calls, not of iterations, kept
-    out of checkpoints as DINOv3 keeps it: a resumed run warms up again)."""
-
-    def __init__(
-        self,
-        *,
-        eps: float = 1e-3,
-        mean_weight: float = 0.15,
-        warm_iter: int = 100,
-        ignored: float = 0.0,
-        loss_weight: float = 1.0,
-        loss_name: str = "loss_sig",
-    ) -> None:
-        super().__init__()
-        self.eps, self.mean_weight, self.warm_iter, self.ignored = eps, mean_weight, warm_iter, ignored
-        self.loss_weight, self._loss_name, self.calls = loss_weight, loss_name, 0
-
-    @property
-    def loss_name(self) -> str:
-        return self._loss_name
-
-    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        valid = target != self.ignored
-        g = torch.log(pred[valid] + self.eps) - torch.log(target[valid] + self.eps)
-        loss = self.mean_weight * g.mean() ** 2
-        if self.calls < self.warm_iter:
-            self.calls += 1
-        else:
-            loss = loss + g.var()
-        # DINOv3's guard: |loss| where the sum is not positive (sqrt's gradient at 0 is infinite)
-        return self.loss_weight * (loss.sqrt() if loss > 0 else loss.abs())
-
-
-def _cosine(start: float, end: float, pct: float) -> float:
-    return end + (start - end) * (1 + math.cos(math.pi * pct)) / 2
-
-
-def warmup_one_cycle_lr(
-    step: int, *, peak: float, total: int, warmup: int, div_factor: float = 25.0, final_div_factor: float = 1000.0
-) -> float:
-    """DINOv3's WarmupOneCycleLR (dinov3/eval/depth/schedulers.py) at 0-based `step`. Warmup: from
-    peak / final_div_factor up a linear ramp toward a cosine over the whole run, ending near
-    (1 + cos(pi warmup / total)) / 2 of the peak (0.75 at 12.8k of 38.4k), never at the peak itself. Then that
-    cosine, from peak to peak / div_factor / final_div_factor over all `total` steps, taken one step ahead."""
-    if step < warmup:
-        ceiling = peak * (1 + math.cos(math.pi * step / total)) / 2
-        return peak / final_div_factor + ceiling * step / warmup
-    return _cosine(peak, peak / div_factor / final_div_factor, (step + 1) / total)
-
-
-def warmup_one_cycle_beta1(step: int, *, total: int, warmup: int, base: float = 0.85, peak: float = 0.95) -> float:
-    """Adam's beta1 under DINOv3's WarmupOneCycleLR: 0 through the warmup (its code sets no momentum there, so
-    the optimizer's own beta1 is never used), then a cosine from `base` up to `peak` over the remaining steps."""
-    return 0.0 if step < warmup else _cosine(base, peak, (step - warmup) / (total - warmup))
-
-
-class _WarmupOneCycle(_ParamScheduler):
-    """mmengine's OneCycleLR is torch's (phases set by pct_start, starting at peak / div_factor), not the
-    formula DINOv3 trains with: these give DINOv3's, the peak lr being the optimizer's."""
-
-    def __init__(
-        self,
-        optimizer,
-        param_name: str,
-        *,
-        total_steps: int,
-        warmup_steps: int,
-        div_factor: float = 25.0,
-        final_div_factor: float = 1000.0,
-        base_momentum: float = 0.85,
-        max_momentum: float = 0.95,
-        begin: int = 0,
-        end: int = INF,
-        last_step: int = -1,
-        by_epoch: bool = False,
-        verbose: bool = False,
-    ) -> None:
-        if not 0 <= warmup_steps < total_steps:
-            raise UsageError(f"warmup_steps {warmup_steps}: from 0 to total_steps {total_steps} excluded")
-        self.total, self.warmup = total_steps, warmup_steps
-        self.div_factor, self.final_div_factor = div_factor, final_div_factor
-        self.base_momentum, self.max_momentum = base_momentum, max_momentum
-        super().__init__(
-            optimizer, param_name, begin=begin, end=end, last_step=last_step, by_epoch=by_epoch, verbose=verbose
-        )
-
-    def _get_value(self) -> list[float]:
-        step, span = self.last_step, dict(total=self.total, warmup=self.warmup)
-        if self.param_name == "lr":
-            factors = dict(div_factor=self.div_factor, final_div_factor=self.final_div_factor)
-            return [warmup_one_cycle_lr(step, peak=peak, **span, **factors) for peak in self.base_values]
-        beta1 = warmup_one_cycle_beta1(step, **span, base=self.base_momentum, peak=self.max_momentum)
-        return [beta1 for _ in self.base_values]
-
-
-@PARAM_SCHEDULERS.register_module()
-class WarmupOneCycleLR(LRSchedulerMixin, _WarmupOneCycle):
-    """DINOv3's WarmupOneCycleLR, the lr (warmup_one_cycle_lr)."""
-
-
-@PARAM_SCHEDULERS.register_module()
-class WarmupOneCycleMomentum(MomentumSchedulerMixin, _WarmupOneCycle):
-    """DINOv3's WarmupOneCycleLR, Adam's beta1 (warmup_one_cycle_beta1)."""
-
-
-@TRANSFORMS.register_module()
-class BoxCrop(BaseTransform):
-    """A fixed crop of the image and its maps: `box` (x1, y1, x2, y2) on a `reference` (h, w) image, scaled to the
-    image's size and truncated as DINOv3's NYUCrop does; (43, 45, 608, 472) on 480x640 is its NYU training crop."""
-
-    def __init__(self, box: tuple[int, int, int, int], reference: tuple[int, int] = (480, 640)) -> None:
-        self.box, self.reference = tuple(box), tuple(reference)
-
-    def transform(self, results: dict) -> dict:
-        h, w = results["img"].shape[:2]
-        (x1, y1, x2, y2), (ref_h, ref_w) = self.box, self.reference
-        rows = slice(int(y1 / ref_h * h), int(y2 / ref_h * h))
-        cols = slice(int(x1 / ref_w * w), int(x2 / ref_w * w))
-        for key in ["img", *results.get("seg_fields", [])]:
-            results[key] = results[key][rows, cols]
-        results["img_shape"] = results["img"].shape[:2]
-        return results
-
-
-@TRANSFORMS.register_module()
-class DepthColorAug(BaseTransform):
-    """DINOv3's depth colour augmentation (transforms.py's ColorAug, from the Monocular-Depth-Estimation-Toolbox):
-    with probability `prob`, on the 0-255 image, x ** gamma, x brightness, x one factor per channel, clipped
-    to [0, 255]; float32 out (the data preprocessor normalises it). Draws in DINOv3's order; the channel factors
-    are independent and alike, so mmcv's BGR order changes nothing."""
-
-    def __init__(
-        self, *, prob: float = 0.5, gamma_range=(0.9, 1.1), brightness_range=(0.9, 1.1), color_range=(0.9, 1.1)
-    ) -> None:
-        self.prob, self.gamma_range, self.brightness_range = prob, gamma_range, brightness_range
-        self.color_range = color_range
-
-    def transform(self, results: dict) -> dict:
-        if np.random.rand() < self.prob:
-            img = results["img"].astype(np.float64)
-            gamma = np.random.uniform(min(self.gamma_range), max(self.gamma_range))
-            brightness = np.random.uniform(min(self.brightness_range), max(self.brightness_range))
-            colors = np.random.uniform(min(self.color_range), max(self.color_range), size=3)
-            results["img"] = np.clip(img**gamma * brightness * colors, 0, 255).astype(np.float32)
-        return results
 
 
 @HOOKS.register_module()

@@ -498,8 +498,8 @@ BUILT_CONFIGS = {
     "depth/configs/dpt_probe_timm.py": "946dd495a8027428",
     "depth/configs/dpt_timm.py": "034a77f28cd71acb",
     "depth/configs/linear_timm.py": "2c0a9855d6356f60",
-    "segmentation/configs/dinov3_linear.py": "de00f9d231fb291b",
-    "depth/configs/dinov3_linear.py": "008bc2942e8a327b",
+    "segmentation/configs/dinov3_linear.py": "047fb3e49dae8ee3",
+    "depth/configs/dinov3_linear.py": "f79e2b1ba5e6db0f",
 }
 
 
@@ -514,7 +514,14 @@ def _canonical(value):
 
 def test_configs_build_the_recorded_settings():
     configs = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("*/configs/*.py"))
-    bases = ("runtime.py", "ade20k_base.py", "nyu_base.py", "dinov3_layout_ade20k.py", "dinov3_layout_nyu.py")
+    bases = (
+        "runtime.py",
+        "ade20k_base.py",
+        "nyu_base.py",
+        "nyu_data.py",
+        "dinov3_layout_ade20k.py",
+        "dinov3_layout_nyu.py",
+    )
     assert sorted(BUILT_CONFIGS) == [c for c in configs if not c.endswith(bases)]
     for config, recorded in BUILT_CONFIGS.items():
         name = _cfg(config).protocol_name  # results.json's protocol.name: whose protocol it is

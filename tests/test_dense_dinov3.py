@@ -314,7 +314,7 @@ def test_dinov3_linear_config_is_dinov3s_protocol():
     )
     assert cfg.param_scheduler == [
         dict(
-            type="DINOv3WarmupOneCycleLR",
+            type="DINOv3SegWarmupOneCycleLR",
             total_iters=40000,
             warmup_iters=1500,
             warmup_ratio=1e-6,

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 mmseg = pytest.importorskip("mmseg", reason="mmsegmentation not installed: `make mmseg`")
+import segmentation.dinov3_protocol as dinov3  # noqa: E402
 import segmentation.mmseg_ext as ext  # noqa: E402
 from scripts.evaluate_all import QUICK_DENSE  # noqa: E402
 from segmentation import runner  # noqa: E402
@@ -44,19 +45,19 @@ def dinov3_depth(scores: torch.Tensor, min_depth=0.001, max_depth=10.0) -> torch
 
 
 def test_bins_and_depth_from_scores():
-    bins = ext.depth_bins(0.001, 10.0, 256)
+    bins = dinov3.depth_bins(0.001, 10.0, 256)
     assert bins.shape == (256,) and bins[0].item() == pytest.approx(0.001) and bins[-1].item() == pytest.approx(10.0)
     torch.testing.assert_close(bins[1:] - bins[:-1], torch.full((255,), (10.0 - 0.001) / 255), rtol=0, atol=1e-5)
     torch.manual_seed(0)
     scores = torch.randn(2, 256, 3, 5) * 3
-    depth = ext.depth_from_bins(scores, bins)
+    depth = dinov3.depth_from_bins(scores, bins)
     assert depth.shape == (2, 1, 3, 5)
     torch.testing.assert_close(depth, dinov3_depth(scores))
     # all scores <= 0: every bin weighs 0.1, the depth is the bins' mean; one large score pulls toward its bin
-    assert ext.depth_from_bins(-torch.ones(1, 256, 1, 1), bins).item() == pytest.approx((0.001 + 10.0) / 2)
+    assert dinov3.depth_from_bins(-torch.ones(1, 256, 1, 1), bins).item() == pytest.approx((0.001 + 10.0) / 2)
     one = torch.zeros(1, 256, 1, 1)
     one[0, 200] = 1e6
-    assert ext.depth_from_bins(one, bins).item() == pytest.approx(bins[200].item(), rel=1e-4)
+    assert dinov3.depth_from_bins(one, bins).item() == pytest.approx(bins[200].item(), rel=1e-4)
 
 
 def test_head_is_bn_then_1x1_conv_to_256_bins():
@@ -131,12 +132,13 @@ def dinov3_lr(step, total=38400, warmup=12800, max_lr=3e-4, div=25.0, final_div=
 
 
 def test_schedule_closed_forms_are_dinov3s():
+    span = dict(total=38400, warmup=12800)
     for step, (lr, beta1) in OFFICIAL.items():
-        assert ext.warmup_one_cycle_lr(step, peak=3e-4, total=38400, warmup=12800) == pytest.approx(lr, rel=1e-12)
-        assert ext.warmup_one_cycle_beta1(step, total=38400, warmup=12800) == pytest.approx(beta1, abs=1e-15)
+        assert dinov3.dinov3_depth_one_cycle_lr(step, peak=3e-4, **span) == pytest.approx(lr, rel=1e-12)
+        assert dinov3.dinov3_depth_one_cycle_beta1(step, **span) == pytest.approx(beta1, abs=1e-15)
         assert dinov3_lr(step) == pytest.approx(lr, rel=1e-12)
     for step in range(0, 38400, 97):
-        assert ext.warmup_one_cycle_lr(step, peak=3e-4, total=38400, warmup=12800) == pytest.approx(dinov3_lr(step))
+        assert dinov3.dinov3_depth_one_cycle_lr(step, peak=3e-4, **span) == pytest.approx(dinov3_lr(step))
 
 
 def test_configs_schedulers_step_as_dinov3s():
@@ -171,15 +173,17 @@ def _by_type(pipeline: list) -> dict:
 def test_config_pins_dinov3s_numbers():
     cfg = _cfg()
     assert cfg.protocol_name == "DINOv3 NYU linear"
+    assert cfg.custom_imports.imports == ["segmentation.mmseg_ext", "segmentation.dinov3_protocol"]
     # optimizer: AdamW lr 3e-4, betas (0.9, 0.99), wd 1e-4 on the head alone, every parameter; grad clip 35
     assert cfg.optim_wrapper.optimizer == dict(type="AdamW", lr=3e-4, betas=(0.9, 0.99), weight_decay=1e-4)
     assert cfg.optim_wrapper.clip_grad == dict(max_norm=35, norm_type=2) and "paramwise_cfg" not in cfg.optim_wrapper
-    # 38.4k iterations, WarmupOneCycleLR with warmup 12.8k, final_div_factor 1000, momentum 0.85 -> 0.95
+    # 38.4k iterations, DINOv3DepthWarmupOneCycleLR with warmup 12.8k, final_div_factor 1000, momentum 0.85 -> 0.95
     assert cfg.train_cfg.max_iters == 38400 and cfg.train_cfg.val_interval == 1600
     lr, momentum = cfg.param_scheduler
     assert (lr.type, lr.total_steps, lr.warmup_steps, lr.final_div_factor, lr.div_factor) == (
-        "WarmupOneCycleLR", 38400, 12800, 1000.0, 25.0)  # fmt: skip
-    assert (momentum.type, momentum.base_momentum, momentum.max_momentum) == ("WarmupOneCycleMomentum", 0.85, 0.95)
+        "DINOv3DepthWarmupOneCycleLR", 38400, 12800, 1000.0, 25.0)  # fmt: skip
+    assert (momentum.type, momentum.base_momentum, momentum.max_momentum) == (
+        "DINOv3DepthWarmupOneCycleMomentum", 0.85, 0.95)  # fmt: skip
     assert all(s.by_epoch is False and s.begin == 0 and s.end == 38400 for s in cfg.param_scheduler)
     # 2 per GPU (x 8 GPUs = 16), seed 321 + rank
     assert cfg.train_dataloader.batch_size == 2 and cfg.randomness == dict(seed=321, diff_rank_seed=True)
@@ -246,7 +250,7 @@ def test_box_crop_is_dinov3s_nyu_crop():
     # at NYU's 480x640: rows 45:472, cols 43:608 (427 x 565); other sizes scaled, truncated
     for h, w, rows, cols in ((480, 640, (45, 472), (43, 608)), (60, 80, (5, 59), (5, 76))):
         img, depth = rng.integers(0, 255, (h, w, 3), dtype=np.uint8), rng.random((h, w), dtype=np.float32)
-        out = ext.BoxCrop(box=(43, 45, 608, 472))(dict(img=img, gt_depth_map=depth, seg_fields=["gt_depth_map"]))
+        out = dinov3.BoxCrop(box=(43, 45, 608, 472))(dict(img=img, gt_depth_map=depth, seg_fields=["gt_depth_map"]))
         np.testing.assert_array_equal(out["img"], img[slice(*rows), slice(*cols)])
         np.testing.assert_array_equal(out["gt_depth_map"], depth[slice(*rows), slice(*cols)])
         assert out["img_shape"] == (rows[1] - rows[0], cols[1] - cols[0])
@@ -254,7 +258,7 @@ def test_box_crop_is_dinov3s_nyu_crop():
 
 def test_colour_aug_is_dinov3s():
     img = np.random.default_rng(0).integers(0, 256, (6, 7, 3), dtype=np.uint8)
-    aug = ext.DepthColorAug(prob=0.5, gamma_range=(0.9, 1.1), brightness_range=(0.75, 1.25), color_range=(0.9, 1.1))
+    aug = dinov3.DepthColorAug(prob=0.5, gamma_range=(0.9, 1.1), brightness_range=(0.75, 1.25), color_range=(0.9, 1.1))
     applied = 0
     for seed in range(8):
         np.random.seed(seed)  # transforms.py's ColorAug, restated with the same draws in the same order

@@ -2,14 +2,13 @@
 # dinov3/eval/depth/configs/config-nyu.yaml with config.py's defaults, models/, loss.py, schedulers.py,
 # transforms.py, train.py, eval.py). Any ViT size: the runner fills in the head's width.
 # What mmseg cannot express, and the differences left: docs/protocols.md, E2.
-_base_ = ["../../segmentation/configs/runtime.py"]
+# the splits and the metric: nyu_data.py (DINOv3's metric too: gt in (0.001, 10) m in the Eigen crop, per image)
+_base_ = ["./nyu_data.py"]
+custom_imports = dict(imports=["segmentation.mmseg_ext", "segmentation.dinov3_protocol"], allow_failed_imports=False)
 protocol_name = "DINOv3 NYU linear"  # results.json's protocol.name
 
-data_root = "data/nyu"
-dataset_type = "NYUDataset"
 crop = (416, 544)  # (h, w), random crops at the native 480x640 (no resize)
-meta_keys = ("img_path", "depth_map_path", "ori_shape", "img_shape", "pad_shape", "scale_factor", "flip",
-             "flip_direction", "category_id")  # fmt: skip
+meta_keys = {{_base_.meta_keys}}  # nyu_data.py's, for the pipelines below
 train_pipeline = [
     dict(type="LoadImageFromFile"),
     dict(type="LoadDepthAnnotation", depth_rescale_factor=1e-3),  # PNG millimetres -> metres (/ 1000)
@@ -31,25 +30,10 @@ test_pipeline = [
 global_batch = 16
 train_dataloader = dict(
     batch_size=2,  # per GPU on DINOv3's 8
-    dataset=dict(
-        type=dataset_type,
-        data_root=data_root,
-        data_prefix=dict(img_path="images/train", depth_map_path="annotations/train"),
-        pipeline=train_pipeline,
-    ),
+    dataset=dict(pipeline=train_pipeline),
 )
-val_dataloader = dict(
-    dataset=dict(
-        type=dataset_type,
-        data_root=data_root,
-        data_prefix=dict(img_path="images/test", depth_map_path="annotations/test"),
-        pipeline=test_pipeline,
-    ),
-)
+val_dataloader = dict(dataset=dict(pipeline=test_pipeline))
 test_dataloader = val_dataloader
-# gt in (0.001, 10) m inside the Eigen crop (rows 45:471, cols 41:601), per image then averaged
-val_evaluator = dict(type="DepthMetric", min_depth_eval=1e-3, max_depth_eval=10.0, crop_type="nyu_crop")
-test_evaluator = val_evaluator
 
 model = dict(
     type="DepthEstimator",
@@ -89,12 +73,12 @@ optim_wrapper = dict(
     optimizer=dict(type="AdamW", lr=3e-4, betas=(0.9, 0.99), weight_decay=1e-4),
     clip_grad=dict(max_norm=35, norm_type=2),
 )
-# WarmupOneCycleLR (final_div_factor 1000, div_factor 25, cosine); it also drives Adam's beta1 (0 in the
-# warmup, then 0.85 -> 0.95), so the 0.9 above is never used, there as here
+# dinov3/eval/depth/schedulers.py's WarmupOneCycleLR (final_div_factor 1000, div_factor 25, cosine); it also
+# drives Adam's beta1 (0 in the warmup, then 0.85 -> 0.95), so the 0.9 above is never used, there as here
 param_scheduler = [
-    dict(type="WarmupOneCycleLR", total_steps=iters, warmup_steps=warmup, div_factor=25.0, final_div_factor=1000.0,
-         by_epoch=False, begin=0, end=iters),
-    dict(type="WarmupOneCycleMomentum", total_steps=iters, warmup_steps=warmup, base_momentum=0.85,
+    dict(type="DINOv3DepthWarmupOneCycleLR", total_steps=iters, warmup_steps=warmup, div_factor=25.0,
+         final_div_factor=1000.0, by_epoch=False, begin=0, end=iters),
+    dict(type="DINOv3DepthWarmupOneCycleMomentum", total_steps=iters, warmup_steps=warmup, base_momentum=0.85,
          max_momentum=0.95, by_epoch=False, begin=0, end=iters),
 ]  # fmt: skip
 # evaluated and checkpointed every 1600 iterations (eval_interval); the reported figure is the final model's

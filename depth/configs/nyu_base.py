@@ -1,22 +1,10 @@
-# NYU-Depth V2 at 518 (PROTOCOLS E): data, pipelines, schedule and runtime shared by every NYU config.
-_base_ = ["../../segmentation/configs/runtime.py"]
+# NYU-Depth V2 at 518 (PROTOCOLS E): the pipelines, loss, windows and schedule shared by every Proteus NYU config
+# (the data and metric: nyu_data.py).
+_base_ = ["./nyu_data.py"]
 protocol_name = "Proteus NYU-Depth V2"  # results.json's protocol.name
 
 crop_size = (518, 518)
-data_root = "data/nyu"
-dataset_type = "NYUDataset"
-
-meta_keys = (
-    "img_path",
-    "depth_map_path",
-    "ori_shape",
-    "img_shape",
-    "pad_shape",
-    "scale_factor",
-    "flip",
-    "flip_direction",
-    "category_id",
-)
+meta_keys = {{_base_.meta_keys}}  # nyu_data.py's, for the pipelines below
 train_pipeline = [
     dict(type="LoadImageFromFile"),
     dict(type="LoadDepthAnnotation", depth_rescale_factor=1e-3),  # PNG millimetres -> metres
@@ -40,27 +28,9 @@ test_pipeline = [
     dict(type="LoadDepthAnnotation", depth_rescale_factor=1e-3),
     dict(type="PackSegInputs", meta_keys=meta_keys),
 ]
-train_dataloader = dict(
-    batch_size=4,  # per GPU
-    dataset=dict(
-        type=dataset_type,
-        data_root=data_root,
-        data_prefix=dict(img_path="images/train", depth_map_path="annotations/train"),
-        pipeline=train_pipeline,
-    ),
-)
-val_dataloader = dict(
-    dataset=dict(
-        type=dataset_type,
-        data_root=data_root,
-        data_prefix=dict(img_path="images/test", depth_map_path="annotations/test"),
-        pipeline=test_pipeline,
-    ),
-)
+train_dataloader = dict(batch_size=4, dataset=dict(pipeline=train_pipeline))  # batch per GPU
+val_dataloader = dict(dataset=dict(pipeline=test_pipeline))
 test_dataloader = val_dataloader
-# valid gt in (0.001, 10) m inside the Eigen crop rows 45:471, cols 41:601; per image, then averaged
-val_evaluator = dict(type="DepthMetric", min_depth_eval=1e-3, max_depth_eval=10.0, crop_type="nyu_crop")
-test_evaluator = val_evaluator
 
 data_preprocessor = dict(
     type="SegDataPreProcessor",

@@ -4,7 +4,7 @@
 # The frozen backbone's last block through its final norm; Dropout2d 0.1, BN, 1x1 conv to 150 classes (BNLinearHead,
 # its width filled in from the backbone by the runner); AdamW lr 1e-3, betas (0.9, 0.999), wd 1e-3 on every head
 # parameter, no gradient clipping, fp32; 40k iterations of global batch 16 (DINOv3: 8 GPUs x 2); warmup 1500 from
-# 1e-6 then a cosine to 0 over the run (DINOv3WarmupOneCycleLR); 512 crops; test at short side 512 in 512 windows,
+# 1e-6 then a cosine to 0 over the run (DINOv3SegWarmupOneCycleLR); 512 crops; test at short side 512 in 512 windows,
 # stride 341. DINOv3 evaluates every 5000 iterations and reports the best: our "mIoU best on test".
 _base_ = ["./ade20k_base.py"]
 custom_imports = dict(imports=["segmentation.mmseg_ext", "segmentation.dinov3_protocol"], allow_failed_imports=False)
@@ -84,7 +84,7 @@ model = dict(
 optim_wrapper = dict(type="OptimWrapper", optimizer=dict(type="AdamW", lr=1e-3, betas=(0.9, 0.999), weight_decay=1e-3))
 param_scheduler = [
     dict(
-        type="DINOv3WarmupOneCycleLR",
+        type="DINOv3SegWarmupOneCycleLR",
         total_iters=iters,
         warmup_iters=warmup_iters,
         warmup_ratio=1e-6,
