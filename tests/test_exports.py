@@ -249,3 +249,28 @@ def test_an_export_refuses_what_it_cannot_write(run_export, tmp_path, capsys):
     assert "holds no backbone.pth" in capsys.readouterr().err and not (tmp_path / "x").exists()
     with pytest.raises(models.UsageError, match="not a backbone exported by scripts.export"):
         models.load_backbone(tmp_path / "other")
+
+
+def test_a_layout_timm_has_no_architecture_for_keeps_its_reference_layout(tmp_path, monkeypatch):
+    """backbone.safetensors in the family's reference layout, config.json saying why; still our backbone."""
+    monkeypatch.setattr(type(models.FAMILIES["clip"]), "timm_architecture", lambda self, model, *, img_size: None)
+    model, size = tiny_student("clip")
+    fake_run(tmp_path / "run", model, "clip", size)
+    assert export_script.main(["--run", str(tmp_path / "run"), "--to", str(tmp_path / "export"), "--no-onnx"]) == 0
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert "architecture" not in config and config["proteus-export"]["timm"] is None
+    assert "timm has no architecture for the CLIP layout" in config["proteus-export"]["note"]
+    assert config["pretrained_cfg"]["input_size"] == [3, size, size]
+    assert not (tmp_path / "export" / "model.safetensors").exists()
+    x = torch.randn(2, 3, size, size)
+    back = models.load_backbone(tmp_path / "export").eval()
+    assert all(torch.equal(a, b) for a, b in zip(features(back, x), features(model, x)))
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "timm has no architecture for the CLIP layout" in card
+
+
+def test_dinov2_registers_are_timms_reg_tokens():
+    """A DINOv2 ViT with registers (an official _reg file) is timm's reg4 DINOv2: the CLS carries its position."""
+    model = randomize_(models.build_vit(models.LAYOUTS["dinov2"], 64, 1, 1, 128, img_size=28, num_register_tokens=4))
+    found = exports.export_backbone(model.eval(), img_size=28, normalization=models.families.base.STUDENT_INPUTS)
+    assert found.architecture == "vit_small_patch14_reg4_dinov2" and found.parity < 1e-5
