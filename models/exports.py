@@ -260,16 +260,15 @@ def export_onnx(
     model: nn.Module, path: str | os.PathLike, *, img_size: int, adaptors: nn.Module | None = None
 ) -> OnnxExport:
     """model.onnx at `path` (torch's exporter, its default opset), for any batch and, where the exported graph
-    computes every size right, any height and width; else at the training resolution only (a position table
-    resampled by DINOv2's formula takes a branch per size that the exporter fixes to the example's). Checked
-    against the network in onnxruntime before it is returned."""
+    computes every size right, any height and width; else at the training resolution only (a network whose
+    forward branches on the size in Python, which the exporter fixes to the example's: timm's ViTs resampling
+    their position table, our ViTs with registers). Checked against the network in onnxruntime before it is
+    returned."""
     graph = OnnxGraph(model, adaptors)
     path, patch = Path(path), int(model.patch_size)
     example = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
     large = sum(t.numel() * t.element_size() for t in graph.state_dict().values()) > 2**31 - 2**26
-    # our position-table ViTs resample by DINOv2's formula, whose branch per size the exporter fixes: no try
-    tries = (False,) if family_of_model(model).position_table else (True, False)
-    for dynamic_size in tries:
+    for dynamic_size in (True, False):
         batch = torch.export.Dim("batch", min=1)
         size = {0: batch}
         if dynamic_size:

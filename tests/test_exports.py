@@ -97,14 +97,14 @@ def test_timm_builds_the_student_from_the_folder(exported, request):
 
 
 def test_onnx_gives_the_networks_and_the_adaptors_outputs(exported, request):
-    """onnxruntime (CPU) against the network and its adaptors to 1e-4: any height and width where the graph takes
-    them (RoPE, a CNN), else two batch sizes at the training resolution."""
+    """onnxruntime (CPU) against the network and its adaptors to 1e-4, at two batch sizes and resolutions: every
+    layout's graph takes any height and width (a position table resampled by DINOv2's formula in the graph)."""
     import onnxruntime
 
     layout = request.node.callspec.params["exported"]
     session = onnxruntime.InferenceSession(str(exported.folder / "model.onnx"), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    for batch, (h, w) in zip((2, 3), sizes(exported, layout) * 2):
+    for batch, (h, w) in zip((2, 3), sizes(exported, "any")):
         x = torch.randn(batch, 3, h, w)
         got = dict(zip(names, session.run(None, {"images": x.numpy()})))
         with torch.no_grad():
@@ -274,3 +274,16 @@ def test_dinov2_registers_are_timms_reg_tokens():
     model = randomize_(models.build_vit(models.LAYOUTS["dinov2"], 64, 1, 1, 128, img_size=28, num_register_tokens=4))
     found = exports.export_backbone(model.eval(), img_size=28, normalization=models.families.base.STUDENT_INPUTS)
     assert found.architecture == "vit_small_patch14_reg4_dinov2" and found.parity < 1e-5
+
+
+@pytest.mark.parametrize("grid", [(2, 2), (3, 5), (7, 4), (1, 1)])
+def test_the_exported_graphs_position_table_is_dinov2s(grid, monkeypatch):
+    """The per-axis bicubic matrices an exported graph resamples a position table with give DINOv2's
+    F.interpolate(scale_factor=(n + 0.1) / m) (and the table itself at its own grid)."""
+    from models import vision_transformer
+
+    model = randomize_(models.build_vit(models.LAYOUTS["dinov2"], 64, 1, 1, 128, img_size=28))
+    want = model.interpolate_pos_encoding(*grid)
+    monkeypatch.setattr(vision_transformer, "_exporting", lambda: True)
+    got = model.interpolate_pos_encoding(*grid)
+    assert got.shape == want.shape and rel_err(got, want) < 1e-6
