@@ -251,6 +251,19 @@ def test_an_export_refuses_what_it_cannot_write(run_export, tmp_path, capsys):
         models.load_backbone(tmp_path / "other")
 
 
+def test_an_earlier_export_is_replaced_whole(run_export, tmp_path):
+    """A second export to the same folder replaces the first (here by the EMA weights, without ONNX)."""
+    run, _ = run_export
+    target = tmp_path / "export"
+    assert export_script.main(["--run", str(run), "--to", str(target)]) == 0
+    assert export_script.main(["--run", str(run), "--to", str(target), "--ema", "--no-onnx"]) == 0
+    assert not (target / "model.onnx").exists() and [p.name for p in tmp_path.iterdir()] == ["export"]
+    ema = models.load_backbone(run / "backbone_ema.pth").state_dict()
+    got = {k: v for k, v in models.load_backbone(target).state_dict().items() if k != "mask_token"}  # pretraining's
+    assert all(torch.equal(v, ema[k]) for k, v in got.items())
+    assert not all(torch.equal(v, models.load_backbone(run / "backbone.pth").state_dict()[k]) for k, v in got.items())
+
+
 def test_a_layout_timm_has_no_architecture_for_keeps_its_reference_layout(tmp_path, monkeypatch):
     """backbone.safetensors in the family's reference layout, config.json saying why; still our backbone."""
     monkeypatch.setattr(type(models.FAMILIES["clip"]), "timm_architecture", lambda self, model, *, img_size: None)
