@@ -139,11 +139,17 @@ def _teachers(adaptors, ckpt: dict) -> tuple[str, list[str]]:
     return "\n".join(lines), families
 
 
-def _usage(backbone: exports.BackboneExport, onnx: exports.OnnxExport | None, adaptors) -> list[str]:
+def _usage(backbone: exports.BackboneExport, onnx: exports.OnnxExport | None, adaptors, *, table: bool) -> list[str]:
     out = ["## Use", ""]
     if backbone.architecture:
         what = f"timm's `{backbone.architecture}` with this folder's weights (features equal to the training network's"
-        out += [f"{what} to {backbone.parity:.0e} relative):", "", "```python", TIMM.rstrip(), "```", ""]
+        out += [f"{what} to {backbone.parity:.0e} relative at its resolution):", "", "```python", TIMM.rstrip(), "```"]
+        if table:
+            out += [
+                "At other resolutions timm resamples the position table its own way, not by DINOv2's formula the "
+                "student was trained and evaluated with: `model.onnx` keeps the student's features there."
+            ]
+        out += [""]
     else:
         out += [f"{backbone.note}; `models.load_backbone(folder)` of the Proteus repository reads it.", ""]
     if onnx is not None:
@@ -172,7 +178,7 @@ def card(model: nn.Module, source: Path, *, backbone, onnx, adaptors) -> str:
     if args:
         recipe = [(k, f"`{args[k]}`") for k in RECIPE if k in args]
         out += ["## Recipe", "", f"Data: `{args.get('data_path')}`; epochs trained: {epochs}.", "", _table(recipe), ""]
-    out += _usage(backbone, onnx, adaptors)
+    out += _usage(backbone, onnx, adaptors, table=family_of_model(model).position_table)
     evaluations = _evaluations(source.parent)
     out += ["## Evaluations", "", evaluations or "No `evaluate_all` results beside the run.", ""]
     notes = {models.FAMILIES[f].licence for f in families if f in models.FAMILIES and models.FAMILIES[f].licence}

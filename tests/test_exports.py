@@ -139,6 +139,7 @@ def test_the_model_card_says_what_the_student_is(exported, request):
     assert "`teacher` | " + layout in card and "`clip_vitb16` | clip" in card
     assert ("DINOv3 License" in card) == (layout == "dinov3")  # a DINOv3 teacher's derivative carries it
     assert ("local-dir" in card) and "model.onnx" in card and "def adapt(" in card
+    assert ("not by DINOv2's formula" in card) == (layout in POSITION_TABLE)
 
 
 # --- a real run, end to end -----------------------------------------------------------------------------------
