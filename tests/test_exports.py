@@ -175,9 +175,13 @@ def test_a_runs_export_gives_its_checkpoints_features(run_export):
     theirs = models.TimmBackbone(timm.create_model(f"local-dir:{folder}", pretrained=True).eval())
     assert max(rel_err(a, b) for a, b in zip(features(theirs, x), want)) < 1e-5
     session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
-    got = session.run(None, {"images": x.numpy()})
     assert [o.name for o in session.get_outputs()] == ["summary", "patches"]  # no --onnx-adaptors
-    assert max(rel_err(torch.from_numpy(a), b) for a, b in zip(got, want)) < 1e-4
+    for images in (x, torch.randn(3, 3, 42, 56)):
+        got = session.run(None, {"images": images.numpy()})
+        assert max(rel_err(torch.from_numpy(a), b) for a, b in zip(got, features(trained, images))) < 1e-4
+    heads = models.safe_load(run / "checkpoint.pth")["heads"]  # one teacher's heads, under their own names
+    exported = models.load_adaptors(folder).adaptors["dinov2_vits14"].state_dict()
+    assert len(exported) > 4 and all(torch.equal(v, heads[k]) for k, v in exported.items())
     assert all(torch.equal(a, b) for a, b in zip(features(models.load_backbone(folder), x), want))
     card = (folder / "README.md").read_text()
     assert "# `vit_tiny` distilled from dinov2_vits14" in card and "epochs trained: 1." in card
