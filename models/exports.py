@@ -261,9 +261,8 @@ def export_onnx(
 ) -> OnnxExport:
     """model.onnx at `path` (torch's exporter, its default opset), for any batch and, where the exported graph
     computes every size right, any height and width; else at the training resolution only (a network whose
-    forward branches on the size in Python, which the exporter fixes to the example's: timm's ViTs resampling
-    their position table, our ViTs with registers). Checked against the network in onnxruntime before it is
-    returned."""
+    forward branches on the size in Python, which the exporter fixes to the example's: our ViTs with registers).
+    Checked against the network in onnxruntime before it is returned."""
     graph = OnnxGraph(model, adaptors)
     path, patch = Path(path), int(model.patch_size)
     example = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))

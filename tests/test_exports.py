@@ -287,11 +287,14 @@ def test_a_layout_timm_has_no_architecture_for_keeps_its_reference_layout(tmp_pa
     assert "timm has no architecture for the CLIP layout" in card
 
 
-def test_dinov2_registers_are_timms_reg_tokens():
-    """A DINOv2 ViT with registers (an official _reg file) is timm's reg4 DINOv2: the CLS carries its position."""
+def test_dinov2_registers_are_timms_reg_tokens(tmp_path):
+    """A DINOv2 ViT with registers (an official _reg file) is timm's reg4 DINOv2: the CLS carries its position. Its
+    resampling to size branches on the size in Python, so its ONNX graph is the training resolution's, any batch."""
     model = randomize_(models.build_vit(models.LAYOUTS["dinov2"], 64, 1, 1, 128, img_size=28, num_register_tokens=4))
     found = exports.export_backbone(model.eval(), img_size=28, normalization=models.families.base.STUDENT_INPUTS)
     assert found.architecture == "vit_small_patch14_reg4_dinov2" and found.parity < 1e-5
+    graph = exports.export_onnx(model, tmp_path / "model.onnx", img_size=28)
+    assert not graph.dynamic_size and graph.checked == ((2, 28, 28), (3, 28, 28)) and graph.error < 1e-4
 
 
 @pytest.mark.parametrize("grid", [(2, 2), (3, 5), (7, 4), (1, 1)])
