@@ -144,7 +144,7 @@ def check_positive(args: argparse.Namespace, *names: str) -> None:
 
 
 BACKBONE_HELP = "the weights to evaluate: a pretrain checkpoint.pth / backbone.pth, a reference checkpoint, official "
-BACKBONE_HELP += "DINOv2/DINOv3 weights (anything models.load_backbone reads)"
+BACKBONE_HELP += "DINOv2/DINOv3 weights, a folder written by scripts.export (anything models.load_backbone reads)"
 RESUME_HELP = (
     "continue from this checkpoint (default: the last checkpoint in --output-dir when there is one, so the same "
     "command re-run continues)"

@@ -21,6 +21,7 @@ from torchvision import transforms
 
 from models import ViT, load_backbone, safe_load
 from models.errors import UsageError
+from models.exports import backbone_files
 
 from . import distributed as dist_utils
 from .images import IMAGE_ERRORS
@@ -224,10 +225,11 @@ def extract_features(
 
 
 def file_identity(path: str | Path) -> dict[str, object]:
-    """Resolved path, size and mtime: a backbone file re-written in place is another backbone."""
-    p = Path(path).resolve()
-    st = p.stat()
-    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    """Resolved path, size and mtime: a backbone file re-written in place is another backbone (an exported
+    folder: its config.json's and weight file's, summed and latest)."""
+    stats = [f.stat() for f in backbone_files(path)]
+    size, mtime = sum(st.st_size for st in stats), max(st.st_mtime_ns for st in stats)
+    return {"path": str(Path(path).resolve()), "size": size, "mtime_ns": mtime}
 
 
 def dataset_identity(dataset: Dataset) -> dict[str, object]:

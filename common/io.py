@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from models.errors import UsageError
+from models.exports import backbone_files
 
 
 def prepare_output_dir(path: str | os.PathLike) -> Path:
@@ -204,5 +205,11 @@ def _staged(path: Path) -> Path:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    """A backbone file's sha256; a folder written by scripts.export: that of its config.json and weight file's
+    digests (its README and ONNX graph are no part of the backbone)."""
+    files = backbone_files(path)
+    digests = []
+    for file in files:
+        with open(file, "rb") as f:
+            digests.append(hashlib.file_digest(f, "sha256").hexdigest())
+    return digests[0] if len(files) == 1 else hashlib.sha256("\n".join(digests).encode()).hexdigest()

@@ -14,7 +14,8 @@ loss, an MSE like the patch losses, sees targets of unit scale too. `TeacherTarg
 normaliser does to summary tokens); its token head then predicts the raw summary and `predict` returns it as is.
 
 `adaptors.pth` (written by pretraining next to backbone.pth) holds the heads and statistics; `load_adaptors`
-reads it (weights_only) and `Adaptors(backbone, images)` predicts every teacher's CLS and patch features.
+reads it (weights_only), or its safetensors + JSON form in a folder written by scripts.export (models.exports),
+and `Adaptors(backbone, images)` predicts every teacher's CLS and patch features.
 """
 
 from __future__ import annotations
@@ -213,10 +214,14 @@ class Adaptors(nn.Module):
 
 
 def load_adaptors(path: str | Path) -> Adaptors:
-    """adaptors.pth (pretraining's export) -> Adaptors, strictly; a clear ValueError for any other file."""
+    """adaptors.pth (pretraining's export), or the adaptors.json + adaptors.safetensors of a folder written by
+    scripts.export (the folder, or either file) -> Adaptors, strictly; one clear line for any other file."""
     from .checkpoints import safe_load
+    from .exports import ADAPTORS_JSON, ADAPTORS_WEIGHTS, read_adaptor_files
 
-    data = safe_load(path)
+    path = Path(path)
+    exported = path.is_dir() or path.name in (ADAPTORS_JSON, ADAPTORS_WEIGHTS)
+    data = read_adaptor_files(path) if exported else safe_load(path)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise UsageError(f"{path} is not an adaptors.pth written by pretraining (no 'format': '{FORMAT}')")
     fields = TeacherTarget.__dataclass_fields__

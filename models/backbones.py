@@ -12,6 +12,7 @@ from torch import nn
 
 from .checkpoints import Normalization, StateDict, export_metadata, few_names, load_strict, safe_load, strip_prefix
 from .errors import UsageError
+from .exports import exported_folder, read_timm_state
 from .families import FAMILIES, Family, family_of, split_student, student_family
 from .families.base import STUDENT_INPUTS
 
@@ -141,8 +142,14 @@ def load_backbone(path: str | os.PathLike, **kwargs) -> nn.Module:
     and filled from the file, which strictly holds every weight: no random init to overwrite (minutes
     and a second copy of the network for the 7B teacher). An exported backbone is built at the
     resolution it records it was trained at; a timm student (export or checkpoint.pth) as the model it records.
-    The model's `normalization` is the mean and std its inputs had in training (`input_normalization`).
+    A folder written by scripts.export (or its weight file) gives the same network as the backbone.pth it was
+    exported from, whichever layout it holds (models.exports).
+    The model's `normalization` is the mean and std its inputs had in training (`input_normalization`; an
+    exported folder's: its config.json's, what timm's users normalise with).
     """
+    folder = exported_folder(path)
+    if folder is not None:
+        path = folder.weights
     ckpt = safe_load(path)
     trained = export_metadata(ckpt)
     student = named_student(ckpt)
@@ -150,13 +157,19 @@ def load_backbone(path: str | os.PathLike, **kwargs) -> nn.Module:
         arch, found = student
         model = found.create_student(arch, img_size=ckpt["args"]["input_size"], **kwargs)
         load_strict(model, ckpt["student"], f"{path} (student {ckpt['student_name']})")
+    elif "architecture" in trained:  # timm's layout of one of our networks: its family reads it back
+        sd = read_timm_state(ckpt, trained)
+        found = FAMILIES[trained["family"]]
+        model = found.load_backbone(sd, str(path), trained=trained, **kwargs)
     elif trained.get("family") in FAMILIES and not FAMILIES[trained["family"]].detects:  # its keys would not say
         found = FAMILIES[trained["family"]]
         model = found.load_backbone(ckpt, str(path), trained=trained, **kwargs)
     else:
         found, sd = backbone_state_dict(ckpt, path)
         model = found.load_backbone(sd, str(path), trained=trained, **kwargs)
-    model.normalization = input_normalization(ckpt, path, found=found, trained=trained)
+    model.normalization = (folder and folder.normalization) or input_normalization(
+        ckpt, path, found=found, trained=trained
+    )
     return model
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import ast
 import io
+import json
 import os
 import pickle
 import pickletools
@@ -46,7 +47,7 @@ def safe_load(path: str | os.PathLike) -> object:
         from safetensors.torch import load_file
 
         try:
-            return load_file(path, device="cpu")
+            return with_header_record(load_file(path, device="cpu"), path)
         except (SafetensorError, OSError, ValueError) as e:
             raise UsageError(f"cannot read checkpoint {path}: it is a damaged safetensors file ({e})") from None
     if is_torchscript_archive(path):  # torch.load refuses it too, after a warning that names torch.jit.load
@@ -56,6 +57,24 @@ def safe_load(path: str | os.PathLike) -> object:
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
         raise UsageError(f"cannot read checkpoint {path}: {_describe(path, e)}") from None
+
+
+def with_header_record(tensors: dict, path: Path) -> dict:
+    """A safetensors file's tensors, carrying in `_metadata` (export_metadata) the record an export writes into the
+    file's header (`__metadata__["proteus"]`, JSON), as torch.save's exports carry it."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+    if EXPORT_METADATA not in header:
+        return tensors
+    try:
+        record = json.loads(header[EXPORT_METADATA])
+    except ValueError:
+        raise UsageError(f"{path}'s header record '{EXPORT_METADATA}' is not JSON") from None
+    out = OrderedDict(tensors)
+    out._metadata = OrderedDict({EXPORT_METADATA: record})
+    return out
 
 
 _TORCHSCRIPT = (
@@ -368,13 +387,16 @@ class Normalization(NamedTuple):
 def export_metadata(ckpt: object) -> dict:
     """{"img_size", "patch_size"} an exported backbone was trained at ({} for other files): the official
     DinoVisionTransformer loads it strictly only when built with these. With "family" and "model" when the
-    export says which family and model it is (a timm model's weights do not say it themselves), and
-    "normalization" (a Normalization) when it records the mean and std its inputs had."""
+    export says which family and model it is (a timm model's weights do not say it themselves),
+    "normalization" (a Normalization) when it records the mean and std its inputs had, and "architecture" and
+    "model_args" for weights in timm's layout (models.exports: timm's model name and create_model arguments)."""
     meta = getattr(ckpt, "_metadata", None)
     record = meta.get(EXPORT_METADATA) if isinstance(meta, dict) else None
     if not isinstance(record, dict) or not all(isinstance(record.get(k), int) for k in ("img_size", "patch_size")):
         return {}  # not ours, or not a record we wrote: the weights alone tell the shape
-    names = {k: record[k] for k in ("family", "model") if isinstance(record.get(k), str)}
+    names = {k: record[k] for k in ("family", "model", "architecture") if isinstance(record.get(k), str)}
+    if isinstance(record.get("model_args"), dict):
+        names["model_args"] = record["model_args"]
     mean, std = record.get("mean"), record.get("std")
     if all(isinstance(v, (list, tuple)) and len(v) == 3 for v in (mean, std)):
         names["normalization"] = Normalization(tuple(map(float, mean)), tuple(map(float, std)))

@@ -23,6 +23,35 @@ from .errors import UsageError
 from .tokens import Tokens
 
 
+def _exporting() -> bool:
+    """Whether torch.export is tracing (torch's ONNX exporter among its users); torch < 2.5 has no such test."""
+    test = getattr(torch.compiler, "is_exporting", None)
+    return bool(test and test())
+
+
+CUBIC = -0.75  # PyTorch's (non-antialiased) bicubic kernel coefficient
+
+
+def bicubic_matrix(n: int, m: int, offset: float, *, keep: torch.Tensor) -> torch.Tensor:
+    """[n, m]: F.interpolate(mode="bicubic", scale_factor=(n + offset) / m) along one axis of m samples, as a
+    matrix (PyTorch's source coordinates and 4-tap kernel, indices clamped at the edges); the identity where
+    `keep`. Built from n's arange, so an exported graph computes it for any n."""
+    dst = torch.arange(n, dtype=torch.float32)
+    scale = m / (torch.scalar_tensor(n, dtype=torch.float64) + offset)
+    src = (dst + 0.5) * scale.float() - 0.5
+    start, t = src.floor(), src - src.floor()
+    taps = (1 + t, t, 1 - t, 2 - t)  # the distances to the 4 samples from floor - 1 to floor + 2
+    near = lambda d: ((CUBIC + 2) * d - (CUBIC + 3)) * d * d + 1  # noqa: E731
+    far = lambda d: ((CUBIC * d - 5 * CUBIC) * d + 8 * CUBIC) * d - 4 * CUBIC  # noqa: E731
+    weights = (far(taps[0]), near(taps[1]), near(taps[2]), far(taps[3]))
+    columns = torch.arange(m, dtype=torch.float32)
+    matrix = torch.zeros(n, m)
+    for k, weight in zip((-1, 0, 1, 2), weights):
+        index = (start + k).clamp(0, m - 1)
+        matrix = matrix + weight[:, None] * (index[:, None] == columns[None]).float()
+    return torch.where(keep, (dst[:, None] == columns[None]).float(), matrix)
+
+
 def block_indices(n: int | Sequence[int], total: int) -> set[int]:
     """get_intermediate_layers' `n` (DINOv2 and DINOv3 alike): the last n blocks, or the listed indices."""
     take = set(range(total - n, total) if isinstance(n, int) else n)
@@ -121,6 +150,8 @@ class ViT(VisionTransformer):
     def interpolate_pos_encoding(self, h: int, w: int) -> torch.Tensor:
         """DINOv2's formula: bicubic with a 0.1 offset (plain) or antialiased to size (reg)."""
         num_pos = self.pos_embed.shape[1] - 1
+        if self.interpolate_offset and _exporting():
+            return self._pos_encoding_for_export(h, w)
         if h * w == num_pos and h == w:
             return self.pos_embed
         pos_embed = self.pos_embed.float()
@@ -141,6 +172,17 @@ class ViT(VisionTransformer):
         )
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim)
         return torch.cat((pos_embed[:, :1], patch_pos), dim=1).to(self.pos_embed.dtype)
+
+    def _pos_encoding_for_export(self, h, w) -> torch.Tensor:
+        """interpolate_pos_encoding as one graph for every size (an ONNX export with free height and width): the
+        table kept at its own grid, else DINOv2's bicubic resampling as a matrix per axis (bicubic_matrix), chosen
+        by a tensor test, not a Python branch that the exporter would fix to the example's size."""
+        m = int(math.isqrt(self.pos_embed.shape[1] - 1))
+        same = (torch.scalar_tensor(h) == m) & (torch.scalar_tensor(w) == m)
+        rows, cols = (bicubic_matrix(n, m, self.interpolate_offset, keep=same) for n in (h, w))
+        table = self.pos_embed[0, 1:].float().reshape(m, m, -1)
+        patch_pos = torch.einsum("hi,ijd,wj->hwd", rows, table, cols).reshape(1, -1, table.shape[-1])
+        return torch.cat((self.pos_embed[:, :1].float(), patch_pos), dim=1).to(self.pos_embed.dtype)
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch grid (B, H, W, D) -> [cls, registers, patches] with positions added."""

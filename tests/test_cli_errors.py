@@ -23,6 +23,7 @@ from pretrain import benchmark as pretrain_benchmark
 from pretrain import demo
 from pretrain import main as pretrain_main
 from scripts import evaluate_all, fetch_teachers, visualize_pca
+from scripts import export as export_script
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def test_a_bug_inside_a_task_keeps_its_traceback(backbone, tmp_path, monkeypatch
 def parsers() -> dict:
     """Every entry point's parser, the dense ones when mmsegmentation is installed."""
     found = {m.__name__: m.get_args_parser() for m in (pretrain_main, pretrain_benchmark, linear_main, knn_main,
-             zeroshot, fg_main, fg_benchmark, evaluate_all, visualize_pca, fetch_teachers)}  # fmt: skip
+             zeroshot, fg_main, fg_benchmark, evaluate_all, visualize_pca, fetch_teachers, export_script)}  # fmt: skip
     try:
         from segmentation import runner
     except ImportError:

@@ -14,8 +14,8 @@ LAYER["scripts"] = 3
 ALLOWED_SIDEWAYS = {("depth", "segmentation")}
 # models/ reads networks and weight files only: torch and its torchvision, timm, safetensors (timm's and the Hub's
 # weight format), and the text towers' libraries (open_clip, and transformers for its tokenizers), which the
-# families with a text tower import where zero-shot needs them
-MODELS_THIRD_PARTY = {"torch", "torchvision", "timm", "safetensors", "open_clip", "transformers"}
+# families with a text tower import where zero-shot needs them, and onnxruntime, which checks an ONNX export
+MODELS_THIRD_PARTY = {"torch", "torchvision", "timm", "safetensors", "open_clip", "transformers", "onnxruntime"}
 
 
 def imports_of(path: Path) -> set[str]:

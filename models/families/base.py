@@ -13,13 +13,14 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
+import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from ..architectures import STUDENT_ARCHS, Layout, ViTConfig, timm_vit_from_state_dict
+from ..architectures import STUDENT_ARCHS, VIT_CONFIGS, Layout, ViTConfig, timm_vit_from_state_dict
 from ..checkpoints import EXPORT_METADATA, Normalization, StateDict, load_strict, safe_load
 from ..errors import UsageError
 
@@ -97,6 +98,44 @@ class TeacherSpec:
         )
 
 
+class TimmArchitecture(NamedTuple):
+    """How timm builds a network of ours: `timm.create_model(name, num_classes=0, **model_args)` (the
+    arguments JSON values, what the Hub's config.json keeps as `model_args`), into which the family's
+    `to_timm` loads strictly."""
+
+    name: str  # timm's model name: its defaults supply what the arguments do not (norm, activation, LayerScale)
+    model_args: dict  # the shape, the training resolution, the pooling: what makes it this network
+
+
+def timm_name(*names: str) -> str:
+    """The first of these timm model names the installed timm has (the last one always: a family's fallback)."""
+    return next((n for n in names if timm.is_model(n)), names[-1])
+
+
+def size_name(model: nn.Module) -> str:
+    """The VIT_CONFIGS size of a ViT's width and depth ("small"), or "" for a shape the table does not hold."""
+    shape = (model.embed_dim, len(model.blocks))
+    return next((name for name, c in VIT_CONFIGS.items() if (c.embed_dim, c.depth) == shape), "")
+
+
+def vit_model_args(model: nn.Module, *, img_size: int, **extra) -> dict:
+    """create_model arguments giving timm's ViT (VisionTransformer or Eva) our network's shape at `img_size`,
+    taking any other input size (dynamic_img_size), its CLS as the pooled feature and no classifier."""
+    dim, mlp = model.embed_dim, model.blocks[0].mlp
+    hidden = (mlp.fc1_g if hasattr(mlp, "fc1_g") else mlp.fc1).out_features
+    ratio = hidden / dim
+    if int(dim * ratio) != hidden:  # timm takes int(dim * ratio): a ratio that rounds down one short
+        ratio = (hidden + 0.5) / dim
+    shape = dict(embed_dim=dim, depth=len(model.blocks), num_heads=model.blocks[0].attn.num_heads, mlp_ratio=ratio)
+    size = dict(img_size=int(img_size), patch_size=int(model.patch_size), dynamic_img_size=True)
+    return {**size, **shape, "global_pool": "token", "num_classes": 0, **extra}
+
+
+def without(state_dict: StateDict, *prefixes: str) -> StateDict:
+    """A copy of the tensors of a state dict, on the CPU, without the keys that start with any of `prefixes`."""
+    return {k: v.detach().clone().cpu() for k, v in state_dict.items() if not k.startswith(prefixes)}
+
+
 class ZeroShot(Protocol):
     """A family's text tower, as zero-shot classification (linear_eval.zeroshot) uses it. A student predicts the
     teacher's summary token through its adaptor; `embed` maps that to the image embedding the text tower scores."""
@@ -158,6 +197,8 @@ class Family:
     # first block that every student gets when fine-tuned downstream (False)
     pretraining_drop_path_uniform: bool = False
     zero_shot: ZeroShot | None = None  # its text tower, if it has one
+    # what a student distilled from its teachers must carry when shared (scripts.export's model card); None: nothing
+    licence: str | None = None
 
     def dense_configs(self, size: str) -> str:
         """The part of the dense configs' names (segmentation/configs/linear_{}.py) that fits its backbones of a
@@ -184,6 +225,22 @@ class Family:
     def to_official(self, model: nn.Module) -> StateDict:
         """Our model -> the official key names and shapes, loading strictly into the official model code."""
         raise UsageError(f"the {self.name} family has no export layout")
+
+    # --- timm's layout (scripts/export.py) -----------------------------------------------------------
+    def timm_architecture(self, model: nn.Module, *, img_size: int) -> TimmArchitecture | None:
+        """The timm model that is this network, weight for weight, trained at `img_size` (None: timm has no
+        architecture for it, and an export keeps the reference layout)."""
+        return None
+
+    def to_timm(self, model: nn.Module) -> StateDict:
+        """Our network's weights in timm's names, strictly loadable into `timm_architecture(model)`'s model
+        (what only pretraining uses, a mask token, is left out)."""
+        raise UsageError(f"timm has no architecture for the {self.title} layout")
+
+    def from_timm(self, state_dict: StateDict, model_args: dict) -> StateDict:
+        """timm's weights of one of this family's networks (from `to_timm`) -> what `load_backbone` loads (what
+        to_timm left out set as a new network has it)."""
+        return dict(state_dict)
 
     def release_file(self, model: nn.Module) -> dict:
         """What the family's release file of this network holds, as read_teacher reads it (tests write tiny

@@ -20,7 +20,21 @@ from torchvision import transforms
 from ..architectures import VIT_CONFIGS, Layout
 from ..checkpoints import StateDict, is_torchscript_archive, safe_load, strip_prefix, swap, torchscript_state_dict
 from ..errors import MissingDependency, UsageError
-from .base import BLOCK, CLIP_KEYS, ROPE_KEYS, Family, TeacherSpec, has_any, our_shape, with_export_metadata
+from .base import (
+    BLOCK,
+    CLIP_KEYS,
+    ROPE_KEYS,
+    Family,
+    TeacherSpec,
+    TimmArchitecture,
+    has_any,
+    our_shape,
+    size_name,
+    timm_name,
+    vit_model_args,
+    with_export_metadata,
+    without,
+)
 
 URL = "https://openaipublic.azureedge.net/clip/models/{sha}/{file}"
 # OpenAI CLIP's ViT in our class: ln_pre (which also drops the patch-embedding bias), QuickGELU, eps 1e-5.
@@ -190,6 +204,23 @@ class Clip(Family):
                 v = v[0]
             out[k] = v
         return with_export_metadata(model, out)
+
+    def timm_architecture(self, model, *, img_size: int) -> TimmArchitecture:
+        """timm's OpenAI CLIP ViT (`vit_<size>_patch<p>_clip_quickgelu_224`: ln_pre, QuickGELU, eps 1e-5) with its
+        final norm after the pooling (fc_norm): ln_post on the CLS only, the patch tokens the last block's, as
+        our CLIP-layout student; at its position table's resolution."""
+        size, patch = size_name(model) or "base", model.patch_size
+        name = timm_name(f"vit_{size}_patch{patch}_clip_quickgelu_224", "vit_base_patch16_clip_quickgelu_224")
+        table = model.patch_embed.grid_size[0] * patch
+        return TimmArchitecture(name, vit_model_args(model, img_size=table, fc_norm=True))
+
+    def to_timm(self, model) -> StateDict:
+        return {
+            (f"fc_{k}" if k.startswith("norm.") else k): v for k, v in without(model.state_dict(), "mask_token").items()
+        }
+
+    def from_timm(self, state_dict: StateDict, model_args: dict) -> StateDict:
+        return {k.removeprefix("fc_") if k.startswith("fc_norm.") else k: v for k, v in state_dict.items()}
 
 
 FAMILY = Clip()

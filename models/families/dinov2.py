@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 from ..architectures import VIT_CONFIGS, Layout
 from ..checkpoints import StateDict, swap
 from .base import (
@@ -17,10 +19,15 @@ from .base import (
     ROPE_KEYS,
     Family,
     TeacherSpec,
+    TimmArchitecture,
     has_any,
     has_layerscale,
     our_shape,
+    size_name,
+    timm_name,
+    vit_model_args,
     with_export_metadata,
+    without,
 )
 
 URL = "https://dl.fbaipublicfiles.com/dinov2/{arch}/{arch}{reg}_pretrain.pth"
@@ -67,6 +74,34 @@ class DinoV2(Family):
                 k = m.group(0) + swap(k[m.end() :], SWIGLU, reverse=False)
             out[k] = v.detach().clone().cpu()
         return with_export_metadata(model, out)
+
+    def timm_architecture(self, model, *, img_size: int) -> TimmArchitecture:
+        """timm's DINOv2 ViT (`vit_<size>_patch14[_reg4]_dinov2`; another size or patch through its arguments),
+        at its position table's resolution; registers as timm's, outside the table (no_embed_class)."""
+        size, reg = size_name(model) or "small", model.num_register_tokens
+        name = timm_name(f"vit_{size}_patch14{'_reg4' if reg == 4 else ''}_dinov2", "vit_small_patch14_dinov2")
+        extra = dict(reg_tokens=reg, no_embed_class=True) if reg else {}
+        if model.blocks[0].mlp.__class__.__name__ == "GluMlp":  # the giant's SwiGLU: only its name builds one
+            name = "vit_giant_patch14_dinov2"
+        table = model.patch_embed.grid_size[0] * model.patch_size
+        return TimmArchitecture(name, vit_model_args(model, img_size=table, **extra))
+
+    def to_timm(self, model) -> StateDict:
+        """Our keys are timm's; registers as timm's converter writes them (the CLS carries its position, the
+        table only the patches')."""
+        sd = without(model.state_dict(), "mask_token")
+        if model.num_register_tokens:
+            sd["reg_token"] = sd.pop("register_tokens")
+            sd["cls_token"] = sd["cls_token"] + sd["pos_embed"][:, :1]
+            sd["pos_embed"] = sd["pos_embed"][:, 1:]
+        return sd
+
+    def from_timm(self, state_dict: StateDict, model_args: dict) -> StateDict:
+        sd = dict(state_dict)
+        if "reg_token" in sd:  # the CLS's position lives in its token: a zero entry for it in our table
+            sd["register_tokens"] = sd.pop("reg_token")
+            sd["pos_embed"] = torch.cat((torch.zeros_like(sd["pos_embed"][:, :1]), sd["pos_embed"]), dim=1)
+        return sd
 
 
 FAMILY = DinoV2()

@@ -20,9 +20,25 @@ from ..architectures import VIT_CONFIGS, Layout, build_vit, depth_of
 from ..checkpoints import StateDict, check_keys, load_strict, safe_load
 from ..dinov3 import DinoV3ViT
 from ..errors import UsageError
-from .base import ROPE_KEYS, Family, TeacherSpec, has_any
+from .base import (
+    ROPE_KEYS,
+    Family,
+    TeacherSpec,
+    TimmArchitecture,
+    has_any,
+    size_name,
+    timm_name,
+    vit_model_args,
+    without,
+)
 
 URL = "https://dl.fbaipublicfiles.com/dinov3/dinov3_{arch}/dinov3_{arch}_pretrain_{weights}-{hash}.pth"
+LICENCE = (
+    "Distilled from DINOv3 weights, which are released under the DINOv3 License "
+    "(https://ai.meta.com/resources/models-and-libraries/dinov3-license/): this model is a derivative, the DINOv3 "
+    "License agreement must travel with it when you share it, and publications using it should acknowledge DINOv3 "
+    "(Siméoni et al., 2025, arXiv:2508.10104)."
+)
 SAT_MEAN, SAT_STD = (0.430, 0.411, 0.296), (0.213, 0.156, 0.143)  # DINOv3's SAT-493M weights
 STUDENT_SUFFIX = "_dinov3"  # vit_small_dinov3 = vit_small in the dinov3 layout
 
@@ -102,6 +118,7 @@ class DinoV3(Family):
     student_suffix = STUDENT_SUFFIX
     position_table = False  # RoPE
     eval_only = ("rope",)  # its coordinate rescaling: FAIR evaluates without it
+    licence = LICENCE
     pretraining_only = ("local_cls_norm",)  # the 7B's and the satellite ViT-L's: local crops' CLS in training
     # FAIR's pretraining builds its student with the same drop-path rate in every block
     # (dinov3/models/vision_transformer.py, DinoVisionTransformer.__init__); its dense evaluations freeze the
@@ -162,6 +179,7 @@ class DinoV3(Family):
             fc1.shape[0],
             swiglu=swiglu,
             patch_size=patch_size,
+            img_size=img_size or 224,
             qkv_bias="blocks.0.attn.qkv.bias" in sd,
             local_cls_norm="local_cls_norm.weight" in sd,
             **kwargs,
@@ -169,9 +187,33 @@ class DinoV3(Family):
 
     def load_backbone(self, state_dict: StateDict, source: str, *, trained: dict, **kwargs) -> DinoV3ViT:
         sd = self.from_official(state_dict)
-        with torch.device("meta"):
-            model = self.empty_backbone(sd, **kwargs)
+        with torch.device("meta"):  # the size it records it was trained at: what a timm export says of it
+            model = self.empty_backbone(sd, img_size=trained.get("img_size"), **kwargs)
         return _filled(model, sd, source)
+
+    def timm_architecture(self, model, *, img_size: int) -> TimmArchitecture:
+        """timm's DINOv3 Eva (`vit_<size>_patch16_dinov3`; another size, the q/v biases and a SwiGLU through its
+        arguments), its CLS as the pooled feature (timm's default pools the mean)."""
+        name = timm_name(f"vit_{size_name(model) or 'small'}_patch16_dinov3", "vit_small_patch16_dinov3")
+        swiglu = dict(swiglu_mlp=True, swiglu_align_to=1) if hasattr(model.blocks[0].mlp, "fc1_g") else {}
+        qkv_bias = model.blocks[0].attn.q_bias is not None
+        return TimmArchitecture(name, vit_model_args(model, img_size=img_size, qkv_bias=qkv_bias, **swiglu))
+
+    def to_timm(self, model) -> StateDict:
+        """Our keys are timm's Eva's, less what timm's converter drops from FAIR's files: the mask token, the
+        RoPE periods (timm computes them) and `local_cls_norm` (pretraining's)."""
+        if not torch.equal(model.rope.periods.float().cpu(), model.rope._compute_periods()):
+            raise UsageError(
+                "its RoPE periods are not the formula's (a released DINOv3 file stores them rounded), which timm's "
+                "DINOv3 computes: timm cannot give its outputs"
+            )
+        return without(model.state_dict(), "mask_token", "rope.", "local_cls_norm.")
+
+    def from_timm(self, state_dict: StateDict, model_args: dict) -> StateDict:
+        """timm's Eva weights -> ours: a zero mask token (as a new network has) and the formula's RoPE periods."""
+        dim = state_dict["cls_token"].shape[-1]
+        rope = dinov3.Rope(dim // int(model_args["num_heads"]), temperature=dinov3.ROPE_BASE, rotate_half=True)
+        return {**state_dict, "mask_token": torch.zeros(1, dim), "rope.periods": rope.periods}
 
 
 FAMILY = DinoV3()

@@ -10,7 +10,21 @@ from __future__ import annotations
 from ..architectures import VIT_CONFIGS, Layout
 from ..checkpoints import StateDict, safe_load, strip_prefix
 from ..errors import UsageError
-from .base import CLIP_KEYS, ROPE_KEYS, Family, TeacherSpec, has_any, has_layerscale, our_shape, with_export_metadata
+from .base import (
+    CLIP_KEYS,
+    ROPE_KEYS,
+    Family,
+    TeacherSpec,
+    TimmArchitecture,
+    has_any,
+    has_layerscale,
+    our_shape,
+    size_name,
+    timm_name,
+    vit_model_args,
+    with_export_metadata,
+    without,
+)
 
 URL = "https://www.dropbox.com/scl/fi/{key}?dl=1"
 LAYOUT = Layout(dict(init_values=None), mask_token_std=0.02)
@@ -57,6 +71,17 @@ class SynCLR(Family):
         out = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
         out["mask_token"] = out["mask_token"].reshape(1, 1, -1)
         return with_export_metadata(model, out)
+
+    def timm_architecture(self, model, *, img_size: int) -> TimmArchitecture:
+        """timm's plain ViT (`vit_<size>_patch16_224`, no LayerScale), its patch and shape through its arguments,
+        at its position table's resolution."""
+        size, patch = size_name(model) or "base", model.patch_size
+        name = timm_name(f"vit_{size}_patch{patch}_224", f"vit_{size}_patch16_224", "vit_base_patch16_224")
+        table = model.patch_embed.grid_size[0] * patch
+        return TimmArchitecture(name, vit_model_args(model, img_size=table))
+
+    def to_timm(self, model) -> StateDict:
+        return without(model.state_dict(), "mask_token")
 
 
 FAMILY = SynCLR()

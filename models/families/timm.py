@@ -22,7 +22,7 @@ from torch import nn
 from ..checkpoints import StateDict, few_names, load_strict, safe_load
 from ..errors import UsageError
 from ..timm_backbone import TimmBackbone
-from .base import Family, with_export_metadata
+from .base import Family, TimmArchitecture, with_export_metadata
 
 PREFIX = "timm:"
 
@@ -141,14 +141,19 @@ class Timm(Family):
     def student_model(self, arch: str, **kwargs) -> nn.Module:
         """timm's model `arch` without its classifier, randomly initialised as timm does (the paper's students
         start from random weights); a ViT at `img_size` that takes other sizes too."""
+        return self._student_model(arch, **kwargs)[0]
+
+    def _student_model(self, arch: str, **kwargs) -> tuple[nn.Module, dict]:
+        """student_model's network and the size arguments timm took for it."""
         if not timm.is_model(arch):
             raise UsageError(f"unknown timm model '{arch}' (timm {timm.__version__}: timm.list_models() lists them)")
         img_size = kwargs.pop("img_size", None)
         kwargs.setdefault("num_classes", 0)
         # a ViT at its size that takes others too; a windowed model (MaxViT, Swin) at its size; a CNN takes neither
         for extra in (dict(img_size=img_size, dynamic_img_size=True), dict(img_size=img_size), {}):
+            extra = {} if img_size is None else extra
             try:
-                return timm.create_model(arch, pretrained=False, **({} if img_size is None else extra), **kwargs)
+                return timm.create_model(arch, pretrained=False, **extra, **kwargs), extra
             except TypeError:
                 continue
         raise AssertionError("unreachable: the last try has no extra options")
@@ -206,6 +211,15 @@ class Timm(Family):
         sd = {k: v.detach().clone().cpu() for k, v in model.model.state_dict().items()}
         size = getattr(model, "img_size", None) or model.model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
         return with_export_metadata(model, sd, img_size=size, family=self.name, model=model.name)
+
+    def timm_architecture(self, model: TimmBackbone, *, img_size: int) -> TimmArchitecture:
+        """The model itself, built as the student was: at its training size where timm takes one, no classifier."""
+        with torch.device("meta"):
+            _, size = self._student_model(model.name, img_size=getattr(model, "img_size", None) or img_size)
+        return TimmArchitecture(model.name, {**size, "num_classes": 0})
+
+    def to_timm(self, model: TimmBackbone) -> StateDict:
+        return {k: v.detach().clone().cpu() for k, v in model.model.state_dict().items()}
 
     def load_backbone(self, state_dict: StateDict, source: str, *, trained: dict, **kwargs) -> nn.Module:
         if "model" not in trained:
