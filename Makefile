@@ -39,7 +39,7 @@ $(VENV)/.dali: $(VENV)/.installed requirements-dali.txt
 	touch $@
 
 test: setup mmseg dali
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 lint: setup
 	$(VENV)/bin/ruff check .
