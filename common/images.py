@@ -100,34 +100,40 @@ class NoReadableImage(UsageError):
         super().__init__(last.removeprefix(f"{__name__}.{type(self).__qualname__}: "))
 
 
-class SkipCorruptImageFolder(LinkSafeImageFolder):
-    """ImageFolder that reports an unreadable image by path and serves the next readable one instead,
-    however many unreadable images follow each other.
+class SkipCorrupt:
+    """A map-style image dataset (`samples` of (name, label), `loader`, `transform`, `root`) that reports an
+    unreadable image by name and serves the next readable one instead, however many unreadable images follow
+    each other.
 
     `skipped` flags each sample found unreadable; it lies in shared memory, so the flags that the
     data-loader workers set are seen by the main process, which counts them (skipped_paths), and every
     worker passes over a flagged image without reading it again (a run of R bad files would otherwise
     cost R reads for each of them)."""
 
-    def __init__(self, root: str, transform=None) -> None:
-        super().__init__(root, transform=transform, loader=load_rgb)
+    samples: list[tuple[str, int]]
+
+    def flag_none(self) -> None:
         self.skipped = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
 
     def __getitem__(self, index: int):
         img, target = self.read(index)
         return (self.transform(img) if self.transform else img), target
 
+    def source(self, name: str):
+        """What `loader` opens for the sample called `name`: here the file's path itself."""
+        return name
+
     def read(self, index: int) -> tuple[Image.Image, int]:
-        """The first readable image from sample `index` on, wrapping around the folder once; NoReadableImage
-        naming the folder when none is left."""
+        """The first readable image from sample `index` on, wrapping around the dataset once; NoReadableImage
+        naming the dataset's root when none is left."""
         i = index
         while (i := self._unflagged_from(i)) is not None:
-            path, target = self.samples[i]
+            name, target = self.samples[i]
             try:
-                return self.loader(path), target
+                return self.loader(self.source(name)), target
             except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError...
                 self.skipped[i] = 1
-                log.warning("skipping corrupt image %s (%s)", path, e)
+                log.warning("skipping corrupt image %s (%s)", name, e)
         raise NoReadableImage(
             f"no readable image in {self.root}: all {len(self.samples)} images failed to load "
             f"(first: {self.samples[0][0]}; the reasons are in the warnings above)"
@@ -146,8 +152,16 @@ class SkipCorruptImageFolder(LinkSafeImageFolder):
         return None
 
 
-def skipped_paths(ds: SkipCorruptImageFolder) -> list[str]:
-    """The paths of the images `ds` skipped as unreadable on any rank (each once, in sample order)."""
+class SkipCorruptImageFolder(SkipCorrupt, LinkSafeImageFolder):
+    """ImageFolder whose unreadable images are reported by path and skipped (SkipCorrupt)."""
+
+    def __init__(self, root: str, transform=None) -> None:
+        super().__init__(root, transform=transform, loader=load_rgb)
+        self.flag_none()
+
+
+def skipped_paths(ds: SkipCorrupt) -> list[str]:
+    """The names (paths; <shard>:<key>) of the images `ds` skipped as unreadable on any rank (each once, in order)."""
     flags = distributed.sum_across_ranks(ds.skipped.int())
     return [ds.samples[i][0] for i in flags.nonzero().flatten().tolist()]
 
@@ -170,7 +184,7 @@ def read_image_folder(root: Path, transform) -> SkipCorruptImageFolder:
         ) from None
 
 
-def check_readable(ds: SkipCorruptImageFolder) -> None:
+def check_readable(ds: SkipCorrupt) -> None:
     """Fail before training, in one line naming the folder, when no image of it is readable (a dataset of
     corrupt files), instead of a data-loader worker's error mid-epoch. Reads up to the first readable image;
     those found unreadable on the way are flagged and counted like any other."""

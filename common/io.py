@@ -6,8 +6,9 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -213,3 +214,29 @@ def file_sha256(path: str | os.PathLike) -> str:
         with open(file, "rb") as f:
             digests.append(hashlib.file_digest(f, "sha256").hexdigest())
     return digests[0] if len(files) == 1 else hashlib.sha256("\n".join(digests).encode()).hexdigest()
+
+
+def replace_folder(target: Path, write: Callable[[Path], None], *, ours: Callable[[Path], bool], what: str) -> None:
+    """Runs `write(folder)` into a new folder beside `target`, which then takes its place: a failure leaves no
+    half folder and an earlier one intact. Only an empty folder or one of ours (`ours(target)`, one of `what`)
+    is replaced; anything else is refused in one line."""
+    if target.is_file() or (target.is_dir() and any(target.iterdir()) and not ours(target)):
+        raise UsageError(f"--to {target} exists and is not {what}: choose another folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    new = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        write(new)
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in (new, *new.iterdir()):  # mkdtemp's and safetensors' 0600: others on the cluster read them too
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old."))
+            target.rename(old / target.name)
+            new.rename(target)
+            shutil.rmtree(old)
+        else:
+            new.rename(target)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise

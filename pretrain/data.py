@@ -15,6 +15,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 from torch.utils.data import Dataset, Sampler
 
 from common.images import check_readable, load_rgb, read_image_folder, seed_worker
+from common.shards import SHARDS, ShardedImageFolder, shard_folder
 from models.errors import MissingFile, UsageError
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,8 @@ def build_dataset(
     read=None,
 ) -> Dataset:
     """The training images under `transform` (default: the recipe's whole transform, the classic loader's),
-    each read by `read` (default: common.images.load_rgb)."""
+    each read by `read` (default: common.images.load_rgb): <data_path>/train-shards when it holds an index
+    (common.shards), else the ImageFolder <data_path>/train."""
     transform = transform or train_transform(input_size)
     if single_image:
         return SingleImageDataset(single_image, transform)
@@ -96,9 +98,14 @@ def build_dataset(
         if not 0 < frac <= 1:
             raise UsageError(f"{name} must be a fraction in (0, 1], got {frac}")
     train = Path(data_path) / "train"
-    if not train.is_dir():
-        raise MissingFile(f"no train/ folder in --data-path {data_path} (expected {train}/<class>/<image>)")
-    ds = read_image_folder(train, transform)
+    if shards := shard_folder(data_path):
+        ds = ShardedImageFolder(shards, transform)
+    elif not train.is_dir():
+        raise MissingFile(
+            f"no train/ folder nor {SHARDS}/ shards in --data-path {data_path} (expected {train}/<class>/<image>)"
+        )
+    else:
+        ds = read_image_folder(train, transform)
     if read is not None:
         ds.loader = read
     if subset_classes < 1 or subset_images_per_class < 1:

@@ -33,6 +33,7 @@ from common import distributed as dist_utils
 from common.cli import ArgumentParser
 from common.io import prepare_output_dir
 from common.schedule import warmup_cosine
+from common.shards import shard_folder
 from models import (
     LAYOUTS,
     STUDENT_ARCHS,
@@ -73,7 +74,7 @@ EXIT_REQUEUE = dist_utils.EXIT_REQUEUE  # SIGUSR1/SIGTERM: checkpoint written mi
 def get_args_parser() -> argparse.ArgumentParser:
     p = ArgumentParser("Proteus distillation pretraining")
     a = p.add_argument
-    a("--data-path", help="ImageNet root holding train/ in ImageFolder layout")
+    a("--data-path", help="ImageNet root holding train/ in ImageFolder layout, or train-shards/ (scripts.make_shards)")
     a(
         "--teacher",
         default="dinov2_vitl14",
@@ -319,6 +320,8 @@ def resolve(args: argparse.Namespace) -> Config:
     if "phi-s" in (standardization, summary):
         for name in teachers:
             hadamard(teacher_spec(name).embed_dim)  # a width without a Hadamard matrix: one clear line
+    if args.loader == "dali" and args.data_path and shard_folder(args.data_path) and not args.single_image:
+        raise UsageError(f"--loader dali reads image files, not the shards in {args.data_path}: use --loader cpu")
     if args.loader == "dali" and not installed("nvidia.dali"):
         raise UsageError("--loader dali needs NVIDIA DALI: pip install -r requirements-dali.txt")
     names = args.student.split(",")

@@ -108,7 +108,7 @@ def first_images(dataset, input_size: int, n: int = 4, *, max_skips: int = 50) -
     pictures = []
     for path, _ in dataset.samples[: n + max_skips]:
         try:
-            pictures.append(load_rgb(path))
+            pictures.append(load_rgb(dataset.source(path)))
         except IMAGE_ERRORS as e:
             log.warning("PCA picture: skipping unreadable image %s (%s)", path, e)
         if len(pictures) == n:

@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 import models
 from common.cli import ArgumentParser, run
+from common.io import replace_folder
 from models import exports
 from models.errors import MissingFile, UsageError
 from scripts import model_card
@@ -66,32 +64,6 @@ def _is_export(folder: Path) -> bool:
         return exports.exported_folder(folder) is not None
     except UsageError:
         return False
-
-
-def write_folder(target: Path, write) -> None:
-    """Runs `write(folder)` into a new folder beside `target`, which then takes its place: a failure leaves no
-    half export and an earlier one intact. Only an earlier export (its config.json says so) or an empty folder is
-    replaced."""
-    if target.is_file() or (target.is_dir() and any(target.iterdir()) and not _is_export(target)):
-        raise UsageError(f"--to {target} exists and is not an export: choose another folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    new = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        write(new)
-        umask = os.umask(0)
-        os.umask(umask)
-        for path in (new, *new.iterdir()):  # mkdtemp's and safetensors' 0600: others on the cluster read them too
-            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old."))
-            target.rename(old / target.name)
-            new.rename(target)
-            shutil.rmtree(old)
-        else:
-            new.rename(target)
-    except BaseException:
-        shutil.rmtree(new, ignore_errors=True)
-        raise
 
 
 def training_resolution(source: Path, adaptors: dict | None) -> int:
@@ -135,7 +107,7 @@ def export(args: argparse.Namespace) -> None:
         card = model_card.card(model, source, backbone=backbone, onnx=onnx, adaptors=adaptors)
         (folder / "README.md").write_text(card)
 
-    write_folder(args.to, write)
+    replace_folder(args.to, write, ours=_is_export, what="an export")
     print(f"{args.to}: {backbone.note}", flush=True)
     print(json.dumps(sorted(p.name for p in args.to.iterdir())), flush=True)
 
