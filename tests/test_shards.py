@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import logging
 import tarfile
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import webdataset
 from PIL import Image
 from timm.data.distributed_sampler import RepeatAugSampler
+from torch.utils.data import DataLoader
 
 import models
 from common.images import skipped_paths
@@ -66,6 +69,17 @@ def test_shards_serve_the_folders_crops_under_the_same_sampler_keys(folder_and_s
         (image, record), label = SeededDataset(sharded)[key]
         (expect, expect_record), expect_label = SeededDataset(folder)[key]
         assert torch.equal(image, expect) and torch.equal(record, expect_record) and label == expect_label
+
+
+def test_subsets_and_loader_workers_read_the_folders_images(folder_and_shards):
+    root, out = folder_and_shards
+    folder, sharded = (build_dataset(str(p), 28, subset_classes=0.5, subset_images_per_class=0.5) for p in (root, out))
+    relative = [Path(p).relative_to(root / "train").with_suffix("").as_posix() for p, _ in folder.samples]
+    assert [name.split(":")[1] for name, _ in sharded.samples] == relative and sharded.targets == folder.targets
+    sharded.transform = folder.transform = np.asarray
+    loaded = DataLoader(sharded, batch_size=2, num_workers=2, collate_fn=list)  # forked workers open their own shards
+    got = [x for batch in loaded for x in batch]
+    assert len(got) == len(folder) == 4 and all(np.array_equal(a, b) and s == t for (a, s), (b, t) in zip(got, folder))
 
 
 def test_a_corrupt_image_in_a_shard_is_named_and_skipped(tmp_path, caplog):
