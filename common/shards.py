@@ -16,7 +16,8 @@ import json
 import os
 import tarfile
 from pathlib import Path
-from typing import NamedTuple
+
+import numpy as np
 
 from models.errors import MissingFile, UsageError
 
@@ -26,14 +27,6 @@ SHARDS = "train-shards"  # the folder beside (or instead of) train/ in a --data-
 INDEX = "index.json"
 FORMAT = "proteus-shards-1"  # the index's "format": a folder with another one is not ours
 OPEN_SHARDS = 64  # descriptors a process keeps open (ImageNet in shards of 1000 has 1282: over a ulimit of 1024)
-
-
-class Member(NamedTuple):
-    """Where a sample's image lies: its shard (index into the shard names), offset and size in bytes."""
-
-    shard: int
-    offset: int
-    size: int
 
 
 def shard_folder(data_path: str | os.PathLike) -> Path | None:
@@ -77,8 +70,21 @@ def read_index(folder: Path) -> dict:
         raise UsageError(f"{folder / INDEX} is not a shard index written by scripts.make_shards (format {FORMAT})")
     missing = [name for name in index["shards"] if not (folder / name).is_file()]
     if missing:
-        raise MissingFile(f"{len(missing)} shards of {folder / INDEX} are missing, the first {folder / missing[0]}")
+        raise MissingFile(f"{folder / INDEX} lists {len(missing)} missing shard(s), the first {folder / missing[0]}")
     return index
+
+
+class ImageBytes(io.BytesIO):
+    """An image file's bytes, shown as `<shard>:<key>` in PIL's and load_rgb's messages (not as an object id)."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        super().__init__(data)
+        self.label = name
+
+    def __repr__(self) -> str:
+        return self.label
+
+    __str__ = __repr__
 
 
 class ShardedImageFolder(SkipCorrupt):
@@ -92,11 +98,11 @@ class ShardedImageFolder(SkipCorrupt):
         self.classes = index["classes"]
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.shards = [str(folder / name) for name in index["shards"]]
-        self.samples, self.members = [], {}
-        for shard, key, _, label, offset, size in index["samples"]:
-            name = f"{index['shards'][shard]}:{key}"
-            self.samples.append((name, label))
-            self.members[name] = Member(shard, offset, size)
+        rows = index["samples"]
+        self.samples = [(f"{index['shards'][shard]}:{key}", label) for shard, key, _, label, _, _ in rows]
+        self.row = {name: i for i, (name, _) in enumerate(self.samples)}  # a subset's samples keep their rows
+        # (shard, offset, size) per row in one array: no python objects per sample for the workers' copy-on-write
+        self.members = np.array([(shard, offset, size) for shard, _, _, _, offset, size in rows], np.int64)
         if not self.samples:
             raise MissingFile(f"no images in the shards of {folder}")
         self.imgs, self.targets = self.samples, [t for _, t in self.samples]
@@ -107,14 +113,14 @@ class ShardedImageFolder(SkipCorrupt):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def source(self, name: str) -> io.BytesIO:
+    def source(self, name: str) -> ImageBytes:
         """The image file's bytes, read at their offset in the shard (os.pread: no shared file position, so the
         descriptors are safe across fork; each process opens its own)."""
-        member = self.members[name]
-        data = os.pread(self._fd(member.shard), member.size, member.offset)
-        if len(data) != member.size:
-            raise OSError(f"shard truncated: {member.size} bytes expected at offset {member.offset}, {len(data)} read")
-        return io.BytesIO(data)
+        shard, offset, size = (int(v) for v in self.members[self.row[name]])
+        data = os.pread(self._fd(shard), size, offset)
+        if len(data) != size:
+            raise OSError(f"shard truncated: {size} bytes expected at offset {offset}, {len(data)} read")
+        return ImageBytes(data, name)
 
     def _fd(self, shard: int) -> int:
         if os.getpid() != self._pid:  # a data-loader worker: the parent's descriptors are the parent's

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 import models
 from common.images import skipped_paths
 from common.shards import SHARDS, ShardedImageFolder
+from models.errors import MissingFile
 from pretrain import main as pretrain_main
 from pretrain.data import PositionSampler, SeededDataset, build_dataset
 from pretrain.loaders import cpu_stages
@@ -89,9 +90,20 @@ def test_a_corrupt_image_in_a_shard_is_named_and_skipped(tmp_path, caplog):
     ds = build_dataset(str(tmp_path / "s"), 28)
     with caplog.at_level(logging.WARNING):
         _, label = ds[1]
-    assert "skipping corrupt image shard-000000.tar:class0/1" in caplog.text
+    bad = "shard-000000.tar:class0/1"
+    assert f"skipping corrupt image {bad} (cannot identify image file {bad})" in caplog.text
     assert label == 0 and skipped_paths(ds) == ["shard-000000.tar:class0/1"]
     assert [ds[i][1] for i in range(6)] == [0, 0, 0, 1, 1, 1]  # the next readable image served in its place
+    last = tmp_path / "s" / SHARDS / "shard-000002.tar"  # class1/1 and class1/2: cut inside the first image
+    last.write_bytes(last.read_bytes()[:1600])
+    ds = build_dataset(str(tmp_path / "s"), 28)
+    with caplog.at_level(logging.WARNING):
+        assert ds[4][1] == 0  # both unreadable: the first readable image from the start
+    assert "shard-000002.tar:class1/2 (shard truncated" in caplog.text
+    assert skipped_paths(ds) == ["shard-000002.tar:class1/1", "shard-000002.tar:class1/2"]
+    last.unlink()
+    with pytest.raises(MissingFile, match="lists 1 missing shard\\(s\\), the first .*shard-000002.tar"):
+        build_dataset(str(tmp_path / "s"), 28)
 
 
 def test_pretraining_runs_on_shards_and_dali_refuses_them(folder_and_shards, tmp_path, capsys, monkeypatch):
