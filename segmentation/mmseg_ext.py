@@ -1,8 +1,8 @@
 """Our ViT and what mmsegmentation lacks for the dense protocols, registered on import.
 
 Configs load it with `custom_imports = dict(imports=["segmentation.mmseg_ext"])`. It provides:
-- `ProteusViT`: any checkpoint `models.load_backbone` accepts, run at any input size (DINOv2
-  pos-embed interpolation per forward; a DINOv3 backbone's RoPE), returning the blocks in
+- `ProteusViT`: any checkpoint `models.load_backbone` accepts (a scripts.export folder too), run at any
+  input size (DINOv2 pos-embed interpolation per forward; a DINOv3 backbone's RoPE), returning the blocks in
   `out_indices` without CLS (or DINOv3's storage tokens) or final norm; frozen (probes) or
   fine-tuned, with drop path. `reference_pos_embed=True` instead resizes the table once to the dense
   grid and fine-tunes that, as the reference's backbone did (DINOv2-style backbones only).

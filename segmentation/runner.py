@@ -1,8 +1,8 @@
 """The mmsegmentation entry point shared by segmentation/ and depth/: train, evaluate, results.json.
 
-Why a wrapper and not mmseg's tools/train.py: the backbone comes from `--backbone` (any file
-`models.load_backbone` accepts, no conversion step), bad input fails with one line before mmengine
-starts, SyncBN becomes BN outside torchrun, `--amp` really switches the optimizer wrapper (the
+Why a wrapper and not mmseg's tools/train.py: the backbone comes from `--backbone` (anything
+`models.load_backbone` accepts, a scripts.export folder too: no conversion step), bad input fails with one
+line before mmengine starts, SyncBN becomes BN outside torchrun, `--amp` really switches the optimizer wrapper (the
 reference's amp flags were ignored), and `<output-dir>/results.json` (common.results' schema) holds
 the final figures, those of the best evaluation during training (on the test split, NYU's published
 selection), and the settings that define them (`protocol`: the protocol's name, world size, per-GPU and

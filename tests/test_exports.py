@@ -142,6 +142,39 @@ def test_the_model_card_says_what_the_student_is(exported, request):
     assert ("not by DINOv2's formula" in card) == (layout in POSITION_TABLE)
 
 
+# ADE20K's linear probe on one ViT layout's folder and the CNN's (any layout's ViT is the same ProteusViT), at 56 px
+ADE_AT_56 = (
+    *(f"{name}_dataloader.dataset.pipeline.{i}.scale=(224,56)" for name, i in (("train", 2), ("val", 1), ("test", 1))),
+    "train_dataloader.dataset.pipeline.3.crop_size=(56,56)", "model.data_preprocessor.size=(56,56)",
+    "model.test_cfg.crop_size=(56,56)", "model.test_cfg.stride=(37,37)",
+)  # fmt: skip
+ONE_BLOCK = ("model.backbone.out_indices=[0]", "model.decode_head.in_index=[0]", "model.decode_head.in_channels=[64]",
+             "model.decode_head.channels=64")  # fmt: skip
+DENSE = {"dinov2": ("segmentation/configs/linear_vit_small.py", ONE_BLOCK),
+         "timm": ("segmentation/configs/linear_timm.py", ())}  # fmt: skip
+
+
+def test_a_dense_task_takes_the_folder_as_backbone(exported, request, ade, tmp_path):
+    """mmseg's backbones read the folder itself: ADE20K's linear probe on a ViT's and on a ResNet-18's, 2 iterations
+    on CPU; results.json names the folder and its digest (config.json and the weights)."""
+    layout = request.node.callspec.params["exported"]
+    if layout not in DENSE:
+        pytest.skip("one ViT layout and the timm CNN")
+    pytest.importorskip("mmseg", reason="mmsegmentation not installed: `make mmseg`")
+    from common.io import file_sha256
+    from scripts.evaluate_all import QUICK_DENSE
+    from segmentation import runner
+
+    config, heads = DENSE[layout]
+    work = tmp_path / "work"
+    argv = [str(ROOT / config), "--backbone", str(exported.folder), "--data-path", str(ade), "--output-dir", str(work),
+            *QUICK_DENSE, *ADE_AT_56, *heads]  # fmt: skip
+    assert runner.main("segmentation", argv) == 0
+    results = json.loads((work / "results.json").read_text())
+    assert results["backbone"] == {"path": str(exported.folder.resolve()), "sha256": file_sha256(exported.folder)}
+    assert results["details"]["final"]["iter"] == 2 and "mIoU" in results["details"]["final"]["metrics"]
+
+
 # --- a real run, end to end -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def run_export(tmp_path_factory) -> tuple[Path, Path]:
