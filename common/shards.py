@@ -101,7 +101,7 @@ class ShardedImageFolder(SkipCorrupt):
         rows = index["samples"]
         self.samples = [(f"{index['shards'][shard]}:{key}", label) for shard, key, _, label, _, _ in rows]
         self.row = {name: i for i, (name, _) in enumerate(self.samples)}  # a subset's samples keep their rows
-        # (shard, offset, size) per row in one array: no python objects per sample for the workers' copy-on-write
+        # (shard, offset, size) per row, in one array
         self.members = np.array([(shard, offset, size) for shard, _, _, _, offset, size in rows], np.int64)
         if not self.samples:
             raise MissingFile(f"no images in the shards of {folder}")

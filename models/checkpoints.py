@@ -36,9 +36,9 @@ StateDict = dict[str, torch.Tensor]
 EXPORT_METADATA = "proteus"
 
 
-def safe_load(path: str | os.PathLike) -> object:
-    """torch.load with weights_only=True, or a safetensors file (timm's and the Hugging Face Hub's format), with a
-    clear error for unreadable files."""
+def safe_load(path: str | os.PathLike, *, mmap: bool = False) -> object:
+    """torch.load with weights_only=True (memory-mapped with `mmap`: tensors read only when used), or a safetensors
+    file (timm's and the Hugging Face Hub's format), with a clear error for unreadable files."""
     path = Path(path)
     if not path.is_file():
         raise MissingFile(f"checkpoint file not found: {path}")
@@ -54,7 +54,7 @@ def safe_load(path: str | os.PathLike) -> object:
         raise UsageError(f"cannot read checkpoint {path}: {_TORCHSCRIPT}")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
         raise UsageError(f"cannot read checkpoint {path}: {_describe(path, e)}") from None
 

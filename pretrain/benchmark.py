@@ -37,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common import distributed as dist_utils
 from common.cli import ArgumentParser, run
+from common.shards import shard_folder
 from models import LAYOUTS, TEACHERS, Teacher, TeacherTarget, Tokens, create_student, create_teacher
 from models.errors import MissingFile, UsageError
 from models.families import split_student, student_family, student_layout, teacher_spec
@@ -47,6 +48,7 @@ from .engine import AMP, backward, backward_and_step, forward_losses, student_lo
 from .loaders import DraftRead, Stages, UInt8Crop, classic_finish, loader_stages, recipe_stages, to_uint8
 from .masking import make_masks
 
+PIPELINE_LOADERS = ("classic", "cpu", "cpu --jpeg-draft")  # --pipeline --loaders: the CPU variants (variants)
 MATMUL_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -665,7 +667,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     a(
         "--loaders",
         type=lambda s: s.split(","),
-        default=["classic", "cpu", "cpu --jpeg-draft"],
+        default=list(PIPELINE_LOADERS),
         help="--pipeline: comma list of classic, cpu, 'cpu --jpeg-draft'; or dali alone (on --device)",
     )
     a("--workers", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2], help="comma list (dali: its threads)")
@@ -683,6 +685,11 @@ def benchmark(args: argparse.Namespace) -> None:
     dist_utils.resolve_device(args.device)
     if args.pipeline and args.pipeline_dir and not (Path(args.pipeline_dir) / "train").is_dir():
         raise MissingFile(f"--pipeline-dir {args.pipeline_dir}: no train/ folder (an ImageFolder root)")
+    if args.pipeline and args.pipeline_dir and shard_folder(args.pipeline_dir):
+        raise UsageError(f"--pipeline-dir {args.pipeline_dir}: the benchmark reads image files, not train-shards/")
+    unknown = sorted(set(args.loaders) - {*PIPELINE_LOADERS, "dali"})
+    if args.pipeline and unknown:
+        raise UsageError(f"--loaders {','.join(unknown)}: choose from {', '.join(PIPELINE_LOADERS)}, or dali alone")
     if args.pipeline and args.images < 2 * args.pipeline_batch and not args.pipeline_dir:
         raise UsageError(f"--images {args.images}: the loaders' rates need at least two batches of --pipeline-batch "
                          f"{args.pipeline_batch} (the first is left out)")  # fmt: skip

@@ -10,7 +10,9 @@ what the step does to their batch on its device.
   on the device seeded with the sample's seed, advanced past the worker's torch draws, so on a CPU device
   every pixel is the classic path's, and on CUDA the same N(0, 1) noise from the GPU's generator.
 
-A loader is a `Stages` record in `LOADERS`; a GPU decoder adds its own entry there.
+- `dali`: NVIDIA DALI decodes and augments on the GPU (pretrain/dali.py); its batches arrive finished.
+
+A loader is a `Stages` record in `LOADERS`.
 """
 
 from __future__ import annotations
@@ -145,13 +147,17 @@ class DeviceFinish:
     def __init__(self, erasing: Erasing, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> None:
         self.erasing = erasing
         self.mean, self.std = torch.tensor(mean), torch.tensor(std)  # float32, as timm hands them to Normalize
+        self.on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # (mean, std) per device, copied once
 
     def __call__(self, batch, device: torch.device) -> torch.Tensor:
         (images, records), _ = batch
         # (B, H, W, 3) uint8 -> (B, 3, H, W) float / 255, as torchvision's to_tensor does per image
         x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous().to(torch.get_default_dtype())
         x.div_(255)
-        x.sub_(self.mean.to(device).view(-1, 1, 1)).div_(self.std.to(device).view(-1, 1, 1))
+        if device not in self.on:
+            self.on[device] = self.mean.to(device).view(-1, 1, 1), self.std.to(device).view(-1, 1, 1)
+        mean, std = self.on[device]
+        x.sub_(mean).div_(std)
         erase(x, records, mode=self.erasing.mode)
         return x
 
@@ -209,14 +215,10 @@ def classic_stages(input_size: int) -> Stages:
     return Stages(train_transform(input_size), classic_finish)
 
 
-def dali_stages(input_size: int) -> Stages:
-    """The 'dali' loader (pretrain/dali.py) reads and augments the files itself and hands over finished crops on
-    the device; the dataset (listing the files, serving the PCA pictures) keeps the classic transform."""
-    return classic_stages(input_size)
-
-
-# --loader's values (its Stages: the worker side, and `finish` on the device)
-LOADERS: dict[str, Callable[[int], Stages]] = {"cpu": cpu_stages, "classic": classic_stages, "dali": dali_stages}
+# --loader's values (its Stages: the worker side, and `finish` on the device). DALI reads and augments the files
+# itself and hands over finished crops; its dataset (listing the files, serving the PCA pictures) keeps the
+# classic transform.
+LOADERS: dict[str, Callable[[int], Stages]] = {"cpu": cpu_stages, "classic": classic_stages, "dali": classic_stages}
 
 
 def loader_stages(name: str, input_size: int, *, jpeg_draft: bool = False) -> Stages:

@@ -46,7 +46,7 @@ from models import (
 from models.adaptors import STANDARDIZATIONS, hadamard
 from models.backbones import check_exportable
 from models.checkpoints import few_names
-from models.errors import UsageError
+from models.errors import MissingDependency, UsageError
 from models.families import (
     FAMILIES,
     family,
@@ -323,7 +323,7 @@ def resolve(args: argparse.Namespace) -> Config:
     if args.loader == "dali" and args.data_path and shard_folder(args.data_path) and not args.single_image:
         raise UsageError(f"--loader dali reads image files, not the shards in {args.data_path}: use --loader cpu")
     if args.loader == "dali" and not installed("nvidia.dali"):
-        raise UsageError("--loader dali needs NVIDIA DALI: pip install -r requirements-dali.txt")
+        raise MissingDependency("--loader dali needs NVIDIA DALI: pip install -r requirements-dali.txt")
     names = args.student.split(",")
     for name in names:
         student_family(name)  # an unknown name: one line that lists the students
@@ -452,17 +452,6 @@ def build(config: Config, device: torch.device, world: int, *, out: Output, fres
     )
     # augmentation seeded by (seed, rank, epoch, position): resumable and independent of the workers
     sampler = PositionSampler(sampler, config.seed, dist_utils.rank())
-    loader = DataLoader(
-        SeededDataset(dataset),
-        batch_size=config.batch_size,
-        sampler=sampler,
-        num_workers=config.num_workers,
-        pin_memory=device.type == "cuda",
-        drop_last=True,
-        persistent_workers=config.num_workers > 0,
-        worker_init_fn=worker_init,
-        prefetch_factor=4 if config.num_workers > 0 else None,
-    )
     if config.loader == "dali":  # an optional dependency, imported only when asked for
         from .dali import DaliLoader
 
@@ -474,6 +463,18 @@ def build(config: Config, device: torch.device, world: int, *, out: Output, fres
             device=device,
             num_threads=config.num_workers,
             single_image=config.single_image,
+        )
+    else:
+        loader = DataLoader(
+            SeededDataset(dataset),
+            batch_size=config.batch_size,
+            sampler=sampler,
+            num_workers=config.num_workers,
+            pin_memory=device.type == "cuda",
+            drop_last=True,
+            persistent_workers=config.num_workers > 0,
+            worker_init_fn=worker_init,
+            prefetch_factor=4 if config.num_workers > 0 else None,
         )
     if len(sampler) < config.batch_size:
         raise UsageError(

@@ -214,7 +214,7 @@ class Run:
         path = Path(config.resume or self.out.folder) if several else paths[0]  # how messages name what was resumed
         if ckpt["args"]["precision"] != config.precision:
             log.warning("%s was trained with --precision %s, now %s", path, ckpt["args"]["precision"], config.precision)
-        trained_loader = ckpt["args"].get("loader", "classic")  # checkpoints from before --loader: the classic path's
+        trained_loader = ckpt["args"].get("loader", "classic")  # a checkpoint without one ran the classic loader
         if trained_loader != config.loader:
             log.warning("%s was trained with --loader %s, now %s: the crops from here on may differ from the "
                         "uninterrupted run's", path, trained_loader, config.loader)  # fmt: skip

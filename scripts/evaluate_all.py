@@ -684,6 +684,8 @@ def evaluate_all(args: argparse.Namespace) -> int:
         print(f"note: no configs for embed dim {embed_dim}; dense tasks use the ViT-S ones (adapt with --extra)")
     # the published figures' key: the paper's model size, or the released model of the backbone's architecture
     release = family.release_like(vit) if protocol else None
+    if protocol and not any(release in head.paper for head in protocol.heads.values()):
+        release = None  # a release the protocol's source publishes no figure for (another family's) is no key
     key = release if protocol else size and size + layout
     published = f"{protocol.source} ({release or 'no released model of this architecture'})" if protocol else ""
     rows: list[Row] = []

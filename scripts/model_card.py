@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from torch import nn
 
 import models
@@ -89,7 +88,7 @@ def read_checkpoint(run: Path) -> dict:
     path = run / "checkpoint.pth"
     if not path.is_file():
         return {}
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    ckpt = models.safe_load(path, mmap=True)
     return ckpt if isinstance(ckpt, dict) else {}
 
 

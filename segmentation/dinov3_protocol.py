@@ -134,6 +134,10 @@ class _PerIteration(_ParamScheduler):
         )
 
 
+def _cosine(start: float, end: float, pct: float) -> float:
+    return end + (start - end) * (1 + math.cos(math.pi * pct)) / 2
+
+
 def dinov3_seg_one_cycle_lr(
     peak: float, step: int, *, total_iters: int, warmup_iters: int, warmup_ratio: float
 ) -> float:
@@ -146,7 +150,7 @@ def dinov3_seg_one_cycle_lr(
     if step < warmup_iters:
         ramp = 1 - (1 - step / warmup_iters) * (1 - warmup_ratio)
         return peak * ramp * (1 - step / total_iters)
-    return peak * (1 + math.cos(math.pi * (step + 1) / total_iters)) / 2
+    return _cosine(peak, 0.0, (step + 1) / total_iters)
 
 
 @PARAM_SCHEDULERS.register_module()
@@ -263,10 +267,6 @@ class WarmupSigLoss(nn.Module):
             loss = loss + g.var()
         # DINOv3's guard: |loss| where the sum is not positive (sqrt's gradient at 0 is infinite)
         return self.loss_weight * (loss.sqrt() if loss > 0 else loss.abs())
-
-
-def _cosine(start: float, end: float, pct: float) -> float:
-    return end + (start - end) * (1 + math.cos(math.pi * pct)) / 2
 
 
 def dinov3_depth_one_cycle_lr(

@@ -484,9 +484,7 @@ def run_protocol(cfg, amp: bool) -> dict:
     to the paper's (scripts.evaluate_all): the paper's runs used 4 GPUs x the config's per-GPU batch."""
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     batch = cfg.train_dataloader.batch_size
-    # a config that reproduces a published protocol other than the paper's names it
-    named = {"name": cfg.protocol_name} if "protocol_name" in cfg else {}
-    return named | {
+    return {
         "world_size": world,
         "batch_per_gpu": batch,  # per process
         "global_batch": world * batch,

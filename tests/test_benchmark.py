@@ -143,6 +143,21 @@ def test_bad_names_and_device_are_one_line(capsys):
     assert capsys.readouterr().err.startswith("error: unknown student 'vit_huge'; choose from vit_tiny")
     assert benchmark.main(["--device", "gpu"]) == 2
     assert capsys.readouterr().err.strip() == "error: --device gpu: not a torch device (e.g. cpu, cuda, cuda:1)"
+    assert benchmark.main(["--pipeline", "--loaders", "classic,gpu", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --loaders gpu: choose from classic, cpu, cpu --jpeg-draft, or dali alone"
+    )
+
+
+def test_the_pipeline_benchmark_refuses_shards(tmp_path, capsys):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train-shards").mkdir()
+    (tmp_path / "train-shards" / "index.json").write_text("{}")
+    argv = ["--pipeline", "--pipeline-dir", str(tmp_path), "--device", "cpu"]
+    assert benchmark.main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --pipeline-dir {tmp_path}: the benchmark reads image files, not train-shards/"
+    )
 
 
 def test_teacher_sharing_times_the_joint_and_the_separate_steps(capsys, monkeypatch):

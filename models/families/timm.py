@@ -22,7 +22,7 @@ from torch import nn
 from ..checkpoints import StateDict, few_names, load_strict, safe_load
 from ..errors import UsageError
 from ..timm_backbone import TimmBackbone
-from .base import Family, TimmArchitecture, with_export_metadata
+from .base import Family, TimmArchitecture, with_export_metadata, without
 
 PREFIX = "timm:"
 
@@ -150,13 +150,13 @@ class Timm(Family):
         img_size = kwargs.pop("img_size", None)
         kwargs.setdefault("num_classes", 0)
         # a ViT at its size that takes others too; a windowed model (MaxViT, Swin) at its size; a CNN takes neither
-        for extra in (dict(img_size=img_size, dynamic_img_size=True), dict(img_size=img_size), {}):
-            extra = {} if img_size is None else extra
+        sized = (dict(img_size=img_size, dynamic_img_size=True), dict(img_size=img_size))
+        for extra in sized if img_size is not None else ():
             try:
                 return timm.create_model(arch, pretrained=False, **extra, **kwargs), extra
             except TypeError:
                 continue
-        raise AssertionError("unreachable: the last try has no extra options")
+        return timm.create_model(arch, pretrained=False, **kwargs), {}
 
     def create_student(
         self,
@@ -219,7 +219,7 @@ class Timm(Family):
         return TimmArchitecture(model.name, {**size, "num_classes": 0})
 
     def to_timm(self, model: TimmBackbone) -> StateDict:
-        return {k: v.detach().clone().cpu() for k, v in model.model.state_dict().items()}
+        return without(model.model.state_dict())
 
     def load_backbone(self, state_dict: StateDict, source: str, *, trained: dict, **kwargs) -> nn.Module:
         if "model" not in trained:
