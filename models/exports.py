@@ -45,7 +45,7 @@ ADAPTORS_JSON, ADAPTORS_WEIGHTS = "adaptors.json", "adaptors.safetensors"
 FORMAT = "proteus-export"
 # our evaluations' geometry (linear_eval.data): the short side resized to 256/224 of the crop, bicubic, centre crop
 CROP_PCT, INTERPOLATION = 224 / 256, "bicubic"
-PARITY = 1e-5  # the most relative error timm's network may show against ours at the training resolution
+PARITY = 1e-5  # the most relative error timm's network may show against ours at the export's resolution
 ONNX, ONNX_DATA = "model.onnx", "model.onnx.data"  # the weights beside the graph only past ONNX's 2 GiB file limit
 ONNX_PARITY = 1e-4  # the most relative error onnxruntime (CPU) may show against the network
 
@@ -63,7 +63,9 @@ class BackboneExport(NamedTuple):
     files: tuple[Artefact, ...]
     architecture: str | None  # timm's model name; None: timm has none, the reference layout is kept
     note: str  # what was written, in words
-    parity: float | None  # timm's features against ours at the training resolution (max relative error)
+    parity: float | None  # timm's features against ours at the export's resolution (max relative error)
+    # ... and at (img_size + p) x (img_size + 2p), for a position table, which timm resamples by its own rule there
+    elsewhere: float | None
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -111,9 +113,9 @@ def _save_json(obj: dict) -> Callable[[Path], None]:
 def export_backbone(
     model: nn.Module, *, img_size: int, normalization: Normalization, about: dict | None = None
 ) -> BackboneExport:
-    """The backbone's files: timm's layout (checked against our network at `img_size`, the resolution it was
-    trained at) or, where timm has no architecture for its family, the reference layout. `about` goes into
-    config.json's record as is (the student's name, the file it came from)."""
+    """The backbone's files: timm's layout (checked against our network at `img_size`, the resolution its
+    position table is at: Family.at_resolution) or, where timm has no architecture for its family, the reference
+    layout. `about` goes into config.json's record as is (the student's name, the file it came from)."""
     found = family_of_model(model)
     model = model.eval()
     record = {
@@ -134,12 +136,17 @@ def export_backbone(
             FORMAT: {**record, **(about or {}), "weights": REFERENCE_WEIGHTS, "timm": None, "note": why},
         }
         files = (Artefact(REFERENCE_WEIGHTS, _save_tensors(weights, record)), Artefact(CONFIG, _save_json(config)))
-        return BackboneExport(files, None, why, None)
+        return BackboneExport(files, None, why, None, None)
     theirs, arch = built
-    images = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    patch, seed = int(model.patch_size), torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, img_size, img_size, generator=seed)
     parity = feature_error(model, theirs, images)
     if not parity <= PARITY:
         raise AssertionError(f"timm's {arch.name} gives other features than the network ({parity:.1e} relative)")
+    elsewhere = None
+    if found.position_table:  # a table timm resamples by its own rule there; RoPE and timm's own models do not
+        other = torch.randn(2, 3, img_size + patch, img_size + 2 * patch, generator=seed)
+        elsewhere = feature_error(model, theirs, other)
     record.update(architecture=arch.name, model_args=arch.model_args)
     theirs.pretrained_cfg = _pretrained_cfg(theirs, img_size=img_size, normalization=normalization)
     note = f"timm's {arch.name} (timm.create_model('local-dir:<folder>', pretrained=True))"
@@ -148,7 +155,7 @@ def export_backbone(
         Artefact(TIMM_WEIGHTS, _save_tensors(theirs.state_dict(), record)),
         Artefact(CONFIG, lambda path: _timm_config(theirs, path, arch=arch, config=config)),
     )
-    return BackboneExport(files, arch.name, note, parity)
+    return BackboneExport(files, arch.name, note, parity, elsewhere)
 
 
 def _inputs(img_size: int, normalization: Normalization) -> dict:

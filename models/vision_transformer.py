@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from copy import deepcopy
 from functools import partial
 
 import torch
@@ -183,6 +184,20 @@ class ViT(VisionTransformer):
         table = self.pos_embed[0, 1:].float().reshape(m, m, -1)
         patch_pos = torch.einsum("hi,ijd,wj->hwd", rows, table, cols).reshape(1, -1, table.shape[-1])
         return torch.cat((self.pos_embed[:, :1].float(), patch_pos), dim=1).to(self.pos_embed.dtype)
+
+    @torch.no_grad()
+    def at_resolution(self, img_size: int) -> ViT:
+        """A copy set to `img_size`: its position table is this one resampled to that grid by this network's rule,
+        so at `img_size` the copy computes what this network does, without resampling, in any ViT code (timm's
+        resamples other sizes its own way)."""
+        if img_size % self.patch_size:
+            raise UsageError(f"resolution {img_size} is not a multiple of the patch size {self.patch_size}")
+        grid = img_size // self.patch_size
+        table = self.interpolate_pos_encoding(grid, grid).clone()
+        out = deepcopy(self)
+        out.pos_embed = nn.Parameter(table, requires_grad=self.pos_embed.requires_grad)
+        out.patch_embed.set_input_size(img_size=img_size)
+        return out
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch grid (B, H, W, D) -> [cls, registers, patches] with positions added."""

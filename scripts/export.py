@@ -1,6 +1,7 @@
 """A distilled student as a folder people can use without this repository:
 
-python -m scripts.export --run out/s_dinov2b --to exports/s_dinov2b [--ema] [--onnx-adaptors] [--no-onnx]
+python -m scripts.export --run out/s_dinov2b --to exports/s_dinov2b [--ema] [--img-size N] [--onnx-adaptors]
+    [--no-onnx]
 
 --run is a student's output folder (the one holding backbone.pth; with several students, its <student>/ folder).
 The folder written (models.exports says what each file is):
@@ -14,6 +15,9 @@ The folder written (models.exports says what each file is):
   README.md                         the model card: teachers, student, recipe, data, epochs, evaluations, licence
 Each format is checked against the network before the folder appears (timm's features to 1e-5, onnxruntime's to
 1e-4 relative); the folder is written whole or not at all. Every evaluation takes it as --backbone.
+--img-size N exports the student set to N px (Family.at_resolution): timm resamples a position table with its own
+rule, not DINOv2's 0.1-offset one, so a folder gives our ViTs' exact features in timm at its own resolution only;
+export at the size you use (a dense task's 518, say). RoPE and CNN students are exact at every size.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from common.cli import ArgumentParser, run
 from common.io import replace_folder
 from models import exports
 from models.errors import MissingFile, UsageError
+from models.families import family_of_model
 from scripts import model_card
 
 
@@ -38,6 +43,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, type=Path, help="the student's output folder (holding backbone.pth)")
     p.add_argument("--to", required=True, type=Path, help="the folder to write (replaced if it is an earlier export)")
     p.add_argument("--ema", action="store_true", help="export backbone_ema.pth instead of backbone.pth")
+    p.add_argument(
+        "--img-size",
+        type=int,
+        help="the resolution to export at (default: the training one): a ViT's position table is resampled there "
+        "by the student's own rule, so timm's model gives the student's exact features at that size",
+    )
     p.add_argument("--no-onnx", dest="onnx", action="store_false", help="write no model.onnx")
     p.add_argument("--onnx-adaptors", action="store_true", help="model.onnx also outputs every teacher's prediction")
     return p
@@ -89,9 +100,14 @@ def export(args: argparse.Namespace) -> None:
     adaptors = models.load_adaptors(adaptors_path) if adaptors_data is not None else None
     if args.onnx_adaptors and adaptors is None:
         raise MissingFile(f"--onnx-adaptors: {adaptors_path} not found")
-    img_size = training_resolution(source, adaptors_data)
-    about = {"source": source.name}
-    backbone = exports.export_backbone(model, img_size=img_size, normalization=model.normalization, about=about)
+    trained = training_resolution(source, adaptors_data)
+    img_size = args.img_size or trained
+    if img_size <= 0 or img_size % model.patch_size:
+        raise UsageError(f"--img-size {img_size} is not a positive multiple of the patch size {model.patch_size}")
+    normalization = model.normalization
+    model = family_of_model(model).at_resolution(model, img_size)
+    about = {"source": source.name, "trained_img_size": trained}
+    backbone = exports.export_backbone(model, img_size=img_size, normalization=normalization, about=about)
 
     def write(folder: Path) -> None:
         for artefact in backbone.files:
@@ -104,7 +120,9 @@ def export(args: argparse.Namespace) -> None:
             onnx = exports.export_onnx(
                 model, folder / exports.ONNX, img_size=img_size, adaptors=adaptors if args.onnx_adaptors else None
             )
-        card = model_card.card(model, source, backbone=backbone, onnx=onnx, adaptors=adaptors)
+        card = model_card.card(
+            model, source, backbone=backbone, onnx=onnx, adaptors=adaptors, resolution=(img_size, trained)
+        )
         (folder / "README.md").write_text(card)
 
     replace_folder(args.to, write, ours=_is_export, what="an export")

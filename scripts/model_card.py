@@ -38,7 +38,7 @@ import json, numpy as np, onnxruntime
 
 folder = "path/to/export"
 session = onnxruntime.InferenceSession(f"{folder}/model.onnx", providers=["CPUExecutionProvider"])
-inputs = json.load(open(f"{folder}/config.json"))["pretrained_cfg"]  # mean, std, input_size (the training one)
+inputs = json.load(open(f"{folder}/config.json"))["pretrained_cfg"]  # mean, std, input_size (the export's)
 images = np.random.randn(2, *inputs["input_size"]).astype(np.float32)  # normalised with that mean and std
 outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"images": images})))
 summary, patches = outputs["summary"], outputs["patches"]  # [B, D], [B, H/p * W/p, D] row-major
@@ -109,14 +109,17 @@ def _evaluations(run: Path) -> str | None:
     return None
 
 
-def _student(model: nn.Module, source: Path, name: str) -> list[tuple[str, object]]:
+def _student(model: nn.Module, source: Path, name: str, *, resolution: tuple[int, int]) -> list[tuple[str, object]]:
     params = sum(p.numel() for p in model.parameters())
     found, norm = family_of_model(model), model.normalization
+    size, trained = resolution
+    at = f"{size} px" + ("" if size == trained else f" (trained at {trained} px; exported with --img-size {size})")
     return [
         ("student", f"`{name}` ({found.title} layout)"),
         ("width x blocks", f"{model.embed_dim} x {len(getattr(model, 'blocks', [])) or 'n/a'}"),
         ("parameters", f"{params / 1e6:.2f} M"),
         ("token stride (patch)", model.patch_size),
+        ("resolution", at),
         ("inputs", f"mean {list(norm.mean)}, std {list(norm.std)}"),
         ("weights", f"{source.parent.name}/{source.name}"),
     ]
@@ -138,15 +141,17 @@ def _teachers(adaptors, ckpt: dict) -> tuple[str, list[str]]:
     return "\n".join(lines), families
 
 
-def _usage(backbone: exports.BackboneExport, onnx: exports.OnnxExport | None, adaptors, *, table: bool) -> list[str]:
+def _usage(backbone: exports.BackboneExport, onnx: exports.OnnxExport | None, adaptors) -> list[str]:
     out = ["## Use", ""]
     if backbone.architecture:
-        what = f"timm's `{backbone.architecture}` with this folder's weights (features equal to the training network's"
+        what = f"timm's `{backbone.architecture}` with this folder's weights (features equal to the student's"
         out += [f"{what} to {backbone.parity:.0e} relative at its resolution):", "", "```python", TIMM.rstrip(), "```"]
-        if table:
+        if backbone.elsewhere is not None and backbone.elsewhere > exports.PARITY:
             out += [
                 "At other resolutions timm resamples the position table its own way, not by DINOv2's formula the "
-                "student was trained and evaluated with: `model.onnx` keeps the student's features there."
+                f"student was trained and evaluated with ({backbone.elsewhere:.0e} relative at a second size on "
+                "random images): `model.onnx` keeps the student's features there, and `python -m scripts.export "
+                "--img-size N` gives a folder whose timm model is the student's at N px."
             ]
         out += [""]
     else:
@@ -163,21 +168,23 @@ def _usage(backbone: exports.BackboneExport, onnx: exports.OnnxExport | None, ad
     return out
 
 
-def card(model: nn.Module, source: Path, *, backbone, onnx, adaptors) -> str:
-    """The model card of the student `model` read from `source` (a run's backbone file)."""
+def card(model: nn.Module, source: Path, *, backbone, onnx, adaptors, resolution: tuple[int, int]) -> str:
+    """The model card of the student `model` read from `source` (a run's backbone file), exported at
+    `resolution` = (the export's size, the training one)."""
     ckpt = read_checkpoint(source.parent)
     args = ckpt.get("args", {})
     teachers, families = _teachers(adaptors, ckpt)
     student = ckpt.get("student_name", source.parent.name)
     title = ", ".join(adaptors.adaptors) if adaptors is not None else args.get("teacher", "its teachers")
     about = "A student distilled with Proteus (feature distillation from vision foundation models, without labels)."
-    out = [f"# `{student}` distilled from {title}", "", about, "", _table(_student(model, source, student)), ""]
+    rows = _student(model, source, student, resolution=resolution)
+    out = [f"# `{student}` distilled from {title}", "", about, "", _table(rows), ""]
     out += ["## Teachers", "", teachers, ""]
     epochs = _epochs(source.parent)
     if args:
         recipe = [(k, f"`{args[k]}`") for k in RECIPE if k in args]
         out += ["## Recipe", "", f"Data: `{args.get('data_path')}`; epochs trained: {epochs}.", "", _table(recipe), ""]
-    out += _usage(backbone, onnx, adaptors, table=family_of_model(model).position_table)
+    out += _usage(backbone, onnx, adaptors)
     evaluations = _evaluations(source.parent)
     out += ["## Evaluations", "", evaluations or "No `evaluate_all` results beside the run.", ""]
     notes = {models.FAMILIES[f].licence for f in families if f in models.FAMILIES and models.FAMILIES[f].licence}

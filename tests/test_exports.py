@@ -96,6 +96,31 @@ def test_timm_builds_the_student_from_the_folder(exported, request):
             assert max(rel_err(a, b) for a, b in zip(got, want)) < 1e-5, (h, w)
 
 
+def test_an_export_at_another_resolution_is_the_student_there_in_timm(exported, tmp_path, capsys):
+    """--img-size N: timm's model from the folder gives the training network's features at N to 1e-5 for every
+    layout (a position table resampled there by DINOv2's rule, which timm then uses as is), and so does
+    load_backbone; config.json and the card say N and the training size. A size off the patch grid is one line."""
+    run, folder = exported.folder.parent / "run", tmp_path / "export"
+    size = 2 * exported.size
+    assert export_script.main(["--run", str(run), "--to", str(folder), "--img-size", str(size), "--no-onnx"]) == 0
+    config = json.loads((folder / "config.json").read_text())
+    assert config["pretrained_cfg"]["input_size"] == [3, size, size]
+    record = config["proteus-export"]
+    assert record["img_size"] == size and record["trained_img_size"] == exported.size
+    x = torch.randn(2, 3, size, size)
+    want = features(exported.model, x)
+    theirs = models.TimmBackbone(timm.create_model(f"local-dir:{folder}", pretrained=True).eval())
+    assert max(rel_err(a, b) for a, b in zip(features(theirs, x), want)) < 1e-5
+    assert max(rel_err(a, b) for a, b in zip(features(models.load_backbone(folder).eval(), x), want)) < 1e-6
+    assert (
+        f"| resolution | {size} px (trained at {exported.size} px; exported with --img-size {size}) |"
+        in (folder / "README.md").read_text()
+    )
+    odd = str(exported.size + 1)
+    assert export_script.main(["--run", str(run), "--to", str(tmp_path / "odd"), "--img-size", odd, "--no-onnx"]) == 2
+    assert f"--img-size {odd} is not a positive multiple of the patch size" in capsys.readouterr().err
+
+
 def test_onnx_gives_the_networks_and_the_adaptors_outputs(exported, request):
     """onnxruntime (CPU) against the network and its adaptors to 1e-4, at two batch sizes and resolutions: every
     layout's graph takes any height and width (a position table resampled by DINOv2's formula in the graph)."""
@@ -321,11 +346,13 @@ def test_a_layout_timm_has_no_architecture_for_keeps_its_reference_layout(tmp_pa
 
 
 def test_dinov2_registers_are_timms_reg_tokens(tmp_path):
-    """A DINOv2 ViT with registers (an official _reg file) is timm's reg4 DINOv2: the CLS carries its position. Its
-    resampling to size branches on the size in Python, so its ONNX graph is the training resolution's, any batch."""
+    """A DINOv2 ViT with registers (an official _reg file) is timm's reg4 DINOv2 at every size: the CLS carries its
+    position. Its resampling to size branches on the size in Python, so its ONNX graph is the training
+    resolution's, any batch."""
     model = randomize_(models.build_vit(models.LAYOUTS["dinov2"], 64, 1, 1, 128, img_size=28, num_register_tokens=4))
     found = exports.export_backbone(model.eval(), img_size=28, normalization=models.families.base.STUDENT_INPUTS)
     assert found.architecture == "vit_small_patch14_reg4_dinov2" and found.parity < 1e-5
+    assert found.elsewhere < 1e-5  # timm resamples a _reg table as DINOv2 does: the same features at other sizes
     graph = exports.export_onnx(model, tmp_path / "model.onnx", img_size=28)
     assert not graph.dynamic_size and graph.checked == ((2, 28, 28), (3, 28, 28)) and graph.error < 1e-4
 

@@ -232,6 +232,12 @@ class Family:
         architecture for it, and an export keeps the reference layout)."""
         return None
 
+    def at_resolution(self, model: nn.Module, img_size: int) -> nn.Module:
+        """The network set to `img_size` (an export at a resolution of its own): a position table resampled there
+        by the network's own rule, which timm's code then uses without resampling; the network itself where it
+        has no table (RoPE, a CNN, a timm model, which resamples as timm does anyway)."""
+        return model.at_resolution(img_size) if self.position_table else model
+
     def to_timm(self, model: nn.Module) -> StateDict:
         """Our network's weights in timm's names, strictly loadable into `timm_architecture(model)`'s model
         (what only pretraining uses, a mask token, is left out)."""
