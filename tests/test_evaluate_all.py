@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,19 @@ def zeroshot_inputs(tmp_path_factory) -> dict[str, Path]:
     return files
 
 
+@pytest.fixture(scope="module")
+def exported(backbone, zeroshot_inputs, tmp_path_factory) -> Path:
+    """The backbone and its adaptors with a CLIP teacher's as a scripts.export folder (no ONNX: not read here)."""
+    from scripts import export
+
+    run = tmp_path_factory.mktemp("exported") / "run"
+    run.mkdir()
+    shutil.copy(backbone, run / "backbone.pth")
+    shutil.copy(zeroshot_inputs["with clip"], run / "adaptors.pth")
+    assert export.main(["--run", str(run), "--to", str(run.parent / "folder"), "--no-onnx"]) == 0
+    return run.parent / "folder"
+
+
 def table(path: Path) -> dict[tuple[str, str], tuple[str, str]]:
     """{(task, metric): (ours, paper)} from results.md."""
     rows = re.findall(r"^\| (\w+) \| ([^|]+) \| ([^|]+) \| ([^|]+) \|$", path.read_text(), re.M)
@@ -50,12 +64,13 @@ def table(path: Path) -> dict[tuple[str, str], tuple[str, str]]:
 
 
 @pytest.mark.skipif(mmseg is None, reason="mmsegmentation not installed: `make mmseg`")
-def test_all_tasks_on_tiny_data(backbone, imagenet, fine_grained, ade, nyu, zeroshot_inputs, tmp_path, capsys):
-    out = tmp_path / "eval"
+def test_all_tasks_on_tiny_data(exported, imagenet, fine_grained, ade, nyu, zeroshot_inputs, tmp_path, capsys):
+    """Every task on a scripts.export folder (backbone and adaptors: what a user is handed) as on backbone.pth."""
+    out, backbone = tmp_path / "eval", exported
     argv = ["--backbone", str(backbone), "--output-dir", str(out), "--quick", "--device", "cpu",
             "--data-imagenet", str(imagenet), "--data-fine-grained", str(fine_grained),
             "--data-ade20k", str(ade), "--data-nyu", str(nyu),
-            "--adaptors", str(zeroshot_inputs["with clip"]), "--clip-checkpoint", str(zeroshot_inputs["clip"]),
+            "--adaptors", str(exported), "--clip-checkpoint", str(zeroshot_inputs["clip"]),
             "--extra", f"linear={SMALL}", "--extra", f"knn={SMALL}", "--extra", f"zeroshot={SMALL}",
             "--extra", f"fine_grained={SMALL}",
             "--extra", "ade20k=" + dense_extra("segmentation/configs/linear_vit_small.py"),
