@@ -221,7 +221,7 @@ def replace_folder(target: Path, write: Callable[[Path], None], *, ours: Callabl
     half folder and an earlier one intact. Only an empty folder or one of ours (`ours(target)`, one of `what`)
     is replaced; anything else is refused in one line."""
     if target.is_file() or (target.is_dir() and any(target.iterdir()) and not ours(target)):
-        raise UsageError(f"--to {target} exists and is not {what}: choose another folder")
+        raise UsageError(f"{target} exists and is not {what}: choose another folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     new = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:

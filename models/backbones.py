@@ -12,7 +12,7 @@ from torch import nn
 
 from .checkpoints import Normalization, StateDict, export_metadata, few_names, load_strict, safe_load, strip_prefix
 from .errors import UsageError
-from .exports import exported_folder, read_timm_state
+from .exports import exported_folder, timm_export_family
 from .families import FAMILIES, Family, family_of, split_student, student_family
 from .families.base import STUDENT_INPUTS
 
@@ -158,8 +158,8 @@ def load_backbone(path: str | os.PathLike, **kwargs) -> nn.Module:
         model = found.create_student(arch, img_size=ckpt["args"]["input_size"], **kwargs)
         load_strict(model, ckpt["student"], f"{path} (student {ckpt['student_name']})")
     elif "architecture" in trained:  # timm's layout of one of our networks: its family reads it back
-        sd = read_timm_state(ckpt, trained)
-        found = FAMILIES[trained["family"]]
+        found = timm_export_family(trained)
+        sd = found.from_timm(dict(ckpt), trained["model_args"])
         model = found.load_backbone(sd, str(path), trained=trained, **kwargs)
     elif trained.get("family") in FAMILIES and not FAMILIES[trained["family"]].detects:  # its keys would not say
         found = FAMILIES[trained["family"]]

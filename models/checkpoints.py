@@ -383,6 +383,14 @@ class Normalization(NamedTuple):
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
+    @classmethod
+    def of(cls, record: dict) -> Normalization | None:
+        """The "mean" and "std" a record (an export's metadata, timm's pretrained_cfg) holds, else None."""
+        mean, std = record.get("mean"), record.get("std")
+        if all(isinstance(v, (list, tuple)) and len(v) == 3 for v in (mean, std)):
+            return cls(tuple(map(float, mean)), tuple(map(float, std)))
+        return None
+
 
 def export_metadata(ckpt: object) -> dict:
     """{"img_size", "patch_size"} an exported backbone was trained at ({} for other files): the official
@@ -397,7 +405,6 @@ def export_metadata(ckpt: object) -> dict:
     names = {k: record[k] for k in ("family", "model", "architecture") if isinstance(record.get(k), str)}
     if isinstance(record.get("model_args"), dict):
         names["model_args"] = record["model_args"]
-    mean, std = record.get("mean"), record.get("std")
-    if all(isinstance(v, (list, tuple)) and len(v) == 3 for v in (mean, std)):
-        names["normalization"] = Normalization(tuple(map(float, mean)), tuple(map(float, std)))
+    if (normalization := Normalization.of(record)) is not None:
+        names["normalization"] = normalization
     return {"img_size": record["img_size"], "patch_size": record["patch_size"], **names}

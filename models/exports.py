@@ -35,7 +35,7 @@ from torch import nn
 from .checkpoints import EXPORT_METADATA, Normalization, StateDict, load_strict
 from .errors import MissingFile, UsageError
 from .families import FAMILIES, family_of_model
-from .families.base import TimmArchitecture
+from .families.base import Family, TimmArchitecture
 from .timm_backbone import TimmBackbone
 
 CONFIG = "config.json"
@@ -321,12 +321,7 @@ def exported_folder(path: str | os.PathLike) -> ExportedFolder | None:
     weights = folder / Path(config[FORMAT]["weights"]).name
     if not weights.is_file():
         raise MissingFile(f"{folder} lacks {weights.name}, which its {CONFIG} names")
-    cfg = config.get("pretrained_cfg") or {}
-    mean, std = cfg.get("mean"), cfg.get("std")
-    norm = None
-    if all(isinstance(v, (list, tuple)) and len(v) == 3 for v in (mean, std)):
-        norm = Normalization(tuple(map(float, mean)), tuple(map(float, std)))
-    return ExportedFolder(weights, norm)
+    return ExportedFolder(weights, Normalization.of(config.get("pretrained_cfg") or {}))
 
 
 def backbone_files(path: str | os.PathLike) -> tuple[Path, ...]:
@@ -336,12 +331,12 @@ def backbone_files(path: str | os.PathLike) -> tuple[Path, ...]:
     return (Path(path),) if found is None else (Path(path) / CONFIG, found.weights)
 
 
-def read_timm_state(state_dict: StateDict, trained: dict) -> StateDict:
-    """A timm-layout export's weights -> what its family's load_backbone takes."""
+def timm_export_family(trained: dict) -> Family:
+    """The family of a timm-layout export, from its record (whose from_timm reads the weights back)."""
     found = FAMILIES.get(trained.get("family", ""))
     if found is None or not isinstance(trained.get("model_args"), dict):
         raise UsageError(f"a timm-layout export of unknown family {trained.get('family')!r}")
-    return found.from_timm(dict(state_dict), trained["model_args"])
+    return found
 
 
 # --- adaptors -----------------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def _is_export(folder: Path) -> bool:
 def training_resolution(source: Path, adaptors: dict | None) -> int:
     """The side the student was trained at: what its backbone file records (a position table's ViT), else what
     adaptors.pth or the run's checkpoint.pth say (a DINOv3 student's file does not: RoPE takes any size)."""
-    trained = models.export_metadata(models.safe_load(source))
+    trained = models.export_metadata(models.safe_load(source, mmap=True))  # the record: no second copy in memory
     size = trained.get("img_size") or (adaptors or {}).get("student", {}).get("img_size")
     if size is None and (source.parent / "checkpoint.pth").is_file():
         size = model_card.read_checkpoint(source.parent).get("args", {}).get("input_size")

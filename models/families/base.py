@@ -131,6 +131,12 @@ def vit_model_args(model: nn.Module, *, img_size: int, **extra) -> dict:
     return {**size, **shape, "global_pool": "token", "num_classes": 0, **extra}
 
 
+def table_resolution(model: nn.Module) -> int:
+    """The input side a ViT's position table is laid out for: what timm's model of it is built at, whatever size
+    an export was asked for (the table is the network's; Family.at_resolution sets it)."""
+    return int(model.patch_embed.grid_size[0] * model.patch_size)
+
+
 def without(state_dict: StateDict, *prefixes: str) -> StateDict:
     """A copy of the tensors of a state dict, on the CPU, without the keys that start with any of `prefixes`."""
     return {k: v.detach().clone().cpu() for k, v in state_dict.items() if not k.startswith(prefixes)}

@@ -30,6 +30,7 @@ from .base import (
     has_any,
     our_shape,
     size_name,
+    table_resolution,
     timm_name,
     vit_model_args,
     with_export_metadata,
@@ -211,8 +212,7 @@ class Clip(Family):
         our CLIP-layout student; at its position table's resolution."""
         size, patch = size_name(model) or "base", model.patch_size
         name = timm_name(f"vit_{size}_patch{patch}_clip_quickgelu_224", "vit_base_patch16_clip_quickgelu_224")
-        table = model.patch_embed.grid_size[0] * patch
-        return TimmArchitecture(name, vit_model_args(model, img_size=table, fc_norm=True))
+        return TimmArchitecture(name, vit_model_args(model, img_size=table_resolution(model), fc_norm=True))
 
     def to_timm(self, model) -> StateDict:
         return {

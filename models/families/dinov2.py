@@ -24,6 +24,7 @@ from .base import (
     has_layerscale,
     our_shape,
     size_name,
+    table_resolution,
     timm_name,
     vit_model_args,
     with_export_metadata,
@@ -83,8 +84,7 @@ class DinoV2(Family):
         extra = dict(reg_tokens=reg, no_embed_class=True) if reg else {}
         if model.blocks[0].mlp.__class__.__name__ == "GluMlp":  # the giant's SwiGLU: only its name builds one
             name = "vit_giant_patch14_dinov2"
-        table = model.patch_embed.grid_size[0] * model.patch_size
-        return TimmArchitecture(name, vit_model_args(model, img_size=table, **extra))
+        return TimmArchitecture(name, vit_model_args(model, img_size=table_resolution(model), **extra))
 
     def to_timm(self, model) -> StateDict:
         """Our keys are timm's; registers as timm's converter writes them (the CLS carries its position, the

@@ -20,6 +20,7 @@ from .base import (
     has_layerscale,
     our_shape,
     size_name,
+    table_resolution,
     timm_name,
     vit_model_args,
     with_export_metadata,
@@ -77,8 +78,7 @@ class SynCLR(Family):
         at its position table's resolution."""
         size, patch = size_name(model) or "base", model.patch_size
         name = timm_name(f"vit_{size}_patch{patch}_224", f"vit_{size}_patch16_224", "vit_base_patch16_224")
-        table = model.patch_embed.grid_size[0] * patch
-        return TimmArchitecture(name, vit_model_args(model, img_size=table))
+        return TimmArchitecture(name, vit_model_args(model, img_size=table_resolution(model)))
 
     def to_timm(self, model) -> StateDict:
         return without(model.state_dict(), "mask_token")
