@@ -227,7 +227,7 @@ class OnnxExport(NamedTuple):
     """model.onnx as written and checked."""
 
     outputs: tuple[str, ...]
-    dynamic_size: bool  # any height and width (multiples of the patch size); else only the training resolution
+    dynamic_size: bool  # any height and width (multiples of the patch size); else only the export's resolution
     checked: tuple[tuple[int, int, int], ...]  # (batch, height, width) onnxruntime was compared at
     error: float  # the largest relative error of any output there
 
@@ -267,7 +267,7 @@ def export_onnx(
     model: nn.Module, path: str | os.PathLike, *, img_size: int, adaptors: nn.Module | None = None
 ) -> OnnxExport:
     """model.onnx at `path` (torch's exporter, its default opset), for any batch and, where the exported graph
-    computes every size right, any height and width; else at the training resolution only (a network whose
+    computes every size right, any height and width; else at `img_size` only (a network whose
     forward branches on the size in Python, which the exporter fixes to the example's: our ViTs with registers).
     Checked against the network in onnxruntime before it is returned."""
     graph = OnnxGraph(model, adaptors)

@@ -104,7 +104,7 @@ class TimmArchitecture(NamedTuple):
     `to_timm` loads strictly."""
 
     name: str  # timm's model name: its defaults supply what the arguments do not (norm, activation, LayerScale)
-    model_args: dict  # the shape, the training resolution, the pooling: what makes it this network
+    model_args: dict  # the shape, its position table's resolution, the pooling: what makes it this network
 
 
 def timm_name(*names: str) -> str:
