@@ -268,7 +268,7 @@ def export_onnx(
 ) -> OnnxExport:
     """model.onnx at `path` (torch's exporter, its default opset), for any batch and, where the exported graph
     computes every size right, any height and width; else at `img_size` only (a network whose
-    forward branches on the size in Python, which the exporter fixes to the example's: our ViTs with registers).
+    forward takes one size: a timm model built without dynamic_img_size).
     Checked against the network in onnxruntime before it is returned."""
     graph = OnnxGraph(model, adaptors)
     path, patch = Path(path), int(model.patch_size)

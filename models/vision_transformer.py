@@ -31,6 +31,17 @@ def _exporting() -> bool:
 
 
 CUBIC = -0.75  # PyTorch's (non-antialiased) bicubic kernel coefficient
+CUBIC_AA = -0.5  # its antialiased bicubic's: Keys' kernel, as PIL's
+
+
+def _near(d: torch.Tensor, a: float) -> torch.Tensor:
+    """The cubic convolution kernel at distances 0 <= d <= 1."""
+    return ((a + 2) * d - (a + 3)) * d * d + 1
+
+
+def _far(d: torch.Tensor, a: float) -> torch.Tensor:
+    """The cubic convolution kernel at distances 1 <= d <= 2."""
+    return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
 
 
 def bicubic_matrix(n: int, m: int, offset: float, *, keep: torch.Tensor) -> torch.Tensor:
@@ -42,15 +53,26 @@ def bicubic_matrix(n: int, m: int, offset: float, *, keep: torch.Tensor) -> torc
     src = (dst + 0.5) * scale.float() - 0.5
     start, t = src.floor(), src - src.floor()
     taps = (1 + t, t, 1 - t, 2 - t)  # the distances to the 4 samples from floor - 1 to floor + 2
-    near = lambda d: ((CUBIC + 2) * d - (CUBIC + 3)) * d * d + 1  # noqa: E731
-    far = lambda d: ((CUBIC * d - 5 * CUBIC) * d + 8 * CUBIC) * d - 4 * CUBIC  # noqa: E731
-    weights = (far(taps[0]), near(taps[1]), near(taps[2]), far(taps[3]))
+    weights = (_far(taps[0], CUBIC), _near(taps[1], CUBIC), _near(taps[2], CUBIC), _far(taps[3], CUBIC))
     columns = torch.arange(m, dtype=torch.float32)
     matrix = torch.zeros(n, m)
     for k, weight in zip((-1, 0, 1, 2), weights):
         index = (start + k).clamp(0, m - 1)
         matrix = matrix + weight[:, None] * (index[:, None] == columns[None]).float()
     return torch.where(keep, (dst[:, None] == columns[None]).float(), matrix)
+
+
+def antialiased_bicubic_matrix(n: int, m: int) -> torch.Tensor:
+    """[n, m]: F.interpolate(mode="bicubic", size=n, antialias=True) along one axis of m samples, as a matrix
+    (PyTorch's separable filter: Keys' kernel centred on each output's source coordinate, widened by the scale
+    when downsampling, every row normalised to sum 1, no sample past the edges). The identity at n == m, and
+    built from n's arange, so an exported graph computes it for any n."""
+    scale = m / torch.scalar_tensor(n, dtype=torch.float64)
+    centre = (torch.arange(n, dtype=torch.float64) + 0.5) * scale
+    d = (torch.arange(m, dtype=torch.float64)[None] + 0.5 - centre[:, None]).abs() / scale.clamp(min=1.0)
+    zero = torch.zeros((), dtype=torch.float64)
+    weights = torch.where(d < 1, _near(d, CUBIC_AA), torch.where(d < 2, _far(d, CUBIC_AA), zero))
+    return (weights / weights.sum(dim=1, keepdim=True)).float()
 
 
 def block_indices(n: int | Sequence[int], total: int) -> set[int]:
@@ -151,7 +173,7 @@ class ViT(VisionTransformer):
     def interpolate_pos_encoding(self, h: int, w: int) -> torch.Tensor:
         """DINOv2's formula: bicubic with a 0.1 offset (plain) or antialiased to size (reg)."""
         num_pos = self.pos_embed.shape[1] - 1
-        if self.interpolate_offset and _exporting():
+        if _exporting():
             return self._pos_encoding_for_export(h, w)
         if h * w == num_pos and h == w:
             return self.pos_embed
@@ -175,12 +197,16 @@ class ViT(VisionTransformer):
         return torch.cat((pos_embed[:, :1], patch_pos), dim=1).to(self.pos_embed.dtype)
 
     def _pos_encoding_for_export(self, h, w) -> torch.Tensor:
-        """interpolate_pos_encoding as one graph for every size (an ONNX export with free height and width): the
-        table kept at its own grid, else DINOv2's bicubic resampling as a matrix per axis (bicubic_matrix), chosen
-        by a tensor test, not a Python branch that the exporter would fix to the example's size."""
+        """interpolate_pos_encoding as one graph for every size (an ONNX export with free height and width):
+        DINOv2's resampling as a matrix per axis (bicubic_matrix with its offset, where the table at its own grid
+        is chosen by a tensor test, not a Python branch that the exporter would fix to the example's size; or
+        antialiased_bicubic_matrix, the identity there)."""
         m = int(math.isqrt(self.pos_embed.shape[1] - 1))
-        same = (torch.scalar_tensor(h) == m) & (torch.scalar_tensor(w) == m)
-        rows, cols = (bicubic_matrix(n, m, self.interpolate_offset, keep=same) for n in (h, w))
+        if self.interpolate_antialias:
+            rows, cols = (antialiased_bicubic_matrix(n, m) for n in (h, w))
+        else:
+            same = (torch.scalar_tensor(h) == m) & (torch.scalar_tensor(w) == m)
+            rows, cols = (bicubic_matrix(n, m, self.interpolate_offset, keep=same) for n in (h, w))
         table = self.pos_embed[0, 1:].float().reshape(m, m, -1)
         patch_pos = torch.einsum("hi,ijd,wj->hwd", rows, table, cols).reshape(1, -1, table.shape[-1])
         return torch.cat((self.pos_embed[:, :1].float(), patch_pos), dim=1).to(self.pos_embed.dtype)

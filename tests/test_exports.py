@@ -331,23 +331,34 @@ def test_a_layout_timm_has_no_architecture_for_keeps_its_reference_layout(tmp_pa
 
 def test_dinov2_registers_are_timms_reg_tokens(tmp_path):
     """A DINOv2 ViT with registers (an official _reg file) is timm's reg4 DINOv2 at every size: the CLS carries its
-    position. Its resampling to size branches on the size in Python, so its ONNX graph is the training
-    resolution's, any batch."""
+    position. Its ONNX graph takes any size too (its antialiased resampling as a matrix per axis)."""
     model = randomize_(models.build_vit(models.LAYOUTS["dinov2"], 64, 1, 1, 128, img_size=28, num_register_tokens=4))
     found = exports.export_backbone(model.eval(), img_size=28, normalization=models.families.base.STUDENT_INPUTS)
     assert found.architecture == "vit_small_patch14_reg4_dinov2" and found.parity < 1e-5
     assert found.elsewhere < 1e-5  # timm resamples a _reg table as DINOv2 does: the same features at other sizes
     graph = exports.export_onnx(model, tmp_path / "model.onnx", img_size=28)
-    assert not graph.dynamic_size and graph.checked == ((2, 28, 28), (3, 28, 28)) and graph.error < 1e-4
+    assert graph.dynamic_size and graph.checked == ((2, 28, 28), (3, 42, 56)) and graph.error < 1e-4
 
 
+def test_a_network_that_takes_one_size_has_a_graph_of_that_size(tmp_path):
+    """A timm ViT built without dynamic_img_size takes its own size only: the graph is re-exported for it, any
+    batch, and says so."""
+    student = models.create_student("timm:vit_tiny_patch16_224", img_size=32)
+    student.model = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=0, depth=1)
+    graph = exports.export_onnx(student.eval(), tmp_path / "model.onnx", img_size=32)
+    assert not graph.dynamic_size and graph.checked == ((2, 32, 32), (3, 32, 32)) and graph.error < 1e-4
+
+
+@pytest.mark.parametrize("registers", [0, 4])
 @pytest.mark.parametrize("grid", [(2, 2), (3, 5), (7, 4), (1, 1)])
-def test_the_exported_graphs_position_table_is_dinov2s(grid, monkeypatch):
+def test_the_exported_graphs_position_table_is_dinov2s(grid, registers, monkeypatch):
     """The per-axis bicubic matrices an exported graph resamples a position table with give DINOv2's
-    F.interpolate(scale_factor=(n + 0.1) / m) (and the table itself at its own grid)."""
+    F.interpolate: scale_factor=(n + 0.1) / m for the plain ViTs, antialiased to size for those with registers
+    (and the table itself at its own grid)."""
     from models import vision_transformer
 
-    model = randomize_(models.build_vit(models.LAYOUTS["dinov2"], 64, 1, 1, 128, img_size=28))
+    vit = models.build_vit(models.LAYOUTS["dinov2"], 64, 1, 1, 128, img_size=28, num_register_tokens=registers)
+    model = randomize_(vit)
     want = model.interpolate_pos_encoding(*grid)
     monkeypatch.setattr(vision_transformer, "_exporting", lambda: True)
     got = model.interpolate_pos_encoding(*grid)
