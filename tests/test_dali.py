@@ -31,6 +31,7 @@ from pretrain.dali import (  # noqa: E402
 )
 from pretrain.data import PositionSampler  # noqa: E402
 from pretrain.engine import cycle_batches  # noqa: E402
+from pretrain.loaders import recipe_ranges  # noqa: E402
 from tests.helpers import TINY_RUN, make_image_folder  # noqa: E402
 
 SIZE, BATCH, IMAGES = 32, 4, 12
@@ -121,7 +122,7 @@ def test_random_erasing_puts_noise_boxes_in_a_quarter_of_the_images():
     @pipeline_def(batch_size=n, num_threads=1, device_id=None, seed=3)
     def erase_zeros():
         zeros = fn.external_source(source=lambda: [np.zeros((3, SIZE, SIZE), np.float32)] * n, layout="CHW")
-        return random_erasing(zeros, SIZE)
+        return random_erasing(zeros, SIZE, recipe_ranges(SIZE).erasing)
 
     pipe = erase_zeros()
     pipe.build()
@@ -137,6 +138,9 @@ def test_random_erasing_puts_noise_boxes_in_a_quarter_of_the_images():
         assert 0.01 < box[0].mean() < 0.4  # 2-33% of the image, up to rounding and clamping
     noise = np.concatenate([x[x != 0] for x in erased])
     assert abs(noise.mean()) < 0.1 and abs(noise.std() - 1) < 0.1  # N(0, 1) per pixel and channel
+    for other in ({"mode": "rand"}, {"max_count": 2}):  # settings the graph cannot draw: refused, not ignored
+        with pytest.raises(ValueError, match="one pixel-mode box"):
+            random_erasing(None, SIZE, recipe_ranges(SIZE).erasing._replace(**other))
 
 
 def magnitude(op) -> float:
