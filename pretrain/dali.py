@@ -29,7 +29,7 @@ from nvidia.dali.auto_aug.rand_augment import apply_rand_augment
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from .data import PositionSampler, derive_seed
+from .data import PositionSampler, SingleImageDataset, derive_seed
 from .loaders import Erasing, RecipeRanges, recipe_ranges
 
 # timm's rand-m9-mstd0.5-inc1: magnitude 9 on a 0..10 scale (_LEVEL_DENOM), i.e. bin 9 of 11 in DALI's linspace
@@ -147,11 +147,9 @@ class DaliLoader:
         size: int,
         device: torch.device,
         num_threads: int,
-        single_image: str | None = None,
     ) -> None:
         self.dataset, self.sampler, self.batch_size, self.size = dataset, sampler, batch_size, size
         self.device, self.num_threads = device, max(1, num_threads)
-        self.single_image = single_image
         self.ranges = recipe_ranges(size)
 
     def __len__(self) -> int:
@@ -160,8 +158,8 @@ class DaliLoader:
     def files(self) -> tuple[list[str], list[int]]:
         """This pass's files and labels in the sampler's order, as many as fill whole batches."""
         indices = [index for index, _ in self.sampler][: len(self) * self.batch_size]
-        if self.single_image:
-            return [self.single_image] * len(indices), [0] * len(indices)
+        if isinstance(self.dataset, SingleImageDataset):  # --single-image: every sample is its one photograph
+            return [self.dataset.path] * len(indices), [0] * len(indices)
         samples = [self.dataset.samples[i] for i in indices]
         return [path for path, _ in samples], [label for _, label in samples]
 

@@ -29,7 +29,7 @@ from pretrain.dali import (  # noqa: E402
     rand_augment_ops,
     random_erasing,
 )
-from pretrain.data import PositionSampler  # noqa: E402
+from pretrain.data import PositionSampler, SingleImageDataset  # noqa: E402
 from pretrain.engine import cycle_batches  # noqa: E402
 from pretrain.loaders import recipe_ranges  # noqa: E402
 from tests.helpers import TINY_RUN, make_image_folder  # noqa: E402
@@ -107,10 +107,9 @@ def test_resume_continues_at_the_next_sample(folder):
 
 
 def test_single_image_is_every_sample(folder, tmp_path):
-    single = next((folder / "train").rglob("*.jpg"))
-    dali = loader(folder)
-    dali = DaliLoader(dali.dataset, dali.sampler, batch_size=BATCH, size=SIZE, device=dali.device, num_threads=1,
-                      single_image=str(single))  # fmt: skip
+    dataset = SingleImageDataset(next((folder / "train").rglob("*.jpg")), None, length=IMAGES)
+    sampler = PositionSampler(RepeatAugSampler(dataset, num_replicas=1, rank=0, selected_round=0), 0, 0)
+    dali = DaliLoader(dataset, sampler, batch_size=BATCH, size=SIZE, device=torch.device("cpu"), num_threads=1)
     images, labels = next(iter(dali))
     assert images.shape == (BATCH, 3, SIZE, SIZE) and labels.tolist() == [0] * BATCH
     assert not torch.equal(images[0], images[1])  # each sample its own augmentation of the one photograph
