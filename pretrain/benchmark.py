@@ -16,6 +16,7 @@ step) is timed against each student's separate step (teacher + that student).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import io
@@ -24,7 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -436,6 +437,37 @@ def generate_jpegs(
     return folder
 
 
+@contextlib.contextmanager
+def pipeline_jpegs(args: argparse.Namespace) -> Iterator[Path]:
+    """--pipeline's ImageFolder root, for every loader: --pipeline-dir, else --images generated JPEGs (a
+    --large-share of them large photos) in a temporary folder, removed afterwards."""
+    if args.pipeline_dir:
+        yield Path(args.pipeline_dir)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        yield generate_jpegs(Path(tmp), args.images, large_share=args.large_share)
+
+
+def jpeg_summary(root: Path, paths: list[str]) -> str:
+    """What a pipeline figure was measured on: 'N JPEGs in root/train (k over 1 Mpixel)'."""
+    from PIL import Image
+
+    large = sum(w * h > 1e6 for w, h in (Image.open(p).size for p in paths))
+    return f"{len(paths)} JPEGs in {root}/train ({large} over 1 Mpixel)"
+
+
+def images_per_second(batches: Iterable, device: torch.device | None = None) -> float:
+    """img/s of (images, labels) batches; the first (worker start-up, a pipeline's build, decoder start-up) stays
+    out of the measurement, and the clock stops once `device` has finished the work queued on it."""
+    batches = iter(batches)
+    next(batches)
+    t = time.perf_counter()
+    count = sum(len(labels) for _, labels in batches)
+    if device is not None:
+        sync(device)
+    return count / (time.perf_counter() - t)
+
+
 class Variant(NamedTuple):
     """A CPU loader as the pipeline benchmark times it: its worker stages in order (name, function of the
     previous stage's output), the whole loader (pretrain.loaders.Stages), and what it hands over per sample."""
@@ -535,11 +567,7 @@ def loader_rate(dataset, *, workers: int, batch: int) -> float:
     loader = torch.utils.data.DataLoader(
         SeededDataset(dataset), batch_size=batch, sampler=sampler, num_workers=workers, worker_init_fn=worker_init
     )
-    batches = iter(loader)
-    next(batches)  # worker start-up and the first batch stay out of the measurement
-    t = time.perf_counter()
-    count = sum(len(b[1]) for b in batches)
-    return count / (time.perf_counter() - t)
+    return images_per_second(loader)
 
 
 def pipeline_benchmark(args: argparse.Namespace) -> dict[str, dict[int, float]]:
@@ -550,9 +578,7 @@ def pipeline_benchmark(args: argparse.Namespace) -> dict[str, dict[int, float]]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as a DataLoader worker runs
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            root = Path(args.pipeline_dir) if args.pipeline_dir else None
-            root = root or generate_jpegs(Path(tmp), args.images, large_share=args.large_share)
+        with pipeline_jpegs(args) as root:
             return report_pipeline(args, root, device)
     finally:
         torch.set_num_threads(threads)
@@ -565,10 +591,8 @@ def report_pipeline(args: argparse.Namespace, root: Path, device: torch.device) 
     datasets = {v.name: build_dataset(str(root), args.input_size, transform=v.loader.transform, read=v.loader.read)
                 for v in chosen}  # fmt: skip
     paths = [p for p, _ in next(iter(datasets.values())).samples]
-    sizes = [Image.open(p).size for p in paths]
-    large = sum(w * h > 1e6 for w, h in sizes)
     print(
-        f"input pipeline: {len(paths)} JPEGs in {root}/train ({large} over 1 Mpixel), input {args.input_size}, "
+        f"input pipeline: {jpeg_summary(root, paths)}, input {args.input_size}, "
         f"batch {args.pipeline_batch}, torch threads 1, Pillow {Image.__version__}, device stages on {device}"
     )
     breakdown = {v.name: stage_breakdown(v, paths, args.pipeline_batch) for v in chosen}
@@ -597,16 +621,16 @@ def report_pipeline(args: argparse.Namespace, root: Path, device: torch.device) 
 
 def dali_pipeline_benchmark(args: argparse.Namespace) -> dict[int, float]:
     """--loaders dali: the trainer's DALI pipeline (pretrain/dali.py) on --device in images/s for each count of its
-    CPU threads; a pass's first batch (pipeline build, decoder start-up) stays out of the measurement."""
+    CPU threads, on the CPU loaders' JPEGs, timed as their DataLoaders are."""
     from timm.data.distributed_sampler import RepeatAugSampler
 
     from .dali import DaliLoader  # optional dependency (requirements-dali.txt)
 
     device = torch.device(args.device)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(args.pipeline_dir) if args.pipeline_dir else generate_jpegs(Path(tmp), args.images)
+    with pipeline_jpegs(args) as root:
         dataset = build_dataset(str(root), args.input_size)
-        print(f"DALI pipeline on {device}: {len(dataset)} JPEGs in {root}/train, input {args.input_size}")
+        paths = [p for p, _ in dataset.samples]
+        print(f"DALI pipeline on {device}: {jpeg_summary(root, paths)}, input {args.input_size}")
         sampler = PositionSampler(RepeatAugSampler(dataset, num_replicas=1, rank=0, selected_round=0), 0, 0)
         rates = {}
         for threads in args.workers:
@@ -618,13 +642,7 @@ def dali_pipeline_benchmark(args: argparse.Namespace) -> dict[int, float]:
                 device=device,
                 num_threads=threads,
             )
-            batches = iter(loader)
-            next(batches)
-            t = time.perf_counter()
-            count = sum(images.shape[0] for images, _ in batches)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            rates[threads] = count / (time.perf_counter() - t)
+            rates[threads] = images_per_second(loader, device)
             print(f"threads {max(threads, 1)}: {rates[threads]:.1f} img/s on one {device.type.upper()}")
     return rates
 

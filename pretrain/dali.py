@@ -11,13 +11,13 @@ sampler, seeded by (seed, rank, epoch, first position), so a pass is reproducibl
 after a resume are not the ones the uninterrupted run drew (docs/design.md).
 
 The augmentation is `data.train_transform`'s (timm's DeiT recipe), with the differences documented in
-pretrain/README.md: RRC (scale 0.08-1, ratio 3/4-4/3) with a bicubic antialiased resize, flip, RandAugment on
-timm's `rand-m9-mstd0.5-inc1` op table, ImageNet normalisation, pixel-mode random erasing (p 0.25).
+pretrain/README.md: RRC with a bicubic antialiased resize, flip, RandAugment on timm's `rand-m9-mstd0.5-inc1` op
+table, ImageNet normalisation, pixel-mode random erasing. The crop's and the erasing's ranges are read off the
+recipe's built transforms (`loaders.recipe_ranges`), so they are the CPU loaders' by construction.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import torch
@@ -29,12 +29,11 @@ from nvidia.dali.auto_aug.rand_augment import apply_rand_augment
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from .data import PositionSampler, derive_seed
+from .data import PositionSampler, SingleImageDataset, derive_seed
+from .loaders import Erasing, RecipeRanges, recipe_ranges
 
 # timm's rand-m9-mstd0.5-inc1: magnitude 9 on a 0..10 scale (_LEVEL_DENOM), i.e. bin 9 of 11 in DALI's linspace
 MAGNITUDE, MAGNITUDE_BINS, NUM_OPS = 9, 11, 2
-RRC_SCALE, RRC_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
-ERASE_PROBABILITY, ERASE_AREA, ERASE_RATIO = 0.25, (0.02, 1 / 3), (0.3, 1 / 0.3)  # timm's RandomErasing defaults
 READER = "files"
 FILL = 128  # of the geometric ops; DALI takes one value (rotate), timm fills with the mean colour (124, 116, 104)
 
@@ -80,33 +79,37 @@ def rand_augment_ops() -> list:
     return ops + [aug.identity.augmentation(name=f"skip_{op.name}") for op in ops]
 
 
-def random_erasing(images, size: int):
-    """timm's RandomErasing(0.25, mode="pixel", max_count=1) on normalised CHW images of side `size`: a box of
-    area 2-33% and log-uniform aspect 0.3-3.3 filled with N(0, 1) noise per pixel and channel. timm redraws a
-    box that does not fit (up to 10 times); here its sides are clamped to the image instead."""
-    area = fn.random.uniform(range=ERASE_AREA) * (size * size)
-    ratio = dmath.exp(fn.random.uniform(range=tuple(math.log(r) for r in ERASE_RATIO)))
+def random_erasing(images, size: int, erasing: Erasing):
+    """timm's pixel-mode, one-box RandomErasing with `erasing`'s settings on normalised CHW images of side `size`:
+    with its probability, a box of a uniform share of the area and a log-uniform aspect, filled with N(0, 1)
+    noise per pixel and channel. timm redraws a box that does not fit (up to 10 times); here its sides are
+    clamped to the image instead."""
+    if erasing.mode != "pixel" or erasing.max_count != 1:  # the only erasing the graph below draws
+        raise ValueError(f"DALI's random erasing draws one pixel-mode box, not {erasing}")
+    area = fn.random.uniform(range=(erasing.min_area, erasing.max_area)) * (size * size)
+    ratio = dmath.exp(fn.random.uniform(range=erasing.log_aspect_ratio))
     h = dmath.clamp(dmath.floor(dmath.sqrt(area * ratio) + 0.5), 1.0, size - 1.0)
     w = dmath.clamp(dmath.floor(dmath.sqrt(area / ratio) + 0.5), 1.0, size - 1.0)
     top = dmath.floor(fn.random.uniform(range=(0.0, 1.0)) * (size - h + 1))
     left = dmath.floor(fn.random.uniform(range=(0.0, 1.0)) * (size - w + 1))
     ones = images * 0.0 + 1.0
     box = 1.0 - fn.erase(ones, anchor=fn.stack(top, left), shape=fn.stack(h, w), axis_names="HW", fill_value=0.0)
-    erase = fn.cast(fn.random.coin_flip(probability=ERASE_PROBABILITY), dtype=types.FLOAT)
+    erase = fn.cast(fn.random.coin_flip(probability=erasing.probability), dtype=types.FLOAT)
     return images + (fn.random.normal(images) - images) * box * erase
 
 
 @pipeline_def(enable_conditionals=True)
-def augmentation_pipeline(files: list[str], labels: list[int], *, size: int, device: str):
+def augmentation_pipeline(files: list[str], labels: list[int], *, size: int, device: str, ranges: RecipeRanges):
     """`files` in this order -> the training crops, [B, 3, size, size] float, ImageNet-normalised, and `labels`;
-    device "gpu" or "cpu". The list is the sampler's for this rank, so the reader neither shuffles nor shards."""
+    device "gpu" or "cpu"; the recipe's `ranges`. The list is the sampler's for this rank, so the reader neither
+    shuffles nor shards."""
     encoded, labels = fn.readers.file(files=files, labels=labels, random_shuffle=False, name=READER)
     images = fn.decoders.image_random_crop(
         encoded,
         device="mixed" if device == "gpu" else "cpu",
         output_type=types.RGB,
-        random_area=RRC_SCALE,
-        random_aspect_ratio=RRC_RATIO,
+        random_area=ranges.crop_scale,
+        random_aspect_ratio=ranges.crop_ratio,
         num_attempts=10,
     )
     images = fn.resize(images, size=(size, size), interp_type=types.INTERP_CUBIC, antialias=True)
@@ -128,7 +131,7 @@ def augmentation_pipeline(files: list[str], labels: list[int], *, size: int, dev
         mean=[255 * m for m in IMAGENET_DEFAULT_MEAN],
         std=[255 * s for s in IMAGENET_DEFAULT_STD],
     )
-    return random_erasing(images, size), labels
+    return random_erasing(images, size, ranges.erasing), labels
 
 
 class DaliLoader:
@@ -144,11 +147,10 @@ class DaliLoader:
         size: int,
         device: torch.device,
         num_threads: int,
-        single_image: str | None = None,
     ) -> None:
         self.dataset, self.sampler, self.batch_size, self.size = dataset, sampler, batch_size, size
         self.device, self.num_threads = device, max(1, num_threads)
-        self.single_image = single_image
+        self.ranges = recipe_ranges(size)
 
     def __len__(self) -> int:
         return len(self.sampler) // self.batch_size  # the classic loader's drop_last
@@ -156,8 +158,8 @@ class DaliLoader:
     def files(self) -> tuple[list[str], list[int]]:
         """This pass's files and labels in the sampler's order, as many as fill whole batches."""
         indices = [index for index, _ in self.sampler][: len(self) * self.batch_size]
-        if self.single_image:
-            return [self.single_image] * len(indices), [0] * len(indices)
+        if isinstance(self.dataset, SingleImageDataset):  # --single-image: every sample is its one photograph
+            return [self.dataset.path] * len(indices), [0] * len(indices)
         samples = [self.dataset.samples[i] for i in indices]
         return [path for path, _ in samples], [label for _, label in samples]
 
@@ -169,6 +171,7 @@ class DaliLoader:
             *self.files(),
             size=self.size,
             device="gpu" if gpu else "cpu",
+            ranges=self.ranges,
             batch_size=self.batch_size,
             num_threads=self.num_threads,
             device_id=index,  # None: CPU operators only

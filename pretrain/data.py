@@ -49,7 +49,7 @@ class SingleImageDataset(Dataset):
             self.image = load_rgb(path)
         except (OSError, ValueError) as e:
             raise UsageError(f"cannot read --single-image {path}: {e}") from None
-        self.transform, self.length = transform, length
+        self.path, self.transform, self.length = str(path), transform, length
 
     def __len__(self) -> int:
         return self.length

@@ -82,6 +82,21 @@ def recipe_stages(input_size: int, mean, std) -> tuple[transforms.Compose, trans
     return transforms.Compose(primary.transforms + secondary.transforms), final, Erasing.of(erasing)
 
 
+class RecipeRanges(NamedTuple):
+    """The recipe's random ranges, read off its built transforms, for a loader that draws them with its own
+    operators (DALI): RandomResizedCrop's area scale and aspect ratio, and the erasing settings."""
+
+    crop_scale: tuple[float, float]
+    crop_ratio: tuple[float, float]
+    erasing: Erasing
+
+
+def recipe_ranges(input_size: int) -> RecipeRanges:
+    augment, _, erasing = recipe_stages(input_size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    crop = augment.transforms[0]  # timm's RandomResizedCropAndInterpolation
+    return RecipeRanges(tuple(crop.scale), tuple(crop.ratio), erasing)
+
+
 class UInt8Crop:
     """The 'cpu' loader's worker transform: the recipe's PIL stages (`augment`), then the crop as a uint8
     (H, W, 3) tensor and its erasing record."""

@@ -462,7 +462,6 @@ def build(config: Config, device: torch.device, world: int, *, out: Output, fres
             size=crop_size,
             device=device,
             num_threads=config.num_workers,
-            single_image=config.single_image,
         )
     else:
         loader = DataLoader(

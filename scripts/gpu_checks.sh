@@ -60,7 +60,7 @@ run s_b_plain "${step[@]}" --teacher dinov2_vitb14 --student vit_small
 # one DINOv2 g pass for S and B (--student a,b): the joint step vs each student's own; teacher-sharing speedup
 run sb_g_shared "${step[@]}" --teacher dinov2_vitg14 --student vit_small,vit_base
 run pipeline "$PYTHON" -m pretrain.benchmark --pipeline --images 512 --workers 1,4,8,15
-# --loader dali: its pipeline's img/s on one GPU per count of its CPU threads (the classic loader's: `pipeline`)
+# --loader dali: its pipeline's img/s on one GPU per count of its CPU threads (the CPU loaders', on the same mix of JPEGs: `pipeline`)
 run pipeline_dali "$PYTHON" -m pretrain.benchmark --pipeline --loaders dali --device cuda --images 2048 \
   --pipeline-batch 128 --workers 4,8,15
 # the end-to-end step with each loader: pretrain.main, random teacher, batch 128, bf16, 30 iterations on 4096

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -29,8 +30,9 @@ from pretrain.dali import (  # noqa: E402
     rand_augment_ops,
     random_erasing,
 )
-from pretrain.data import PositionSampler  # noqa: E402
+from pretrain.data import PositionSampler, SingleImageDataset  # noqa: E402
 from pretrain.engine import cycle_batches  # noqa: E402
+from pretrain.loaders import recipe_ranges  # noqa: E402
 from tests.helpers import TINY_RUN, make_image_folder  # noqa: E402
 
 SIZE, BATCH, IMAGES = 32, 4, 12
@@ -106,10 +108,9 @@ def test_resume_continues_at_the_next_sample(folder):
 
 
 def test_single_image_is_every_sample(folder, tmp_path):
-    single = next((folder / "train").rglob("*.jpg"))
-    dali = loader(folder)
-    dali = DaliLoader(dali.dataset, dali.sampler, batch_size=BATCH, size=SIZE, device=dali.device, num_threads=1,
-                      single_image=str(single))  # fmt: skip
+    dataset = SingleImageDataset(next((folder / "train").rglob("*.jpg")), None, length=IMAGES)
+    sampler = PositionSampler(RepeatAugSampler(dataset, num_replicas=1, rank=0, selected_round=0), 0, 0)
+    dali = DaliLoader(dataset, sampler, batch_size=BATCH, size=SIZE, device=torch.device("cpu"), num_threads=1)
     images, labels = next(iter(dali))
     assert images.shape == (BATCH, 3, SIZE, SIZE) and labels.tolist() == [0] * BATCH
     assert not torch.equal(images[0], images[1])  # each sample its own augmentation of the one photograph
@@ -121,7 +122,7 @@ def test_random_erasing_puts_noise_boxes_in_a_quarter_of_the_images():
     @pipeline_def(batch_size=n, num_threads=1, device_id=None, seed=3)
     def erase_zeros():
         zeros = fn.external_source(source=lambda: [np.zeros((3, SIZE, SIZE), np.float32)] * n, layout="CHW")
-        return random_erasing(zeros, SIZE)
+        return random_erasing(zeros, SIZE, recipe_ranges(SIZE).erasing)
 
     pipe = erase_zeros()
     pipe.build()
@@ -137,6 +138,9 @@ def test_random_erasing_puts_noise_boxes_in_a_quarter_of_the_images():
         assert 0.01 < box[0].mean() < 0.4  # 2-33% of the image, up to rounding and clamping
     noise = np.concatenate([x[x != 0] for x in erased])
     assert abs(noise.mean()) < 0.1 and abs(noise.std() - 1) < 0.1  # N(0, 1) per pixel and channel
+    for other in ({"mode": "rand"}, {"max_count": 2}):  # settings the graph cannot draw: refused, not ignored
+        with pytest.raises(ValueError, match="one pixel-mode box"):
+            random_erasing(None, SIZE, recipe_ranges(SIZE).erasing._replace(**other))
 
 
 def magnitude(op) -> float:
@@ -188,8 +192,9 @@ def test_pretraining_runs_on_the_dali_loader(folder, tmp_path):
     assert ckpt["args"]["loader"] == "dali"
 
 
-def test_pipeline_benchmark_times_the_dali_loader(tmp_path, capsys):
-    benchmark.generate_jpegs(tmp_path, 8, size=(64, 48))
-    argv = ["--pipeline", "--loaders", "dali", "--device", "cpu", "--pipeline-dir", str(tmp_path), "--input-size", "32"]
-    assert benchmark.main([*argv, "--pipeline-batch", "2", "--workers", "1"]) == 0
-    assert "threads 1: " in capsys.readouterr().out
+def test_pipeline_benchmark_times_the_dali_loader(capsys):
+    """On the CPU loaders' generated JPEGs, --large-share of them large photos."""
+    argv = ["--pipeline", "--loaders", "dali", "--device", "cpu", "--images", "4", "--large-share", "0.25"]
+    assert benchmark.main([*argv, "--input-size", "32", "--pipeline-batch", "2", "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "4 JPEGs" in out and "(1 over 1 Mpixel)" in out and re.search(r"^threads 1: [0-9.]+ img/s", out, re.M)

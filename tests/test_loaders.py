@@ -3,6 +3,7 @@ classic path's batches for the same position keys: the same crops, the same eras
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
@@ -152,3 +153,13 @@ def test_jpeg_draft_crops_the_same_box_from_a_smaller_decode(tmp_path):
             exact += 1
             assert np.array_equal(got, want)
     assert reduced >= 5 and exact >= 5
+
+
+def test_recipe_ranges_are_protocol_as_crop_and_erasing():
+    """What --loader dali draws its crops and boxes from, read off the recipe's transforms: PROTOCOLS A's
+    RandomResizedCrop and RandomErasing ranges."""
+    ranges = loaders.recipe_ranges(SIZE)
+    assert (ranges.crop_scale, ranges.crop_ratio) == ((0.08, 1.0), (3 / 4, 4 / 3))
+    e = ranges.erasing
+    assert (e.probability, e.min_area, e.max_area, e.mode, e.max_count) == (0.25, 0.02, 1 / 3, "pixel", 1)
+    assert e.log_aspect_ratio == pytest.approx((math.log(0.3), math.log(1 / 0.3)))
