@@ -393,7 +393,8 @@ class Normalization(NamedTuple):
 
 
 def export_metadata(ckpt: object) -> dict:
-    """{"img_size", "patch_size"} an exported backbone was trained at ({} for other files): the official
+    """{"img_size", "patch_size"} an exported backbone is built at, its training size unless it was exported at
+    another (scripts.export --img-size) ({} for other files): the official
     DinoVisionTransformer loads it strictly only when built with these. With "family" and "model" when the
     export says which family and model it is (a timm model's weights do not say it themselves),
     "normalization" (a Normalization) when it records the mean and std its inputs had, and "architecture" and

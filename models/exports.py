@@ -63,7 +63,7 @@ class BackboneExport(NamedTuple):
     files: tuple[Artefact, ...]
     architecture: str | None  # timm's model name; None: timm has none, the reference layout is kept
     note: str  # what was written, in words
-    parity: float | None  # timm's features against ours at the export's resolution (max relative error)
+    parity: float | None  # timm's features against the trained network's at the export's resolution (max relative)
     # ... and at (img_size + p) x (img_size + 2p), for a position table, which timm resamples by its own rule there
     elsewhere: float | None
 
@@ -111,13 +111,20 @@ def _save_json(obj: dict) -> Callable[[Path], None]:
 
 
 def export_backbone(
-    model: nn.Module, *, img_size: int, normalization: Normalization, about: dict | None = None
+    model: nn.Module,
+    *,
+    img_size: int,
+    normalization: Normalization,
+    reference: nn.Module | None = None,
+    about: dict | None = None,
 ) -> BackboneExport:
-    """The backbone's files: timm's layout (checked against our network at `img_size`, the resolution its
-    position table is at: Family.at_resolution) or, where timm has no architecture for its family, the reference
-    layout. `about` goes into config.json's record as is (the student's name, the file it came from)."""
+    """The backbone's files: timm's layout (checked at `img_size`, the resolution `model`'s position table is at:
+    Family.at_resolution) or, where timm has no architecture for its family, the reference layout. timm's
+    features are compared with `reference`'s, the trained network that `model` is set from (default: `model`).
+    `about` goes into config.json's record as is (the student's name, the file it came from)."""
     found = family_of_model(model)
     model = model.eval()
+    truth = model if reference is None else reference.eval()
     record = {
         "img_size": int(img_size),
         "patch_size": int(model.patch_size),
@@ -140,13 +147,13 @@ def export_backbone(
     theirs, arch = built
     patch, seed = int(model.patch_size), torch.Generator().manual_seed(0)
     images = torch.randn(2, 3, img_size, img_size, generator=seed)
-    parity = feature_error(model, theirs, images)
+    parity = feature_error(truth, theirs, images)
     if not parity <= PARITY:
         raise AssertionError(f"timm's {arch.name} gives other features than the network ({parity:.1e} relative)")
     elsewhere = None
     if found.position_table:  # a table timm resamples by its own rule there; RoPE and timm's own models do not
         other = torch.randn(2, 3, img_size + patch, img_size + 2 * patch, generator=seed)
-        elsewhere = feature_error(model, theirs, other)
+        elsewhere = feature_error(truth, theirs, other)
     record.update(architecture=arch.name, model_args=arch.model_args)
     theirs.pretrained_cfg = _pretrained_cfg(theirs, img_size=img_size, normalization=normalization)
     note = f"timm's {arch.name} (timm.create_model('local-dir:<folder>', pretrained=True))"

@@ -16,8 +16,8 @@ The folder written (models.exports says what each file is):
 Each format is checked against the network before the folder appears (timm's features to 1e-5, onnxruntime's to
 1e-4 relative); the folder is written whole or not at all. Every evaluation takes it as --backbone.
 --img-size N exports the student set to N px (Family.at_resolution): timm resamples a position table with its own
-rule, not DINOv2's 0.1-offset one, so a folder gives our ViTs' exact features in timm at its own resolution only;
-export at the size you use (a dense task's 518, say). RoPE and CNN students are exact at every size.
+rule, not DINOv2's 0.1-offset one, so timm gives a plain ViT student's exact features at the folder's resolution
+only; export at the size you use (a dense task's 518, say). model.onnx is the trained student at every size.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def _is_export(folder: Path) -> bool:
 def training_resolution(source: Path, adaptors: dict | None) -> int:
     """The side the student was trained at: what its backbone file records (a position table's ViT), else what
     adaptors.pth or the run's checkpoint.pth say (a DINOv3 student's file does not: RoPE takes any size)."""
-    trained = models.export_metadata(models.safe_load(source, mmap=True))  # the record: no second copy in memory
+    trained = models.export_metadata(models.safe_load(source))
     size = trained.get("img_size") or (adaptors or {}).get("student", {}).get("img_size")
     if size is None and (source.parent / "checkpoint.pth").is_file():
         size = model_card.read_checkpoint(source.parent).get("args", {}).get("input_size")
@@ -101,13 +101,14 @@ def export(args: argparse.Namespace) -> None:
     if args.onnx_adaptors and adaptors is None:
         raise MissingFile(f"--onnx-adaptors: {adaptors_path} not found")
     trained = training_resolution(source, adaptors_data)
-    img_size = args.img_size or trained
+    img_size = trained if args.img_size is None else args.img_size
     if img_size <= 0 or img_size % model.patch_size:
         raise UsageError(f"--img-size {img_size} is not a positive multiple of the patch size {model.patch_size}")
-    normalization = model.normalization
-    model = family_of_model(model).at_resolution(model, img_size)
+    network = family_of_model(model).at_resolution(model, img_size)
     about = {"source": source.name, "trained_img_size": trained}
-    backbone = exports.export_backbone(model, img_size=img_size, normalization=normalization, about=about)
+    backbone = exports.export_backbone(
+        network, img_size=img_size, normalization=model.normalization, reference=model, about=about
+    )
 
     def write(folder: Path) -> None:
         for artefact in backbone.files:
@@ -117,11 +118,12 @@ def export(args: argparse.Namespace) -> None:
                 artefact.write(folder / artefact.name)
         onnx = None
         if args.onnx:
+            # the trained network itself, exact at every size; its example and first check at img_size
             onnx = exports.export_onnx(
                 model, folder / exports.ONNX, img_size=img_size, adaptors=adaptors if args.onnx_adaptors else None
             )
         card = model_card.card(
-            model, source, backbone=backbone, onnx=onnx, adaptors=adaptors, resolution=(img_size, trained)
+            network, source, backbone=backbone, onnx=onnx, adaptors=adaptors, resolution=(img_size, trained)
         )
         (folder / "README.md").write_text(card)
 

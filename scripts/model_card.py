@@ -148,17 +148,17 @@ def _usage(backbone: exports.BackboneExport, onnx: exports.OnnxExport | None, ad
         out += [f"{what} to {backbone.parity:.0e} relative at its resolution):", "", "```python", TIMM.rstrip(), "```"]
         if backbone.elsewhere is not None and backbone.elsewhere > exports.PARITY:
             out += [
-                "At other resolutions timm resamples the position table its own way, not by DINOv2's formula the "
-                f"student was trained and evaluated with ({backbone.elsewhere:.0e} relative at a second size on "
-                "random images): `model.onnx` keeps the student's features there, and `python -m scripts.export "
-                "--img-size N` gives a folder whose timm model is the student's at N px."
+                "At other resolutions timm resamples this folder's position table by its own rule, not the "
+                f"student's ({backbone.elsewhere:.0e} relative at a second size on random images): `model.onnx` "
+                "keeps the student's features at every size, and `python -m scripts.export --img-size N` gives a "
+                "folder whose timm model is the student's at N px."
             ]
         out += [""]
     else:
         out += [f"{backbone.note}; `models.load_backbone(folder)` of the Proteus repository reads it.", ""]
     if onnx is not None:
         size = (
-            "any height and width (multiples of the token stride)" if onnx.dynamic_size else "the training resolution"
+            "any height and width (multiples of the token stride)" if onnx.dynamic_size else f"{onnx.checked[0][1]} px"
         )
         out += [f"`model.onnx`: outputs {', '.join(f'`{n}`' for n in onnx.outputs)}; any batch, {size}; checked in "
                 f"onnxruntime to {onnx.error:.0e} relative.", "", "```python", ONNX.rstrip(), "```", ""]  # fmt: skip

@@ -65,7 +65,7 @@ def table(path: Path) -> dict[tuple[str, str], tuple[str, str]]:
 
 @pytest.mark.skipif(mmseg is None, reason="mmsegmentation not installed: `make mmseg`")
 def test_all_tasks_on_tiny_data(exported, imagenet, fine_grained, ade, nyu, zeroshot_inputs, tmp_path, capsys):
-    """Every task on a scripts.export folder (backbone and adaptors: what a user is handed) as on backbone.pth."""
+    """Every task on a scripts.export folder (backbone and adaptors: what a user is handed)."""
     out, backbone = tmp_path / "eval", exported
     argv = ["--backbone", str(backbone), "--output-dir", str(out), "--quick", "--device", "cpu",
             "--data-imagenet", str(imagenet), "--data-fine-grained", str(fine_grained),

@@ -96,13 +96,14 @@ def test_timm_builds_the_student_from_the_folder(exported, request):
             assert max(rel_err(a, b) for a, b in zip(got, want)) < 1e-5, (h, w)
 
 
-def test_an_export_at_another_resolution_is_the_student_there_in_timm(exported, tmp_path, capsys):
+def test_an_export_at_another_resolution_is_the_student_there_in_timm(exported, request, tmp_path, capsys):
     """--img-size N: timm's model from the folder gives the training network's features at N to 1e-5 for every
     layout (a position table resampled there by DINOv2's rule, which timm then uses as is), and so does
     load_backbone; config.json and the card say N and the training size. A size off the patch grid is one line."""
     run, folder = exported.folder.parent / "run", tmp_path / "export"
-    size = 2 * exported.size
-    assert export_script.main(["--run", str(run), "--to", str(folder), "--img-size", str(size), "--no-onnx"]) == 0
+    size, layout = 2 * exported.size, request.node.callspec.params["exported"]
+    onnx = [] if layout == "dinov2" else ["--no-onnx"]  # one layout's graph: the same code for every network
+    assert export_script.main(["--run", str(run), "--to", str(folder), "--img-size", str(size), *onnx]) == 0
     config = json.loads((folder / "config.json").read_text())
     assert config["pretrained_cfg"]["input_size"] == [3, size, size]
     record = config["proteus-export"]
@@ -112,13 +113,41 @@ def test_an_export_at_another_resolution_is_the_student_there_in_timm(exported, 
     theirs = models.TimmBackbone(timm.create_model(f"local-dir:{folder}", pretrained=True).eval())
     assert max(rel_err(a, b) for a, b in zip(features(theirs, x), want)) < 1e-5
     assert max(rel_err(a, b) for a, b in zip(features(models.load_backbone(folder).eval(), x), want)) < 1e-6
-    assert (
-        f"| resolution | {size} px (trained at {exported.size} px; exported with --img-size {size}) |"
-        in (folder / "README.md").read_text()
-    )
+    card = (folder / "README.md").read_text()
+    assert f"| resolution | {size} px (trained at {exported.size} px; exported with --img-size {size}) |" in card
+    assert ("by its own rule, not the student's" in card) == (layout in POSITION_TABLE)  # against the student
+    if not onnx:  # the trained student's graph: its features at every size, not those of the table set to `size`
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+        p = exported.model.patch_size
+        for h, w in ((size, size), (exported.size + p, exported.size + 3 * p)):
+            x = torch.randn(2, 3, h, w)
+            got = session.run(["summary", "patches"], {"images": x.numpy()})
+            assert max(rel_err(torch.from_numpy(a), b) for a, b in zip(got, features(exported.model, x))) < 1e-4
     odd = str(exported.size + 1)
     assert export_script.main(["--run", str(run), "--to", str(tmp_path / "odd"), "--img-size", odd, "--no-onnx"]) == 2
     assert f"--img-size {odd} is not a positive multiple of the patch size" in capsys.readouterr().err
+
+
+def test_a_timm_vit_student_is_set_to_another_resolution_as_timm_sets_it(tmp_path):
+    """A timm ViT student at --img-size: its table resampled by timm's set_input_size, its own rule, so the folder
+    (timm's, and load_backbone's) gives its features there; a model that takes one size only is one line."""
+    torch.manual_seed(0)
+    model = models.create_student("timm:vit_tiny_patch16_224", img_size=32).eval()
+    fake_run(tmp_path / "run", model, "timm", 32)
+    folder = tmp_path / "export"
+    argv = ["--run", str(tmp_path / "run"), "--to", str(folder), "--img-size", "64", "--no-onnx"]
+    assert export_script.main(argv) == 0
+    x = torch.randn(2, 3, 64, 64)
+    want = features(model, x)
+    theirs = models.TimmBackbone(timm.create_model(f"local-dir:{folder}", pretrained=True).eval())
+    assert max(rel_err(a, b) for a, b in zip(features(theirs, x), want)) < 1e-5
+    assert max(rel_err(a, b) for a, b in zip(features(models.load_backbone(folder).eval(), x), want)) < 1e-6
+    fixed = models.create_student("timm:vit_tiny_patch16_224", img_size=32)
+    fixed.model = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=0, depth=1)  # one size only
+    with pytest.raises(models.UsageError, match="timm's vit_tiny_patch16_224 takes no 64 px inputs"):
+        models.FAMILIES["timm"].at_resolution(fixed, 64)
 
 
 def test_onnx_gives_the_networks_and_the_adaptors_outputs(exported, request):
@@ -164,7 +193,7 @@ def test_the_model_card_says_what_the_student_is(exported, request):
     assert "`teacher` | " + layout in card and "`clip_vitb16` | clip" in card
     assert ("DINOv3 License" in card) == (layout == "dinov3")  # a DINOv3 teacher's derivative carries it
     assert ("local-dir" in card) and "model.onnx" in card and "def adapt(" in card
-    assert ("not by DINOv2's formula" in card) == (layout in POSITION_TABLE)
+    assert ("by its own rule, not the student's" in card) == (layout in POSITION_TABLE)
 
 
 # ADE20K's linear probe on the CNN's folder, at 56 px (a ViT's: test_evaluate_all's every-task run on a folder)
@@ -350,14 +379,14 @@ def test_a_network_that_takes_one_size_has_a_graph_of_that_size(tmp_path):
 
 
 @pytest.mark.parametrize("registers", [0, 4])
-@pytest.mark.parametrize("grid", [(2, 2), (3, 5), (7, 4), (1, 1)])
+@pytest.mark.parametrize("grid", [(6, 6), (3, 5), (7, 4), (1, 1), (13, 9)])  # from a 6x6 table
 def test_the_exported_graphs_position_table_is_dinov2s(grid, registers, monkeypatch):
     """The per-axis bicubic matrices an exported graph resamples a position table with give DINOv2's
     F.interpolate: scale_factor=(n + 0.1) / m for the plain ViTs, antialiased to size for those with registers
     (and the table itself at its own grid)."""
     from models import vision_transformer
 
-    vit = models.build_vit(models.LAYOUTS["dinov2"], 64, 1, 1, 128, img_size=28, num_register_tokens=registers)
+    vit = models.build_vit(models.LAYOUTS["dinov2"], 64, 1, 1, 128, img_size=84, num_register_tokens=registers)
     model = randomize_(vit)
     want = model.interpolate_pos_encoding(*grid)
     monkeypatch.setattr(vision_transformer, "_exporting", lambda: True)

@@ -234,7 +234,7 @@ class Family:
 
     # --- timm's layout (scripts/export.py) -----------------------------------------------------------
     def timm_architecture(self, model: nn.Module, *, img_size: int) -> TimmArchitecture | None:
-        """The timm model that is this network, weight for weight, trained at `img_size` (None: timm has no
+        """The timm model that is this network, weight for weight, at `img_size` (None: timm has no
         architecture for it, and an export keeps the reference layout)."""
         return None
 
@@ -356,8 +356,9 @@ def with_export_metadata(
     normalization: Normalization = STUDENT_INPUTS,
     **names: str,
 ) -> StateDict:
-    """`state_dict` carrying in its `_metadata` (export_metadata) the resolution the model was trained at and the
-    mean and std its inputs had, and `names` (family, model) where the weights alone do not say them."""
+    """`state_dict` carrying in its `_metadata` (export_metadata) the resolution the model is built at (pretraining's
+    exports: the training one) and the mean and std its inputs had, and `names` (family, model) where the weights
+    alone do not say them."""
     out = OrderedDict(state_dict)
     img_size = img_size or network.patch_embed.img_size[0]
     record = {"img_size": int(img_size), "patch_size": int(network.patch_size), **names}

@@ -11,6 +11,7 @@ the name the user gives, never by their keys (a timm ViT's keys are SynCLR's).
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from dataclasses import dataclass, field
@@ -217,6 +218,23 @@ class Timm(Family):
         with torch.device("meta"):
             _, size = self._student_model(model.name, img_size=getattr(model, "img_size", None) or img_size)
         return TimmArchitecture(model.name, {**size, "num_classes": 0})
+
+    def at_resolution(self, model: TimmBackbone, img_size: int) -> nn.Module:
+        """The student set to `img_size` as timm sets a model (`set_input_size`: a ViT's table resampled by timm's
+        rule, the student's own; a CNN as it is); a model that takes no such input is one line."""
+        if img_size == getattr(model, "img_size", None):
+            return model
+        try:
+            with torch.no_grad():
+                model.eval().forward_tokens(torch.zeros(1, 3, img_size, img_size))
+        except (AssertionError, RuntimeError) as e:  # timm's size checks (a windowed or fixed-size model)
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UsageError(f"timm's {model.name} takes no {img_size} px inputs ({why})") from None
+        out = copy.deepcopy(model)
+        if hasattr(out.model, "set_input_size"):
+            out.model.set_input_size(img_size=img_size)
+        out.img_size = img_size
+        return out
 
     def to_timm(self, model: TimmBackbone) -> StateDict:
         return without(model.model.state_dict())
