@@ -204,12 +204,10 @@ ADE_AT_56 = (
 )  # fmt: skip
 
 
-def test_a_dense_task_takes_the_folder_as_backbone(exported, request, ade, tmp_path):
+@pytest.mark.parametrize("exported", ["timm"], indirect=True)  # a ViT's folder: test_evaluate_all's all-task run
+def test_a_dense_task_takes_the_folder_as_backbone(exported, ade, tmp_path):
     """mmseg's backbones read the folder itself: ADE20K's linear probe on a ResNet-18's, 2 iterations on CPU;
     results.json names the folder and its digest (config.json and the weights)."""
-    layout = request.node.callspec.params["exported"]
-    if layout != "timm":
-        pytest.skip("the timm CNN: a ViT's folder runs in test_evaluate_all")
     pytest.importorskip("mmseg", reason="mmsegmentation not installed: `make mmseg`")
     from common.io import file_sha256
     from scripts.evaluate_all import QUICK_DENSE
