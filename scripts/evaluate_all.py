@@ -203,14 +203,16 @@ TASKS = {
 
 # DINOv3's own protocols (PROTOCOLS H). Its figures: MODEL_CARD.md of facebookresearch/dinov3 at 6876159
 # ("Results for ViT backbones pretrained (or distilled) on web (LVD-1689M)"): ADE20k mIoU and NYU RMSE of the
-# linear probes, final models. Its ImageNet column is IN-ReaL, which linear_eval does not measure: no figure.
+# linear probes. Its ADE20K run reports the best of its evaluations every 5000 iterations (eval/segmentation/train.py
+# returns global_best_metric_values), its NYU run the final model's. Its ImageNet column is IN-ReaL, which
+# linear_eval does not measure: no figure.
 DINOV3_RELEASES = ("dinov3_vits16", "dinov3_vits16plus", "dinov3_vitb16", "dinov3_vitl16", "dinov3_vith16plus")
 DINOV3 = Published(
     source="DINOv3 model card",
     arguments={"linear": ("--protocol", "dinov3"), "knn": ()},  # DINOv3's kNN is ours (PROTOCOLS H)
     heads={
         "ade20k": DenseHead("segmentation/configs/dinov3_linear.py", "DINOv3 linear", {
-            name: {"mIoU final": v} for name, v in zip(DINOV3_RELEASES, (47.0, 48.8, 51.8, 54.9, 54.8))}),
+            name: {f"mIoU {BEST}": v} for name, v in zip(DINOV3_RELEASES, (47.0, 48.8, 51.8, 54.9, 54.8))}),
         "nyu": DenseHead("depth/configs/dinov3_linear.py", "DINOv3 linear", {
             name: {"rmse final": v} for name, v in zip(DINOV3_RELEASES, (0.403, 0.399, 0.373, 0.352, 0.352))}),
     },
@@ -255,8 +257,10 @@ def paper_reference(name: str, key: str | None, head: str, *, protocol: Publishe
     figures = dense.paper.get(key, {})
     if not figures:
         return {}, {}
-    family = models.FAMILIES[models.families.DEFAULT_LAYOUT]
-    config = ROOT / dense.config.format(family.dense_configs(key or "small"))
+    if protocol:  # another release's own config
+        config = ROOT / dense.config
+    else:  # the paper's config of this model size
+        config = ROOT / dense.config.format(models.FAMILIES[models.families.DEFAULT_LAYOUT].dense_configs(key))
     return figures, paper_protocol(config, any(k.endswith(BEST) for k in figures))
 
 
