@@ -622,8 +622,6 @@ def report_pipeline(args: argparse.Namespace, root: Path, device: torch.device) 
 def dali_pipeline_benchmark(args: argparse.Namespace) -> dict[int, float]:
     """--loaders dali: the trainer's DALI pipeline (pretrain/dali.py) on --device in images/s for each count of its
     CPU threads, on the CPU loaders' JPEGs, timed as their DataLoaders are."""
-    from timm.data.distributed_sampler import RepeatAugSampler
-
     from .dali import DaliLoader  # optional dependency (requirements-dali.txt)
 
     device = torch.device(args.device)
@@ -631,7 +629,7 @@ def dali_pipeline_benchmark(args: argparse.Namespace) -> dict[int, float]:
         dataset = build_dataset(str(root), args.input_size)
         paths = [p for p, _ in dataset.samples]
         print(f"DALI pipeline on {device}: {jpeg_summary(root, paths)}, input {args.input_size}")
-        sampler = PositionSampler(RepeatAugSampler(dataset, num_replicas=1, rank=0, selected_round=0), 0, 0)
+        sampler = PositionSampler(torch.utils.data.SequentialSampler(dataset), PIPELINE_SEED, 0)  # loader_rate's
         rates = {}
         for threads in args.workers:
             loader = DaliLoader(
@@ -643,7 +641,7 @@ def dali_pipeline_benchmark(args: argparse.Namespace) -> dict[int, float]:
                 num_threads=threads,
             )
             rates[threads] = images_per_second(loader, device)
-            print(f"threads {max(threads, 1)}: {rates[threads]:.1f} img/s on one {device.type.upper()}")
+            print(f"threads {loader.num_threads}: {rates[threads]:.1f} img/s on one {device.type.upper()}")
     return rates
 
 
@@ -708,14 +706,14 @@ def benchmark(args: argparse.Namespace) -> None:
     unknown = sorted(set(args.loaders) - {*PIPELINE_LOADERS, "dali"})
     if args.pipeline and unknown:
         raise UsageError(f"--loaders {','.join(unknown)}: choose from {', '.join(PIPELINE_LOADERS)}, or dali alone")
+    if args.pipeline and "dali" in args.loaders and args.loaders != ["dali"]:
+        raise UsageError("--loaders dali runs alone: the DALI pipeline runs on --device, the others on the CPU")
     if args.pipeline and args.images < 2 * args.pipeline_batch and not args.pipeline_dir:
         raise UsageError(f"--images {args.images}: the loaders' rates need at least two batches of --pipeline-batch "
                          f"{args.pipeline_batch} (the first is left out)")  # fmt: skip
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.pipeline:
-        if "dali" in args.loaders and args.loaders != ["dali"]:
-            raise UsageError("--loaders dali runs alone: the DALI pipeline runs on --device, the others on the CPU")
         (dali_pipeline_benchmark if args.loaders == ["dali"] else pipeline_benchmark)(args)
     elif len(names) > 1:
         sharing_benchmark(args)
