@@ -76,6 +76,14 @@ def raise_if_disk_full(exc: BaseException, path: str | os.PathLike, *more: str |
     raise DiskFullError(full.errno, f"no space left on {folder} ({full.strerror}); {kept}") from None
 
 
+def shared_mode(*, directory: bool = False) -> int:
+    """The mode the umask gives a new file (or folder): what others on the cluster may read, which mkstemp's and
+    mkdtemp's private 0600/0700 would deny."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 @contextmanager
 def atomic_replace(path: str | os.PathLike) -> Iterator[Path]:
     """`with atomic_replace(path) as tmp: write(tmp)`: the body writes a temp file in path's folder, which then
@@ -90,9 +98,7 @@ def atomic_replace(path: str | os.PathLike) -> Iterator[Path]:
         os.close(fd)
         yield Path(tmp)
         _fsync(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; others on the cluster must read checkpoints
+        os.chmod(tmp, shared_mode())  # mkstemp makes 0600; others on the cluster must read checkpoints
         os.replace(tmp, path)
     except BaseException as e:
         if tmp is not None:
@@ -226,10 +232,8 @@ def replace_folder(target: Path, write: Callable[[Path], None], *, ours: Callabl
     new = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         write(new)
-        umask = os.umask(0)
-        os.umask(umask)
         for path in (new, *new.iterdir()):  # mkdtemp's and safetensors' 0600: others on the cluster read them too
-            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+            path.chmod(shared_mode(directory=path.is_dir()))
         if target.exists():
             old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old."))
             target.rename(old / target.name)

@@ -145,7 +145,7 @@ def load_backbone(path: str | os.PathLike, **kwargs) -> nn.Module:
     A folder written by scripts.export (or its weight file) gives the same network as the backbone.pth it was
     exported from, whichever layout it holds (models.exports).
     The model's `normalization` is the mean and std its inputs had in training (`input_normalization`; an
-    exported folder's: its config.json's, what timm's users normalise with).
+    exported folder's weight file records those its config.json shows timm's users).
     """
     folder = exported_folder(path)
     if folder is not None:
@@ -167,9 +167,7 @@ def load_backbone(path: str | os.PathLike, **kwargs) -> nn.Module:
     else:
         found, sd = backbone_state_dict(ckpt, path)
         model = found.load_backbone(sd, str(path), trained=trained, **kwargs)
-    model.normalization = (folder and folder.normalization) or input_normalization(
-        ckpt, path, found=found, trained=trained
-    )
+    model.normalization = input_normalization(ckpt, path, found=found, trained=trained)
     return model
 
 

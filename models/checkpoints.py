@@ -43,11 +43,13 @@ def safe_load(path: str | os.PathLike, *, mmap: bool = False) -> object:
     if not path.is_file():
         raise MissingFile(f"checkpoint file not found: {path}")
     if is_safetensors(path):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors import SafetensorError, safe_open
 
         try:
-            return with_header_record(load_file(path, device="cpu"), path)
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                header = f.metadata() or {}
+            return with_header_record(tensors, header, path)
         except (SafetensorError, OSError, ValueError) as e:
             raise UsageError(f"cannot read checkpoint {path}: it is a damaged safetensors file ({e})") from None
     if is_torchscript_archive(path):  # torch.load refuses it too, after a warning that names torch.jit.load
@@ -59,13 +61,9 @@ def safe_load(path: str | os.PathLike, *, mmap: bool = False) -> object:
         raise UsageError(f"cannot read checkpoint {path}: {_describe(path, e)}") from None
 
 
-def with_header_record(tensors: dict, path: Path) -> dict:
+def with_header_record(tensors: dict, header: dict, path: Path) -> dict:
     """A safetensors file's tensors, carrying in `_metadata` (export_metadata) the record an export writes into the
-    file's header (`__metadata__["proteus"]`, JSON), as torch.save's exports carry it."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        header = f.metadata() or {}
+    file's `header` (`__metadata__["proteus"]`, JSON), as torch.save's exports carry it."""
     if EXPORT_METADATA not in header:
         return tensors
     try:

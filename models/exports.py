@@ -82,10 +82,9 @@ def feature_error(ours: nn.Module, theirs: nn.Module, images: torch.Tensor) -> f
     return max(_rel(b.cls, a.cls), _rel(b.patches, a.patches))
 
 
-def timm_network(model: nn.Module, *, img_size: int) -> tuple[nn.Module, TimmArchitecture] | None:
-    """timm's own model of our network with its weights (loaded strictly), and how timm builds it; None where its
-    family has no timm architecture."""
-    found = family_of_model(model)
+def timm_network(model: nn.Module, found: Family, *, img_size: int) -> tuple[nn.Module, TimmArchitecture] | None:
+    """timm's own model of our network (of the family `found`) with its weights (loaded strictly), and how timm
+    builds it; None where its family has no timm architecture."""
     arch = found.timm_architecture(model, img_size=img_size)
     if arch is None:
         return None
@@ -134,7 +133,7 @@ def export_backbone(
     }
     if isinstance(model, TimmBackbone):
         record["model"] = model.name
-    built = timm_network(model, img_size=img_size)
+    built = timm_network(model, found, img_size=img_size)
     if built is None:
         weights = dict(found.to_official(model))
         why = f"timm has no architecture for the {found.title} layout: the backbone is in its reference layout"
@@ -301,8 +300,7 @@ def export_onnx(
 class ExportedFolder(NamedTuple):
     """An exported folder as load_backbone reads it."""
 
-    weights: Path  # its backbone's weight file
-    normalization: Normalization | None  # timm's pretrained_cfg mean and std (what a timm user normalises with)
+    weights: Path  # its backbone's weight file (its header's record holds the mean and std config.json shows)
 
 
 def _config(folder: Path) -> dict:
@@ -328,7 +326,7 @@ def exported_folder(path: str | os.PathLike) -> ExportedFolder | None:
     weights = folder / Path(config[FORMAT]["weights"]).name
     if not weights.is_file():
         raise MissingFile(f"{folder} lacks {weights.name}, which its {CONFIG} names")
-    return ExportedFolder(weights, Normalization.of(config.get("pretrained_cfg") or {}))
+    return ExportedFolder(weights)
 
 
 def backbone_files(path: str | os.PathLike) -> tuple[Path, ...]:
