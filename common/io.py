@@ -241,6 +241,7 @@ def replace_folder(target: Path, write: Callable[[Path], None], *, ours: Callabl
             shutil.rmtree(old)
         else:
             new.rename(target)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(new, ignore_errors=True)
+        raise_if_disk_full(e, target)
         raise

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 import common.io
 import models
 from common import cli
-from common.io import append_text, atomic_save, atomic_write_text
+from common.io import append_text, atomic_save, atomic_write_text, replace_folder
 from linear_eval import main as linear_main
 from models import ViTConfig
 from pretrain import main as pretrain_main
@@ -81,6 +82,22 @@ def test_a_new_file_that_does_not_fit_is_said_not_written(disk, capsys):
     assert cli.run(atomic_save, {"w": torch.zeros(100_000)}, disk / "new.pth") == 1
     assert one_error_line(capsys) == f"error: no space left on {disk} {NO_SPACE}; new.pth was not written"
     assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+
+
+def test_a_folder_replaced_on_a_full_disk_is_one_line_and_keeps_the_last_one(disk, capsys):
+    """replace_folder (an export, shards): the earlier folder stays whole and no half folder is left."""
+    target = disk / "export"
+
+    def write(size):
+        return lambda folder: (folder / "model.safetensors").write_bytes(b"\0" * size)
+
+    replace_folder(target, write(10), ours=lambda p: True, what="an export")
+    fill(disk)
+    replace = partial(replace_folder, ours=lambda p: True, what="an export")
+    assert cli.run(replace, target, write(8_000_000)) == 1
+    assert one_error_line(capsys) == f"error: no space left on {disk} {NO_SPACE}; the last export is intact"
+    assert (target / "model.safetensors").read_bytes() == b"\0" * 10
+    assert sorted(p.name for p in disk.iterdir()) == ["export", "filler"]
 
 
 def test_the_linear_probes_checkpoint_on_a_full_disk(disk, backbone, tmp_path, capsys, monkeypatch):
